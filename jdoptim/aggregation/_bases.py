@@ -1,0 +1,134 @@
+"""Base classes of the aggregation library.
+
+An :class:`Aggregator` maps a Jacobian ``J ∈ R^{m×n}`` (one row per loss) to an update vector
+``d ∈ R^n``. A :class:`Weighting` maps the Gramian ``G = J Jᵀ ∈ R^{m×m}`` to one weight per loss
+``w ∈ R^m``. Whenever a method's weights depend on ``J`` only through ``G``, the method is written
+once, as a Weighting, and its Aggregator is :class:`GramianWeightedAggregator`, i.e.
+
+    d = A(J) = W(J Jᵀ)ᵀ J.
+
+This is what lets :class:`jdoptim.JDOptimizer` run such methods from the Gramian alone, which the
+hook-based Gramian engine computes without ever holding ``J``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+_SYMMETRY_RTOL = 1e-4
+
+
+def check_matrix(matrix: Tensor) -> None:
+    """Raise a clear error unless ``matrix`` is a finite 2-D floating-point tensor."""
+    if not isinstance(matrix, Tensor):
+        raise TypeError(f"Expected a torch.Tensor Jacobian, got {type(matrix).__name__}.")
+    if matrix.dim() != 2:
+        raise ValueError(
+            f"Expected a 2-D Jacobian of shape [m, n] (one row per loss), got shape "
+            f"{tuple(matrix.shape)}. Flatten each loss's gradient into one row."
+        )
+    if not matrix.is_floating_point():
+        raise TypeError(f"Expected a floating-point Jacobian, got dtype {matrix.dtype}.")
+    if not torch.isfinite(matrix).all():
+        raise ValueError(
+            "The Jacobian contains NaN or infinite entries: check the losses and the model for "
+            "overflow (e.g. lower the learning rate or use gradient scaling)."
+        )
+
+
+def check_gramian(gramian: Tensor) -> None:
+    """Raise a clear error unless ``gramian`` is a finite, square, symmetric 2-D tensor."""
+    if not isinstance(gramian, Tensor):
+        raise TypeError(f"Expected a torch.Tensor Gramian, got {type(gramian).__name__}.")
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(
+            f"Expected a square Gramian of shape [m, m], got shape {tuple(gramian.shape)}. "
+            "A Gramian is G = J Jᵀ for a Jacobian J of shape [m, n]."
+        )
+    if not gramian.is_floating_point():
+        raise TypeError(f"Expected a floating-point Gramian, got dtype {gramian.dtype}.")
+    if not torch.isfinite(gramian).all():
+        raise ValueError(
+            "The Gramian contains NaN or infinite entries: check the losses and the model for "
+            "overflow (e.g. lower the learning rate or use gradient scaling)."
+        )
+    if gramian.numel() > 0:
+        scale = gramian.abs().max()
+        asymmetry = (gramian - gramian.T).abs().max()
+        if asymmetry > _SYMMETRY_RTOL * scale:
+            raise ValueError(
+                f"The Gramian is not symmetric (max |G - Gᵀ| = {asymmetry.item():.3g}, "
+                f"max |G| = {scale.item():.3g}). Pass G = J @ J.T, not J itself."
+            )
+
+
+def check_preference(preference: Tensor | None, m: int) -> None:
+    """Raise a clear error unless ``preference`` is ``None`` or a finite vector of length ``m``."""
+    if preference is None:
+        return
+    if preference.dim() != 1 or preference.shape[0] != m:
+        raise ValueError(
+            f"The preference vector has shape {tuple(preference.shape)} but there are {m} "
+            f"losses: give one entry per loss (shape [{m}])."
+        )
+
+
+class Weighting(nn.Module, ABC):
+    """Maps a Gramian ``G ∈ R^{m×m}`` to a vector of ``m`` weights, one per loss.
+
+    Subclasses implement :meth:`forward`; ``__call__`` validates the input first.
+    """
+
+    def __call__(self, gramian: Tensor) -> Tensor:
+        check_gramian(gramian)
+        return super().__call__(gramian)
+
+    @abstractmethod
+    def forward(self, gramian: Tensor) -> Tensor:
+        """Return the weights ``w ∈ R^m`` of the losses whose Gramian is ``gramian``."""
+
+    def __repr__(self) -> str:
+        extra = self.extra_repr()
+        return f"{type(self).__name__}({extra})"
+
+
+class Aggregator(nn.Module, ABC):
+    """Maps a Jacobian ``J ∈ R^{m×n}`` (one row per loss) to an update vector ``d ∈ R^n``.
+
+    Subclasses implement :meth:`forward`; ``__call__`` validates the input first.
+    """
+
+    def __call__(self, matrix: Tensor) -> Tensor:
+        check_matrix(matrix)
+        return super().__call__(matrix)
+
+    @abstractmethod
+    def forward(self, matrix: Tensor) -> Tensor:
+        """Return the aggregated update ``d ∈ R^n`` of the Jacobian ``matrix ∈ R^{m×n}``."""
+
+    def __repr__(self) -> str:
+        extra = self.extra_repr()
+        return f"{type(self).__name__}({extra})"
+
+
+class GramianWeightedAggregator(Aggregator):
+    """An aggregator of the form ``d = W(J Jᵀ)ᵀ J`` for a :class:`Weighting` ``W``.
+
+    :class:`jdoptim.JDOptimizer` recognises this class and feeds :attr:`weighting` the Gramian
+    directly, so that these methods never need the full Jacobian.
+    """
+
+    def __init__(self, weighting: Weighting) -> None:
+        super().__init__()
+        self.weighting = weighting
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        gramian = matrix @ matrix.T
+        weights = self.weighting(gramian)
+        return weights @ matrix
+
+    def extra_repr(self) -> str:
+        return self.weighting.extra_repr()

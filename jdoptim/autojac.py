@@ -1,0 +1,92 @@
+"""The Jacobian of a vector of losses with respect to a list of tensors.
+
+One batched backward pass: ``torch.autograd.grad`` with ``is_grads_batched=True`` vmaps the
+backward over the ``m`` rows of the identity, which costs about as much as a few ordinary
+backward passes instead of ``m`` of them. Where an operation of the graph has no batching rule and
+vmap refuses to run, it falls back to one ``autograd.grad`` per loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["JacobianComputer", "compute_jacobian"]
+
+
+def _jacobian_by_loop(losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool) -> list[Tensor]:
+    rows: list[Sequence[Tensor | None]] = []
+    m = losses.shape[0]
+    for index in range(m):
+        keep = retain_graph or index < m - 1
+        rows.append(
+            torch.autograd.grad(losses[index], inputs, retain_graph=keep, allow_unused=True)
+        )
+    return [
+        torch.stack([row[k] if row[k] is not None else torch.zeros_like(x) for row in rows])
+        for k, x in enumerate(inputs)
+    ]
+
+
+def _jacobian_by_vmap(losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool) -> list[Tensor]:
+    m = losses.shape[0]
+    identity = torch.eye(m, dtype=losses.dtype, device=losses.device)
+    grads = torch.autograd.grad(
+        losses,
+        inputs,
+        grad_outputs=identity,
+        retain_graph=retain_graph,
+        is_grads_batched=True,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    return list(grads)
+
+
+def compute_jacobian(
+    losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False, use_vmap: bool = True
+) -> list[Tensor]:
+    """Return, for each tensor ``x`` of ``inputs``, the Jacobian block ``∂losses/∂x`` of shape
+    ``[m, *x.shape]`` (zeros where a loss does not reach ``x``).
+
+    Args:
+        losses: a 1-D tensor of ``m`` losses.
+        inputs: the tensors to differentiate with respect to.
+        retain_graph: keep the graph for a later backward pass.
+        use_vmap: try the batched backward first (falls back to a loop if vmap cannot run).
+    """
+    return JacobianComputer(use_vmap).compute(losses, inputs, retain_graph)
+
+
+class JacobianComputer:
+    """Computes Jacobians, remembering whether vmap works on this model.
+
+    The first batched attempt keeps the graph (so that the loop can still run if vmap fails on
+    an operation without a batching rule); once vmap has worked, later calls free the graph as
+    they go, which lowers peak memory.
+    """
+
+    def __init__(self, use_vmap: bool = True) -> None:
+        self.vmap_works: bool | None = None if use_vmap else False
+
+    def compute(
+        self, losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False
+    ) -> list[Tensor]:
+        if losses.shape[0] == 1:
+            grads = torch.autograd.grad(
+                losses[0], inputs, retain_graph=retain_graph, materialize_grads=True
+            )
+            return [g.unsqueeze(0) for g in grads]
+        if self.vmap_works is False:
+            return _jacobian_by_loop(losses, inputs, retain_graph)
+        if self.vmap_works:
+            return _jacobian_by_vmap(losses, inputs, retain_graph)
+        try:
+            jacobian = _jacobian_by_vmap(losses, inputs, retain_graph=True)
+        except (RuntimeError, NotImplementedError):
+            self.vmap_works = False
+            return _jacobian_by_loop(losses, inputs, retain_graph)
+        self.vmap_works = True
+        return jacobian

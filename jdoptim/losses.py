@@ -1,0 +1,110 @@
+"""Normalisation and validation of the losses given to :meth:`JDOptimizer.step`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossBatch", "parse_losses"]
+
+
+@dataclass(frozen=True)
+class LossBatch:
+    """The losses of one step.
+
+    Attributes:
+        vector: the ``m`` losses as one 1-D tensor, carrying their autograd graph.
+        names: one display name per loss (mapping keys, or ``"loss[i]"``).
+        separate: the individual scalar losses when they were given separately (a sequence or a
+            mapping), so that graph introspection can tell which loss reaches which parameter;
+            ``None`` when one 1-D tensor was given (every reached parameter is then shared).
+    """
+
+    vector: Tensor
+    names: tuple[str, ...]
+    separate: tuple[Tensor, ...] | None
+
+    @property
+    def m(self) -> int:
+        return self.vector.shape[0]
+
+
+def _check_one(loss: object, name: str) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"{name} is a {type(loss).__name__}, not a tensor: pass the loss tensors themselves "
+            "(not `.item()` values)."
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"{name} has shape {tuple(loss.shape)}, but each loss in a list or mapping must be a "
+            "scalar: reduce it (e.g. `.mean()`), or pass a 1-D tensor of per-sample losses alone."
+        )
+    return loss.reshape(())
+
+
+def _check_common(losses: Sequence[Tensor], names: Sequence[str]) -> None:
+    for loss, name in zip(losses, names):
+        if not loss.is_floating_point():
+            raise TypeError(f"{name} has dtype {loss.dtype}; losses must be floating-point.")
+        if not loss.requires_grad:
+            raise ValueError(
+                f"{name} has no autograd graph (requires_grad=False): was it computed under "
+                "torch.no_grad(), detached, or from frozen parameters only? Compute it from the "
+                "model's output with gradients enabled."
+            )
+    devices = {loss.device for loss in losses}
+    if len(devices) > 1:
+        found = ", ".join(f"{n} on {loss.device}" for loss, n in zip(losses, names))
+        raise ValueError(
+            f"The losses live on different devices ({found}): move them to one device "
+            "(e.g. `loss.to(device)`) before the step."
+        )
+
+
+def parse_losses(losses: object) -> LossBatch:
+    """Validate ``losses`` and return them as a :class:`LossBatch`.
+
+    Accepts a sequence of scalar tensors, a mapping ``name → scalar tensor``, or a 1-D tensor (or
+    a 0-D tensor, one loss). Raises ``TypeError``/``ValueError`` naming the offending loss.
+    """
+    if isinstance(losses, Tensor):
+        if losses.dim() > 1:
+            raise ValueError(
+                f"Got a loss tensor of shape {tuple(losses.shape)}; expected a scalar or a 1-D "
+                "tensor of losses. Reduce the other dimensions, or pass a list of scalar losses."
+            )
+        vector = losses.reshape(-1)
+        if vector.numel() == 0:
+            raise ValueError("Got an empty tensor of losses: pass at least one loss.")
+        names = tuple(f"loss[{i}]" for i in range(vector.shape[0]))
+        _check_common([vector], ["the loss tensor"])
+        return LossBatch(vector, names, None)
+
+    if isinstance(losses, Mapping):
+        names = tuple(str(key) for key in losses)
+        items = list(losses.values())
+    elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
+        items = list(losses)
+        names = tuple(f"loss[{i}]" for i in range(len(items)))
+    else:
+        raise TypeError(
+            f"step() got losses of type {type(losses).__name__}; pass a list of scalar loss "
+            "tensors, a dict name → scalar loss, or a 1-D tensor of losses."
+        )
+    if not items:
+        raise ValueError("step() got no losses: pass at least one loss tensor.")
+    scalars = [_check_one(loss, name) for loss, name in zip(items, names)]
+    _check_common(scalars, names)
+    return LossBatch(torch.stack(scalars), names, tuple(scalars))
+
+
+def nonfinite_loss_names(batch: LossBatch) -> list[str]:
+    """The names of the losses that are NaN or infinite (one device synchronisation)."""
+    finite = torch.isfinite(batch.vector.detach())
+    if bool(finite.all()):
+        return []
+    return [name for name, ok in zip(batch.names, finite.tolist()) if not ok]

@@ -1,0 +1,61 @@
+"""How each parameter is treated in one JD step, from the autograd graph of the losses.
+
+* **shared**: owned by the wrapped optimizer and reached by two or more losses (or every reached
+  owned parameter when ``scope="all"``): they receive the aggregated gradient;
+* **specific**: owned and reached by exactly one loss (a task head): they receive that loss's own
+  gradient, as ``mtl_backward`` does in TorchJD;
+* **foreign**: reached, but not owned by the optimizer (e.g. a discriminator during a generator
+  step): never touched;
+* **unreached**: owned but reached by no loss: ``.grad`` is left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+from .introspection import leaf_reach
+from .losses import LossBatch
+
+Scope = Literal["shared", "all"]
+
+
+@dataclass(frozen=True)
+class ParameterPlan:
+    shared: tuple[Tensor, ...]
+    specific: tuple[tuple[Tensor, int], ...]  # (parameter, index of the one loss reaching it)
+    foreign: tuple[Tensor, ...]
+    unreached: tuple[Tensor, ...]
+
+
+def _owner_index(mask: int) -> int:
+    return mask.bit_length() - 1
+
+
+def plan_parameters(batch: LossBatch, owned: Iterable[Tensor], scope: Scope) -> ParameterPlan:
+    """Sort the parameters reached by ``batch`` and those in ``owned`` into a plan."""
+    owned_list = list(owned)
+    owned_ids = {id(p) for p in owned_list}
+    if batch.separate is not None:
+        reach = leaf_reach(batch.separate)
+    else:
+        everyone = (1 << batch.m) - 1
+        reach = [(leaf, everyone) for leaf, _ in leaf_reach([batch.vector])]
+
+    shared: list[Tensor] = []
+    specific: list[tuple[Tensor, int]] = []
+    foreign: list[Tensor] = []
+    reached_ids: set[int] = set()
+    for leaf, mask in reach:
+        reached_ids.add(id(leaf))
+        if id(leaf) not in owned_ids:
+            foreign.append(leaf)
+        elif scope == "all" or mask & (mask - 1):
+            shared.append(leaf)
+        else:
+            specific.append((leaf, _owner_index(mask)))
+    unreached = [p for p in owned_list if id(p) not in reached_ids]
+    return ParameterPlan(tuple(shared), tuple(specific), tuple(foreign), tuple(unreached))

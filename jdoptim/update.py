@@ -1,0 +1,88 @@
+r"""Turning the losses of one step into gradients: the seam between JDOptimizer and the engines.
+
+An :class:`UpdateComputer` receives the validated losses, the parameter plan and the aggregator,
+and returns the gradients to accumulate. Two implementations exist:
+
+* :class:`JacobianUpdate` (this module): one batched backward gives the Jacobian blocks
+  ``J_p = ∂losses/∂p`` of shape ``[m, *p.shape]`` for the shared and the specific parameters;
+  the Gramian is ``G = Σ_p J_p J_pᵀ`` (never concatenating ``J``); a Gramian-weighted aggregator
+  then gives ``w = W(G)`` and each shared parameter gets ``wᵀ J_p``; any other aggregator gets the
+  concatenated ``J``. A specific parameter of loss ``i`` gets row ``i`` of its block.
+* :class:`jdoptim.autogram.GramianUpdate`: the hook-based engine of ``JDOptimizer(modules=...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .aggregation import Aggregator, GramianWeightedAggregator
+from .autojac import JacobianComputer
+from .losses import LossBatch
+from .parameter_plan import ParameterPlan
+
+
+@dataclass
+class UpdateResult:
+    """Gradients for ``plan.shared`` and ``plan.specific`` (same order), weights and Gramian."""
+
+    shared_grads: list[Tensor]
+    specific_grads: list[Tensor]
+    weights: Tensor | None
+    gramian: Tensor | None
+
+
+class UpdateComputer(Protocol):
+    def compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult: ...
+
+
+def gramian_of_blocks(blocks: list[Tensor]) -> Tensor:
+    """``G = Σ_p J_p J_pᵀ`` for Jacobian blocks of shape ``[m, *p.shape]``."""
+    gramian = None
+    for block in blocks:
+        flat = block.reshape(block.shape[0], -1)
+        term = flat @ flat.T
+        gramian = term if gramian is None else gramian.add_(term)
+    assert gramian is not None
+    return gramian
+
+
+class JacobianUpdate:
+    """The update from an explicit (batched-backward) Jacobian. See the module docstring."""
+
+    def __init__(self, use_vmap: bool = True) -> None:
+        self.jacobian_computer = JacobianComputer(use_vmap)
+
+    def compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult:
+        shared = list(plan.shared)
+        inputs = shared + [param for param, _ in plan.specific]
+        blocks = self.jacobian_computer.compute(batch.vector, inputs)
+        shared_blocks, specific_blocks = blocks[: len(shared)], blocks[len(shared) :]
+        specific_grads = [block[index] for block, (_, index) in zip(specific_blocks, plan.specific)]
+        if not shared:
+            return UpdateResult([], specific_grads, None, None)
+
+        with torch.no_grad():
+            gramian = gramian_of_blocks(shared_blocks)
+            if isinstance(aggregator, GramianWeightedAggregator):
+                weights = aggregator.weighting(gramian)
+                shared_grads = [
+                    torch.tensordot(weights.to(block.dtype), block, dims=1)
+                    for block in shared_blocks
+                ]
+            else:
+                weights = None
+                matrix = torch.cat([block.reshape(batch.m, -1) for block in shared_blocks], dim=1)
+                direction = aggregator(matrix)
+                sizes = [block[0].numel() for block in shared_blocks]
+                shared_grads = [
+                    piece.view_as(param) for piece, param in zip(direction.split(sizes), shared)
+                ]
+        return UpdateResult(shared_grads, specific_grads, weights, gramian)
