@@ -40,9 +40,12 @@ def _jacobian_by_vmap(losses: Tensor, inputs: Sequence[Tensor], retain_graph: bo
         retain_graph=retain_graph,
         is_grads_batched=True,
         allow_unused=True,
-        materialize_grads=True,
     )
-    return list(grads)
+    # Unused inputs come back as None (``materialize_grads`` would drop the batch dimension).
+    return [
+        torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device) if g is None else g
+        for g, x in zip(grads, inputs)
+    ]
 
 
 def compute_jacobian(

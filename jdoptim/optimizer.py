@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -103,8 +104,8 @@ class JDOptimizer(Optimizer):
         self._update_computer: UpdateComputer = self._make_update_computer(modules, batch_dim)
 
         # What Optimizer.__init__ sets up, minus the parameters (they are the wrapped optimizer's).
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
         self._patch_step_function()
 
     @staticmethod

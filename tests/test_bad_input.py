@@ -1,0 +1,116 @@
+"""Bad input: a clear error naming the problem and the fix, and nothing changes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from jdoptim import JDOptimizer
+from jdoptim.aggregation import GramianWeightedAggregator, UPGrad, Weighting
+from tests.models import MultiTaskMLP, task_losses
+
+
+class NaNWeighting(Weighting):
+    def forward(self, gramian: Tensor) -> Tensor:
+        return torch.full((gramian.shape[0],), float("nan"))
+
+
+def _trained_setup():
+    """A model and an Adam-backed JDOptimizer with non-trivial state and .grad values."""
+    model = MultiTaskMLP(n_tasks=2)
+    opt = JDOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), UPGrad())
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(task_losses(model, x, y))
+    return model, opt, x, y
+
+
+def _snapshot(model: nn.Module, opt: JDOptimizer):
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    return params, grads, copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(model, opt, snapshot):
+    params, grads, state = snapshot
+    for p, before, grad in zip(model.parameters(), params, grads):
+        assert torch.equal(p, before)
+        assert (p.grad is None) == (grad is None)
+        if grad is not None:
+            assert torch.equal(p.grad, grad)
+    now = opt.state_dict()
+    assert now["param_groups"] == state["param_groups"]
+    for key, entry in state["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(torch.as_tensor(now["state"][key][name]), torch.as_tensor(value))
+
+
+def _cases(model, x, y):
+    l1, l2 = task_losses(model, x, y)
+    foreign = nn.Linear(6, 1)
+    with torch.no_grad():
+        frozen = model(x)[0].mean()
+    return {
+        "empty list": ([], ValueError, "no losses"),
+        "empty tensor": (torch.zeros(0, requires_grad=True), ValueError, "empty"),
+        "not a tensor": ([l1, 0.5], TypeError, r"loss\[1\] is a float"),
+        "non-scalar": ([l1, (model(x)[1] - y[:, 1]).pow(2)], ValueError, r"loss\[1\] has shape"),
+        "no graph": ([l1, frozen], ValueError, r"loss\[1\] has no autograd graph"),
+        "integer loss": ([l1, torch.tensor(3)], TypeError, "floating-point"),
+        "matrix": (torch.stack([l1, l2]).reshape(1, 2), ValueError, "1-D"),
+        "not a loss container": ("loss", TypeError, "list of scalar loss"),
+        "nothing owned": ([foreign(x).mean(), foreign(x).pow(2).mean()], ValueError, "none of"),
+        "nan loss": ({"depth": l1, "seg": l2 * float("nan")}, FloatingPointError, "seg"),
+        "inf loss": ([l1 * float("inf"), l2], FloatingPointError, r"loss\[0\]"),
+        "different devices": (
+            [l1, torch.zeros((), device="meta", requires_grad=True) * 2],
+            ValueError,
+            "different devices",
+        ),
+    }
+
+
+CASE_NAMES = list(_cases(MultiTaskMLP(2), torch.randn(2, 6), torch.randn(2, 2)))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_raises_a_clear_error_and_changes_nothing(case):
+    model, opt, x, y = _trained_setup()
+    losses, error, message = _cases(model, x, y)[case]
+    snapshot = _snapshot(model, opt)
+    with pytest.raises(error, match=message):
+        opt.step(losses)
+    _assert_unchanged(model, opt, snapshot)
+
+
+def test_nonfinite_weights_raise_and_change_nothing():
+    model, opt, x, y = _trained_setup()
+    opt.aggregator = GramianWeightedAggregator(NaNWeighting())
+    snapshot = _snapshot(model, opt)
+    with pytest.raises(FloatingPointError, match="aggregation weights"):
+        opt.step(task_losses(model, x, y))
+    _assert_unchanged(model, opt, snapshot)
+
+
+def test_skip_mode_skips_the_step_and_says_why():
+    model, opt, x, y = _trained_setup()
+    opt.nonfinite = "skip"
+    snapshot = _snapshot(model, opt)
+    l1, l2 = task_losses(model, x, y)
+    record = opt.step({"a": l1, "b": l2 / 0.0 * 0.0})
+    assert record.skipped and "b" in record.reason
+    _assert_unchanged(model, opt, snapshot)
+    opt.aggregator = GramianWeightedAggregator(NaNWeighting())
+    record = opt.step(task_losses(model, x, y))
+    assert record.skipped and "weights" in record.reason
+    _assert_unchanged(model, opt, snapshot)
+
+
+def test_missing_losses_name_the_new_call():
+    _, opt, _, _ = _trained_setup()
+    with pytest.raises(TypeError, match=r"opt.step\(\[loss1"):
+        opt.step()
