@@ -165,3 +165,53 @@ def test_a_plain_optimizer_state_dict_loads_too():
     opt = JDOptimizer(inner)
     opt.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())
     assert opt.state_dict()["param_groups"][0]["lr"] == 1e-3
+
+
+def _stateful_aggregators():
+    from jdoptim.aggregation import GradVac, PCGrad
+
+    return {"gradvac": lambda: GradVac(seed=3), "pcgrad": lambda: PCGrad(seed=5)}
+
+
+@pytest.mark.parametrize("name", ["gradvac", "pcgrad"])
+def test_checkpoint_resumes_stateful_and_randomised_aggregators_exactly(name):
+    make_aggregator = _stateful_aggregators()[name]
+    batches = [(torch.randn(16, 6), torch.randn(16, 3)) for _ in range(6)]
+    model = MultiTaskMLP()
+    start = copy.deepcopy(model.state_dict())
+    uninterrupted = JDOptimizer(OPTIMIZERS["adam"](model.parameters()), make_aggregator())
+    _run(model, uninterrupted, batches)
+
+    first_model = MultiTaskMLP()
+    first_model.load_state_dict(start)
+    first = JDOptimizer(OPTIMIZERS["adam"](first_model.parameters()), make_aggregator())
+    _run(first_model, first, batches[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": first_model.state_dict(), "opt": first.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+
+    fresh_model = MultiTaskMLP()
+    fresh_model.load_state_dict(checkpoint["model"])
+    # A fresh aggregator (EMA and generator as at construction): only the checkpoint's
+    # aggregator state can make the two trajectories agree.
+    second = JDOptimizer(OPTIMIZERS["adam"](fresh_model.parameters()), make_aggregator())
+    second.load_state_dict(checkpoint["opt"])
+    _run(fresh_model, second, batches[3:])
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+def test_an_aggregator_that_needs_the_whole_jacobian_gets_it():
+    from jdoptim.aggregation import TrimmedMean
+
+    model = MultiTaskMLP(n_tasks=5)
+    trunk = list(model.trunk.parameters())
+    losses = task_losses(model, torch.randn(16, 6), torch.randn(16, 5))
+    jacobian = explicit_jacobian(losses, trunk)
+    # Coordinate-wise trimmed mean, by hand: drop the largest and smallest value per column.
+    expected = jacobian.sort(dim=0).values[1:-1].mean(dim=0)
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), TrimmedMean(trim_number=1))
+    record = opt.step(losses)
+    assert record.weights is None
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in trunk]), expected)
