@@ -4,6 +4,7 @@ from ._bases import Aggregator, GramianWeightedAggregator, Weighting
 from ._mixins import Stateful
 from .config import ConFIG, ConFIGWeighting
 from .constant import Constant, ConstantWeighting
+from .dualproj import DualProj, DualProjWeighting
 from .excess_mtl import ExcessMTL
 from .graddrop import GradDrop
 from .gradvac import GradVac, GradVacWeighting
@@ -21,6 +22,8 @@ __all__ = [
     "ConFIGWeighting",
     "Constant",
     "ConstantWeighting",
+    "DualProj",
+    "DualProjWeighting",
     "ExcessMTL",
     "GradDrop",
     "GradVac",

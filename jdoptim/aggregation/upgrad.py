@@ -2,50 +2,70 @@ r"""UPGrad: Unconflicting Projection of Gradients (Quinton & Rey, 2024, "Jacobia
 Multi-Objective Optimization", arXiv:2406.16232).
 
 Each gradient ``gᵢ`` (row of ``J``), scaled by its preference ``pᵢ``, is projected onto the dual
-cone ``{x : J x ≥ 0}`` of all the rows, and the projections are summed:
+cone ``C = {x : J x ≥ 0}`` of all the rows, and the projections are summed:
 
 .. math::  d = \sum_i \pi_C(p_i g_i) = Jᵀ w, \qquad
            w = \sum_i v_i, \quad v_i = \arg\min_{v ≥ p_i e_i} vᵀ G v .
 
 With the default preference ``p = 1/m`` this is the mean of the projected gradients: ``d`` does not
-conflict with any gradient (``J d ≥ 0``), and equals the mean gradient when no two gradients
-conflict.
+conflict with any gradient (``J d ≥ 0``), equals the mean gradient when no two gradients conflict,
+and is positively homogeneous (``A(cJ) = c A(J)`` for ``c > 0``).
+
+The ``m`` quadratic programs share ``G`` and are solved together by an exact batched active-set
+method with a KKT certificate and a quadprog fallback (see :mod:`jdoptim.aggregation._dual_cone`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting, check_preference
-from ._dual_cone import DEFAULT_REGULARIZATION, solve_dual_cone_quadprog
+from ._dual_cone import DEFAULT_REGULARIZATION, solve_dual_cone, warn_once_if_degraded
 from ._mixins import _NonDifferentiable
 
 
+def _check_reg_eps(reg_eps: float) -> None:
+    if not (isinstance(reg_eps, (int, float)) and math.isfinite(reg_eps) and 0.0 < reg_eps < 1.0):
+        raise ValueError(f"reg_eps must be a float in (0, 1), got {reg_eps!r}.")
+
+
+def _preference(pref_vector: Tensor | None, gramian: Tensor) -> Tensor:
+    m = gramian.shape[0]
+    check_preference(pref_vector, m)
+    if pref_vector is None:
+        return torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
+    if not torch.isfinite(pref_vector).all():
+        raise ValueError("The preference vector contains NaN or infinite entries.")
+    return pref_vector.to(dtype=gramian.dtype, device=gramian.device)
+
+
 class UPGradWeighting(_NonDifferentiable, Weighting):
-    """Weights of :class:`UPGrad` from the Gramian alone.
+    """Weights of :class:`UPGrad` from the Gramian alone: ``w = Σᵢ argmin_{v ≥ pᵢeᵢ} vᵀGv``.
 
     Args:
-        pref_vector: preference ``p ∈ R^m`` (default: ``1/m`` for every loss).
-        reg_eps: relative ridge added to the normalised Gramian before solving the QPs.
+        pref_vector: preference ``p ∈ R^m`` (default ``None``: ``1/m`` for every loss, as in the
+            paper's experiments).
+        reg_eps: smallest ridge added to the unit-diagonal (equilibrated) Gramian before solving
+            the QPs (default ``1e-10``; raised automatically when the Gramian is numerically
+            indefinite, with a one-time warning when it had to be raised far).
     """
 
     def __init__(
         self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION
     ) -> None:
         super().__init__()
+        _check_reg_eps(reg_eps)
         self.pref_vector = pref_vector
         self.reg_eps = reg_eps
 
     def forward(self, gramian: Tensor) -> Tensor:
-        m = gramian.shape[0]
-        check_preference(self.pref_vector, m)
-        if self.pref_vector is None:
-            preference = torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
-        else:
-            preference = self.pref_vector.to(dtype=gramian.dtype, device=gramian.device)
-        lower_bounds = torch.diag(preference)
-        return solve_dual_cone_quadprog(gramian, lower_bounds, self.reg_eps).sum(dim=0)
+        preference = _preference(self.pref_vector, gramian)
+        solutions, info = solve_dual_cone(gramian, torch.diag(preference), self.reg_eps)
+        warn_once_if_degraded(self, info, type(self).__name__)
+        return solutions.sum(dim=0)
 
     def extra_repr(self) -> str:
         pref = None if self.pref_vector is None else self.pref_vector.tolist()
@@ -53,7 +73,12 @@ class UPGradWeighting(_NonDifferentiable, Weighting):
 
 
 class UPGrad(_NonDifferentiable, GramianWeightedAggregator):
-    """Aggregator of :class:`UPGradWeighting`: ``d = Jᵀ UPGradWeighting(J Jᵀ)``."""
+    """Aggregator of :class:`UPGradWeighting`: ``d = Jᵀ UPGradWeighting(J Jᵀ)``.
+
+    Args:
+        pref_vector: see :class:`UPGradWeighting`.
+        reg_eps: see :class:`UPGradWeighting`.
+    """
 
     def __init__(
         self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION

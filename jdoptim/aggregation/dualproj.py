@@ -1,0 +1,63 @@
+r"""DualProj: projection of the (preference-weighted) mean gradient onto the dual cone of the
+gradients (Quinton & Rey, 2024, "Jacobian Descent for Multi-Objective Optimization",
+arXiv:2406.16232, Sec. 5; the idea goes back to the projection step of A-GEM, Chaudhry et al.).
+
+.. math::  d = \pi_C(Jᵀ p) = Jᵀ w, \qquad w = \arg\min_{v ≥ p} vᵀ G v,
+           \qquad C = \{x : J x ≥ 0\}.
+
+With the default preference ``p = 1/m``, ``d`` is the projection of the mean gradient: it does not
+conflict with any gradient (``J d ≥ 0``), equals the mean gradient when that does not conflict,
+and is positively homogeneous (``A(cJ) = c A(J)`` for ``c > 0``). The QP is solved exactly as for
+UPGrad (see :mod:`jdoptim.aggregation._dual_cone`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._bases import GramianWeightedAggregator, Weighting
+from ._dual_cone import DEFAULT_REGULARIZATION, solve_dual_cone, warn_once_if_degraded
+from ._mixins import _NonDifferentiable
+from .upgrad import _check_reg_eps, _preference
+
+
+class DualProjWeighting(_NonDifferentiable, Weighting):
+    """Weights of :class:`DualProj` from the Gramian alone: ``w = argmin_{v ≥ p} vᵀGv``.
+
+    Args:
+        pref_vector: preference ``p ∈ R^m`` (default ``None``: ``1/m`` for every loss).
+        reg_eps: smallest ridge added to the unit-diagonal (equilibrated) Gramian (default
+            ``1e-10``), as for :class:`~jdoptim.aggregation.UPGradWeighting`.
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION
+    ) -> None:
+        super().__init__()
+        _check_reg_eps(reg_eps)
+        self.pref_vector = pref_vector
+        self.reg_eps = reg_eps
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        preference = _preference(self.pref_vector, gramian)
+        solutions, info = solve_dual_cone(gramian, preference.unsqueeze(0), self.reg_eps)
+        warn_once_if_degraded(self, info, type(self).__name__)
+        return solutions[0]
+
+    def extra_repr(self) -> str:
+        pref = None if self.pref_vector is None else self.pref_vector.tolist()
+        return f"pref_vector={pref}, reg_eps={self.reg_eps:g}"
+
+
+class DualProj(_NonDifferentiable, GramianWeightedAggregator):
+    """Aggregator of :class:`DualProjWeighting`: ``d = Jᵀ DualProjWeighting(J Jᵀ)``.
+
+    Args:
+        pref_vector: see :class:`DualProjWeighting`.
+        reg_eps: see :class:`DualProjWeighting`.
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION
+    ) -> None:
+        super().__init__(DualProjWeighting(pref_vector, reg_eps))
