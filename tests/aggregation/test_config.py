@@ -1,0 +1,72 @@
+"""ConFIG (Liu et al., 2024) against its definition on the explicit Jacobian (with an SVD)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from jdoptim.aggregation import ConFIG, ConFIGWeighting
+
+from .matrices import full_rank, scaled, with_zero_row
+
+
+def direct_config(matrix: Tensor, preference: Tensor | None = None) -> Tensor:
+    """``d = (Σ_i ⟨g_i, g_u⟩) g_u`` with ``g_u ∝ U⁺ p``, ``U`` the unit rows (zero rows stay 0)."""
+    norms = matrix.norm(dim=1, keepdim=True)
+    units = torch.where(norms > 0, matrix / norms.clamp(min=1e-300), 0.0)
+    if preference is None:
+        preference = torch.ones(matrix.shape[0], dtype=matrix.dtype)
+    direction = torch.linalg.pinv(units) @ preference
+    direction = direction / direction.norm()
+    return (matrix @ direction).sum() * direction
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [full_rank(3, 10, 50), full_rank(5, 5, 51), scaled(4, 8, 52), with_zero_row(4, 6, 53)],
+    ids=["3x10", "5x5", "scaled", "zero_row"],
+)
+def test_matches_the_definition(matrix: Tensor) -> None:
+    torch.testing.assert_close(ConFIG()(matrix), direct_config(matrix), rtol=1e-7, atol=1e-9)
+
+
+def test_preference() -> None:
+    matrix = full_rank(3, 7, 54)
+    preference = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(
+        ConFIG(preference)(matrix), direct_config(matrix, preference), rtol=1e-7, atol=1e-9
+    )
+
+
+def test_orthogonal_gradients_closed_form() -> None:
+    # g_1 = (2, 0), g_2 = (0, 3): g_u = (1, 1)/√2, Σ⟨g_i, g_u⟩ = 5/√2, d = (5/2, 5/2).
+    matrix = torch.tensor([[2.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(ConFIG()(matrix), torch.tensor([2.5, 2.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_conflict_free_with_equal_cosines(seed: int) -> None:
+    matrix = full_rank(4, 9, 60 + seed)
+    direction = ConFIG()(matrix)
+    cosines = matrix @ direction / (matrix.norm(dim=1) * direction.norm())
+    assert (cosines > 0).all()
+    torch.testing.assert_close(cosines, cosines.mean().expand(4))
+
+
+def test_all_zero_gives_zero() -> None:
+    assert (ConFIG()(torch.zeros(3, 4, dtype=torch.float64)) == 0).all()
+
+
+def test_float32_rank_deficient_is_finite() -> None:
+    matrix = (full_rank(6, 2, 55) @ full_rank(2, 9, 56)).float()
+    assert torch.isfinite(ConFIG()(matrix)).all()
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="preference"):
+        ConFIG(torch.ones(2))(full_rank(3, 4))
+    with pytest.raises(ValueError, match="rcond"):
+        ConFIGWeighting(rcond=-1.0)
+    with pytest.raises(ValueError, match="finite"):
+        ConFIG(torch.tensor([1.0, float("nan")]))
