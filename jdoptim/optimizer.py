@@ -61,6 +61,12 @@ class JDOptimizer(Optimizer):
             says why).
         freeze_foreign: set ``requires_grad=False`` on the foreign leaves of each step, so that
             later forward passes do not build graph through them.
+        process_group: distributed JD (see :mod:`jdoptim.distributed`): a
+            ``torch.distributed.ProcessGroup``, a ``DistributedDataParallel`` model (its group),
+            or ``True`` (the default group). Each process passes the losses of its shard; the
+            step equals one process's step on the whole batch. Task losses (``batch_dim=None``)
+            are each a mean over the local shard; with ``batch_dim=0`` the losses are per-sample
+            and the global batch is the concatenation of the shards.
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class JDOptimizer(Optimizer):
         scope: Scope = "shared",
         nonfinite: Literal["raise", "skip"] = "raise",
         freeze_foreign: bool = False,
+        process_group: object = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -101,7 +108,9 @@ class JDOptimizer(Optimizer):
         self.freeze_foreign = freeze_foreign
         self.batch_dim = batch_dim
         self.last_record: StepRecord | None = None
-        self._update_computer: UpdateComputer = self._make_update_computer(modules, batch_dim)
+        self._update_computer: UpdateComputer = self._make_update_computer(
+            modules, batch_dim, process_group
+        )
 
         # What Optimizer.__init__ sets up, minus the parameters (they are the wrapped optimizer's).
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -110,8 +119,14 @@ class JDOptimizer(Optimizer):
 
     @staticmethod
     def _make_update_computer(
-        modules: nn.Module | Iterable[nn.Module] | None, batch_dim: int | None
+        modules: nn.Module | Iterable[nn.Module] | None,
+        batch_dim: int | None,
+        process_group: object = None,
     ) -> UpdateComputer:
+        if process_group is not None:
+            from .distributed import make_distributed_update  # imported only when used
+
+            return make_distributed_update(process_group, modules, batch_dim)
         if modules is None:
             return JacobianUpdate()
         from .autogram import GramianUpdate  # the engine is imported only when used
@@ -224,6 +239,9 @@ class JDOptimizer(Optimizer):
         self.last_record = record
 
         bad = nonfinite_loss_names(batch)
+        any_process = getattr(self._update_computer, "any_process", None)
+        if any_process is not None and any_process(bool(bad)) and not bad:
+            bad = ["a loss on another process"]  # all processes skip or raise together
         if bad:
             return self._refuse(
                 record,
@@ -243,6 +261,7 @@ class JDOptimizer(Optimizer):
 
         result = self._update_computer.compute(batch, plan, self.aggregator)
         record.weights, record.gramian = result.weights, result.gramian
+        record.extras.update(result.extras)
         problem = _nonfinite_result(result)
         if problem:
             return self._refuse(

@@ -13,7 +13,7 @@ and returns the gradients to accumulate. Two implementations exist:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -33,6 +33,7 @@ class UpdateResult:
     specific_grads: list[Tensor]
     weights: Tensor | None
     gramian: Tensor | None
+    extras: dict[str, object] = field(default_factory=dict)  # copied into StepRecord.extras
 
 
 class UpdateComputer(Protocol):

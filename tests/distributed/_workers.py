@@ -1,0 +1,255 @@
+"""Code run inside the spawned gloo processes of the distributed tests.
+
+Every check compares the distributed step with an independent single-process computation: a plain
+``JDOptimizer`` (no process group) on the whole global batch, run in the same process. Failures
+raise, and ``torch.multiprocessing.spawn`` re-raises them in the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from jdoptim import JDOptimizer, UPGrad
+from jdoptim.aggregation import Aggregator, GradDrop, GradVac, PCGrad, TrimmedMean
+from jdoptim.distributed import DistributedStepError, broadcast_parameters
+from tests.models import MultiTaskMLP, task_losses
+
+GLOBAL_BATCH = 12  # divisible by 2 and 3: equal shards for task losses
+STEPS = 3
+RTOL, ATOL = 1e-9, 1e-11
+
+
+def init(rank: int, world: int, port: int, timeout_s: float = 60.0) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def global_data(step: int, n: int = GLOBAL_BATCH) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(n, 6, generator=generator, dtype=torch.float64)
+    y = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    return x, y
+
+
+def shard(tensor: Tensor, sizes: list[int], rank: int) -> Tensor:
+    return tensor.split(sizes)[rank]
+
+
+def make_model(seed: int = 0) -> MultiTaskMLP:
+    torch.manual_seed(seed)
+    return MultiTaskMLP(n_tasks=3).double()
+
+
+def close(a: Tensor, b: Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+def compare_params(model: nn.Module, reference: nn.Module, what: str) -> None:
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        close(p.detach(), q.detach(), f"{what}, parameter {name}")
+
+
+# -- scenarios -----------------------------------------------------------------------------
+
+
+def check_task_losses(
+    rank: int,
+    world: int,
+    make_aggregator: Callable[[], Aggregator],
+    *,
+    use_ddp: bool,
+    adam: bool,
+    steps: int = STEPS,
+) -> None:
+    """Task losses (each a mean over the local shard) vs one process on the global batch."""
+    reference = make_model()
+    torch.manual_seed(0)
+    ref_agg = make_aggregator()  # rank 0's aggregator: the distributed run must follow it
+    torch.manual_seed(0 if rank == 0 else 100 + rank)  # other ranks' start elsewhere
+    agg = make_aggregator()
+    model = make_model(seed=rank if use_ddp else 0)  # DDP broadcasts rank 0's parameters
+    wrapped: nn.Module = DistributedDataParallel(model) if use_ddp else model
+
+    def make_opt(params) -> torch.optim.Optimizer:  # type: ignore[no-untyped-def]
+        return torch.optim.Adam(params, lr=0.01) if adam else torch.optim.SGD(params, lr=0.1)
+
+    group = wrapped if use_ddp else dist.group.WORLD
+    opt = JDOptimizer(make_opt(wrapped.parameters()), agg, process_group=group)
+    ref_opt = JDOptimizer(make_opt(reference.parameters()), ref_agg)
+    sizes = [GLOBAL_BATCH // world] * world
+    for step in range(steps):
+        x, y = global_data(step)
+        opt.zero_grad()
+        record = opt.step(task_losses(wrapped, shard(x, sizes, rank), shard(y, sizes, rank)))  # type: ignore[arg-type]
+        ref_opt.zero_grad()
+        ref_record = ref_opt.step(task_losses(reference, x, y))
+        what = f"{type(agg).__name__} step {step} (world {world}, ddp={use_ddp})"
+        if ref_record.weights is not None:
+            assert record.weights is not None
+            close(record.weights, ref_record.weights, f"{what}: weights")
+            close(record.gramian, ref_record.gramian, f"{what}: Gramian")  # type: ignore[arg-type]
+        compare_params(model, reference, what)
+        assert int(record.extras["bytes_sent"]) > 0  # type: ignore[call-overload]
+
+
+def check_per_sample(rank: int, world: int, sizes: list[int], *, use_ddp: bool) -> None:
+    """Per-sample losses: the global Gramian, cross-process blocks included, over steps."""
+    batch = sum(sizes)
+    reference = make_model()
+    model = make_model()
+    wrapped: nn.Module = DistributedDataParallel(model) if use_ddp else model
+    group = wrapped if use_ddp else True
+    opt = JDOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.05), UPGrad(), batch_dim=0,
+                      process_group=group)  # fmt: skip
+    ref_opt = JDOptimizer(torch.optim.SGD(reference.parameters(), lr=0.05), UPGrad())
+
+    def per_sample(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        outs = torch.stack(net(x), dim=1)
+        return (outs - y).pow(2).sum(dim=1)
+
+    for step in range(STEPS):
+        x, y = global_data(step, batch)
+        opt.zero_grad()
+        record = opt.step(per_sample(wrapped, shard(x, sizes, rank), shard(y, sizes, rank)))
+        ref_opt.zero_grad()
+        ref_record = ref_opt.step(per_sample(reference, x, y))
+        what = f"per-sample step {step} (sizes {sizes})"
+        assert record.weights is not None and record.weights.shape == (batch,)
+        close(record.gramian, ref_record.gramian, f"{what}: Gramian")  # type: ignore[arg-type]
+        close(record.weights, ref_record.weights, f"{what}: weights")  # type: ignore[arg-type]
+        compare_params(model, reference, what)
+
+
+def check_agreement(rank: int, world: int) -> None:
+    """Non-finite losses on one process: every process skips; mismatched steps raise."""
+    model = make_model()
+    opt = JDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), process_group=True, nonfinite="skip"
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = global_data(0, 2 * world)
+    losses = task_losses(model, x[2 * rank : 2 * rank + 2], y[2 * rank : 2 * rank + 2])
+    if rank == world - 1:
+        losses[0] = losses[0] * float("nan")
+    record = opt.step(losses)
+    assert record.skipped, "every process must skip when one has a non-finite loss"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+    losses = task_losses(model, x, y)
+    try:
+        opt.step(losses if rank == 0 else losses[:2])
+    except ValueError as error:
+        assert "disagree" in str(error)
+    else:
+        raise AssertionError("a mismatched number of losses must raise on every process")
+
+    # Parameters that differ between processes are refused, and broadcast_parameters fixes it.
+    torch.manual_seed(rank)
+    other = MultiTaskMLP(n_tasks=3).double()
+    opt = JDOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), process_group=True)
+    try:
+        opt.step(task_losses(other, x, y))
+    except ValueError as error:
+        assert "differ between processes" in str(error)
+    else:
+        raise AssertionError("diverged replicas must be refused")
+    broadcast_parameters(other)
+    opt.step(task_losses(other, x, y))
+
+
+def save_checkpoint(rank: int, world: int, path: str, steps: int) -> None:
+    """Train ``steps`` steps with GradVac (stateful) and save on rank 0."""
+    model = DistributedDataParallel(make_model())
+    opt = JDOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), GradVac(beta=0.5, seed=7),
+                      process_group=model)  # fmt: skip
+    sizes = [GLOBAL_BATCH // world] * world
+    for step in range(steps):
+        x, y = global_data(step)
+        opt.zero_grad()
+        opt.step(task_losses(model, shard(x, sizes, rank), shard(y, sizes, rank)))  # type: ignore[arg-type]
+    if rank == 0:
+        torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, path)
+    dist.barrier()
+
+
+def resume_checkpoint(rank: int, world: int, path: str, done: int, more: int) -> None:
+    """Resume a checkpoint saved on another number of processes; compare with one process
+    running ``done + more`` steps without interruption."""
+    reference = make_model()
+    ref_agg = GradVac(beta=0.5, seed=7)
+    ref_opt = JDOptimizer(torch.optim.Adam(reference.parameters(), lr=0.01), ref_agg)
+    for step in range(done):
+        x, y = global_data(step)
+        ref_opt.zero_grad()
+        ref_opt.step(task_losses(reference, x, y))
+
+    checkpoint = torch.load(path, weights_only=False)
+    net = make_model(seed=rank)
+    net.load_state_dict(checkpoint["model"])
+    model = DistributedDataParallel(net)
+    # A different GradVac seed on each process: the checkpoint must override it.
+    opt = JDOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), GradVac(beta=0.5, seed=rank),
+                      process_group=model)  # fmt: skip
+    opt.load_state_dict(checkpoint["opt"])
+    sizes = [GLOBAL_BATCH // world] * world
+    for step in range(done, done + more):
+        x, y = global_data(step)
+        opt.zero_grad()
+        record = opt.step(task_losses(model, shard(x, sizes, rank), shard(y, sizes, rank)))  # type: ignore[arg-type]
+        ref_opt.zero_grad()
+        ref_record = ref_opt.step(task_losses(reference, x, y))
+        close(record.weights, ref_record.weights, f"resumed step {step}: weights")  # type: ignore[arg-type]
+        compare_params(net, reference, f"resumed step {step} on {world} processes")
+
+
+# -- entry points for torch.multiprocessing.spawn ---------------------------------------------
+
+
+def run_exactness(rank: int, world: int, port: int, checkpoint: str | None, mode: str) -> None:
+    init(rank, world, port)
+    try:
+        check_task_losses(rank, world, UPGrad, use_ddp=True, adam=False)
+        check_task_losses(rank, world, UPGrad, use_ddp=False, adam=True)
+        check_task_losses(rank, world, lambda: GradVac(beta=0.5), use_ddp=True, adam=True)
+        check_task_losses(rank, world, PCGrad, use_ddp=False, adam=False)
+        check_task_losses(rank, world, GradDrop, use_ddp=True, adam=False)
+        check_task_losses(rank, world, lambda: TrimmedMean(1), use_ddp=False, adam=False)
+        unequal = [5, 7] if world == 2 else [3, 4, 6]
+        check_per_sample(rank, world, unequal, use_ddp=True)
+        check_per_sample(rank, world, [4] * world, use_ddp=False)
+        check_agreement(rank, world)
+        if checkpoint is not None and mode == "save":
+            save_checkpoint(rank, world, checkpoint, steps=2)
+        if checkpoint is not None and mode == "resume":
+            resume_checkpoint(rank, world, checkpoint, done=2, more=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_hang(rank: int, world: int, port: int, result: str) -> None:
+    """Rank 1 never calls step(): rank 0 must get a DistributedStepError, not hang."""
+    init(rank, world, port, timeout_s=3.0)
+    model = make_model()
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), process_group=True)
+    x, y = global_data(0)
+    if rank == 0:
+        start = time.monotonic()
+        try:
+            opt.step(task_losses(model, x, y))
+        except DistributedStepError as error:
+            with open(result, "w") as file:
+                file.write(f"{time.monotonic() - start:.2f}\n{error}")
+    else:
+        time.sleep(8.0)  # "stuck" well past the 3 s timeout, then leaves without a step

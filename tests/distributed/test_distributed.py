@@ -1,0 +1,52 @@
+"""Distributed JD on gloo/CPU: N processes with shards vs one process on the whole batch.
+
+One spawn per world size runs all the exactness checks (see ``_workers.py``): task losses with
+UPGrad (DDP-wrapped and plain model + process group, SGD and Adam), GradVac (stateful, EMA and
+seeded order), PCGrad (randomised, differently seeded per process), GradDrop (randomised,
+non-Gramian) and TrimmedMean (non-Gramian); per-sample losses with equal and unequal shards; all
+processes skipping together on a non-finite loss; mismatched steps and diverged replicas refused;
+a checkpoint saved on rank 0 of 2 processes resumed on 3.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from . import _workers
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ddp") / "rank0.pt"
+
+
+def test_exact_on_two_processes_and_checkpoint(checkpoint: Path) -> None:
+    mp.spawn(_workers.run_exactness, args=(2, _free_port(), str(checkpoint), "save"), nprocs=2)
+    assert checkpoint.exists()
+
+
+def test_exact_on_three_processes_and_resume(checkpoint: Path) -> None:
+    if not checkpoint.exists():  # run alone: make the 2-process checkpoint first
+        mp.spawn(_workers.run_exactness, args=(2, _free_port(), str(checkpoint), "save"), nprocs=2)
+    mp.spawn(_workers.run_exactness, args=(3, _free_port(), str(checkpoint), "resume"), nprocs=3)
+
+
+def test_a_stuck_process_gives_an_error_not_a_hang(tmp_path: Path) -> None:
+    result = tmp_path / "error.txt"
+    mp.spawn(_workers.run_hang, args=(2, _free_port(), str(result)), nprocs=2)
+    elapsed, message = result.read_text().split("\n", 1)
+    assert float(elapsed) < 7.0
+    assert "rank 0 of 2" in message and "did not call step()" in message
