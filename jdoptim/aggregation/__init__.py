@@ -2,14 +2,17 @@
 
 from ._bases import Aggregator, GramianWeightedAggregator, Weighting
 from ._mixins import Stateful
+from .aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from .config import ConFIG, ConFIGWeighting
 from .constant import Constant, ConstantWeighting
 from .dualproj import DualProj, DualProjWeighting
 from .excess_mtl import ExcessMTL
 from .graddrop import GradDrop
 from .gradvac import GradVac, GradVacWeighting
+from .imtl_g import IMTLG, IMTLGWeighting
 from .krum import Krum, KrumWeighting
 from .mean import Mean, MeanWeighting
+from .mgda import MGDA, MGDAWeighting
 from .pcgrad import PCGrad, PCGradWeighting
 from .random_ import Random, RandomWeighting
 from .sum import Sum, SumWeighting
@@ -17,7 +20,11 @@ from .trimmed_mean import TrimmedMean
 from .upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "IMTLG",
+    "MGDA",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
     "ConFIG",
     "ConFIGWeighting",
     "Constant",
@@ -29,8 +36,10 @@ __all__ = [
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
+    "IMTLGWeighting",
     "Krum",
     "KrumWeighting",
+    "MGDAWeighting",
     "Mean",
     "MeanWeighting",
     "PCGrad",
