@@ -8,7 +8,6 @@ module only adds two things around each call:
 
   ======================  =================================
   all-reduce              ``2 S (N-1)/N``
-  reduce-scatter          ``S (N-1)/N``   (``S`` = input)
   all-gather              ``S (N-1)``     (``S`` = one process's piece)
   all-to-all              bytes addressed to other processes
   broadcast               ``S (N-1)/N``   (average over processes)
@@ -31,9 +30,8 @@ from torch import Tensor
 
 __all__ = ["CommStats", "DistributedStepError"]
 
-# torch ≥ 2.10 names (the older ones are deprecated aliases)
+# the newer name (all_gather_into_tensor is a deprecated alias)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class DistributedStepError(RuntimeError):
@@ -122,17 +120,6 @@ class Communicator:
         self.stats.add(phase, "all_reduce", 2 * _nbytes(tensor) * (n - 1) / n)
         self._run(phase, lambda: dist.all_reduce(tensor, group=self.group, async_op=True))
         return tensor
-
-    def reduce_scatter(self, phase: str, tensor: Tensor) -> Tensor:
-        """Sum ``tensor`` (first dimension divisible by N) and keep this rank's chunk."""
-        n = self.world_size
-        out = tensor.new_empty((tensor.shape[0] // n, *tensor.shape[1:]))
-        self.stats.add(phase, "reduce_scatter", _nbytes(tensor) * (n - 1) / n)
-        self._run(
-            phase,
-            lambda: _reduce_scatter(out, tensor, group=self.group, async_op=True),
-        )
-        return out
 
     def all_gather(self, phase: str, tensor: Tensor) -> Tensor:
         """Concatenate every rank's ``tensor`` (same shape everywhere) along a new first dim."""

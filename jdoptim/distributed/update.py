@@ -14,7 +14,9 @@ The Gramian is not linear in the local Jacobians, so some ``m × n`` quantity mu
 Instead of all-reducing ``J`` (``2 m n (N-1)/N`` elements sent per process), the step
 
 1. **reduce-scatters** ``Jᵀ`` by column slices: process ``k`` gets the exact global
-   ``J_{:,S_k}`` for its ``n/N`` columns ``S_k`` (``m n (N-1)/N`` elements);
+   ``J_{:,S_k}`` for its ``n/N`` columns ``S_k`` (``m n (N-1)/N`` elements; done as an
+   all-to-all of the slices and a local sum, because gloo's ``reduce_scatter`` sends as much as
+   an all-reduce);
 2. computes its partial Gramian ``J_{:,S_k} J_{:,S_k}ᵀ`` and **all-reduces** the ``m × m``
    partials: ``G = Σ_k J_{:,S_k} J_{:,S_k}ᵀ`` exactly (``2 m² (N-1)/N``), together with the
    gradients of the task-specific parameters (each the mean of the local ones);
@@ -233,7 +235,12 @@ class DistributedJacobianUpdate:
         return max(1, math.ceil(numel / self.world_size))
 
     def _task_chunk(self, blocks: list[Tensor]) -> Tensor:
-        """Reduce-scatter ``Jᵀ`` (``[n, m]``, zero-padded to ``N c`` rows): ``J[:, S_k]``."""
+        """Reduce-scatter ``Jᵀ`` (``[n, m]``, zero-padded to ``N c`` rows): ``J[:, S_k]``.
+
+        As an all-to-all of the column slices followed by a local sum in rank order: the same
+        ``m n (N-1)/N`` elements as a ring reduce-scatter, on every backend (gloo's
+        ``reduce_scatter`` sends as much as a full all-reduce, measured).
+        """
         m = blocks[0].shape[0]
         numel = sum(block[0].numel() for block in blocks)
         c = self._chunk_size(numel)
@@ -243,8 +250,9 @@ class DistributedJacobianUpdate:
             size = block[0].numel()
             transposed[offset : offset + size].copy_(block.reshape(m, size).T)
             offset += size
-        mine = self.comm.reduce_scatter("jacobian", transposed)  # [c, m], summed
-        return mine.T.div_(self.world_size)
+        n = self.world_size
+        pieces = self.comm.all_to_all("jacobian", transposed, [c] * n, [c] * n)
+        return pieces.view(n, c, m).sum(dim=0).T.div_(n)  # [m, c], the mean of the ranks' J
 
     def _per_sample_chunk(self, blocks: list[Tensor], sizes: Tensor) -> Tensor:
         """All-to-all of column slices: every process's rows of ``J[:, S_k]`` (``[B, c]``)."""
