@@ -3,16 +3,20 @@
 from ._bases import Aggregator, GramianWeightedAggregator, Weighting
 from ._mixins import Stateful
 from .aligned_mtl import AlignedMTL, AlignedMTLWeighting
+from .cagrad import CAGrad, CAGradWeighting
 from .config import ConFIG, ConFIGWeighting
 from .constant import Constant, ConstantWeighting
 from .dualproj import DualProj, DualProjWeighting
 from .excess_mtl import ExcessMTL
+from .fairgrad import FairGrad, FairGradWeighting
+from .flattening import Flattening
 from .graddrop import GradDrop
 from .gradvac import GradVac, GradVacWeighting
 from .imtl_g import IMTLG, IMTLGWeighting
 from .krum import Krum, KrumWeighting
 from .mean import Mean, MeanWeighting
 from .mgda import MGDA, MGDAWeighting
+from .nash_mtl import NashMTL, NashMTLWeighting
 from .pcgrad import PCGrad, PCGradWeighting
 from .random_ import Random, RandomWeighting
 from .sum import Sum, SumWeighting
@@ -25,6 +29,8 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "AlignedMTLWeighting",
+    "CAGrad",
+    "CAGradWeighting",
     "ConFIG",
     "ConFIGWeighting",
     "Constant",
@@ -32,6 +38,9 @@ __all__ = [
     "DualProj",
     "DualProjWeighting",
     "ExcessMTL",
+    "FairGrad",
+    "FairGradWeighting",
+    "Flattening",
     "GradDrop",
     "GradVac",
     "GradVacWeighting",
@@ -42,6 +51,8 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "NashMTL",
+    "NashMTLWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",

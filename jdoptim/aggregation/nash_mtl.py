@@ -1,0 +1,170 @@
+r"""Nash-MTL: multi-task learning as a bargaining game (Navon, Shamsian, Achituve, Maron,
+Kawaguchi, Chechik & Fetaya, 2022, "Multi-Task Learning as a Bargaining Game", ICML).
+
+The Nash bargaining solution ``d = Jᵀα`` satisfies ``gᵢᵀd = 1/αᵢ`` for every task, i.e.
+
+.. math::  \hat G α = 1/α \;(\text{elementwise}), \qquad α > 0,
+           \qquad \hat G = G / ‖G‖_F .
+
+Normalisation: as in the authors' code, the Gramian is divided by its Frobenius norm before
+solving, which makes the weights invariant to the scale of the gradients and the update
+``d = Jᵀα`` positively homogeneous (``‖d‖² = m‖G‖_F`` before clipping). Then, as the reference
+clips the gradient norm of the shared parameters, the weights are scaled down so that
+``‖Jᵀα‖ = √(αᵀGα) ≤ max_norm`` (``max_norm = 0`` disables it); this uses the current Gramian on
+every call, also when the weights are cached.
+
+Solver: the authors solve a sequence of convex-concave cvxpy problems (``optim_niter`` of them).
+Here the equation is solved exactly: it is the stationarity condition of the strictly convex
+``½αᵀĜα − Σ log αᵢ``, minimised by a damped Newton method warm-started from the cached weights
+(see :mod:`jdoptim.aggregation._a_newton`). ``optim_niter`` bounds the Newton iterations of a
+normal update (4–6 are typical). If they do not reach a backward error of ``1e-11``, a one-time
+warning says so and Newton continues up to ``50·optim_niter`` iterations; if even that fails, a
+warning with the residual is emitted on that call: inexact weights are never returned silently.
+No cvxpy, so no per-call problem compilation. A rank-deficient ``Ĝ`` has no solution; a ridge
+``εI`` (``ε = reg_eps``, raised automatically with a one-time warning when needed) makes it
+solvable, with very large weights along null directions (which do not change ``d`` before
+clipping). A zero Gramian gives zero weights.
+
+State (:class:`~jdoptim.aggregation.Stateful`): the step counter and the cached weights. Weights
+are recomputed on the first call and every ``update_weights_every`` calls, otherwise the cached
+ones are reused (the authors' speed-up). ``state_dict()`` holds both (extra state); ``reset()``
+forgets them. Defaults follow the authors' code: ``max_norm=1.0``, ``update_weights_every=1``,
+``optim_niter=20``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._bases import GramianWeightedAggregator, Weighting
+from ._mixins import Stateful, _NonDifferentiable
+from .fairgrad import solve_fair_weights
+from .upgrad import _check_reg_eps
+
+
+class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):
+    """Weights of :class:`NashMTL`: ``α > 0`` with ``(G/‖G‖_F) α = 1/α``, then norm-clipped.
+
+    Args:
+        max_norm: upper bound on ``‖Jᵀα‖`` (default ``1.0``; ``0`` disables clipping).
+        update_weights_every: recompute the weights every this many calls (default ``1``).
+        optim_niter: Newton iterations of a normal update (default ``20``).
+        reg_eps: smallest ridge added to the normalised Gramian (default ``1e-10``).
+    """
+
+    def __init__(
+        self,
+        max_norm: float = 1.0,
+        update_weights_every: int = 1,
+        optim_niter: int = 20,
+        reg_eps: float = 1e-10,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(max_norm, (int, float)) and math.isfinite(max_norm) and max_norm >= 0):
+            raise ValueError(f"max_norm must be a finite number ≥ 0, got {max_norm!r}.")
+        for name, value in (
+            ("update_weights_every", update_weights_every),
+            ("optim_niter", optim_niter),
+        ):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        _check_reg_eps(reg_eps)
+        self.max_norm = float(max_norm)
+        self.update_weights_every = update_weights_every
+        self.optim_niter = optim_niter
+        self.reg_eps = reg_eps
+        self._step = 0
+        self._weights: Tensor | None = None
+
+    def reset(self) -> None:
+        self._step = 0
+        self._weights = None
+
+    def get_extra_state(self) -> Any:
+        weights = None if self._weights is None else self._weights.clone()
+        return {"step": self._step, "weights": weights}
+
+    def set_extra_state(self, state: Any) -> None:
+        self._step = int(state["step"])
+        weights = state["weights"]
+        self._weights = None if weights is None else weights.clone().to(torch.float64)
+
+    def _solve(self, gramian: Tensor) -> Tensor:
+        m = gramian.shape[0]
+        frobenius = float(gramian.double().norm())
+        if not frobenius > 0.0:
+            return torch.zeros(m, dtype=torch.float64)
+        normalized = gramian.double() / frobenius
+        start = self._weights if self._weights is not None and len(self._weights) == m else None
+        weights, res, ok = solve_fair_weights(
+            normalized, 1.0, self.reg_eps, start, self.optim_niter, self
+        )
+        if not ok:
+            if not getattr(self, "_warned_slow", False):
+                self._warned_slow = True
+                warnings.warn(
+                    f"NashMTL: {self.optim_niter} Newton iterations left a backward error of "
+                    f"{res:.2e}; continuing up to {50 * self.optim_niter} iterations "
+                    "(warned once).",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            weights, res, ok = solve_fair_weights(
+                normalized, 1.0, self.reg_eps, weights, 50 * self.optim_niter, self
+            )
+            if not ok:
+                warnings.warn(
+                    f"NashMTL: the bargaining equation was not solved (backward error {res:.2e});"
+                    " these weights are inexact.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return weights
+
+    def forward(self, gramian: Tensor) -> Tensor:
+        m = gramian.shape[0]
+        stale = self._weights is None or len(self._weights) != m
+        if stale or self._step % self.update_weights_every == 0:
+            self._weights = self._solve(gramian)
+        self._step += 1
+        weights = self._weights.clone()
+        if self.max_norm > 0.0:
+            g = gramian.detach().to(device="cpu", dtype=torch.float64)
+            norm = max(float(weights @ g @ weights), 0.0) ** 0.5 if m else 0.0
+            if norm > self.max_norm:
+                weights = weights * (self.max_norm / norm)
+        return weights.to(device=gramian.device, dtype=gramian.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"max_norm={self.max_norm:g}, update_weights_every={self.update_weights_every}, "
+            f"optim_niter={self.optim_niter}, reg_eps={self.reg_eps:g}"
+        )
+
+
+class NashMTL(_NonDifferentiable, Stateful, GramianWeightedAggregator):
+    """Aggregator of :class:`NashMTLWeighting` (stateful: see its ``reset``).
+
+    Args:
+        max_norm: see :class:`NashMTLWeighting`.
+        update_weights_every: see :class:`NashMTLWeighting`.
+        optim_niter: see :class:`NashMTLWeighting`.
+        reg_eps: see :class:`NashMTLWeighting`.
+    """
+
+    def __init__(
+        self,
+        max_norm: float = 1.0,
+        update_weights_every: int = 1,
+        optim_niter: int = 20,
+        reg_eps: float = 1e-10,
+    ) -> None:
+        super().__init__(NashMTLWeighting(max_norm, update_weights_every, optim_niter, reg_eps))
+
+    def reset(self) -> None:
+        self.weighting.reset()
