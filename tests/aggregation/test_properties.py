@@ -40,7 +40,8 @@ class Entry:
         differentiable: whether the aggregator's output must keep a ``grad_fn``.
         non_conflict: where ``J d ≥ 0`` is promised: ``"always"`` (UPGrad, DualProj, MGDA:
             projections onto / minimum norm in the dual cone), ``"two_rows"`` (PCGrad, Yu et al.
-            2020, Theorem 1), ``"independent_rows"`` (ConFIG: ``U ĝ = p > 0`` needs linearly
+            2020, Theorem 1), ``"independent_rows"`` (ConFIG: ``U ĝ = p > 0``; Nash-MTL:
+            ``(G α)_i = 1/α_i > 0``; FairGrad: ``(G w)_i = w_i^{-1/α} > 0``; all need linearly
             independent rows), ``"no"`` (no promise).
         equivariant: deterministic (for a fixed seed) and blind to the rows' indices.
         min_rows: fewer rows must raise a ``ValueError``.
@@ -68,10 +69,10 @@ REGISTRY: list[Entry] = [
     Entry("DualProj", lambda m: agg.DualProj(), non_conflict="always"),
     Entry("MGDA", lambda m: agg.MGDA(), non_conflict="always"),
     Entry("CAGrad", lambda m: agg.CAGrad()),
-    Entry("NashMTL", lambda m: agg.NashMTL()),
+    Entry("NashMTL", lambda m: agg.NashMTL(), non_conflict="independent_rows"),
     Entry("IMTLG", lambda m: agg.IMTLG()),
     Entry("AlignedMTL", lambda m: agg.AlignedMTL()),
-    Entry("FairGrad", lambda m: agg.FairGrad()),
+    Entry("FairGrad", lambda m: agg.FairGrad(), non_conflict="independent_rows"),
     # Part B: conflict surgery and robust methods.
     Entry(
         "PCGrad-sum-random",
@@ -94,7 +95,11 @@ REGISTRY: list[Entry] = [
     Entry("TrimmedMean", lambda m: agg.TrimmedMean(trim_number=1), min_rows=3),
     Entry("ExcessMTL", lambda m: agg.ExcessMTL()),
 ]
-REGISTRY = [e for e in REGISTRY if hasattr(agg, e.name.split("-")[0])]
+# Part A's CAGrad, NashMTL and FairGrad were in the working tree but not yet committed when this
+# suite was written (they passed it there); until they land, only they may be absent. Every other
+# entry is required: a missing method fails the suite.
+_PENDING = {"CAGrad", "NashMTL", "FairGrad"}
+REGISTRY = [e for e in REGISTRY if e.name not in _PENDING or hasattr(agg, e.name)]
 
 IDS = [e.name for e in REGISTRY]
 GRAMIAN_BASED = [e for e in REGISTRY if isinstance(e.make(3), GramianWeightedAggregator)]
