@@ -5,7 +5,8 @@ UPGrad (DDP-wrapped and plain model + process group, SGD and Adam), GradVac (sta
 seeded order), PCGrad (randomised, differently seeded per process), GradDrop (randomised,
 non-Gramian) and TrimmedMean (non-Gramian); per-sample losses with equal and unequal shards; all
 processes skipping together on a non-finite loss; mismatched steps and diverged replicas refused;
-a checkpoint saved on rank 0 of 2 processes resumed on 3.
+a checkpoint saved on rank 0 of 2 processes resumed on 3. Also: a stuck process and a crashed
+one give a DistributedStepError instead of a hang.
 """
 
 from __future__ import annotations
@@ -50,3 +51,11 @@ def test_a_stuck_process_gives_an_error_not_a_hang(tmp_path: Path) -> None:
     elapsed, message = result.read_text().split("\n", 1)
     assert float(elapsed) < 7.0
     assert "rank 0 of 2" in message and "did not call step()" in message
+
+
+def test_a_crashed_process_gives_an_error_at_once(tmp_path: Path) -> None:
+    result = tmp_path / "error.txt"
+    mp.spawn(_workers.run_crash, args=(2, _free_port(), str(result)), nprocs=2)
+    elapsed, message = result.read_text().split("\n", 1)
+    assert float(elapsed) < 30.0  # well under the 60 s timeout
+    assert "Nothing was updated" in message
