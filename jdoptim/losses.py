@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ class LossBatch:
     vector: Tensor
     names: tuple[str, ...]
     separate: tuple[Tensor, ...] | None
+    #: The shape of a multi-dimensional loss tensor (e.g. ``[batch, tasks]``, accepted only by
+    #: the Gramian engine); ``None`` otherwise. ``vector`` is its row-major flattening.
+    shape: tuple[int, ...] | None = None
 
     @property
     def m(self) -> int:
@@ -65,12 +69,18 @@ def _check_common(losses: Sequence[Tensor], names: Sequence[str]) -> None:
         )
 
 
-def parse_losses(losses: object) -> LossBatch:
+def parse_losses(losses: object, max_dim: int = 1) -> LossBatch:
     """Validate ``losses`` and return them as a :class:`LossBatch`.
 
     Accepts a sequence of scalar tensors, a mapping ``name → scalar tensor``, or a 1-D tensor (or
     a 0-D tensor, one loss). Raises ``TypeError``/``ValueError`` naming the offending loss.
+    With ``max_dim=2`` (the Gramian engine), a ``[batch, tasks]`` matrix is accepted too.
     """
+    if isinstance(losses, Tensor) and 1 < losses.dim() <= max_dim:
+        batch = parse_losses(losses.reshape(-1))
+        indices = itertools.product(*(range(n) for n in losses.shape))
+        names = tuple(f"loss[{', '.join(map(str, i))}]" for i in indices)
+        return LossBatch(batch.vector, names, None, tuple(losses.shape))
     if isinstance(losses, Tensor):
         if losses.dim() > 1:
             raise ValueError(

@@ -234,7 +234,7 @@ class JDOptimizer(Optimizer):
                 "JDOptimizer.step() needs the losses: call opt.step([loss1, loss2, ...]) instead "
                 "of backward() + step()."
             )
-        batch = parse_losses(losses)
+        batch = parse_losses(losses, getattr(self._update_computer, "max_loss_dim", 1))
         record = StepRecord(names=batch.names, losses=batch.vector.detach().clone())
         self.last_record = record
 

@@ -1,0 +1,82 @@
+r"""What a forward hook remembers about one call of a hooked module, and where it keeps it.
+
+A hooked module's forward hook builds a :class:`CallRecord` (the module, its positional and
+keyword arguments, and the shapes of its tensor outputs) and stores it in the ``metadata`` dict of
+each tensor output's ``grad_fn`` node. The record therefore lives exactly as long as the autograd
+graph of that forward pass: nothing is kept on the engine, nothing outlives the graph, and a plain
+``backward()`` never looks at it. The engine finds the records of one step by walking the graph of
+the losses (see :mod:`jdoptim.autogram._graph`).
+
+The record never references its own outputs (that would make a cycle through the C++ node); the
+engine rebuilds each output's :class:`~torch.autograd.graph.GradientEdge` from the node it meets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ..introspection import iter_tensors
+
+
+class Tapped(NamedTuple):
+    """A tensor output of a call: its index among the output pytree's leaves, shape, dtype, and
+    its ``output_nr`` in its ``grad_fn`` node."""
+
+    leaf_index: int
+    shape: torch.Size
+    dtype: torch.dtype
+    output_nr: int
+
+
+@dataclass(eq=False)
+class CallRecord:
+    """One call of a hooked module.
+
+    Attributes:
+        module: the module that was called.
+        args, kwargs: its arguments, as given (they carry the graph of the inputs).
+        tapped: the tensor outputs computed in the call (those with a ``grad_fn`` that is not
+            an input's).
+    """
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    tapped: list[Tapped]
+
+    def input_tensors(self) -> list[Tensor]:
+        return [t for t in iter_tensors((self.args, self.kwargs))]
+
+
+def make_hook(key: str):
+    """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``.
+
+    It holds no reference to the engine, so that a dropped engine can be collected (its
+    finaliser then removes the hooks). Outside gradient mode it returns at once.
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
+        record: CallRecord | None = None
+        input_nodes: set | None = None
+        for index, leaf in enumerate(leaves):
+            if not isinstance(leaf, Tensor) or leaf.grad_fn is None:
+                continue
+            if input_nodes is None:
+                input_nodes = {t.grad_fn for t in iter_tensors((args, kwargs))}
+            node = leaf.grad_fn
+            if node in input_nodes:  # an input handed back unchanged: not computed here
+                continue
+            if record is None:
+                record = CallRecord(module, args, kwargs, [])
+            record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.output_nr))
+            node.metadata.setdefault(key, []).append((record, len(record.tapped) - 1))
+
+    return hook

@@ -1,0 +1,78 @@
+"""Which modules the engine hooks, and which models it refuses.
+
+* The given modules must be disjoint: none may be a submodule of another.
+* Recursive hooking: a module with a direct trainable parameter is hooked, and differentiated
+  with respect to all its parameters (``recurse=True``); its children are not hooked. A module
+  without one is descended into.
+* With ``batch_dim``, a module that mixes samples would make per-sample losses depend on other
+  samples, and the per-sample Gramian would be wrong; such modules are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def check_disjoint(modules: Sequence[nn.Module]) -> None:
+    for i, outer in enumerate(modules):
+        inner_ids = {id(m): name for name, m in outer.named_modules()}
+        for j, other in enumerate(modules):
+            if i != j and id(other) in inner_ids:
+                where = inner_ids[id(other)] or "itself"
+                raise ValueError(
+                    f"The modules given to the engine overlap: module #{j} "
+                    f"({type(other).__name__}) is {where!r} inside module #{i} "
+                    f"({type(outer).__name__}). Give disjoint modules (e.g. only the parent): "
+                    "a parent's parameters already include its children's."
+                )
+
+
+def hooked_modules(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """The parent-most modules with a direct trainable parameter, in order, each once."""
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            found.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    for module in modules:
+        visit(module)
+    return found
+
+
+def _named(modules: Sequence[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    for index, module in enumerate(modules):
+        for name, sub in module.named_modules():
+            yield (f"modules[{index}]" + (f".{name}" if name else "")), sub
+
+
+def sample_mixing_problem(modules: Sequence[nn.Module], batch_dim: int) -> str | None:
+    """A message naming the first module that mixes the samples along ``batch_dim``, if any."""
+    for name, module in _named(modules):
+        if isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats):
+            return (
+                f"{name} ({type(module).__name__}) normalises with the statistics of the whole "
+                "batch, so each per-sample loss depends on every sample and the per-sample "
+                "Gramian would be wrong. Fix: replace it by GroupNorm/LayerNorm, put it in eval "
+                "mode with running statistics (module.eval()), or use batch_dim=None."
+            )
+        if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+            sample_dim = 0 if module.batch_first else 1
+            if sample_dim != batch_dim:
+                return (
+                    f"{name} ({type(module).__name__}, batch_first={module.batch_first}) "
+                    f"indexes samples along dimension {sample_dim}, not batch_dim={batch_dim}. "
+                    f"Fix: construct it with batch_first={batch_dim == 0} (and feed it that "
+                    "layout), or use batch_dim=None."
+                )
+    return None

@@ -1,0 +1,268 @@
+r"""One Gramian step: find the calls, one backward to their outputs, then Gramian and update.
+
+1. :func:`~._graph.scan_graph` finds the recorded calls the losses reach, and the parameters
+   used outside any call (*explicit* parameters).
+2. One backward pass from the losses to the calls' outputs (and to the explicit parameters),
+   never to the hooked modules' own parameters:
+
+   * per-sample mode (``batch_dim``; losses ``[b, T]`` after moving ``batch_dim`` first, ``T = 1``
+     for a vector): ``grad_outputs`` selects loss column ``k`` in every sample at once, so
+     ``T`` rows (one ordinary backward for ``T = 1``) give ``D[k] = ∂(Σᵢ ℓ_{ik})/∂Y``, whose
+     sample-``i`` slice is ``∂ℓ_{ik}/∂Y_i`` because the samples are independent;
+   * task mode (no ``batch_dim``, or explicit parameters, which need one row per loss): one row
+     per loss, ``b = 1``, ``T = m``.
+
+   Several rows are one vmapped backward (``is_grads_batched``), or a loop where vmap fails.
+3. Each call's rule gives its Gramian contribution (:mod:`.rules`); a parameter used in several
+   calls (a module called twice, tied weights) gets its rows summed over the calls before its
+   Gram matrix is taken, so the cross terms are there. ``G = Σ`` contributions.
+4. Once the weights ``w`` are known, each rule gives ``Σ w_{ik} ∂ℓ_{ik}/∂p`` from the same output
+   gradients: there is no second backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._graph import scan_graph
+from .rules import Call, LayerRule, make_rule
+from .rules._contraction import rows_gramian
+
+
+@dataclass
+class VmapState:
+    works: bool | None = None
+
+
+def _backward(
+    losses: Tensor,
+    inputs: list,
+    grad_outputs: Tensor,
+    batched: bool,
+    retain_graph: bool,
+    state: VmapState,
+) -> list[Tensor | None]:
+    if not inputs:
+        return []
+    if not batched:
+        grads = torch.autograd.grad(
+            losses, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True
+        )
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    if state.works is not False:
+        try:
+            grads = torch.autograd.grad(
+                losses,
+                inputs,
+                grad_outputs,
+                retain_graph=retain_graph or not state.works,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            state.works = True
+            return list(grads)
+        except (RuntimeError, NotImplementedError):
+            if state.works:
+                raise
+            state.works = False
+    rows = []
+    count = grad_outputs.shape[0]
+    for k in range(count):
+        keep = retain_graph or k < count - 1
+        rows.append(
+            torch.autograd.grad(
+                losses, inputs, grad_outputs[k], retain_graph=keep, allow_unused=True
+            )
+        )
+    return [
+        None if all(r[i] is None for r in rows) else _stack_rows([r[i] for r in rows])
+        for i in range(len(inputs))
+    ]
+
+
+def _stack_rows(rows: list[Tensor | None]) -> Tensor:
+    like = next(r for r in rows if r is not None)
+    return torch.stack([torch.zeros_like(like) if r is None else r for r in rows])
+
+
+class GramianStep:
+    """The state of one step between the backward pass and the update; see the module docs.
+
+    Args:
+        losses: the losses, of any shape (their autograd graph is used).
+        key: the engine's metadata key.
+        shared: parameters whose rows enter the Gramian and receive the weighted update.
+        specific: parameters that receive ``Σ_{i,k} ∂ℓ_{ik}/∂p`` (their one loss's gradient).
+        batch_dim: the dimension of ``losses`` (and of the modules' tensors) indexing samples,
+            or ``None``.
+        retain_graph: keep the graph after the backward pass.
+        assume_reached: the parameters are known to be reached by the losses (as those of a
+            :class:`~jdoptim.parameter_plan.ParameterPlan` are), so one that no recorded call
+            covers is differentiated directly; otherwise it is taken as unreached.
+    """
+
+    def __init__(
+        self,
+        losses: Tensor,
+        key: str,
+        shared: Sequence[Tensor],
+        specific: Sequence[Tensor],
+        batch_dim: int | None,
+        retain_graph: bool = False,
+        vmap_state: VmapState | None = None,
+        assume_reached: bool = True,
+    ) -> None:
+        if losses.grad_fn is None:
+            raise ValueError(
+                "The losses have no autograd graph (no grad_fn): compute them from the model's "
+                "output with gradients enabled."
+            )
+        self.losses_shape = tuple(losses.shape)
+        self.shared = list(shared)
+        self.specific = list(specific)
+        shared_ids = {id(p) for p in self.shared}
+        wanted = {id(p): p for p in [*self.shared, *self.specific]}
+
+        scan = scan_graph([losses.grad_fn], key)
+        explicit = {id(t): t for t in scan.outside_leaves if id(t) in wanted}
+        call_params: list[list[Tensor]] = []
+        covered: dict[int, int] = {}
+        for record in scan.calls:
+            params = []
+            for p in dict.fromkeys(record.module.parameters()):
+                if id(p) in wanted and id(p) not in explicit:
+                    params.append(p)
+                    covered[id(p)] = covered.get(id(p), 0) + 1
+            call_params.append(params)
+        for pid, p in wanted.items():  # reached through no recorded call: straight from autograd
+            if assume_reached and pid not in covered and pid not in explicit:
+                explicit[pid] = p
+        self.explicit = list(explicit.values())
+        self.uses = covered
+
+        if batch_dim is not None and (self.explicit or losses.dim() == 0):
+            batch_dim = None  # explicit rows need one backward row per loss
+        if batch_dim is not None and batch_dim >= losses.dim():
+            raise ValueError(
+                f"batch_dim={batch_dim} but the losses have shape {tuple(losses.shape)}."
+            )
+        self.batch_dim = batch_dim
+        n = losses.numel()
+        if batch_dim is None:
+            self.b, self.T = 1, n
+            grad_outputs = torch.eye(n, dtype=losses.dtype, device=losses.device)
+            grad_outputs = grad_outputs.reshape(n, *losses.shape)
+            self.order = None
+        else:
+            self.b = losses.shape[batch_dim]
+            self.T = n // self.b
+            eye = torch.eye(self.T, dtype=losses.dtype, device=losses.device)
+            moved_shape = [self.b, *(s for d, s in enumerate(losses.shape) if d != batch_dim)]
+            grad_outputs = eye[:, None, :].expand(self.T, self.b, self.T)
+            grad_outputs = grad_outputs.reshape(self.T, *moved_shape).movedim(1, batch_dim + 1)
+            order = torch.arange(n).reshape(losses.shape).movedim(batch_dim, 0).reshape(-1)
+            self.order = None if bool((order == torch.arange(n)).all()) else order
+        batched = grad_outputs.shape[0] > 1
+        if not batched:
+            grad_outputs = grad_outputs[0]
+
+        records = list(scan.calls)
+        edges = [(r, i, e) for r in records for i, e in enumerate(scan.calls[r]) if e is not None]
+        inputs = [e for _, _, e in edges] + self.explicit
+        state = vmap_state if vmap_state is not None else VmapState()
+        grads = _backward(losses, inputs, grad_outputs, batched, retain_graph, state)
+
+        per_record: dict[int, list[Tensor | None]] = {
+            id(r): [None] * len(r.tapped) for r in records
+        }
+        for (record, index, _), grad in zip(edges, grads):
+            per_record[id(record)][index] = grad
+        self.explicit_rows = [
+            torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
+            for p, g in zip(self.explicit, grads[len(edges) :])
+        ]
+        self.rules: list[LayerRule] = []
+        for record, params in zip(records, call_params):
+            if params:
+                call = Call(record, per_record[id(record)], params, batch_dim, self.b, self.T)
+                self.rules.append(make_rule(call))
+        self.shared_ids = shared_ids
+
+    def _to_original(self, square: Tensor) -> Tensor:
+        if self.order is None:
+            return square
+        inverse = torch.argsort(self.order)
+        return square[inverse][:, inverse]
+
+    def gramian(self) -> Tensor:
+        """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order."""
+        b, t = self.b, self.T
+        total: Tensor | None = None
+
+        def add(term: Tensor) -> None:
+            nonlocal total
+            total = term if total is None else total + term
+
+        tied: dict[int, Tensor] = {}
+        for rule in self.rules:
+            shared = [p for p in rule.call.params if id(p) in self.shared_ids]
+            alone = [p for p in shared if self.uses[id(p)] == 1]
+            several = [p for p in shared if self.uses[id(p)] > 1]
+            if alone:
+                add(rule.gramian(alone))
+            if several:
+                for p, rows in zip(several, rule.jacobians(several)):
+                    tied[id(p)] = rows if id(p) not in tied else tied[id(p)] + rows
+        for rows in tied.values():
+            add(rows_gramian(rows))
+        for p, rows in zip(self.explicit, self.explicit_rows):
+            if id(p) in self.shared_ids:
+                add(rows_gramian(rows.unsqueeze(0)))
+        n = b * t
+        if total is None:
+            return torch.zeros(n, n)
+        return self._to_original(total.reshape(n, n))
+
+    def gradients(self, weights: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+        """The update of the shared parameters (``Σ wᵢ ∇ℓᵢ``, ``weights`` in the losses'
+        row-major order) and of the specific ones (``Σᵢ ∇ℓᵢ``)."""
+        b, t = self.b, self.T
+        if weights is not None:
+            flat = weights.reshape(-1)
+            if self.order is not None:
+                flat = flat[self.order]
+            moved = flat.view(b, t)
+        ones: Tensor | None = None
+        found: dict[int, Tensor] = {}
+
+        def add(p: Tensor, grad: Tensor) -> None:
+            found[id(p)] = grad if id(p) not in found else found[id(p)] + grad
+
+        for rule in self.rules:
+            shared = [p for p in rule.call.params if id(p) in self.shared_ids]
+            specific = [p for p in rule.call.params if id(p) not in self.shared_ids]
+            if shared:
+                assert weights is not None
+                for p, g in zip(shared, rule.weighted(shared, moved)):
+                    add(p, g)
+            if specific:
+                if ones is None:
+                    ones = torch.ones(b, t, dtype=specific[0].dtype, device=specific[0].device)
+                for p, g in zip(specific, rule.weighted(specific, ones)):
+                    add(p, g)
+        for p, rows in zip(self.explicit, self.explicit_rows):
+            if id(p) in self.shared_ids:
+                assert weights is not None
+                add(p, torch.tensordot(moved.reshape(-1).to(rows.dtype), rows, dims=1))
+            else:
+                add(p, rows.sum(0))
+
+        def pick(p: Tensor) -> Tensor:
+            grad = found.get(id(p))
+            return torch.zeros_like(p) if grad is None else grad.view_as(p)
+
+        return [pick(p) for p in self.shared], [pick(p) for p in self.specific]

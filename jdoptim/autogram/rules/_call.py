@@ -1,0 +1,70 @@
+r"""The view of one module call that a layer rule works on.
+
+Rows. The losses are laid out as ``[b, T]``: ``b`` independent samples (``b = 1`` without
+``batch_dim``) times ``T`` losses per sample (``T = m`` without ``batch_dim``; ``1`` for per-sample
+losses; the number of tasks for a ``[batch, tasks]`` matrix). Loss ``(i, k)`` depends on sample
+``i`` of every module tensor only (that is what ``batch_dim`` promises). For each tensor output
+``Y`` of the call, the engine's backward gives ``D[k] = ∂(Σᵢ ℓ_{ik}) / ∂Y`` (shape
+``[T, *Y.shape]``), whose sample-``i`` slice is ``∂ℓ_{ik}/∂Y[i]``. A rule turns these into,
+for each parameter ``p``:
+
+* ``jacobians``: the rows ``∂ℓ_{ik}/∂p`` as a tensor ``[b, T, *p.shape]``;
+* ``gramian``: its contribution ``G[i, k, j, l] = ⟨∂ℓ_{ik}/∂p, ∂ℓ_{jl}/∂p⟩`` (``[b, T, b, T]``),
+  possibly without ever forming the rows;
+* ``weighted``: ``Σ_{i,k} w_{ik} ∂ℓ_{ik}/∂p``, which is the vector-Jacobian product of the call
+  with the weighted output gradient ``Σ_k w_{·k} D[k]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._records import CallRecord
+
+
+@dataclass(eq=False)
+class Call:
+    record: CallRecord
+    grads: list[Tensor | None]  # per tapped output: [T, *shape], None where no loss reaches it
+    params: list[Tensor]  # the parameters of the module this step differentiates
+    batch_dim: int | None  # the sample dimension of the module's tensors (per-sample mode)
+    b: int
+    T: int
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.record.module
+
+    def grad(self, index: int) -> Tensor:
+        """``D`` of tapped output ``index``, ``[T, *shape]`` (zeros where no loss reaches it)."""
+        grad = self.grads[index]
+        if grad is None:
+            tapped = self.record.tapped[index]
+            grad = torch.zeros((self.T, *tapped.shape), dtype=tapped.dtype)
+        return grad
+
+    def samples_first(self, tensor: Tensor) -> Tensor:
+        """A module tensor with its sample dimension first (a new one of size 1 if none)."""
+        if self.batch_dim is None:
+            return tensor.unsqueeze(0)
+        return tensor.movedim(self.batch_dim, 0)
+
+    def grad_samples_first(self, index: int) -> Tensor:
+        """``D`` of output ``index`` as ``[T, b, ...]``."""
+        grad = self.grad(index)
+        if self.batch_dim is None:
+            return grad.unsqueeze(1)
+        return grad.movedim(self.batch_dim + 1, 1)
+
+    def weighted_grad(self, index: int, weights: Tensor) -> Tensor:
+        """``Σ_k w_{·k} D[k]`` in the layout of the output (``weights`` is ``[b, T]``)."""
+        grad = self.grad(index)
+        if self.batch_dim is None:
+            return torch.tensordot(weights[0].to(grad.dtype), grad, dims=1)
+        moved = grad.movedim(self.batch_dim + 1, 1)  # [T, b, ...]
+        shape = (self.T, self.b) + (1,) * (moved.dim() - 2)
+        summed = (moved * weights.T.to(grad.dtype).reshape(shape)).sum(0)
+        return summed.movedim(0, self.batch_dim)

@@ -1,0 +1,92 @@
+r"""Gramians of layers that are linear in their weight, with the cost model that picks the method.
+
+A layer whose output at position ``s`` of sample ``i`` is ``Y_{is} = W a_{is}`` (a ``Linear``, a
+``Conv`` after im2col, an ``Embedding`` with one-hot ``a``) has per-sample, per-row weight rows
+
+.. math::  g_{ik} = Σ_s D_{k,is} a_{isᵀ}  \quad (D_{k,is} ∈ R^o, a_{is} ∈ R^d),
+
+so its Gramian contribution is
+
+.. math::  G[i,k,j,l] = Σ_{s,r} K[i,s,j,r] \, ⟨D_{k,is}, D_{l,jr}⟩,
+           \qquad K[i,s,j,r] = ⟨a_{is}, a_{jr}⟩.
+
+Two ways to compute it, with ``b`` samples, ``S`` positions per sample, ``T`` rows per sample:
+
+* **explicit**: form the ``b·T`` rows ``g_{ik}`` (``b T S o d`` flops, ``b T o d`` memory) and
+  their Gram matrix (``(bT)² o d``);
+* **contraction**: never form ``g``. With ``S = 1`` it is ``G = K ⊙ (D Dᵀ)`` (``b² d + (bT)² o``
+  flops), the per-sample trick: no per-sample gradient exists at any point. With ``S > 1``,
+  ``M = K D`` then ``G = ⟨D, M⟩`` (``(bS)² d + b² S² T o + b² T² S o`` flops).
+
+:func:`linear_gramian` takes the cheaper one by these flop counts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def contraction_cost(b: int, s: int, t: int, d: int, o: int) -> int:
+    if s == 1:
+        return b * b * d + (b * t) ** 2 * o
+    return (b * s) ** 2 * d + b * b * s * s * t * o + b * b * t * t * s * o
+
+
+def explicit_cost(b: int, s: int, t: int, d: int, o: int) -> int:
+    return b * t * s * o * d + (b * t) ** 2 * o * d
+
+
+def gramian_from_kernel(kernel: Tensor, grads: Tensor) -> Tensor:
+    """``G[i,k,j,l] = Σ_{s,r} K[i,s,j,r] ⟨D[k,i,s], D[l,j,r]⟩`` as ``[b, T, b, T]``.
+
+    Args:
+        kernel: ``K`` as ``[b, S, b, S]``.
+        grads: ``D`` as ``[T, b, S, o]``.
+    """
+    t, b, s, o = grads.shape
+    if s == 1:
+        rows = grads[:, :, 0].transpose(0, 1).reshape(b * t, o)
+        products = (rows @ rows.T).view(b, t, b, t)
+        return products * kernel[:, 0, :, 0][:, None, :, None]
+    if b == 1:
+        flat = grads[:, 0]  # [T, S, o]
+        mixed = torch.matmul(kernel[0, :, 0, :], flat)  # [T, S, o]
+        return (flat.reshape(t, -1) @ mixed.reshape(t, -1).T).view(1, t, 1, t)
+    mixed = torch.einsum("isjr,ljro->isljo", kernel, grads)
+    return torch.einsum("kiso,isljo->ikjl", grads, mixed)
+
+
+def linear_kernel(inputs: Tensor) -> Tensor:
+    """``K[i,s,j,r] = ⟨a_{is}, a_{jr}⟩`` for ``inputs`` of shape ``[b, S, d]``."""
+    b, s, d = inputs.shape
+    flat = inputs.reshape(b * s, d)
+    return (flat @ flat.T).view(b, s, b, s)
+
+
+def linear_rows(inputs: Tensor, grads: Tensor) -> Tensor:
+    """``g[i,k] = Σ_s D[k,i,s] a_{is}ᵀ`` as ``[b, T, o, d]`` (``inputs`` ``[b,S,d]``, ``grads``
+    ``[T,b,S,o]``)."""
+    return torch.einsum("kiso,isd->ikod", grads, inputs)
+
+
+def linear_gramian(inputs: Tensor, grads: Tensor) -> Tensor:
+    """The weight's Gramian contribution ``[b, T, b, T]``, by the cheaper method."""
+    t, b, s, o = grads.shape
+    d = inputs.shape[-1]
+    if contraction_cost(b, s, t, d, o) <= explicit_cost(b, s, t, d, o):
+        return gramian_from_kernel(linear_kernel(inputs), grads)
+    rows = linear_rows(inputs, grads).reshape(b * t, o * d)
+    return (rows @ rows.T).view(b, t, b, t)
+
+
+def bias_rows(grads: Tensor) -> Tensor:
+    """Rows of a bias added at every position: ``Σ_s D[k,i,s]`` as ``[b, T, o]``."""
+    return grads.sum(2).transpose(0, 1)
+
+
+def rows_gramian(rows: Tensor) -> Tensor:
+    """``[b, T, ...]`` rows → their Gram matrix ``[b, T, b, T]``."""
+    b, t = rows.shape[:2]
+    flat = rows.reshape(b * t, -1)
+    return (flat @ flat.T).view(b, t, b, t)

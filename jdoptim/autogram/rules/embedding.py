@@ -1,0 +1,64 @@
+r"""``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``).
+
+An embedding is a ``Linear`` layer on one-hot inputs, so ``K[i,s,j,r] = [idx_{is} = idx_{jr}]``
+(zero at ``padding_idx``, whose row gets no gradient), and the Gramian is the kernel contraction of
+:mod:`._contraction` without ever forming a ``[V, e]`` gradient per row. Rows (needed only when the
+weight is tied into another call) and the update scatter the output gradients into the
+looked-up rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._base import LayerRule, register_rule
+from ._call import Call
+from ._contraction import gramian_from_kernel
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(LayerRule):
+    @classmethod
+    def applies(cls, call: Call) -> bool:
+        module = call.module
+        args, kwargs = call.record.args, call.record.kwargs
+        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+            return False
+        if module.max_norm is not None or module.scale_grad_by_freq:  # type: ignore[union-attr]
+            return False
+        return call.batch_dim is None or call.batch_dim < args[0].dim()
+
+    def __init__(self, call: Call) -> None:
+        super().__init__(call)
+        module = call.module
+        self.size = module.num_embeddings  # type: ignore[union-attr]
+        index = call.record.args[0]
+        self.index = call.samples_first(index).reshape(call.b, -1)  # [b, S]
+        padding = module.padding_idx  # type: ignore[union-attr]
+        self.valid = None if padding is None else self.index != padding
+        dim = module.embedding_dim  # type: ignore[union-attr]
+        self.grads = call.grad_samples_first(0).reshape(call.T, call.b, -1, dim)
+        if self.valid is not None:
+            self.grads = self.grads * self.valid[None, :, :, None].to(self.grads.dtype)
+
+    def jacobians(self, params: list[Tensor]) -> list[Tensor]:
+        onehot = nn.functional.one_hot(self.index, self.size).to(self.grads.dtype)  # [b,S,V]
+        return [torch.einsum("isv,kise->ikve", onehot, self.grads) for _ in params]
+
+    def gramian(self, params: list[Tensor]) -> Tensor:
+        flat = self.index.reshape(-1)
+        kernel = (flat[:, None] == flat[None, :]).to(self.grads.dtype)
+        b, s = self.index.shape
+        return gramian_from_kernel(kernel.view(b, s, b, s), self.grads)
+
+    def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
+        module = self.call.module
+        dw = self.call.weighted_grad(0, weights)
+        dim = module.embedding_dim  # type: ignore[union-attr]
+        dw = dw.reshape(-1, dim)
+        index = self.call.record.args[0].reshape(-1)
+        if module.padding_idx is not None:  # type: ignore[union-attr]
+            dw = dw * (index != module.padding_idx)[:, None].to(dw.dtype)  # type: ignore
+        grad = torch.zeros(self.size, dim, dtype=dw.dtype, device=dw.device)
+        return [grad.index_add_(0, index, dw) for _ in params]

@@ -1,0 +1,61 @@
+r"""``nn.Linear``: ``Y = X Wᵀ + β`` on inputs ``X`` of shape ``[..., d]``.
+
+The positions ``S`` are all dimensions of ``X`` but the sample dimension and the last one (one
+position per sample for an ``[batch, d]`` input; ``seq`` positions for ``[batch, seq, d]``). The
+weight's Gramian uses :func:`~._contraction.linear_gramian` (``(XXᵀ) ⊙ (DDᵀ)`` for ``S = 1``);
+the update is one matrix product ``D_wᵀ X`` with ``D_w = Σ_k w_{·k} D[k]``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ._base import LayerRule, register_rule
+from ._call import Call
+from ._contraction import bias_rows, linear_gramian, linear_rows, rows_gramian
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    @classmethod
+    def applies(cls, call: Call) -> bool:
+        args, kwargs = call.record.args, call.record.kwargs
+        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or args[0].dim() < 1:
+            return False
+        return call.batch_dim is None or call.batch_dim < args[0].dim() - 1
+
+    def __init__(self, call: Call) -> None:
+        super().__init__(call)
+        x = call.record.args[0].detach()
+        self.x = x
+        self.inputs = call.samples_first(x).reshape(call.b, -1, x.shape[-1])
+        out = call.module.out_features  # type: ignore[union-attr]
+        self.grads = call.grad_samples_first(0).reshape(call.T, call.b, -1, out)
+
+    def jacobians(self, params: list[Tensor]) -> list[Tensor]:
+        module = self.call.module
+        return [
+            linear_rows(self.inputs, self.grads) if p is module.weight else bias_rows(self.grads)
+            for p in params
+        ]
+
+    def gramian(self, params: list[Tensor]) -> Tensor:
+        module = self.call.module
+        total = None
+        for p in params:
+            if p is module.weight:
+                term = linear_gramian(self.inputs, self.grads)
+            else:
+                term = rows_gramian(bias_rows(self.grads))
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
+        module = self.call.module
+        dw = self.call.weighted_grad(0, weights)
+        dw = dw.reshape(-1, dw.shape[-1])
+        return [
+            dw.T @ self.x.reshape(-1, self.x.shape[-1]) if p is module.weight else dw.sum(0)
+            for p in params
+        ]

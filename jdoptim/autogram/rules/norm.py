@@ -1,0 +1,101 @@
+r"""Affine parameters of normalisation layers: ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
+``BatchNorm{1,2,3}d``.
+
+Each computes ``Y = X̂ ⊙ γ + β`` where ``X̂`` (the normalised input) does not depend on ``γ, β``.
+So ``∂ℓ_{ik}/∂γ_c = Σ D[k]_{i,·,c,·} X̂_{i,·,c,·}`` and ``∂ℓ_{ik}/∂β_c = Σ D[k]_{i,·,c,·}``:
+sums over every dimension but the sample and the channel dimensions. ``X̂`` is recomputed
+once, without affine and without touching running statistics (in training mode a ``BatchNorm``
+normalises with the batch's statistics, exactly as its forward did). The rows are only ``C``
+wide, so they are always formed explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._base import LayerRule, register_rule
+from ._call import Call
+
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, _BatchNorm)
+if hasattr(nn, "RMSNorm"):
+    _NORMS = (*_NORMS, nn.RMSNorm)
+
+
+def _normalised(module: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    if isinstance(module, _BatchNorm):
+        batch_stats = module.training or module.running_mean is None
+        mean = None if batch_stats else module.running_mean
+        var = None if batch_stats else module.running_var
+        return F.batch_norm(x, mean, var, None, None, batch_stats, 0.0, module.eps)
+    return F.rms_norm(x, module.normalized_shape, None, module.eps)  # type: ignore[arg-type]
+
+
+def _channel_dims(module: nn.Module, x: Tensor) -> list[int]:
+    if isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "RMSNorm":
+        count = len(module.normalized_shape)  # type: ignore[arg-type]
+        return list(range(x.dim() - count, x.dim()))
+    return [1]
+
+
+@register_rule(*_NORMS)
+class NormAffineRule(LayerRule):
+    @classmethod
+    def applies(cls, call: Call) -> bool:
+        args, kwargs = call.record.args, call.record.kwargs
+        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+            return False
+        x = args[0]
+        if isinstance(call.module, (nn.GroupNorm, _BatchNorm)) and x.dim() < 2:
+            return False
+        return call.batch_dim is None or call.batch_dim not in _channel_dims(call.module, x)
+
+    def __init__(self, call: Call) -> None:
+        super().__init__(call)
+        x = call.record.args[0].detach()
+        with torch.no_grad():
+            self.normalised = _normalised(call.module, x)
+        self.channels = _channel_dims(call.module, x)
+
+    def _reduce(self, product: Tensor, leading: int) -> Tensor:
+        """Sum ``product`` (``leading`` extra dims, then a module tensor) over every dimension but
+        the leading ones, the sample dimension and the channel dimensions; return ``[..., b, C]``.
+        """
+        call = self.call
+        keep = [leading + c for c in self.channels]
+        sample = None if call.batch_dim is None else leading + call.batch_dim
+        if sample is not None:
+            keep = [sample, *keep]
+        order = list(range(leading)) + keep
+        rest = [d for d in range(product.dim()) if d not in order]
+        reduced = product.permute(*order, *rest).sum(dim=list(range(len(order), product.dim())))
+        if sample is None:
+            reduced = reduced.unsqueeze(leading)
+        return reduced.reshape(*reduced.shape[: leading + 1], -1)
+
+    def _is_weight(self, p: Tensor) -> bool:
+        return p is self.call.module.weight
+
+    def jacobians(self, params: list[Tensor]) -> list[Tensor]:
+        call = self.call
+        grads = call.grad(0)  # [T, *Y]
+        rows = []
+        for p in params:
+            product = grads * self.normalised if self._is_weight(p) else grads
+            reduced = self._reduce(product, 1)  # [T, b, C]
+            rows.append(reduced.transpose(0, 1).reshape(call.b, call.T, *p.shape))
+        return rows
+
+    def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
+        dw = self.call.weighted_grad(0, weights)
+        grads = []
+        for p in params:
+            product = dw * self.normalised if self._is_weight(p) else dw
+            grads.append(self._reduce(product, 0).sum(0).view_as(p))
+        return grads

@@ -1,0 +1,65 @@
+r"""``GramianUpdate``: the update computer of ``JDOptimizer(modules=...)``.
+
+For a :class:`~jdoptim.aggregation.GramianWeightedAggregator` with weighting ``W``:
+
+* losses given separately (a list or mapping: task losses) or as one vector without
+  ``batch_dim``: ``G`` over the shared parameters, ``w = W(G)``, the shared parameters get
+  ``Σᵢ wᵢ ∇ℓᵢ`` and each specific parameter its loss's gradient, all from one backward pass;
+* ``batch_dim`` and a ``[batch]`` vector of per-sample losses: instance-wise risk minimisation,
+  ``G`` is the per-sample Gramian (``b × b``) and ``w = W(G)``;
+* a ``[batch, tasks]`` matrix: instance-wise multi-task learning, ``w = Flattening(W)(G)`` on the
+  generalized Gramian ``[batch, tasks, tasks, batch]``.
+
+Any other aggregator needs the whole Jacobian: :class:`~jdoptim.update.JacobianUpdate` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..aggregation import Aggregator, GramianWeightedAggregator
+from ..aggregation.flattening import Flattening, generalize_gramian
+from ..losses import LossBatch
+from ..parameter_plan import ParameterPlan
+from ..update import JacobianUpdate, UpdateResult
+from .engine import Engine
+
+__all__ = ["GramianUpdate"]
+
+
+class GramianUpdate:
+    """The update from the hook-based Gramian engine; see the module docstring."""
+
+    #: ``JDOptimizer.step`` accepts loss tensors of up to this many dimensions with this computer.
+    max_loss_dim = 2
+
+    def __init__(self, modules: Sequence[nn.Module], batch_dim: int | None = None) -> None:
+        self.engine = Engine(*modules, batch_dim=batch_dim)
+        self.fallback = JacobianUpdate()
+
+    def compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult:
+        if not isinstance(aggregator, GramianWeightedAggregator):
+            return self.fallback.compute(batch, plan, aggregator)
+        shape = getattr(batch, "shape", None)
+        losses = batch.vector if shape is None else batch.vector.reshape(shape)
+        per_sample = batch.separate is None and self.engine.batch_dim is not None
+        shared = list(plan.shared)
+        specific = [p for p, _ in plan.specific]
+        step = self.engine.step(losses, shared, specific, per_sample=per_sample)
+        if not shared:
+            _, specific_grads = step.gradients(None)
+            return UpdateResult([], specific_grads, None, None)
+        with torch.no_grad():
+            gramian = step.gramian().to(batch.vector.dtype)
+            if losses.dim() > 1:
+                generalized = generalize_gramian(gramian, tuple(losses.shape))
+                weights = Flattening(aggregator.weighting)(generalized).reshape(-1)
+            else:
+                weights = aggregator.weighting(gramian)
+            shared_grads, specific_grads = step.gradients(weights)
+        return UpdateResult(shared_grads, specific_grads, weights, gramian)

@@ -1,0 +1,245 @@
+"""The engine's Gramian equals the Gramian of an explicit Jacobian on real architectures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from jdoptim.autogram import Engine
+from tests.models import FreeParam
+
+from ._oracle import as_square, assert_gramian_close, explicit_gramian
+
+
+def check(model: nn.Module, forward: Callable[[], Tensor], batch_dim: int | None) -> None:
+    """Compare the engine with the oracle on the losses ``forward()`` returns."""
+    with Engine(model, batch_dim=batch_dim) as engine:
+        losses = forward()
+        expected = explicit_gramian(losses, engine.parameters())
+        gramian = engine.compute_gramian(losses)
+    assert gramian.shape == tuple(losses.shape) + tuple(reversed(losses.shape))
+    actual = gramian.reshape(1, 1) if losses.dim() == 0 else as_square(gramian, losses.shape)
+    assert_gramian_close(actual, expected)
+
+
+# Each case: (model factory, forward(model) -> per-sample output [b, ...] of the batch)
+def _freeparam():
+    model = FreeParam()
+    x = torch.randn(4, 15)
+    return model, lambda: model(x)
+
+
+def _mha():
+    model = nn.MultiheadAttention(8, 2, dropout=0.0, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    return model, lambda: model(x, x, x, need_weights=False)[0]
+
+
+def _transformer():
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    return model, lambda: model(x)
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 5, 3, stride=2)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(torch.relu(self.norm(self.conv1(x))))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _cnn():
+    model = _CNN()
+    x = torch.randn(3, 3, 10, 10)
+    return model, lambda: model(x)
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6, padding_idx=0)
+        self.mix = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def _tied():
+    model = _Tied()
+    tokens = torch.randint(0, 11, (3, 4))
+    tokens[0, 0] = 0
+    return model, lambda: model(tokens)
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(5, 5)
+        self.last = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(self.shared(torch.tanh(self.shared(x))))
+
+
+def _twice():
+    model = _Twice()
+    x = torch.randn(4, 5)
+    return model, lambda: model(x)
+
+
+class _KwargsDict(nn.Module):
+    """Direct parameters, a keyword argument, a dict of a tensor and a tuple as output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(5))
+        self.proj = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor, *, shift: Tensor, flag: bool = True) -> dict:
+        h = torch.tanh(x * self.scale + shift)
+        return {"main": self.proj(h), "aux": (h.sum(-1, keepdim=True), "text")}
+
+
+class _UsesKwargsDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _KwargsDict()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block(x, shift=torch.ones(5), flag=False)
+        return self.head(torch.cat([out["main"], out["aux"][0]], dim=-1))
+
+
+def _kwargs():
+    model = _UsesKwargsDict()
+    x = torch.randn(4, 5)
+    return model, lambda: model(x)
+
+
+def _frozen():
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].requires_grad_(False)
+    x = torch.randn(4, 5)
+    return model, lambda: model(x)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = kind(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.rnn(x)[0]
+        return self.head(out[:, -1])
+
+
+def _gru():
+    model = _Recurrent(nn.GRU)
+    x = torch.randn(3, 4, 4)
+    return model, lambda: model(x)
+
+
+def _lstm():
+    model = _Recurrent(nn.LSTM)
+    x = torch.randn(3, 4, 4)
+    return model, lambda: model(x)
+
+
+def _seq_linear():
+    model = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.LayerNorm(7), nn.Linear(7, 3))
+    x = torch.randn(3, 5, 6)
+    return model, lambda: model(x).mean(1)
+
+
+def _batchnorm():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten())
+    x = torch.randn(4, 2, 6)
+    return model, lambda: model(x)
+
+
+CASES = {
+    "freeparam": _freeparam,
+    "mha": _mha,
+    "transformer": _transformer,
+    "cnn": _cnn,
+    "tied_embedding": _tied,
+    "called_twice": _twice,
+    "kwargs_dict": _kwargs,
+    "frozen": _frozen,
+    "gru": _gru,
+    "lstm": _lstm,
+    "seq_linear_layernorm": _seq_linear,
+}
+PER_SAMPLE = ["freeparam", "mha", "transformer", "cnn", "tied_embedding", "called_twice"]
+PER_SAMPLE += ["kwargs_dict", "frozen", "seq_linear_layernorm"]
+
+
+def _reduce(out: Tensor) -> Tensor:
+    """Per-sample losses ``[b]`` from a per-sample output ``[b, ...]``."""
+    return out.pow(2).reshape(out.shape[0], -1).sum(1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_task_losses(name: str) -> None:
+    """No batch_dim: the losses are ``m`` task losses (here one per output column, batch mean)."""
+    model, forward = CASES[name]()
+    check(model, lambda: forward().pow(2).reshape(forward_shape(forward), -1).mean(0), None)
+
+
+def forward_shape(forward: Callable[[], Tensor]) -> int:
+    with torch.no_grad():
+        return forward().shape[0]
+
+
+@pytest.mark.parametrize("name", PER_SAMPLE)
+def test_per_sample_losses(name: str) -> None:
+    model, forward = CASES[name]()
+    check(model, lambda: _reduce(forward()), 0)
+
+
+@pytest.mark.parametrize("name", ["freeparam", "cnn", "tied_embedding", "seq_linear_layernorm"])
+def test_per_sample_task_matrix(name: str) -> None:
+    """``[batch, tasks]`` losses with batch_dim=0: the generalized Gramian."""
+    model, forward = CASES[name]()
+    check(model, lambda: forward().reshape(forward_shape(forward), -1)[:, :3].pow(2), 0)
+
+
+@pytest.mark.parametrize("name", ["cnn", "gru"])
+def test_scalar_output(name: str) -> None:
+    model, forward = CASES[name]()
+    check(model, lambda: forward().pow(2).sum(), None)
+
+
+def test_batch_dim_one() -> None:
+    """Samples along dimension 1 of every tensor (a ``[tasks, batch]`` loss matrix)."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(2, 4, 5)  # [extra, batch, features]: batch on dim 1
+    check(model, lambda: model(x).pow(2).sum(-1), 1)
+
+
+def test_batchnorm_training_without_batch_dim() -> None:
+    model, forward = _batchnorm()
+    check(model, lambda: forward().pow(2).mean(0)[:4], None)
+    assert model[1].num_batches_tracked.item() == 1  # one forward: the engine never re-ran it
+
+
+def test_batchnorm_eval_per_sample() -> None:
+    model, forward = _batchnorm()
+    model.eval()
+    model[1].running_mean.uniform_()
+    check(model, lambda: _reduce(forward()), 0)
