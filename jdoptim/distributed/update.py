@@ -114,6 +114,9 @@ class DistributedJacobianUpdate:
         """``True`` if ``flag`` is true on any process (used for non-finite losses, so that all
         processes skip or raise together)."""
         self.comm.reset_stats()  # the first collective of a step
+        if device is None:  # NCCL only takes CUDA tensors
+            nccl = dist.get_backend(self.comm.group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
         value = torch.tensor([1.0 if flag else 0.0], device=device)
         self.comm.all_reduce("agree", value)
         return bool(value.item() > 0)
