@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ class _NonDifferentiable:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
 
-class Stateful:
+class Stateful(ABC):
     """A method whose output depends on past calls (EMAs, cached weights, random generators).
 
     Its state lives in buffers or in ``get_extra_state``/``set_extra_state`` so that

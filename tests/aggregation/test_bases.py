@@ -110,3 +110,16 @@ def test_stateful_reset() -> None:
     assert counter(gramian)[0] == 2.0
     counter.reset()
     assert counter(gramian)[0] == 1.0
+
+
+def test_a_stateful_method_without_reset_cannot_be_built():
+    from torch import Tensor
+
+    from jdoptim.aggregation import Stateful, Weighting
+
+    class Forgetful(Stateful, Weighting):
+        def forward(self, gramian: Tensor) -> Tensor:
+            return gramian.diagonal()
+
+    with pytest.raises(TypeError, match="reset"):
+        Forgetful()
