@@ -74,6 +74,8 @@ def check_preference(preference: Tensor | None, m: int) -> None:
             f"The preference vector has shape {tuple(preference.shape)} but there are {m} "
             f"losses: give one entry per loss (shape [{m}])."
         )
+    if not torch.isfinite(preference).all():
+        raise ValueError("The preference vector contains NaN or infinite entries.")
 
 
 class Weighting(nn.Module, ABC):

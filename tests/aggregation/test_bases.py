@@ -69,6 +69,8 @@ def test_check_preference() -> None:
         check_preference(torch.ones(3), 4)
     with pytest.raises(ValueError):
         check_preference(torch.ones(1, 3), 3)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        check_preference(torch.tensor([1.0, float("inf"), 0.0]), 3)
 
 
 def test_weighting_and_aggregator_validate_before_forward() -> None:
