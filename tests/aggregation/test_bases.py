@@ -115,7 +115,6 @@ def test_stateful_reset() -> None:
 
 
 def test_a_stateful_method_without_reset_cannot_be_built():
-    from torch import Tensor
 
     from jdoptim.aggregation import Stateful, Weighting
 
