@@ -74,7 +74,9 @@ class NormAffineRule(LayerRule):
             keep = [sample, *keep]
         order = list(range(leading)) + keep
         rest = [d for d in range(product.dim()) if d not in order]
-        reduced = product.permute(*order, *rest).sum(dim=list(range(len(order), product.dim())))
+        reduced = product.permute(*order, *rest)
+        if rest:  # (an empty dim list would sum over everything)
+            reduced = reduced.sum(dim=list(range(len(order), product.dim())))
         if sample is None:
             reduced = reduced.unsqueeze(leading)
         return reduced.reshape(*reduced.shape[: leading + 1], -1)

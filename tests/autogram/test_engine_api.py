@@ -1,0 +1,150 @@
+"""Engine construction, refusals, hook lifetime and leaks."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from jdoptim import JDOptimizer
+from jdoptim.aggregation import UPGrad
+from jdoptim.autogram import Engine
+from jdoptim.autogram._records import CallRecord
+from tests.models import FreeParam
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_overlapping_modules_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    with pytest.raises(ValueError, match=r"overlap.*'0'"):
+        Engine(model, model[0])
+    with pytest.raises(ValueError, match="overlap"):
+        Engine(model[1], model)
+
+
+def test_recursive_hooking() -> None:
+    """A module with direct parameters is hooked whole; one without is descended into."""
+    free = FreeParam()
+    with Engine(free):
+        assert len(free._forward_hooks) == 1
+        assert _hook_count(free) == 1
+    seq = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with Engine(seq):
+        assert [len(m._forward_hooks) for m in seq] == [1, 0, 1]
+    frozen = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    frozen[0].requires_grad_(False)
+    with Engine(frozen):
+        assert [len(m._forward_hooks) for m in frozen] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "module,match",
+    [
+        (
+            nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+            r"modules\[0\]\.1 \(BatchNorm1d\).*eval",
+        ),
+        (nn.BatchNorm1d(4, track_running_stats=False).eval(), r"BatchNorm1d.*GroupNorm"),
+        (nn.GRU(3, 4), r"GRU, batch_first=False.*batch_first=True"),
+        (nn.MultiheadAttention(4, 2), r"MultiheadAttention.*batch_first=True"),
+    ],
+)
+def test_sample_mixing_modules_are_refused(module: nn.Module, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Engine(module, batch_dim=0)
+    Engine(module).close()  # fine without batch_dim
+
+
+def test_batchnorm_switched_to_training_is_refused_at_step() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4).eval())
+    engine = Engine(model, batch_dim=0)
+    model.train()
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        engine.compute_gramian(model(torch.randn(5, 3)).sum(1))
+
+
+def test_close_and_context_manager_remove_hooks() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    engine = Engine(model)
+    assert _hook_count(model) == 2
+    engine.close()
+    assert _hook_count(model) == 0 and engine.closed
+    engine.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.compute_gramian(model(torch.randn(4, 2)).squeeze(1))
+    with Engine(model):
+        assert _hook_count(model) == 2
+    assert _hook_count(model) == 0
+
+
+def test_dropped_engine_releases_its_hooks() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    engine = Engine(model)
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None
+    assert _hook_count(model) == 0
+
+
+def test_records_live_and_die_with_the_graph() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    engine = Engine(model)
+    x = torch.randn(4, 2)
+    out = model(x)
+    records = [r for r, _ in out.grad_fn.metadata[engine._key]]
+    assert len(records) == 1 and records[0].module is model[2]
+    ref = weakref.ref(records[0])
+    del records
+    out.sum().backward()  # a plain backward ignores the records
+    del out
+    gc.collect()
+    assert ref() is None
+    with torch.no_grad():
+        assert not model(x).requires_grad  # nothing recorded without grad mode
+    engine.close()
+
+
+def test_plain_backward_unchanged_by_hooks() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    x = torch.randn(4, 2)
+    model(x).pow(2).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with Engine(model, batch_dim=0):
+        model(x).pow(2).sum().backward()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_nothing_accumulates_over_many_steps() -> None:
+    """1,000 JD steps (and plain steps in between): no record, tensor or hook piles up."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = JDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1e-3), UPGrad(), modules=model, batch_dim=0
+    )
+    x, y = torch.randn(6, 4), torch.randn(6, 2)
+
+    def live() -> tuple[int, int]:
+        gc.collect()
+        objects = gc.get_objects()
+        tensors = sum(1 for o in objects if issubclass(type(o), torch.Tensor))
+        return tensors, sum(1 for o in objects if type(o) is CallRecord)
+
+    counts = []
+    for step in range(1000):
+        opt.zero_grad()
+        opt.step((model(x) - y).pow(2).sum(1))
+        if step % 10 == 0:
+            model(x).sum().backward()
+        if step in (99, 999):
+            counts.append(live())
+    assert counts[0] == counts[1]
+    assert counts[1][1] == 0

@@ -1,0 +1,105 @@
+"""Every registered rule agrees with the torch.func fallback, and both with the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import jdoptim.autogram.rules as rules
+from jdoptim.autogram import Engine
+from jdoptim.autogram.rules._contraction import (
+    gramian_from_kernel,
+    linear_kernel,
+    linear_rows,
+)
+
+from ._oracle import as_square, assert_gramian_close, explicit_gramian
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(5, 4), lambda: torch.randn(3, 5)),
+    "linear_seq": (lambda: nn.Linear(5, 4), lambda: torch.randn(3, 6, 5)),
+    "conv2d": (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1), lambda: torch.randn(3, 2, 7, 7)),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 2, dilation=2), lambda: torch.randn(3, 2, 8)),
+    "embedding": (lambda: nn.Embedding(7, 4, padding_idx=1), lambda: torch.randint(0, 7, (3, 5))),
+    "layernorm": (lambda: nn.LayerNorm(5), lambda: torch.randn(3, 4, 5)),
+    "layernorm_flat": (lambda: nn.LayerNorm(5), lambda: torch.randn(3, 5)),
+    "batchnorm1d_eval": (lambda: nn.BatchNorm1d(5).eval(), lambda: torch.randn(3, 5)),
+    "groupnorm": (lambda: nn.GroupNorm(2, 4), lambda: torch.randn(3, 4, 3, 3)),
+    "batchnorm_eval": (lambda: nn.BatchNorm2d(4).eval(), lambda: torch.randn(3, 4, 3, 3)),
+}
+if hasattr(nn, "RMSNorm"):
+    LAYERS["rmsnorm"] = (lambda: nn.RMSNorm(5), lambda: torch.randn(3, 4, 5))
+
+
+def _gramian(layer: nn.Module, x: Tensor, shape: str, batch_dim: int | None) -> tuple:
+    with Engine(layer, batch_dim=batch_dim) as engine:
+        out = layer(x)
+        if shape == "matrix":
+            losses = out.reshape(out.shape[0], -1)[:, :2].sin()
+        else:
+            losses = out.sin().reshape(out.shape[0], -1).sum(1)
+        expected = explicit_gramian(losses, engine.parameters())
+        return as_square(engine.compute_gramian(losses), losses.shape), expected
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+@pytest.mark.parametrize("shape", ["vector", "matrix"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_rule_matches_fallback_and_oracle(
+    name: str, shape: str, batch_dim: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_layer, make_input = LAYERS[name]
+    layer, x = make_layer(), make_input()
+    with torch.no_grad():
+        for p in layer.parameters():  # non-trivial affine parameters for the norms
+            p.add_(torch.randn_like(p) * 0.3)
+    assert rules.registered_rule(layer) is not None
+    used = []
+    original = rules.make_rule
+    monkeypatch.setattr(rules, "make_rule", lambda call: used.append(original(call)) or used[-1])
+    monkeypatch.setattr("jdoptim.autogram._step.make_rule", rules.make_rule)
+    with_rule, expected = _gramian(layer, x, shape, batch_dim)
+    assert not isinstance(used[-1], rules.GenericRule), "the rule did not apply"
+    monkeypatch.setattr(rules, "registered_rule", lambda module: None)
+    with_fallback, _ = _gramian(layer, x, shape, batch_dim)
+    assert isinstance(used[-1], rules.GenericRule)
+    assert_gramian_close(with_rule, with_fallback)
+    assert_gramian_close(with_rule, expected)
+
+
+@pytest.mark.parametrize("b,s,t", [(1, 5, 3), (4, 1, 2), (3, 4, 2), (2, 3, 1)])
+def test_contraction_equals_rows(b: int, s: int, t: int) -> None:
+    """Both branches of the cost model: the kernel contraction and the explicit rows."""
+    inputs = torch.randn(b, s, 6, dtype=torch.float64)
+    grads = torch.randn(t, b, s, 5, dtype=torch.float64)
+    rows = torch.stack(
+        [
+            torch.stack(
+                [sum(torch.outer(grads[k, i, r], inputs[i, r]) for r in range(s)) for k in range(t)]
+            )
+            for i in range(b)
+        ]
+    )  # the per-sample, per-row weight gradients by their definition
+    torch.testing.assert_close(linear_rows(inputs, grads), rows)
+    flat = rows.reshape(b * t, -1)
+    expected = (flat @ flat.T).view(b, t, b, t)
+    torch.testing.assert_close(gramian_from_kernel(linear_kernel(inputs), grads), expected)
+
+
+def test_weighted_update_of_each_rule() -> None:
+    """The update Σ wᵢ∇ℓᵢ from the rules equals the explicit wᵀJ (per-sample, batch_dim=0)."""
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 2), nn.GroupNorm(1, 3), nn.Flatten(), nn.Linear(9, 4), nn.LayerNorm(4)
+    )
+    x = torch.randn(5, 2, 4)
+    engine = Engine(model, batch_dim=0)
+    losses = model(x).sin().sum(1)
+    params = engine.parameters()
+    weights = torch.rand(5)
+    expected = torch.autograd.grad(losses, params, weights, retain_graph=True)
+    step = engine.step(losses, params, [], per_sample=True)
+    shared, _ = step.gradients(weights)
+    for a, e in zip(shared, expected):
+        torch.testing.assert_close(a, e)
+    engine.close()
