@@ -24,12 +24,13 @@ from ..introspection import iter_tensors
 
 
 class Tapped(NamedTuple):
-    """A tensor output of a call: its index among the output pytree's leaves, shape, dtype, and
-    its ``output_nr`` in its ``grad_fn`` node."""
+    """A tensor output of a call: its index among the output pytree's leaves, shape, dtype,
+    device, and its ``output_nr`` in its ``grad_fn`` node."""
 
     leaf_index: int
     shape: torch.Size
     dtype: torch.dtype
+    device: torch.device
     output_nr: int
 
 
@@ -76,7 +77,7 @@ def make_hook(key: str):
                 continue
             if record is None:
                 record = CallRecord(module, args, kwargs, [])
-            record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.output_nr))
+            record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
             node.metadata.setdefault(key, []).append((record, len(record.tapped) - 1))
 
     return hook

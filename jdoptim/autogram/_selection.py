@@ -56,6 +56,11 @@ def _named(modules: Sequence[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
             yield (f"modules[{index}]" + (f".{name}" if name else "")), sub
 
 
+def batch_norms(modules: Sequence[nn.Module]) -> list[nn.Module]:
+    """The batch-norm layers among the modules (their mode can change after construction)."""
+    return [m for _, m in _named(modules) if isinstance(m, _BatchNorm)]
+
+
 def sample_mixing_problem(modules: Sequence[nn.Module], batch_dim: int) -> str | None:
     """A message naming the first module that mixes the samples along ``batch_dim``, if any."""
     for name, module in _named(modules):

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from ._graph import scan_graph
+from ._records import CallRecord
+from ._sample_dims import output_sample_dims
 from .rules import Call, LayerRule, make_rule
 from .rules._contraction import rows_gramian
 
@@ -87,6 +89,17 @@ def _backward(
 def _stack_rows(rows: list[Tensor | None]) -> Tensor:
     like = next(r for r in rows if r is not None)
     return torch.stack([torch.zeros_like(like) if r is None else r for r in rows])
+
+
+def _check_sample_layout(record: CallRecord, dims: list[int], count: int) -> None:
+    for tapped, dim in zip(record.tapped, dims):
+        if len(tapped.shape) <= dim or tapped.shape[dim] != count:
+            raise ValueError(
+                f"In per-sample mode, every hooked module's outputs must index the {count} "
+                f"samples (along dimension {dim} here), but {type(record.module).__name__} "
+                f"returned shape {tuple(tapped.shape)}. Give the engine only per-sample "
+                "modules, or use batch_dim=None."
+            )
 
 
 class GramianStep:
@@ -187,9 +200,15 @@ class GramianStep:
         ]
         self.rules: list[LayerRule] = []
         for record, params in zip(records, call_params):
-            if params:
-                call = Call(record, per_record[id(record)], params, batch_dim, self.b, self.T)
-                self.rules.append(make_rule(call))
+            if not params:
+                continue
+            out_dims = None
+            if batch_dim is not None:
+                out_dims = output_sample_dims(record, batch_dim)
+                _check_sample_layout(record, out_dims, self.b)
+            grads_of = per_record[id(record)]
+            call = Call(record, grads_of, params, batch_dim, self.b, self.T, out_dims)
+            self.rules.append(make_rule(call))
         self.shared_ids = shared_ids
 
     def _to_original(self, square: Tensor) -> Tensor:
@@ -263,6 +282,8 @@ class GramianStep:
 
         def pick(p: Tensor) -> Tensor:
             grad = found.get(id(p))
-            return torch.zeros_like(p) if grad is None else grad.view_as(p)
+            if grad is None:
+                return torch.zeros_like(p)
+            return grad if grad.shape == p.shape else grad.reshape(p.shape)
 
         return [pick(p) for p in self.shared], [pick(p) for p in self.specific]

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..aggregation.flattening import generalize_gramian
 from ._records import make_hook
-from ._selection import check_disjoint, hooked_modules, sample_mixing_problem
+from ._selection import batch_norms, check_disjoint, hooked_modules, sample_mixing_problem
 from ._step import GramianStep, VmapState
 
 __all__ = ["Engine"]
@@ -89,6 +89,7 @@ class Engine:
                 raise ValueError(problem)
         self.modules = tuple(flat)
         self.batch_dim = batch_dim
+        self._batch_norms = batch_norms(flat) if batch_dim is not None else []
         self._key = f"jdoptim.autogram.{next(_COUNTER)}"
         self._hooked = hooked_modules(flat)
         hook = make_hook(self._key)
@@ -118,8 +119,8 @@ class Engine:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("This engine is closed: its hooks were removed.")
-        if self.batch_dim is not None:
-            problem = sample_mixing_problem(self.modules, self.batch_dim)
+        if any(m.training or not m.track_running_stats for m in self._batch_norms):
+            problem = sample_mixing_problem(self.modules, self.batch_dim)  # type: ignore[arg-type]
             if problem:
                 raise ValueError(problem)
 

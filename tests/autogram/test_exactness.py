@@ -148,6 +148,34 @@ class _Recurrent(nn.Module):
         return self.head(out[:, -1])
 
 
+class _HiddenState(nn.Module):
+    """Uses the final hidden state (samples on dim 1 of h_n) and an explicit h_0."""
+
+    def __init__(self, kind: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = kind(4, 5, num_layers=2, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = torch.tanh(x[:, 0, :1]).expand(-1, 5).unsqueeze(0).expand(2, -1, -1).contiguous()
+        state = h0 if isinstance(self.rnn, nn.GRU) else (h0, h0 * 0.5)
+        out, final = self.rnn(x, state)
+        last = final[0] if isinstance(final, tuple) else final
+        return self.head(out[:, -1]) + self.head(last[-1])
+
+
+def _gru_hidden():
+    model = _HiddenState(nn.GRU)
+    x = torch.randn(3, 4, 4)
+    return model, lambda: model(x)
+
+
+def _lstm_hidden():
+    model = _HiddenState(nn.LSTM)
+    x = torch.randn(3, 4, 4)
+    return model, lambda: model(x)
+
+
 def _gru():
     model = _Recurrent(nn.GRU)
     x = torch.randn(3, 4, 4)
@@ -183,10 +211,12 @@ CASES = {
     "frozen": _frozen,
     "gru": _gru,
     "lstm": _lstm,
+    "gru_hidden": _gru_hidden,
+    "lstm_hidden": _lstm_hidden,
     "seq_linear_layernorm": _seq_linear,
 }
 PER_SAMPLE = ["freeparam", "mha", "transformer", "cnn", "tied_embedding", "called_twice"]
-PER_SAMPLE += ["kwargs_dict", "frozen", "seq_linear_layernorm"]
+PER_SAMPLE += ["kwargs_dict", "frozen", "seq_linear_layernorm", "gru", "gru_hidden", "lstm_hidden"]
 
 
 def _reduce(out: Tensor) -> Tensor:

@@ -33,6 +33,12 @@ class Call:
     batch_dim: int | None  # the sample dimension of the module's tensors (per-sample mode)
     b: int
     T: int
+    out_dims: list[int] | None = None  # per tapped output, where it indexes the samples
+
+    def out_dim(self, index: int) -> int | None:
+        if self.batch_dim is None:
+            return None
+        return self.batch_dim if self.out_dims is None else self.out_dims[index]
 
     @property
     def module(self) -> torch.nn.Module:
@@ -43,7 +49,7 @@ class Call:
         grad = self.grads[index]
         if grad is None:
             tapped = self.record.tapped[index]
-            grad = torch.zeros((self.T, *tapped.shape), dtype=tapped.dtype)
+            grad = torch.zeros((self.T, *tapped.shape), dtype=tapped.dtype, device=tapped.device)
         return grad
 
     def samples_first(self, tensor: Tensor) -> Tensor:
@@ -55,16 +61,18 @@ class Call:
     def grad_samples_first(self, index: int) -> Tensor:
         """``D`` of output ``index`` as ``[T, b, ...]``."""
         grad = self.grad(index)
-        if self.batch_dim is None:
+        dim = self.out_dim(index)
+        if dim is None:
             return grad.unsqueeze(1)
-        return grad.movedim(self.batch_dim + 1, 1)
+        return grad.movedim(dim + 1, 1)
 
     def weighted_grad(self, index: int, weights: Tensor) -> Tensor:
         """``Σ_k w_{·k} D[k]`` in the layout of the output (``weights`` is ``[b, T]``)."""
         grad = self.grad(index)
-        if self.batch_dim is None:
+        dim = self.out_dim(index)
+        if dim is None:
             return torch.tensordot(weights[0].to(grad.dtype), grad, dims=1)
-        moved = grad.movedim(self.batch_dim + 1, 1)  # [T, b, ...]
+        moved = grad.movedim(dim + 1, 1)  # [T, b, ...]
         shape = (self.T, self.b) + (1,) * (moved.dim() - 2)
         summed = (moved * weights.T.to(grad.dtype).reshape(shape)).sum(0)
-        return summed.movedim(0, self.batch_dim)
+        return summed.movedim(0, dim)

@@ -8,7 +8,7 @@ never updates running statistics), and its vector-Jacobian product gives the row
   ``[T, *θ]`` for about the cost of ``T`` backward passes of the module;
 * with ``batch_dim``: per sample, ``vjp`` of the call on that sample alone (its batched inputs
   sliced, kept with a batch of one), ``vmap``-ed over samples and rows: ``[b, T, *θ]``.
-  An input is taken as batched when its size along ``batch_dim`` is the number of samples.
+  Where each input and output indexes the samples: :mod:`jdoptim.autogram._sample_dims`.
 
 Where ``vmap`` cannot run (an operator without a batching rule) it loops instead. The rows are
 kept for the update (``Σ w_{ik} rows_{ik}``), so the call is re-run once per step. Cost: one
@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .._sample_dims import input_sample_dims
 from ._base import LayerRule
 from ._call import Call
 
@@ -72,39 +73,36 @@ class GenericRule(LayerRule):
 
     def _sample_rows(self, primals, buffers, args, kwargs, grads) -> dict[str, Tensor]:
         call = self.call
-        dim, count = call.batch_dim, call.b
-        assert dim is not None
+        assert call.batch_dim is not None
         flat, spec = tree_flatten((args, kwargs))
-        dims = [
-            dim if isinstance(t, Tensor) and t.dim() > dim and t.shape[dim] == count else None
-            for t in flat
-        ]
+        dims = input_sample_dims(call.module, flat, call.batch_dim, call.b)
+        out_dims = [call.out_dim(i) for i in range(len(grads))]
 
         def one(flat_one: list[Any], grads_one: tuple[Tensor, ...]) -> dict[str, Tensor]:
-            restored = [t.unsqueeze(dim) if d is not None else t for t, d in zip(flat_one, dims)]
+            restored = [t.unsqueeze(d) if d is not None else t for t, d in zip(flat_one, dims)]
             args_one, kwargs_one = tree_unflatten(restored, spec)
             _, pullback = vjp(lambda p: self._outputs(p, buffers, args_one, kwargs_one), primals)
-            cotangents = tuple(g.unsqueeze(dim + 1) for g in grads_one)
+            cotangents = tuple(g.unsqueeze(d + 1) for g, d in zip(grads_one, out_dims))
             return vmap(pullback)(cotangents)[0]
 
         try:
-            return vmap(one, in_dims=(dims, tuple(dim + 1 for _ in grads)))(flat, grads)
+            in_dims = (dims, tuple(d + 1 for d in out_dims))
+            return vmap(one, in_dims=in_dims)(flat, grads)
         except (RuntimeError, NotImplementedError):
-            return self._sample_rows_by_loop(primals, buffers, flat, spec, dims, grads)
+            return self._sample_rows_by_loop(primals, buffers, flat, spec, dims, out_dims, grads)
 
-    def _sample_rows_by_loop(self, primals, buffers, flat, spec, dims, grads):
+    def _sample_rows_by_loop(self, primals, buffers, flat, spec, dims, out_dims, grads):
         call = self.call
-        dim = call.batch_dim
-        assert dim is not None
         per_sample = []
         for i in range(call.b):
-            sliced = [t.narrow(dim, i, 1) if d is not None else t for t, d in zip(flat, dims)]
+            sliced = [t.narrow(d, i, 1) if d is not None else t for t, d in zip(flat, dims)]
             args_one, kwargs_one = tree_unflatten(sliced, spec)
             _, pullback = vjp(
                 lambda p, a=args_one, k=kwargs_one: self._outputs(p, buffers, a, k), primals
             )
             rows = [
-                pullback(tuple(g[k].narrow(dim, i, 1) for g in grads))[0] for k in range(call.T)
+                pullback(tuple(g[k].narrow(d, i, 1) for g, d in zip(grads, out_dims)))[0]
+                for k in range(call.T)
             ]
             per_sample.append({n: torch.stack([r[n] for r in rows]) for n in primals})
         return {n: torch.stack([s[n] for s in per_sample]) for n in primals}

@@ -1,0 +1,38 @@
+"""Where each tensor of a call indexes the samples, in per-sample mode.
+
+By default every module tensor indexes the samples along ``batch_dim`` (an input is taken as
+batched when its size there is the number of samples). Recurrent layers are the exception the
+engine knows: with ``batch_first=True`` (required with ``batch_dim=0``), their sequence input and
+output index samples along 0, but their hidden states (``h₀``/``hₙ``, ``c₀``/``cₙ``, shape
+``[layers, batch, hidden]``) along 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._records import CallRecord
+
+
+def output_sample_dims(record: CallRecord, batch_dim: int) -> list[int]:
+    if isinstance(record.module, nn.RNNBase):
+        return [batch_dim if t.leaf_index == 0 else 1 for t in record.tapped]
+    return [batch_dim] * len(record.tapped)
+
+
+def input_sample_dims(
+    module: nn.Module, flat_inputs: Sequence[Any], batch_dim: int, count: int
+) -> list[int | None]:
+    dims: list[int | None] = []
+    first = True
+    for t in flat_inputs:
+        if not isinstance(t, Tensor):
+            dims.append(None)
+            continue
+        dim = batch_dim if first or not isinstance(module, nn.RNNBase) else 1
+        first = False
+        dims.append(dim if t.dim() > dim and t.shape[dim] == count else None)
+    return dims
