@@ -64,6 +64,18 @@ def make_hook(key: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
+        if (  # the common case (a layer on one tensor), without the pytree walks
+            isinstance(output, Tensor)
+            and not kwargs
+            and len(args) == 1
+            and isinstance(args[0], Tensor)
+        ):
+            node = output.grad_fn
+            if node is None or node is args[0].grad_fn:
+                return
+            tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
+            node.metadata.setdefault(key, []).append((CallRecord(module, args, {}, [tapped]), 0))
+            return
         leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
         record: CallRecord | None = None
         input_nodes: set | None = None

@@ -25,6 +25,16 @@ activation-gradient part of an ordinary backward; the Gramian costs
 contraction when ``S > 1``); the update is one ordinary weight-gradient product. The generic
 fallback costs one forward of the module plus ``bT`` vector-Jacobian products and ``bT·n``
 memory for its ``n`` parameters.
+
+Limits, by design:
+
+* a module handled by the ``torch.func`` fallback is re-run once per step, so it must be
+  deterministic (no active dropout inside it; ``Linear``/``Conv``/norm rules never re-run);
+* with explicit parameters (used outside hooked calls) the backward needs one row per loss, so
+  per-sample losses then cost ``b`` backward rows instead of one (still exact);
+* in per-sample mode a fallback input counts as batched when its size along ``batch_dim`` is the
+  number of samples (an unbatched ``[b, b]`` mask would be misread); every hooked output must
+  index the samples (checked; RNN hidden states along dimension 1 are understood).
 """
 
 from __future__ import annotations
