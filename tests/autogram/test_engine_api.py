@@ -148,3 +148,21 @@ def test_nothing_accumulates_over_many_steps() -> None:
             counts.append(live())
     assert counts[0] == counts[1]
     assert counts[1][1] == 0
+
+
+def test_module_mixing_samples_in_its_output_is_refused() -> None:
+    """A hooked module whose output does not index the samples cannot give per-sample rows."""
+
+    class Pool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x * self.scale).mean(0)  # averages over the batch
+
+    pool, head = Pool(), nn.Linear(3, 4)
+    with Engine(pool, head, batch_dim=0) as engine:
+        losses = head(torch.randn(5, 3)) + pool(torch.randn(5, 3)).sum()
+        with pytest.raises(ValueError, match=r"Pool returned shape \(3,\)"):
+            engine.compute_gramian(losses.sum(1))
