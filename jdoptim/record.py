@@ -21,6 +21,10 @@ class StepRecord:
         shared, specific, foreign, unreached: the parameters by treatment (see
             :mod:`jdoptim.parameter_plan`); ``specific`` holds ``(parameter, loss index)`` pairs.
         skipped: ``True`` when the step changed nothing (``nonfinite="skip"``), with ``reason``.
+
+    Monitoring properties (computed on access from ``gramian`` and ``weights``, see
+    :mod:`jdoptim.monitoring`): ``cosine_similarities``, ``conflicting_pairs``, ``update_norm``,
+    ``directional_derivatives``.
     """
 
     names: tuple[str, ...]
@@ -41,3 +45,38 @@ class StepRecord:
         if self.weights is None:
             return None
         return dict(zip(self.names, self.weights.tolist()))
+
+    # Monitoring (see jdoptim.monitoring): computed on access, from the Gramian and the weights
+    # the step already holds. Over the shared parameters.
+
+    @property
+    def cosine_similarities(self) -> Tensor | None:
+        """``cos(gᵢ, gⱼ)`` of the losses' gradients, ``m × m`` (``None`` without a Gramian)."""
+        from .monitoring import cosine_similarities
+
+        return None if self.gramian is None else cosine_similarities(self.gramian)
+
+    @property
+    def conflicting_pairs(self) -> int | None:
+        """How many pairs of losses have conflicting gradients (``gᵢ · gⱼ < 0``)."""
+        from .monitoring import conflicting_pairs
+
+        return None if self.gramian is None else conflicting_pairs(self.gramian)
+
+    @property
+    def update_norm(self) -> Tensor | None:
+        """``‖d‖ = √(wᵀ G w)`` (``None`` unless the aggregator is Gramian-weighted)."""
+        from .monitoring import update_norm
+
+        if self.gramian is None or self.weights is None:
+            return None
+        return update_norm(self.gramian, self.weights)
+
+    @property
+    def directional_derivatives(self) -> Tensor | None:
+        """``J d = G w``: each loss's derivative along the update (``≥ 0``: no conflict)."""
+        from .monitoring import directional_derivatives
+
+        if self.gramian is None or self.weights is None:
+            return None
+        return directional_derivatives(self.gramian, self.weights)
