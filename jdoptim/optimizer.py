@@ -11,10 +11,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .aggregation import Aggregator, UPGrad
+from .amp import LossScaling, no_autocast, poison_grads, scaler_step
 from .losses import nonfinite_loss_names, parse_losses
 from .parameter_plan import ParameterPlan, Scope, plan_parameters
 from .record import StepRecord
-from .update import JacobianUpdate, UpdateComputer, UpdateResult
+from .update import JacobianUpdate, NonFiniteJacobianError, UpdateComputer, UpdateResult
 
 __all__ = ["JDOptimizer"]
 
@@ -209,7 +210,11 @@ class JDOptimizer(Optimizer):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(  # type: ignore[override]
-        self, losses: object = None, closure: Callable[[], object] | None = None
+        self,
+        losses: object = None,
+        closure: Callable[[], object] | None = None,
+        *,
+        grad_scaler: Any = None,
     ) -> StepRecord:
         """Perform one JD step on ``losses`` and return its :class:`~jdoptim.StepRecord`.
 
@@ -218,6 +223,10 @@ class JDOptimizer(Optimizer):
                 1-D tensor of losses (e.g. per-sample losses).
             closure: alternatively, a callable that recomputes and returns the losses (run with
                 gradients enabled), as in ``torch.optim``.
+            grad_scaler: a ``torch.amp.GradScaler``: the Jacobian is taken of the scaled losses,
+                aggregated unscaled, and ``grad_scaler.step`` replaces the wrapped optimizer's
+                step (skipping it on overflow); call ``grad_scaler.update()`` afterwards. See
+                :mod:`jdoptim.amp`.
 
         On bad input (no losses, non-tensors, non-scalar entries, losses without a graph or on
         different devices, losses reaching none of the optimizer's parameters, non-finite
@@ -235,6 +244,7 @@ class JDOptimizer(Optimizer):
                 "of backward() + step()."
             )
         batch = parse_losses(losses, getattr(self._update_computer, "max_loss_dim", 1))
+        scaling = LossScaling.of(grad_scaler)
         record = StepRecord(names=batch.names, losses=batch.vector.detach().clone())
         self.last_record = record
 
@@ -259,11 +269,31 @@ class JDOptimizer(Optimizer):
                 "parameters the losses depend on."
             )
 
-        result = self._update_computer.compute(batch, plan, self.aggregator)
+        computed_batch, aggregator = batch, self.aggregator
+        if scaling is not None:
+            computed_batch, aggregator = scaling.scale_batch(batch), scaling.wrap(aggregator)
+        params = list(plan.shared) + [p for p, _ in plan.specific]
+        try:
+            with no_autocast(batch.vector.device.type):
+                result = self._update_computer.compute(computed_batch, plan, aggregator)
+        except NonFiniteJacobianError as error:
+            if scaling is not None:  # the scaled backward overflowed: the scaler skips the step
+                poison_grads(params)
+                scaler_step(grad_scaler, self.optimizer, params)
+                record.skipped, record.reason = True, f"GradScaler skipped the step: {error}."
+                return record
+            return self._refuse(
+                record,
+                f"{error} (the losses were finite): nothing was updated. This usually means "
+                "an infinite derivative (e.g. sqrt or log at 0) or overflow; fix the loss, or "
+                "pass nonfinite='skip' to skip such steps.",
+            )
         record.weights, record.gramian = result.weights, result.gramian
+        if scaling is not None:
+            record.gramian = scaling.unscale_gramian(result.gramian)
         record.extras.update(result.extras)
         problem = _nonfinite_result(result)
-        if problem:
+        if problem and scaling is None:
             return self._refuse(
                 record,
                 f"Non-finite {problem} (the losses were finite): nothing was updated. This "
@@ -275,7 +305,10 @@ class JDOptimizer(Optimizer):
         if self.freeze_foreign:
             for leaf in plan.foreign:
                 leaf.requires_grad_(False)
-        self.optimizer.step()
+        if scaling is None:
+            self.optimizer.step()
+        elif scaler_step(grad_scaler, self.optimizer, params):
+            record.skipped, record.reason = True, "GradScaler skipped the step: inf/NaN update."
         return record
 
     def _refuse(self, record: StepRecord, message: str) -> StepRecord:
@@ -299,9 +332,21 @@ class JDOptimizer(Optimizer):
 
 
 def _nonfinite_result(result: UpdateResult) -> str | None:
+    """Name what is non-finite in ``result``, or ``None``.
+
+    When the Gramian and the weights are finite, so are the shared gradients ``wᵀJ_p``: a
+    non-finite entry of ``J`` makes a diagonal entry ``G_ii = ‖J_i‖²`` non-finite. Only the
+    specific gradients, which ``G`` does not cover, are then checked entry by entry; this keeps
+    the check off the per-parameter hot path.
+    """
     if result.weights is not None and not bool(torch.isfinite(result.weights).all()):
         return "aggregation weights"
-    grads = result.shared_grads + result.specific_grads
+    covered = (
+        result.weights is not None
+        and result.gramian is not None
+        and bool(torch.isfinite(result.gramian).all())
+    )
+    grads = result.specific_grads if covered else result.shared_grads + result.specific_grads
     if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
         return "aggregated gradient"
     return None

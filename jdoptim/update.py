@@ -42,6 +42,28 @@ class UpdateComputer(Protocol):
     ) -> UpdateResult: ...
 
 
+class NonFiniteJacobianError(FloatingPointError):
+    """The losses are finite but their Jacobian (hence its Gramian) is not."""
+
+
+def ensure_finite(tensor: Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteJacobianError` if ``tensor`` (a Gramian or Jacobian) is not finite."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteJacobianError(f"Non-finite entries in the losses' {what}")
+
+
+def gramian_weights(aggregator: GramianWeightedAggregator, gramian: Tensor) -> Tensor:
+    """``w = W(G)`` for the aggregator's weighting ``W``, after checking that ``G`` is finite."""
+    ensure_finite(gramian, "Gramian")
+    return aggregator.weighting(gramian)
+
+
+def aggregate_jacobian(aggregator: Aggregator, matrix: Tensor) -> Tensor:
+    """``d = A(J)``, after checking that ``J`` is finite."""
+    ensure_finite(matrix, "Jacobian")
+    return aggregator(matrix)
+
+
 def gramian_of_blocks(blocks: list[Tensor]) -> Tensor:
     """``G = Σ_p J_p J_pᵀ`` for Jacobian blocks of shape ``[m, *p.shape]``."""
     gramian = None
@@ -73,7 +95,7 @@ class JacobianUpdate:
         with torch.no_grad():
             gramian = gramian_of_blocks(shared_blocks)
             if isinstance(aggregator, GramianWeightedAggregator):
-                weights = aggregator.weighting(gramian)
+                weights = gramian_weights(aggregator, gramian)
                 shared_grads = [
                     torch.tensordot(weights.to(block.dtype), block, dims=1)
                     for block in shared_blocks
@@ -81,7 +103,7 @@ class JacobianUpdate:
             else:
                 weights = None
                 matrix = torch.cat([block.reshape(batch.m, -1) for block in shared_blocks], dim=1)
-                direction = aggregator(matrix)
+                direction = aggregate_jacobian(aggregator, matrix)
                 sizes = [block[0].numel() for block in shared_blocks]
                 shared_grads = [
                     piece.view_as(param) for piece, param in zip(direction.split(sizes), shared)

@@ -114,3 +114,36 @@ def test_missing_losses_name_the_new_call():
     _, opt, _, _ = _trained_setup()
     with pytest.raises(TypeError, match=r"opt.step\(\[loss1"):
         opt.step()
+
+
+def test_a_non_finite_specific_gradient_is_caught_with_finite_losses():
+    # sqrt'(0) = inf: the loss is finite, the head's own gradient is not.
+    model, opt, x, y = _trained_setup()
+    snapshot = _snapshot(model, opt)
+    l1, l2 = task_losses(model, x, y)
+    head_only = model.heads[1].bias.sub(model.heads[1].bias.detach()).abs().sqrt().sum()
+    with pytest.raises(FloatingPointError, match="aggregated gradient"):
+        opt.step([l1, l2 + head_only])
+    _assert_unchanged(model, opt, snapshot)
+
+
+def test_a_non_finite_jacobian_is_caught_through_the_gramian():
+    model, opt, x, y = _trained_setup()
+    snapshot = _snapshot(model, opt)
+    l1, l2 = task_losses(model, x, y)
+    w = model.trunk[0].bias
+    trunk_nan = (w - w.detach()).abs().sqrt().sum()  # infinite gradient on a shared parameter
+    with pytest.raises(FloatingPointError, match="Gramian"):
+        opt.step([l1 + trunk_nan, l2])
+    _assert_unchanged(model, opt, snapshot)
+
+
+def test_skip_mode_also_skips_a_non_finite_jacobian():
+    model, opt, x, y = _trained_setup()
+    opt.nonfinite = "skip"
+    snapshot = _snapshot(model, opt)
+    l1, l2 = task_losses(model, x, y)
+    w = model.trunk[0].bias
+    record = opt.step([l1 + (w - w.detach()).abs().sqrt().sum(), l2])
+    assert record.skipped and "Gramian" in record.reason
+    _assert_unchanged(model, opt, snapshot)

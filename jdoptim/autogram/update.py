@@ -24,7 +24,7 @@ from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation.flattening import Flattening, generalize_gramian
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import JacobianUpdate, UpdateResult
+from ..update import JacobianUpdate, UpdateResult, ensure_finite, gramian_weights
 from .engine import Engine
 
 __all__ = ["GramianUpdate"]
@@ -56,10 +56,11 @@ class GramianUpdate:
             return UpdateResult([], specific_grads, None, None)
         with torch.no_grad():
             gramian = step.gramian().to(batch.vector.dtype)
+            ensure_finite(gramian, "Gramian")
             if losses.dim() > 1:
                 generalized = generalize_gramian(gramian, tuple(losses.shape))
                 weights = Flattening(aggregator.weighting)(generalized).reshape(-1)
             else:
-                weights = aggregator.weighting(gramian)
+                weights = gramian_weights(aggregator, gramian)
             shared_grads, specific_grads = step.gradients(weights)
         return UpdateResult(shared_grads, specific_grads, weights, gramian)

@@ -56,7 +56,7 @@ from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..autojac import JacobianComputer
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import UpdateResult
+from ..update import UpdateResult, aggregate_jacobian, gramian_weights
 from ._comm import CommStats, Communicator, plain_ddp_bytes
 
 __all__ = ["DistributedJacobianUpdate"]
@@ -218,7 +218,7 @@ class DistributedJacobianUpdate:
 
         with torch.no_grad():
             if isinstance(aggregator, GramianWeightedAggregator):
-                weights = aggregator.weighting(gramian)
+                weights = gramian_weights(aggregator, gramian)
                 weights = self.comm.broadcast("weights", weights.to(dtype).contiguous())
                 direction = self.comm.all_gather("update", chunk.T @ weights).reshape(-1)
             else:
@@ -226,7 +226,7 @@ class DistributedJacobianUpdate:
                 gathered = self.comm.all_gather("jacobian", chunk)  # [N, rows, c]
                 matrix = gathered.permute(1, 0, 2).reshape(rows, -1)
                 numel = sum(p.numel() for p in shared)
-                direction = aggregator(matrix[:, :numel].contiguous())
+                direction = aggregate_jacobian(aggregator, matrix[:, :numel].contiguous())
                 direction = self.comm.broadcast("update", direction.contiguous())
         numels = [p.numel() for p in shared]
         direction = direction[: sum(numels)]

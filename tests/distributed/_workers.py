@@ -257,6 +257,10 @@ def run_hang(rank: int, world: int, port: int, result: str) -> None:
         except DistributedStepError as error:
             with open(result, "w") as file:
                 file.write(f"{time.monotonic() - start:.2f}\n{error}")
+        # After a collective timed out, the process group is unusable and gloo's threads may
+        # abort at interpreter teardown ("terminate called without an active exception"): leave
+        # at once, as torch.distributed advises for a timed-out process.
+        os._exit(0)
     else:
         time.sleep(8.0)  # "stuck" well past the 3 s timeout, then leaves without a step
 
