@@ -26,7 +26,11 @@ One scaled step, with ``s = scaler.get_scale()``:
    skips the wrapped optimizer's step on overflow, exactly as it does for a plain optimizer; the
    record then says ``skipped=True``. ``scaler.update()`` lowers the scale after such a step.
 
-The record's ``gramian`` and ``weights`` are the unscaled ones. Step pre-hooks on the wrapped
+The Gramian of the scaled losses is ``s² G``: in float32 it overflows once ``s·‖gᵢ‖`` passes about
+``1.8e19``, before the scaled gradients do. Such a step counts as an overflow (skipped, and the
+scaler lowers ``s``), so the scale settles somewhat lower than with a plain backward; the default
+``init_scale=2**16`` is far from that limit. The record's ``gramian`` and ``weights`` are the
+unscaled ones. Step pre-hooks on the wrapped
 optimizer (e.g. gradient clipping) run after the unscaling, as the GradScaler recipe asks.
 """
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,39 +52,55 @@ __all__ = ["LossScaling", "no_autocast", "poison_grads", "scaler_step"]
 
 
 class LossScaling:
-    """The loss scale of one step of a ``GradScaler``; see the module docstring."""
+    """The loss scaling of one step by a ``GradScaler``; see the module docstring.
 
-    def __init__(self, scale: float) -> None:
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"The loss scale must be finite and positive, got {scale!r}.")
-        self.scale = scale
+    :meth:`scale_batch` scales the losses with ``grad_scaler.scale`` (which also initialises the
+    scaler on its first use) and fixes the scale ``s`` of this step; :meth:`wrap` and
+    :meth:`unscale_gramian` then undo it.
+    """
+
+    def __init__(self, grad_scaler: Any) -> None:
+        self.grad_scaler = grad_scaler
+        self.scale: float | None = None
 
     @classmethod
     def of(cls, grad_scaler: object | None) -> LossScaling | None:
-        """The scaling of ``grad_scaler`` for this step, or ``None`` when it is absent/disabled."""
+        """The scaling of ``grad_scaler``, or ``None`` when it is absent or disabled."""
         if grad_scaler is None:
             return None
-        if not hasattr(grad_scaler, "get_scale") or not hasattr(grad_scaler, "step"):
+        if not all(hasattr(grad_scaler, name) for name in ("scale", "get_scale", "step")):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}."
             )
         if not grad_scaler.is_enabled():  # type: ignore[attr-defined]
             return None
-        return cls(float(grad_scaler.get_scale()))  # type: ignore[attr-defined]
+        return cls(grad_scaler)
 
     def scale_batch(self, batch: LossBatch) -> LossBatch:
         """The same losses multiplied by the scale (the graph goes through the product)."""
-        separate = None if batch.separate is None else tuple(x * self.scale for x in batch.separate)
-        return dataclasses.replace(batch, vector=batch.vector * self.scale, separate=separate)
+        vector = self.grad_scaler.scale(batch.vector)
+        separate = None
+        if batch.separate is not None:
+            separate = tuple(self.grad_scaler.scale(loss) for loss in batch.separate)
+        self.scale = float(self.grad_scaler.get_scale())
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"The loss scale must be finite and positive, got {self.scale!r}.")
+        return dataclasses.replace(batch, vector=vector, separate=separate)
 
     def wrap(self, aggregator: Aggregator) -> Aggregator:
         """An aggregator that takes scaled input and aggregates its unscaled version."""
+        scale = self._fixed_scale()
         if isinstance(aggregator, GramianWeightedAggregator):
-            return GramianWeightedAggregator(_UnscaledWeighting(aggregator.weighting, self.scale))
-        return _UnscaledAggregator(aggregator, self.scale)
+            return GramianWeightedAggregator(_UnscaledWeighting(aggregator.weighting, scale))
+        return _UnscaledAggregator(aggregator, scale)
 
     def unscale_gramian(self, gramian: Tensor | None) -> Tensor | None:
-        return None if gramian is None else gramian / self.scale**2
+        return None if gramian is None else gramian / self._fixed_scale() ** 2
+
+    def _fixed_scale(self) -> float:
+        if self.scale is None:
+            raise RuntimeError("LossScaling.scale_batch must be called first.")
+        return self.scale
 
 
 class _UnscaledWeighting(Weighting):
