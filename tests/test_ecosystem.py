@@ -166,6 +166,17 @@ def test_state_dict_holds_the_aggregator_state():
 # -- torch.compile ---------------------------------------------------------------------------
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """A clean compile cache, and AOTAutograd's buffer donation off (restored afterwards)."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    with functorch_config.patch(donated_buffer=False):
+        yield
+    torch._dynamo.reset()
+
+
 _NO_COMPILER = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None,
     reason="inductor on CPU needs a C++ compiler",
@@ -174,10 +185,9 @@ _NO_COMPILER = pytest.mark.skipif(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=_NO_COMPILER)])
-def test_compiled_model_on_the_jacobian_path(backend):
+def test_compiled_model_on_the_jacobian_path(backend, fresh_dynamo):
     # With inductor, vmap has no batching rule for the compiled backward's out= kernels: the
     # Jacobian falls back to one backward per loss, and the result is the same.
-    torch._dynamo.reset()
     model = _model()
     twin = copy.deepcopy(model)
     compiled = torch.compile(model, backend=backend)
@@ -191,8 +201,7 @@ def test_compiled_model_on_the_jacobian_path(backend):
 
 
 @pytest.mark.slow
-def test_compiled_model_with_the_gramian_engine():
-    torch._dynamo.reset()
+def test_compiled_model_with_the_gramian_engine(fresh_dynamo):
     model = _model()
     compiled = torch.compile(model, backend="aot_eager")
     x, y = torch.randn(32, 4), torch.randn(32)
@@ -206,3 +215,23 @@ def test_compiled_model_with_the_gramian_engine():
     opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), UPGrad(), modules=model)
     record = opt.step(_losses(compiled, x, y))
     torch.testing.assert_close(record.gramian, jacobian @ jacobian.T)
+
+
+@pytest.mark.slow
+def test_recompiled_model_with_a_new_batch_size(fresh_dynamo):
+    # A recompilation for a new batch size (dynamic shapes) donates the backward's buffers, which
+    # forbids the retain_graph=True of a JDOptimizer's first step (and of the one-backward-per-loss
+    # fallback) unless donation is off (README, "torch.compile"). With donation on, this fails.
+    model = _model()
+    compiled = torch.compile(model, backend="aot_eager")
+    for batch in (32, 16, 8):
+        twin = copy.deepcopy(model)
+        x, y = torch.randn(batch, 4), torch.randn(batch)
+        expected = [
+            p.detach() - 0.1 * g for p, g in zip(twin.parameters(), _mean_gradient(twin, x, y))
+        ]
+        opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), Mean(), scope="all")
+        opt.zero_grad()
+        opt.step(_losses(compiled, x, y))
+        for p, e in zip(model.parameters(), expected):
+            torch.testing.assert_close(p.detach(), e)

@@ -41,6 +41,14 @@ def test_readme_block_runs(line, code, tmp_path, monkeypatch):
         pytest.importorskip("lightning")
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
     torch.manual_seed(0)
+    if "torch.compile" in code:
+        import torch._functorch.config as functorch_config
+
+        torch._dynamo.reset()
+        with functorch_config.patch(donated_buffer=functorch_config.donated_buffer):  # restored
+            exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+        torch._dynamo.reset()
+        return
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
 
 
