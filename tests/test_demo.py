@@ -129,6 +129,13 @@ def test_cli_default_methods_are_known_aggregators():
         assert methods.make_aggregator(name) is not methods.make_aggregator(name)
 
 
+def test_methods_resolve_case_insensitively_and_all():
+    assert methods.resolve(["upgrad", "SUM", "UPGrad"]) == ("UPGrad", "Sum")
+    assert methods.resolve(["all"]) == methods.available()
+    with pytest.raises(ValueError, match="Unknown method 'x'"):
+        methods.resolve(["x"])
+
+
 def test_cli_rejects_unknown_methods(capsys):
     assert main(["--methods", "UPGrad,NoSuchMethod"], io.StringIO()) == 2
     assert "NoSuchMethod" in capsys.readouterr().err

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         default=",".join(methods.DEFAULT_METHODS),
-        help="comma-separated methods ('Sum' is the plain summed-loss step; always included). "
+        help="comma-separated methods, or 'all' ('Sum' is the plain summed-loss step; always "
+        "included). "
         f"Known: {', '.join(methods.available())}. Default: %(default)s.",
     )
     parser.add_argument("--steps", type=int, default=400, help="multi-task steps (default 400)")

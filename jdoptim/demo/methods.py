@@ -44,10 +44,14 @@ def available() -> tuple[str, ...]:
 
 
 def resolve(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Canonical spellings of ``names`` (case-insensitive); raises ``ValueError`` on unknown."""
+    """Canonical spellings of ``names`` (case-insensitive; ``"all"`` for every method); raises
+    ``ValueError`` on an unknown name."""
     by_lower = {name.lower(): name for name in available()}
-    resolved = []
+    resolved: list[str] = []
     for name in names:
+        if name.lower() == "all":
+            resolved.extend(available())
+            continue
         if name.lower() not in by_lower:
             raise ValueError(f"Unknown method {name!r}; choose among: {', '.join(available())}.")
         resolved.append(by_lower[name.lower()])
