@@ -90,3 +90,16 @@ def rows_gramian(rows: Tensor) -> Tensor:
     b, t = rows.shape[:2]
     flat = rows.reshape(b * t, -1)
     return (flat @ flat.T).view(b, t, b, t)
+
+
+def weight_and_bias_gramian(
+    inputs: Tensor, grads: Tensor, params: list[Tensor], weight: Tensor
+) -> Tensor:
+    """Gramian of a Linear-like layer over ``params``: ``weight`` contributes the kernel
+    contraction of ``(inputs, grads)``, any other parameter (the bias) its summed rows."""
+    total = None
+    for p in params:
+        term = linear_gramian(inputs, grads) if p is weight else rows_gramian(bias_rows(grads))
+        total = term if total is None else total + term
+    assert total is not None
+    return total

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ._base import LayerRule, register_rule
 from ._call import Call
-from ._contraction import bias_rows, linear_gramian, linear_rows, rows_gramian
+from ._contraction import bias_rows, linear_rows, weight_and_bias_gramian
 
 
 @register_rule(nn.Linear)
@@ -40,16 +40,8 @@ class LinearRule(LayerRule):
         ]
 
     def gramian(self, params: list[Tensor]) -> Tensor:
-        module = self.call.module
-        total = None
-        for p in params:
-            if p is module.weight:
-                term = linear_gramian(self.inputs, self.grads)
-            else:
-                term = rows_gramian(bias_rows(self.grads))
-            total = term if total is None else total + term
-        assert total is not None
-        return total
+        weight = self.call.module.weight  # type: ignore[union-attr]
+        return weight_and_bias_gramian(self.inputs, self.grads, params, weight)
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         module = self.call.module
