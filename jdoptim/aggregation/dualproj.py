@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._bases import GramianWeightedAggregator, Weighting
-from ._dual_cone import DEFAULT_REGULARIZATION, solve_dual_cone, warn_once_if_degraded
+from ._bases import GramianWeightedAggregator
+from ._dual_cone import DEFAULT_REGULARIZATION
 from ._mixins import _NonDifferentiable
-from .upgrad import _check_reg_eps, _preference
+from .upgrad import _DualConeWeighting, _preference
 
 
-class DualProjWeighting(_NonDifferentiable, Weighting):
+class DualProjWeighting(_DualConeWeighting):
     """Weights of :class:`DualProj` from the Gramian alone: ``w = argmin_{v ≥ p} vᵀGv``.
 
     Args:
@@ -30,23 +30,9 @@ class DualProjWeighting(_NonDifferentiable, Weighting):
             ``1e-10``), as for :class:`~jdoptim.aggregation.UPGradWeighting`.
     """
 
-    def __init__(
-        self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION
-    ) -> None:
-        super().__init__()
-        _check_reg_eps(reg_eps)
-        self.pref_vector = pref_vector
-        self.reg_eps = reg_eps
-
     def forward(self, gramian: Tensor) -> Tensor:
         preference = _preference(self.pref_vector, gramian)
-        solutions, info = solve_dual_cone(gramian, preference.unsqueeze(0), self.reg_eps)
-        warn_once_if_degraded(self, info, type(self).__name__)
-        return solutions[0]
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return f"pref_vector={pref}, reg_eps={self.reg_eps:g}"
+        return self._solve(gramian, preference.unsqueeze(0))[0]
 
 
 class DualProj(_NonDifferentiable, GramianWeightedAggregator):

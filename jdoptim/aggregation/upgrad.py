@@ -37,12 +37,31 @@ def _preference(pref_vector: Tensor | None, gramian: Tensor) -> Tensor:
     check_preference(pref_vector, m)
     if pref_vector is None:
         return torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
-    if not torch.isfinite(pref_vector).all():
-        raise ValueError("The preference vector contains NaN or infinite entries.")
     return pref_vector.to(dtype=gramian.dtype, device=gramian.device)
 
 
-class UPGradWeighting(_NonDifferentiable, Weighting):
+class _DualConeWeighting(_NonDifferentiable, Weighting):
+    """What UPGrad's and DualProj's weightings share: a preference and the QP's ridge."""
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION
+    ) -> None:
+        super().__init__()
+        _check_reg_eps(reg_eps)
+        self.pref_vector = pref_vector
+        self.reg_eps = reg_eps
+
+    def _solve(self, gramian: Tensor, lower_bounds: Tensor) -> Tensor:
+        solutions, info = solve_dual_cone(gramian, lower_bounds, self.reg_eps)
+        warn_once_if_degraded(self, info, type(self).__name__)
+        return solutions
+
+    def extra_repr(self) -> str:
+        pref = None if self.pref_vector is None else self.pref_vector.tolist()
+        return f"pref_vector={pref}, reg_eps={self.reg_eps:g}"
+
+
+class UPGradWeighting(_DualConeWeighting):
     """Weights of :class:`UPGrad` from the Gramian alone: ``w = Σᵢ argmin_{v ≥ pᵢeᵢ} vᵀGv``.
 
     Args:
@@ -53,23 +72,9 @@ class UPGradWeighting(_NonDifferentiable, Weighting):
             indefinite, with a one-time warning when it had to be raised far).
     """
 
-    def __init__(
-        self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION
-    ) -> None:
-        super().__init__()
-        _check_reg_eps(reg_eps)
-        self.pref_vector = pref_vector
-        self.reg_eps = reg_eps
-
     def forward(self, gramian: Tensor) -> Tensor:
         preference = _preference(self.pref_vector, gramian)
-        solutions, info = solve_dual_cone(gramian, torch.diag(preference), self.reg_eps)
-        warn_once_if_degraded(self, info, type(self).__name__)
-        return solutions.sum(dim=0)
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return f"pref_vector={pref}, reg_eps={self.reg_eps:g}"
+        return self._solve(gramian, torch.diag(preference)).sum(dim=0)
 
 
 class UPGrad(_NonDifferentiable, GramianWeightedAggregator):
