@@ -69,11 +69,11 @@ def _params(model):
     return list(model.trunk.parameters()) + list(model.heads.parameters())
 
 
-@pytest.mark.parametrize("kind", ["gramian", "jacobian"])
+@pytest.mark.parametrize("kind", ["gramian", "jacobian", "engine"])
 def test_grad_scaler_step_equals_the_unscaled_step_by_hand(kind):
     model = TwoHeads()
     x, y = torch.randn(32, 4), torch.randn(32)
-    if kind == "gramian":
+    if kind in ("gramian", "engine"):
         aggregator = GramianWeightedAggregator(InverseNormWeighting())
 
         def weights_of(j):
@@ -86,7 +86,8 @@ def test_grad_scaler_step_equals_the_unscaled_step_by_hand(kind):
 
     expected, jacobian = _by_hand(model, x, y, weights_of, lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator)
+    modules = model if kind == "engine" else None  # the Gramian engine (jdoptim.autogram)
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator, modules=modules)
     record = opt.step(_losses(model, x, y), grad_scaler=scaler)
     scaler.update()
 
