@@ -28,6 +28,7 @@ the parameters) and :func:`plot_history` draws them::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,11 +134,16 @@ class History:
         return len(self.losses)
 
 
-def plot_history(history: History, path: str | Path | None = None) -> Any:
+def plot_history(history: History | Iterable[StepRecord], path: str | Path | None = None) -> Any:
     """Four panels over steps: losses, weights, conflicting pairs (and the smallest cosine),
-    directional derivatives ``G w`` with the update norm. Returns the matplotlib figure, saved as
-    PNG to ``path`` when given. Needs matplotlib (``pip install "jdoptim[plot]"``).
+    directional derivatives ``G w`` with the update norm. ``history`` is a :class:`History` or
+    the run's step records. Returns the matplotlib figure, saved as PNG to ``path`` when given.
+    Needs matplotlib (``pip install "jdoptim[plot]"``).
     """
+    if not isinstance(history, History):
+        records, history = history, History()
+        for record in records:
+            history.append(record)
     try:
         import matplotlib
 

@@ -136,5 +136,16 @@ def test_history_keeps_plain_numbers_and_plots(tmp_path):
         assert history.min_cosine[k] == pytest.approx(float(off_diagonal.min()))
     pytest.importorskip("matplotlib")
     path = tmp_path / "run.png"
-    plot_history(history, path)
+    figure = plot_history(history, path)
     assert path.read_bytes()[:4] == b"\x89PNG"
+    # Or straight from the records: the same curves.
+    from_records = plot_history(records)
+    for ax, other in zip(figure.axes, from_records.axes):
+        for line, other_line in zip(ax.get_lines(), other.get_lines()):
+            assert list(line.get_ydata()) == pytest.approx(
+                list(other_line.get_ydata()), nan_ok=True
+            )
+    assert len(figure.axes[0].get_lines()) == 3  # one loss curve per task
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
