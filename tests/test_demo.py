@@ -35,6 +35,8 @@ def test_summed_loss_sacrifices_a_task_and_upgrad_does_not(seed):
     assert summed.final[2] > 1.5 * summed.initial[2]
     assert upgrad.worsened == []
     assert bool((upgrad.final < upgrad.initial).all())
+    # The tasks genuinely conflict: some pair of gradients does at (nearly) every step.
+    assert summed.conflicted_steps is None and upgrad.conflicted_steps >= 0.9 * 400
 
 
 def test_the_plain_run_is_plain_adam_on_the_summed_loss():
@@ -117,6 +119,7 @@ def test_cli_prints_both_tables_quickly():
     text = out.getvalue()
     assert status == 0
     assert "got worse" in text and "time/step" in text and "reached" in text
+    assert "conflicts" in text and "/12" in text
     for method in ("Sum", "UPGrad", "MGDA", "PCGrad"):
         assert sum(line.startswith(method + " ") for line in text.splitlines()) == 2
     assert not any(line.startswith("CAGrad ") for line in text.splitlines())

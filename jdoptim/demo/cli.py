@@ -115,8 +115,9 @@ def _run_multitask(
             )
     print(report.multitask_table(results), file=out)
     print(
-        "   'got worse': final loss above the starting loss. 'time/step': wall time of one step\n"
-        "   relative to the plain summed-loss step on the same model and batch.",
+        "   'got worse': final loss above the starting loss. 'conflicts': JD steps where the\n"
+        "   gradients of two tasks pointed against each other (g_i . g_j < 0, read off the step's\n"
+        "   Gramian). 'time/step': wall time of a step relative to the plain summed-loss step.",
         file=out,
     )
     return results

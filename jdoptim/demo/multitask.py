@@ -109,7 +109,7 @@ class MultiTaskResult:
     final: Tensor  # [tasks]
     curve: Tensor  # [steps, tasks], the losses seen at each step
     seconds_per_step: float  # median wall time of one step
-    records: list = field(default_factory=list, repr=False)  # JD step records (monitoring)
+    conflicted_steps: int | None = None  # JD runs: steps where two task gradients conflicted
 
     @property
     def worsened(self) -> list[str]:
@@ -127,12 +127,12 @@ def train(
     steps: int = 400,
     lr: float = 5e-3,
     on_step: Callable[[], None] | None = None,
-    keep_records: bool = False,
 ) -> MultiTaskResult:
     """Train a fresh model from the common start with ``method`` (``"Sum"`` or an aggregator).
 
     Both kinds of run use Adam with a linear learning-rate warm-up over the first quarter of the
-    steps; the JD runs wrap that same Adam in :class:`~jdoptim.JDOptimizer`.
+    steps; the JD runs wrap that same Adam in :class:`~jdoptim.JDOptimizer`, and count the steps
+    whose task gradients conflicted (from each step record's Gramian, outside the timing).
     """
     model = problem.model()
     adam = torch.optim.Adam(model.parameters(), lr=lr)
@@ -141,20 +141,22 @@ def train(
     with torch.no_grad():
         initial = torch.stack(list(problem.losses(model).values()))
 
-    curve, records, durations = [], [], []
+    curve, durations = [], []
+    conflicted = 0
     for _ in range(steps):
         start = time.perf_counter()
         losses = problem.losses(model)
         adam.zero_grad()
+        record = None
         if jd is None:
             sum(losses.values()).backward()
             adam.step()
         else:
             record = jd.step(losses)
-            if keep_records:
-                records.append(record)
         scheduler.step()
         durations.append(time.perf_counter() - start)
+        if record is not None and record.conflicting_pairs:
+            conflicted += 1
         curve.append(torch.stack([loss.detach() for loss in losses.values()]))
         if on_step is not None:
             on_step()
@@ -163,4 +165,6 @@ def train(
         final = torch.stack(list(problem.losses(model).values()))
     # The median ignores the first steps' one-off costs (allocations, lazy initialisation).
     seconds = float(torch.tensor(durations).median())
-    return MultiTaskResult(method, initial, final, torch.stack(curve), seconds, records)
+    return MultiTaskResult(
+        method, initial, final, torch.stack(curve), seconds, None if jd is None else conflicted
+    )

@@ -26,18 +26,22 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def multitask_table(results: Sequence[MultiTaskResult]) -> str:
-    """Final loss per task (initial loss in the first row), worsened tasks, relative step time."""
-    header = ["method", *(f"task {t}" for t in TASKS), "got worse", "time/step"]
+    """Final loss per task (initial loss in the first row), worsened tasks, steps with conflicting
+    task gradients (JD runs), relative step time."""
+    header = ["method", *(f"task {t}" for t in TASKS), "got worse", "conflicts", "time/step"]
     baseline = next((r.seconds_per_step for r in results if r.method == "Sum"), None)
-    rows = [["(start)", *(f"{v:.4f}" for v in results[0].initial.tolist()), "", ""]]
+    rows = [["(start)", *(f"{v:.4f}" for v in results[0].initial.tolist()), "", "", ""]]
     for result in results:
+        steps = result.curve.shape[0]
         ratio = (
             f"{result.seconds_per_step / baseline:.1f}×"
             if baseline
             else f"{result.seconds_per_step * 1e3:.2f} ms"
         )
         worse = ", ".join(result.worsened) or "none"
-        rows.append([result.method, *(f"{v:.4f}" for v in result.final.tolist()), worse, ratio])
+        conflicts = "" if result.conflicted_steps is None else f"{result.conflicted_steps}/{steps}"
+        final = [f"{v:.4f}" for v in result.final.tolist()]
+        rows.append([result.method, *final, worse, conflicts, ratio])
     return format_table(header, rows)
 
 
