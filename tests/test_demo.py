@@ -39,6 +39,19 @@ def test_summed_loss_sacrifices_a_task_and_upgrad_does_not(seed):
     assert summed.conflicted_steps is None and upgrad.conflicted_steps >= 0.9 * 400
 
 
+def test_the_task_gradients_conflict_in_the_shared_trunk_at_the_start():
+    problem = multitask.MultiTaskProblem(seed=0)
+    model = problem.model()
+    trunk = list(model.trunk.parameters())
+    losses = problem.losses(model)
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trunk, retain_graph=True)])
+        for loss in losses.values()
+    ]
+    dots = [rows[i] @ rows[j] for i in range(3) for j in range(i + 1, 3)]
+    assert min(dots) < 0
+
+
 def test_the_plain_run_is_plain_adam_on_the_summed_loss():
     problem = multitask.MultiTaskProblem(seed=0)
     result = multitask.train(problem, "Sum", steps=5)
