@@ -25,6 +25,18 @@ from torch import Tensor
 from .._records import CallRecord
 
 
+def full_precision(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 when it is float16/bfloat16 (e.g. recorded under autocast).
+
+    The Gramian sums products of many activations and output gradients; accumulated in half
+    precision it loses positive semi-definiteness, which the QP-based weightings then have to
+    repair with a large ridge. The contraction is therefore always done in at least float32.
+    """
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
+
+
 @dataclass(eq=False)
 class Call:
     record: CallRecord
@@ -45,12 +57,13 @@ class Call:
         return self.record.module
 
     def grad(self, index: int) -> Tensor:
-        """``D`` of tapped output ``index``, ``[T, *shape]`` (zeros where no loss reaches it)."""
+        """``D`` of tapped output ``index``, ``[T, *shape]`` (zeros where no loss reaches it),
+        in at least float32 (see :func:`full_precision`)."""
         grad = self.grads[index]
         if grad is None:
             tapped = self.record.tapped[index]
             grad = torch.zeros((self.T, *tapped.shape), dtype=tapped.dtype, device=tapped.device)
-        return grad
+        return full_precision(grad)
 
     def samples_first(self, tensor: Tensor) -> Tensor:
         """A module tensor with its sample dimension first (a new one of size 1 if none)."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import LayerRule, register_rule
-from ._call import Call
+from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows, weight_and_bias_gramian
 
 
@@ -43,7 +43,7 @@ class ConvRule(LayerRule):
         super().__init__(call)
         module = call.module
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
-        x = call.record.args[0].detach()
+        x = full_precision(call.record.args[0].detach())
         channels = module.in_channels  # type: ignore[union-attr]
         images = x.reshape(-1, channels, *x.shape[-spatial:])
         if spatial == 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ._base import LayerRule, register_rule
-from ._call import Call
+from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows, weight_and_bias_gramian
 
 
@@ -26,7 +26,7 @@ class LinearRule(LayerRule):
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
-        x = call.record.args[0].detach()
+        x = full_precision(call.record.args[0].detach())
         self.x = x
         self.inputs = call.samples_first(x).reshape(call.b, -1, x.shape[-1])
         out = call.module.out_features  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._base import LayerRule, register_rule
-from ._call import Call
+from ._call import Call, full_precision
 
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, _BatchNorm)
 if hasattr(nn, "RMSNorm"):
@@ -58,7 +58,7 @@ class NormAffineRule(LayerRule):
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
-        x = call.record.args[0].detach()
+        x = full_precision(call.record.args[0].detach())
         with torch.no_grad():
             self.normalised = _normalised(call.module, x)
         self.channels = _channel_dims(call.module, x)
