@@ -77,6 +77,21 @@ class JacobianComputer:
     def compute(
         self, losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False
     ) -> list[Tensor]:
+        try:
+            return self._compute(losses, inputs, retain_graph)
+        except RuntimeError as error:
+            if "donated buffers" not in str(error):
+                raise
+            raise RuntimeError(
+                "The losses come from a torch.compile'd graph whose backward donated its saved "
+                "buffers, so it cannot be differentiated more than once, which the Jacobian "
+                "needs. Set `torch._functorch.config.donated_buffer = False` before compiling "
+                "(see the README's torch.compile recipe)."
+            ) from error
+
+    def _compute(
+        self, losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool
+    ) -> list[Tensor]:
         if losses.shape[0] == 1:
             grads = torch.autograd.grad(
                 losses[0], inputs, retain_graph=retain_graph, materialize_grads=True

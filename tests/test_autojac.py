@@ -55,3 +55,19 @@ def test_unreached_inputs_get_zero_rows_and_a_single_loss_works():
     assert torch.equal(block_b, torch.zeros(2, 2))
     (single,) = compute_jacobian(a.pow(3).sum().reshape(1), [a])
     torch.testing.assert_close(single, 3 * a.detach().pow(2).unsqueeze(0))
+
+
+def test_a_donated_buffer_error_names_the_fix(monkeypatch):
+    def donated(*args, **kwargs):
+        raise RuntimeError(
+            "This backward function was compiled with non-empty donated buffers which requires "
+            "create_graph=False and retain_graph=False."
+        )
+
+    monkeypatch.setattr(autojac, "_jacobian_by_vmap", donated)
+    monkeypatch.setattr(autojac, "_jacobian_by_loop", donated)
+    p = nn.Parameter(torch.randn(3))
+    losses = torch.stack([p.sum(), p.pow(2).sum()])
+    with pytest.raises(RuntimeError, match=r"donated_buffer = False") as info:
+        JacobianComputer().compute(losses, [p])
+    assert "donated buffers" in str(info.value.__cause__)
