@@ -91,6 +91,10 @@ def main() -> None:
             args.checkpoint,
         )
         print(f"saved {args.checkpoint}")
+    # Release what holds the process group (DDP's reducer, the optimizer's communicator) before
+    # destroying it: gloo aborts the process at exit when a group dies under live users.
+    del optimizer, model
+    dist.barrier()  # and nobody tears the group down while rank 0 is still writing
     dist.destroy_process_group()
 
 
