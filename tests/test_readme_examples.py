@@ -11,7 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Scripts with a test of their own elsewhere: examples/ddp.py needs torchrun (tests/distributed).
+# Scripts with a test of their own elsewhere: examples/ddp.py needs torchrun
+# (tests/distributed/test_example.py).
 _TESTED_ELSEWHERE = {"ddp.py"}
 _NEEDS = {"lightning_recipe.py": "lightning"}
 
