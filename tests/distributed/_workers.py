@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -242,6 +243,19 @@ def run_exactness(rank: int, world: int, port: int, checkpoint: str | None, mode
             resume_checkpoint(rank, world, checkpoint, done=2, more=2)
     finally:
         dist.destroy_process_group()
+    _leave_without_teardown()
+
+
+def _leave_without_teardown() -> None:
+    """Exit a worker that passed every check, skipping the interpreter's teardown.
+
+    torch 2.13's gloo aborts a few percent of processes at exit ("terminate called without an
+    active exception", SIGABRT), plain DDP scripts without jdoptim included (measured here: 1 run
+    in 25); spawn would report that as a failure of a test whose checks all passed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_hang(rank: int, world: int, port: int, result: str) -> None:

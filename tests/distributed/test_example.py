@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+_GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
 def _free_port() -> int:
@@ -21,7 +22,12 @@ def _torchrun(nproc: int, *args: str, cwd: Path) -> str:
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         f"--master_port={_free_port()}", str(ROOT / "examples" / "ddp.py"), *args,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=240)
+    for _ in range(2):
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=240)
+        # torch 2.13's gloo aborts a few percent of processes at exit, plain DDP scripts without
+        # jdoptim included (measured here: 1 run in 25): run such a launch once more.
+        if result.returncode == 0 or _GLOO_EXIT_ABORT not in result.stderr:
+            break
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
