@@ -57,6 +57,17 @@ class _SeededRandomness:
         self._generator = generator
         self._initial_generator_state = generator.get_state().clone()
 
+    # Stateful's contract, for methods whose only state is the generator (others extend these).
+    def reset(self) -> None:
+        """Rewind the random generator to its state at construction."""
+        self._reset_generator()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self._generator_state()
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._load_generator_state(state)
+
     def _reset_generator(self) -> None:
         self._generator.set_state(self._initial_generator_state.clone())
 

@@ -29,8 +29,6 @@ generator, whose state is checkpointed with ``state_dict()``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -86,16 +84,6 @@ class GradDrop(_NonDifferentiable, _SeededRandomness, Stateful, Aggregator):
             leak = self.leak.to(dtype=matrix.dtype, device=matrix.device).unsqueeze(1)
             mask = leak + (1.0 - leak) * mask
         return (mask * matrix).sum(dim=0)
-
-    def reset(self) -> None:
-        """Rewind the random generator to its state at construction."""
-        self._reset_generator()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return self._generator_state()
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._load_generator_state(state)
 
     def extra_repr(self) -> str:
         leak = None if self.leak is None else self.leak.tolist()

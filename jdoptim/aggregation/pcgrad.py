@@ -35,7 +35,7 @@ like any other unchanged gradient.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -100,16 +100,6 @@ class PCGradWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weighting
         orders = self._random_orders(m, self.order, gramian.device)
         weights = _pcgrad_coefficients(gramian, orders).sum(dim=0)
         return weights / m if self.reduction == "mean" else weights
-
-    def reset(self) -> None:
-        """Rewind the random generator to its state at construction."""
-        self._reset_generator()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return self._generator_state()
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._load_generator_state(state)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, order={self.order!r}"

@@ -11,8 +11,6 @@ The draws come from the method's own seeded CPU generator, whose state is checkp
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -39,16 +37,6 @@ class RandomWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weighting
         m = gramian.shape[0]
         logits = torch.randn(m, generator=self._generator, dtype=torch.float64)
         return logits.softmax(dim=0).to(dtype=gramian.dtype, device=gramian.device)
-
-    def reset(self) -> None:
-        """Rewind the random generator to its state at construction."""
-        self._reset_generator()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return self._generator_state()
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._load_generator_state(state)
 
 
 class Random(_NonDifferentiable, Stateful, GramianWeightedAggregator):
