@@ -10,6 +10,9 @@ step (``opt.step(losses)``) alternately:
   plain-DDP figure ``2 n (N-1)/N`` elements of the same cost model;
 * **time**: median over the steps of the JD step divided by the median of the plain step.
 
+Per-sample losses run on the explicit-Jacobian path and on the Gramian engine
+(``modules=model``: factor exchange, then one gradient all-reduce).
+
 Run: ``python benchmarks/bench_distributed.py`` (about a minute on 2 cores); it prints a
 Markdown table for ``benchmarks/RESULTS.md``.
 """
@@ -68,10 +71,11 @@ def _measure(kind: str, m: int, local_batch: int) -> tuple:
     plain_model = DistributedDataParallel(Trunk(m))
     jd_model = DistributedDataParallel(Trunk(m))
     plain = torch.optim.SGD(plain_model.parameters(), lr=1e-3)
-    per_sample = kind == "per-sample"
+    per_sample = kind in ("per-sample", "engine")
     jd = JDOptimizer(
         torch.optim.SGD(jd_model.parameters(), lr=1e-3),
         UPGrad(),
+        modules=jd_model if kind == "engine" else None,
         process_group=jd_model,
         batch_dim=0 if per_sample else None,
     )
@@ -146,7 +150,8 @@ def _free_port() -> int:
 
 
 def main() -> None:
-    configs = [("task", m, 32) for m in (2, 4, 8)] + [("per-sample", 1, b) for b in (4, 16)]
+    configs = [("task", m, 32) for m in (2, 4, 8)]
+    configs += [(kind, 1, b) for kind in ("per-sample", "engine") for b in (4, 16, 64)]
     print(
         "| N | losses | local batch | params n | plain DDP, measured | JD, measured "
         "| JD / plain, measured | JD / plain, accounted | time JD / plain |"
@@ -159,6 +164,8 @@ def main() -> None:
             rows = json.loads(Path(out).read_text())
         for kind, m, batch, n, plain_b, jd_b, plain_acc, jd_acc, ratio in rows:
             losses = f"{m} task" if kind == "task" else f"{batch * world} per-sample"
+            if kind == "engine":
+                losses += ", engine"
             print(
                 f"| {world} | {losses} | {batch} | {n:,} | {plain_b / 1e3:,.0f} kB "
                 f"| {jd_b / 1e3:,.0f} kB | {jd_b / plain_b:.2f}× | {jd_acc / plain_acc:.2f}× "

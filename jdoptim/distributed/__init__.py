@@ -7,6 +7,8 @@ Pass the process group (or the :class:`~torch.nn.parallel.DistributedDataParalle
     opt = JDOptimizer(torch.optim.Adam(model.parameters()), UPGrad(), process_group=model)
     opt.step([loss1, loss2])                     # task losses, each a mean over the local shard
     # or: JDOptimizer(..., process_group=model, batch_dim=0); opt.step(per_sample_losses)
+    # or, cheaper for per-sample losses: JDOptimizer(..., modules=model, batch_dim=0,
+    #     process_group=model), which gathers the layers' small factors (see .engine)
 
 A step on ``N`` processes, each with its shard, gives the same weights and parameters as one
 process on the whole batch. See :mod:`jdoptim.distributed.update` for the algorithm and its
@@ -22,10 +24,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._comm import CommStats, DistributedStepError, plain_ddp_bytes
+from .engine import DistributedGramianUpdate
 from .update import DistributedJacobianUpdate
 
 __all__ = [
     "CommStats",
+    "DistributedGramianUpdate",
     "DistributedJacobianUpdate",
     "DistributedStepError",
     "broadcast_parameters",
@@ -38,18 +42,27 @@ __all__ = [
 def make_distributed_update(
     process_group: object, modules: object = None, batch_dim: int | None = None
 ) -> DistributedJacobianUpdate:
-    """The update computer of ``JDOptimizer(..., process_group=...)``."""
-    if modules is not None:
-        raise NotImplementedError(
-            "Distributed JD with the hook-based Gramian engine (modules=...) is not available "
-            "yet: drop modules= to use the explicit-Jacobian path, which is exact on any number "
-            "of processes (see docs/distributed.md)."
-        )
+    """The update computer of ``JDOptimizer(..., process_group=...)``.
+
+    * ``batch_dim=0`` with ``modules``: :class:`DistributedGramianUpdate` (the engine with the
+      factor exchange for per-sample losses; task losses given separately and aggregators that
+      are not Gramian-weighted take the explicit-Jacobian path);
+    * ``batch_dim=None`` with ``modules`` (task losses): the explicit-Jacobian path
+      (:class:`DistributedJacobianUpdate`), exact and already at ``(m + 1)/2`` plain DDP steps;
+      the modules are not hooked;
+    * no ``modules``: :class:`DistributedJacobianUpdate`.
+    """
     if batch_dim not in (None, 0):
-        raise ValueError(f"Distributed per-sample losses need batch_dim=0, got {batch_dim}.")
-    return DistributedJacobianUpdate(
-        resolve_process_group(process_group), per_sample=batch_dim is not None
-    )
+        raise ValueError(
+            f"Distributed per-sample losses need batch_dim=0 (the losses of each process are "
+            f"concatenated along it), got {batch_dim}. Move the sample dimension first, or drop "
+            "process_group= to run on one process."
+        )
+    group = resolve_process_group(process_group)
+    if modules is not None and batch_dim is not None:
+        module_list = [modules] if isinstance(modules, nn.Module) else list(modules)  # type: ignore[call-overload]
+        return DistributedGramianUpdate(module_list, group)
+    return DistributedJacobianUpdate(group, per_sample=batch_dim is not None)
 
 
 def resolve_process_group(process_group: object) -> dist.ProcessGroup | None:

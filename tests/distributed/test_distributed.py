@@ -6,7 +6,10 @@ seeded order), PCGrad (randomised, differently seeded per process), GradDrop (ra
 non-Gramian) and TrimmedMean (non-Gramian); per-sample losses with equal and unequal shards; all
 processes skipping together on a non-finite loss; mismatched steps and diverged replicas refused;
 a checkpoint saved on rank 0 of 2 processes resumed on 3. Also: a stuck process and a crashed
-one give a DistributedStepError instead of a hang.
+one give a DistributedStepError instead of a hang. And (``_engine_workers.py``) the Gramian engine
+with ``modules=`` on per-sample losses (factor exchange), unequal shards, Linear + LayerNorm,
+Embedding, Conv1d and a fallback module, UPGrad, GradVac and PCGrad, against a single-process
+engine run on the global batch; task losses with ``modules=`` routed to the explicit path.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import _workers
+from . import _engine_workers, _workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -59,3 +62,9 @@ def test_a_crashed_process_gives_an_error_at_once(tmp_path: Path) -> None:
     elapsed, message = result.read_text().split("\n", 1)
     assert float(elapsed) < 30.0  # well under the 60 s timeout
     assert "Nothing was updated" in message
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_engine_per_sample_exact(world: int) -> None:
+    """modules= + process_group=: per-sample losses by the factor exchange, unequal shards."""
+    mp.spawn(_engine_workers.run_engine, args=(world, _free_port()), nprocs=world)
