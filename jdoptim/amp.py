@@ -104,36 +104,27 @@ class LossScaling:
 
 
 class _UnscaledWeighting(Weighting):
-    """``w = W(G / s²)``; NaN weights (no call to ``W``) when ``G`` is not finite."""
+    """``w = W(G / s²)``. A non-finite ``G`` never gets here: the update computers refuse it
+    first (:func:`jdoptim.update.gramian_weights`), and the step lets the scaler skip."""
 
     def __init__(self, inner: Weighting, scale: float) -> None:
         super().__init__()
         self.inner = inner
         self.scale = scale
 
-    def __call__(self, gramian: Tensor) -> Tensor:
-        return self.forward(gramian)
-
     def forward(self, gramian: Tensor) -> Tensor:
-        if not bool(torch.isfinite(gramian).all()):
-            return torch.full(gramian.shape[:1], float("nan"), dtype=gramian.dtype)
         return self.inner(gramian / self.scale**2)
 
 
 class _UnscaledAggregator(Aggregator):
-    """``d = s · A(J / s)``; NaNs (no call to ``A``) when ``J`` is not finite."""
+    """``d = s · A(J / s)``. A non-finite ``J`` is refused before (see ``_UnscaledWeighting``)."""
 
     def __init__(self, inner: Aggregator, scale: float) -> None:
         super().__init__()
         self.inner = inner
         self.scale = scale
 
-    def __call__(self, matrix: Tensor) -> Tensor:
-        return self.forward(matrix)
-
     def forward(self, matrix: Tensor) -> Tensor:
-        if not bool(torch.isfinite(matrix).all()):
-            return torch.full(matrix.shape[1:], float("nan"), dtype=matrix.dtype)
         return self.inner(matrix / self.scale) * self.scale
 
 
