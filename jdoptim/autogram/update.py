@@ -24,7 +24,7 @@ from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation.flattening import Flattening, generalize_gramian
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import JacobianUpdate, UpdateResult, ensure_finite, gramian_weights
+from ..update import JacobianUpdate, UpdateResult, ensure_finite
 from .engine import Engine
 
 __all__ = ["GramianUpdate"]
@@ -56,11 +56,11 @@ class GramianUpdate:
             return UpdateResult([], specific_grads, None, None)
         with torch.no_grad():
             gramian = step.gramian().to(batch.vector.dtype)
-            ensure_finite(gramian, "Gramian")
+            ensure_finite(gramian, "Gramian")  # once, for both branches below
             if losses.dim() > 1:
                 generalized = generalize_gramian(gramian, tuple(losses.shape))
                 weights = Flattening(aggregator.weighting)(generalized).reshape(-1)
             else:
-                weights = gramian_weights(aggregator, gramian)
+                weights = aggregator.weighting(gramian)
             shared_grads, specific_grads = step.gradients(weights)
         return UpdateResult(shared_grads, specific_grads, weights, gramian)
