@@ -335,17 +335,14 @@ def _nonfinite_result(result: UpdateResult) -> str | None:
     """Name what is non-finite in ``result``, or ``None``.
 
     When the Gramian and the weights are finite, so are the shared gradients ``wᵀJ_p``: a
-    non-finite entry of ``J`` makes a diagonal entry ``G_ii = ‖J_i‖²`` non-finite. Only the
-    specific gradients, which ``G`` does not cover, are then checked entry by entry; this keeps
-    the check off the per-parameter hot path.
+    non-finite entry of ``J`` makes a diagonal entry ``G_ii = ‖J_i‖²`` non-finite. Every update
+    computer refuses a non-finite Gramian before weighting it (:func:`~jdoptim.update.
+    gramian_weights`), so with weights, only the specific gradients, which ``G`` does not cover,
+    are checked entry by entry; this keeps the check off the per-parameter hot path.
     """
     if result.weights is not None and not bool(torch.isfinite(result.weights).all()):
         return "aggregation weights"
-    covered = (
-        result.weights is not None
-        and result.gramian is not None
-        and bool(torch.isfinite(result.gramian).all())
-    )
+    covered = result.weights is not None and result.gramian is not None
     grads = result.specific_grads if covered else result.shared_grads + result.specific_grads
     if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
         return "aggregated gradient"

@@ -63,7 +63,7 @@ from ..autogram.rules.embedding import EmbeddingRule
 from ..autogram.rules.linear import LinearRule
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import UpdateResult, ensure_finite, gramian_weights
+from ..update import UpdateResult, gramian_weights
 from .update import DistributedJacobianUpdate
 
 __all__ = ["DistributedGramianUpdate"]
@@ -178,8 +178,7 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         dtype = batch.vector.dtype
         with torch.no_grad():
             gramian = self._global_gramian(step, sizes).to(dtype)
-            ensure_finite(gramian, "Gramian")
-            weights = gramian_weights(aggregator, gramian)
+            weights = gramian_weights(aggregator, gramian)  # refuses a non-finite Gramian
             weights = self.comm.broadcast("weights", weights.to(dtype).contiguous())
             start = sum(sizes[: self.rank])
             local, _ = step.gradients(weights[start : start + sizes[self.rank]])
