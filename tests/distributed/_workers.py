@@ -258,41 +258,41 @@ def _leave_without_teardown() -> None:
     os._exit(0)
 
 
-def run_hang(rank: int, world: int, port: int, result: str) -> None:
-    """Rank 1 never calls step(): rank 0 must get a DistributedStepError, not hang."""
-    init(rank, world, port, timeout_s=3.0)
+def _record_failing_step(rank: int, world: int, port: int, timeout_s: float, result: str) -> None:
+    """Rank 0 steps and writes how long it took to get a DistributedStepError, and its text."""
+    init(rank, world, port, timeout_s=timeout_s)
     model = make_model()
     opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), process_group=True)
     x, y = global_data(0)
+    start = time.monotonic()
+    try:
+        opt.step(task_losses(model, x, y))
+    except DistributedStepError as error:
+        with open(result, "w") as file:
+            file.write(f"{time.monotonic() - start:.2f}\n{error}")
+
+
+def run_hang(rank: int, world: int, port: int, result: str) -> None:
+    """Rank 1 never calls step(): rank 0 must get a DistributedStepError, not hang."""
     if rank == 0:
-        start = time.monotonic()
-        try:
-            opt.step(task_losses(model, x, y))
-        except DistributedStepError as error:
-            with open(result, "w") as file:
-                file.write(f"{time.monotonic() - start:.2f}\n{error}")
-        # After a collective timed out, the process group is unusable and gloo's threads may
-        # abort at interpreter teardown ("terminate called without an active exception"): leave
-        # at once, as torch.distributed advises for a timed-out process.
-        os._exit(0)
+        _record_failing_step(rank, world, port, 3.0, result)
     else:
+        init(rank, world, port, timeout_s=3.0)
+        JDOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), process_group=True)
         time.sleep(8.0)  # "stuck" well past the 3 s timeout, then leaves without a step
+    # After a timed-out collective the group is unusable, and gloo's threads may abort at
+    # interpreter teardown ("terminate called without an active exception"): leave at once.
+    _leave_without_teardown()
 
 
 def run_crash(rank: int, world: int, port: int, result: str) -> None:
     """Rank 1 dies mid-run: rank 0 must get a DistributedStepError at once, not at the
     (60 s) timeout."""
-    init(rank, world, port, timeout_s=60.0)
-    model = make_model()
-    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), process_group=True)
-    x, y = global_data(0)
     if rank == 0:
-        start = time.monotonic()
-        try:
-            opt.step(task_losses(model, x, y))
-        except DistributedStepError as error:
-            with open(result, "w") as file:
-                file.write(f"{time.monotonic() - start:.2f}\n{error}")
+        _record_failing_step(rank, world, port, 60.0, result)
+        _leave_without_teardown()  # its peer is gone: gloo may abort at teardown
     else:
+        init(rank, world, port, timeout_s=60.0)
+        JDOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), process_group=True)
         time.sleep(0.5)
         os._exit(0)  # no clean shutdown: as if killed
