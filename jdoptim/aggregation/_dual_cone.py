@@ -28,12 +28,21 @@ How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing
    checked to a relative tolerance; every problem that is not certified is re-solved with
    quadprog (Goldfarb–Idnani), which is also the reference solver of the tests.
 
+**One or two losses** (:func:`_solve_tiny`), the commonest case in multi-task learning, skip the
+array machinery: the same equilibration and ridge, then the ``2^m`` candidate free sets are
+tried in plain Python arithmetic and the one satisfying the KKT conditions is taken (for a
+positive definite ``M`` exactly one solution exists). Any case off that path (the ridge would
+have to grow, or rounding leaves no candidate certified) goes through the general solver. This
+matters because a step of a training loop runs the QP right after large matrix products, when
+every small array operation costs several microseconds more than in a warm loop.
+
 The solver reports what it had to do (:class:`DualConeInfo`) so that the caller can warn once
 rather than on every step.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -206,6 +215,59 @@ def _solve_quadprog_lcp(matrix: np.ndarray, linear: np.ndarray) -> np.ndarray:
     return quadprog.solve_qp(matrix, -linear, np.eye(m), np.zeros(m))[0]
 
 
+def _tiny_nonnegative_lcp(matrix: list[list[float]], linear: list[float]) -> list[float] | None:
+    """``argmin_{z ≥ 0} ½ zᵀ M z + qᵀ z`` for ``m ≤ 2`` by trying every free set, or ``None``
+    when rounding leaves no candidate that satisfies the KKT conditions exactly."""
+    if len(linear) == 1:
+        (q,) = linear
+        return [-q / matrix[0][0] if q < 0.0 else 0.0]
+    (a, c), (_, b) = matrix
+    q0, q1 = linear
+    if q0 >= 0.0 and q1 >= 0.0:  # F = {}: z = 0, y = q
+        return [0.0, 0.0]
+    z0 = -q0 / a  # F = {0}
+    if z0 >= 0.0 and c * z0 + q1 >= 0.0:
+        return [z0, 0.0]
+    z1 = -q1 / b  # F = {1}
+    if z1 >= 0.0 and c * z1 + q0 >= 0.0:
+        return [0.0, z1]
+    det = a * b - c * c  # F = {0, 1}: z = -M⁻¹ q
+    z0, z1 = (c * q1 - b * q0) / det, (c * q0 - a * q1) / det
+    if z0 >= 0.0 and z1 >= 0.0:
+        return [z0, z1]
+    return None
+
+
+def _solve_tiny(
+    gramian: list[list[float]], bounds: list[list[float]], eps: float
+) -> list[list[float]] | None:
+    """:func:`solve_dual_cone` for ``m ≤ 2`` in plain Python (see the module docstring), or
+    ``None`` where the general solver must take over."""
+    m = len(gramian)
+    diag = [gramian[i][i] for i in range(m)]
+    top = max(diag)
+    if not top > 1e-300:  # also catches NaN
+        return None
+    scale = [1.0 / math.sqrt(top if d <= 1e-30 * top else d) for d in diag]
+    matrix = [
+        [0.5 * (gramian[i][j] + gramian[j][i]) * scale[i] * scale[j] for j in range(m)]
+        for i in range(m)
+    ]
+    for i in range(m):
+        matrix[i][i] += eps
+    if m == 2 and not matrix[0][0] * matrix[1][1] - matrix[0][1] ** 2 > 0.0:
+        return None  # not safely positive definite with this ridge: the general path raises it
+    solutions = []
+    for bound in bounds:
+        u = [bound[i] / scale[i] for i in range(m)]
+        linear = [sum(u[j] * matrix[j][i] for j in range(m)) for i in range(m)]
+        z = _tiny_nonnegative_lcp(matrix, linear)
+        if z is None:
+            return None
+        solutions.append([(u[i] + z[i]) * scale[i] for i in range(m)])
+    return solutions
+
+
 def solve_dual_cone(
     gramian: Tensor, lower_bounds: Tensor, reg_eps: float = DEFAULT_REGULARIZATION
 ) -> tuple[Tensor, DualConeInfo]:
@@ -226,11 +288,16 @@ def solve_dual_cone(
     if reg_eps <= 0.0:
         raise ValueError(f"reg_eps must be positive, got {reg_eps}.")
     m = gramian.shape[0]
+    eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
+    if m <= 2:
+        tiny = _solve_tiny(gramian.tolist(), lower_bounds.tolist(), eps)
+        if tiny is not None:
+            solution = torch.tensor(tiny, dtype=gramian.dtype, device=gramian.device)
+            return solution, DualConeInfo(ridge=eps)
     g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
     bounds = lower_bounds.detach().to(device="cpu", dtype=torch.float64).numpy()
     g = 0.5 * (g + g.T)
     equilibrated, scale = equilibrate(g)
-    eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
     matrix, info = regularized_cholesky_safe(equilibrated, eps)
     u = bounds / scale[None, :]
     # Each problem is positively homogeneous in u: solve for u / max|u| and scale back.

@@ -85,3 +85,81 @@ def test_fast_solver_agrees_with_quadprog_reference(m):
 def test_reg_eps_must_be_positive():
     with pytest.raises(ValueError, match="reg_eps"):
         solve_dual_cone(torch.eye(2), torch.eye(2), reg_eps=0.0)
+
+
+def _tiny_cases() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Gramians of 1 or 2 rows: random, conflicting, anti-parallel, parallel, a zero row, wild
+    scales; with UPGrad's bounds (``diag(1/m)``) and random signed ones."""
+    gen = torch.Generator().manual_seed(7)
+    jacobians = [torch.randn(m, 5, generator=gen, dtype=torch.float64) for m in (1, 2) * 6]
+    base = torch.randn(5, generator=gen, dtype=torch.float64)
+    jacobians += [
+        torch.stack([base, -base]),  # anti-parallel: the projection is 0
+        torch.stack([base, 3.0 * base]),  # parallel
+        torch.stack([base, torch.zeros(5, dtype=torch.float64)]),  # a zero gradient
+        torch.stack([1e4 * base, 1e-4 * torch.randn(5, generator=gen, dtype=torch.float64)]),
+        torch.stack([base, -base + 0.1 * torch.randn(5, generator=gen, dtype=torch.float64)]),
+    ]
+    cases = []
+    for j in jacobians:
+        m = j.shape[0]
+        g = j @ j.T
+        cases.append((g, torch.eye(m, dtype=torch.float64) / m))
+        cases.append((g, torch.randn(3, m, generator=gen, dtype=torch.float64)))
+    return cases
+
+
+def _g_distance(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> float:
+    """``max_k (a_k - b_k)ᵀ G (a_k - b_k)``: how far apart the projections ``Jᵀa_k``, ``Jᵀb_k``
+    are."""
+    diff = (a - b).double()
+    return float((diff @ g.double() * diff).sum(1).max())
+
+
+def _well_conditioned(g: torch.Tensor) -> bool:
+    eigenvalues = torch.linalg.eigvalsh(g.double())
+    return bool(eigenvalues[0] > 1e-8 * eigenvalues[-1])
+
+
+@pytest.mark.parametrize("case", range(len(_tiny_cases())))
+def test_one_or_two_losses_take_the_plain_python_path_and_match_quadprog(case, monkeypatch):
+    g, bounds = _tiny_cases()[case]
+    import jdoptim.aggregation._dual_cone as module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the general solver ran for m <= 2")
+
+    monkeypatch.setattr(module, "solve_nonnegative_lcp", refuse)
+    fast, info = solve_dual_cone(g, bounds)
+    assert not info.degraded
+    assert (fast >= bounds - 1e-12).all()
+    if not _well_conditioned(g):
+        return  # many optimal v, and quadprog's unequilibrated ridge swamps the small row
+    reference = solve_dual_cone_quadprog(g, bounds)
+    scale = float((reference @ g * reference).sum(1).max()) + float(g.diagonal().max())
+    assert _g_distance(fast, reference, g) <= 1e-12 * scale
+    # Optimality: the multipliers y = G v are non-negative and vanish where v is above its bound.
+    y = fast @ g
+    tol = 1e-6 * (float(g.abs().max()) * float(fast.abs().max()) + 1e-300)
+    assert (y >= -tol).all()
+    assert (torch.where(fast > bounds + 1e-9, y.abs(), torch.zeros_like(y)) <= tol).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_path_agrees_with_the_general_solver(dtype, monkeypatch):
+    import jdoptim.aggregation._dual_cone as module
+
+    for g, bounds in _tiny_cases():
+        g, bounds = g.to(dtype), bounds.to(dtype)
+        fast, _ = solve_dual_cone(g, bounds)
+        monkeypatch.setattr(module, "_solve_tiny", lambda *args: None)
+        general, _ = solve_dual_cone(g, bounds)
+        monkeypatch.undo()
+        assert fast.dtype == dtype
+        scale = float((general @ g * general).sum(1).max()) + float(g.diagonal().max())
+        tol = 1e-9  # the ridge (1e-10 … m·eps(float32)) bounds how exact either solve is
+        assert _g_distance(fast, general, g) <= tol * scale
+        if _well_conditioned(g):  # a unique solution: the weights themselves agree
+            torch.testing.assert_close(
+                fast, general, atol=1e-5 * float(general.abs().max()), rtol=1e-5
+            )
