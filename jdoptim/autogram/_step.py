@@ -173,12 +173,18 @@ class GramianStep:
         else:
             self.b = losses.shape[batch_dim]
             self.T = n // self.b
-            eye = torch.eye(self.T, dtype=losses.dtype, device=losses.device)
-            moved_shape = [self.b, *(s for d, s in enumerate(losses.shape) if d != batch_dim)]
-            grad_outputs = eye[:, None, :].expand(self.T, self.b, self.T)
-            grad_outputs = grad_outputs.reshape(self.T, *moved_shape).movedim(1, batch_dim + 1)
-            order = torch.arange(n).reshape(losses.shape).movedim(batch_dim, 0).reshape(-1)
-            self.order = None if bool((order == torch.arange(n)).all()) else order
+            if self.T == 1:  # one loss per sample: a single ordinary backward
+                grad_outputs = torch.ones_like(losses).unsqueeze(0)
+            else:
+                eye = torch.eye(self.T, dtype=losses.dtype, device=losses.device)
+                moved_shape = [self.b, *(s for d, s in enumerate(losses.shape) if d != batch_dim)]
+                grad_outputs = eye[:, None, :].expand(self.T, self.b, self.T)
+                grad_outputs = grad_outputs.reshape(self.T, *moved_shape)
+                grad_outputs = grad_outputs.movedim(1, batch_dim + 1)
+            self.order = None
+            if batch_dim != 0 and self.T > 1:  # the rows' order is not the losses' row-major one
+                order = torch.arange(n).reshape(losses.shape).movedim(batch_dim, 0).reshape(-1)
+                self.order = order
         batched = grad_outputs.shape[0] > 1
         if not batched:
             grad_outputs = grad_outputs[0]

@@ -69,7 +69,7 @@ class Call:
         """A module tensor with its sample dimension first (a new one of size 1 if none)."""
         if self.batch_dim is None:
             return tensor.unsqueeze(0)
-        return tensor.movedim(self.batch_dim, 0)
+        return tensor if self.batch_dim == 0 else tensor.movedim(self.batch_dim, 0)
 
     def grad_samples_first(self, index: int) -> Tensor:
         """``D`` of output ``index`` as ``[T, b, ...]``."""
@@ -77,7 +77,7 @@ class Call:
         dim = self.out_dim(index)
         if dim is None:
             return grad.unsqueeze(1)
-        return grad.movedim(dim + 1, 1)
+        return grad if dim == 0 else grad.movedim(dim + 1, 1)
 
     def weighted_grad(self, index: int, weights: Tensor) -> Tensor:
         """``Σ_k w_{·k} D[k]`` in the layout of the output (``weights`` is ``[b, T]``)."""
@@ -85,6 +85,8 @@ class Call:
         dim = self.out_dim(index)
         if dim is None:
             return torch.tensordot(weights[0].to(grad.dtype), grad, dims=1)
+        if self.T == 1 and dim == 0:  # per-sample losses: w_i D_i
+            return grad[0] * weights.to(grad.dtype).view(self.b, *(1,) * (grad.dim() - 2))
         moved = grad.movedim(dim + 1, 1)  # [T, b, ...]
         shape = (self.T, self.b) + (1,) * (moved.dim() - 2)
         summed = (moved * weights.T.to(grad.dtype).reshape(shape)).sum(0)

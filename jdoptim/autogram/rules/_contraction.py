@@ -19,6 +19,10 @@ Two ways to compute it, with ``b`` samples, ``S`` positions per sample, ``T`` ro
   ``M = K D`` then ``G = ⟨D, M⟩`` (``(bS)² d + b² S² T o + b² T² S o`` flops).
 
 :func:`linear_gramian` takes the cheaper one by these flop counts.
+
+A bias added at every position is a weight on a constant input ``1``: appending that input to
+``a`` adds ``1`` to every entry of ``K``, so the weight and bias together cost one kernel
+(``K + 1``) and one contraction, not two.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ def gramian_from_kernel(kernel: Tensor, grads: Tensor) -> Tensor:
     """
     t, b, s, o = grads.shape
     if s == 1:
+        if t == 1:  # per-sample losses: G = K ⊙ (D Dᵀ)
+            rows = grads.reshape(b, o)
+            return torch.mm(rows, rows.T).mul_(kernel.view(b, b)).view(b, 1, b, 1)
         rows = grads[:, :, 0].transpose(0, 1).reshape(b * t, o)
         products = (rows @ rows.T).view(b, t, b, t)
         return products * kernel[:, 0, :, 0][:, None, :, None]
@@ -70,14 +77,17 @@ def linear_rows(inputs: Tensor, grads: Tensor) -> Tensor:
     return torch.einsum("kiso,isd->ikod", grads, inputs)
 
 
-def linear_gramian(inputs: Tensor, grads: Tensor) -> Tensor:
-    """The weight's Gramian contribution ``[b, T, b, T]``, by the cheaper method."""
+def linear_gramian(inputs: Tensor, grads: Tensor, with_bias: bool = False) -> Tensor:
+    """The weight's (and with ``with_bias``, also the bias's) Gramian contribution
+    ``[b, T, b, T]``, by the cheaper method."""
     t, b, s, o = grads.shape
     d = inputs.shape[-1]
-    if contraction_cost(b, s, t, d, o) <= explicit_cost(b, s, t, d, o):
-        return gramian_from_kernel(linear_kernel(inputs), grads)
+    if contraction_cost(b, s, t, d + with_bias, o) <= explicit_cost(b, s, t, d + with_bias, o):
+        kernel = linear_kernel(inputs)
+        return gramian_from_kernel(kernel.add_(1.0) if with_bias else kernel, grads)
     rows = linear_rows(inputs, grads).reshape(b * t, o * d)
-    return (rows @ rows.T).view(b, t, b, t)
+    gramian = (rows @ rows.T).view(b, t, b, t)
+    return gramian + rows_gramian(bias_rows(grads)) if with_bias else gramian
 
 
 def bias_rows(grads: Tensor) -> Tensor:
@@ -95,11 +105,10 @@ def rows_gramian(rows: Tensor) -> Tensor:
 def weight_and_bias_gramian(
     inputs: Tensor, grads: Tensor, params: list[Tensor], weight: Tensor
 ) -> Tensor:
-    """Gramian of a Linear-like layer over ``params``: ``weight`` contributes the kernel
-    contraction of ``(inputs, grads)``, any other parameter (the bias) its summed rows."""
-    total = None
-    for p in params:
-        term = linear_gramian(inputs, grads) if p is weight else rows_gramian(bias_rows(grads))
-        total = term if total is None else total + term
-    assert total is not None
-    return total
+    """Gramian of a Linear-like layer over ``params`` (its weight, its bias, or both): the
+    weight contributes the kernel contraction of ``(inputs, grads)``, the bias its summed rows
+    (folded into the same contraction when both are there)."""
+    has_weight = any(p is weight for p in params)
+    if not has_weight:
+        return rows_gramian(bias_rows(grads))
+    return linear_gramian(inputs, grads, with_bias=len(params) > 1)
