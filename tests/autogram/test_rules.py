@@ -9,9 +9,12 @@ from torch import Tensor, nn
 import jdoptim.autogram.rules as rules
 from jdoptim.autogram import Engine
 from jdoptim.autogram.rules._contraction import (
+    contraction_cost,
+    explicit_cost,
     gramian_from_kernel,
     linear_kernel,
     linear_rows,
+    weight_and_bias_gramian,
 )
 
 from ._oracle import as_square, assert_gramian_close, explicit_gramian
@@ -85,6 +88,32 @@ def test_contraction_equals_rows(b: int, s: int, t: int) -> None:
     flat = rows.reshape(b * t, -1)
     expected = (flat @ flat.T).view(b, t, b, t)
     torch.testing.assert_close(gramian_from_kernel(linear_kernel(inputs), grads), expected)
+
+
+@pytest.mark.parametrize("which", ["weight", "bias", "both"])
+@pytest.mark.parametrize("b,s,t", [(1, 5, 3), (4, 1, 2), (3, 4, 2), (5, 1, 1), (1, 7, 1)])
+def test_weight_and_bias_gramian_by_definition(b: int, s: int, t: int, which: str) -> None:
+    """The bias folded into the kernel (``K + 1``) or added as rows, on both branches of the cost
+    model, equals the Gram matrix of the per-row gradients ``[vec(Σ_s D aᵀ), Σ_s D]``."""
+    inputs = torch.randn(b, s, 6, dtype=torch.float64)
+    grads = torch.randn(t, b, s, 5, dtype=torch.float64)
+    weight, bias = torch.empty(5, 6), torch.empty(5)
+    params = {"weight": [weight], "bias": [bias], "both": [weight, bias]}[which]
+    pieces = []
+    if which != "bias":
+        pieces.append(torch.einsum("kiso,isd->ikod", grads, inputs).reshape(b, t, -1))
+    if which != "weight":
+        pieces.append(grads.sum(2).transpose(0, 1))
+    rows = torch.cat(pieces, dim=2).reshape(b * t, -1)
+    expected = (rows @ rows.T).view(b, t, b, t)
+    torch.testing.assert_close(weight_and_bias_gramian(inputs, grads, params, weight), expected)
+
+
+def test_both_branches_of_the_cost_model_are_exercised() -> None:
+    """The shapes above reach the explicit rows (b=1, s=7, t=1 with a bias: d + 1 = 7) and the
+    contraction (b=4, s=1)."""
+    assert explicit_cost(1, 7, 1, 7, 5) < contraction_cost(1, 7, 1, 7, 5)
+    assert contraction_cost(4, 1, 2, 7, 5) < explicit_cost(4, 1, 2, 7, 5)
 
 
 def test_weighted_update_of_each_rule() -> None:
