@@ -330,6 +330,37 @@ def solve_dual_cone(
     return result, info
 
 
+def solve_upgrad_weights(
+    gramian: Tensor, preference: Tensor, reg_eps: float = DEFAULT_REGULARIZATION
+) -> tuple[Tensor, DualConeInfo]:
+    r"""``w = Σᵢ vᵢ`` with ``vᵢ = argmin_{v ≥ pᵢeᵢ} vᵀ G v``: UPGrad's weights.
+
+    The same solve as :func:`solve_dual_cone` with the bounds ``diag(p)``, with less setup: by
+    positive homogeneity, problem ``i`` is solved for the bound ``eᵢ`` in equilibrated variables
+    (so its linear term is row ``i`` of ``M``) and scaled by ``pᵢ / Dᵢᵢ``, and the sum over
+    ``i`` is one vector-matrix product. Preferences with a negative entry, and ``m ≤ 2``, take
+    :func:`solve_dual_cone`.
+    """
+    if reg_eps <= 0.0:
+        raise ValueError(f"reg_eps must be positive, got {reg_eps}.")
+    m = gramian.shape[0]
+    p = preference.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if m <= 2 or (p < 0.0).any():
+        solutions, info = solve_dual_cone(gramian, torch.diag(preference), reg_eps)
+        return solutions.sum(dim=0), info
+    eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
+    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    equilibrated, scale = equilibrate(0.5 * (g + g.T))
+    matrix, info = regularized_cholesky_safe(equilibrated, eps)
+    z, certified = solve_nonnegative_lcp(matrix, matrix)
+    for row in np.flatnonzero(~certified):
+        info.n_fallbacks += 1
+        z[row] = _solve_quadprog_lcp(matrix, matrix[row])
+    norms = p / scale
+    weights = scale * (norms + norms @ z)
+    return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype), info
+
+
 def solve_dual_cone_quadprog(
     gramian: Tensor, lower_bounds: Tensor, regularization: float = DEFAULT_REGULARIZATION
 ) -> Tensor:

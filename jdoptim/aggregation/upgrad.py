@@ -23,7 +23,12 @@ import torch
 from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting, check_preference
-from ._dual_cone import DEFAULT_REGULARIZATION, solve_dual_cone, warn_once_if_degraded
+from ._dual_cone import (
+    DEFAULT_REGULARIZATION,
+    solve_dual_cone,
+    solve_upgrad_weights,
+    warn_once_if_degraded,
+)
 from ._mixins import _NonDifferentiable
 
 
@@ -74,7 +79,9 @@ class UPGradWeighting(_DualConeWeighting):
 
     def forward(self, gramian: Tensor) -> Tensor:
         preference = _preference(self.pref_vector, gramian)
-        return self._solve(gramian, torch.diag(preference)).sum(dim=0)
+        weights, info = solve_upgrad_weights(gramian, preference, self.reg_eps)
+        warn_once_if_degraded(self, info, type(self).__name__)
+        return weights
 
 
 class UPGrad(_NonDifferentiable, GramianWeightedAggregator):

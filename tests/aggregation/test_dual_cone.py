@@ -12,6 +12,7 @@ from jdoptim.aggregation._dual_cone import (
     solve_dual_cone,
     solve_dual_cone_quadprog,
     solve_nonnegative_lcp,
+    solve_upgrad_weights,
 )
 
 
@@ -163,3 +164,24 @@ def test_tiny_path_agrees_with_the_general_solver(dtype, monkeypatch):
             torch.testing.assert_close(
                 fast, general, atol=1e-5 * float(general.abs().max()), rtol=1e-5
             )
+
+
+@pytest.mark.parametrize("m", [3, 8, 30])
+@pytest.mark.parametrize("preference", ["uniform", "random", "with_zeros"])
+def test_upgrad_weights_are_the_sum_of_the_diagonal_problems(m, preference):
+    """The UPGrad shortcut (bounds ``eᵢ`` scaled back by ``pᵢ``) equals summing the solutions of
+    the ``m`` problems ``v ≥ pᵢeᵢ`` solved one by one with quadprog."""
+    gen = torch.Generator().manual_seed(m)
+    j = torch.randn(m, 2 * m, generator=gen, dtype=torch.float64)
+    j[:, 0] += 2.0  # some agreement, some conflict
+    g = j @ j.T
+    p = {
+        "uniform": torch.full((m,), 1.0 / m, dtype=torch.float64),
+        "random": torch.rand(m, generator=gen, dtype=torch.float64),
+        "with_zeros": torch.rand(m, generator=gen, dtype=torch.float64) * (torch.arange(m) % 3 > 0),
+    }[preference]
+    weights, info = solve_upgrad_weights(g, p)
+    assert not info.degraded
+    reference = solve_dual_cone_quadprog(g, torch.diag(p)).sum(0)
+    torch.testing.assert_close(weights @ j, reference @ j, atol=1e-7, rtol=1e-7)
+    assert (j @ (weights @ j) >= -1e-8).all()  # the aggregated direction conflicts with no row
