@@ -33,6 +33,20 @@ def test_lcp_solutions_match_quadprog(m):
         np.testing.assert_allclose(z[row], expected, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("m", [5, 40])
+def test_lcp_with_shared_free_sets_matches_quadprog(m):
+    """Problems sharing their free sets (each distinct set is factored once above 24 variables):
+    repeated and positively rescaled rows of ``Q`` among distinct ones."""
+    matrix = _random_pd(m, 11 * m)
+    base = np.random.default_rng(m).standard_normal((3, m))
+    linear = np.concatenate([base, base * 2.0, base[:1] * 0.5, base[1:2], base[2:] * 3.0])
+    z, certified = solve_nonnegative_lcp(matrix, linear)
+    assert certified.all()
+    for row in range(linear.shape[0]):
+        expected = quadprog.solve_qp(matrix, -linear[row], np.eye(m), np.zeros(m))[0]
+        np.testing.assert_allclose(z[row], expected, atol=1e-10, rtol=1e-8)
+
+
 def test_uncertified_problems_are_reported():
     matrix = _random_pd(12, 3)
     linear = -np.abs(np.random.default_rng(3).standard_normal((4, 12)))  # z = 0 is infeasible
