@@ -218,7 +218,7 @@ def main() -> None:
     for case in CASES:
         cells, plain = [], []
         for method in methods:
-            result = measure_ratio(case, method)
+            result = measure_ratio(case, method, rounds=40)
             plain.append(result["baseline_ms"])
             cells.append(f"{result['ratio_median']:.2f}×")
         print(f"| {case} | {sorted(plain)[len(plain) // 2]:.1f} | " + " | ".join(cells) + " |")

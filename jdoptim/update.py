@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .aggregation import Aggregator, GramianWeightedAggregator
+from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
 from .autojac import JacobianComputer
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
@@ -52,10 +52,18 @@ def ensure_finite(tensor: Tensor, what: str) -> None:
         raise NonFiniteJacobianError(f"Non-finite entries in the losses' {what}")
 
 
+def weigh(weighting: Weighting, gramian: Tensor) -> Tensor:
+    """``w = W(G)`` for a Gramian an update computer built (square, symmetric by construction,
+    already checked finite): the module call (with its hooks) under ``no_grad``, without
+    :meth:`Weighting.__call__`'s input validation, a dozen small tensor operations per step."""
+    with torch.no_grad():
+        return nn.Module.__call__(weighting, gramian)
+
+
 def gramian_weights(aggregator: GramianWeightedAggregator, gramian: Tensor) -> Tensor:
     """``w = W(G)`` for the aggregator's weighting ``W``, after checking that ``G`` is finite."""
     ensure_finite(gramian, "Gramian")
-    return aggregator.weighting(gramian)
+    return weigh(aggregator.weighting, gramian)
 
 
 def aggregate_jacobian(aggregator: Aggregator, matrix: Tensor) -> Tensor:

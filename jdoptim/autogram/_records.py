@@ -51,7 +51,9 @@ class CallRecord:
     tapped: list[Tapped]
 
     def input_tensors(self) -> list[Tensor]:
-        return [t for t in iter_tensors((self.args, self.kwargs))]
+        if not self.kwargs and len(self.args) == 1 and isinstance(self.args[0], Tensor):
+            return [self.args[0]]  # the common case, without the recursive walk
+        return list(iter_tensors((self.args, self.kwargs)))
 
 
 def make_hook(key: str):

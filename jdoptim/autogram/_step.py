@@ -174,7 +174,7 @@ class GramianStep:
             self.b = losses.shape[batch_dim]
             self.T = n // self.b
             if self.T == 1:  # one loss per sample: a single ordinary backward
-                grad_outputs = torch.ones_like(losses).unsqueeze(0)
+                grad_outputs = torch.ones_like(losses)
             else:
                 eye = torch.eye(self.T, dtype=losses.dtype, device=losses.device)
                 moved_shape = [self.b, *(s for d, s in enumerate(losses.shape) if d != batch_dim)]
@@ -185,8 +185,8 @@ class GramianStep:
             if batch_dim != 0 and self.T > 1:  # the rows' order is not the losses' row-major one
                 order = torch.arange(n).reshape(losses.shape).movedim(batch_dim, 0).reshape(-1)
                 self.order = order
-        batched = grad_outputs.shape[0] > 1
-        if not batched:
+        batched = self.T > 1
+        if not batched and batch_dim is None:
             grad_outputs = grad_outputs[0]
 
         records = list(scan.calls)

@@ -24,7 +24,7 @@ from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation.flattening import Flattening, generalize_gramian
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import JacobianUpdate, UpdateResult, ensure_finite
+from ..update import JacobianUpdate, UpdateResult, ensure_finite, weigh
 from .engine import Engine
 
 __all__ = ["GramianUpdate"]
@@ -61,6 +61,6 @@ class GramianUpdate:
                 generalized = generalize_gramian(gramian, tuple(losses.shape))
                 weights = Flattening(aggregator.weighting)(generalized).reshape(-1)
             else:
-                weights = aggregator.weighting(gramian)
+                weights = weigh(aggregator.weighting, gramian)
             shared_grads, specific_grads = step.gradients(weights)
         return UpdateResult(shared_grads, specific_grads, weights, gramian)
