@@ -344,6 +344,19 @@ def _nonfinite_result(result: UpdateResult) -> str | None:
         return "aggregation weights"
     covered = result.weights is not None and result.gramian is not None
     grads = result.specific_grads if covered else result.shared_grads + result.specific_grads
-    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    if grads and not _all_finite(grads):
         return "aggregated gradient"
     return None
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, from one fused max-norm per tensor (NaN and
+    ±inf propagate through ``max |x|``, and it cannot overflow) and one synchronisation."""
+    tensors = [t for t in tensors if t.numel()]  # an empty gradient has nothing to check
+    if not tensors:
+        return True
+    if len({(t.device, t.dtype) for t in tensors}) == 1 and hasattr(torch, "_foreach_norm"):
+        norms = torch._foreach_norm(tensors, float("inf"))
+    else:
+        norms = [t.abs().max().float() for t in tensors]
+    return bool(torch.isfinite(torch.stack(norms)).all())
