@@ -23,7 +23,10 @@ How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing
    Kim & Park 2011, which falls back to Murty's single pivot): every iteration solves, for all
    unfinished problems at once, the linear system of the current free set, then swaps every
    variable that violates ``z ≥ 0`` or ``y ≥ 0``. For a positive definite ``M`` this terminates
-   at the exact solution of the regularised problem.
+   at the exact solution of the regularised problem. The first five pivots skip the anti-cycling
+   bookkeeping (the rule then starts afresh, which keeps termination); problems sharing a free
+   set share one factorisation (UPGrad's first pivot frees the same conflicting rows for every
+   loss of a group of agreeing losses).
 4. **Certificate.** The KKT conditions (``z ≥ 0``, ``y ≥ 0``, ``y_F = 0`` on the free set) are
    checked to a relative tolerance; every problem that is not certified is re-solved with
    quadprog (Goldfarb–Idnani), which is also the reference solver of the tests.
