@@ -157,22 +157,25 @@ def _solve_free_systems(matrix: np.ndarray, linear: np.ndarray, free: np.ndarray
     if size == 0:
         return z
     # Problems often share their free set (UPGrad's first pivot frees the same conflicting
-    # rows for every loss of a group): factor each distinct set once.
+    # rows for every loss of a group): when they do, factor each distinct set once.
     packed = np.packbits(free, axis=1)
     keys = packed.view(np.dtype((np.void, packed.shape[1])))[:, 0]
     _, first, which = np.unique(keys, return_index=True, return_inverse=True)
-    distinct, which = free[first], which.reshape(-1)
-    order = np.argsort(~distinct, axis=1, kind="stable")[:, :size]  # free indices first
-    valid = np.take_along_axis(distinct, order, axis=1)
+    shared = 2 * len(first) <= k
+    sets = free[first] if shared else free
+    order = np.argsort(~sets, axis=1, kind="stable")[:, :size]  # free indices first
+    valid = np.take_along_axis(sets, order, axis=1)
     systems = matrix[order[:, :, None], order[:, None, :]]
     systems *= valid[:, :, None] & valid[:, None, :]
-    systems.reshape(len(distinct), size * size)[:, :: size + 1] += ~valid
-    order, valid = order[which], valid[which]
+    systems.reshape(len(sets), size * size)[:, :: size + 1] += ~valid
+    if shared:
+        which = which.reshape(-1)
+        order, valid = order[which], valid[which]
     rhs = np.where(valid, -np.take_along_axis(linear, order, axis=1), 0.0)
-    if 2 * len(distinct) <= k:
+    if shared:
         solution = (np.linalg.inv(systems)[which] @ rhs[:, :, None])[:, :, 0]
     else:
-        solution = np.linalg.solve(systems[which], rhs[:, :, None])[:, :, 0]
+        solution = np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
     np.put_along_axis(z, order, np.where(valid, solution, 0.0), axis=1)
     return z
 
