@@ -60,6 +60,10 @@ _MAX_REGULARIZATION = 1e-2
 _LARGE_RIDGE_FACTOR = 1e4
 _PIVOT_TOL = 1e-13
 _CERTIFICATE_TOL = 1e-9
+#: Equilibration: a Gramian whose largest diagonal entry is below this is taken as all zero, and
+#: a diagonal entry below ``_RELATIVE_ZERO_DIAGONAL`` times the largest as a zero gradient.
+_ZERO_DIAGONAL = 1e-300
+_RELATIVE_ZERO_DIAGONAL = 1e-30
 
 
 @dataclass
@@ -100,9 +104,9 @@ def equilibrate(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     diag = np.diag(gramian).copy()
     top = float(diag.max()) if diag.size else 0.0
-    if top <= 1e-300:
+    if top <= _ZERO_DIAGONAL:
         return gramian.copy(), np.ones_like(diag)
-    diag[diag <= 1e-30 * top] = top
+    diag[diag <= _RELATIVE_ZERO_DIAGONAL * top] = top
     scale = 1.0 / np.sqrt(diag)
     return gramian * scale[:, None] * scale[None, :], scale
 
@@ -232,11 +236,10 @@ def solve_nonnegative_lcp(
         if todo.size == k:
             free ^= infeasible
             z = _solve_free_systems(matrix, linear, free)
-            y = z @ matrix + linear
         else:
             free[todo] ^= infeasible[todo]
             z[todo] = _solve_free_systems(matrix, linear[todo], free[todo])
-            y = z @ matrix + linear
+        y = z @ matrix + linear
         infeasible = np.where(free, z, y) < -pivot_tol
     np.maximum(z, 0.0, out=z)
     y = z @ matrix + linear
@@ -283,9 +286,9 @@ def _solve_tiny(
     m = len(gramian)
     diag = [gramian[i][i] for i in range(m)]
     top = max(diag)
-    if not top > 1e-300:  # also catches NaN
+    if not top > _ZERO_DIAGONAL:  # also catches NaN
         return None
-    scale = [1.0 / math.sqrt(top if d <= 1e-30 * top else d) for d in diag]
+    scale = [1.0 / math.sqrt(top if d <= _RELATIVE_ZERO_DIAGONAL * top else d) for d in diag]
     matrix = [
         [0.5 * (gramian[i][j] + gramian[j][i]) * scale[i] * scale[j] for j in range(m)]
         for i in range(m)
@@ -322,33 +325,49 @@ def solve_dual_cone(
         ``(V, info)`` with ``V`` of shape ``[k, m]``, and what the solve needed beyond the fast
         path (a large ridge, clipped eigenvalues, quadprog fallbacks).
     """
-    if reg_eps <= 0.0:
-        raise ValueError(f"reg_eps must be positive, got {reg_eps}.")
-    m = gramian.shape[0]
-    eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
-    if m <= 2:
+    eps = _ridge(gramian, reg_eps)
+    if gramian.shape[0] <= 2:
         tiny = _solve_tiny(gramian.tolist(), lower_bounds.tolist(), eps)
         if tiny is not None:
             solution = torch.tensor(tiny, dtype=gramian.dtype, device=gramian.device)
             return solution, DualConeInfo(ridge=eps)
-    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    matrix, scale, info = _equilibrated_problem(gramian, eps)
     bounds = lower_bounds.detach().to(device="cpu", dtype=torch.float64).numpy()
-    g = 0.5 * (g + g.T)
-    equilibrated, scale = equilibrate(g)
-    matrix, info = regularized_cholesky_safe(equilibrated, eps)
     u = bounds / scale[None, :]
     # Each problem is positively homogeneous in u: solve for u / max|u| and scale back.
     norms = np.abs(u).max(axis=1, initial=0.0)
     norms[norms == 0.0] = 1.0
     u = u / norms[:, None]
-    linear = u @ matrix
-    z, certified = solve_nonnegative_lcp(matrix, linear)
-    for row in np.nonzero(~certified)[0]:
-        info.n_fallbacks += 1
-        z[row] = _solve_quadprog_lcp(matrix, linear[row])
+    z = _certified_lcp(matrix, u @ matrix, info)
     v = (u + z) * norms[:, None] * scale[None, :]
     result = torch.from_numpy(v).to(device=gramian.device, dtype=gramian.dtype)
     return result, info
+
+
+def _ridge(gramian: Tensor, reg_eps: float) -> float:
+    """``ε = max(reg_eps, m·eps(dtype))``, after checking ``reg_eps``."""
+    if reg_eps <= 0.0:
+        raise ValueError(f"reg_eps must be positive, got {reg_eps}.")
+    return max(reg_eps, gramian.shape[0] * float(torch.finfo(gramian.dtype).eps))
+
+
+def _equilibrated_problem(
+    gramian: Tensor, eps: float
+) -> tuple[np.ndarray, np.ndarray, DualConeInfo]:
+    """Steps 1–2 of the module docstring: ``(M, diag(D), info)`` in float64 on the CPU."""
+    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    equilibrated, scale = equilibrate(0.5 * (g + g.T))
+    matrix, info = regularized_cholesky_safe(equilibrated, eps)
+    return matrix, scale, info
+
+
+def _certified_lcp(matrix: np.ndarray, linear: np.ndarray, info: DualConeInfo) -> np.ndarray:
+    """Steps 3–4: the pivoting solve, with quadprog for every uncertified problem."""
+    z, certified = solve_nonnegative_lcp(matrix, linear)
+    for row in np.flatnonzero(~certified):
+        info.n_fallbacks += 1
+        z[row] = _solve_quadprog_lcp(matrix, linear[row])
+    return z
 
 
 def solve_upgrad_weights(
@@ -362,21 +381,13 @@ def solve_upgrad_weights(
     ``i`` is one vector-matrix product. Preferences with a negative entry, and ``m ≤ 2``, take
     :func:`solve_dual_cone`.
     """
-    if reg_eps <= 0.0:
-        raise ValueError(f"reg_eps must be positive, got {reg_eps}.")
-    m = gramian.shape[0]
+    eps = _ridge(gramian, reg_eps)
     p = preference.detach().to(device="cpu", dtype=torch.float64).numpy()
-    if m <= 2 or (p < 0.0).any():
+    if gramian.shape[0] <= 2 or (p < 0.0).any():
         solutions, info = solve_dual_cone(gramian, torch.diag(preference), reg_eps)
         return solutions.sum(dim=0), info
-    eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
-    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
-    equilibrated, scale = equilibrate(0.5 * (g + g.T))
-    matrix, info = regularized_cholesky_safe(equilibrated, eps)
-    z, certified = solve_nonnegative_lcp(matrix, matrix)
-    for row in np.flatnonzero(~certified):
-        info.n_fallbacks += 1
-        z[row] = _solve_quadprog_lcp(matrix, matrix[row])
+    matrix, scale, info = _equilibrated_problem(gramian, eps)
+    z = _certified_lcp(matrix, matrix, info)
     norms = p / scale
     weights = scale * (norms + norms @ z)
     return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype), info
