@@ -47,6 +47,7 @@ from torch.optim import Optimizer
 
 from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
 from .losses import LossBatch
+from .update import all_finite
 
 __all__ = ["LossScaling", "no_autocast", "poison_grads", "scaler_step"]
 
@@ -143,7 +144,7 @@ def scaler_step(grad_scaler: object, optimizer: Optimizer, params: list[Tensor])
     overflow and skips the step, and ``scaler.update()`` lowers the scale.
     """
     with torch.no_grad():
-        found_inf = not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        found_inf = not all_finite([p.grad for p in params if p.grad is not None])
     grad_scaler.step(optimizer)  # type: ignore[attr-defined]
     return found_inf
 

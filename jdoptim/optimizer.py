@@ -15,7 +15,13 @@ from .amp import LossScaling, no_autocast, poison_grads, scaler_step
 from .losses import nonfinite_loss_names, parse_losses
 from .parameter_plan import ParameterPlan, Scope, plan_parameters
 from .record import StepRecord
-from .update import JacobianUpdate, NonFiniteJacobianError, UpdateComputer, UpdateResult
+from .update import (
+    JacobianUpdate,
+    NonFiniteJacobianError,
+    UpdateComputer,
+    UpdateResult,
+    all_finite,
+)
 
 __all__ = ["JDOptimizer"]
 
@@ -344,19 +350,6 @@ def _nonfinite_result(result: UpdateResult) -> str | None:
         return "aggregation weights"
     covered = result.weights is not None and result.gramian is not None
     grads = result.specific_grads if covered else result.shared_grads + result.specific_grads
-    if grads and not _all_finite(grads):
+    if grads and not all_finite(grads):
         return "aggregated gradient"
     return None
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, from one fused max-norm per tensor (NaN and
-    ±inf propagate through ``max |x|``, and it cannot overflow) and one synchronisation."""
-    tensors = [t for t in tensors if t.numel()]  # an empty gradient has nothing to check
-    if not tensors:
-        return True
-    if len({(t.device, t.dtype) for t in tensors}) == 1 and hasattr(torch, "_foreach_norm"):
-        norms = torch._foreach_norm(tensors, float("inf"))
-    else:
-        norms = [t.abs().max().float() for t in tensors]
-    return bool(torch.isfinite(torch.stack(norms)).all())

@@ -52,6 +52,19 @@ def ensure_finite(tensor: Tensor, what: str) -> None:
         raise NonFiniteJacobianError(f"Non-finite entries in the losses' {what}")
 
 
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, from one fused max-norm per tensor (NaN and
+    ±inf propagate through ``max |x|``, and it cannot overflow) and one synchronisation."""
+    tensors = [t for t in tensors if t.numel()]  # an empty gradient has nothing to check
+    if not tensors:
+        return True
+    if len({(t.device, t.dtype) for t in tensors}) == 1 and hasattr(torch, "_foreach_norm"):
+        norms = torch._foreach_norm(tensors, float("inf"))
+    else:
+        norms = [t.abs().max().float() for t in tensors]
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
 def weigh(weighting: Weighting, gramian: Tensor) -> Tensor:
     """``w = W(G)`` for a Gramian an update computer built (square, symmetric by construction,
     already checked finite): the module call (with its hooks) under ``no_grad``, without

@@ -153,12 +153,12 @@ def test_finiteness_check_of_gradients_handles_every_case():
     """The fused check behind the non-finite-gradient refusal: NaN and ±inf anywhere are caught,
     huge finite values (whose squared norm would overflow) are not, empty tensors are skipped,
     and mixed dtypes take the per-tensor path."""
-    from jdoptim.optimizer import _all_finite
+    from jdoptim.update import all_finite
 
     nan, inf = float("nan"), float("inf")
-    assert _all_finite([torch.ones(3), torch.zeros(0), torch.full((2, 2), 3e38)])
-    assert _all_finite([torch.zeros(0)])
-    assert not _all_finite([torch.ones(3), torch.tensor([1.0, nan])])
-    assert not _all_finite([torch.tensor([-inf]), torch.ones(1)])
-    assert not _all_finite([torch.ones(2, dtype=torch.float16), torch.tensor([inf])])
-    assert _all_finite([torch.ones(2, dtype=torch.float16), torch.ones(2, dtype=torch.float64)])
+    assert all_finite([torch.ones(3), torch.zeros(0), torch.full((2, 2), 3e38)])
+    assert all_finite([torch.zeros(0)])
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, nan])])
+    assert not all_finite([torch.tensor([-inf]), torch.ones(1)])
+    assert not all_finite([torch.ones(2, dtype=torch.float16), torch.tensor([inf])])
+    assert all_finite([torch.ones(2, dtype=torch.float16), torch.ones(2, dtype=torch.float64)])
