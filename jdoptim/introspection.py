@@ -44,23 +44,6 @@ def _leaf_of(node: Node) -> Tensor | None:
     return getattr(node, "variable", None)
 
 
-def _leaves_below(root: Node) -> list[Tensor]:
-    """The leaves reachable from ``root``, once each, in the order first met."""
-    leaves: list[Tensor] = []
-    seen = {root}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        leaf = _leaf_of(node)
-        if leaf is not None:
-            leaves.append(leaf)
-        for child in _children(node):
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return leaves
-
-
 def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     """Return ``(leaf, mask)`` pairs; bit ``i`` of ``mask`` is set iff ``losses[i]`` reaches it.
 
@@ -72,8 +55,6 @@ def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     masks: dict[Node, int] = {}
     # Leaf tensors that are themselves losses (a loss that *is* a parameter) have no grad_fn.
     direct = [(loss, 1 << i) for i, loss in enumerate(losses) if loss.grad_fn is None]
-    if len(roots) == 1 and not direct:  # one root (e.g. a vector of per-sample losses): one DFS
-        return [(leaf, roots[0][1]) for leaf in _leaves_below(roots[0][0])]
 
     # Pass 1: every node reachable from a root, and the number of its parents in that subgraph.
     in_degree: dict[Node, int] = {}
@@ -81,13 +62,19 @@ def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     for node in stack:
         in_degree.setdefault(node, 0)
     seen = set(stack)
+    met: list[Tensor] = []  # the leaves, in the order first met
     while stack:
         node = stack.pop()
+        leaf = _leaf_of(node)
+        if leaf is not None:
+            met.append(leaf)
         for child in _children(node):
             in_degree[child] = in_degree.get(child, 0) + 1
             if child not in seen:
                 seen.add(child)
                 stack.append(child)
+    if len(roots) == 1 and not direct:  # one root reaches every leaf met: no masks to propagate
+        return [(leaf, roots[0][1]) for leaf in met]
 
     # Pass 2: propagate the loss bitmasks from parents to children in topological order.
     for node, bit in roots:
