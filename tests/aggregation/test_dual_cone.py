@@ -7,6 +7,7 @@ import pytest
 import quadprog
 import torch
 
+import jdoptim.aggregation._dual_cone as module
 from jdoptim.aggregation._dual_cone import (
     equilibrate,
     solve_dual_cone,
@@ -52,8 +53,6 @@ def test_lcp_with_shared_free_sets_matches_quadprog(m):
 def test_lcp_with_and_without_the_unguarded_first_pivots(m, unguarded, monkeypatch):
     """The anti-cycling bookkeeping from the first pivot on, or after 1 or 5 unguarded ones,
     gives quadprog's solutions, on a well- and a near-singular matrix."""
-    import jdoptim.aggregation._dual_cone as module
-
     monkeypatch.setattr(module, "_UNGUARDED_PIVOTS", unguarded)
     rng = np.random.default_rng(m + unguarded)
     for condition in (1e-1, 1e-7):
@@ -84,8 +83,6 @@ def test_fallback_gives_the_same_solution(monkeypatch):
     bounds = torch.eye(9, dtype=torch.float64) / 9
     fast, info = solve_dual_cone(g, bounds)
     assert info.n_fallbacks == 0
-
-    import jdoptim.aggregation._dual_cone as module
 
     original = module.solve_nonnegative_lcp
     monkeypatch.setattr(
@@ -163,7 +160,6 @@ def _well_conditioned(g: torch.Tensor) -> bool:
 @pytest.mark.parametrize("case", range(len(_tiny_cases())))
 def test_one_or_two_losses_take_the_plain_python_path_and_match_quadprog(case, monkeypatch):
     g, bounds = _tiny_cases()[case]
-    import jdoptim.aggregation._dual_cone as module
 
     def refuse(*args, **kwargs):
         raise AssertionError("the general solver ran for m <= 2")
@@ -186,8 +182,6 @@ def test_one_or_two_losses_take_the_plain_python_path_and_match_quadprog(case, m
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_tiny_path_agrees_with_the_general_solver(dtype, monkeypatch):
-    import jdoptim.aggregation._dual_cone as module
-
     for g, bounds in _tiny_cases():
         g, bounds = g.to(dtype), bounds.to(dtype)
         fast, _ = solve_dual_cone(g, bounds)
