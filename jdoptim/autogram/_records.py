@@ -50,10 +50,23 @@ class CallRecord:
     kwargs: dict[str, Any]
     tapped: list[Tapped]
 
+    @property
+    def sole_input(self) -> Tensor | None:
+        """The input of a call on one positional tensor and no keywords (a layer's usual call)."""
+        return sole_tensor(self.args, self.kwargs)
+
     def input_tensors(self) -> list[Tensor]:
-        if not self.kwargs and len(self.args) == 1 and isinstance(self.args[0], Tensor):
-            return [self.args[0]]  # the common case, without the recursive walk
+        sole = self.sole_input
+        if sole is not None:
+            return [sole]  # the common case, without the recursive walk
         return list(iter_tensors((self.args, self.kwargs)))
+
+
+def sole_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """``args[0]`` when the call is ``f(tensor)``: one positional tensor and no keywords."""
+    if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
+        return args[0]
+    return None
 
 
 def make_hook(key: str):
@@ -66,14 +79,10 @@ def make_hook(key: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        if (  # the common case (a layer on one tensor), without the pytree walks
-            isinstance(output, Tensor)
-            and not kwargs
-            and len(args) == 1
-            and isinstance(args[0], Tensor)
-        ):
+        sole = sole_tensor(args, kwargs)
+        if isinstance(output, Tensor) and sole is not None:  # a layer on one tensor: no pytrees
             node = output.grad_fn
-            if node is None or node is args[0].grad_fn:
+            if node is None or node is sole.grad_fn:
                 return
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
             node.metadata.setdefault(key, []).append((CallRecord(module, args, {}, [tapped]), 0))

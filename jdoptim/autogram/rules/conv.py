@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import LayerRule, register_rule
+from ._base import register_rule
 from ._call import Call, full_precision
-from ._contraction import bias_rows, linear_rows, weight_and_bias_gramian
+from ._contraction import bias_rows, linear_rows
+from .linear import LinearLikeRule
 
 
 def _pair(value: object, spatial: int, lead: int = 1) -> tuple[int, int]:
@@ -25,19 +26,19 @@ def _pair(value: object, spatial: int, lead: int = 1) -> tuple[int, int]:
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
-class ConvRule(LayerRule):
+class ConvRule(LinearLikeRule):
     @classmethod
     def applies(cls, call: Call) -> bool:
         module = call.module
-        args, kwargs = call.record.args, call.record.kwargs
-        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        x = call.record.sole_input
+        if x is None:
             return False
         if module.groups != 1 or module.padding_mode != "zeros":  # type: ignore[union-attr]
             return False
         if isinstance(module.padding, str) and module.padding != "valid":  # type: ignore
             return False
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
-        return call.batch_dim is None or (call.batch_dim == 0 and args[0].dim() == spatial + 2)
+        return call.batch_dim is None or (call.batch_dim == 0 and x.dim() == spatial + 2)
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
@@ -71,10 +72,6 @@ class ConvRule(LayerRule):
             else bias_rows(self.grads)
             for p in params
         ]
-
-    def gramian(self, params: list[Tensor]) -> Tensor:
-        weight = self.call.module.weight  # type: ignore[union-attr]
-        return weight_and_bias_gramian(self.inputs, self.grads, params, weight)
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         module = self.call.module

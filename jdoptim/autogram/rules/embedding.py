@@ -22,12 +22,12 @@ class EmbeddingRule(LayerRule):
     @classmethod
     def applies(cls, call: Call) -> bool:
         module = call.module
-        args, kwargs = call.record.args, call.record.kwargs
-        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+        index = call.record.sole_input
+        if index is None:
             return False
         if module.max_norm is not None or module.scale_grad_by_freq:  # type: ignore[union-attr]
             return False
-        return call.batch_dim is None or call.batch_dim < args[0].dim()
+        return call.batch_dim is None or call.batch_dim < index.dim()
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)

@@ -15,14 +15,26 @@ from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows, weight_and_bias_gramian
 
 
+class LinearLikeRule(LayerRule):
+    """A layer ``Y_s = W a_s (+ β)`` at every position ``s`` (``Linear``; ``Conv`` after im2col):
+    subclasses set ``inputs`` (``a``, ``[b, S, d]``) and ``grads`` (``D``, ``[T, b, S, o]``)."""
+
+    inputs: Tensor
+    grads: Tensor
+
+    def gramian(self, params: list[Tensor]) -> Tensor:
+        weight = self.call.module.weight  # type: ignore[union-attr]
+        return weight_and_bias_gramian(self.inputs, self.grads, params, weight)
+
+
 @register_rule(nn.Linear)
-class LinearRule(LayerRule):
+class LinearRule(LinearLikeRule):
     @classmethod
     def applies(cls, call: Call) -> bool:
-        args, kwargs = call.record.args, call.record.kwargs
-        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or args[0].dim() < 1:
+        x = call.record.sole_input
+        if x is None or x.dim() < 1:
             return False
-        return call.batch_dim is None or call.batch_dim < args[0].dim() - 1
+        return call.batch_dim is None or call.batch_dim < x.dim() - 1
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
@@ -38,10 +50,6 @@ class LinearRule(LayerRule):
             linear_rows(self.inputs, self.grads) if p is module.weight else bias_rows(self.grads)
             for p in params
         ]
-
-    def gramian(self, params: list[Tensor]) -> Tensor:
-        weight = self.call.module.weight  # type: ignore[union-attr]
-        return weight_and_bias_gramian(self.inputs, self.grads, params, weight)
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         module = self.call.module
