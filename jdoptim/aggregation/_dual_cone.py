@@ -19,14 +19,11 @@ How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing
    beyond that, the negative eigenvalues are clipped (eigendecomposition) as a last resort.
 3. **Batched exact active-set solve.** With ``v' = u' + z``, the QP is the linear
    complementarity problem ``z ≥ 0, y = M z + M u' ≥ 0, zᵀy = 0``. All ``k`` problems are solved
-   together by block principal pivoting (Júdice & Pires 1994; with the anti-cycling rule of
-   Kim & Park 2011, which falls back to Murty's single pivot): every iteration solves, for all
-   unfinished problems at once, the linear system of the current free set, then swaps every
-   variable that violates ``z ≥ 0`` or ``y ≥ 0``. For a positive definite ``M`` this terminates
-   at the exact solution of the regularised problem. The first five pivots skip the anti-cycling
-   bookkeeping (the rule then starts afresh, which keeps termination); problems sharing a free
-   set share one factorisation (UPGrad's first pivot frees the same conflicting rows for every
-   loss of a group of agreeing losses).
+   together by block principal pivoting (:mod:`._lcp`: Júdice & Pires 1994, with Kim & Park's
+   anti-cycling rule), which terminates at the exact solution of the regularised problem.
+   Problems whose first pivot frees the same variables (UPGrad: a group of agreeing losses)
+   continue on the principal pivot transform of ``M`` on that set, where each later pivot solves
+   a system of the size of the change of free set only.
 4. **Certificate.** The KKT conditions (``z ≥ 0``, ``y ≥ 0``, ``y_F = 0`` on the free set) are
    checked to a relative tolerance; every problem that is not certified is re-solved with
    quadprog (Goldfarb–Idnani), which is also the reference solver of the tests.
@@ -54,12 +51,12 @@ import quadprog
 import torch
 from torch import Tensor
 
+from ._lcp import solve_nonnegative_lcp
+
 DEFAULT_REGULARIZATION = 1e-10
 _MAX_REGULARIZATION = 1e-2
 #: A ridge this many times larger than the initial one is reported as "large".
 _LARGE_RIDGE_FACTOR = 1e4
-_PIVOT_TOL = 1e-13
-_CERTIFICATE_TOL = 1e-9
 #: Equilibration: a Gramian whose largest diagonal entry is below this is taken as all zero, and
 #: a diagonal entry below ``_RELATIVE_ZERO_DIAGONAL`` times the largest as a zero gradient.
 _ZERO_DIAGONAL = 1e-300
@@ -134,119 +131,6 @@ def regularized_cholesky_safe(matrix: np.ndarray, eps: float) -> tuple[np.ndarra
     info.ridge = eps
     info.clipped_eigenvalues = True
     return 0.5 * (clipped + clipped.T) + eps * identity, info
-
-
-#: Block pivots made before the anti-cycling bookkeeping starts (see solve_nonnegative_lcp).
-_UNGUARDED_PIVOTS = 5
-#: Up to this size, the free-set systems are solved at full size with the bound variables
-#: masked out (fewer array operations); above it, the free variables are gathered (fewer flops).
-_MASKED_SYSTEMS_UP_TO = 24
-
-
-def _solve_free_systems(matrix: np.ndarray, linear: np.ndarray, free: np.ndarray) -> np.ndarray:
-    """For each row ``k``: ``z_F = -M_FF⁻¹ q_F`` on its free set ``F``, ``z = 0`` elsewhere.
-
-    Small problems solve ``[M_FF 0; 0 I] z = [-q_F; 0]`` at full size. Larger ones gather the free
-    variables to the front so that every system has the size of the largest free set (padded with
-    the identity), not ``m``.
-    """
-    k, m = linear.shape
-    if m <= _MASKED_SYSTEMS_UP_TO:
-        systems = matrix * (free[:, :, None] & free[:, None, :])
-        systems.reshape(k, m * m)[:, :: m + 1] += ~free
-        rhs = np.where(free, -linear, 0.0)
-        return np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
-    size = int(free.sum(axis=1).max())
-    z = np.zeros((k, m))
-    if size == 0:
-        return z
-    # Problems often share their free set (UPGrad's first pivot frees the same conflicting
-    # rows for every loss of a group): when they do, factor each distinct set once.
-    packed = np.packbits(free, axis=1)
-    keys = packed.view(np.dtype((np.void, packed.shape[1])))[:, 0]
-    _, first, which = np.unique(keys, return_index=True, return_inverse=True)
-    shared = 2 * len(first) <= k
-    sets = free[first] if shared else free
-    order = np.argsort(~sets, axis=1, kind="stable")[:, :size]  # free indices first
-    valid = np.take_along_axis(sets, order, axis=1)
-    systems = matrix[order[:, :, None], order[:, None, :]]
-    systems *= valid[:, :, None] & valid[:, None, :]
-    systems.reshape(len(sets), size * size)[:, :: size + 1] += ~valid
-    if shared:
-        which = which.reshape(-1)
-        order, valid = order[which], valid[which]
-    rhs = np.where(valid, -np.take_along_axis(linear, order, axis=1), 0.0)
-    if shared:
-        solution = (np.linalg.inv(systems)[which] @ rhs[:, :, None])[:, :, 0]
-    else:
-        solution = np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
-    np.put_along_axis(z, order, np.where(valid, solution, 0.0), axis=1)
-    return z
-
-
-def solve_nonnegative_lcp(
-    matrix: np.ndarray, linear: np.ndarray, max_iter: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    r"""Batched block principal pivoting for ``zₖ = argmin_{z ≥ 0} ½ zᵀ M z + qₖᵀ z``.
-
-    Args:
-        matrix: ``M``, shape ``[m, m]``, symmetric positive definite (float64).
-        linear: ``Q``, shape ``[k, m]``, one ``qₖ`` per row (float64).
-        max_iter: linear solves before giving up (default ``5m + 20``).
-
-    Returns:
-        ``(Z, certified)``: the solutions, shape ``[k, m]``, and a boolean mask of the problems
-        whose KKT conditions (``z ≥ 0``, ``y = Mz + q ≥ 0``, ``y = 0`` where ``z > 0``) hold to a
-        relative tolerance of ``1e-9``. Uncertified rows must be re-solved by the caller.
-
-    Written for few array operations per iteration: a training step runs it right after large
-    matrix products, when every small operation is slow.
-    """
-    k, m = linear.shape
-    if max_iter is None:
-        max_iter = 5 * m + 20
-    scale = np.abs(linear).max(axis=1, initial=1e-300)  # [k]
-    pivot_tol = (_PIVOT_TOL * scale)[:, None]
-    z = np.zeros((k, m))
-    # From z = 0 (every variable bound, y = q), the infeasible variables are those with q < 0.
-    infeasible = linear < -pivot_tol
-    free = np.zeros((k, m), dtype=bool)
-    best = np.full(k, m + 1)
-    backup = np.full(k, 3)
-    for iteration in range(max_iter):
-        counts = infeasible.sum(axis=1)
-        todo = np.flatnonzero(counts)
-        if todo.size == 0:
-            break
-        if iteration >= _UNGUARDED_PIVOTS:
-            # Kim & Park's rule: flip every infeasible variable while their number decreases,
-            # or for 3 more tries; otherwise flip only the one of largest index (Murty), which
-            # terminates from any state. (The first pivots flip everything unguarded: they
-            # nearly always finish the problem, with fewer array operations.)
-            improving = counts < best
-            best = np.minimum(best, counts)
-            patient = backup > 0
-            backup = np.where(improving, 3, backup - patient)
-            single = (~improving & ~patient)[todo]
-            if single.any():
-                rows = todo[single]
-                last = np.where(infeasible[rows], np.arange(m), -1).max(axis=1)
-                infeasible[rows] = False
-                infeasible[rows, last] = True
-        if todo.size == k:
-            free ^= infeasible
-            z = _solve_free_systems(matrix, linear, free)
-        else:
-            free[todo] ^= infeasible[todo]
-            z[todo] = _solve_free_systems(matrix, linear[todo], free[todo])
-        y = z @ matrix + linear
-        infeasible = np.where(free, z, y) < -pivot_tol
-    np.maximum(z, 0.0, out=z)
-    y = z @ matrix + linear
-    tol = _CERTIFICATE_TOL * (scale + np.abs(matrix).max() * z.max(axis=1, initial=0.0))
-    tol = tol[:, None]
-    certified = ((y >= -tol) & ((z == 0.0) | (np.abs(y) <= tol))).all(axis=1)
-    return z, certified
 
 
 def _solve_quadprog_lcp(matrix: np.ndarray, linear: np.ndarray) -> np.ndarray:

@@ -51,9 +51,9 @@ from ._dual_cone import (
     equilibrate,
     normalize_gramian,
     regularized_cholesky_safe,
-    solve_nonnegative_lcp,
     warn_once_if_degraded,
 )
+from ._lcp import solve_nonnegative_lcp
 from ._mixins import _NonDifferentiable
 from .upgrad import _check_reg_eps
 

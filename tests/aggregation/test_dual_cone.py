@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import quadprog
 import torch
 
 import jdoptim.aggregation._dual_cone as module
@@ -12,69 +11,8 @@ from jdoptim.aggregation._dual_cone import (
     equilibrate,
     solve_dual_cone,
     solve_dual_cone_quadprog,
-    solve_nonnegative_lcp,
     solve_upgrad_weights,
 )
-
-
-def _random_pd(m: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((m, 2 * m))
-    return a @ a.T / m + 1e-3 * np.eye(m)
-
-
-@pytest.mark.parametrize("m", [1, 2, 5, 17, 40])
-def test_lcp_solutions_match_quadprog(m):
-    matrix = _random_pd(m, m)
-    linear = np.random.default_rng(100 + m).standard_normal((7, m))
-    z, certified = solve_nonnegative_lcp(matrix, linear)
-    assert certified.all()
-    for row in range(7):
-        expected = quadprog.solve_qp(matrix, -linear[row], np.eye(m), np.zeros(m))[0]
-        np.testing.assert_allclose(z[row], expected, atol=1e-10, rtol=1e-8)
-
-
-@pytest.mark.parametrize("m", [5, 40])
-def test_lcp_with_shared_free_sets_matches_quadprog(m):
-    """Problems sharing their free sets (each distinct set is factored once above 24 variables):
-    repeated and positively rescaled rows of ``Q`` among distinct ones."""
-    matrix = _random_pd(m, 11 * m)
-    base = np.random.default_rng(m).standard_normal((3, m))
-    linear = np.concatenate([base, base * 2.0, base[:1] * 0.5, base[1:2], base[2:] * 3.0])
-    z, certified = solve_nonnegative_lcp(matrix, linear)
-    assert certified.all()
-    for row in range(linear.shape[0]):
-        expected = quadprog.solve_qp(matrix, -linear[row], np.eye(m), np.zeros(m))[0]
-        np.testing.assert_allclose(z[row], expected, atol=1e-10, rtol=1e-8)
-
-
-@pytest.mark.parametrize("unguarded", [0, 1, 5])
-@pytest.mark.parametrize("m", [6, 30])
-def test_lcp_with_and_without_the_unguarded_first_pivots(m, unguarded, monkeypatch):
-    """The anti-cycling bookkeeping from the first pivot on, or after 1 or 5 unguarded ones,
-    gives quadprog's solutions, on a well- and a near-singular matrix."""
-    monkeypatch.setattr(module, "_UNGUARDED_PIVOTS", unguarded)
-    rng = np.random.default_rng(m + unguarded)
-    for condition in (1e-1, 1e-7):
-        a = rng.standard_normal((m, m // 2))
-        matrix = a @ a.T / m + condition * np.eye(m)
-        linear = rng.standard_normal((9, m))
-        z, certified = solve_nonnegative_lcp(matrix, linear)
-        if condition > 1e-3:
-            assert certified.all()
-        # Near-singular problems may exhaust the pivots; those rows are reported uncertified
-        # (solve_dual_cone re-solves them with quadprog), and every certified row is exact.
-        for row in np.flatnonzero(certified):
-            expected = quadprog.solve_qp(matrix, -linear[row], np.eye(m), np.zeros(m))[0]
-            tol = 1e-6 * max(1.0, float(np.abs(expected).max()))
-            np.testing.assert_allclose(z[row], expected, atol=tol, rtol=1e-6)
-
-
-def test_uncertified_problems_are_reported():
-    matrix = _random_pd(12, 3)
-    linear = -np.abs(np.random.default_rng(3).standard_normal((4, 12)))  # z = 0 is infeasible
-    _, certified = solve_nonnegative_lcp(matrix, linear, max_iter=0)
-    assert not certified.any()
 
 
 def test_fallback_gives_the_same_solution(monkeypatch):
