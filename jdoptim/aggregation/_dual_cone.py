@@ -99,23 +99,22 @@ def equilibrate(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Diagonal entries that are zero (or below ``1e-300``, or below ``1e-30·max Gᵢᵢ``) are given the
     scale of the largest one; an all-zero Gramian gets ``D = I``.
     """
-    diag = np.diag(gramian).copy()
+    diag = np.diagonal(gramian)
     top = float(diag.max()) if diag.size else 0.0
     if top <= _ZERO_DIAGONAL:
         return gramian.copy(), np.ones_like(diag)
-    diag[diag <= _RELATIVE_ZERO_DIAGONAL * top] = top
-    scale = 1.0 / np.sqrt(diag)
-    return gramian * scale[:, None] * scale[None, :], scale
+    scale = 1.0 / np.sqrt(np.where(diag <= _RELATIVE_ZERO_DIAGONAL * top, top, diag))
+    return gramian * np.multiply.outer(scale, scale), scale
 
 
 def regularized_cholesky_safe(matrix: np.ndarray, eps: float) -> tuple[np.ndarray, DualConeInfo]:
     """Return ``M = matrix + ε'I`` positive definite, raising ``ε`` as needed (see module doc)."""
     m = matrix.shape[0]
     info = DualConeInfo()
-    identity = np.eye(m)
     current = eps
     while current <= _MAX_REGULARIZATION:
-        candidate = matrix + current * identity
+        candidate = matrix.copy()
+        candidate.reshape(-1)[:: m + 1] += current
         try:
             np.linalg.cholesky(candidate)
         except np.linalg.LinAlgError:
@@ -130,7 +129,7 @@ def regularized_cholesky_safe(matrix: np.ndarray, eps: float) -> tuple[np.ndarra
     clipped = (eigenvectors * eigenvalues) @ eigenvectors.T
     info.ridge = eps
     info.clipped_eigenvalues = True
-    return 0.5 * (clipped + clipped.T) + eps * identity, info
+    return 0.5 * (clipped + clipped.T) + eps * np.eye(m), info
 
 
 def _solve_quadprog_lcp(matrix: np.ndarray, linear: np.ndarray) -> np.ndarray:

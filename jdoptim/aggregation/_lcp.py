@@ -124,13 +124,13 @@ def _block_pivoting(
     w = start
     infeasible = start < -pivot_tol
     free = np.zeros((k, m), dtype=bool)
-    best = np.full(k, m + 1)
-    backup = np.full(k, 3)
     for iteration in range(max_iter):
         counts = infeasible.sum(axis=1)
         todo = np.flatnonzero(counts)
         if todo.size == 0:
             break
+        if iteration == _UNGUARDED_PIVOTS:
+            best, backup = np.full(k, m + 1), np.full(k, 3)
         if iteration >= _UNGUARDED_PIVOTS:
             # Kim & Park's rule (see the module docstring).
             improving = counts < best
