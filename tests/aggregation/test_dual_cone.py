@@ -136,11 +136,12 @@ def test_tiny_path_agrees_with_the_general_solver(dtype, monkeypatch):
             )
 
 
-@pytest.mark.parametrize("m", [3, 8, 30])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 30])
 @pytest.mark.parametrize("preference", ["uniform", "random", "with_zeros"])
 def test_upgrad_weights_are_the_sum_of_the_diagonal_problems(m, preference):
-    """The UPGrad shortcut (bounds ``eᵢ`` scaled back by ``pᵢ``) equals summing the solutions of
-    the ``m`` problems ``v ≥ pᵢeᵢ`` solved one by one with quadprog."""
+    """The UPGrad shortcut (bounds ``eᵢ`` scaled back by ``pᵢ``; plain Python for ``m ≤ 2``)
+    equals summing the solutions of the ``m`` problems ``v ≥ pᵢeᵢ`` solved one by one with
+    quadprog."""
     gen = torch.Generator().manual_seed(m)
     j = torch.randn(m, 2 * m, generator=gen, dtype=torch.float64)
     j[:, 0] += 2.0  # some agreement, some conflict
