@@ -170,8 +170,8 @@ def _solve_free_systems(matrix: np.ndarray, linear: np.ndarray, free: np.ndarray
     """For each row ``k``: ``z_F = -M_FF⁻¹ q_F`` on its free set ``F``, ``z = 0`` elsewhere.
 
     Small problems solve ``[M_FF 0; 0 I] z = [-q_F; 0]`` at full size. Larger ones gather the free
-    variables to the front so that every system has the size of the largest free set (padded with
-    the identity), not ``m``.
+    variables (:func:`_solve_gathered`), factoring each distinct free set once when at least half
+    the problems share theirs.
     """
     k, m = linear.shape
     if m <= _MASKED_SYSTEMS_UP_TO:
@@ -179,25 +179,45 @@ def _solve_free_systems(matrix: np.ndarray, linear: np.ndarray, free: np.ndarray
         systems.reshape(k, m * m)[:, :: m + 1] += ~free
         rhs = np.where(free, -linear, 0.0)
         return np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
-    size = int(free.sum(axis=1).max())
-    z = np.zeros((k, m))
-    if size == 0:
-        return z
-    # Problems often share their free set: when they do, factor each distinct set once.
     first, which = _distinct_rows(free)
-    shared = 2 * len(first) <= k
-    sets = free[first] if shared else free
-    order, valid = _free_first(sets, size)
-    systems = _gathered_systems(matrix[None], np.zeros(len(sets), dtype=np.intp), order, valid)
-    if shared:
-        order, valid = order[which], valid[which]
-    rhs = np.where(valid, -np.take_along_axis(linear, order, axis=1), 0.0)
-    if shared:
-        solution = (np.linalg.inv(systems)[which] @ rhs[:, :, None])[:, :, 0]
+    distinct = (first, which) if 2 * len(first) <= k else None
+    return _solve_gathered(matrix[None], np.zeros(k, dtype=np.intp), linear, free, distinct)
+
+
+def _solve_gathered(
+    matrices: np.ndarray,
+    which: np.ndarray,
+    linear: np.ndarray,
+    free: np.ndarray,
+    distinct: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """For each row ``k``: ``x_F = -A_FF⁻¹ q_F`` with ``A = matrices[which[k]]`` on its free set
+    ``F``, ``x = 0`` elsewhere, the free variables gathered to the front so that every system has
+    the size of the largest free set (padded with the identity), not ``m``.
+
+    ``distinct = (first, rows)`` (from :func:`_distinct_rows` of ``free``, for problems of one
+    matrix) factors each distinct free set once and applies its inverse to all its problems.
+    """
+    k, m = linear.shape
+    size = int(free.sum(axis=1).max())
+    x = np.zeros((k, m))
+    if size == 0:
+        return x
+    if distinct is None:
+        order, valid = _free_first(free, size)
+        systems = _gathered_systems(matrices, which, order, valid)
     else:
-        solution = np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
-    np.put_along_axis(z, order, np.where(valid, solution, 0.0), axis=1)
-    return z
+        first, rows = distinct
+        order, valid = _free_first(free[first], size)
+        inverses = np.linalg.inv(_gathered_systems(matrices, which[first], order, valid))
+        order, valid = order[rows], valid[rows]
+    rhs = np.where(valid, -np.take_along_axis(linear, order, axis=1), 0.0)[:, :, None]
+    if distinct is None:
+        solution = np.linalg.solve(systems, rhs)[:, :, 0]
+    else:
+        solution = (inverses[rows] @ rhs)[:, :, 0]
+    np.put_along_axis(x, order, np.where(valid, solution, 0.0), axis=1)
+    return x
 
 
 def _distinct_rows(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -251,17 +271,9 @@ def _solve_by_pivot_transform(
     transposed = transforms.transpose(0, 2, 1)
 
     def solve(rows: np.ndarray | None, free: np.ndarray) -> np.ndarray:
-        rows = np.arange(k) if rows is None else rows
-        size = int(free.sum(axis=1).max())
-        x = np.zeros(free.shape)
-        if size == 0:
-            return x
-        order, valid = _free_first(free, size)
-        systems = _gathered_systems(transforms, group[rows], order, valid)
-        rhs = np.where(valid, -np.take_along_axis(start[rows], order, axis=1), 0.0)
-        solution = np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
-        np.put_along_axis(x, order, np.where(valid, solution, 0.0), axis=1)
-        return x
+        if rows is None:
+            return _solve_gathered(transforms, group, start, free)
+        return _solve_gathered(transforms, group[rows], start[rows], free)
 
     def complement(x: np.ndarray) -> np.ndarray:
         w = np.empty_like(x)
