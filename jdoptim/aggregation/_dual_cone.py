@@ -262,20 +262,21 @@ def solve_upgrad_weights(
     positive homogeneity, problem ``i`` is solved for the bound ``eᵢ`` in equilibrated variables
     (so its linear term is row ``i`` of ``M``) and scaled by ``pᵢ / Dᵢᵢ``, and the sum over
     ``i`` is one vector-matrix product. With ``m ≤ 2``, the plain-Python solve
-    (:func:`_solve_tiny`) and its sum need no arrays at all; preferences with a negative entry, and
-    the rare tiny problems that path declines, take :func:`solve_dual_cone`.
+    (:func:`_solve_tiny`) and its sum need no arrays at all; the rare tiny problems it declines
+    take the general path. Preferences with a negative entry take :func:`solve_dual_cone`.
     """
     eps = _ridge(gramian, reg_eps)
     if gramian.shape[0] <= 2:  # the plain-Python path, summed there too
-        p = preference.tolist()
-        bounds = [[p[i] if i == j else 0.0 for j in range(len(p))] for i in range(len(p))]
+        entries = preference.tolist()
+        m = len(entries)
+        bounds = [[v if i == j else 0.0 for j in range(m)] for i, v in enumerate(entries)]
         tiny = _solve_tiny(gramian.tolist(), bounds, eps)
         if tiny is not None:
             weights = [sum(column) for column in zip(*tiny, strict=True)]
             result = torch.tensor(weights, dtype=gramian.dtype, device=gramian.device)
             return result, DualConeInfo(ridge=eps)
     p = preference.detach().to(device="cpu", dtype=torch.float64).numpy()
-    if gramian.shape[0] <= 2 or (p < 0.0).any():
+    if (p < 0.0).any():
         solutions, info = solve_dual_cone(gramian, torch.diag(preference), reg_eps)
         return solutions.sum(dim=0), info
     matrix, scale, info = _equilibrated_problem(gramian, eps)

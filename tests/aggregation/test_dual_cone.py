@@ -156,3 +156,20 @@ def test_upgrad_weights_are_the_sum_of_the_diagonal_problems(m, preference):
     reference = solve_dual_cone_quadprog(g, torch.diag(p)).sum(0)
     torch.testing.assert_close(weights @ j, reference @ j, atol=1e-7, rtol=1e-7)
     assert (j @ (weights @ j) >= -1e-8).all()  # the aggregated direction conflicts with no row
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_upgrad_weights_of_one_or_two_losses_off_the_plain_python_path(m, monkeypatch):
+    """When the plain-Python solve declines, UPGrad's weights come from the general path and
+    still equal summing quadprog's solutions."""
+    monkeypatch.setattr(module, "_solve_tiny", lambda *args: None)
+    gen = torch.Generator().manual_seed(20 + m)
+    j = torch.randn(m, 4, generator=gen, dtype=torch.float64)
+    if m == 2:
+        j[1] = -0.5 * j[0] + 0.3 * torch.randn(4, generator=gen, dtype=torch.float64)  # conflict
+    g = j @ j.T
+    p = torch.full((m,), 1.0 / m, dtype=torch.float64)
+    weights, info = solve_upgrad_weights(g, p)
+    assert not info.degraded
+    reference = solve_dual_cone_quadprog(g, torch.diag(p)).sum(0)
+    torch.testing.assert_close(weights @ j, reference @ j, atol=1e-7, rtol=1e-7)
