@@ -46,8 +46,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
+from .finite import all_finite
 from .losses import LossBatch
-from .update import all_finite
 
 __all__ = ["LossScaling", "no_autocast", "poison_grads", "scaler_step"]
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .finite import is_finite
+
 __all__ = ["LossBatch", "parse_losses"]
 
 
@@ -113,8 +115,9 @@ def parse_losses(losses: object, max_dim: int = 1) -> LossBatch:
 
 
 def nonfinite_loss_names(batch: LossBatch) -> list[str]:
-    """The names of the losses that are NaN or infinite (one device synchronisation)."""
-    finite = torch.isfinite(batch.vector.detach())
-    if bool(finite.all()):
+    """The names of the losses that are NaN or infinite (one device synchronisation when they
+    are all finite)."""
+    if is_finite(batch.vector):
         return []
+    finite = torch.isfinite(batch.vector.detach())
     return [name for name, ok in zip(batch.names, finite.tolist()) if not ok]

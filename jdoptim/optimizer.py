@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 
 from .aggregation import Aggregator, UPGrad
 from .amp import LossScaling, no_autocast, poison_grads, scaler_step
+from .finite import all_finite, is_finite
 from .losses import nonfinite_loss_names, parse_losses
 from .parameter_plan import ParameterPlan, Scope, plan_parameters
 from .record import StepRecord
@@ -20,7 +21,6 @@ from .update import (
     NonFiniteJacobianError,
     UpdateComputer,
     UpdateResult,
-    all_finite,
 )
 
 __all__ = ["JDOptimizer"]
@@ -346,7 +346,7 @@ def _nonfinite_result(result: UpdateResult) -> str | None:
     gramian_weights`), so with weights, only the specific gradients, which ``G`` does not cover,
     are checked entry by entry; this keeps the check off the per-parameter hot path.
     """
-    if result.weights is not None and not bool(torch.isfinite(result.weights).all()):
+    if result.weights is not None and not is_finite(result.weights):
         return "aggregation weights"
     covered = result.weights is not None and result.gramian is not None
     grads = result.specific_grads if covered else result.shared_grads + result.specific_grads

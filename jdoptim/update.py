@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
 from .autojac import JacobianComputer
+from .finite import is_finite
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
 
@@ -48,21 +49,8 @@ class NonFiniteJacobianError(FloatingPointError):
 
 def ensure_finite(tensor: Tensor, what: str) -> None:
     """Raise :class:`NonFiniteJacobianError` if ``tensor`` (a Gramian or Jacobian) is not finite."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not is_finite(tensor):
         raise NonFiniteJacobianError(f"Non-finite entries in the losses' {what}")
-
-
-def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, from one fused max-norm per tensor (NaN and
-    ±inf propagate through ``max |x|``, and it cannot overflow) and one synchronisation."""
-    tensors = [t for t in tensors if t.numel()]  # an empty gradient has nothing to check
-    if not tensors:
-        return True
-    if len({(t.device, t.dtype) for t in tensors}) == 1 and hasattr(torch, "_foreach_norm"):
-        norms = torch._foreach_norm(tensors, float("inf"))
-    else:
-        norms = [t.abs().max().float() for t in tensors]
-    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 def weigh(weighting: Weighting, gramian: Tensor) -> Tensor:

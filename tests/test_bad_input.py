@@ -153,7 +153,7 @@ def test_finiteness_check_of_gradients_handles_every_case():
     """The fused check behind the non-finite-gradient refusal: NaN and ±inf anywhere are caught,
     huge finite values (whose squared norm would overflow) are not, empty tensors are skipped,
     and mixed dtypes take the per-tensor path."""
-    from jdoptim.update import all_finite
+    from jdoptim.finite import all_finite
 
     nan, inf = float("nan"), float("inf")
     assert all_finite([torch.ones(3), torch.zeros(0), torch.full((2, 2), 3e38)])
@@ -162,3 +162,23 @@ def test_finiteness_check_of_gradients_handles_every_case():
     assert not all_finite([torch.tensor([-inf]), torch.ones(1)])
     assert not all_finite([torch.ones(2, dtype=torch.float16), torch.tensor([inf])])
     assert all_finite([torch.ones(2, dtype=torch.float16), torch.ones(2, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finiteness_check_by_sum_is_exact(dtype):
+    """``is_finite`` decides from the sum when it can: a NaN or ±inf entry anywhere (alone, with
+    the opposite infinity, among huge values) is caught, and finite entries whose sum overflows
+    (or cancels to zero) are still reported finite, by the entry-wise check."""
+    from jdoptim.finite import is_finite
+
+    big = torch.finfo(dtype).max
+    nan, inf = float("nan"), float("inf")
+    assert is_finite(torch.ones(5, dtype=dtype))
+    assert is_finite(torch.zeros(0, dtype=dtype))
+    assert is_finite(torch.full((3, 3), big, dtype=dtype))  # the sum overflows
+    assert is_finite(torch.tensor([big, -big, big, -big], dtype=dtype))
+    for bad in ([1.0, nan], [inf, 1.0], [-inf, 2.0], [inf, -inf], [big, big, nan]):
+        assert not is_finite(torch.tensor(bad, dtype=dtype))
+    assert not is_finite(torch.tensor([[1.0, 2.0], [inf, 3.0]], dtype=dtype))
+    gramian = torch.ones(2, 2, requires_grad=True) * 2.0  # a tensor with a graph is accepted
+    assert is_finite(gramian)

@@ -254,7 +254,7 @@ def _certified_lcp(matrix: np.ndarray, linear: np.ndarray, info: DualConeInfo) -
 
 
 def solve_upgrad_weights(
-    gramian: Tensor, preference: Tensor, reg_eps: float = DEFAULT_REGULARIZATION
+    gramian: Tensor, preference: Tensor | None, reg_eps: float = DEFAULT_REGULARIZATION
 ) -> tuple[Tensor, DualConeInfo]:
     r"""``w = Σᵢ vᵢ`` with ``vᵢ = argmin_{v ≥ pᵢeᵢ} vᵀ G v``: UPGrad's weights.
 
@@ -263,22 +263,26 @@ def solve_upgrad_weights(
     (so its linear term is row ``i`` of ``M``) and scaled by ``pᵢ / Dᵢᵢ``, and the sum over
     ``i`` is one vector-matrix product. With ``m ≤ 2``, the plain-Python solve
     (:func:`_solve_tiny`) and its sum need no arrays at all; the rare tiny problems it declines
-    take the general path. Preferences with a negative entry take :func:`solve_dual_cone`.
+    take the general path. Preferences with a negative entry take :func:`solve_dual_cone`;
+    ``preference=None`` is the uniform ``1/m``.
     """
     eps = _ridge(gramian, reg_eps)
-    if gramian.shape[0] <= 2:  # the plain-Python path, summed there too
-        entries = preference.tolist()
-        m = len(entries)
+    m = gramian.shape[0]
+    if m <= 2:  # the plain-Python path, summed there too
+        entries = [1.0 / m] * m if preference is None else preference.tolist()
         bounds = [[v if i == j else 0.0 for j in range(m)] for i, v in enumerate(entries)]
         tiny = _solve_tiny(gramian.tolist(), bounds, eps)
         if tiny is not None:
             weights = [sum(column) for column in zip(*tiny, strict=True)]
             result = torch.tensor(weights, dtype=gramian.dtype, device=gramian.device)
             return result, DualConeInfo(ridge=eps)
-    p = preference.detach().to(device="cpu", dtype=torch.float64).numpy()
-    if (p < 0.0).any():
-        solutions, info = solve_dual_cone(gramian, torch.diag(preference), reg_eps)
-        return solutions.sum(dim=0), info
+    if preference is None:
+        p = np.full(m, 1.0 / m)
+    else:
+        p = preference.detach().to(device="cpu", dtype=torch.float64).numpy()
+        if (p < 0.0).any():
+            solutions, info = solve_dual_cone(gramian, torch.diag(preference), reg_eps)
+            return solutions.sum(dim=0), info
     matrix, scale, info = _equilibrated_problem(gramian, eps)
     z = _certified_lcp(matrix, matrix, info)
     norms = p / scale

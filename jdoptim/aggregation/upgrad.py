@@ -78,8 +78,8 @@ class UPGradWeighting(_DualConeWeighting):
     """
 
     def forward(self, gramian: Tensor) -> Tensor:
-        preference = _preference(self.pref_vector, gramian)
-        weights, info = solve_upgrad_weights(gramian, preference, self.reg_eps)
+        check_preference(self.pref_vector, gramian.shape[0])
+        weights, info = solve_upgrad_weights(gramian, self.pref_vector, self.reg_eps)
         warn_once_if_degraded(self, info, type(self).__name__)
         return weights
 

@@ -137,21 +137,22 @@ def test_tiny_path_agrees_with_the_general_solver(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 30])
-@pytest.mark.parametrize("preference", ["uniform", "random", "with_zeros"])
+@pytest.mark.parametrize("preference", ["default", "uniform", "random", "with_zeros"])
 def test_upgrad_weights_are_the_sum_of_the_diagonal_problems(m, preference):
     """The UPGrad shortcut (bounds ``eᵢ`` scaled back by ``pᵢ``; plain Python for ``m ≤ 2``)
     equals summing the solutions of the ``m`` problems ``v ≥ pᵢeᵢ`` solved one by one with
-    quadprog."""
+    quadprog. ``None`` (the default) is the uniform preference ``1/m``."""
     gen = torch.Generator().manual_seed(m)
     j = torch.randn(m, 2 * m, generator=gen, dtype=torch.float64)
     j[:, 0] += 2.0  # some agreement, some conflict
     g = j @ j.T
     p = {
+        "default": torch.full((m,), 1.0 / m, dtype=torch.float64),
         "uniform": torch.full((m,), 1.0 / m, dtype=torch.float64),
         "random": torch.rand(m, generator=gen, dtype=torch.float64),
         "with_zeros": torch.rand(m, generator=gen, dtype=torch.float64) * (torch.arange(m) % 3 > 0),
     }[preference]
-    weights, info = solve_upgrad_weights(g, p)
+    weights, info = solve_upgrad_weights(g, None if preference == "default" else p)
     assert not info.degraded
     reference = solve_dual_cone_quadprog(g, torch.diag(p)).sum(0)
     torch.testing.assert_close(weights @ j, reference @ j, atol=1e-7, rtol=1e-7)

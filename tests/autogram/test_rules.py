@@ -109,6 +109,21 @@ def test_weight_and_bias_gramian_by_definition(b: int, s: int, t: int, which: st
     torch.testing.assert_close(weight_and_bias_gramian(inputs, grads, params, weight), expected)
 
 
+@pytest.mark.parametrize("b,s,t", [(1, 5, 3), (5, 1, 1), (3, 4, 2)])
+def test_weight_and_bias_gramian_of_non_contiguous_tensors(b: int, s: int, t: int) -> None:
+    """Inputs and output gradients that are strided views (a sample dimension moved first) give
+    the same Gramian as their contiguous copies, on the per-sample and per-task fast paths."""
+    inputs = torch.randn(s, b, 6, dtype=torch.float64).transpose(0, 1)
+    grads = torch.randn(t, s, b, 5, dtype=torch.float64).transpose(1, 2)
+    weight, bias = torch.empty(5, 6), torch.empty(5)
+    expected = weight_and_bias_gramian(
+        inputs.contiguous(), grads.contiguous(), [weight, bias], weight
+    )
+    torch.testing.assert_close(
+        weight_and_bias_gramian(inputs, grads, [weight, bias], weight), expected
+    )
+
+
 def test_both_branches_of_the_cost_model_are_exercised() -> None:
     """The shapes above reach the explicit rows (b=1, s=7, t=1 with a bias: d + 1 = 7) and the
     contraction (b=4, s=1)."""

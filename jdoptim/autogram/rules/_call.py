@@ -83,8 +83,9 @@ class Call:
         """``Σ_k w_{·k} D[k]`` in the layout of the output (``weights`` is ``[b, T]``)."""
         grad = self.grad(index)
         dim = self.out_dim(index)
-        if dim is None:
-            return torch.tensordot(weights[0].to(grad.dtype), grad, dims=1)
+        if dim is None:  # one sample: [1, T] @ [T, N]
+            summed = torch.mm(weights.to(grad.dtype), grad.reshape(self.T, -1))
+            return summed.view(grad.shape[1:])
         if self.T == 1 and dim == 0:  # per-sample losses: w_i D_i
             return grad[0] * weights.to(grad.dtype).view(self.b, *(1,) * (grad.dim() - 2))
         moved = grad.movedim(dim + 1, 1)  # [T, b, ...]

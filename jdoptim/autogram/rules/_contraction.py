@@ -56,10 +56,10 @@ def gramian_from_kernel(kernel: Tensor, grads: Tensor) -> Tensor:
         rows = grads[:, :, 0].transpose(0, 1).reshape(b * t, o)
         products = (rows @ rows.T).view(b, t, b, t)
         return products * kernel[:, 0, :, 0][:, None, :, None]
-    if b == 1:
-        flat = grads[:, 0]  # [T, S, o]
-        mixed = torch.matmul(kernel[0, :, 0, :], flat)  # [T, S, o]
-        return (flat.reshape(t, -1) @ mixed.reshape(t, -1).T).view(1, t, 1, t)
+    if b == 1:  # one loss row per task: M_k = K D_k for every k in one batched product
+        flat = grads.reshape(t, s, o)
+        mixed = torch.bmm(kernel.reshape(s, s).expand(t, s, s), flat)
+        return torch.mm(flat.view(t, -1), mixed.view(t, -1).T).view(1, t, 1, t)
     mixed = torch.einsum("isjr,ljro->isljo", kernel, grads)
     return torch.einsum("kiso,isljo->ikjl", grads, mixed)
 
@@ -83,11 +83,23 @@ def linear_gramian(inputs: Tensor, grads: Tensor, with_bias: bool = False) -> Te
     t, b, s, o = grads.shape
     d = inputs.shape[-1]
     if contraction_cost(b, s, t, d + with_bias, o) <= explicit_cost(b, s, t, d + with_bias, o):
+        if s == 1 and t == 1:
+            return _per_sample_gramian(inputs.reshape(b, d), grads.reshape(b, o), with_bias)
         kernel = linear_kernel(inputs)
         return gramian_from_kernel(kernel.add_(1.0) if with_bias else kernel, grads)
     rows = linear_rows(inputs, grads).reshape(b * t, o * d)
     gramian = (rows @ rows.T).view(b, t, b, t)
     return gramian + rows_gramian(bias_rows(grads)) if with_bias else gramian
+
+
+def _per_sample_gramian(inputs: Tensor, grads: Tensor, with_bias: bool) -> Tensor:
+    """``(A Aᵀ + [1]) ⊙ (D Dᵀ)`` as ``[b, 1, b, 1]`` for one position and one loss per sample, in
+    three products (the bias term as ``P + K ⊙ P`` with ``P = D Dᵀ``)."""
+    b = inputs.shape[0]
+    products = torch.mm(grads, grads.T)
+    kernel = torch.mm(inputs, inputs.T)
+    gramian = torch.addcmul(products, kernel, products) if with_bias else kernel.mul_(products)
+    return gramian.view(b, 1, b, 1)
 
 
 def bias_rows(grads: Tensor) -> Tensor:
