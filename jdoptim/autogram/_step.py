@@ -22,7 +22,7 @@ r"""One Gramian step: find the calls, one backward to their outputs, then Gramia
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +91,14 @@ def _stack_rows(rows: list[Tensor | None]) -> Tensor:
     return torch.stack([torch.zeros_like(like) if r is None else r for r in rows])
 
 
+def _parameters_of(module: torch.nn.Module) -> Iterable[Tensor]:
+    """``module.parameters()`` (each once), read straight from ``_parameters`` for a module
+    without children (a layer), which skips the generator machinery of ``named_parameters``."""
+    if not module._modules:
+        return dict.fromkeys(p for p in module._parameters.values() if p is not None)
+    return dict.fromkeys(module.parameters())
+
+
 def _check_sample_layout(record: CallRecord, dims: list[int], count: int) -> None:
     for tapped, dim in zip(record.tapped, dims):
         if len(tapped.shape) <= dim or tapped.shape[dim] != count:
@@ -146,7 +154,7 @@ class GramianStep:
         covered: dict[int, int] = {}
         for record in scan.calls:
             params = []
-            for p in dict.fromkeys(record.module.parameters()):
+            for p in _parameters_of(record.module):
                 if id(p) in wanted and id(p) not in explicit:
                     params.append(p)
                     covered[id(p)] = covered.get(id(p), 0) + 1

@@ -100,6 +100,25 @@ def _twice():
     return model, lambda: model(x)
 
 
+class _AliasedParameter(nn.Module):
+    """A layer without children holding one parameter under two names (used through both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 5) * 0.5)
+        self.alias = self.weight
+        self.bias = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.weight.T + self.bias) @ self.alias
+
+
+def _aliased():
+    model = nn.Sequential(_AliasedParameter(), nn.Linear(5, 2))
+    x = torch.randn(4, 5)
+    return model, lambda: model(x)
+
+
 class _KwargsDict(nn.Module):
     """Direct parameters, a keyword argument, a dict of a tensor and a tuple as output."""
 
@@ -207,6 +226,7 @@ CASES = {
     "cnn": _cnn,
     "tied_embedding": _tied,
     "called_twice": _twice,
+    "aliased_parameter": _aliased,
     "kwargs_dict": _kwargs,
     "frozen": _frozen,
     "gru": _gru,
@@ -216,7 +236,15 @@ CASES = {
     "seq_linear_layernorm": _seq_linear,
 }
 PER_SAMPLE = ["freeparam", "mha", "transformer", "cnn", "tied_embedding", "called_twice"]
-PER_SAMPLE += ["kwargs_dict", "frozen", "seq_linear_layernorm", "gru", "gru_hidden", "lstm_hidden"]
+PER_SAMPLE += [
+    "aliased_parameter",
+    "kwargs_dict",
+    "frozen",
+    "seq_linear_layernorm",
+    "gru",
+    "gru_hidden",
+    "lstm_hidden",
+]
 
 
 def _reduce(out: Tensor) -> Tensor:
