@@ -182,3 +182,29 @@ def test_finiteness_check_by_sum_is_exact(dtype):
     assert not is_finite(torch.tensor([[1.0, 2.0], [inf, 3.0]], dtype=dtype))
     gramian = torch.ones(2, 2, requires_grad=True) * 2.0  # a tensor with a graph is accepted
     assert is_finite(gramian)
+
+
+def test_finiteness_check_of_finite_values_is_one_reduction():
+    """The point of ``is_finite``: on finite values it dispatches one sum and one read-back, not
+    the five operations of ``torch.isfinite(x).all()`` (counted, not timed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jdoptim.finite import is_finite
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    values = torch.randn(16)
+    with Recorder() as recorder:
+        assert is_finite(values)
+    assert [op.split(".")[0] for op in recorder.ops] == ["sum", "_local_scalar_dense"]
+    bad = torch.tensor([1.0, float("nan")])
+    with Recorder() as recorder:
+        assert not is_finite(bad)
+    assert len(recorder.ops) > 2  # a non-finite sum goes on to the entry-wise test
