@@ -18,7 +18,14 @@ from jdoptim import JDOptimizer, UPGrad
 from jdoptim.aggregation import Aggregator, GradVac, PCGrad
 from jdoptim.distributed import DistributedGramianUpdate
 
-from ._workers import _leave_without_teardown, close, compare_params, init, shard
+from ._workers import (
+    _leave_without_teardown,
+    close,
+    compare_params,
+    init,
+    shard,
+    step_per_sample_against_reference,
+)
 
 STEPS = 3
 VOCAB, SEQ = 11, 5
@@ -114,15 +121,10 @@ def check_engine_per_sample(
                           modules=reference, batch_dim=0)  # fmt: skip
     for step in range(STEPS):
         x, y = data(step, batch)
-        opt.zero_grad()
-        record = opt.step(losses(wrapped, shard(x, sizes, rank), shard(y, sizes, rank)))
-        ref_opt.zero_grad()
-        ref_record = ref_opt.step(losses(reference, x, y))
         what = f"engine {type(model).__name__} {type(agg).__name__} step {step} (sizes {sizes})"
-        assert record.weights is not None and record.weights.shape == (batch,)
-        close(record.gramian, ref_record.gramian, f"{what}: Gramian")  # type: ignore[arg-type]
-        close(record.weights, ref_record.weights, f"{what}: weights")  # type: ignore[arg-type]
-        compare_params(model, reference, what)
+        record = step_per_sample_against_reference(
+            opt, ref_opt, losses, (wrapped, model, reference), x, y, sizes, rank, what
+        )
         stats = opt._update_computer.last_stats
         assert stats is not None
         phases = [phase for phase, _, _ in stats.calls]

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from jdoptim import JDOptimizer, UPGrad
+from jdoptim import JDOptimizer, StepRecord, UPGrad
 from jdoptim.aggregation import Aggregator, GradDrop, GradVac, PCGrad, TrimmedMean
 from jdoptim.distributed import DistributedStepError, broadcast_parameters
 from tests.models import MultiTaskMLP, task_losses
@@ -67,6 +67,33 @@ def compare_params(model: nn.Module, reference: nn.Module, what: str) -> None:
 
 
 # -- scenarios -----------------------------------------------------------------------------
+
+
+def step_per_sample_against_reference(
+    opt: JDOptimizer,
+    ref_opt: JDOptimizer,
+    losses: Callable[[nn.Module, Tensor, Tensor], Tensor],
+    models: tuple[nn.Module, nn.Module, nn.Module],
+    x: Tensor,
+    y: Tensor,
+    sizes: list[int],
+    rank: int,
+    what: str,
+) -> StepRecord:
+    """One distributed step on this rank's shard of the global batch ``(x, y)`` and one step of
+    the single-process reference on all of it; their Gramians, per-sample weights and parameters
+    must agree. ``models`` is ``(wrapped, model, reference)``: the (possibly DDP-wrapped) model
+    the losses go through, its underlying module, and the reference."""
+    wrapped, model, reference = models
+    opt.zero_grad()
+    record = opt.step(losses(wrapped, shard(x, sizes, rank), shard(y, sizes, rank)))
+    ref_opt.zero_grad()
+    ref_record = ref_opt.step(losses(reference, x, y))
+    assert record.weights is not None and record.weights.shape == (x.shape[0],)
+    close(record.gramian, ref_record.gramian, f"{what}: Gramian")  # type: ignore[arg-type]
+    close(record.weights, ref_record.weights, f"{what}: weights")  # type: ignore[arg-type]
+    compare_params(model, reference, what)
+    return record
 
 
 def check_task_losses(
@@ -127,15 +154,10 @@ def check_per_sample(rank: int, world: int, sizes: list[int], *, use_ddp: bool) 
 
     for step in range(STEPS):
         x, y = global_data(step, batch)
-        opt.zero_grad()
-        record = opt.step(per_sample(wrapped, shard(x, sizes, rank), shard(y, sizes, rank)))
-        ref_opt.zero_grad()
-        ref_record = ref_opt.step(per_sample(reference, x, y))
-        what = f"per-sample step {step} (sizes {sizes})"
-        assert record.weights is not None and record.weights.shape == (batch,)
-        close(record.gramian, ref_record.gramian, f"{what}: Gramian")  # type: ignore[arg-type]
-        close(record.weights, ref_record.weights, f"{what}: weights")  # type: ignore[arg-type]
-        compare_params(model, reference, what)
+        step_per_sample_against_reference(
+            opt, ref_opt, per_sample, (wrapped, model, reference), x, y, sizes, rank,
+            f"per-sample step {step} (sizes {sizes})",
+        )  # fmt: skip
 
 
 def check_agreement(rank: int, world: int) -> None:
