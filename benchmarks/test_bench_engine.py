@@ -36,6 +36,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.hand_fused import HandFusedStep, check_against_jdoptim
 from benchmarks.interleave import interleaved_ratio
 from benchmarks.models import TrunkWithHeads, make_batch, task_losses
 from jdoptim import JDOptimizer
@@ -55,6 +56,7 @@ METHODS = [
     "plain, hooked",
     "jdoptim UPGrad",
     "jdoptim Mean",
+    "hand-fused UPGrad",
     "torchjd autogram",
     "torchjd autojac",
 ]
@@ -77,14 +79,17 @@ def make_step(case: str, method: str) -> Callable[[], None]:
         x, y = make_batch(1, batch=n)
         y = y[:, 0]
 
-        def losses() -> torch.Tensor:
-            return (model(x)[0] - y).pow(2)
+        def loss_of(net: TrunkWithHeads) -> torch.Tensor | list[torch.Tensor]:
+            return (net(x)[0] - y).pow(2)
     else:
         model = TrunkWithHeads(n)
         x, y = make_batch(n, batch=128)
 
-        def losses() -> list[torch.Tensor]:  # type: ignore[misc]
-            return task_losses(model, x, y)
+        def loss_of(net: TrunkWithHeads) -> torch.Tensor | list[torch.Tensor]:
+            return task_losses(net, x, y)
+
+    def losses():  # noqa: ANN202
+        return loss_of(model)
 
     adam = torch.optim.Adam(model.parameters(), lr=1e-4)
     if method == "plain, hooked":  # a plain step through a model an engine has hooked
@@ -100,6 +105,15 @@ def make_step(case: str, method: str) -> Callable[[], None]:
             adam.step()
 
         return step
+    if method == "hand-fused UPGrad":
+        check_against_jdoptim(model, UPGrad(), loss_of, per_sample=kind == "sample")
+        fused = HandFusedStep(model, adam, UPGrad(), per_sample=kind == "sample")
+
+        def fused_step() -> None:
+            fused.zero_grad()
+            fused.step(losses())
+
+        return fused_step
     if method.startswith("jdoptim"):
         aggregator = UPGrad() if method.endswith("UPGrad") else Mean()
         opt = JDOptimizer(
