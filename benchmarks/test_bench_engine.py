@@ -88,7 +88,7 @@ def make_step(case: str, method: str) -> Callable[[], None]:
         def loss_of(net: TrunkWithHeads) -> torch.Tensor | list[torch.Tensor]:
             return task_losses(net, x, y)
 
-    def losses():  # noqa: ANN202
+    def losses() -> torch.Tensor | list[torch.Tensor]:
         return loss_of(model)
 
     adam = torch.optim.Adam(model.parameters(), lr=1e-4)
