@@ -51,17 +51,22 @@ class GenericRule(LayerRule):
 
     def _all_rows(self) -> dict[str, Tensor]:
         if self._rows is None:
-            call = self.call
-            primals = {self.names[p]: p.detach() for p in call.params}
-            buffers = {n: b.clone() for n, b in call.module.named_buffers()}
-            args, kwargs = _detach(call.record.args), _detach(call.record.kwargs)
-            grads = tuple(call.grad(i) for i in range(len(call.record.tapped)))
-            if call.batch_dim is None:
-                rows = self._task_rows(primals, buffers, args, kwargs, grads)
-                self._rows = {n: r.unsqueeze(0) for n, r in rows.items()}
-            else:
-                self._rows = self._sample_rows(primals, buffers, args, kwargs, grads)
+            # The engine runs rules under no_grad; the re-run must still take the module's
+            # training code path (an LSTM's inference kernel, for one, cannot be differentiated).
+            with torch.enable_grad():
+                self._rows = self._compute_rows()
         return self._rows
+
+    def _compute_rows(self) -> dict[str, Tensor]:
+        call = self.call
+        primals = {self.names[p]: p.detach() for p in call.params}
+        buffers = {n: b.clone() for n, b in call.module.named_buffers()}
+        args, kwargs = _detach(call.record.args), _detach(call.record.kwargs)
+        grads = tuple(call.grad(i) for i in range(len(call.record.tapped)))
+        if call.batch_dim is None:
+            rows = self._task_rows(primals, buffers, args, kwargs, grads)
+            return {n: r.unsqueeze(0) for n, r in rows.items()}
+        return self._sample_rows(primals, buffers, args, kwargs, grads)
 
     def _task_rows(self, primals, buffers, args, kwargs, grads) -> dict[str, Tensor]:
         _, pullback = vjp(lambda p: self._outputs(p, buffers, args, kwargs), primals)
