@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,11 +51,12 @@ def _backward(
 ) -> list[Tensor | None]:
     if not inputs:
         return []
-    if not batched:
-        grads = torch.autograd.grad(
-            losses, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True
+    if not batched:  # one row: the gradients as autograd gives them, without the row dimension
+        return list(
+            torch.autograd.grad(
+                losses, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True
+            )
         )
-        return [None if g is None else g.unsqueeze(0) for g in grads]
     if state.works is not False:
         try:
             grads = torch.autograd.grad(
@@ -110,6 +112,28 @@ def _check_sample_layout(record: CallRecord, dims: list[int], count: int) -> Non
             )
 
 
+class _RuleParameters(NamedTuple):
+    """A rule and its call's parameters, sorted once per step: ``shared`` (in the Gramian, with
+    ``alone`` those used by this call only and ``several`` those of several calls, whose rows
+    are summed over the calls first) and ``specific``."""
+
+    rule: LayerRule
+    shared: list[Tensor]
+    specific: list[Tensor]
+    alone: list[Tensor]
+    several: list[Tensor]
+
+    @classmethod
+    def of(
+        cls, rule: LayerRule, params: list[Tensor], shared_ids: set[int], uses: dict[int, int]
+    ) -> _RuleParameters:
+        shared = [p for p in params if id(p) in shared_ids]
+        specific = [p for p in params if id(p) not in shared_ids]
+        alone = [p for p in shared if uses[id(p)] == 1]
+        several = [p for p in shared if uses[id(p)] > 1]
+        return cls(rule, shared, specific, alone, several)
+
+
 class GramianStep:
     """The state of one step between the backward pass and the update; see the module docs.
 
@@ -124,6 +148,9 @@ class GramianStep:
         assume_reached: the parameters are known to be reached by the losses (as those of a
             :class:`~jdoptim.parameter_plan.ParameterPlan` are), so one that no recorded call
             covers is differentiated directly; otherwise it is taken as unreached.
+
+    Call :meth:`gramian` and :meth:`gradients` under ``torch.no_grad()``: the layer rules use the
+    recorded inputs as they are, without detaching them.
     """
 
     def __init__(
@@ -208,11 +235,15 @@ class GramianStep:
         }
         for (record, index, _), grad in zip(edges, grads):
             per_record[id(record)][index] = grad
+        explicit_grads = grads[len(edges) :]
+        if not batched:
+            explicit_grads = [None if g is None else g.unsqueeze(0) for g in explicit_grads]
         self.explicit_rows = [
             torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
-            for p, g in zip(self.explicit, grads[len(edges) :])
+            for p, g in zip(self.explicit, explicit_grads)
         ]
         self.rules: list[LayerRule] = []
+        self.rule_parameters: list[_RuleParameters] = []
         for record, params in zip(records, call_params):
             if not params:
                 continue
@@ -221,8 +252,10 @@ class GramianStep:
                 out_dims = output_sample_dims(record, batch_dim)
                 _check_sample_layout(record, out_dims, self.b)
             grads_of = per_record[id(record)]
-            call = Call(record, grads_of, params, batch_dim, self.b, self.T, out_dims)
-            self.rules.append(make_rule(call))
+            call = Call(record, grads_of, params, batch_dim, self.b, self.T, out_dims, batched)
+            rule = make_rule(call)
+            self.rules.append(rule)
+            self.rule_parameters.append(_RuleParameters.of(rule, params, shared_ids, covered))
         self.shared_ids = shared_ids
 
     def _to_original(self, square: Tensor) -> Tensor:
@@ -241,10 +274,7 @@ class GramianStep:
             total = term if total is None else total + term
 
         tied: dict[int, Tensor] = {}
-        for rule in self.rules:
-            shared = [p for p in rule.call.params if id(p) in self.shared_ids]
-            alone = [p for p in shared if self.uses[id(p)] == 1]
-            several = [p for p in shared if self.uses[id(p)] > 1]
+        for rule, _, _, alone, several in self.rule_parameters:
             if alone:
                 add(rule.gramian(alone))
             if several:
@@ -275,9 +305,7 @@ class GramianStep:
         def add(p: Tensor, grad: Tensor) -> None:
             found[id(p)] = grad if id(p) not in found else found[id(p)] + grad
 
-        for rule in self.rules:
-            shared = [p for p in rule.call.params if id(p) in self.shared_ids]
-            specific = [p for p in rule.call.params if id(p) not in self.shared_ids]
+        for rule, shared, specific, _, _ in self.rule_parameters:
             if shared:
                 assert weights is not None
                 for p, g in zip(shared, rule.weighted(shared, moved)):

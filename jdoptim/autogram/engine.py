@@ -43,6 +43,7 @@ import itertools
 import weakref
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -173,4 +174,6 @@ class Engine:
             retain_graph=retain_graph,
             assume_reached=False,
         )
-        return generalize_gramian(step.gramian().to(output.dtype), tuple(output.shape))
+        with torch.no_grad():
+            gramian = step.gramian().to(output.dtype)
+        return generalize_gramian(gramian, tuple(output.shape))

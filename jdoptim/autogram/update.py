@@ -52,7 +52,8 @@ class GramianUpdate:
         specific = [p for p, _ in plan.specific]
         step = self.engine.step(losses, shared, specific, per_sample=per_sample)
         if not shared:
-            _, specific_grads = step.gradients(None)
+            with torch.no_grad():
+                _, specific_grads = step.gradients(None)
             return UpdateResult([], specific_grads, None, None)
         with torch.no_grad():
             gramian = step.gramian().to(batch.vector.dtype)

@@ -193,10 +193,7 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         terms: list[_Term] = []
         tied: dict[int, Tensor] = {}
         per_sample = step.batch_dim is not None  # else explicit parameters: b = 1, T = B_r
-        for rule in step.rules:
-            shared = [p for p in rule.call.params if id(p) in step.shared_ids]
-            alone = [p for p in shared if step.uses[id(p)] == 1]
-            several = [p for p in shared if step.uses[id(p)] > 1]
+        for rule, _, _, alone, several in step.rule_parameters:
             if alone:
                 if per_sample:
                     terms.extend(_rule_terms(rule, alone))

@@ -166,3 +166,22 @@ def test_module_mixing_samples_in_its_output_is_refused() -> None:
         losses = head(torch.randn(5, 3)) + pool(torch.randn(5, 3)).sum()
         with pytest.raises(ValueError, match=r"Pool returned shape \(3,\)"):
             engine.compute_gramian(losses.sum(1))
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_results_carry_no_graph(batch_dim: int | None) -> None:
+    """The layer rules use the recorded inputs as they are (no detach), so the engine must run
+    them without gradient tracking: neither the Gramian nor the ``.grad`` it writes may have a
+    ``grad_fn`` (that would also keep the forward graph alive)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with Engine(model, batch_dim=batch_dim) as engine:
+        out = model(x).sum(1) if batch_dim == 0 else model(x).sum(0)
+        gramian = engine.compute_gramian(out)
+    assert gramian.grad_fn is None and not gramian.requires_grad
+
+    heads = nn.ModuleList([nn.Linear(3, 1), nn.Linear(3, 1)])  # specific parameters only
+    opt = JDOptimizer(torch.optim.SGD(heads.parameters(), lr=0.1), modules=heads)
+    opt.step([head(x).mean() for head in heads])
+    assert all(p.grad is not None and p.grad.grad_fn is None for p in heads.parameters())

@@ -46,6 +46,9 @@ class Call:
     b: int
     T: int
     out_dims: list[int] | None = None  # per tapped output, where it indexes the samples
+    #: whether ``grads`` have their row dimension; with one row (``T = 1``), the engine passes
+    #: them as autograd gave them, and :meth:`grad` adds it
+    stacked: bool = True
 
     def out_dim(self, index: int) -> int | None:
         if self.batch_dim is None:
@@ -63,6 +66,8 @@ class Call:
         if grad is None:
             tapped = self.record.tapped[index]
             grad = torch.zeros((self.T, *tapped.shape), dtype=tapped.dtype, device=tapped.device)
+        elif not self.stacked:
+            grad = grad.unsqueeze(0)
         return full_precision(grad)
 
     def samples_first(self, tensor: Tensor) -> Tensor:

@@ -84,7 +84,7 @@ def linear_gramian(inputs: Tensor, grads: Tensor, with_bias: bool = False) -> Te
     d = inputs.shape[-1]
     if contraction_cost(b, s, t, d + with_bias, o) <= explicit_cost(b, s, t, d + with_bias, o):
         if s == 1 and t == 1:
-            return _per_sample_gramian(inputs.reshape(b, d), grads.reshape(b, o), with_bias)
+            return per_sample_gramian(inputs.reshape(b, d), grads.reshape(b, o), with_bias)
         kernel = linear_kernel(inputs)
         return gramian_from_kernel(kernel.add_(1.0) if with_bias else kernel, grads)
     rows = linear_rows(inputs, grads).reshape(b * t, o * d)
@@ -92,7 +92,7 @@ def linear_gramian(inputs: Tensor, grads: Tensor, with_bias: bool = False) -> Te
     return gramian + rows_gramian(bias_rows(grads)) if with_bias else gramian
 
 
-def _per_sample_gramian(inputs: Tensor, grads: Tensor, with_bias: bool) -> Tensor:
+def per_sample_gramian(inputs: Tensor, grads: Tensor, with_bias: bool) -> Tensor:
     """``(A Aᵀ + [1]) ⊙ (D Dᵀ)`` as ``[b, 1, b, 1]`` for one position and one loss per sample, in
     three products (the bias term as ``P + K ⊙ P`` with ``P = D Dᵀ``)."""
     b = inputs.shape[0]
