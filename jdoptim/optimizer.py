@@ -329,7 +329,8 @@ class JDOptimizer(Optimizer):
         grads = result.shared_grads + result.specific_grads
         with torch.no_grad():
             for param, grad in zip(params, grads):
-                grad = grad.to(dtype=param.dtype)
+                if grad.dtype != param.dtype:
+                    grad = grad.to(dtype=param.dtype)
                 if param.grad is None:
                     # A view would keep its whole Jacobian block alive as long as the .grad.
                     param.grad = grad.clone() if grad._base is not None else grad
