@@ -237,10 +237,12 @@ def main() -> None:
             cells.append(f"{result['ratio_median']:.2f}×")
         print(f"| {case} | {sorted(plain)[len(plain) // 2]:.1f} | " + " | ".join(cells) + " |")
     print()
-    print("| peak extra memory (MB) | plain | " + " | ".join(methods) + " |")
-    print("|---|---|" + "---|" * len(methods))
+    # The hand-fused step's check runs JDOptimizer before the memory baseline is read.
+    memory_methods = [m for m in methods if not m.startswith("hand-fused")]
+    print("| peak extra memory (MB) | plain | " + " | ".join(memory_methods) + " |")
+    print("|---|---|" + "---|" * len(memory_methods))
     for case in ("8 task losses, batch 128", "per-sample losses, batch 64"):
-        row = [_peak_extra_mb(case, m) for m in ["plain", *methods]]
+        row = [_peak_extra_mb(case, m) for m in ["plain", *memory_methods]]
         print(f"| {case} | " + " | ".join(f"{v:.0f}" for v in row) + " |")
     print(json.dumps({"torch": torch.__version__, "threads": THREADS}))
 
