@@ -190,7 +190,6 @@ class GramianStep:
             if assume_reached and pid not in covered and pid not in explicit:
                 explicit[pid] = p
         self.explicit = list(explicit.values())
-        self.uses = covered
 
         if batch_dim is not None and (self.explicit or losses.dim() == 0):
             batch_dim = None  # explicit rows need one backward row per loss
@@ -242,7 +241,6 @@ class GramianStep:
             torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
             for p, g in zip(self.explicit, explicit_grads)
         ]
-        self.rules: list[LayerRule] = []
         self.rule_parameters: list[_RuleParameters] = []
         for record, params in zip(records, call_params):
             if not params:
@@ -253,9 +251,8 @@ class GramianStep:
                 _check_sample_layout(record, out_dims, self.b)
             grads_of = per_record[id(record)]
             call = Call(record, grads_of, params, batch_dim, self.b, self.T, out_dims, batched)
-            rule = make_rule(call)
-            self.rules.append(rule)
-            self.rule_parameters.append(_RuleParameters.of(rule, params, shared_ids, covered))
+            parts = _RuleParameters.of(make_rule(call), params, shared_ids, covered)
+            self.rule_parameters.append(parts)
         self.shared_ids = shared_ids
 
     def _to_original(self, square: Tensor) -> Tensor:
