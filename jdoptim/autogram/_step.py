@@ -261,6 +261,22 @@ class GramianStep:
         inverse = torch.argsort(self.order)
         return square[inverse][:, inverse]
 
+    def shared_rows(self) -> list[Tensor]:
+        """The rows ``[b, T, *p.shape]`` of the shared parameters that no single rule's
+        Gramian covers: those used by several calls (rows summed over the calls, so that the
+        cross terms are there) and the explicit ones (straight from autograd)."""
+        tied: dict[int, Tensor] = {}
+        for rule, _, _, _, several in self.rule_parameters:
+            if several:
+                for p, rows in zip(several, rule.jacobians(several)):
+                    tied[id(p)] = rows if id(p) not in tied else tied[id(p)] + rows
+        explicit = [
+            rows.unsqueeze(0)
+            for p, rows in zip(self.explicit, self.explicit_rows)
+            if id(p) in self.shared_ids
+        ]
+        return [*tied.values(), *explicit]
+
     def gramian(self) -> Tensor:
         """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order."""
         b, t = self.b, self.T
@@ -270,18 +286,11 @@ class GramianStep:
             nonlocal total
             total = term if total is None else total + term
 
-        tied: dict[int, Tensor] = {}
-        for rule, _, _, alone, several in self.rule_parameters:
+        for rule, _, _, alone, _ in self.rule_parameters:
             if alone:
                 add(rule.gramian(alone))
-            if several:
-                for p, rows in zip(several, rule.jacobians(several)):
-                    tied[id(p)] = rows if id(p) not in tied else tied[id(p)] + rows
-        for rows in tied.values():
+        for rows in self.shared_rows():
             add(rows_gramian(rows))
-        for p, rows in zip(self.explicit, self.explicit_rows):
-            if id(p) in self.shared_ids:
-                add(rows_gramian(rows.unsqueeze(0)))
         n = b * t
         if total is None:
             return torch.zeros(n, n)

@@ -191,20 +191,14 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
     def _terms(self, step: GramianStep) -> list[_Term]:
         """What this process contributes to the global Gramian, as factors to gather."""
         terms: list[_Term] = []
-        tied: dict[int, Tensor] = {}
         per_sample = step.batch_dim is not None  # else explicit parameters: b = 1, T = B_r
-        for rule, _, _, alone, several in step.rule_parameters:
+        for rule, _, _, alone, _ in step.rule_parameters:
             if alone:
                 if per_sample:
                     terms.extend(_rule_terms(rule, alone))
                 else:
                     terms.extend(_rows_term(rows) for rows in rule.jacobians(alone))
-            for p, rows in zip(several, rule.jacobians(several) if several else []):
-                tied[id(p)] = rows if id(p) not in tied else tied[id(p)] + rows
-        terms.extend(_rows_term(rows) for rows in tied.values())
-        for p, rows in zip(step.explicit, step.explicit_rows):
-            if id(p) in step.shared_ids:
-                terms.append(_rows_term(rows.unsqueeze(0)))
+        terms.extend(_rows_term(rows) for rows in step.shared_rows())
         return terms
 
     def _global_gramian(self, step: GramianStep, sizes: list[int]) -> Tensor:
