@@ -55,6 +55,9 @@ _UNGUARDED_PIVOTS = 5
 #: the free variables are gathered (fewer flops).
 _MASKED_SYSTEMS_UP_TO = 24
 
+#: Gathered systems larger than this are split by free-set size (:func:`_solve_gathered`).
+_BUCKETED_ABOVE = 8
+
 #: ``solve(rows, free)``: the free-set solutions ``x`` of the problems ``rows`` (``None``: all).
 _FreeSetSolver = Callable[[np.ndarray | None, np.ndarray], np.ndarray]
 
@@ -197,12 +200,23 @@ def _solve_gathered(
 
     ``distinct = (first, rows)`` (from :func:`_distinct_rows` of ``free``, for problems of one
     matrix) factors each distinct free set once and applies its inverse to all its problems.
+
+    Without it, problems whose free sets have at most half the largest one's size are solved
+    apart, at their own padded size (recursively): a batched LU costs about ``size³`` per
+    system, so padding a free set of 12 to 25 would cost several times its own solve.
     """
     k, m = linear.shape
-    size = int(free.sum(axis=1).max())
+    sizes = free.sum(axis=1)
+    size = int(sizes.max())
     x = np.zeros((k, m))
     if size == 0:
         return x
+    if distinct is None and size > _BUCKETED_ABOVE:
+        small = sizes <= size // 2
+        if small.any():
+            for rows in (np.flatnonzero(small), np.flatnonzero(~small)):
+                x[rows] = _solve_gathered(matrices, which[rows], linear[rows], free[rows])
+            return x
     if distinct is None:
         order, valid = _free_first(free, size)
         systems = _gathered_systems(matrices, which, order, valid)
@@ -242,7 +256,10 @@ def _gathered_systems(
     """``matrices[which[k]]`` restricted to ``order[k]``, with the padding rows and columns
     replaced by those of the identity."""
     k, size = order.shape
-    systems = matrices[which[:, None, None], order[:, :, None], order[:, None, :]]
+    m = matrices.shape[-1]
+    # One gather on flat indices: several times faster than indexing with three broadcast arrays.
+    rows = (which[:, None] * m + order) * m  # [k, size]: where row order[k, i] of matrix k starts
+    systems = matrices.reshape(-1)[rows[:, :, None] + order[:, None, :]]
     systems *= valid[:, :, None] & valid[:, None, :]
     systems.reshape(k, size * size)[:, :: size + 1] += ~valid
     return systems

@@ -165,3 +165,35 @@ def test_groups_with_an_empty_first_free_set_and_mixed_groups():
     assert certified.all()
     np.testing.assert_allclose(z, _quadprog(matrix, linear), atol=1e-9, rtol=1e-7)
     assert (z[:3] == 0.0).all()
+
+
+def test_gathered_systems_of_mixed_sizes_are_solved_at_their_own_size(monkeypatch):
+    """Free sets of 1 to 30 variables among 40 (split into size groups, recursively) give, row by
+    row, ``x_F = -A_FF⁻¹ q_F`` with ``A`` the row's own matrix, as one ``numpy.linalg.solve`` per
+    row computes it."""
+    m, k = 40, 24
+    rng = np.random.default_rng(7)
+    matrices = np.stack([_random_pd(m, seed) for seed in (1, 2, 3)])
+    which = rng.integers(0, 3, k)
+    linear = rng.standard_normal((k, m))
+    sizes = np.concatenate([[0, 1, 2, 30], rng.integers(1, 31, k - 4)])
+    free = np.zeros((k, m), dtype=bool)
+    for row, size in enumerate(sizes):
+        free[row, rng.choice(m, size, replace=False)] = True
+    solve_group = module._solve_gathered
+    groups = []
+
+    def counted(*args, **kwargs):
+        groups.append(int(args[3].sum(axis=1).max()))  # the group's largest free set
+        return solve_group(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_solve_gathered", counted)
+    x = solve_group(matrices, which, linear, free)
+    assert len(groups) >= 4 and min(groups) <= 8  # split twice at least, down to small groups
+    for row in range(k):
+        expected = np.zeros(m)
+        f = np.flatnonzero(free[row])
+        if f.size:
+            a = matrices[which[row]][np.ix_(f, f)]
+            expected[f] = -np.linalg.solve(a, linear[row, f])
+        np.testing.assert_allclose(x[row], expected, atol=1e-10, rtol=1e-9)
