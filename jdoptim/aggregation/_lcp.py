@@ -178,8 +178,7 @@ def _solve_free_systems(matrix: np.ndarray, linear: np.ndarray, free: np.ndarray
     """
     k, m = linear.shape
     if m <= _MASKED_SYSTEMS_UP_TO:
-        systems = matrix * (free[:, :, None] & free[:, None, :])
-        systems.reshape(k, m * m)[:, :: m + 1] += ~free
+        systems = _identity_outside(matrix, free)
         rhs = np.where(free, -linear, 0.0)
         return np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
     first, which = _distinct_rows(free)
@@ -255,14 +254,19 @@ def _gathered_systems(
 ) -> np.ndarray:
     """``matrices[which[k]]`` restricted to ``order[k]``, with the padding rows and columns
     replaced by those of the identity."""
-    k, size = order.shape
     m = matrices.shape[-1]
     # One gather on flat indices: several times faster than indexing with three broadcast arrays.
     rows = (which[:, None] * m + order) * m  # [k, size]: where row order[k, i] of matrix k starts
-    systems = matrices.reshape(-1)[rows[:, :, None] + order[:, None, :]]
-    systems *= valid[:, :, None] & valid[:, None, :]
-    systems.reshape(k, size * size)[:, :: size + 1] += ~valid
-    return systems
+    return _identity_outside(matrices.reshape(-1)[rows[:, :, None] + order[:, None, :]], valid)
+
+
+def _identity_outside(systems: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """``[A_KK 0; 0 I]`` for each row's kept variables ``K`` (``kept``: ``[k, n]``), from
+    ``systems`` (``[n, n]``, or ``[k, n, n]`` one matrix per row), at full size ``n``."""
+    k, n = kept.shape
+    masked = systems * (kept[:, :, None] & kept[:, None, :])
+    masked.reshape(k, n * n)[:, :: n + 1] += ~kept
+    return masked
 
 
 def _solve_by_pivot_transform(
