@@ -182,7 +182,7 @@ class CAGradWeighting(_NonDifferentiable, Weighting):
                 warnings.warn(
                     "CAGrad: the active-set solve did not settle; used bisection (warned once).",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=6,
                 )
             weights = weights + z
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
