@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from jdoptim.demo import methods, multitask, toy
+from jdoptim import aggregation, catalog
+from jdoptim.demo import cli, methods, multitask, report, toy
 from jdoptim.demo.cli import main
 from jdoptim.demo.progress import ProgressBar
 from jdoptim.demo.report import format_table
@@ -128,21 +131,113 @@ def test_toy_jd_reaches_the_pareto_set_where_the_summed_loss_does_not():
 
 def test_cli_prints_both_tables_quickly():
     out = io.StringIO()
-    status = main(["--steps", "12", "--toy-steps", "8", "--methods", "upgrad,MGDA,PCGrad"], out)
+    args = ["--steps", "12", "--toy-steps", "8", "--methods", "upgrad,MGDA,PCGrad", "--seeds", "0"]
+    status = main(args, out)
     text = out.getvalue()
     assert status == 0
     assert "got worse" in text and "time/step" in text and "reached" in text
-    assert "conflicts" in text and "/12" in text
+    assert "conflicts" in text and "/12" in text and "steps to reach" in text
     for method in ("Sum", "UPGrad", "MGDA", "PCGrad"):
         assert sum(line.startswith(method + " ") for line in text.splitlines()) == 2
     assert not any(line.startswith("CAGrad ") for line in text.splitlines())
+    assert "Over seeds" not in text  # --seeds 0 skips the summary
+
+
+def test_cli_summarises_sum_and_upgrad_over_seeds():
+    out = io.StringIO()
+    args = ["--steps", "6", "--methods", "MGDA", "--seeds", "2", "--only", "multitask"]
+    assert main(args, out) == 0
+    text = out.getvalue()
+    assert "Over seeds 0-1" in text and "seeds with a task worse" in text
+    summary = text[text.index("Over seeds") :].splitlines()
+    assert sum(line.startswith(("Sum ", "UPGrad ")) for line in summary) == 2
+    assert not any(line.startswith("MGDA ") for line in summary)
+
+
+def test_seeds_table_counts_and_medians():
+    def result(initial, final):
+        curve = torch.zeros(1, 3)
+        return multitask.MultiTaskResult("X", torch.tensor(initial), torch.tensor(final), curve, 0)
+
+    runs = {
+        "X": [
+            result([1.0, 1.0, 1.0], [0.5, 2.0, 0.25]),  # B worse
+            result([2.0, 1.0, 1.0], [3.0, 0.5, 0.5]),  # A worse
+            result([1.0, 1.0, 4.0], [0.1, 0.5, 1.0]),  # none worse
+        ]
+    }
+    lines = report.seeds_table(runs).splitlines()
+    cells = lines[2].split()
+    # final/start per task: A (0.5, 1.5, 0.1) -> 0.5; B (2, 0.5, 0.5) -> 0.5; C (0.25, 0.5, 0.25)
+    assert cells == ["X", "2/3", "(A", "in", "1,", "B", "in", "1)", "0.5", "0.5", "0.25"]
+
+
+def test_interleaved_runs_follow_the_trajectories_of_separate_runs():
+    problem = multitask.MultiTaskProblem(seed=0)
+    together = multitask.train_interleaved(problem, ["Sum", "UPGrad", "PCGrad"], steps=8)
+    for result in together:
+        alone = multitask.train(problem, result.method, steps=8)
+        torch.testing.assert_close(result.curve, alone.curve, rtol=0, atol=0)
+        torch.testing.assert_close(result.final, alone.final, rtol=0, atol=0)
+        assert result.conflicted_steps == alone.conflicted_steps
+        assert result.time_ratio is not None and result.time_ratio > 0
+    assert together[0].time_ratio == 1.0  # the plain step against itself, round by round
+    no_baseline = multitask.train_interleaved(problem, ["UPGrad"], steps=2)
+    assert no_baseline[0].time_ratio is None
+
+
+@pytest.mark.parametrize("name", methods.KNOWN_AGGREGATORS)
+def test_every_catalogue_method_trains_in_the_demo(name):
+    problem = multitask.MultiTaskProblem(seed=0)
+    result = multitask.train(problem, name, steps=3)
+    assert result.curve.shape == (3, 3) and bool(torch.isfinite(result.final).all())
+    if methods.min_losses(name) <= 2:
+        ran = toy.optimise(name, starts=((0.0, 0.0),), steps=3)
+        assert ran.paths[0].shape == (4, 2)
+
+
+def test_toy_skips_methods_that_need_three_losses():
+    out = io.StringIO()
+    args = ["--only", "toy", "--toy-steps", "2", "--methods", "Krum,TrimmedMean,UPGrad"]
+    assert main(args, out) == 0
+    text = out.getvalue()
+    assert "Krum, TrimmedMean: need 3 or more losses" in text
+    table = text[text.index("steps to reach") :].splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["Sum", "UPGrad"]
+
+
+def test_toy_steps_to_reach():
+    far, near = [0.0, 0.0], [1.0, -8.3]
+    result = toy.ToyResult("X", [torch.tensor([far, far, near, near]), torch.tensor([far] * 4)], 0)
+    assert result.steps_to_reach() == [2, None]
+    # Median over the starts, a start that never got there counting as later than any.
+    two = toy.ToyResult("X", [torch.tensor([far, near])] * 2 + [torch.tensor([far, far])], 0)
+    assert report.toy_table([two]).splitlines()[2].split()[-1] == "1"
+    once = toy.ToyResult("X", [result.paths[0], result.paths[1], result.paths[1]], 0)
+    assert report.toy_table([once]).splitlines()[2].split()[-2:] == [">", "3"]
+
+
+def test_cli_caps_the_toy_budget_before_running(capsys):
+    assert main(["--toy-steps", str(cli.MAX_TOY_STEPS + 1)], io.StringIO()) == 2
+    assert "at most 2000" in capsys.readouterr().err
+
+
+def test_cli_checks_the_plots_directory_before_running(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for target in (blocker, blocker / "below"):
+        out = io.StringIO()
+        assert main(["--plots", str(target)], out) == 2
+        assert out.getvalue() == ""  # nothing ran
+        assert "is a file, not a directory" in capsys.readouterr().err
 
 
 def test_cli_default_methods_are_known_aggregators():
     for name in methods.DEFAULT_METHODS:
         assert name == methods.BASELINE or name in methods.KNOWN_AGGREGATORS
     for name in methods.KNOWN_AGGREGATORS:
-        assert methods.make_aggregator(name) is not methods.make_aggregator(name)
+        assert methods.make_aggregator(name, 3) is not methods.make_aggregator(name, 3)
 
 
 def test_methods_resolve_case_insensitively_and_all():
@@ -167,12 +262,46 @@ def test_cli_writes_png_plots(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-def test_module_entry_point_lists_methods():
+def test_module_entry_point_lists_every_method_one_line_each():
     completed = subprocess.run(
         [sys.executable, "-m", "jdoptim", "--list"], capture_output=True, text=True, timeout=120
     )
     assert completed.returncode == 0
-    assert completed.stdout.split() == list(methods.available())
+    lines = completed.stdout.splitlines()
+    listed = [line.split()[0] for line in lines[2:]]
+    assert listed == [entry.name for entry in catalog.METHODS]
+    assert f"{len(catalog.METHODS)} methods" in lines[0]
+    for line, entry in zip(lines[2:], catalog.METHODS):
+        assert entry.summary in line and entry.paper in line and entry.needs in line
+
+
+def _aggregator_classes() -> set[str]:
+    names = set()
+    for name in aggregation.__all__:
+        cls = getattr(aggregation, name)
+        abstract = cls in (aggregation.Aggregator, aggregation.GramianWeightedAggregator)
+        if isinstance(cls, type) and issubclass(cls, aggregation.Aggregator) and not abstract:
+            names.add(name)
+    return names
+
+
+def test_the_catalogue_lists_every_aggregator_truthfully():
+    assert {entry.name for entry in catalog.METHODS} == _aggregator_classes()
+    for entry in catalog.METHODS:
+        built = entry.build(3)
+        gramian_only = isinstance(built, aggregation.GramianWeightedAggregator)
+        assert entry.needs == ("Gramian" if gramian_only else "Jacobian"), entry.name
+        stateful = isinstance(built, aggregation.Stateful)
+        assert (entry.stateful != "no") == stateful, entry.name
+        assert entry.build(3) is not built
+
+
+def test_the_documented_methods_tables_list_the_catalogue():
+    root = Path(__file__).resolve().parents[1]
+    for document in ("README.md", "docs/methods.md"):
+        text = (root / document).read_text(encoding="utf-8")
+        rows = re.findall(r"^\| `([A-Za-z]+)` \|", text, flags=re.MULTILINE)
+        assert rows == [entry.name for entry in catalog.METHODS], document
 
 
 def test_progress_bar_writes_one_line_when_not_a_terminal():

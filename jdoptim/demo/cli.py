@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,12 +15,20 @@ import torch
 from . import methods, multitask, report, toy
 from .progress import ProgressBar
 
-__all__ = ["build_parser", "main"]
+__all__ = ["MAX_TOY_STEPS", "SUMMARY_METHODS", "build_parser", "main"]
+
+MAX_TOY_STEPS = 2000
+"""By 2000 steps every toy run has settled: more steps change no row of the table, only the
+waiting (the 'steps to reach' column says when each method got there)."""
+
+SUMMARY_METHODS = (methods.BASELINE, "UPGrad")
+"""The methods of the over-seeds summary: the README's lesson is about these two."""
 
 _INTRO = """\
 jdoptim demo: Jacobian descent (JD) against the summed loss, on built-in data.
 With several losses, sum(losses).backward() lets one loss go up while the sum goes down;
-JDOptimizer(Adam, aggregator) aggregates one gradient per loss instead."""
+JDOptimizer(Adam, aggregator) takes one gradient per loss and combines them (the aggregator)
+into an update that, with UPGrad, conflicts with none of them."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=",".join(methods.DEFAULT_METHODS),
         help="comma-separated methods, or 'all' ('Sum' is the plain summed-loss step; always "
-        "included). "
-        f"Known: {', '.join(methods.available())}. Default: %(default)s.",
+        "included); --list describes them. Default: %(default)s.",
     )
     parser.add_argument("--steps", type=int, default=400, help="multi-task steps (default 400)")
     parser.add_argument(
-        "--toy-steps", type=int, default=500, help="toy-problem steps per start (default 500)"
+        "--toy-steps",
+        type=int,
+        default=500,
+        help=f"toy-problem steps per start (default 500, at most {MAX_TOY_STEPS})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the multi-task problem")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=10,
+        help="multi-task summary over seeds 0..N-1 for Sum and UPGrad (default 10; 0 skips it)",
+    )
     parser.add_argument(
         "--only", choices=("multitask", "toy"), help="run one of the two experiments only"
     )
@@ -48,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="write PNG plots (loss curves, toy trajectories) into DIR; needs matplotlib",
     )
-    parser.add_argument("--list", action="store_true", help="list the known methods and exit")
+    parser.add_argument("--list", action="store_true", help="describe the known methods and exit")
     return parser
 
 
@@ -57,25 +74,12 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
     out = sys.stdout if stream is None else stream
     args = build_parser().parse_args(argv)
     if args.list:
-        print("\n".join(methods.available()), file=out)
+        print(methods.describe(), file=out)
         return 0
-    try:
-        chosen = methods.resolve([m.strip() for m in args.methods.split(",") if m.strip()])
-    except ValueError as error:
-        print(f"jdoptim: error: {error}", file=sys.stderr)
+    chosen, problem = _check_arguments(args)
+    if problem is not None:
+        print(f"jdoptim: error: {problem}", file=sys.stderr)
         return 2
-    chosen = methods.resolve([methods.BASELINE, *chosen])
-    if args.steps < 1 or args.toy_steps < 1:
-        print("jdoptim: error: --steps and --toy-steps must be positive.", file=sys.stderr)
-        return 2
-    if args.plots is not None:
-        from .plots import matplotlib_available
-
-        if not matplotlib_available():
-            print(
-                'jdoptim: --plots needs matplotlib: pip install "jdoptim[plot]".', file=sys.stderr
-            )
-            return 2
 
     # The demo's tensors are tiny: one thread is fastest, and steadier on a busy machine.
     threads = torch.get_num_threads()
@@ -87,14 +91,59 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
     try:
         if args.only in (None, "multitask"):
             task_results = _run_multitask(chosen, args.steps, args.seed, out)
+            if args.seeds > 0:
+                _run_seeds(args.seeds, args.steps, args.seed, task_results, out)
         if args.only in (None, "toy"):
             toy_results = _run_toy(chosen, args.toy_steps, out)
     finally:
         torch.set_num_threads(threads)
     if args.plots is not None:
-        _write_plots(args.plots, task_results, toy_results, out)
+        _write_plots(args.plots, task_results, toy_results, args.seed, out)
     print(f"\nDone in {time.perf_counter() - begin:.0f} s.", file=out)
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[tuple[str, ...], str | None]:
+    """The chosen methods (the baseline first), and what is wrong with the arguments, if
+    anything: checked before any training, so that a bad argument costs no waiting."""
+    try:
+        chosen = methods.resolve([m.strip() for m in args.methods.split(",") if m.strip()])
+    except ValueError as error:
+        return (), str(error)
+    chosen = methods.resolve([methods.BASELINE, *chosen])
+    if args.steps < 1 or args.toy_steps < 1:
+        return chosen, "--steps and --toy-steps must be positive."
+    if args.toy_steps > MAX_TOY_STEPS:
+        return chosen, (
+            f"--toy-steps {args.toy_steps}: at most {MAX_TOY_STEPS}. By then every run has "
+            "settled (the summed loss at the middle of the Pareto set, JD where it first "
+            "reached it): more steps change nothing but the wait."
+        )
+    if args.seeds < 0:
+        return chosen, "--seeds must be 0 (no summary) or positive."
+    if args.plots is not None:
+        return chosen, _plots_problem(args.plots)
+    return chosen, None
+
+
+def _plots_problem(directory: Path) -> str | None:
+    """Why PNG files cannot be written into ``directory`` (``None`` if they can): matplotlib
+    missing, a file in the way, or no permission. The directory is created if needed."""
+    from .plots import matplotlib_available
+
+    if not matplotlib_available():
+        return '--plots needs matplotlib: pip install "jdoptim[plot]".'
+    blocking = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        return f"--plots {directory}: {blocking} is a file, not a directory; choose a directory."
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        return f"--plots {directory}: cannot write there ({reason}); choose another directory."
+    return None
 
 
 def _run_multitask(
@@ -107,37 +156,100 @@ def _run_multitask(
         file=out,
     )
     problem = multitask.MultiTaskProblem(seed=seed)
-    results = []
     with ProgressBar(len(chosen) * steps, "multi-task training") as bar:
-        for method in chosen:
-            results.append(
-                multitask.train(problem, method, steps, on_step=lambda m=method: bar.update(1, m))
-            )
+        results = multitask.train_interleaved(
+            problem, chosen, steps, on_step=lambda m: bar.update(1, m)
+        )
     print(report.multitask_table(results), file=out)
     print(
         "   'got worse': final loss above the starting loss. 'conflicts': JD steps where the\n"
         "   gradients of two tasks pointed against each other (g_i . g_j < 0, read off the step's\n"
-        "   Gramian). 'time/step': wall time of a step relative to the plain summed-loss step.",
+        "   Gramian). 'time/step': a step's wall time over the plain step's; the methods take\n"
+        "   their steps in turn (step k of each, then step k+1) and this is the median over the\n"
+        "   steps of the ratio within each turn, so that load from other programs cancels out.",
         file=out,
     )
+    print(_multitask_reading(results), file=out)
     return results
 
 
+def _multitask_reading(results: Sequence[multitask.MultiTaskResult]) -> str:
+    """What to read in the table: which methods sacrificed a task, and the trade-off."""
+    worse = [f"{r.method} ({', '.join(r.worsened)})" for r in results if r.worsened]
+    kept = [r.method for r in results if not r.worsened]
+    lines = [
+        "   Made a task worse: " + (", ".join(worse) or "none") + ".",
+        "   Made no task worse: " + (", ".join(kept) or "none") + ".",
+        "   No row is best on every task: with a 3-unit bottleneck the tasks compete for the\n"
+        "   trunk. The summed loss buys lower A and B losses by giving up C; a method that makes\n"
+        "   no task worse pays for it with slower progress on the large tasks. One seed can\n"
+        "   mislead either way: the summary below repeats the two main rows over several seeds.",
+    ]
+    return "\n".join(lines)
+
+
+def _run_seeds(
+    count: int,
+    steps: int,
+    seed: int,
+    done: Sequence[multitask.MultiTaskResult],
+    out: TextIO,
+) -> None:
+    print(
+        f"\n   Over seeds 0-{count - 1} ({', '.join(SUMMARY_METHODS)}; --seeds N to change, "
+        "0 to skip):",
+        file=out,
+    )
+    runs: dict[str, list[multitask.MultiTaskResult]] = {m: [] for m in SUMMARY_METHODS}
+    todo = [(s, m) for s in range(count) for m in SUMMARY_METHODS]
+    reuse = {r.method: r for r in done} if seed < count else {}
+    with ProgressBar(len(todo) * steps, "the same over seeds") as bar:
+        for each_seed, method in todo:
+            if each_seed == seed and method in reuse:
+                runs[method].append(reuse[method])
+                bar.update(steps, method)
+                continue
+            problem = multitask.MultiTaskProblem(seed=each_seed)
+            runs[method].append(
+                multitask.train(problem, method, steps, on_step=lambda m=method: bar.update(1, m))
+            )
+    print(report.seeds_table(runs), file=out)
+    print(
+        "   'final/start': a task's final loss over its starting loss (below 1: improved), the\n"
+        "   median over the seeds.",
+        file=out,
+    )
+
+
 def _run_toy(chosen: Sequence[str], steps: int, out: TextIO) -> list[toy.ToyResult]:
+    runnable = [m for m in chosen if methods.min_losses(m) <= 2]
     print(
         "\n2. The two-objective toy problem of CAGrad (Liu et al., 2021) and Nash-MTL (Navon et "
         "al., 2022):\n   from five starting points, does Adam reach the Pareto set "
-        f"(x2 = {toy.PARETO_X2}, |x1| <= 7) within {steps} steps?",
+        f"(x2 = {toy.PARETO_X2}, |x1| <= 7) within {steps} steps, and where?",
         file=out,
     )
+    skipped = [m for m in chosen if m not in runnable]
+    if skipped:
+        print(f"   ({', '.join(skipped)}: need 3 or more losses; not run here.)", file=out)
     results = []
-    with ProgressBar(len(chosen) * len(toy.STARTS) * steps, "toy problem") as bar:
-        for method in chosen:
+    with ProgressBar(len(runnable) * len(toy.STARTS) * steps, "toy problem") as bar:
+        for method in runnable:
             results.append(
                 toy.optimise(method, steps=steps, on_step=lambda m=method: bar.update(1, m))
             )
     print(report.toy_table(results), file=out)
-    print("   (x1, x2): where each run ended; ✓ within 0.3 of the Pareto set.", file=out)
+    print(
+        "   (x1, x2): where each run ended; ✓ within 0.3 of the Pareto set. 'steps to reach':\n"
+        "   the median over the five starts of the first step within 0.3 (a start that never\n"
+        "   got there counts as later than any).\n"
+        "   The summed loss has one minimiser on the set, its middle x1 = 0: given steps enough,\n"
+        "   it slides there from every start, through the flat valley above. A non-conflicting\n"
+        "   JD method stops at the first Pareto-optimal point it reaches, so where it ends\n"
+        "   depends on the start (a different trade-off between f1 and f2), and it gets there\n"
+        "   sooner.",
+        file=out,
+    )
     return results
 
 
@@ -145,13 +257,15 @@ def _write_plots(
     directory: Path,
     task_results: Sequence[multitask.MultiTaskResult],
     toy_results: Sequence[toy.ToyResult],
+    seed: int,
     out: TextIO,
 ) -> None:
     from .plots import plot_multitask, plot_toy
 
     written = []
     if task_results:
-        written.append(plot_multitask(task_results, directory / "multitask_losses.png"))
+        path = directory / "multitask_losses.png"
+        written.append(plot_multitask(task_results, path, seed))
     if toy_results:
         written.append(plot_toy(toy_results, directory / "toy_trajectories.png"))
     for path in written:

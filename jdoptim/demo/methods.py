@@ -1,10 +1,12 @@
-"""The methods the demo compares: the summed loss, and JDOptimizer under named aggregators."""
+"""The methods the demo compares: the summed loss, and JDOptimizer under the catalogue's methods.
+
+The list comes from :mod:`jdoptim.catalog` (one entry per method): a method added there is known
+to the demo, its ``--list`` and ``--methods all``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from .. import aggregation
+from .. import catalog
 from ..aggregation import Aggregator
 
 __all__ = [
@@ -12,35 +14,36 @@ __all__ = [
     "DEFAULT_METHODS",
     "KNOWN_AGGREGATORS",
     "available",
+    "describe",
     "make_aggregator",
+    "min_losses",
     "resolve",
 ]
 
 BASELINE = "Sum"
-"""The plain step: ``sum(losses).backward(); optimizer.step()`` (no JDOptimizer)."""
+"""The plain step: ``sum(losses).backward(); optimizer.step()`` (no JDOptimizer). It is also what
+``JDOptimizer(optimizer, Sum())`` computes, so the demo runs the plain step under that name."""
 
-# Aggregators the demo knows how to build with sensible defaults, in display order.
-_FACTORIES: dict[str, Callable[[], Aggregator]] = {
-    "UPGrad": lambda: aggregation.UPGrad(),
-    "MGDA": lambda: aggregation.MGDA(),
-    "PCGrad": lambda: aggregation.PCGrad(seed=0),
-    "CAGrad": lambda: aggregation.CAGrad(c=0.4),
-    "NashMTL": lambda: aggregation.NashMTL(),
-    "DualProj": lambda: aggregation.DualProj(),
-    "IMTLG": lambda: aggregation.IMTLG(),
-    "AlignedMTL": lambda: aggregation.AlignedMTL(),
-    "FairGrad": lambda: aggregation.FairGrad(),
-    "GradVac": lambda: aggregation.GradVac(seed=0),
-    "ConFIG": lambda: aggregation.ConFIG(),
-    "Mean": lambda: aggregation.Mean(),
-}
-KNOWN_AGGREGATORS: tuple[str, ...] = tuple(_FACTORIES)
+KNOWN_AGGREGATORS: tuple[str, ...] = tuple(
+    entry.name for entry in catalog.METHODS if entry.name != BASELINE
+)
 DEFAULT_METHODS: tuple[str, ...] = (BASELINE, "UPGrad", "MGDA", "PCGrad", "CAGrad", "NashMTL")
 
 
 def available() -> tuple[str, ...]:
-    """Every method the demo can run: the baseline, then the known aggregators."""
+    """Every method the demo can run: the baseline, then the catalogue's aggregators."""
     return (BASELINE, *KNOWN_AGGREGATORS)
+
+
+def describe() -> str:
+    """The ``--list`` text: one line per method (needs, state, what it does, paper)."""
+    header = (
+        f"{len(catalog.METHODS)} methods (jdoptim.aggregation). Columns: name, what a step gives "
+        "it (the Gramian G = J J^T only, or the full Jacobian J), whether it keeps state "
+        "between steps, what it does, its paper.\n"
+        f"In the demo, {BASELINE} is the plain step on the summed loss (no JDOptimizer).\n"
+    )
+    return header + catalog.format_catalog()
 
 
 def resolve(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -58,6 +61,11 @@ def resolve(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(resolved))
 
 
-def make_aggregator(name: str) -> Aggregator:
-    """A fresh aggregator (stateful ones must not be shared between runs)."""
-    return _FACTORIES[name]()
+def min_losses(name: str) -> int:
+    """The fewest losses ``name`` accepts with the demo's arguments (Krum, TrimmedMean: 3)."""
+    return 1 if name == BASELINE else catalog.by_name(name).min_losses
+
+
+def make_aggregator(name: str, m: int) -> Aggregator:
+    """A fresh aggregator for ``m`` losses (stateful ones must not be shared between runs)."""
+    return catalog.by_name(name).build(m)

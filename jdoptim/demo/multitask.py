@@ -16,8 +16,9 @@ methods, so their final losses are comparable. The data is built in (no download
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from ..optimizer import JDOptimizer
 from .methods import BASELINE, make_aggregator
 
-__all__ = ["TASKS", "MultiTaskProblem", "MultiTaskResult", "train"]
+__all__ = ["TASKS", "MultiTaskProblem", "MultiTaskResult", "train", "train_interleaved"]
 
 TASKS = ("A", "B", "C")
 _TARGET_SCALES = (1.0, 1.0, 0.3)
@@ -110,6 +111,7 @@ class MultiTaskResult:
     curve: Tensor  # [steps, tasks], the losses seen at each step
     seconds_per_step: float  # median wall time of one step
     conflicted_steps: int | None = None  # JD runs: steps where two task gradients conflicted
+    time_ratio: float | None = None  # interleaved runs: median of (this step / the plain step)
 
     @property
     def worsened(self) -> list[str]:
@@ -119,6 +121,56 @@ class MultiTaskResult:
 
 def _warmup(steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / max(steps, 1))
+
+
+class _Run:
+    """One method's training, advanced one step at a time (so that runs can be interleaved)."""
+
+    def __init__(self, problem: MultiTaskProblem, method: str, steps: int, lr: float) -> None:
+        self.problem, self.method = problem, method
+        self.model = problem.model()
+        self.adam = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.adam, _warmup(steps // 4))
+        self.jd = (
+            None
+            if method == BASELINE
+            else JDOptimizer(self.adam, make_aggregator(method, len(TASKS)))
+        )
+        with torch.no_grad():
+            self.initial = torch.stack(list(problem.losses(self.model).values()))
+        self.curve: list[Tensor] = []
+        self.durations: list[float] = []
+        self.conflicted = 0
+
+    def step(self) -> float:
+        """One training step; returns its wall time (the conflict count is read outside it)."""
+        start = time.perf_counter()
+        losses = self.problem.losses(self.model)
+        self.adam.zero_grad()
+        record = None
+        if self.jd is None:
+            sum(losses.values()).backward()
+            self.adam.step()
+        else:
+            record = self.jd.step(losses)
+        self.scheduler.step()
+        seconds = time.perf_counter() - start
+        self.durations.append(seconds)
+        if record is not None and record.conflicting_pairs:
+            self.conflicted += 1
+        self.curve.append(torch.stack([loss.detach() for loss in losses.values()]))
+        return seconds
+
+    def result(self, time_ratio: float | None = None) -> MultiTaskResult:
+        with torch.no_grad():
+            final = torch.stack(list(self.problem.losses(self.model).values()))
+        # The median ignores the first steps' one-off costs (allocations, lazy initialisation).
+        seconds = statistics.median(self.durations)
+        conflicted = None if self.jd is None else self.conflicted
+        curve = torch.stack(self.curve)
+        return MultiTaskResult(
+            self.method, self.initial, final, curve, seconds, conflicted, time_ratio
+        )
 
 
 def train(
@@ -134,37 +186,42 @@ def train(
     steps; the JD runs wrap that same Adam in :class:`~jdoptim.JDOptimizer`, and count the steps
     whose task gradients conflicted (from each step record's Gramian, outside the timing).
     """
-    model = problem.model()
-    adam = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(adam, _warmup(steps // 4))
-    jd = None if method == BASELINE else JDOptimizer(adam, make_aggregator(method))
-    with torch.no_grad():
-        initial = torch.stack(list(problem.losses(model).values()))
-
-    curve, durations = [], []
-    conflicted = 0
+    run = _Run(problem, method, steps, lr)
     for _ in range(steps):
-        start = time.perf_counter()
-        losses = problem.losses(model)
-        adam.zero_grad()
-        record = None
-        if jd is None:
-            sum(losses.values()).backward()
-            adam.step()
-        else:
-            record = jd.step(losses)
-        scheduler.step()
-        durations.append(time.perf_counter() - start)
-        if record is not None and record.conflicting_pairs:
-            conflicted += 1
-        curve.append(torch.stack([loss.detach() for loss in losses.values()]))
+        run.step()
         if on_step is not None:
             on_step()
+    return run.result()
 
-    with torch.no_grad():
-        final = torch.stack(list(problem.losses(model).values()))
-    # The median ignores the first steps' one-off costs (allocations, lazy initialisation).
-    seconds = float(torch.tensor(durations).median())
-    return MultiTaskResult(
-        method, initial, final, torch.stack(curve), seconds, None if jd is None else conflicted
-    )
+
+def train_interleaved(
+    problem: MultiTaskProblem,
+    methods: Sequence[str],
+    steps: int = 400,
+    lr: float = 5e-3,
+    on_step: Callable[[str], None] | None = None,
+) -> list[MultiTaskResult]:
+    """Train every method as :func:`train` does, in lockstep: step ``k`` of every method, then
+    step ``k + 1``. Each run's trajectory is the one :func:`train` gives (the runs share nothing).
+
+    The time of a step relative to the plain step (``time_ratio``) is the median, over the
+    ``steps`` rounds, of this method's step time divided by the plain step's time *in the same
+    round*: a burst of load from other processes then slows both sides of a ratio instead of
+    one method's whole run. Needs :data:`~jdoptim.demo.methods.BASELINE` among ``methods`` for
+    the ratios (otherwise they are ``None``).
+    """
+    runs = [_Run(problem, method, steps, lr) for method in methods]
+    ratios: list[list[float]] = [[] for _ in runs]
+    baseline = next((i for i, m in enumerate(methods) if m == BASELINE), None)
+    for _ in range(steps):
+        times = []
+        for run in runs:
+            times.append(run.step())
+            if on_step is not None:
+                on_step(run.method)
+        if baseline is not None:
+            for ratio, seconds in zip(ratios, times):
+                ratio.append(seconds / times[baseline])
+    return [
+        run.result(statistics.median(ratio) if ratio else None) for run, ratio in zip(runs, ratios)
+    ]
