@@ -4,11 +4,18 @@ Run with::
 
     torchrun --nproc_per_node=2 examples/ddp.py                 # 2 task losses
     torchrun --nproc_per_node=2 examples/ddp.py --per-sample    # per-sample losses
+    torchrun --nproc_per_node=3 examples/ddp.py --checkpoint run.pt   # resume run.pt, or start it
 
 Each process trains the same DDP-wrapped two-task model on its shard of every global batch; a JD
 step on N processes gives the same weights and parameters as one process on the whole batch.
+With ``--per-sample``, the losses are one per sample (``batch_dim=0``) and the Gramian engine
+(``modules=model``) computes their Gramian, so the processes exchange each layer's per-sample
+factors rather than per-sample gradients.
+
 Rank 0 prints the weights, the bytes this process sent and what a plain DDP step would have sent,
-and saves a checkpoint that resumes on any number of processes.
+and saves a checkpoint: into a new temporary directory by default, or at ``--checkpoint PATH``,
+which a later run resumes, on any number of processes, in the same mode (task or per-sample
+losses; a checkpoint of the other mode is refused before anything starts).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import tempfile
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,13 +45,53 @@ class TwoTasks(nn.Module):
         return self.regression(z).squeeze(-1), self.classification(z)
 
 
-def main() -> None:
+def _mode(per_sample: bool) -> str:
+    return "per-sample" if per_sample else "task"
+
+
+def load_checkpoint(path: str | None, per_sample: bool) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if there is one; refuses one saved in the other mode (its
+    optimizer state is that of another loss layout, and resuming it would be silently wrong)."""
+    if path is None or not os.path.exists(path):
+        return None
+    state = torch.load(path, weights_only=False)
+    saved, wanted = state.get("mode"), _mode(per_sample)
+    if saved != wanted:
+        flag = "with --per-sample" if saved == "per-sample" else "without --per-sample"
+        raise SystemExit(
+            f"{path} was saved by a run with {saved} losses, and this run has {wanted} "
+            f"losses: run {flag} to resume it, or pass another --checkpoint path."
+        )
+    return state
+
+
+def save_checkpoint(
+    path: str | None, per_sample: bool, model: nn.Module, optimizer: JDOptimizer
+) -> None:
+    """Save at ``path``, or into a new temporary directory (never the working directory)."""
+    path = path or os.path.join(tempfile.mkdtemp(), "jd_ddp_checkpoint.pt")
+    mode = _mode(per_sample)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "mode": mode}
+    torch.save(state, path)
+    print(f"saved {path} ({mode} losses; --checkpoint {path} resumes it)")
+
+
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per-sample", action="store_true", help="per-sample losses (batch_dim=0)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global-batch", type=int, default=64)
-    parser.add_argument("--checkpoint", default="jd_ddp_checkpoint.pt")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--checkpoint",
+        help="resume from this file if it exists, and save there (default: save into a new "
+        "temporary directory, resume nothing)",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments()
+    state = load_checkpoint(args.checkpoint, args.per_sample)  # before any process waits
 
     # A process that dies or stalls makes the others raise DistributedStepError after this
     # timeout (or at once, when its connection closes) instead of waiting forever.
@@ -55,10 +104,11 @@ def main() -> None:
         torch.optim.Adam(model.parameters(), lr=1e-3),
         UPGrad(),
         process_group=model,  # or a ProcessGroup, or True for the default group
+        # Per-sample losses: the Gramian engine, which exchanges per-sample factors only.
+        modules=model if args.per_sample else None,
         batch_dim=0 if args.per_sample else None,
     )
-    if os.path.exists(args.checkpoint):  # saved on rank 0, possibly by another world size
-        state = torch.load(args.checkpoint, weights_only=False)
+    if state is not None:  # saved on rank 0, possibly by another world size
         model.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])  # on every process
         if rank == 0:
@@ -86,11 +136,7 @@ def main() -> None:
             )
 
     if rank == 0:
-        torch.save(
-            {"model": model.module.state_dict(), "optimizer": optimizer.state_dict()},
-            args.checkpoint,
-        )
-        print(f"saved {args.checkpoint}")
+        save_checkpoint(args.checkpoint, args.per_sample, model.module, optimizer)
     # Release what holds the process group (DDP's reducer, the optimizer's communicator) before
     # destroying it: gloo aborts the process at exit when a group dies under live users.
     del optimizer, model

@@ -1,4 +1,5 @@
-"""examples/ddp.py runs under torchrun on 2 CPU processes, and its checkpoint resumes on 3."""
+"""examples/ddp.py runs under torchrun on 2 CPU processes, its checkpoint resumes on 3, and a
+checkpoint of the other mode (task or per-sample losses) is refused."""
 
 from __future__ import annotations
 
@@ -33,7 +34,26 @@ def _torchrun(nproc: int, *args: str, cwd: Path) -> str:
 
 
 def test_ddp_example_runs_and_resumes_on_another_number_of_processes(tmp_path):
-    first = _torchrun(2, "--steps", "3", cwd=tmp_path)
-    assert "step 0: weights {'regression'" in first and "saved" in first
-    second = _torchrun(3, "--steps", "2", "--per-sample", "--global-batch", "48", cwd=tmp_path)
-    assert "resumed from jd_ddp_checkpoint.pt" in second and "saved" in second
+    first = _torchrun(2, "--steps", "3", "--checkpoint", "run.pt", cwd=tmp_path)
+    assert "step 0: weights {'regression'" in first and "saved run.pt (task losses" in first
+    second = _torchrun(3, "--steps", "2", "--global-batch", "48", "--checkpoint", "run.pt",
+                       cwd=tmp_path)  # fmt: skip
+    assert "resumed from run.pt" in second and "saved run.pt" in second
+    # Per-sample losses, with the Gramian engine; by default the checkpoint goes to a new
+    # temporary directory, never into the working directory.
+    third = _torchrun(3, "--steps", "2", "--per-sample", "--global-batch", "48", cwd=tmp_path)
+    assert "resumed" not in third and "saved " in third and "(per-sample losses" in third
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+def test_ddp_example_refuses_a_checkpoint_of_the_other_mode(tmp_path):
+    torch = __import__("torch")
+    torch.save({"model": {}, "optimizer": {}, "mode": "task"}, tmp_path / "run.pt")
+    script = str(ROOT / "examples" / "ddp.py")
+    refused = subprocess.run(
+        [sys.executable, script, "--per-sample", "--checkpoint", "run.pt"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 1  # before any process group: no torchrun needed to see it
+    assert "saved by a run with task losses" in refused.stderr
+    assert "run without --per-sample to resume it" in refused.stderr
