@@ -18,8 +18,9 @@ from .progress import ProgressBar
 __all__ = ["MAX_TOY_STEPS", "SUMMARY_METHODS", "build_parser", "main"]
 
 MAX_TOY_STEPS = 2000
-"""By 2000 steps every toy run has settled: more steps change no row of the table, only the
-waiting (the 'steps to reach' column says when each method got there)."""
+"""By 2000 steps the toy runs have settled (checked for Sum, UPGrad and MGDA from the five
+starts): more steps change no row of the table, only the waiting (the 'steps to reach' column
+says when each method got there)."""
 
 SUMMARY_METHODS = (methods.BASELINE, "UPGrad")
 """The methods of the over-seeds summary: the README's lesson is about these two."""
@@ -115,7 +116,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[tuple[str, ...], str | N
         return chosen, "--steps and --toy-steps must be positive."
     if args.toy_steps > MAX_TOY_STEPS:
         return chosen, (
-            f"--toy-steps {args.toy_steps}: at most {MAX_TOY_STEPS}. By then every run has "
+            f"--toy-steps {args.toy_steps}: at most {MAX_TOY_STEPS}. By then the runs have "
             "settled (the summed loss at the middle of the Pareto set, JD where it first "
             "reached it): more steps change nothing but the wait."
         )
@@ -180,10 +181,10 @@ def _multitask_reading(results: Sequence[multitask.MultiTaskResult]) -> str:
     lines = [
         "   Made a task worse: " + (", ".join(worse) or "none") + ".",
         "   Made no task worse: " + (", ".join(kept) or "none") + ".",
-        "   No row is best on every task: with a 3-unit bottleneck the tasks compete for the\n"
-        "   trunk. The summed loss buys lower A and B losses by giving up C; a method that makes\n"
-        "   no task worse pays for it with slower progress on the large tasks. One seed can\n"
-        "   mislead either way: the summary below repeats the two main rows over several seeds.",
+        "   No row need be best on every task: with a 3-unit bottleneck the tasks compete for\n"
+        "   the trunk, and each method settles on its own trade-off; the summed loss gives up\n"
+        "   C for A and B. One seed can mislead (a method slow on one task here may not be on\n"
+        "   another seed): the summary below repeats Sum and UPGrad over several seeds.",
     ]
     return "\n".join(lines)
 
@@ -216,9 +217,19 @@ def _run_seeds(
     print(report.seeds_table(runs), file=out)
     print(
         "   'final/start': a task's final loss over its starting loss (below 1: improved), the\n"
-        "   median over the seeds.",
+        "   median over the seeds.\n" + _seeds_reading(runs),
         file=out,
     )
+
+
+def _seeds_reading(runs: dict[str, list[multitask.MultiTaskResult]]) -> str:
+    """UPGrad's median final losses against the summed loss's, task by task."""
+    def medians(method: str) -> torch.Tensor:
+        return torch.stack([r.final for r in runs[method]]).median(dim=0).values
+
+    ratio = (medians("UPGrad") / medians(methods.BASELINE)).tolist()
+    cells = ", ".join(f"{t} ×{v:.2g}" for t, v in zip(multitask.TASKS, ratio))
+    return f"   UPGrad's median final loss over the summed loss's, task by task: {cells}."
 
 
 def _run_toy(chosen: Sequence[str], steps: int, out: TextIO) -> list[toy.ToyResult]:

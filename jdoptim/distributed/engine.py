@@ -136,7 +136,8 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
     Args:
         modules: the modules to hook (as ``JDOptimizer(modules=...)``).
         group: the process group (``None``: the default group).
-        timeout, check_replicas: as for :class:`DistributedJacobianUpdate`.
+        timeout: as for :class:`DistributedJacobianUpdate`.
+        check_replicas: as for :class:`DistributedJacobianUpdate`.
 
     :attr:`last_stats` and :attr:`last_plain_ddp_bytes` are as for the explicit-Jacobian path.
     """
