@@ -10,7 +10,8 @@ Each process trains the same DDP-wrapped two-task model on its shard of every gl
 step on N processes gives the same weights and parameters as one process on the whole batch.
 With ``--per-sample``, the losses are one per sample (``batch_dim=0``) and the Gramian engine
 (``modules=model``) computes their Gramian, so the processes exchange each layer's per-sample
-factors rather than per-sample gradients.
+factors rather than per-sample gradients: on this tiny model (1,540 parameters), 4.6× a plain
+DDP step's bytes with 32 samples per process, against 19× without ``modules=``.
 
 Rank 0 prints the weights, the bytes this process sent and what a plain DDP step would have sent,
 and saves a checkpoint: into a new temporary directory by default, or at ``--checkpoint PATH``,
