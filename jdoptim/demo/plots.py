@@ -75,7 +75,7 @@ def _toy_background(ax: Any, x1: Any, x2: Any, total: Any) -> None:
     ax.set_yticks([-5, 0, 5])
 
 
-def _toy_legend(fig: Any) -> None:
+def _toy_legend(fig: Any, columns: int) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -88,7 +88,7 @@ def _toy_legend(fig: Any) -> None:
         Line2D([], [], color="black", linewidth=3, label="Pareto set (x2 = -8.4, |x1| ≤ 7)"),
         Patch(facecolor="0.55", alpha=0.5, label="shading: f1 + f2 (darker = higher)"),
     ]  # fmt: skip
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=min(columns, 3), frameon=False)
 
 
 def plot_toy(results: Sequence[ToyResult], path: str | Path) -> Path:
@@ -98,7 +98,7 @@ def plot_toy(results: Sequence[ToyResult], path: str | Path) -> Path:
     columns = min(3, len(results))
     rows = math.ceil(len(results) / columns)
     fig, axes = plt.subplots(
-        rows, columns, figsize=(4.2 * columns, 3.9 * rows + 0.9), squeeze=False,
+        rows, columns, figsize=(4.2 * max(columns, 2), 3.9 * rows + 0.9), squeeze=False,
         sharex=True, sharey=True,
     )  # fmt: skip
     x1, x2 = torch.meshgrid(
@@ -126,12 +126,13 @@ def plot_toy(results: Sequence[ToyResult], path: str | Path) -> Path:
     for ax in axes[:, 0]:
         ax.set_ylabel("x2")
     steps = results[0].paths[0].shape[0] - 1
-    _toy_legend(fig)
+    _toy_legend(fig, columns)
     fig.suptitle(
-        f"Toy problem: Adam from five starts, {steps} steps "
+        f"Toy problem: Adam from five starts, {steps} steps\n"
         "(Sum: the summed loss; the others: JDOptimizer(Adam, method))"
     )
-    fig.tight_layout(rect=(0, 0.8 / (3.9 * rows + 0.9), 1, 1))
+    legend_height = 0.8 if columns >= 3 else 1.1  # two or three rows of entries
+    fig.tight_layout(rect=(0, legend_height / (3.9 * rows + 0.9), 1, 1))
     return _save(fig, path, plt)
 
 
