@@ -57,7 +57,7 @@ from ..autojac import JacobianComputer
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..update import UpdateResult, aggregate_jacobian, gramian_weights
-from ._comm import CommStats, Communicator, plain_ddp_bytes
+from ._comm import CommStats, Communicator, DistributedStepError, plain_ddp_bytes
 
 __all__ = ["DistributedJacobianUpdate"]
 
@@ -113,13 +113,43 @@ class DistributedJacobianUpdate:
     def any_process(self, flag: bool, device: torch.device | None = None) -> bool:
         """``True`` if ``flag`` is true on any process (used for non-finite losses, so that all
         processes skip or raise together)."""
+        return self.agree(None, flag, device)
+
+    def agree(
+        self, error: BaseException | None, nonfinite: bool, device: torch.device | None = None
+    ) -> bool:
+        """The first collective of a step, after each process checked its own inputs.
+
+        Every process reports whether its checks raised ``error`` and whether it has a
+        non-finite loss. If any raised, every process fails this step: the one that raised
+        re-raises its own error, the others a :class:`DistributedStepError` saying which
+        ranks failed. So a training loop that catches the error and goes on stays in lockstep
+        (step ``k`` of every process pairs with step ``k`` of the others). Otherwise returns
+        whether any process has a non-finite loss (all then skip or raise together).
+        """
         self.comm.reset_stats()  # the first collective of a step
         if device is None:  # NCCL only takes CUDA tensors
             nccl = dist.get_backend(self.comm.group) == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        self.comm.all_reduce("agree", value)
-        return bool(value.item() > 0)
+        flags = torch.zeros(1 + self.world_size, device=device)
+        flags[0] = 1.0 if nonfinite else 0.0
+        flags[1 + self.rank] = 0.0 if error is None else 1.0
+        self.comm.all_reduce("agree", flags)
+        if error is not None:
+            raise error
+        failed = [r for r, flag in enumerate(flags[1:].tolist()) if flag > 0]
+        if failed:
+            raise DistributedStepError(
+                f"Distributed JD step, rank {self.rank} of {self.world_size}: rank(s) "
+                f"{', '.join(map(str, failed))} refused this step's input (see the error raised "
+                "there), so every process fails this step, and nothing was updated on any. A "
+                "training loop that catches this error and goes on stays in step with the others."
+            )
+        return bool(flags[0].item() > 0)
+
+    def forget_aggregator_sync(self) -> None:
+        """Copy rank 0's aggregator state again at the next step (after a restore or a load)."""
+        self._aggregator_synced = None
 
     def _check_signature(self, m: int, shared: list[Tensor], specific: list[Tensor]) -> Tensor:
         """All-gather ``[m, n_shared, n_specific, Σθ, Σθ²]``; return the per-rank ``m``."""
