@@ -135,29 +135,45 @@ class DistributedJacobianUpdate:
         flags[0] = 1.0 if nonfinite else 0.0
         flags[1 + self.rank] = 0.0 if error is None else 1.0
         self.comm.all_reduce("agree", flags)
+        self._raise_if_any_failed(error, flags[1:].cpu(), "the checks of its step's input")
+        return bool(flags[0].item() > 0)
+
+    def _raise_if_any_failed(self, error: BaseException | None, failed: Tensor, where: str) -> None:
+        """Re-raise this process's ``error``, or a :class:`DistributedStepError` on the others
+        when a process failed (``failed``: one flag per rank), so that all fail the step."""
         if error is not None:
             raise error
-        failed = [r for r, flag in enumerate(flags[1:].tolist()) if flag > 0]
-        if failed:
+        ranks = [r for r, flag in enumerate(failed.tolist()) if flag > 0]
+        if ranks:
             raise DistributedStepError(
                 f"Distributed JD step, rank {self.rank} of {self.world_size}: rank(s) "
-                f"{', '.join(map(str, failed))} refused this step's input (see the error raised "
+                f"{', '.join(map(str, ranks))} raised an error in {where} (see the error raised "
                 "there), so every process fails this step, and nothing was updated on any. A "
                 "training loop that catches this error and goes on stays in step with the others."
             )
-        return bool(flags[0].item() > 0)
 
     def forget_aggregator_sync(self) -> None:
         """Copy rank 0's aggregator state again at the next step (after a restore or a load)."""
         self._aggregator_synced = None
 
-    def _check_signature(self, m: int, shared: list[Tensor], specific: list[Tensor]) -> Tensor:
-        """All-gather ``[m, n_shared, n_specific, Σθ, Σθ²]``; return the per-rank ``m``."""
+    def _check_signature(
+        self,
+        m: int,
+        shared: list[Tensor],
+        specific: list[Tensor],
+        error: BaseException | None = None,
+    ) -> Tensor:
+        """All-gather ``[m, n_shared, n_specific, Σθ, Σθ², failed]``; return the per-rank ``m``.
+
+        ``error`` is what this process's local backward raised, if anything: then every
+        process fails the step together (see :meth:`_raise_if_any_failed`).
+        """
         device = shared[0].device if shared else specific[0].device
-        signature = torch.zeros(5, dtype=torch.float64, device=device)
+        signature = torch.zeros(6, dtype=torch.float64, device=device)
         signature[0] = m
         signature[1] = sum(p.numel() for p in shared)
         signature[2] = sum(p.numel() for p in specific)
+        signature[5] = 0.0 if error is None else 1.0
         if self.check_replicas:
             with torch.no_grad():
                 for param in shared + specific:
@@ -165,6 +181,7 @@ class DistributedJacobianUpdate:
                     signature[3] += flat.sum()
                     signature[4] += flat.square().sum()
         everyone = self.comm.all_gather("signature", signature).cpu()
+        self._raise_if_any_failed(error, everyone[:, 5], "its local backward pass")
         mine = everyone[self.rank]
         columns = [1, 2] if self.per_sample else [0, 1, 2]
         if not bool((everyone[:, columns] == mine[columns]).all()):
@@ -177,7 +194,7 @@ class DistributedJacobianUpdate:
                 f"({rows}). Every process must pass the same number of task losses, reaching "
                 "the same parameters (per-sample losses may differ in number only)."
             )
-        if self.check_replicas and not bool((everyone[:, 3:] == mine[3:]).all()):
+        if self.check_replicas and not bool((everyone[:, 3:5] == mine[3:5]).all()):
             raise ValueError(
                 "The model's parameters differ between processes, so their JD steps would "
                 "diverge. Wrap the model in DistributedDataParallel (which broadcasts rank 0's "
@@ -206,15 +223,13 @@ class DistributedJacobianUpdate:
     ) -> UpdateResult:
         shared = list(plan.shared)
         specific = [param for param, _ in plan.specific]
-        if self.per_sample and specific:
-            raise ValueError(
-                "With per-sample losses (batch_dim=0), pass them as one 1-D tensor (every "
-                "reached parameter is then shared), or use scope='all'."
-            )
-        sizes = self._check_signature(batch.m, shared, specific)
+        error: Exception | None = _specific_per_sample(plan) if self.per_sample else None
+        blocks: list[Tensor] = []
+        if error is None:
+            blocks, error = self._local_jacobian(batch, shared + specific)
+        sizes = self._check_signature(batch.m, shared, specific, error)
         self._sync_aggregator(aggregator)
 
-        blocks = self.jacobian_computer.compute(batch.vector, shared + specific)
         shared_blocks, specific_blocks = blocks[: len(shared)], blocks[len(shared) :]
         local_specific = [block[index] for block, (_, index) in zip(specific_blocks, plan.specific)]
 
@@ -264,6 +279,16 @@ class DistributedJacobianUpdate:
         extras = self._finish_stats(shared + specific, dtype)
         return UpdateResult(shared_grads, specific_grads, weights, gramian, extras)
 
+    def _local_jacobian(
+        self, batch: LossBatch, inputs: list[Tensor]
+    ) -> tuple[list[Tensor], Exception | None]:
+        """This process's Jacobian blocks, or the error its backward raised (reported to the
+        other processes by the signature's all-gather before it is raised)."""
+        try:
+            return self.jacobian_computer.compute(batch.vector, inputs), None
+        except Exception as error:
+            return [], error
+
     def _chunk_size(self, numel: int) -> int:
         return max(1, math.ceil(numel / self.world_size))
 
@@ -312,3 +337,14 @@ class DistributedJacobianUpdate:
             "plain_ddp_bytes": self.last_plain_ddp_bytes,
             "world_size": self.world_size,
         }
+
+
+def _specific_per_sample(plan: ParameterPlan) -> ValueError | None:
+    """The error for task-specific parameters with per-sample losses (reported to every
+    process before it is raised), or ``None``."""
+    if not plan.specific:
+        return None
+    return ValueError(
+        "With per-sample losses (batch_dim=0), pass them as one 1-D tensor (every reached "
+        "parameter is then shared), or use scope='all'."
+    )
