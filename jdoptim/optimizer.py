@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -127,6 +130,9 @@ class JDOptimizer(Optimizer):
         self._uses_engine = modules is not None and process_group in (None, False)
         self._ddp_check_pending = process_group is None  # False: per-process JD, on purpose
         self._warned: set[str] = set()  # the warnings given once per optimizer
+        self._batch_sizes = _BatchSizes()
+        if self._uses_engine and batch_dim is None:
+            self._batch_sizes.watch(modules, self)  # type: ignore[arg-type]
         self._update_computer: UpdateComputer = self._make_update_computer(
             modules, batch_dim, None if process_group is False else process_group
         )
@@ -489,12 +495,15 @@ class JDOptimizer(Optimizer):
         )
 
     def _warn_if_per_sample(self, batch: LossBatch) -> None:
-        """``modules=`` without ``batch_dim`` and one 1-D tensor of losses not stacked from
-        scalars: likely per-sample losses, which the engine then treats as task losses (exact,
-        but about twice slower than with ``batch_dim=0``)."""
+        """``modules=`` without ``batch_dim`` and one 1-D tensor of losses, not stacked from
+        scalars, with as many entries as the modules' last input had along its first dimension:
+        likely per-sample losses, which the engine then treats as task losses (exact, but about
+        twice slower than with ``batch_dim=0``)."""
         if not self._uses_engine or self.batch_dim is not None or batch.separate is not None:
             return
         if batch.shape is not None or batch.m < 2 or not batch.sources:
+            return
+        if batch.m not in self._batch_sizes.sizes.values():  # not one loss per input sample
             return
         node = batch.sources[0].grad_fn
         if node is not None and node.name() in ("StackBackward0", "CatBackward0"):
@@ -510,7 +519,7 @@ class JDOptimizer(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=5)
+            warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
 
     def _check_not_ddp(self) -> None:
         """Refuse a step without ``process_group`` on parameters a DDP model replicates."""
@@ -553,6 +562,45 @@ class JDOptimizer(Optimizer):
                     param.grad = grad.clone() if grad._base is not None else grad
                 else:
                     param.grad.add_(grad)
+
+
+class _BatchSizes:
+    """The first-dimension size of each watched module's first tensor input, at its last
+    forward call (a forward pre-hook, removed when the optimizer is collected)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}
+
+    def watch(self, modules: nn.Module | Iterable[nn.Module], owner: object) -> None:
+        module_list = [modules] if isinstance(modules, nn.Module) else list(modules)
+        handles = [m.register_forward_pre_hook(self._record) for m in module_list]
+        weakref.finalize(owner, _remove_handles, handles)
+
+    def _record(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is not None and first.dim() > 0:
+            self.sizes[id(module)] = first.shape[0]
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_OPTIM_DIR = os.path.join("torch", "optim")
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn`` that points at the user's line calling
+    ``step()``: past this package's frames and torch.optim's step wrappers."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(_PACKAGE_DIR) and _TORCH_OPTIM_DIR not in name:
+            return level
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return 1
 
 
 def _check_aggregator(aggregator: object) -> None:

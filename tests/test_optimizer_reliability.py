@@ -323,8 +323,9 @@ def test_a_loss_reaching_only_foreign_parameters_is_recorded_and_warned_once():
     model, opt, x, y = _setup(UPGrad(), engine=False)
     other = nn.Linear(6, 1)
     l1, l2 = task_losses(model, x, y)
-    with pytest.warns(UserWarning, match="foreign.*reach"):
+    with pytest.warns(UserWarning, match=r"foreign.*reach") as caught:
         record = opt.step({"a": l1, "b": l2, "foreign": other(x).pow(2).mean()})
+    assert caught[0].filename == __file__
     assert record.idle_losses == ("foreign",)
     assert record.losses_by_name == dict(zip(record.names, record.losses.tolist()))
     l1, l2 = task_losses(model, x, y)
@@ -348,8 +349,9 @@ def test_per_sample_losses_without_batch_dim_warn_with_the_fix():
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
     x = torch.randn(5, 6)
     opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), modules=model)
-    with pytest.warns(UserWarning, match="batch_dim=0"):
+    with pytest.warns(UserWarning, match="batch_dim=0") as caught:
         opt.step(model(x).squeeze(1).pow(2))
+    assert caught[0].filename == __file__  # points at the user's line, not into torch.optim
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(model(x).squeeze(1).pow(2))  # once per optimizer
@@ -361,3 +363,6 @@ def test_per_sample_losses_without_batch_dim_warn_with_the_fix():
         per_sample.step(model(x).squeeze(1).pow(2))
         jacobian = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
         jacobian.step(model(x).squeeze(1).pow(2))
+        wide = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        tasks = JDOptimizer(torch.optim.SGD(wide.parameters(), lr=0.1), modules=wide)
+        tasks.step(wide(x).pow(2).mean(dim=0))  # 3 task losses from a batch of 5: no warning
