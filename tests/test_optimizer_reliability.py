@@ -366,3 +366,17 @@ def test_per_sample_losses_without_batch_dim_warn_with_the_fix():
         wide = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
         tasks = JDOptimizer(torch.optim.SGD(wide.parameters(), lr=0.1), modules=wide)
         tasks.step(wide(x).pow(2).mean(dim=0))  # 3 task losses from a batch of 5: no warning
+
+
+@pytest.mark.parametrize("engine", [False, True], ids=["jacobian", "engine"])
+def test_a_step_the_grad_scaler_skips_leaves_the_aggregator_as_it_was(engine):
+    """The Gramian is finite, so GradVac runs; a task-specific gradient is not, so the scaler
+    skips the step: GradVac's EMA and generator must be as before, as Adam's state is."""
+    model, opt, x, y = _setup(GradVac(beta=0.5, seed=1), engine)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    before = snapshot(model, opt)
+    l1, l2 = task_losses(model, x, y)
+    record = opt.step([l1, l2 + _head_nan(model)], grad_scaler=scaler)
+    assert record.skipped and "GradScaler" in str(record.reason)
+    before["grads"] = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    assert_unchanged(model, opt, before)  # .grad holds the scaler's NaNs, as with backward()
