@@ -130,9 +130,6 @@ def _bad_inputs(t: Trial) -> dict[str, Callable[[], object]]:
             t.model.trunk[2].weight.mul_(1.001)
         return losses
 
-    def specific_nan() -> object:
-        return with_entry(lambda loss: loss + _sqrt_at_zero(t.model.heads[-1].bias))()
-
     cases: dict[str, Callable[[], object]] = {
         "none": lambda: None,
         "empty list": lambda: [],
@@ -157,7 +154,9 @@ def _bad_inputs(t: Trial) -> dict[str, Callable[[], object]]:
         cases["python float"] = lambda: [good()[0], 0.5]  # type: ignore[index]
         cases["detached loss"] = with_entry(lambda loss: loss.detach())
         cases["non-scalar entry"] = with_entry(lambda loss: loss.expand(3))
-        cases["infinite task-specific gradient"] = specific_nan
+        cases["infinite task-specific gradient"] = with_entry(
+            lambda loss: loss + _sqrt_at_zero(t.model.heads[-1].bias)
+        )
     return cases
 
 
