@@ -155,7 +155,7 @@ def _bad_inputs(t: Trial) -> dict[str, Callable[[], object]]:
         cases["detached loss"] = with_entry(lambda loss: loss.detach())
         cases["non-scalar entry"] = with_entry(lambda loss: loss.expand(3))
         cases["infinite task-specific gradient"] = with_entry(
-            lambda loss: loss + _sqrt_at_zero(t.model.heads[-1].bias)
+            lambda loss: loss + _sqrt_at_zero(t.model.heads[1].bias)
         )
     return cases
 
