@@ -274,9 +274,15 @@ class JDOptimizer(Optimizer):
                 :mod:`jdoptim.amp`.
 
         On bad input (no losses, non-tensors, non-scalar entries, losses without a graph or on
-        different devices, losses reaching none of the optimizer's parameters, non-finite
-        losses or weights) it raises before anything changes: parameters, ``.grad`` and the
-        optimizer's state are as they were.
+        different devices or on ``meta``, losses reaching none of the optimizer's parameters,
+        non-finite losses, gradients or weights) it raises before anything changes, or with
+        ``nonfinite="skip"`` skips a non-finite step: parameters, ``.grad``, the wrapped
+        optimizer's state and the aggregator's state are as they were. Losses whose graph was
+        already consumed (by an earlier step on them, or by ``loss.backward()``: ``step``
+        replaces it) or saved tensors changed in place since the forward pass raise
+        :class:`~jdoptim.losses.StaleGraphError`, which says to recompute the losses. The step
+        may run under ``torch.no_grad()`` or ``torch.inference_mode()``: it differentiates the
+        graph the losses already have.
         """
         # The step differentiates the losses' existing graph, which no_grad()/inference_mode()
         # around the call do not prevent; a closure's forward pass records its graph.
