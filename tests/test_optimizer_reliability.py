@@ -380,3 +380,18 @@ def test_a_step_the_grad_scaler_skips_leaves_the_aggregator_as_it_was(engine):
     assert record.skipped and "GradScaler" in str(record.reason)
     before["grads"] = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     assert_unchanged(model, opt, before)  # .grad holds the scaler's NaNs, as with backward()
+
+
+def test_no_hook_is_left_behind_by_dropped_optimizers():
+    """The per-sample warning's forward pre-hook goes with its optimizer (as the engine's
+    hooks do): 20 optimizers built and dropped leave the model without hooks."""
+    import gc
+
+    model = MultiTaskMLP(2)
+    x, y = torch.randn(4, 6), torch.randn(4, 2)
+    for _ in range(20):
+        opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), modules=model)
+        opt.step(task_losses(model, x, y))
+    del opt
+    gc.collect()
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
