@@ -18,7 +18,17 @@ __all__ = ["all_finite", "is_finite"]
 
 
 def is_finite(tensor: Tensor) -> bool:
-    """Whether every entry of the floating-point ``tensor`` is finite (one synchronisation)."""
+    """Whether every entry of the floating-point ``tensor`` is finite (one synchronisation).
+
+    A tensor on the ``meta`` device has no values to check: it is refused with a clear error
+    (instead of torch's ``Tensor.item() cannot be called on meta tensors``).
+    """
+    if tensor.is_meta:
+        raise ValueError(
+            "Cannot check a tensor on the 'meta' device for NaN or infinite values: it holds "
+            "shapes but no values. Materialise the model (e.g. `model.to_empty(device='cpu')` "
+            "and initialise it) before training."
+        )
     if math.isfinite((tensor.detach() if tensor.requires_grad else tensor).sum().item()):
         return True
     return bool(torch.isfinite(tensor).all())

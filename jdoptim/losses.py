@@ -11,7 +11,17 @@ from torch import Tensor
 
 from .finite import is_finite
 
-__all__ = ["LossBatch", "parse_losses"]
+__all__ = [
+    "LossBatch",
+    "StaleGraphError",
+    "check_not_stepped",
+    "mark_stepped",
+    "parse_losses",
+    "translate_graph_error",
+]
+
+#: Key, in the ``metadata`` of a loss's ``grad_fn``, that marks losses a step has consumed.
+_STEPPED = "jdoptim.stepped"
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,9 @@ class LossBatch:
     #: The shape of a multi-dimensional loss tensor (e.g. ``[batch, tasks]``, accepted only by
     #: the Gramian engine); ``None`` otherwise. ``vector`` is its row-major flattening.
     shape: tuple[int, ...] | None = None
+    #: The tensors the user passed (before any reshape or stack): their ``grad_fn`` nodes are
+    #: the roots of the step's graph, marked once a step consumes them.
+    sources: tuple[Tensor, ...] = ()
 
     @property
     def m(self) -> int:
@@ -69,6 +82,13 @@ def _check_common(losses: Sequence[Tensor], names: Sequence[str]) -> None:
             f"The losses live on different devices ({found}): move them to one device "
             "(e.g. `loss.to(device)`) before the step."
         )
+    if any(loss.is_meta for loss in losses):
+        raise ValueError(
+            "The losses are on the 'meta' device, which holds shapes but no values, so there is "
+            "nothing to differentiate or step on: materialise the model first (e.g. "
+            "`model.to_empty(device='cpu')` and initialise its parameters), then compute the "
+            "losses from real data."
+        )
 
 
 def parse_losses(losses: object, max_dim: int = 1) -> LossBatch:
@@ -82,7 +102,7 @@ def parse_losses(losses: object, max_dim: int = 1) -> LossBatch:
         batch = parse_losses(losses.reshape(-1))
         indices = itertools.product(*(range(n) for n in losses.shape))
         names = tuple(f"loss[{', '.join(map(str, i))}]" for i in indices)
-        return LossBatch(batch.vector, names, None, tuple(losses.shape))
+        return LossBatch(batch.vector, names, None, tuple(losses.shape), (losses,))
     if isinstance(losses, Tensor):
         if losses.dim() > 1:
             raise ValueError(
@@ -94,7 +114,7 @@ def parse_losses(losses: object, max_dim: int = 1) -> LossBatch:
             raise ValueError("Got an empty tensor of losses: pass at least one loss.")
         names = tuple(f"loss[{i}]" for i in range(vector.shape[0]))
         _check_common([vector], ["the loss tensor"])
-        return LossBatch(vector, names, None)
+        return LossBatch(vector, names, None, sources=(losses,))
 
     if isinstance(losses, Mapping):
         names = tuple(str(key) for key in losses)
@@ -102,6 +122,12 @@ def parse_losses(losses: object, max_dim: int = 1) -> LossBatch:
     elif isinstance(losses, Sequence) and not isinstance(losses, (str, bytes)):
         items = list(losses)
         names = tuple(f"loss[{i}]" for i in range(len(items)))
+    elif callable(losses):
+        raise TypeError(
+            f"step() got a callable ({type(losses).__name__}) as its losses: a closure is passed "
+            "by keyword, opt.step(closure=closure); it must return the losses (a list, a dict or "
+            "a 1-D tensor), and runs with gradients enabled."
+        )
     else:
         raise TypeError(
             f"step() got losses of type {type(losses).__name__}; pass a list of scalar loss "
@@ -111,7 +137,7 @@ def parse_losses(losses: object, max_dim: int = 1) -> LossBatch:
         raise ValueError("step() got no losses: pass at least one loss tensor.")
     scalars = [_check_one(loss, name) for loss, name in zip(items, names)]
     _check_common(scalars, names)
-    return LossBatch(torch.stack(scalars), names, tuple(scalars))
+    return LossBatch(torch.stack(scalars), names, tuple(scalars), sources=tuple(items))
 
 
 def nonfinite_loss_names(batch: LossBatch) -> list[str]:
@@ -121,3 +147,66 @@ def nonfinite_loss_names(batch: LossBatch) -> list[str]:
         return []
     finite = torch.isfinite(batch.vector.detach())
     return [name for name, ok in zip(batch.names, finite.tolist()) if not ok]
+
+
+# -- losses a step has already consumed ---------------------------------------------------------
+#
+# A step differentiates its losses, which frees their graph (or, on the first batched attempt,
+# keeps it while the parameters it saved are then updated in place). Stepping on the same losses
+# again would use gradients of the old parameters, silently when the graph saved none of them
+# (e.g. SGD on one Linear layer). So each step marks its losses' ``grad_fn`` nodes, in the node's
+# own ``metadata`` (the mark lives and dies with the graph; nothing is kept on the optimizer),
+# and the next step refuses marked losses before anything changes.
+
+
+class StaleGraphError(RuntimeError):
+    """The losses' autograd graph was already consumed (by a step or ``backward()``) or saved
+    tensors were modified in place since: the losses must be recomputed."""
+
+
+def check_not_stepped(batch: LossBatch) -> None:
+    """Raise :class:`StaleGraphError` if a step already consumed one of ``batch``'s losses."""
+    for source, name in zip(batch.sources, batch.names if batch.separate else ("the losses",)):
+        node = source.grad_fn
+        if node is not None and node.metadata.get(_STEPPED):
+            raise StaleGraphError(
+                f"{name} was already used by a step: its graph is consumed and the parameters "
+                "have changed since it was computed. Recompute the losses each step (a new "
+                "forward pass), then call opt.step(losses) once on them."
+            )
+
+
+def mark_stepped(batch: LossBatch) -> None:
+    """Mark ``batch``'s losses as consumed (see :func:`check_not_stepped`)."""
+    for source in batch.sources:
+        if source.grad_fn is not None:
+            source.grad_fn.metadata[_STEPPED] = True
+
+
+def translate_graph_error(error: RuntimeError) -> StaleGraphError | None:
+    """The library's own error for torch's graph-reuse errors, or ``None`` for other errors.
+
+    * "backward through the graph a second time": the saved tensors were freed, by
+      ``loss.backward()`` before ``opt.step(losses)`` (torch's advice, ``retain_graph=True``,
+      would add the summed gradient to the JD one in ``.grad``) or by an earlier step;
+    * "modified by an inplace operation": a tensor the backward needs changed after the
+      forward pass, typically the parameters, by an optimizer step since the losses were
+      computed.
+    """
+    text = str(error)
+    if "backward through the graph a second time" in text:
+        return StaleGraphError(
+            "The losses' autograd graph was already freed: by loss.backward() (opt.step(losses) "
+            "replaces backward(): call only step, and do not use retain_graph=True, which would "
+            "add the summed gradient to the JD one in .grad), or by an earlier step on the same "
+            "losses (recompute them each step). Nothing was updated."
+        )
+    if "modified by an inplace operation" in text:
+        return StaleGraphError(
+            "A tensor that the losses' backward needs was modified in place after the losses "
+            "were computed: usually the parameters, updated by an optimizer step since this "
+            "forward pass (recompute the losses each step, after the previous step), or an "
+            "in-place operation in the model or the loss (use its out-of-place form). Nothing "
+            f"was updated. Torch's message: {text.splitlines()[0]}"
+        )
+    return None

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import sys
+import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -10,10 +15,17 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .aggregation import Aggregator, UPGrad
+from .aggregation import Aggregator, Stateful, UPGrad, Weighting
 from .amp import LossScaling, no_autocast, poison_grads, scaler_step
 from .finite import all_finite, is_finite
-from .losses import nonfinite_loss_names, parse_losses
+from .losses import (
+    LossBatch,
+    check_not_stepped,
+    mark_stepped,
+    nonfinite_loss_names,
+    parse_losses,
+    translate_graph_error,
+)
 from .parameter_plan import ParameterPlan, Scope, plan_parameters
 from .record import StepRecord
 from .update import (
@@ -73,7 +85,12 @@ class JDOptimizer(Optimizer):
             or ``True`` (the default group). Each process passes the losses of its shard; the
             step equals one process's step on the whole batch. Task losses (``batch_dim=None``)
             are each a mean over the local shard; with ``batch_dim=0`` the losses are per-sample
-            and the global batch is the concatenation of the shards.
+            and the global batch is the concatenation of the shards. When ``torch.distributed``
+            is initialised with several processes and the parameters belong to a
+            ``DistributedDataParallel`` model, leaving it out is refused at the first step (each
+            process would step alone and the replicas would drift apart): pass
+            ``process_group=ddp_model``, or ``process_group=False`` to run JD on each process
+            alone on purpose.
     """
 
     def __init__(
@@ -97,12 +114,7 @@ class JDOptimizer(Optimizer):
             raise TypeError("This optimizer is already a JDOptimizer: do not wrap it twice.")
         if aggregator is None:
             aggregator = UPGrad()
-        if not isinstance(aggregator, Aggregator):
-            raise TypeError(
-                f"aggregator must be a jdoptim.aggregation.Aggregator, got "
-                f"{type(aggregator).__name__}. To use a Weighting W, pass "
-                "GramianWeightedAggregator(W)."
-            )
+        _check_aggregator(aggregator)
         if scope not in ("shared", "all"):
             raise ValueError(f"scope must be 'shared' or 'all', got {scope!r}.")
         if nonfinite not in ("raise", "skip"):
@@ -115,8 +127,14 @@ class JDOptimizer(Optimizer):
         self.freeze_foreign = freeze_foreign
         self.batch_dim = batch_dim
         self.last_record: StepRecord | None = None
+        self._uses_engine = modules is not None and process_group in (None, False)
+        self._ddp_check_pending = process_group is None  # False: per-process JD, on purpose
+        self._warned: set[str] = set()  # the warnings given once per optimizer
+        self._batch_sizes = _BatchSizes()
+        if self._uses_engine and batch_dim is None:
+            self._batch_sizes.watch(modules, self)  # type: ignore[arg-type]
         self._update_computer: UpdateComputer = self._make_update_computer(
-            modules, batch_dim, process_group
+            modules, batch_dim, None if process_group is False else process_group
         )
 
         # What Optimizer.__init__ sets up, minus the parameters (they are the wrapped optimizer's).
@@ -175,15 +193,36 @@ class JDOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state[_STATE_KEY] = {"aggregator": self.aggregator.state_dict()}
+        state[_STATE_KEY] = {
+            "aggregator": self.aggregator.state_dict(),
+            "aggregator_class": type(self.aggregator).__qualname__,
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of :meth:`state_dict`, all or nothing.
+
+        The aggregator's part is checked first (the same method, by class name, and the same
+        state entries); then the wrapped optimizer's and the aggregator's states are loaded, and
+        if either load fails both are put back as they were (the wrapped optimizer's previous
+        ``state`` and ``param_groups`` objects, and a copy of the aggregator's state) before the
+        error propagates.
+        """
         state = dict(state_dict)
         ours = state.pop(_STATE_KEY, None)
         if ours is not None:
-            self.aggregator.load_state_dict(ours["aggregator"])
-        self.optimizer.load_state_dict(state)
+            _check_aggregator_state(self.aggregator, ours)
+        optimizer_before = (self.optimizer.state, self.optimizer.param_groups)
+        aggregator_before = copy.deepcopy(self.aggregator.state_dict())
+        try:
+            self.optimizer.load_state_dict(state)
+            if ours is not None:
+                self.aggregator.load_state_dict(ours["aggregator"])
+        except BaseException:
+            self.optimizer.state, self.optimizer.param_groups = optimizer_before
+            self.aggregator.load_state_dict(aggregator_before)
+            raise
+        self._forget_aggregator_sync()
 
     def register_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> Any:
         return self.optimizer.register_state_dict_pre_hook(hook, prepend)
@@ -235,36 +274,93 @@ class JDOptimizer(Optimizer):
                 :mod:`jdoptim.amp`.
 
         On bad input (no losses, non-tensors, non-scalar entries, losses without a graph or on
-        different devices, losses reaching none of the optimizer's parameters, non-finite
-        losses or weights) it raises before anything changes: parameters, ``.grad`` and the
-        optimizer's state are as they were.
+        different devices or on ``meta``, losses reaching none of the optimizer's parameters,
+        non-finite losses, gradients or weights) it raises before anything changes, or with
+        ``nonfinite="skip"`` skips a non-finite step: parameters, ``.grad``, the wrapped
+        optimizer's state and the aggregator's state are as they were. Losses whose graph was
+        already consumed (by an earlier step on them, or by ``loss.backward()``: ``step``
+        replaces it) or saved tensors changed in place since the forward pass raise
+        :class:`~jdoptim.losses.StaleGraphError`, which says to recompute the losses. The step
+        may run under ``torch.no_grad()`` or ``torch.inference_mode()``: it differentiates the
+        graph the losses already have.
         """
-        if closure is not None:
-            if losses is not None:
-                raise TypeError("Pass either losses or a closure to step(), not both.")
-            with torch.enable_grad():
+        # The step differentiates the losses' existing graph, which no_grad()/inference_mode()
+        # around the call do not prevent; a closure's forward pass records its graph.
+        grad_was_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        with torch.inference_mode(False), torch.enable_grad():
+            if closure is not None:
+                if losses is not None:
+                    raise TypeError("Pass either losses or a closure to step(), not both.")
                 losses = closure()
-        if losses is None:
-            raise TypeError(
-                "JDOptimizer.step() needs the losses: call opt.step([loss1, loss2, ...]) instead "
-                "of backward() + step()."
-            )
-        batch = parse_losses(losses, getattr(self._update_computer, "max_loss_dim", 1))
-        scaling = LossScaling.of(grad_scaler)
-        record = StepRecord(names=batch.names, losses=batch.vector.detach().clone())
-        self.last_record = record
+            if losses is None:
+                raise TypeError(
+                    "JDOptimizer.step() needs the losses: call opt.step([loss1, loss2, ...]) "
+                    "instead of backward() + step()."
+                )
+            if self._ddp_check_pending:
+                self._check_not_ddp()
+            return self._step(losses, grad_scaler, grad_was_on)
 
-        bad = nonfinite_loss_names(batch)
-        any_process = getattr(self._update_computer, "any_process", None)
-        if any_process is not None and any_process(bool(bad)) and not bad:
-            bad = ["a loss on another process"]  # all processes skip or raise together
+    # The phases of a step: inputs (local checks, then agreement between processes), update
+    # (compute, check, apply). A refusal at any point leaves the parameters, .grad, the wrapped
+    # optimizer's state and the aggregator's state as they were.
+
+    def _step(self, losses: object, grad_scaler: Any, grad_was_on: bool) -> StepRecord:
+        checked = self._checked_inputs(losses, grad_scaler, grad_was_on)
+        batch, record, plan, bad, scaling = checked
         if bad:
             return self._refuse(
                 record,
                 f"Non-finite loss value in {', '.join(bad)}: nothing was updated. Check the data "
                 "and the learning rate, or pass nonfinite='skip' to skip such steps.",
             )
+        assert plan is not None
+        self._note_idle_losses(record, batch, plan)
+        self._warn_if_per_sample(batch)
+        return self._update(batch, plan, record, scaling, grad_scaler)
 
+    def _checked_inputs(
+        self, losses: object, grad_scaler: Any, grad_was_on: bool
+    ) -> tuple[LossBatch, StepRecord, ParameterPlan | None, list[str], LossScaling | None]:
+        """Parse and check the losses and plan the parameters; with a process group, then agree
+        with the other processes, so that every process refuses a step that one refuses (an
+        error raised here on one process is raised there, and a ``DistributedStepError`` on
+        the others): a training loop that catches it stays in lockstep."""
+        error: Exception | None = None
+        bad: list[str] = []
+        plan = scaling = None
+        try:
+            scaling = LossScaling.of(grad_scaler)
+            batch = self._parse(losses, grad_was_on)
+            check_not_stepped(batch)
+            record = StepRecord(names=batch.names, losses=batch.vector.detach().clone())
+            self.last_record = record
+            bad = nonfinite_loss_names(batch)
+            if not bad:
+                plan = self._plan(batch, record)
+        except Exception as exc:  # raised below, after the other processes heard of it
+            error = exc
+        agree = getattr(self._update_computer, "agree", None)
+        if agree is not None:
+            if agree(error, bool(bad)) and not bad:
+                bad = ["a loss on another process"]  # all processes skip or raise together
+        elif error is not None:
+            raise error
+        return batch, record, plan, bad, scaling
+
+    def _parse(self, losses: object, grad_was_on: bool) -> LossBatch:
+        try:
+            return parse_losses(losses, getattr(self._update_computer, "max_loss_dim", 1))
+        except ValueError as error:
+            if grad_was_on or "no autograd graph" not in str(error):
+                raise
+            raise ValueError(
+                f"{error} This step was called under torch.no_grad() or torch.inference_mode(): "
+                "compute the losses (the forward pass) outside that block; opt.step(losses) "
+                "itself may run inside it."
+            ) from error
+
+    def _plan(self, batch: LossBatch, record: StepRecord) -> ParameterPlan:
         plan = plan_parameters(batch, self._owned_parameters(), self.scope)
         record.shared, record.specific = plan.shared, plan.specific
         record.foreign, record.unreached = plan.foreign, plan.unreached
@@ -274,15 +370,26 @@ class JDOptimizer(Optimizer):
                 "from another model, or are its parameters frozen? Give the optimizer the "
                 "parameters the losses depend on."
             )
+        return plan
 
+    def _update(
+        self,
+        batch: LossBatch,
+        plan: ParameterPlan,
+        record: StepRecord,
+        scaling: LossScaling | None,
+        grad_scaler: Any,
+    ) -> StepRecord:
         computed_batch, aggregator = batch, self.aggregator
         if scaling is not None:
             computed_batch, aggregator = scaling.scale_batch(batch), scaling.wrap(aggregator)
         params = list(plan.shared) + [p for p, _ in plan.specific]
+        snapshot = self._aggregator_snapshot()
+        mark_stepped(batch)  # from here on, the losses' graph is being consumed
         try:
-            with no_autocast(batch.vector.device.type):
-                result = self._update_computer.compute(computed_batch, plan, aggregator)
+            result = self._compute(computed_batch, plan, aggregator)
         except NonFiniteJacobianError as error:
+            self._restore_aggregator(snapshot)
             if scaling is not None:  # the scaled backward overflowed: the scaler skips the step
                 poison_grads(params)
                 scaler_step(grad_scaler, self.optimizer, params)
@@ -294,28 +401,153 @@ class JDOptimizer(Optimizer):
                 "an infinite derivative (e.g. sqrt or log at 0) or overflow; fix the loss, or "
                 "pass nonfinite='skip' to skip such steps.",
             )
+        except BaseException:
+            self._restore_aggregator(snapshot)
+            raise
         record.weights, record.gramian = result.weights, result.gramian
         if scaling is not None:
             record.gramian = scaling.unscale_gramian(result.gramian)
         record.extras.update(result.extras)
         problem = _nonfinite_result(result)
         if problem and scaling is None:
+            self._restore_aggregator(snapshot)
             return self._refuse(
                 record,
                 f"Non-finite {problem} (the losses were finite): nothing was updated. This "
                 "usually means overflowing gradients; lower the learning rate or clip the "
                 "losses, or pass nonfinite='skip' to skip such steps.",
             )
+        self._apply(plan, result, record, (scaling, grad_scaler), snapshot)
+        return record
 
+    def _compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult:
+        """The update computer's result; torch's graph-reuse errors become the library's."""
+        try:
+            with no_autocast(batch.vector.device.type):
+                return self._update_computer.compute(batch, plan, aggregator)
+        except RuntimeError as error:
+            stale = translate_graph_error(error)
+            if stale is None:
+                raise
+            raise stale from error
+
+    def _apply(
+        self,
+        plan: ParameterPlan,
+        result: UpdateResult,
+        record: StepRecord,
+        scaler: tuple[LossScaling | None, Any],
+        snapshot: dict[str, Any] | None,
+    ) -> None:
+        """Accumulate the update into ``.grad`` and run the wrapped optimizer's step (through
+        the GradScaler, if any)."""
         self._accumulate(plan, result)
         if self.freeze_foreign:
             for leaf in plan.foreign:
                 leaf.requires_grad_(False)
+        scaling, grad_scaler = scaler
+        params = list(plan.shared) + [p for p, _ in plan.specific]
         if scaling is None:
             self.optimizer.step()
         elif scaler_step(grad_scaler, self.optimizer, params):
+            self._restore_aggregator(snapshot)  # a skipped step leaves the aggregator as well
             record.skipped, record.reason = True, "GradScaler skipped the step: inf/NaN update."
-        return record
+
+    # -- the aggregator's state around a refused step ---------------------------------------
+
+    def _aggregator_snapshot(self) -> dict[str, Any] | None:
+        """A copy of the aggregator's whole state (buffers and extra state: EMAs, counters,
+        random generators), taken before each step when it holds any, so that a step refused
+        or skipped after the aggregator ran leaves it exactly as it was (skipping a step and
+        resuming is then the same as never having seen it).
+
+        Design note: restoring a snapshot was preferred to checking everything before
+        aggregating because the engine path gets the specific parameters' gradients (which may
+        be non-finite while the Gramian is finite) from the same backward pass as the weighted
+        update, i.e. after the weights; a snapshot is exact for every method, including a
+        user's, and costs a copy of a few small tensors, only for stateful methods (none for
+        UPGrad and the other stateless ones).
+        """
+        if not _holds_state(self.aggregator):
+            return None
+        return copy.deepcopy(self.aggregator.state_dict())
+
+    def _restore_aggregator(self, snapshot: dict[str, Any] | None) -> None:
+        if snapshot is not None:
+            self.aggregator.load_state_dict(snapshot)
+            self._forget_aggregator_sync()
+
+    def _forget_aggregator_sync(self) -> None:
+        """A distributed update computer copies rank 0's aggregator state once: after a
+        restore or a load, let it copy again at the next step."""
+        forget = getattr(self._update_computer, "forget_aggregator_sync", None)
+        if forget is not None:
+            forget()
+
+    # -- what a step says besides its update ------------------------------------------------
+
+    def _note_idle_losses(self, record: StepRecord, batch: LossBatch, plan: ParameterPlan) -> None:
+        if not plan.idle_losses:
+            return
+        record.idle_losses = tuple(batch.names[i] for i in plan.idle_losses)
+        self._warn_once(
+            "idle",
+            f"{', '.join(record.idle_losses)} reach(es) none of the wrapped optimizer's "
+            "parameters (only parameters it does not own, or none), so it cannot change this "
+            "step's update. Give the optimizer the parameters it depends on, or leave it out of "
+            "step(). (record.idle_losses lists such losses at each step; warned once.)",
+        )
+
+    def _warn_if_per_sample(self, batch: LossBatch) -> None:
+        """``modules=`` without ``batch_dim`` and one 1-D tensor of losses, not stacked from
+        scalars, with as many entries as the modules' last input had along its first dimension:
+        likely per-sample losses, which the engine then treats as task losses (exact, but about
+        twice slower than with ``batch_dim=0``)."""
+        if not self._uses_engine or self.batch_dim is not None or batch.separate is not None:
+            return
+        if batch.shape is not None or batch.m < 2 or not batch.sources:
+            return
+        if batch.m not in self._batch_sizes.sizes.values():  # not one loss per input sample
+            return
+        node = batch.sources[0].grad_fn
+        if node is not None and node.name() in ("StackBackward0", "CatBackward0"):
+            return
+        self._warn_once(
+            "per-sample",
+            f"JDOptimizer(modules=...) got one 1-D tensor of {batch.m} losses and no batch_dim, "
+            "so the engine treats them as task losses. If they are per-sample losses (one per "
+            "sample of the batch), pass batch_dim=0: the same step, about twice faster. If they "
+            "are task losses, pass them as a list or dict to silence this warning.",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
+
+    def _check_not_ddp(self) -> None:
+        """Refuse a step without ``process_group`` on parameters a DDP model replicates."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            self._ddp_check_pending = False
+            return
+        from .distributed import find_ddp_model  # imported only in a distributed run
+
+        owner = find_ddp_model(self._owned_parameters())
+        if owner is not None:
+            raise ValueError(
+                f"The optimizer's parameters belong to a DistributedDataParallel model "
+                f"({type(owner.module).__name__}) and torch.distributed runs "
+                f"{dist.get_world_size()} processes, but this JDOptimizer has no process_group: "
+                "each process would take its own JD step and the replicas would drift apart. "
+                "Pass process_group=ddp_model for distributed JD (the step of one process on "
+                "the whole batch), or process_group=False to run JD on each process alone, on "
+                "purpose."
+            )
+        self._ddp_check_pending = False
 
     def _refuse(self, record: StepRecord, message: str) -> StepRecord:
         if self.nonfinite == "raise":
@@ -336,6 +568,130 @@ class JDOptimizer(Optimizer):
                     param.grad = grad.clone() if grad._base is not None else grad
                 else:
                     param.grad.add_(grad)
+
+
+class _BatchSizes:
+    """The first-dimension size of each watched module's first tensor input, at its last
+    forward call (a forward pre-hook, removed when the optimizer is collected)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}
+
+    def watch(self, modules: nn.Module | Iterable[nn.Module], owner: object) -> None:
+        module_list = [modules] if isinstance(modules, nn.Module) else list(modules)
+        handles = [m.register_forward_pre_hook(self._record) for m in module_list]
+        weakref.finalize(owner, _remove_handles, handles)
+
+    def _record(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is not None and first.dim() > 0:
+            self.sizes[id(module)] = first.shape[0]
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_OPTIM_DIR = os.path.join("torch", "optim")
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn`` that points at the user's line calling
+    ``step()``: past this package's frames and torch.optim's step wrappers."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(_PACKAGE_DIR) and _TORCH_OPTIM_DIR not in name:
+            return level
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return 1
+
+
+def _check_aggregator(aggregator: object) -> None:
+    """Refuse what is not an :class:`Aggregator` instance, naming the fix."""
+    if isinstance(aggregator, Aggregator):
+        return
+    if isinstance(aggregator, type) and issubclass(aggregator, (Aggregator, Weighting)):
+        fix = (
+            f"{aggregator.__name__}()"
+            if issubclass(aggregator, Aggregator)
+            else f"GramianWeightedAggregator({aggregator.__name__}())"
+        )
+        raise TypeError(
+            f"aggregator={aggregator.__name__} is a class: pass an instance, aggregator={fix}."
+        )
+    if isinstance(aggregator, str):
+        from . import aggregation
+
+        known = {name.lower(): name for name in aggregation.__all__}
+        match = known.get(aggregator.replace("-", "").replace("_", "").lower())
+        example = f"{match}()" if match else "UPGrad()"
+        raise TypeError(
+            f"aggregator={aggregator!r} is a string: pass an instance, e.g. "
+            f"aggregator={example} (from jdoptim.aggregation import {example[:-2]})."
+        )
+    if isinstance(aggregator, Weighting):
+        raise TypeError(
+            f"aggregator must be an Aggregator, got the Weighting {type(aggregator).__name__}: "
+            f"pass GramianWeightedAggregator({type(aggregator).__name__}(...))."
+        )
+    raise TypeError(
+        f"aggregator must be a jdoptim.aggregation.Aggregator instance (e.g. UPGrad()), got "
+        f"{type(aggregator).__name__}."
+    )
+
+
+def _holds_state(aggregator: nn.Module) -> bool:
+    """Whether the aggregator (or a submodule) may change state when called: a
+    :class:`~jdoptim.aggregation.Stateful` method, extra state, or buffers."""
+    for module in aggregator.modules():
+        if isinstance(module, Stateful):
+            return True
+        if type(module).get_extra_state is not nn.Module.get_extra_state:
+            return True
+        if next(module.buffers(recurse=False), None) is not None:
+            return True
+    return False
+
+
+def _check_aggregator_state(aggregator: nn.Module, ours: object) -> None:
+    """Refuse, before loading anything, the aggregator state of another method."""
+    if not isinstance(ours, dict) or "aggregator" not in ours:
+        raise ValueError(
+            f"state_dict()['{_STATE_KEY}'] must be a dict with an 'aggregator' entry, as "
+            "JDOptimizer.state_dict() writes it; got something else. Nothing was loaded."
+        )
+    mine = type(aggregator).__qualname__
+    theirs = ours.get("aggregator_class", mine)
+    fix = (
+        f"build the JDOptimizer with the checkpoint's method to resume the run, or drop the "
+        f"checkpoint's '{_STATE_KEY}' entry (state.pop('{_STATE_KEY}')) to start the "
+        "aggregator afresh. Nothing was loaded."
+    )
+    if theirs != mine:
+        raise ValueError(
+            f"This checkpoint holds the state of a {theirs} aggregator, but this JDOptimizer's "
+            f"aggregator is a {mine}: {fix}"
+        )
+    expected, given = aggregator.state_dict(), ours["aggregator"]
+    if not _same_entries(expected, given):
+        raise ValueError(
+            f"The checkpoint's aggregator state has the entries {sorted(given)}, but this "
+            f"{mine} has {sorted(expected)} (another method, or another version of it): {fix}"
+        )
+
+
+def _same_entries(expected: dict[str, Any], given: object) -> bool:
+    """The same keys, and the same keys inside dict-valued entries (a method's extra state)."""
+    if not isinstance(given, dict) or set(expected) != set(given):
+        return False
+    return all(
+        set(value) == set(given[key])
+        for key, value in expected.items()
+        if isinstance(value, dict) and isinstance(given[key], dict)
+    )
 
 
 def _nonfinite_result(result: UpdateResult) -> str | None:

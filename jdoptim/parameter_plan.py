@@ -7,6 +7,14 @@
 * **foreign**: reached, but not owned by the optimizer (e.g. a discriminator during a generator
   step): never touched;
 * **unreached**: owned but reached by no loss: ``.grad`` is left as it was.
+
+With a single loss (a list of one, a 0-D loss, a per-sample vector of length 1), every reached
+owned parameter is shared: the aggregator applies to one loss as to many (``Constant([0.5])``
+halves the gradient, Nash-MTL's ``max_norm`` clips it, ...), so that the last, one-sample batch
+of an epoch is treated as the others.
+
+Losses given separately that reach no owned parameter (only foreign ones, or none) are listed in
+:attr:`ParameterPlan.idle_losses`: they cannot change the update.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ class ParameterPlan:
     specific: tuple[tuple[Tensor, int], ...]  # (parameter, index of the one loss reaching it)
     foreign: tuple[Tensor, ...]
     unreached: tuple[Tensor, ...]
+    #: Indices of the losses (given separately) that reach none of the owned parameters.
+    idle_losses: tuple[int, ...] = ()
 
 
 def _owner_index(mask: int) -> int:
@@ -49,13 +59,22 @@ def plan_parameters(batch: LossBatch, owned: Iterable[Tensor], scope: Scope) -> 
     specific: list[tuple[Tensor, int]] = []
     foreign: list[Tensor] = []
     reached_ids: set[int] = set()
+    owned_mask = 0  # bit i: loss i reaches an owned parameter
+    every_loss_shares = scope == "all" or batch.m == 1
     for leaf, mask in reach:
         reached_ids.add(id(leaf))
         if id(leaf) not in owned_ids:
             foreign.append(leaf)
-        elif scope == "all" or mask & (mask - 1):
+            continue
+        owned_mask |= mask
+        if every_loss_shares or mask & (mask - 1):
             shared.append(leaf)
         else:
             specific.append((leaf, _owner_index(mask)))
     unreached = [p for p in owned_list if id(p) not in reached_ids]
-    return ParameterPlan(tuple(shared), tuple(specific), tuple(foreign), tuple(unreached))
+    idle = () if batch.separate is None or not owned_mask else _missing_bits(owned_mask, batch.m)
+    return ParameterPlan(tuple(shared), tuple(specific), tuple(foreign), tuple(unreached), idle)
+
+
+def _missing_bits(mask: int, m: int) -> tuple[int, ...]:
+    return tuple(i for i in range(m) if not mask >> i & 1)

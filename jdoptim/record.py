@@ -20,6 +20,9 @@ class StepRecord:
             parameter is shared).
         shared, specific, foreign, unreached: the parameters by treatment (see
             :mod:`jdoptim.parameter_plan`); ``specific`` holds ``(parameter, loss index)`` pairs.
+        idle_losses: the names of the losses (given separately) that reach none of the wrapped
+            optimizer's parameters (only parameters it does not own, or none): they cannot
+            change the update (a warning says so once per optimizer).
         skipped: ``True`` when the step changed nothing (``nonfinite="skip"``), with ``reason``.
 
     Monitoring properties (computed on access from ``gramian`` and ``weights``, see
@@ -35,6 +38,7 @@ class StepRecord:
     specific: tuple[tuple[Tensor, int], ...] = ()
     foreign: tuple[Tensor, ...] = ()
     unreached: tuple[Tensor, ...] = ()
+    idle_losses: tuple[str, ...] = ()
     skipped: bool = False
     reason: str | None = None
     extras: dict[str, object] = field(default_factory=dict)
@@ -45,6 +49,11 @@ class StepRecord:
         if self.weights is None:
             return None
         return dict(zip(self.names, self.weights.tolist()))
+
+    @property
+    def losses_by_name(self) -> dict[str, float]:
+        """The losses' values as a ``{name: value}`` dict, for logging."""
+        return dict(zip(self.names, self.losses.tolist()))
 
     # Monitoring (see jdoptim.monitoring): computed on access, from the Gramian and the weights
     # the step already holds. Over the shared parameters.

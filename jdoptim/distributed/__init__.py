@@ -33,6 +33,7 @@ __all__ = [
     "DistributedJacobianUpdate",
     "DistributedStepError",
     "broadcast_parameters",
+    "find_ddp_model",
     "make_distributed_update",
     "plain_ddp_bytes",
     "resolve_process_group",
@@ -78,6 +79,24 @@ def resolve_process_group(process_group: object) -> dist.ProcessGroup | None:
         "process_group must be a torch.distributed.ProcessGroup, a DistributedDataParallel "
         f"model, or True (the default group); got {type(process_group).__name__}."
     )
+
+
+def find_ddp_model(params: Iterable[Tensor]) -> nn.parallel.DistributedDataParallel | None:
+    """A live ``DistributedDataParallel`` model that holds one of ``params``, or ``None``.
+
+    DDP leaves no mark on the parameters it replicates, so its instances are found among the
+    objects the garbage collector tracks (one pass, run once per optimizer, and only when
+    ``torch.distributed`` is initialised with several processes and no ``process_group`` was
+    given).
+    """
+    import gc
+
+    wanted = {id(p) for p in params}
+    for obj in gc.get_objects():
+        ddp = isinstance(obj, nn.parallel.DistributedDataParallel)
+        if ddp and any(id(p) in wanted for p in obj.module.parameters()):
+            return obj
+    return None
 
 
 def broadcast_parameters(

@@ -64,7 +64,7 @@ from ..autogram.rules.linear import LinearRule
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..update import UpdateResult, gramian_weights
-from .update import DistributedJacobianUpdate
+from .update import DistributedJacobianUpdate, _specific_per_sample
 
 __all__ = ["DistributedGramianUpdate"]
 
@@ -168,14 +168,15 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         if not isinstance(aggregator, GramianWeightedAggregator):
             return super().compute(batch, plan, aggregator)  # needs all of J: explicit path
         shared = list(plan.shared)
-        if plan.specific:
-            raise ValueError(
-                "With per-sample losses (batch_dim=0), pass them as one 1-D tensor (every "
-                "reached parameter is then shared), or use scope='all'."
-            )
-        sizes = self._check_signature(batch.m, shared, []).tolist()
+        step, error = None, _specific_per_sample(plan)
+        try:  # a local failure is reported to every process by the signature's all-gather
+            if error is None:
+                step = self.engine.step(batch.vector, shared, [], per_sample=True)
+        except Exception as exc:
+            error = exc
+        sizes = self._check_signature(batch.m, shared, [], error).tolist()
+        assert step is not None
         self._sync_aggregator(aggregator)
-        step = self.engine.step(batch.vector, shared, [], per_sample=True)
         dtype = batch.vector.dtype
         with torch.no_grad():
             gramian = self._global_gramian(step, sizes).to(dtype)

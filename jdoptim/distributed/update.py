@@ -57,7 +57,7 @@ from ..autojac import JacobianComputer
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..update import UpdateResult, aggregate_jacobian, gramian_weights
-from ._comm import CommStats, Communicator, plain_ddp_bytes
+from ._comm import CommStats, Communicator, DistributedStepError, plain_ddp_bytes
 
 __all__ = ["DistributedJacobianUpdate"]
 
@@ -113,21 +113,67 @@ class DistributedJacobianUpdate:
     def any_process(self, flag: bool, device: torch.device | None = None) -> bool:
         """``True`` if ``flag`` is true on any process (used for non-finite losses, so that all
         processes skip or raise together)."""
+        return self.agree(None, flag, device)
+
+    def agree(
+        self, error: BaseException | None, nonfinite: bool, device: torch.device | None = None
+    ) -> bool:
+        """The first collective of a step, after each process checked its own inputs.
+
+        Every process reports whether its checks raised ``error`` and whether it has a
+        non-finite loss. If any raised, every process fails this step: the one that raised
+        re-raises its own error, the others a :class:`DistributedStepError` saying which
+        ranks failed. So a training loop that catches the error and goes on stays in lockstep
+        (step ``k`` of every process pairs with step ``k`` of the others). Otherwise returns
+        whether any process has a non-finite loss (all then skip or raise together).
+        """
         self.comm.reset_stats()  # the first collective of a step
         if device is None:  # NCCL only takes CUDA tensors
             nccl = dist.get_backend(self.comm.group) == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        self.comm.all_reduce("agree", value)
-        return bool(value.item() > 0)
+        flags = torch.zeros(1 + self.world_size, device=device)
+        flags[0] = 1.0 if nonfinite else 0.0
+        flags[1 + self.rank] = 0.0 if error is None else 1.0
+        self.comm.all_reduce("agree", flags)
+        self._raise_if_any_failed(error, flags[1:].cpu(), "the checks of its step's input")
+        return bool(flags[0].item() > 0)
 
-    def _check_signature(self, m: int, shared: list[Tensor], specific: list[Tensor]) -> Tensor:
-        """All-gather ``[m, n_shared, n_specific, Σθ, Σθ²]``; return the per-rank ``m``."""
+    def _raise_if_any_failed(self, error: BaseException | None, failed: Tensor, where: str) -> None:
+        """Re-raise this process's ``error``, or a :class:`DistributedStepError` on the others
+        when a process failed (``failed``: one flag per rank), so that all fail the step."""
+        if error is not None:
+            raise error
+        ranks = [r for r, flag in enumerate(failed.tolist()) if flag > 0]
+        if ranks:
+            raise DistributedStepError(
+                f"Distributed JD step, rank {self.rank} of {self.world_size}: rank(s) "
+                f"{', '.join(map(str, ranks))} raised an error in {where} (see the error raised "
+                "there), so every process fails this step, and nothing was updated on any. A "
+                "training loop that catches this error and goes on stays in step with the others."
+            )
+
+    def forget_aggregator_sync(self) -> None:
+        """Copy rank 0's aggregator state again at the next step (after a restore or a load)."""
+        self._aggregator_synced = None
+
+    def _check_signature(
+        self,
+        m: int,
+        shared: list[Tensor],
+        specific: list[Tensor],
+        error: BaseException | None = None,
+    ) -> Tensor:
+        """All-gather ``[m, n_shared, n_specific, Σθ, Σθ², failed]``; return the per-rank ``m``.
+
+        ``error`` is what this process's local backward raised, if anything: then every
+        process fails the step together (see :meth:`_raise_if_any_failed`).
+        """
         device = shared[0].device if shared else specific[0].device
-        signature = torch.zeros(5, dtype=torch.float64, device=device)
+        signature = torch.zeros(6, dtype=torch.float64, device=device)
         signature[0] = m
         signature[1] = sum(p.numel() for p in shared)
         signature[2] = sum(p.numel() for p in specific)
+        signature[5] = 0.0 if error is None else 1.0
         if self.check_replicas:
             with torch.no_grad():
                 for param in shared + specific:
@@ -135,6 +181,7 @@ class DistributedJacobianUpdate:
                     signature[3] += flat.sum()
                     signature[4] += flat.square().sum()
         everyone = self.comm.all_gather("signature", signature).cpu()
+        self._raise_if_any_failed(error, everyone[:, 5], "its local backward pass")
         mine = everyone[self.rank]
         columns = [1, 2] if self.per_sample else [0, 1, 2]
         if not bool((everyone[:, columns] == mine[columns]).all()):
@@ -147,7 +194,7 @@ class DistributedJacobianUpdate:
                 f"({rows}). Every process must pass the same number of task losses, reaching "
                 "the same parameters (per-sample losses may differ in number only)."
             )
-        if self.check_replicas and not bool((everyone[:, 3:] == mine[3:]).all()):
+        if self.check_replicas and not bool((everyone[:, 3:5] == mine[3:5]).all()):
             raise ValueError(
                 "The model's parameters differ between processes, so their JD steps would "
                 "diverge. Wrap the model in DistributedDataParallel (which broadcasts rank 0's "
@@ -176,15 +223,13 @@ class DistributedJacobianUpdate:
     ) -> UpdateResult:
         shared = list(plan.shared)
         specific = [param for param, _ in plan.specific]
-        if self.per_sample and specific:
-            raise ValueError(
-                "With per-sample losses (batch_dim=0), pass them as one 1-D tensor (every "
-                "reached parameter is then shared), or use scope='all'."
-            )
-        sizes = self._check_signature(batch.m, shared, specific)
+        error: Exception | None = _specific_per_sample(plan) if self.per_sample else None
+        blocks: list[Tensor] = []
+        if error is None:
+            blocks, error = self._local_jacobian(batch, shared + specific)
+        sizes = self._check_signature(batch.m, shared, specific, error)
         self._sync_aggregator(aggregator)
 
-        blocks = self.jacobian_computer.compute(batch.vector, shared + specific)
         shared_blocks, specific_blocks = blocks[: len(shared)], blocks[len(shared) :]
         local_specific = [block[index] for block, (_, index) in zip(specific_blocks, plan.specific)]
 
@@ -234,6 +279,16 @@ class DistributedJacobianUpdate:
         extras = self._finish_stats(shared + specific, dtype)
         return UpdateResult(shared_grads, specific_grads, weights, gramian, extras)
 
+    def _local_jacobian(
+        self, batch: LossBatch, inputs: list[Tensor]
+    ) -> tuple[list[Tensor], Exception | None]:
+        """This process's Jacobian blocks, or the error its backward raised (reported to the
+        other processes by the signature's all-gather before it is raised)."""
+        try:
+            return self.jacobian_computer.compute(batch.vector, inputs), None
+        except Exception as error:
+            return [], error
+
     def _chunk_size(self, numel: int) -> int:
         return max(1, math.ceil(numel / self.world_size))
 
@@ -282,3 +337,14 @@ class DistributedJacobianUpdate:
             "plain_ddp_bytes": self.last_plain_ddp_bytes,
             "world_size": self.world_size,
         }
+
+
+def _specific_per_sample(plan: ParameterPlan) -> ValueError | None:
+    """The error for task-specific parameters with per-sample losses (reported to every
+    process before it is raised), or ``None``."""
+    if not plan.specific:
+        return None
+    return ValueError(
+        "With per-sample losses (batch_dim=0), pass them as one 1-D tensor (every reached "
+        "parameter is then shared), or use scope='all'."
+    )

@@ -283,13 +283,18 @@ def _leave_without_teardown() -> None:
 def _record_failing_step(rank: int, world: int, port: int, timeout_s: float, result: str) -> None:
     """Rank 0 steps and writes how long it took to get a DistributedStepError, and its text."""
     init(rank, world, port, timeout_s=timeout_s)
+    from tests._snapshots import assert_unchanged, snapshot
+
     model = make_model()
-    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), process_group=True)
+    opt = JDOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), GradVac(seed=1),
+                      process_group=True)  # fmt: skip
     x, y = global_data(0)
+    before = snapshot(model, opt)
     start = time.monotonic()
     try:
         opt.step(task_losses(model, x, y))
     except DistributedStepError as error:
+        assert_unchanged(model, opt, before)  # parameters, .grad, Adam's and GradVac's state
         with open(result, "w") as file:
             file.write(f"{time.monotonic() - start:.2f}\n{error}")
 

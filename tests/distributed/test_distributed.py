@@ -6,10 +6,13 @@ seeded order), PCGrad (randomised, differently seeded per process), GradDrop (ra
 non-Gramian) and TrimmedMean (non-Gramian); per-sample losses with equal and unequal shards; all
 processes skipping together on a non-finite loss; mismatched steps and diverged replicas refused;
 a checkpoint saved on rank 0 of 2 processes resumed on 3. Also: a stuck process and a crashed
-one give a DistributedStepError instead of a hang. And (``_engine_workers.py``) the Gramian engine
-with ``modules=`` on per-sample losses (factor exchange), unequal shards, Linear + LayerNorm,
-Embedding, Conv1d and a fallback module, UPGrad, GradVac and PCGrad, against a single-process
-engine run on the global batch; task losses with ``modules=`` routed to the explicit path.
+one give a DistributedStepError instead of a hang, with every state unchanged (``_workers.py``);
+a local error on one rank fails every rank's step and keeps them in lockstep, mismatched numbers
+of losses, and a DDP model without ``process_group`` (``_fault_workers.py``). And
+(``_engine_workers.py``) the Gramian engine with ``modules=`` on per-sample losses (factor
+exchange), unequal shards, Linear + LayerNorm, Embedding, Conv1d and a fallback module, UPGrad,
+GradVac and PCGrad, against a single-process engine run on the global batch; task losses with
+``modules=`` routed to the explicit path.
 """
 
 from __future__ import annotations
@@ -68,3 +71,13 @@ def test_a_crashed_process_gives_an_error_at_once(tmp_path: Path) -> None:
 def test_engine_per_sample_exact(world: int) -> None:
     """modules= + process_group=: per-sample losses by the factor exchange, unequal shards."""
     mp.spawn(_engine_workers.run_engine, args=(world, _free_port()), nprocs=world)
+
+
+def test_a_local_error_on_one_rank_fails_every_rank_and_keeps_them_in_lockstep() -> None:
+    """A bad input on one rank (a Python float among the losses, an empty per-sample shard,
+    losses already backpropagated), caught by every rank's loop: every rank fails that step,
+    nothing changes, and the following steps equal a single-process run without that step.
+    Also: mismatched numbers of losses, and a DDP model stepped without process_group."""
+    from . import _fault_workers
+
+    mp.spawn(_fault_workers.run_faults, args=(2, _free_port()), nprocs=2)
