@@ -1,6 +1,6 @@
 """Per-sample losses: one loss per sample of the batch, aggregated by Jacobian descent.
 
-Give ``step`` a 1-D tensor of losses (no ``.mean()``). With ``modules=model`` the Gramian engine
+Give ``step`` a 1-D tensor of losses (no ``.mean()``). With ``modules=model, batch_dim=0`` the Gramian engine
 computes ``G = J Jᵀ`` (batch × batch) from hooks on the model's layers without ever holding the
 Jacobian; without it, the Jacobian path computes ``J`` with one batched backward. With UPGrad the
 update conflicts with no sample's gradient.
@@ -22,7 +22,9 @@ def main(steps: int = 20, batch_size: int = 16) -> float:
     x = torch.randn(512, 5)
     y = torch.sin(x.sum(1))
     model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 1))
-    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), UPGrad(), modules=model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    # batch_dim=0: loss i depends on sample i (dimension 0) only; the engine uses it.
+    opt = JDOptimizer(sgd, UPGrad(), modules=model, batch_dim=0)
 
     for _ in range(steps):
         index = torch.randint(0, len(x), (batch_size,))

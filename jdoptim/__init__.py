@@ -12,6 +12,7 @@ torch.Size([2])
 
 from .aggregation import Aggregator, GramianWeightedAggregator, Mean, Sum, UPGrad, Weighting
 from .introspection import collect_loss_leaves
+from .losses import StaleGraphError
 from .optimizer import JDOptimizer
 from .record import StepRecord
 
@@ -19,6 +20,7 @@ __all__ = [
     "Aggregator",
     "GramianWeightedAggregator",
     "JDOptimizer",
+    "StaleGraphError",
     "Mean",
     "StepRecord",
     "Sum",
