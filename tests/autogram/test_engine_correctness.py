@@ -1,0 +1,76 @@
+"""The engine on the cases that used to crash or go silently wrong (issue 15), each against the
+explicit Jacobian of the same losses (see :mod:`._same_losses`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ._same_losses import check_gramian, check_step
+
+
+class _PermutedEmbedding(nn.Module):
+    """An embedding output permuted as T5 does (``.permute(2, 0, 1)``): non-contiguous gradients
+    reach the embedding and the Linear that reads the permuted tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.embed(tokens).permute(2, 0, 1).tanh())  # [d, b, s] -> [d, b, 2]
+
+
+class _StackedHeads(nn.Module):
+    """Two heads stacked along dimension 1, then transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([self.a(x), self.b(x)], dim=1).transpose(1, 2)  # [b, 3, 2]
+
+
+def _permuted() -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    return _PermutedEmbedding(), torch.randint(0, 7, (2, 3))
+
+
+def _stacked() -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    return _StackedHeads(), torch.randn(4, 5)
+
+
+def test_permuted_embedding_output_task_losses() -> None:
+    model, tokens = _permuted()
+    check_gramian(model, lambda: model(tokens).pow(2).sum((1, 2)), None)  # 4 task losses
+    check_step(model, lambda: model(tokens).pow(2).sum((1, 2)), None)
+
+
+def test_permuted_embedding_output_per_sample() -> None:
+    """Samples along dimension 1 of the permuted output: per-sample losses ``[b]``."""
+    model, tokens = _permuted()
+    check_gramian(model, lambda: model(tokens).pow(2).sum((0, 2)), None)
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_stacked_heads(batch_dim: int | None) -> None:
+    model, x = _stacked()
+
+    def losses() -> Tensor:
+        out = model(x).pow(2)
+        return out.sum((0, 1)) if batch_dim is None else out.sum((1, 2))
+
+    check_gramian(model, losses, batch_dim)
+    check_step(model, losses, batch_dim)
+
+
+def test_stacked_heads_task_matrix() -> None:
+    """``[batch, tasks]`` losses from the stacked, transposed heads."""
+    model, x = _stacked()
+    check_gramian(model, lambda: model(x).pow(2).sum(1), 0)
+    check_step(model, lambda: model(x).pow(2).sum(1), 0)
