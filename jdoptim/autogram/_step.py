@@ -170,6 +170,7 @@ class GramianStep:
                 "output with gradients enabled."
             )
         self.losses_shape = tuple(losses.shape)
+        self.device = losses.device
         self.shared = list(shared)
         self.specific = list(specific)
         shared_ids = {id(p) for p in self.shared}
@@ -293,7 +294,7 @@ class GramianStep:
             add(rows_gramian(rows))
         n = b * t
         if total is None:
-            return torch.zeros(n, n)
+            return torch.zeros(n, n, device=self.device)
         return self._to_original(total.reshape(n, n))
 
     def gradients(self, weights: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:

@@ -52,9 +52,20 @@ from ._records import make_hook
 from ._selection import batch_norms, check_disjoint, hooked_modules, sample_mixing_problem
 from ._step import GramianStep, VmapState
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "gramian_dtype"]
 
 _COUNTER = itertools.count()
+
+
+def gramian_dtype(losses_dtype: torch.dtype, params: Iterable[Tensor]) -> torch.dtype:
+    """The dtype a Gramian is returned and weighted in: the losses' promoted with every
+    parameter's, so that half-precision losses of a float32 model (``model(x).bfloat16()``) do
+    not round a Gramian whose rows are float32 sums to 3 significant digits (issue 19)."""
+    dtype = losses_dtype
+    for p in params:
+        if p.dtype != dtype:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
 
 
 def _remove_all(handles: list[RemovableHandle]) -> None:
@@ -175,5 +186,5 @@ class Engine:
             assume_reached=False,
         )
         with torch.no_grad():
-            gramian = step.gramian().to(output.dtype)
+            gramian = step.gramian().to(gramian_dtype(output.dtype, self.parameters()))
         return generalize_gramian(gramian, tuple(output.shape))

@@ -74,3 +74,20 @@ def test_stacked_heads_task_matrix() -> None:
     model, x = _stacked()
     check_gramian(model, lambda: model(x).pow(2).sum(1), 0)
     check_step(model, lambda: model(x).pow(2).sum(1), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_losses_of_a_float32_model(dtype: torch.dtype) -> None:
+    """Issue 19: per-sample losses cast to half precision (``model(x).to(dtype)``) of a float32
+    model. The Gramian's entries are float32 sums; rounded to the losses' dtype they moved the
+    update by 4-17%. The Gramian is now returned and weighted in the parameters' precision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(8, 6)
+
+    def losses() -> Tensor:
+        return model(x).pow(2).sum(1).to(dtype)
+
+    gramian = check_gramian(model, losses, 0, rtol=1e-5)
+    assert gramian.dtype == torch.float32
+    check_step(model, losses, 0, rtol=1e-4)
