@@ -40,6 +40,7 @@ Limits, by design:
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 from collections.abc import Iterable
 
@@ -48,11 +49,23 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..aggregation.flattening import generalize_gramian
-from ._records import make_hook
-from ._selection import batch_norms, check_disjoint, hooked_modules, sample_mixing_problem
-from ._step import GramianStep, VmapState
+from ._certify import EngineRouteWarning, Route, failing_modules, signature
+from ._graph import scan_graph
+from ._records import RandomState, make_hook, make_pre_hook
+from ._selection import (
+    batch_norms,
+    check_disjoint,
+    hooked_modules,
+    module_labels,
+    sample_mixing_problem,
+)
+from ._step import GramianStep, NotPerSample, VmapState
+from .rules._base import registered_rule
 
-__all__ = ["Engine", "gramian_dtype"]
+__all__ = ["Engine", "EngineRouteWarning", "gramian_dtype"]
+
+#: at most this many graph structures' routes are remembered (the oldest is dropped first)
+_MAX_ROUTES = 64
 
 _COUNTER = itertools.count()
 
@@ -66,6 +79,24 @@ def gramian_dtype(losses_dtype: torch.dtype, params: Iterable[Tensor]) -> torch.
         if p.dtype != dtype:
             dtype = torch.promote_types(dtype, p.dtype)
     return dtype
+
+
+_TASK_MODE = (
+    "The engine computes this structure's steps exactly with one backward row per loss instead "
+    "(b times the backward passes of the per-sample path)."
+)
+_MIXED = (
+    "The per-sample losses are not each a function of their own sample only: a loss mixes "
+    "samples (e.g. a contrastive loss), the loss vector is permuted, an operation after a hooked "
+    "module mixes samples (e.g. h - h.mean(0)), or a hooked module's output is shared by the "
+    "samples (e.g. a position embedding of shape [t, d] with t equal to the batch size)."
+)
+_RERUN = (
+    "Re-running these modules' forward (the generic rule, for modules without a layer rule) did "
+    "not reproduce autograd's gradients, so their parameters take their rows straight from "
+    "autograd (one backward row per loss) from now on. A forward that depends on state it "
+    "changes, or that torch.func cannot run, does this; a layer rule avoids the re-run:"
+)
 
 
 def _remove_all(handles: list[RemovableHandle]) -> None:
@@ -114,10 +145,21 @@ class Engine:
         self._batch_norms = batch_norms(flat) if batch_dim is not None else []
         self._key = f"jdoptim.autogram.{next(_COUNTER)}"
         self._hooked = hooked_modules(flat)
-        hook = make_hook(self._key)
+        self._labels = module_labels(flat)
+        pending: dict[int, list[RandomState]] = {}
+        hook = make_hook(self._key, pending)
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._hooked]
+        pre_hook = make_pre_hook(pending)
+        handles += [  # modules the generic rule re-runs: their random draws are recorded
+            m.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            for m in self._hooked
+            if registered_rule(m) is None
+        ]
         self._finalizer = weakref.finalize(self, _remove_all, handles)
         self._vmap = VmapState()
+        self._routes: dict[tuple, Route] = {}
+        self._warned: set[str] = set()
+        self._generator = torch.Generator().manual_seed(0)
 
     @property
     def closed(self) -> bool:
@@ -155,18 +197,75 @@ class Engine:
         retain_graph: bool = False,
         assume_reached: bool = True,
     ) -> GramianStep:
-        """Run the backward pass of one step; the result gives the Gramian and the update."""
+        """Run the backward pass of one step; the result gives the Gramian and the update.
+
+        On the first step of each graph structure the engine checks its fast path against
+        autograd and, where it fails, takes an exact slower route (see :mod:`._certify`); that
+        step keeps the losses' graph."""
         self._check_open()
+        if losses.grad_fn is None:
+            raise ValueError(
+                "The losses have no autograd graph (no grad_fn): compute them from the model's "
+                "output with gradients enabled."
+            )
+        per_sample = per_sample and self.batch_dim is not None
+        scan = scan_graph([losses.grad_fn], self._key)
+        key = signature(scan, losses, per_sample)
+        route = self._routes.get(key)
+        options = (losses, scan, shared, specific, assume_reached)
+        if route is not None:
+            return self._make_step(*options, route, retain_graph)
+        step, route = self._certified_step(options, per_sample)
+        if len(self._routes) >= _MAX_ROUTES:
+            del self._routes[next(iter(self._routes))]
+        self._routes[key] = route
+        return step
+
+    def _make_step(self, losses, scan, shared, specific, assume_reached, route, retain_graph):
         return GramianStep(
             losses,
             self._key,
             shared,
             specific,
-            self.batch_dim if per_sample else None,
+            self.batch_dim if route.per_sample else None,
             retain_graph=retain_graph,
             vmap_state=self._vmap,
             assume_reached=assume_reached,
+            scan=scan,
+            explicit_modules=route.explicit,
+            labels=self._labels,
         )
+
+    def _certified_step(self, options: tuple, per_sample: bool) -> tuple[GramianStep, Route]:
+        """The first step of a structure: the fast route if the check passes, else the next
+        exact one (see :mod:`._certify`)."""
+        losses = options[0]
+        route = Route(per_sample=per_sample)
+        for _ in range(4):
+            try:
+                step = self._make_step(*options, route, True)
+            except NotPerSample as err:
+                self._warn(f"{err} {_TASK_MODE}")
+                route = Route(per_sample=False, explicit=route.explicit)
+                continue
+            failed = failing_modules(step, losses, self._generator)
+            if not failed:
+                return step, route
+            names = "; ".join(
+                f"{self._labels.get(id(m), type(m).__name__)} ({why})" for m, why in failed.items()
+            )
+            if route.per_sample:
+                self._warn(f"{_MIXED} Where it shows: {names}. {_TASK_MODE}")
+                route = Route(per_sample=False, explicit=route.explicit)
+            else:
+                self._warn(f"{_RERUN} {names}.")
+                route = Route(False, route.explicit | {id(m) for m in failed})
+        raise RuntimeError("The engine found no exact route for this step (a bug: report it).")
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, EngineRouteWarning, stacklevel=4)
 
     def compute_gramian(self, output: Tensor, retain_graph: bool = False) -> Tensor:
         r"""The Gramian of ``output`` with respect to the modules' parameters.

@@ -91,3 +91,74 @@ def test_half_precision_losses_of_a_float32_model(dtype: torch.dtype) -> None:
     gramian = check_gramian(model, losses, 0, rtol=1e-5)
     assert gramian.dtype == torch.float32
     check_step(model, losses, 0, rtol=1e-4)
+
+
+# -- random draws -----------------------------------------------------------------------------
+
+
+class _FreeDropout(nn.Module):
+    """Direct parameters (so the generic rule re-runs it) and F.dropout(p=0.5) in its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 5) * 0.5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.nn.functional.dropout(torch.tanh(x @ self.weight), p=0.5, training=self.training)
+        return self.head(h)
+
+
+def _encoder_layer() -> tuple[nn.Module, Tensor]:
+    """``nn.TransformerEncoderLayer`` with its default dropout (0.1), in training mode; its
+    ``MultiheadAttention`` has direct parameters and draws attention dropout inside."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True).double()
+    return layer.train(), torch.randn(4, 5, 8, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_dropout_inside_a_re_run_module(batch_dim: int | None) -> None:
+    """The re-run draws the recorded call's dropout mask (38% off before, per-sample)."""
+    torch.manual_seed(0)
+    model = _FreeDropout().double().train()
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def losses() -> Tensor:
+        out = model(x).pow(2)
+        return out.sum(1) if batch_dim == 0 else out.mean(0)
+
+    check_gramian(model, losses, batch_dim, rtol=1e-10)
+    check_step(model, losses, batch_dim, rtol=1e-8)
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_transformer_encoder_layer_with_default_dropout(batch_dim: int | None) -> None:
+    model, x = _encoder_layer()
+
+    def losses() -> Tensor:
+        out = model(x).pow(2)
+        return out.sum((1, 2)) if batch_dim == 0 else out.mean((0, 1))[:4]
+
+    check_gramian(model, losses, batch_dim, rtol=1e-10)
+    check_step(model, losses, batch_dim, rtol=1e-8)
+
+
+def test_transformer_encoder_layer_with_dropout_task_matrix() -> None:
+    model, x = _encoder_layer()
+    check_gramian(model, lambda: model(x).pow(2).sum(1)[:, :3], 0, rtol=1e-10)
+
+
+def test_re_run_leaves_the_random_stream_as_it_was() -> None:
+    """The re-run restores the recorded generator state inside ``fork_rng``: after the step,
+    the user's next random draw is the one it would have been without the engine's re-run."""
+    torch.manual_seed(0)
+    model = _FreeDropout().train()
+    x = torch.randn(5, 6)
+    from jdoptim.autogram import Engine
+
+    with Engine(model, batch_dim=0) as engine:
+        losses = model(x).pow(2).sum(1)
+        state = torch.get_rng_state()
+        engine.compute_gramian(losses)
+        assert torch.equal(torch.get_rng_state(), state)
