@@ -238,9 +238,12 @@ class Engine:
 
     def _certified_step(self, options: tuple, per_sample: bool) -> tuple[GramianStep, Route]:
         """The first step of a structure: the fast route if the check passes, else the next
-        exact one (see :mod:`._certify`)."""
+        exact one (see :mod:`._certify`). Warns once the route is known, with its reason: a
+        per-sample failure that one row per loss cures is the samples' dependence; one that
+        needs autograd's rows is the re-run's."""
         losses = options[0]
         route = Route(per_sample=per_sample)
+        mixed = ""
         for _ in range(4):
             try:
                 step = self._make_step(*options, route, True)
@@ -250,17 +253,22 @@ class Engine:
                 continue
             failed = failing_modules(step, losses, self._generator)
             if not failed:
+                if mixed and not route.explicit:
+                    self._warn(f"{_MIXED} Where it shows: {mixed}. {_TASK_MODE}")
                 return step, route
-            names = "; ".join(
-                f"{self._labels.get(id(m), type(m).__name__)} ({why})" for m, why in failed.items()
-            )
             if route.per_sample:
-                self._warn(f"{_MIXED} Where it shows: {names}. {_TASK_MODE}")
+                mixed = self._names(failed)
                 route = Route(per_sample=False, explicit=route.explicit)
             else:
-                self._warn(f"{_RERUN} {names}.")
+                self._warn(f"{_RERUN} {self._names(failed)}.")
                 route = Route(False, route.explicit | {id(m) for m in failed})
         raise RuntimeError("The engine found no exact route for this step (a bug: report it).")
+
+    def _names(self, failed: dict[nn.Module, str], most: int = 6) -> str:
+        labels = self._labels
+        named = [f"{labels.get(id(m), type(m).__name__)} ({why})" for m, why in failed.items()]
+        more = f"; and {len(named) - most} more" if len(named) > most else ""
+        return "; ".join(named[:most]) + more
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
