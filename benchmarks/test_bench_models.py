@@ -16,10 +16,11 @@ Settings: per-sample losses (``batch_dim=0``, UPGrad) against ``losses.mean().ba
 cross-entropies of contiguous chunks of positions, a classifier's the binary cross-entropies of
 its ``tasks`` outputs) against ``sum(losses).backward()``. Each JD step is timed alternately
 with its plain step (:func:`benchmarks.interleave.interleaved_ratio`, median ratio); TorchJD 0.18's
-autogram (``Engine`` + ``compute_gramian`` + ``losses.backward(weights)``) beside it where it
-runs. :func:`gramian_errors` checks, on one forward, each engine's Gramian against the explicit
-Jacobian's; peak extra memory is ``VmHWM`` over five steps in a fresh process minus the resident
-size before them.
+autogram engine (``Engine`` + ``compute_gramian`` + ``losses.backward(weights)``, the weights by
+jdoptim's ``UPGradWeighting``, so that the engines are what differs; TorchJD's own UPGrad needs
+``qpsolvers``) beside it where it runs. :func:`gramian_errors` checks, on one forward, each
+engine's Gramian against the explicit Jacobian's; peak extra memory is ``VmHWM`` over five steps
+in a fresh process minus the resident size before them.
 
 Run: ``python benchmarks/test_bench_models.py`` (markdown tables; ``--large`` adds the 6-layer
 GPT-2; ``BENCH_TINY=1`` shrinks every model for a smoke run), or
@@ -46,7 +47,7 @@ if __package__ in (None, ""):
 from benchmarks.interleave import interleaved_ratio
 from benchmarks.test_bench_engine import _peak_mb, _rss_mb  # noqa: F401  (used in peak_extra_mb)
 from jdoptim import JDOptimizer
-from jdoptim.aggregation import UPGrad
+from jdoptim.aggregation import UPGrad, UPGradWeighting
 from jdoptim.autogram import Engine
 from tests.models import ResNetGN
 
@@ -118,7 +119,7 @@ def _llama(tasks: int) -> tuple[nn.Module, Losses]:
         max_position_embeddings=64,
     )
     model = _transformers().LlamaForCausalLM(config)
-    return model, _lm_losses(_lm_batch(8 if not TINY else 4, 8 if TINY else 16), tasks)
+    return model, _lm_losses(_lm_batch(8 if not TINY else 4, 12 if TINY else 16), tasks)
 
 
 def _vit(tasks: int) -> tuple[nn.Module, Losses]:
@@ -154,7 +155,7 @@ def build(model_name: str, setting: str) -> tuple[nn.Module, Losses]:
     torch.manual_seed(0)
     tasks = SETTINGS[setting]
     if model_name == "gpt2-tiny":
-        return _gpt2(tasks, 2, 16 if TINY else 32, 2, 8 if TINY else 16)
+        return _gpt2(tasks, 2, 16 if TINY else 32, 2, 12 if TINY else 16)
     if model_name == "gpt2-6x256":
         return _gpt2(tasks, 6, 256, 4, 128)
     if model_name == "llama-small":
@@ -188,11 +189,10 @@ def make_step(model_name: str, setting: str, method: str) -> Callable[[], None]:
             opt.step(losses(model))
 
         return jd
-    from torchjd.aggregation import UPGradWeighting as TjdUPGradWeighting
     from torchjd.autogram import Engine as TjdEngine
 
     engine = TjdEngine(model, batch_dim=batch_dim)
-    weighting = TjdUPGradWeighting()
+    weighting = UPGradWeighting()  # (TorchJD's own needs qpsolvers; the engines are compared)
 
     def torchjd() -> None:
         adam.zero_grad()
