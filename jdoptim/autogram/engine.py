@@ -26,15 +26,22 @@ contraction when ``S > 1``); the update is one ordinary weight-gradient product.
 fallback costs one forward of the module plus ``bT`` vector-Jacobian products and ``bT·n``
 memory for its ``n`` parameters.
 
-Limits, by design:
+Exactness, whatever the model does (details in :mod:`._certify` and :mod:`.rules.generic`):
 
-* a module handled by the ``torch.func`` fallback is re-run once per step, so it must be
-  deterministic (no active dropout inside it; ``Linear``/``Conv``/norm rules never re-run);
+* a module handled by the ``torch.func`` fallback is re-run once per step; the re-run draws the
+  recorded call's random numbers (dropout in training mode is exact), never updates buffers or
+  attributes a second time, and is checked against autograd on the first step of each graph
+  structure; a re-run that fails or differs gives way to autograd's rows for that module;
+* with ``batch_dim``, the same check certifies that each loss depends on its own sample only
+  (losses that mix samples, a permuted loss vector, an operation that mixes samples after a
+  hooked module, a call whose output is shared by the samples, e.g. a position embedding,
+  whatever its shape): where it does not, or where a hooked output does not index the samples,
+  the step takes one backward row per loss (exact, ``b`` times the backward passes) and warns
+  once (:class:`EngineRouteWarning`), naming the modules by their path in the model;
 * with explicit parameters (used outside hooked calls) the backward needs one row per loss, so
   per-sample losses then cost ``b`` backward rows instead of one (still exact);
-* in per-sample mode a fallback input counts as batched when its size along ``batch_dim`` is the
-  number of samples (an unbatched ``[b, b]`` mask would be misread); every hooked output must
-  index the samples (checked; RNN hidden states along dimension 1 are understood).
+* the Gramian is returned in the losses' dtype promoted with the parameters' (half-precision
+  losses of a float32 model get a float32 Gramian).
 """
 
 from __future__ import annotations

@@ -331,3 +331,22 @@ def test_re_run_does_not_repeat_side_effects(batch_dim: int | None) -> None:
     with pytest.warns(EngineRouteWarning):
         check_step(model, losses, batch_dim, rtol=1e-8)
     assert model.calls == 2 and model.seen.item() == 2.0
+
+
+def test_shared_input_of_batch_size_given_to_a_re_run_module() -> None:
+    """A causal mask ``[L, L]`` with ``L`` equal to the batch size, given to a re-run module
+    (``MultiheadAttention``): the per-sample re-run would slice it as if it indexed the
+    samples. The engine's check finds it; the step is exact."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(6, 2, dropout=0.0, batch_first=True).double()
+    x = torch.randn(4, 4, 6, dtype=torch.float64)  # batch 4, length 4
+    mask = torch.triu(torch.full((4, 4), float("-inf"), dtype=torch.float64), diagonal=1)
+
+    def losses() -> Tensor:
+        out = attention(x, x, x, attn_mask=mask, need_weights=False)[0]
+        return out.pow(2).sum((1, 2))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EngineRouteWarning)
+        check_gramian(attention, losses, 0, rtol=1e-10)
+        check_step(attention, losses, 0, rtol=1e-8)
