@@ -209,6 +209,7 @@ class GramianStep:
 
         edges = [(r, i, e) for r in records for i, e in enumerate(scan.calls[r]) if e is not None]
         inputs = [e for _, _, e in edges] + self.explicit
+        self.backward_inputs = inputs
         state = vmap_state if vmap_state is not None else VmapState()
         batched = self.T > 1
         grads = _backward(losses, inputs, grad_outputs, batched, retain_graph, state)
@@ -238,6 +239,15 @@ class GramianStep:
             self.rule_parameters.append(
                 _RuleParameters.of(rule, params, self.shared_ids, covered)
             )
+
+    def release_graph(self, losses: Tensor) -> None:
+        """Free the part of the losses' graph a non-retaining step frees (from the losses to the
+        calls' outputs and the explicit parameters), after a step that kept it: one backward
+        of zeros to the same inputs, so that stepping twice on the same losses fails as it does
+        on every other step."""
+        if self.backward_inputs:
+            zeros = torch.zeros_like(losses)
+            torch.autograd.grad(losses, self.backward_inputs, zeros, allow_unused=True)
 
     def label(self, module: torch.nn.Module) -> str:
         """How messages name ``module``: its path in the model and its type."""

@@ -223,6 +223,8 @@ class Engine:
         if route is not None:
             return self._make_step(*options, route, retain_graph)
         step, route = self._certified_step(options, per_sample)
+        if not retain_graph:
+            step.release_graph(losses)
         if len(self._routes) >= _MAX_ROUTES:
             del self._routes[next(iter(self._routes))]
         self._routes[key] = route

@@ -210,3 +210,18 @@ def test_results_carry_no_graph(batch_dim: int | None) -> None:
     opt = JDOptimizer(torch.optim.SGD(heads.parameters(), lr=0.1), modules=heads)
     opt.step([head(x).mean() for head in heads])
     assert all(p.grad is not None and p.grad.grad_fn is None for p in heads.parameters())
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_first_step_frees_the_graph_as_later_steps_do(batch_dim: int | None) -> None:
+    """The first step of a structure keeps the graph for its check, then frees what a step
+    frees: a second step on the same losses fails on the first step as on later ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with Engine(model, batch_dim=batch_dim) as engine:
+        for _ in range(2):
+            losses = model(x).pow(2).sum(1) if batch_dim == 0 else model(x).pow(2).mean(0)
+            engine.compute_gramian(losses)
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                engine.compute_gramian(losses)
