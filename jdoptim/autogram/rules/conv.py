@@ -15,9 +15,15 @@ contraction. With ``g`` groups, group ``j`` is its own linear layer: outputs
 weight rows are ``g_{ik}[j·o'+q, :] = Σ_s D_{k,is}[j·o'+q] a^{(j)}_{is}`` for all groups at once
 (one batched product); they are ``|W|`` wide (small for a depthwise convolution) and their Gram
 matrix is the Gramian.
+
+The update ``Σ w_{ik} ∂ℓ_{ik}/∂W`` is the convolution's own weight gradient of the weighted
+output gradient ``Σ_k w_{·k} D[k]``: one call of its backward kernel
+(``aten.convolution_backward``), without im2col.
 """
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +41,9 @@ def _pair(value: object, spatial: int, lead: int = 1) -> tuple[int, int]:
     return (lead, *values) if spatial == 1 else values  # type: ignore[return-value]
 
 
-def _columns(module: nn.Module, x: Tensor, spatial: int) -> Tensor:
-    """im2col of the module's input as ``[N, C_in·∏k, L]``."""
+def _padded(module: nn.Module, x: Tensor, spatial: int) -> tuple[Tensor, object]:
+    """The module's input as ``[N, C_in, *spatial]``, with the padding that is not plain zeros
+    given as numbers applied (as the module's forward does), and the padding still to apply."""
     channels = module.in_channels  # type: ignore[union-attr]
     images = x.reshape(-1, channels, *x.shape[-spatial:])
     padding = module.padding  # type: ignore[union-attr]
@@ -44,6 +51,11 @@ def _columns(module: nn.Module, x: Tensor, spatial: int) -> Tensor:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode  # type: ignore
         images = F.pad(images, module._reversed_padding_repeated_twice, mode=mode)  # type: ignore
         padding = 0
+    return images, padding
+
+
+def _columns(module: nn.Module, images: Tensor, padding: object, spatial: int) -> Tensor:
+    """im2col of the (padded) input as ``[N, C_in·∏k, L]``."""
     if spatial == 1:
         images = images.unsqueeze(2)
     return F.unfold(
@@ -53,6 +65,10 @@ def _columns(module: nn.Module, x: Tensor, spatial: int) -> Tensor:
         padding=_pair(padding, spatial, 0),
         stride=_pair(module.stride, spatial),
     )
+
+
+def _sizes(value: object, spatial: int) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value] * spatial  # type: ignore
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
@@ -68,16 +84,29 @@ class ConvRule(PositionwiseLinearRule):
     def __init__(self, call: Call) -> None:
         super().__init__(call)
         module = call.module
-        spatial = 1 if isinstance(module, nn.Conv1d) else 2
+        self.spatial = 1 if isinstance(module, nn.Conv1d) else 2
         x = full_precision(call.record.args[0].detach())
-        columns = _columns(module, x, spatial)  # [N, C_in·∏k, L]
+        self.images, self.padding = _padded(module, x, self.spatial)  # [N, C_in, *spatial]
         self.groups: int = module.groups  # type: ignore[assignment]
-        self.columns = columns.transpose(1, 2)  # [N, L, C_in·∏k]
-        self.inputs = self.columns.reshape(call.b, -1, columns.shape[1])
-        out = module.out_channels  # type: ignore[union-attr]
+
+    @cached_property
+    def columns(self) -> Tensor:
+        """im2col as ``[N, L, C_in·∏k]``."""
+        columns = _columns(self.call.module, self.images, self.padding, self.spatial)
+        return columns.transpose(1, 2)
+
+    @cached_property
+    def inputs(self) -> Tensor:  # type: ignore[override]
+        return self.columns.reshape(self.call.b, -1, self.columns.shape[-1])
+
+    @cached_property
+    def grads(self) -> Tensor:  # type: ignore[override]
+        call = self.call
+        out = call.module.out_channels  # type: ignore[union-attr]
+        length = self.columns.shape[1]
         grads = call.grad_samples_first(0)  # [T, b, ..., C_out, *spatial_out]
-        grads = grads.reshape(call.T, call.b, -1, out, columns.shape[2]).transpose(3, 4)
-        self.grads = grads.reshape(call.T, call.b, -1, out)
+        grads = grads.reshape(call.T, call.b, -1, out, length).transpose(3, 4)
+        return grads.reshape(call.T, call.b, -1, out)
 
     def _weight_rows(self) -> Tensor:
         """``[b, T, C_out, d']`` (``d' = C_in/g·∏k``)."""
@@ -106,20 +135,25 @@ class ConvRule(PositionwiseLinearRule):
         ]
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
+        """One call of the convolution's own weight-gradient kernel on the weighted output
+        gradient ``Σ_k w_{·k} D[k]`` (no im2col)."""
+        module = self.call.module
         weight = self.weight_of()
-        out = self.call.module.out_channels  # type: ignore[union-attr]
+        out = module.out_channels  # type: ignore[union-attr]
         dw = self.call.weighted_grad(0, weights)
-        length = self.columns.shape[1]
-        dw = dw.reshape(-1, out, length).transpose(1, 2).reshape(-1, out)  # [N·L, C_out]
-        columns = self.columns.reshape(-1, self.columns.shape[-1])
-        g = self.groups
-        if g == 1:
-            dweight = dw.T @ columns
-        else:
-            grouped = torch.einsum(
-                "ngo,ngd->god",
-                dw.reshape(-1, g, out // g),
-                columns.reshape(-1, g, columns.shape[1] // g),
-            )
-            dweight = grouped.reshape(out, -1)
-        return [dweight.reshape(p.shape) if p is weight else dw.sum(0) for p in params]
+        dw = dw.reshape(-1, out, *dw.shape[dw.dim() - self.spatial :])
+        has_bias = any(p is not weight for p in params)
+        _, dweight, dbias = torch.ops.aten.convolution_backward(
+            dw,
+            self.images.to(dw.dtype),
+            weight.detach().to(dw.dtype),
+            [out] if has_bias else None,
+            _sizes(module.stride, self.spatial),  # type: ignore[union-attr]
+            _sizes(self.padding, self.spatial),
+            _sizes(module.dilation, self.spatial),  # type: ignore[union-attr]
+            False,
+            [0] * self.spatial,
+            self.groups,
+            [False, True, has_bias],
+        )
+        return [dweight if p is weight else dbias for p in params]
