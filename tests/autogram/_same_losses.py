@@ -31,8 +31,8 @@ def check_gramian(
     """The Engine's Gramian of ``losses_of()`` equals ``J Jᵀ`` of the same losses; returns it."""
     with Engine(model, batch_dim=batch_dim) as engine:
         losses = losses_of()
-        jacobian = explicit_jacobian(losses, trainable(model)).double()
-        gramian = engine.compute_gramian(losses)
+        jacobian = explicit_jacobian(losses, trainable(model)).double().cpu()
+        gramian = engine.compute_gramian(losses).cpu()
     shape = tuple(losses.shape)
     actual = gramian.reshape(1, 1) if losses.dim() == 0 else as_square(gramian, shape)
     assert_gramian_close(actual, jacobian @ jacobian.T, rtol=rtol)

@@ -114,20 +114,26 @@ class _FreeDropout(nn.Module):
         return self.head(h)
 
 
-def _encoder_layer() -> tuple[nn.Module, Tensor]:
+#: the random draws of CUDA are restored too; run there when a device is present
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _encoder_layer(device: str = "cpu") -> tuple[nn.Module, Tensor]:
     """``nn.TransformerEncoderLayer`` with its default dropout (0.1), in training mode; its
     ``MultiheadAttention`` has direct parameters and draws attention dropout inside."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True).double()
-    return layer.train(), torch.randn(4, 5, 8, dtype=torch.float64)
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    return layer.train().to(device), x.to(device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch_dim", [None, 0])
-def test_dropout_inside_a_re_run_module(batch_dim: int | None) -> None:
+def test_dropout_inside_a_re_run_module(batch_dim: int | None, device: str) -> None:
     """The re-run draws the recorded call's dropout mask (38% off before, per-sample)."""
     torch.manual_seed(0)
-    model = _FreeDropout().double().train()
-    x = torch.randn(5, 6, dtype=torch.float64)
+    model = _FreeDropout().double().train().to(device)
+    x = torch.randn(5, 6, dtype=torch.float64, device=device)
 
     def losses() -> Tensor:
         out = model(x).pow(2)
@@ -137,9 +143,10 @@ def test_dropout_inside_a_re_run_module(batch_dim: int | None) -> None:
     check_step(model, losses, batch_dim, rtol=1e-8)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch_dim", [None, 0])
-def test_transformer_encoder_layer_with_default_dropout(batch_dim: int | None) -> None:
-    model, x = _encoder_layer()
+def test_transformer_encoder_layer_with_default_dropout(batch_dim: int | None, device: str) -> None:
+    model, x = _encoder_layer(device)
 
     def losses() -> Tensor:
         out = model(x).pow(2)
