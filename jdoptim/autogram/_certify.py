@@ -54,13 +54,15 @@ class Route:
     explicit: frozenset[int] = frozenset()  # ids of modules whose rows come from autograd
 
 
-def signature(scan: GraphScan, losses: Tensor, per_sample: bool) -> tuple:
+def signature(scan: GraphScan, losses: Tensor, per_sample: bool, params: set[int]) -> tuple:
     """What the route depends on: the hooked calls, their outputs' shapes, whether they drew
-    random numbers, the parameters used outside calls, and the losses' shape."""
+    random numbers, the step's parameters (ids in ``params``) used outside calls, and the
+    losses' shape. (Other leaves, such as an input with ``requires_grad``, are new tensors at
+    every step and must not make every step a new structure.)"""
     calls = tuple(
         (id(r.module), tuple(t.shape for t in r.tapped), r.rng is not None) for r in scan.calls
     )
-    outside = tuple(id(t) for t in scan.outside_leaves)
+    outside = tuple(id(t) for t in scan.outside_leaves if id(t) in params)
     return (per_sample, tuple(losses.shape), calls, outside)
 
 

@@ -217,7 +217,8 @@ class Engine:
             )
         per_sample = per_sample and self.batch_dim is not None
         scan = scan_graph([losses.grad_fn], self._key)
-        key = signature(scan, losses, per_sample)
+        params = {id(p) for p in shared} | {id(p) for p in specific}
+        key = signature(scan, losses, per_sample, params)
         route = self._routes.get(key)
         options = (losses, scan, shared, specific, assume_reached)
         if route is not None:

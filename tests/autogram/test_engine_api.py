@@ -225,3 +225,23 @@ def test_first_step_frees_the_graph_as_later_steps_do(batch_dim: int | None) -> 
             engine.compute_gramian(losses)
             with pytest.raises(RuntimeError, match="backward through the graph a second time"):
                 engine.compute_gramian(losses)
+
+
+def test_the_check_runs_once_per_structure() -> None:
+    """The engine checks its fast path on the first step of a graph structure only: not again
+    for a new input that requires grad (a new leaf every step), again for a new batch size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    checks = []
+    with Engine(model, batch_dim=0) as engine:
+        original = engine._certified_step
+
+        def counted(*args, **kwargs):
+            checks.append(1)
+            return original(*args, **kwargs)
+
+        engine._certified_step = counted  # type: ignore[method-assign]
+        for batch in (5, 5, 5, 6, 6):
+            x = torch.randn(batch, 3, requires_grad=True)
+            engine.compute_gramian(model(x).pow(2).sum(1))
+    assert len(checks) == 2
