@@ -56,10 +56,27 @@ def test_permuted_embedding_output_task_losses() -> None:
     check_step(model, lambda: model(tokens).pow(2).sum((1, 2)), None)
 
 
+class _TransposedEmbedding(nn.Module):
+    """An embedding output transposed within each sample (``[b, s, d] -> [b, d, s]``), read by
+    a Linear over the positions: samples stay on dimension 0, gradients are non-contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.embed(tokens).permute(0, 2, 1).tanh())  # [b, d, 2]
+
+
 def test_permuted_embedding_output_per_sample() -> None:
-    """Samples along dimension 1 of the permuted output: per-sample losses ``[b]``."""
-    model, tokens = _permuted()
-    check_gramian(model, lambda: model(tokens).pow(2).sum((0, 2)), None)
+    torch.manual_seed(0)
+    model, tokens = _TransposedEmbedding(), torch.randint(0, 7, (5, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)  # exact on the per-sample path
+        check_gramian(model, lambda: model(tokens).pow(2).sum((1, 2)), 0)
+        check_gramian(model, lambda: model(tokens).pow(2).sum(2)[:, :2], 0)
+        check_step(model, lambda: model(tokens).pow(2).sum((1, 2)), 0)
 
 
 @pytest.mark.parametrize("batch_dim", [None, 0])
