@@ -25,10 +25,14 @@ small next to the steps that follow.
 structure:
 
 1. per-sample mode (one backward row per task);
-2. task mode: one backward row per loss (``b = 1``, ``T = m``), exact whatever the losses'
+2. per-sample mode with the failing re-run modules re-run on the whole batch instead of one
+   sample at a time (an input of batch size that does not index the samples, such as a
+   ``[b, b]`` attention mask, is then not sliced), their rows being the vector-Jacobian
+   products with the output gradient of one sample each;
+3. task mode: one backward row per loss (``b = 1``, ``T = m``), exact whatever the losses'
    dependence on the samples; taken at once when a hooked output does not index the samples
    (a position embedding of shape ``[t, d]`` or ``[1, s, d]``);
-3. task mode with the failing modules' parameters taking their rows straight from autograd.
+4. task mode with the failing modules' parameters taking their rows straight from autograd.
 
 Each change of route warns once, naming the modules by their path in the model.
 """
@@ -52,6 +56,7 @@ class EngineRouteWarning(UserWarning):
 class Route:
     per_sample: bool
     explicit: frozenset[int] = frozenset()  # ids of modules whose rows come from autograd
+    whole: frozenset[int] = frozenset()  # ids of re-run modules re-run on the whole batch
 
 
 def signature(scan: GraphScan, losses: Tensor, per_sample: bool, params: set[int]) -> tuple:

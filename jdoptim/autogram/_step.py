@@ -157,6 +157,8 @@ class GramianStep:
         scan: the walk of the losses' graph, when the caller has made it already.
         explicit_modules: ids of hooked modules whose parameters take their rows straight from
             autograd (one backward row per loss) instead of from their rule.
+        whole_modules: ids of modules the generic rule re-runs on the whole batch (not one
+            sample at a time) in per-sample mode.
         labels: how messages name each module (its path in the model), by id.
 
     Raises :class:`NotPerSample` when, with ``batch_dim``, a hooked call's output does not index
@@ -178,6 +180,7 @@ class GramianStep:
         assume_reached: bool = True,
         scan: GraphScan | None = None,
         explicit_modules: frozenset[int] = frozenset(),
+        whole_modules: frozenset[int] = frozenset(),
         labels: dict[int, str] | None = None,
     ) -> None:
         if losses.grad_fn is None:
@@ -227,6 +230,8 @@ class GramianStep:
             for p, g in zip(self.explicit, explicit_grads)
         ]
         self.rule_parameters: list[_RuleParameters] = []
+        #: ids of the modules this step re-runs (generic rule)
+        self.generic_modules: set[int] = set()
         for record, params in zip(records, call_params):
             if not params:
                 continue
@@ -236,6 +241,8 @@ class GramianStep:
             rule = make_rule(call)
             if isinstance(rule, GenericRule):
                 rule.label = self.label(record.module)
+                rule.whole = id(record.module) in whole_modules
+                self.generic_modules.add(id(record.module))
             self.rule_parameters.append(
                 _RuleParameters.of(rule, params, self.shared_ids, covered)
             )

@@ -98,6 +98,12 @@ _MIXED = (
     "module mixes samples (e.g. h - h.mean(0)), or a hooked module's output is shared by the "
     "samples (e.g. a position embedding of shape [t, d] with t equal to the batch size)."
 )
+_WHOLE = (
+    "Re-running these modules one sample at a time (the generic rule, for modules without a "
+    "layer rule) did not reproduce autograd's per-sample gradients (an input of batch size that "
+    "does not index the samples, such as a [b, b] mask, is sliced as if it did): they are "
+    "re-run on the whole batch instead (exact; b times their vector-Jacobian products):"
+)
 _RERUN = (
     "Re-running these modules' forward (the generic rule, for modules without a layer rule) did "
     "not reproduce autograd's gradients, so their parameters take their rows straight from "
@@ -243,6 +249,7 @@ class Engine:
             assume_reached=assume_reached,
             scan=scan,
             explicit_modules=route.explicit,
+            whole_modules=route.whole,
             labels=self._labels,
         )
 
@@ -253,8 +260,8 @@ class Engine:
         needs autograd's rows is the re-run's."""
         losses = options[0]
         route = Route(per_sample=per_sample)
-        mixed = ""
-        for _ in range(4):
+        mixed = whole_names = ""
+        for _ in range(5):
             try:
                 step = self._make_step(*options, route, True)
             except NotPerSample as err:
@@ -263,11 +270,18 @@ class Engine:
                 continue
             failed = failing_modules(step, losses, self._generator)
             if not failed:
-                if mixed and not route.explicit:
+                if route.per_sample and route.whole:
+                    self._warn(f"{_WHOLE} {whole_names}.")
+                elif mixed and not route.explicit:
                     self._warn(f"{_MIXED} Where it shows: {mixed}. {_TASK_MODE}")
                 return step, route
             if route.per_sample:
-                mixed = self._names(failed)
+                mixed = mixed or self._names(failed)
+                re_run = frozenset(id(m) for m in failed if id(m) in step.generic_modules)
+                if re_run and not route.whole:
+                    whole_names = self._names({m: w for m, w in failed.items() if id(m) in re_run})
+                    route = Route(per_sample=True, explicit=route.explicit, whole=re_run)
+                    continue
                 route = Route(per_sample=False, explicit=route.explicit)
             else:
                 self._warn(f"{_RERUN} {self._names(failed)}.")

@@ -360,7 +360,8 @@ def test_re_run_does_not_repeat_side_effects(batch_dim: int | None) -> None:
 def test_shared_input_of_batch_size_given_to_a_re_run_module() -> None:
     """A causal mask ``[L, L]`` with ``L`` equal to the batch size, given to a re-run module
     (``MultiheadAttention``): the per-sample re-run would slice it as if it indexed the
-    samples. The engine's check finds it; the step is exact."""
+    samples (it crashed before). The engine's check finds it and re-runs that module on the
+    whole batch: exact, and the step keeps one backward row (per-sample path)."""
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(6, 2, dropout=0.0, batch_first=True).double()
     x = torch.randn(4, 4, 6, dtype=torch.float64)  # batch 4, length 4
@@ -370,7 +371,10 @@ def test_shared_input_of_batch_size_given_to_a_re_run_module() -> None:
         out = attention(x, x, x, attn_mask=mask, need_weights=False)[0]
         return out.pow(2).sum((1, 2))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", EngineRouteWarning)
+    with pytest.warns(EngineRouteWarning, match=r"one sample at a time.*model itself \(Multihead"):
         check_gramian(attention, losses, 0, rtol=1e-10)
+    with pytest.warns(EngineRouteWarning):
         check_step(attention, losses, 0, rtol=1e-8)
+    with pytest.warns(EngineRouteWarning, match="whole batch"), Engine(attention, batch_dim=0) as e:
+        step = e.step(losses(), trainable(attention), [], per_sample=True)
+    assert (step.batch_dim, step.b, step.T) == (0, 4, 1)

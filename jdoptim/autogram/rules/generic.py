@@ -52,6 +52,8 @@ def _detach(tree: Any) -> Any:
 class GenericRule(LayerRule):
     #: how messages name the module (the engine sets its path in the model)
     label: str = ""
+    #: per-sample rows from the whole call (masked output gradients), not from slices of it
+    whole: bool = False
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
@@ -93,7 +95,7 @@ class GenericRule(LayerRule):
         if call.batch_dim is None:
             rows = self._whole_rows(primals, buffers, args, kwargs, grads)
             return {n: r.unsqueeze(0) for n, r in rows.items()}
-        if call.record.rng is not None:  # random draws: the whole call, masked per sample
+        if call.record.rng is not None or self.whole:  # the whole call, masked per sample
             return self._masked_rows(primals, buffers, args, kwargs, grads)
         return self._sample_rows(primals, buffers, args, kwargs, grads)
 
