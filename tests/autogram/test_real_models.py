@@ -14,6 +14,10 @@ For each: the engine's Gramian equals ``J Jᵀ`` of the explicit Jacobian ``J`` 
 ``autograd.grad`` per loss on the same graph, so the same dropout masks), and one step of
 ``JDOptimizer(modules=model)`` with UPGrad leaves ``.grad = Jᵀ w`` with ``w`` the UPGrad weights
 of that explicit Gramian.
+
+Models whose position embeddings are shared by the samples (GPT-2's and BERT's ``[1, s, d]``,
+nanoGPT's ``[t, d]``, T5's relative bias) take the engine's row-per-loss route in per-sample
+mode, with an ``EngineRouteWarning`` (ignored here: the results are what is checked).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from tests.models import NanoGPT, ResNetGN
 from ._oracle import as_square, explicit_jacobian
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
 
 VOCAB = 40
 Run = Callable[[nn.Module], Tensor]  # model → [b, 2] losses
@@ -187,38 +192,17 @@ LAYOUTS: dict[str, tuple[Callable[[Tensor], Tensor], int | None]] = {
 }
 
 
-_SHARED_POSITIONS = (
-    "position embeddings shared by the samples ([1, s, d] / [t, d] / T5's [q, k, heads] "
-    "relative bias) are refused in per-sample mode (engine-correctness defect)"
-)
-_BATCH_IS_SEQ = (
-    "a [t, d] position embedding is taken as per-sample when t equals the batch size: "
-    "silently wrong Gramian (engine-correctness defect)"
-)
-_DROPOUT_RERUN = (
-    "the generic rule's re-run of nn.MultiheadAttention draws new attention-dropout masks "
-    "(engine-correctness defect)"
-)
-#: (model, layout) → the defect that still makes it fail; strict, so a fix shows up as XPASS.
-KNOWN_DEFECTS: dict[tuple[str, str], str] = {
-    **{
-        (m, l): _SHARED_POSITIONS
-        for m in ("gpt2", "bert", "t5", "nanogpt")
-        for l in ("per_sample", "batch_tasks")
-    },
-    **{("nanogpt_batch_is_seq", l): _BATCH_IS_SEQ for l in ("per_sample", "batch_tasks")},
-    **{("transformer_encoder_layer", l): _DROPOUT_RERUN for l in LAYOUTS},
-}
+#: the slowest models (seconds each on a loaded 2-core machine); CI still runs them
+SLOW = {"t5", "nanogpt_batch_is_seq"}
 
 
 def _cases() -> list:
-    cases = []
-    for name in MODELS:
-        for layout in LAYOUTS:
-            reason = KNOWN_DEFECTS.get((name, layout))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            cases.append(pytest.param(name, layout, marks=marks, id=f"{name}-{layout}"))
-    return cases
+    marks = {name: [pytest.mark.slow] if name in SLOW else [] for name in MODELS}
+    return [
+        pytest.param(name, layout, marks=marks[name], id=f"{name}-{layout}")
+        for name in MODELS
+        for layout in LAYOUTS
+    ]
 
 
 def _relative_error(actual: Tensor, expected: Tensor) -> float:
