@@ -217,6 +217,19 @@ class GramianStep:
         batched = self.T > 1
         grads = _backward(losses, inputs, grad_outputs, batched, retain_graph, state)
 
+        per_record = self._sort_gradients(records, edges, grads, batched)
+        calls = [
+            Call(r, per_record[id(r)], ps, batch_dim, self.b, self.T, out_dims_of[id(r)], batched)
+            for r, ps in zip(records, call_params)
+            if ps
+        ]
+        self._make_rules(calls, covered, whole_modules)
+
+    def _sort_gradients(
+        self, records: list[CallRecord], edges: list, grads: list, batched: bool
+    ) -> dict[int, list[Tensor | None]]:
+        """The backward's gradients by call (per tapped output, ``None`` where unreached), and
+        the explicit parameters' rows ``[T, *p.shape]`` (:attr:`explicit_rows`)."""
         per_record: dict[int, list[Tensor | None]] = {
             id(r): [None] * len(r.tapped) for r in records
         }
@@ -229,22 +242,24 @@ class GramianStep:
             torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
             for p, g in zip(self.explicit, explicit_grads)
         ]
+        return per_record
+
+    def _make_rules(
+        self, calls: list[Call], covered: dict[int, int], whole_modules: frozenset[int]
+    ) -> None:
+        """Each call's rule with its parameters sorted (:attr:`rule_parameters`), and the ids
+        of the modules the generic rule re-runs (:attr:`generic_modules`)."""
         self.rule_parameters: list[_RuleParameters] = []
-        #: ids of the modules this step re-runs (generic rule)
         self.generic_modules: set[int] = set()
-        for record, params in zip(records, call_params):
-            if not params:
-                continue
-            dims = out_dims_of[id(record)]
-            grads_of = per_record[id(record)]
-            call = Call(record, grads_of, params, batch_dim, self.b, self.T, dims, batched)
+        for call in calls:
             rule = make_rule(call)
+            module = call.record.module
             if isinstance(rule, GenericRule):
-                rule.label = self.label(record.module)
-                rule.whole = id(record.module) in whole_modules
-                self.generic_modules.add(id(record.module))
+                rule.label = self.label(module)
+                rule.whole = id(module) in whole_modules
+                self.generic_modules.add(id(module))
             self.rule_parameters.append(
-                _RuleParameters.of(rule, params, self.shared_ids, covered)
+                _RuleParameters.of(rule, call.params, self.shared_ids, covered)
             )
 
     def release_graph(self, losses: Tensor) -> None:
