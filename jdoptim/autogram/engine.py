@@ -126,9 +126,14 @@ class Engine:
             none a submodule of another). A module with direct trainable parameters is hooked and
             differentiated with respect to all its parameters; one without is descended into.
         batch_dim: the dimension of the output (and of every module's tensors) that indexes
-            independent samples, or ``None``. With it, modules that mix samples (``BatchNorm`` in
-            training mode, batch-statistics ``BatchNorm``, RNNs and attention batched on another
-            dimension) are refused.
+            independent samples, or ``None``. With it, modules that mix samples by construction
+            (``BatchNorm`` in training mode, batch-statistics ``BatchNorm``, RNNs and attention
+            batched on another dimension) are refused; losses or forwards that mix samples, and
+            calls whose output is shared by the samples, are found by the engine's check and
+            computed exactly on a slower route (:class:`EngineRouteWarning`).
+
+    Messages name modules by their path in the model (``'encoder.1' (BatchNorm1d)``); with
+    several modules given, by ``modules[i].path``.
 
     Use ``engine.close()`` (or ``with Engine(model) as engine:``) to remove the hooks; a dropped
     engine removes them too.
