@@ -316,3 +316,22 @@ def test_custom_rule_example() -> None:
                 actual = step.gramian()
             assert_gramian_close(actual, expected, rtol=1e-12)
     assert example.main(steps=3) > 0
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_embedding_rows_by_definition(batch_dim: int | None) -> None:
+    """The Embedding rule's rows (used when its weight is tied) equal autograd's gradient of each
+    loss, with repeated and padding indices."""
+    layer = nn.Embedding(6, 3, padding_idx=2).double()
+    index = torch.tensor([[0, 2, 0, 5], [2, 2, 1, 0], [4, 5, 5, 3]])
+    with Engine(layer, batch_dim=batch_dim) as engine:
+        losses = layer(index).sin().sum((1, 2))
+        expected = torch.stack(
+            [torch.autograd.grad(loss, layer.weight, retain_graph=True)[0] for loss in losses]
+        )
+        step = engine.step(losses, [layer.weight], [], per_sample=batch_dim is not None)
+        (parts,) = step.rule_parameters
+        assert isinstance(parts.rule, rules.embedding.EmbeddingRule)
+        with torch.no_grad():
+            (rows,) = parts.rule.jacobians([layer.weight])
+    torch.testing.assert_close(rows.reshape(3, 6, 3), expected)
