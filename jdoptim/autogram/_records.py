@@ -57,6 +57,8 @@ class CallRecord:
     tapped: list[Tapped]
     #: the generators' states before the call, when the call drew random numbers, else ``None``
     rng: RandomState | None = None
+    #: ``(device_type, dtype)`` of the autocast region the call ran in (re-run modules only)
+    autocast: tuple[str, torch.dtype] | None = None
 
     @property
     def sole_input(self) -> Tensor | None:
@@ -110,6 +112,14 @@ def make_pre_hook(pending: dict[int, list[RandomState]]):
     return pre_hook
 
 
+def autocast_now() -> tuple[str, torch.dtype] | None:
+    """The enabled autocast region, if any, as ``(device_type, dtype)``."""
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            return device, torch.get_autocast_dtype(device)
+    return None
+
+
 def _drawn(pending: dict[int, list[RandomState]] | None, module: nn.Module) -> RandomState | None:
     """The state before this call if the call drew random numbers, else ``None``."""
     if pending is None:
@@ -139,14 +149,16 @@ def make_hook(key: str, pending: dict[int, list[RandomState]] | None = None):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
+        replayed = pending is not None and id(module) in pending  # a module the rules re-run
         rng = _drawn(pending, module)
+        amp = autocast_now() if replayed else None
         sole = sole_tensor(args, kwargs)
         if isinstance(output, Tensor) and sole is not None:  # a layer on one tensor: no pytrees
             node = output.grad_fn
             if node is None or node is sole.grad_fn:
                 return
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
-            call = CallRecord(module, args, {}, [tapped], rng)
+            call = CallRecord(module, args, {}, [tapped], rng, amp)
             node.metadata.setdefault(key, []).append((call, 0))
             return
         leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
@@ -161,7 +173,7 @@ def make_hook(key: str, pending: dict[int, list[RandomState]] | None = None):
             if node in input_nodes:  # an input handed back unchanged: not computed here
                 continue
             if record is None:
-                record = CallRecord(module, args, kwargs, [], rng)
+                record = CallRecord(module, args, kwargs, [], rng, amp)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
             node.metadata.setdefault(key, []).append((record, len(record.tapped) - 1))
 

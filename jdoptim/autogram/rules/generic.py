@@ -33,6 +33,7 @@ What makes a re-run the recorded call, exactly:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -62,11 +63,6 @@ class GenericRule(LayerRule):
             names.setdefault(param, name)
         self.names = names
         self._rows: dict[str, Tensor] | None = None
-
-    def _outputs(self, primals: dict[str, Tensor], buffers: dict[str, Tensor], args, kwargs):
-        out = functional_call(self.call.module, {**primals, **buffers}, args, kwargs)
-        leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
-        return tuple(leaves[t.leaf_index] for t in self.call.record.tapped)
 
     def _all_rows(self) -> dict[str, Tensor]:
         if self._rows is None:
@@ -99,8 +95,16 @@ class GenericRule(LayerRule):
             return self._masked_rows(primals, buffers, args, kwargs, grads)
         return self._sample_rows(primals, buffers, args, kwargs, grads)
 
+    def _outputs(self, primals: dict[str, Tensor], buffers: dict[str, Tensor], args, kwargs):
+        amp = self.call.record.autocast
+        with contextlib.nullcontext() if amp is None else torch.autocast(amp[0], dtype=amp[1]):
+            out = functional_call(self.call.module, {**primals, **buffers}, args, kwargs)
+        leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
+        return tuple(leaves[t.leaf_index] for t in self.call.record.tapped)
+
     def _pullback(self, primals, buffers, args, kwargs):
-        """``vjp`` of the whole call, re-run with the recorded call's random draws."""
+        """``vjp`` of the whole call, re-run with the recorded call's random draws (and in its
+        autocast region, as every re-run)."""
         rng = self.call.record.rng
 
         def f(p):
