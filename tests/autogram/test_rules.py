@@ -244,6 +244,9 @@ class _KeepsForward(nn.Linear):
 def test_registry_respects_overridden_forward() -> None:
     assert rules.registered_rule(_KeepsForward(2, 3)) is rules.linear.LinearRule
     assert rules.registered_rule(_Scaled(2, 3)) is None
+    patched = nn.Linear(2, 3)
+    patched.forward = lambda x: nn.functional.linear(x, patched.weight * 2)  # type: ignore[method-assign]
+    assert rules.registered_rule(patched) is None
 
 
 def test_register_by_qualified_name_and_bad_registrations() -> None:

@@ -4,8 +4,9 @@ A rule is registered for module classes, or lazily for a class by its qualified 
 (``"transformers.pytorch_utils.Conv1D"``), so that a rule for an optional dependency's layer
 never imports that dependency: a module matches when a class of its MRO has that
 ``__module__ + "." + __qualname__``. A registered rule applies to a subclass only when the
-subclass keeps the registered class's ``forward`` (a subclass that overrides it computes something
-else, and goes through the generic rule unless it has a rule of its own).
+subclass keeps the registered class's ``forward`` (a subclass that overrides it, or an instance
+whose ``forward`` was replaced, computes something else, and goes through the generic rule unless
+it has a rule of its own).
 """
 
 from __future__ import annotations
@@ -106,7 +107,10 @@ def _lookup(kind: type[nn.Module]) -> tuple[type[LayerRule], type[nn.Module]] | 
 
 
 def registered_rule(module: nn.Module) -> type[LayerRule] | None:
-    """The rule registered for ``module``'s type, if its ``forward`` is the registered type's."""
+    """The rule registered for ``module``'s type, if its ``forward`` is the registered type's
+    (neither overridden by a subclass nor replaced on the instance)."""
+    if "forward" in module.__dict__:
+        return None
     kind = type(module)
     found = _lookup(kind)
     if found is None:
