@@ -9,6 +9,12 @@ the losses (see :mod:`jdoptim.autogram._graph`).
 
 The record never references its own outputs (that would make a cycle through the C++ node); the
 engine rebuilds each output's :class:`~torch.autograd.graph.GradientEdge` from the node it meets.
+
+Random draws. A module that the generic rule re-runs gets a forward *pre*-hook as well
+(:func:`make_pre_hook`): it snapshots the random number generators (CPU, and each initialised
+CUDA device's) before the call. If the call drew random numbers (a generator's state moved), the
+record keeps the snapshot, and the re-run restores it first, so that it draws the same dropout
+masks as the recorded call (:class:`RandomState`).
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ class CallRecord:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     tapped: list[Tapped]
+    #: the generators' states before the call, when the call drew random numbers, else ``None``
+    rng: RandomState | None = None
+    #: ``(device_type, dtype)`` of the autocast region the call ran in (re-run modules only)
+    autocast: tuple[str, torch.dtype] | None = None
 
     @property
     def sole_input(self) -> Tensor | None:
@@ -62,6 +72,65 @@ class CallRecord:
         return list(iter_tensors((self.args, self.kwargs)))
 
 
+@dataclass(eq=False)
+class RandomState:
+    """The default generators' states: the CPU's and each initialised CUDA device's."""
+
+    cpu: Tensor
+    cuda: list[Tensor]
+
+    @classmethod
+    def capture(cls) -> RandomState:
+        cuda = []
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+        return cls(torch.get_rng_state(), cuda)
+
+    def same_as(self, other: RandomState) -> bool:
+        return torch.equal(self.cpu, other.cpu) and all(
+            torch.equal(a, b) for a, b in zip(self.cuda, other.cuda)
+        )
+
+    def devices(self) -> list[int]:
+        return list(range(len(self.cuda)))
+
+    def restore(self) -> None:
+        """Set the generators to this state (call inside ``torch.random.fork_rng``)."""
+        torch.set_rng_state(self.cpu)
+        for index, state in enumerate(self.cuda):
+            torch.cuda.set_rng_state(state, index)
+
+
+def make_pre_hook(pending: dict[int, list[RandomState]]):
+    """The forward pre-hook of a module the generic rule re-runs: pushes the generators' states
+    on ``pending[id(module)]`` (the forward hook pops them)."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():
+            pending.setdefault(id(module), []).append(RandomState.capture())
+
+    return pre_hook
+
+
+def autocast_now() -> tuple[str, torch.dtype] | None:
+    """The enabled autocast region, if any, as ``(device_type, dtype)``."""
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            return device, torch.get_autocast_dtype(device)
+    return None
+
+
+def _drawn(pending: dict[int, list[RandomState]] | None, module: nn.Module) -> RandomState | None:
+    """The state before this call if the call drew random numbers, else ``None``."""
+    if pending is None:
+        return None
+    stack = pending.get(id(module))
+    if not stack:
+        return None
+    before = stack.pop()
+    return None if before.same_as(RandomState.capture()) else before
+
+
 def sole_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     """``args[0]`` when the call is ``f(tensor)``: one positional tensor and no keywords."""
     if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
@@ -69,8 +138,9 @@ def sole_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     return None
 
 
-def make_hook(key: str):
-    """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``.
+def make_hook(key: str, pending: dict[int, list[RandomState]] | None = None):
+    """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``;
+    ``pending`` is the pre-hooks' stack of generator states (see the module docs).
 
     It holds no reference to the engine, so that a dropped engine can be collected (its
     finaliser then removes the hooks). Outside gradient mode it returns at once.
@@ -79,13 +149,17 @@ def make_hook(key: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
+        replayed = pending is not None and id(module) in pending  # a module the rules re-run
+        rng = _drawn(pending, module)
+        amp = autocast_now() if replayed else None
         sole = sole_tensor(args, kwargs)
         if isinstance(output, Tensor) and sole is not None:  # a layer on one tensor: no pytrees
             node = output.grad_fn
             if node is None or node is sole.grad_fn:
                 return
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
-            node.metadata.setdefault(key, []).append((CallRecord(module, args, {}, [tapped]), 0))
+            call = CallRecord(module, args, {}, [tapped], rng, amp)
+            node.metadata.setdefault(key, []).append((call, 0))
             return
         leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
         record: CallRecord | None = None
@@ -99,7 +173,7 @@ def make_hook(key: str):
             if node in input_nodes:  # an input handed back unchanged: not computed here
                 continue
             if record is None:
-                record = CallRecord(module, args, kwargs, [])
+                record = CallRecord(module, args, kwargs, [], rng, amp)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
             node.metadata.setdefault(key, []).append((record, len(record.tapped) - 1))
 

@@ -51,9 +51,29 @@ def hooked_modules(modules: Sequence[nn.Module]) -> list[nn.Module]:
 
 
 def _named(modules: Sequence[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """``(label, module)`` for every submodule (see :func:`module_labels`)."""
+    labels = module_labels(modules)
+    for module in modules:
+        for _, sub in module.named_modules():
+            yield labels[id(sub)], sub
+
+
+def module_labels(modules: Sequence[nn.Module]) -> dict[int, str]:
+    """How messages name each submodule: its path in the model and its type, e.g.
+    ``'transformer.h.0.attn' (GPT2Attention)``. With one module given (``modules=model``) the path
+    is the model's own (``named_modules``); with several, ``modules[i].path``. The first path
+    found names a module reached under several names."""
+    labels: dict[int, str] = {}
     for index, module in enumerate(modules):
         for name, sub in module.named_modules():
-            yield (f"modules[{index}]" + (f".{name}" if name else "")), sub
+            if id(sub) in labels:
+                continue
+            path = name
+            if len(modules) > 1:
+                path = f"modules[{index}]" + (f".{name}" if name else "")
+            kind = type(sub).__name__
+            labels[id(sub)] = f"'{path}' ({kind})" if path else f"the model itself ({kind})"
+    return labels
 
 
 def batch_norms(modules: Sequence[nn.Module]) -> list[nn.Module]:
@@ -66,7 +86,7 @@ def sample_mixing_problem(modules: Sequence[nn.Module], batch_dim: int) -> str |
     for name, module in _named(modules):
         if isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats):
             return (
-                f"{name} ({type(module).__name__}) normalises with the statistics of the whole "
+                f"{name} normalises with the statistics of the whole "
                 "batch, so each per-sample loss depends on every sample and the per-sample "
                 "Gramian would be wrong. Fix: replace it by GroupNorm/LayerNorm, put it in eval "
                 "mode with running statistics (module.eval()), or use batch_dim=None."
@@ -75,7 +95,7 @@ def sample_mixing_problem(modules: Sequence[nn.Module], batch_dim: int) -> str |
             sample_dim = 0 if module.batch_first else 1
             if sample_dim != batch_dim:
                 return (
-                    f"{name} ({type(module).__name__}, batch_first={module.batch_first}) "
+                    f"{name} (batch_first={module.batch_first}) "
                     f"indexes samples along dimension {sample_dim}, not batch_dim={batch_dim}. "
                     f"Fix: construct it with batch_first={batch_dim == 0} (and feed it that "
                     "layout), or use batch_dim=None."

@@ -29,10 +29,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._graph import scan_graph
+from ._graph import GraphScan, scan_graph
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
-from .rules import Call, LayerRule, make_rule
+from .rules import Call, GenericRule, LayerRule, make_rule
 from .rules._contraction import rows_gramian
 
 
@@ -101,14 +101,20 @@ def _parameters_of(module: torch.nn.Module) -> Iterable[Tensor]:
     return dict.fromkeys(module.parameters())
 
 
-def _check_sample_layout(record: CallRecord, dims: list[int], count: int) -> None:
+class NotPerSample(Exception):
+    """A hooked call's output does not index the samples (e.g. a position embedding
+    ``wpe(arange(t))`` of shape ``[t, d]`` or ``[1, s, d]``, shared by every sample): its output
+    gradient cannot be split per sample, and the engine takes this step in task mode."""
+
+
+def _check_sample_layout(record: CallRecord, dims: list[int], count: int, label: str) -> None:
     for tapped, dim in zip(record.tapped, dims):
         if len(tapped.shape) <= dim or tapped.shape[dim] != count:
-            raise ValueError(
-                f"In per-sample mode, every hooked module's outputs must index the {count} "
-                f"samples (along dimension {dim} here), but {type(record.module).__name__} "
-                f"returned shape {tuple(tapped.shape)}. Give the engine only per-sample "
-                "modules, or use batch_dim=None."
+            raise NotPerSample(
+                f"{label} returned shape {tuple(tapped.shape)}, which does not index the {count} "
+                f"samples along dimension {dim}: its output is shared by the samples (as a "
+                "position embedding's is), so one output gradient per sample cannot be had "
+                "from one backward pass."
             )
 
 
@@ -148,6 +154,15 @@ class GramianStep:
         assume_reached: the parameters are known to be reached by the losses (as those of a
             :class:`~jdoptim.parameter_plan.ParameterPlan` are), so one that no recorded call
             covers is differentiated directly; otherwise it is taken as unreached.
+        scan: the walk of the losses' graph, when the caller has made it already.
+        explicit_modules: ids of hooked modules whose parameters take their rows straight from
+            autograd (one backward row per loss) instead of from their rule.
+        whole_modules: ids of modules the generic rule re-runs on the whole batch (not one
+            sample at a time) in per-sample mode.
+        labels: how messages name each module (its path in the model), by id.
+
+    Raises :class:`NotPerSample` when, with ``batch_dim``, a hooked call's output does not index
+    the samples.
 
     Call :meth:`gramian` and :meth:`gradients` under ``torch.no_grad()``: the layer rules use the
     recorded inputs as they are, without detaching them.
@@ -163,6 +178,10 @@ class GramianStep:
         retain_graph: bool = False,
         vmap_state: VmapState | None = None,
         assume_reached: bool = True,
+        scan: GraphScan | None = None,
+        explicit_modules: frozenset[int] = frozenset(),
+        whole_modules: frozenset[int] = frozenset(),
+        labels: dict[int, str] | None = None,
     ) -> None:
         if losses.grad_fn is None:
             raise ValueError(
@@ -170,27 +189,17 @@ class GramianStep:
                 "output with gradients enabled."
             )
         self.losses_shape = tuple(losses.shape)
+        self.device = losses.device
         self.shared = list(shared)
         self.specific = list(specific)
-        shared_ids = {id(p) for p in self.shared}
-        wanted = {id(p): p for p in [*self.shared, *self.specific]}
-
-        scan = scan_graph([losses.grad_fn], key)
-        explicit = {id(t): t for t in scan.outside_leaves if id(t) in wanted}
-        call_params: list[list[Tensor]] = []
-        covered: dict[int, int] = {}
-        for record in scan.calls:
-            params = []
-            for p in _parameters_of(record.module):
-                if id(p) in wanted and id(p) not in explicit:
-                    params.append(p)
-                    covered[id(p)] = covered.get(id(p), 0) + 1
-            call_params.append(params)
-        for pid, p in wanted.items():  # reached through no recorded call: straight from autograd
-            if assume_reached and pid not in covered and pid not in explicit:
-                explicit[pid] = p
-        self.explicit = list(explicit.values())
-
+        self.shared_ids = {id(p) for p in self.shared}
+        self.labels = labels or {}
+        if scan is None:
+            scan = scan_graph([losses.grad_fn], key)
+        records = list(scan.calls)
+        call_params, covered = self._sort_parameters(
+            scan, records, explicit_modules, assume_reached
+        )
         if batch_dim is not None and (self.explicit or losses.dim() == 0):
             batch_dim = None  # explicit rows need one backward row per loss
         if batch_dim is not None and batch_dim >= losses.dim():
@@ -198,37 +207,29 @@ class GramianStep:
                 f"batch_dim={batch_dim} but the losses have shape {tuple(losses.shape)}."
             )
         self.batch_dim = batch_dim
-        n = losses.numel()
-        if batch_dim is None:
-            self.b, self.T = 1, n
-            grad_outputs = torch.eye(n, dtype=losses.dtype, device=losses.device)
-            grad_outputs = grad_outputs.reshape(n, *losses.shape)
-            self.order = None
-        else:
-            self.b = losses.shape[batch_dim]
-            self.T = n // self.b
-            if self.T == 1:  # one loss per sample: a single ordinary backward
-                grad_outputs = torch.ones_like(losses)
-            else:
-                eye = torch.eye(self.T, dtype=losses.dtype, device=losses.device)
-                moved_shape = [self.b, *(s for d, s in enumerate(losses.shape) if d != batch_dim)]
-                grad_outputs = eye[:, None, :].expand(self.T, self.b, self.T)
-                grad_outputs = grad_outputs.reshape(self.T, *moved_shape)
-                grad_outputs = grad_outputs.movedim(1, batch_dim + 1)
-            self.order = None
-            if batch_dim != 0 and self.T > 1:  # the rows' order is not the losses' row-major one
-                order = torch.arange(n).reshape(losses.shape).movedim(batch_dim, 0).reshape(-1)
-                self.order = order
-        batched = self.T > 1
-        if not batched and batch_dim is None:
-            grad_outputs = grad_outputs[0]
+        grad_outputs = self._grad_outputs(losses, batch_dim)
+        out_dims_of = self._sample_layouts(records, call_params, batch_dim)
 
-        records = list(scan.calls)
         edges = [(r, i, e) for r in records for i, e in enumerate(scan.calls[r]) if e is not None]
         inputs = [e for _, _, e in edges] + self.explicit
+        self.backward_inputs = inputs
         state = vmap_state if vmap_state is not None else VmapState()
+        batched = self.T > 1
         grads = _backward(losses, inputs, grad_outputs, batched, retain_graph, state)
 
+        per_record = self._sort_gradients(records, edges, grads, batched)
+        calls = [
+            Call(r, per_record[id(r)], ps, batch_dim, self.b, self.T, out_dims_of[id(r)], batched)
+            for r, ps in zip(records, call_params)
+            if ps
+        ]
+        self._make_rules(calls, covered, whole_modules)
+
+    def _sort_gradients(
+        self, records: list[CallRecord], edges: list, grads: list, batched: bool
+    ) -> dict[int, list[Tensor | None]]:
+        """The backward's gradients by call (per tapped output, ``None`` where unreached), and
+        the explicit parameters' rows ``[T, *p.shape]`` (:attr:`explicit_rows`)."""
         per_record: dict[int, list[Tensor | None]] = {
             id(r): [None] * len(r.tapped) for r in records
         }
@@ -241,19 +242,105 @@ class GramianStep:
             torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
             for p, g in zip(self.explicit, explicit_grads)
         ]
+        return per_record
+
+    def _make_rules(
+        self, calls: list[Call], covered: dict[int, int], whole_modules: frozenset[int]
+    ) -> None:
+        """Each call's rule with its parameters sorted (:attr:`rule_parameters`), and the ids
+        of the modules the generic rule re-runs (:attr:`generic_modules`)."""
         self.rule_parameters: list[_RuleParameters] = []
+        self.generic_modules: set[int] = set()
+        for call in calls:
+            rule = make_rule(call)
+            module = call.record.module
+            if isinstance(rule, GenericRule):
+                rule.label = self.label(module)
+                rule.whole = id(module) in whole_modules
+                self.generic_modules.add(id(module))
+            self.rule_parameters.append(
+                _RuleParameters.of(rule, call.params, self.shared_ids, covered)
+            )
+
+    def release_graph(self, losses: Tensor) -> None:
+        """Free the part of the losses' graph a non-retaining step frees (from the losses to the
+        calls' outputs and the explicit parameters), after a step that kept it: one backward
+        of zeros to the same inputs, so that stepping twice on the same losses fails as it does
+        on every other step."""
+        if self.backward_inputs:
+            zeros = torch.zeros_like(losses)
+            torch.autograd.grad(losses, self.backward_inputs, zeros, allow_unused=True)
+
+    def label(self, module: torch.nn.Module) -> str:
+        """How messages name ``module``: its path in the model and its type."""
+        return self.labels.get(id(module)) or type(module).__name__
+
+    def _sort_parameters(
+        self,
+        scan: GraphScan,
+        records: list[CallRecord],
+        explicit_modules: frozenset[int],
+        assume_reached: bool,
+    ) -> tuple[list[list[Tensor]], dict[int, int]]:
+        """Each call's parameters (those of this step that take rows from its rule), how many
+        calls cover each parameter, and :attr:`explicit`: the parameters whose rows come
+        straight from autograd (used outside any call, of an ``explicit_modules`` module, or
+        reached through no recorded call)."""
+        wanted = {id(p): p for p in [*self.shared, *self.specific]}
+        explicit = {id(t): t for t in scan.outside_leaves if id(t) in wanted}
+        for record in records:
+            if id(record.module) in explicit_modules:
+                params = _parameters_of(record.module)
+                explicit.update((id(p), p) for p in params if id(p) in wanted)
+        call_params: list[list[Tensor]] = []
+        covered: dict[int, int] = {}
+        for record in records:
+            params = []
+            for p in _parameters_of(record.module):
+                if id(p) in wanted and id(p) not in explicit:
+                    params.append(p)
+                    covered[id(p)] = covered.get(id(p), 0) + 1
+            call_params.append(params)
+        for pid, p in wanted.items():  # reached through no recorded call: straight from autograd
+            if assume_reached and pid not in covered and pid not in explicit:
+                explicit[pid] = p
+        self.explicit = list(explicit.values())
+        return call_params, covered
+
+    def _grad_outputs(self, losses: Tensor, batch_dim: int | None) -> Tensor:
+        """Sets ``b``, ``T`` and the rows' :attr:`order`; the backward's ``grad_outputs``
+        (``[rows, *losses.shape]``, or ``losses.shape`` for one row)."""
+        n = losses.numel()
+        self.order: Tensor | None = None
+        if batch_dim is None:
+            self.b, self.T = 1, n
+            eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+            return eye.reshape(n, *losses.shape) if n > 1 else eye.reshape(losses.shape)
+        self.b = losses.shape[batch_dim]
+        self.T = n // self.b
+        if self.T == 1:  # one loss per sample: a single ordinary backward
+            return torch.ones_like(losses)
+        eye = torch.eye(self.T, dtype=losses.dtype, device=losses.device)
+        moved_shape = [self.b, *(s for d, s in enumerate(losses.shape) if d != batch_dim)]
+        grad_outputs = eye[:, None, :].expand(self.T, self.b, self.T)
+        grad_outputs = grad_outputs.reshape(self.T, *moved_shape).movedim(1, batch_dim + 1)
+        if batch_dim != 0:  # the rows' order is not the losses' row-major one
+            self.order = torch.arange(n).reshape(losses.shape).movedim(batch_dim, 0).reshape(-1)
+        return grad_outputs
+
+    def _sample_layouts(
+        self, records: list[CallRecord], call_params: list[list[Tensor]], batch_dim: int | None
+    ) -> dict[int, list[int] | None]:
+        """Where each call's outputs index the samples (``None`` without ``batch_dim``);
+        raises :class:`NotPerSample` before the backward pass, when nothing is spent yet."""
+        found: dict[int, list[int] | None] = {}
         for record, params in zip(records, call_params):
-            if not params:
-                continue
-            out_dims = None
-            if batch_dim is not None:
-                out_dims = output_sample_dims(record, batch_dim)
-                _check_sample_layout(record, out_dims, self.b)
-            grads_of = per_record[id(record)]
-            call = Call(record, grads_of, params, batch_dim, self.b, self.T, out_dims, batched)
-            parts = _RuleParameters.of(make_rule(call), params, shared_ids, covered)
-            self.rule_parameters.append(parts)
-        self.shared_ids = shared_ids
+            found[id(record)] = None
+            if batch_dim is not None and params:
+                dims = output_sample_dims(record, batch_dim)
+                _check_sample_layout(record, dims, self.b, self.label(record.module))
+                found[id(record)] = dims
+        return found
 
     def _to_original(self, square: Tensor) -> Tensor:
         if self.order is None:
@@ -293,19 +380,25 @@ class GramianStep:
             add(rows_gramian(rows))
         n = b * t
         if total is None:
-            return torch.zeros(n, n)
+            return torch.zeros(n, n, device=self.device)
         return self._to_original(total.reshape(n, n))
 
-    def gradients(self, weights: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+    def moved(self, weights: Tensor) -> Tensor:
+        """Weights in the losses' row-major order, as the rules' ``[b, T]``."""
+        flat = weights.reshape(-1)
+        if self.order is not None:
+            flat = flat[self.order]
+        return flat.view(self.b, self.T)
+
+    def gradients(
+        self, weights: Tensor | None, weigh_specific: bool = False
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """The update of the shared parameters (``Σ wᵢ ∇ℓᵢ``, ``weights`` in the losses'
-        row-major order) and of the specific ones (``Σᵢ ∇ℓᵢ``)."""
+        row-major order) and of the specific ones (``Σᵢ ∇ℓᵢ``; with ``weigh_specific``, also
+        ``Σ wᵢ ∇ℓᵢ``)."""
         b, t = self.b, self.T
-        if weights is not None:
-            flat = weights.reshape(-1)
-            if self.order is not None:
-                flat = flat[self.order]
-            moved = flat.view(b, t)
-        ones: Tensor | None = None
+        moved = None if weights is None else self.moved(weights)
+        ones: Tensor | None = moved if weigh_specific else None
         found: dict[int, Tensor] = {}
 
         def add(p: Tensor, grad: Tensor) -> None:
@@ -313,7 +406,7 @@ class GramianStep:
 
         for rule, shared, specific, _, _ in self.rule_parameters:
             if shared:
-                assert weights is not None
+                assert moved is not None
                 for p, g in zip(shared, rule.weighted(shared, moved)):
                     add(p, g)
             if specific:
@@ -322,8 +415,8 @@ class GramianStep:
                 for p, g in zip(specific, rule.weighted(specific, ones)):
                     add(p, g)
         for p, rows in zip(self.explicit, self.explicit_rows):
-            if id(p) in self.shared_ids:
-                assert weights is not None
+            if id(p) in self.shared_ids or weigh_specific:
+                assert moved is not None
                 add(p, torch.tensordot(moved.reshape(-1).to(rows.dtype), rows, dims=1))
             else:
                 add(p, rows.sum(0))

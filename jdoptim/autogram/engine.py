@@ -26,20 +26,28 @@ contraction when ``S > 1``); the update is one ordinary weight-gradient product.
 fallback costs one forward of the module plus ``bT`` vector-Jacobian products and ``bT·n``
 memory for its ``n`` parameters.
 
-Limits, by design:
+Exactness, whatever the model does (details in :mod:`._certify` and :mod:`.rules.generic`):
 
-* a module handled by the ``torch.func`` fallback is re-run once per step, so it must be
-  deterministic (no active dropout inside it; ``Linear``/``Conv``/norm rules never re-run);
+* a module handled by the ``torch.func`` fallback is re-run once per step; the re-run draws the
+  recorded call's random numbers (dropout in training mode is exact), never updates buffers or
+  attributes a second time, and is checked against autograd on the first step of each graph
+  structure; a re-run that fails or differs gives way to autograd's rows for that module;
+* with ``batch_dim``, the same check certifies that each loss depends on its own sample only
+  (losses that mix samples, a permuted loss vector, an operation that mixes samples after a
+  hooked module, a call whose output is shared by the samples, e.g. a position embedding,
+  whatever its shape): where it does not, or where a hooked output does not index the samples,
+  the step takes one backward row per loss (exact, ``b`` times the backward passes) and warns
+  once (:class:`EngineRouteWarning`), naming the modules by their path in the model;
 * with explicit parameters (used outside hooked calls) the backward needs one row per loss, so
   per-sample losses then cost ``b`` backward rows instead of one (still exact);
-* in per-sample mode a fallback input counts as batched when its size along ``batch_dim`` is the
-  number of samples (an unbatched ``[b, b]`` mask would be misread); every hooked output must
-  index the samples (checked; RNN hidden states along dimension 1 are understood).
+* the Gramian is returned in the losses' dtype promoted with the parameters' (half-precision
+  losses of a float32 model get a float32 Gramian).
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 from collections.abc import Iterable
 
@@ -48,13 +56,60 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..aggregation.flattening import generalize_gramian
-from ._records import make_hook
-from ._selection import batch_norms, check_disjoint, hooked_modules, sample_mixing_problem
-from ._step import GramianStep, VmapState
+from ._certify import EngineRouteWarning, Route, failing_modules, signature
+from ._graph import scan_graph
+from ._records import RandomState, make_hook, make_pre_hook
+from ._selection import (
+    batch_norms,
+    check_disjoint,
+    hooked_modules,
+    module_labels,
+    sample_mixing_problem,
+)
+from ._step import GramianStep, NotPerSample, VmapState
+from .rules._base import registered_rule
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "EngineRouteWarning", "gramian_dtype"]
+
+#: at most this many graph structures' routes are remembered (the oldest is dropped first)
+_MAX_ROUTES = 64
 
 _COUNTER = itertools.count()
+
+
+def gramian_dtype(losses_dtype: torch.dtype, params: Iterable[Tensor]) -> torch.dtype:
+    """The dtype a Gramian is returned and weighted in: the losses' promoted with every
+    parameter's, so that half-precision losses of a float32 model (``model(x).bfloat16()``) do
+    not round a Gramian whose rows are float32 sums to 3 significant digits (issue 19)."""
+    dtype = losses_dtype
+    for p in params:
+        if p.dtype != dtype:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+_TASK_MODE = (
+    "The engine computes this structure's steps exactly with one backward row per loss instead "
+    "(b times the backward passes of the per-sample path)."
+)
+_MIXED = (
+    "The per-sample losses are not each a function of their own sample only: a loss mixes "
+    "samples (e.g. a contrastive loss), the loss vector is permuted, an operation after a hooked "
+    "module mixes samples (e.g. h - h.mean(0)), or a hooked module's output is shared by the "
+    "samples (e.g. a position embedding of shape [t, d] with t equal to the batch size)."
+)
+_WHOLE = (
+    "Re-running these modules one sample at a time (the generic rule, for modules without a "
+    "layer rule) did not reproduce autograd's per-sample gradients (an input of batch size that "
+    "does not index the samples, such as a [b, b] mask, is sliced as if it did): they are "
+    "re-run on the whole batch instead (exact; b times their vector-Jacobian products):"
+)
+_RERUN = (
+    "Re-running these modules' forward (the generic rule, for modules without a layer rule) did "
+    "not reproduce autograd's gradients, so their parameters take their rows straight from "
+    "autograd (one backward row per loss) from now on. A forward that depends on state it "
+    "changes, or that torch.func cannot run, does this; a layer rule avoids the re-run:"
+)
 
 
 def _remove_all(handles: list[RemovableHandle]) -> None:
@@ -71,9 +126,14 @@ class Engine:
             none a submodule of another). A module with direct trainable parameters is hooked and
             differentiated with respect to all its parameters; one without is descended into.
         batch_dim: the dimension of the output (and of every module's tensors) that indexes
-            independent samples, or ``None``. With it, modules that mix samples (``BatchNorm`` in
-            training mode, batch-statistics ``BatchNorm``, RNNs and attention batched on another
-            dimension) are refused.
+            independent samples, or ``None``. With it, modules that mix samples by construction
+            (``BatchNorm`` in training mode, batch-statistics ``BatchNorm``, RNNs and attention
+            batched on another dimension) are refused; losses or forwards that mix samples, and
+            calls whose output is shared by the samples, are found by the engine's check and
+            computed exactly on a slower route (:class:`EngineRouteWarning`).
+
+    Messages name modules by their path in the model (``'encoder.1' (BatchNorm1d)``); with
+    several modules given, by ``modules[i].path``.
 
     Use ``engine.close()`` (or ``with Engine(model) as engine:``) to remove the hooks; a dropped
     engine removes them too.
@@ -103,10 +163,21 @@ class Engine:
         self._batch_norms = batch_norms(flat) if batch_dim is not None else []
         self._key = f"jdoptim.autogram.{next(_COUNTER)}"
         self._hooked = hooked_modules(flat)
-        hook = make_hook(self._key)
+        self._labels = module_labels(flat)
+        pending: dict[int, list[RandomState]] = {}
+        hook = make_hook(self._key, pending)
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._hooked]
+        pre_hook = make_pre_hook(pending)
+        handles += [  # modules the generic rule re-runs: their random draws are recorded
+            m.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            for m in self._hooked
+            if registered_rule(m) is None
+        ]
         self._finalizer = weakref.finalize(self, _remove_all, handles)
         self._vmap = VmapState()
+        self._routes: dict[tuple, Route] = {}
+        self._warned: set[str] = set()
+        self._generator = torch.Generator().manual_seed(0)
 
     @property
     def closed(self) -> bool:
@@ -144,18 +215,94 @@ class Engine:
         retain_graph: bool = False,
         assume_reached: bool = True,
     ) -> GramianStep:
-        """Run the backward pass of one step; the result gives the Gramian and the update."""
+        """Run the backward pass of one step; the result gives the Gramian and the update.
+
+        On the first step of each graph structure the engine checks its fast path against
+        autograd and, where it fails, takes an exact slower route (see :mod:`._certify`); that
+        step keeps the losses' graph."""
         self._check_open()
+        if losses.grad_fn is None:
+            raise ValueError(
+                "The losses have no autograd graph (no grad_fn): compute them from the model's "
+                "output with gradients enabled."
+            )
+        per_sample = per_sample and self.batch_dim is not None
+        scan = scan_graph([losses.grad_fn], self._key)
+        params = {id(p) for p in shared} | {id(p) for p in specific}
+        key = signature(scan, losses, per_sample, params)
+        route = self._routes.get(key)
+        options = (losses, scan, shared, specific, assume_reached)
+        if route is not None:
+            return self._make_step(*options, route, retain_graph)
+        step, route = self._certified_step(options, per_sample)
+        if not retain_graph:
+            step.release_graph(losses)
+        if len(self._routes) >= _MAX_ROUTES:
+            del self._routes[next(iter(self._routes))]
+        self._routes[key] = route
+        return step
+
+    def _make_step(self, losses, scan, shared, specific, assume_reached, route, retain_graph):
         return GramianStep(
             losses,
             self._key,
             shared,
             specific,
-            self.batch_dim if per_sample else None,
+            self.batch_dim if route.per_sample else None,
             retain_graph=retain_graph,
             vmap_state=self._vmap,
             assume_reached=assume_reached,
+            scan=scan,
+            explicit_modules=route.explicit,
+            whole_modules=route.whole,
+            labels=self._labels,
         )
+
+    def _certified_step(self, options: tuple, per_sample: bool) -> tuple[GramianStep, Route]:
+        """The first step of a structure: the fast route if the check passes, else the next
+        exact one (see :mod:`._certify`). Warns once the route is known, with its reason: a
+        per-sample failure that one row per loss cures is the samples' dependence; one that
+        needs autograd's rows is the re-run's."""
+        losses = options[0]
+        route = Route(per_sample=per_sample)
+        mixed = whole_names = ""
+        for _ in range(5):
+            try:
+                step = self._make_step(*options, route, True)
+            except NotPerSample as err:
+                self._warn(f"{err} {_TASK_MODE}")
+                route = Route(per_sample=False, explicit=route.explicit)
+                continue
+            failed = failing_modules(step, losses, self._generator)
+            if not failed:
+                if route.per_sample and route.whole:
+                    self._warn(f"{_WHOLE} {whole_names}.")
+                elif mixed and not route.explicit:
+                    self._warn(f"{_MIXED} Where it shows: {mixed}. {_TASK_MODE}")
+                return step, route
+            if route.per_sample:
+                mixed = mixed or self._names(failed)
+                re_run = frozenset(id(m) for m in failed if id(m) in step.generic_modules)
+                if re_run and not route.whole:
+                    whole_names = self._names({m: w for m, w in failed.items() if id(m) in re_run})
+                    route = Route(per_sample=True, explicit=route.explicit, whole=re_run)
+                    continue
+                route = Route(per_sample=False, explicit=route.explicit)
+            else:
+                self._warn(f"{_RERUN} {self._names(failed)}.")
+                route = Route(False, route.explicit | {id(m) for m in failed})
+        raise RuntimeError("The engine found no exact route for this step (a bug: report it).")
+
+    def _names(self, failed: dict[nn.Module, str], most: int = 6) -> str:
+        labels = self._labels
+        named = [f"{labels.get(id(m), type(m).__name__)} ({why})" for m, why in failed.items()]
+        more = f"; and {len(named) - most} more" if len(named) > most else ""
+        return "; ".join(named[:most]) + more
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, EngineRouteWarning, stacklevel=4)
 
     def compute_gramian(self, output: Tensor, retain_graph: bool = False) -> Tensor:
         r"""The Gramian of ``output`` with respect to the modules' parameters.
@@ -175,5 +322,5 @@ class Engine:
             assume_reached=False,
         )
         with torch.no_grad():
-            gramian = step.gramian().to(output.dtype)
+            gramian = step.gramian().to(gramian_dtype(output.dtype, self.parameters()))
         return generalize_gramian(gramian, tuple(output.shape))

@@ -25,7 +25,7 @@ from ..aggregation.flattening import Flattening, generalize_gramian
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..update import JacobianUpdate, UpdateResult, ensure_finite, weigh
-from .engine import Engine
+from .engine import Engine, gramian_dtype
 
 __all__ = ["GramianUpdate"]
 
@@ -56,7 +56,7 @@ class GramianUpdate:
                 _, specific_grads = step.gradients(None)
             return UpdateResult([], specific_grads, None, None)
         with torch.no_grad():
-            gramian = step.gramian().to(batch.vector.dtype)
+            gramian = step.gramian().to(gramian_dtype(batch.vector.dtype, shared))
             ensure_finite(gramian, "Gramian")  # once, for both branches below
             if losses.dim() > 1:
                 generalized = generalize_gramian(gramian, tuple(losses.shape))

@@ -11,9 +11,11 @@ from torch import nn
 
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad
-from jdoptim.autogram import Engine
+from jdoptim.autogram import Engine, EngineRouteWarning
 from jdoptim.autogram._records import CallRecord
 from tests.models import FreeParam
+
+from ._oracle import assert_gramian_close, explicit_jacobian
 
 
 def _hook_count(model: nn.Module) -> int:
@@ -48,17 +50,34 @@ def test_recursive_hooking() -> None:
     [
         (
             nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
-            r"modules\[0\]\.1 \(BatchNorm1d\).*eval",
+            r"^'1' \(BatchNorm1d\) normalises.*eval",
         ),
-        (nn.BatchNorm1d(4, track_running_stats=False).eval(), r"BatchNorm1d.*GroupNorm"),
-        (nn.GRU(3, 4), r"GRU, batch_first=False.*batch_first=True"),
-        (nn.MultiheadAttention(4, 2), r"MultiheadAttention.*batch_first=True"),
+        (
+            nn.BatchNorm1d(4, track_running_stats=False).eval(),
+            r"^the model itself \(BatchNorm1d\).*GroupNorm",
+        ),
+        (nn.GRU(3, 4), r"GRU\) \(batch_first=False.*batch_first=True"),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Tanh(), nn.MultiheadAttention(4, 2))),
+            r"^'1.1' \(MultiheadAttention\).*batch_first=True",
+        ),
     ],
 )
 def test_sample_mixing_modules_are_refused(module: nn.Module, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Engine(module, batch_dim=0)
     Engine(module).close()  # fine without batch_dim
+
+
+def test_messages_name_modules_by_their_path_in_the_model() -> None:
+    """Issue 18: a module is named by its path in the model given (``'encoder.1'``), not by
+    its place in the engine's list (``modules[0].1``); several modules get ``modules[i]``."""
+    encoder = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model = nn.ModuleDict({"encoder": encoder, "head": nn.Linear(4, 1)})
+    with pytest.raises(ValueError, match=r"^'encoder.1' \(BatchNorm1d\) normalises"):
+        Engine(model, batch_dim=0)
+    with pytest.raises(ValueError, match=r"^'modules\[1\].1' \(BatchNorm1d\) normalises"):
+        Engine(model["head"], encoder, batch_dim=0)
 
 
 def test_batchnorm_switched_to_training_is_refused_at_step() -> None:
@@ -150,8 +169,10 @@ def test_nothing_accumulates_over_many_steps() -> None:
     assert counts[1][1] == 0
 
 
-def test_module_mixing_samples_in_its_output_is_refused() -> None:
-    """A hooked module whose output does not index the samples cannot give per-sample rows."""
+def test_module_whose_output_does_not_index_the_samples_is_computed_exactly() -> None:
+    """A hooked module whose output does not index the samples (here it averages over them)
+    cannot give per-sample rows from one backward pass. It used to be refused; the engine now
+    computes the step with one backward row per loss, exactly, and warns once, naming it."""
 
     class Pool(nn.Module):
         def __init__(self) -> None:
@@ -161,11 +182,15 @@ def test_module_mixing_samples_in_its_output_is_refused() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return (x * self.scale).mean(0)  # averages over the batch
 
-    pool, head = Pool(), nn.Linear(3, 4)
+    torch.manual_seed(0)
+    pool, head = Pool(), nn.Linear(3, 3)
+    a, c = torch.randn(5, 3), torch.randn(5, 3)
     with Engine(pool, head, batch_dim=0) as engine:
-        losses = head(torch.randn(5, 3)) + pool(torch.randn(5, 3)).sum()
-        with pytest.raises(ValueError, match=r"Pool returned shape \(3,\)"):
-            engine.compute_gramian(losses.sum(1))
+        losses = (head(a) * pool(c)).sum(1)
+        jacobian = explicit_jacobian(losses, engine.parameters()).double()
+        with pytest.warns(EngineRouteWarning, match=r"'modules\[0\]' \(Pool\) returned shape"):
+            gramian = engine.compute_gramian(losses)
+    assert_gramian_close(gramian, jacobian @ jacobian.T)
 
 
 @pytest.mark.parametrize("batch_dim", [None, 0])
@@ -185,3 +210,38 @@ def test_results_carry_no_graph(batch_dim: int | None) -> None:
     opt = JDOptimizer(torch.optim.SGD(heads.parameters(), lr=0.1), modules=heads)
     opt.step([head(x).mean() for head in heads])
     assert all(p.grad is not None and p.grad.grad_fn is None for p in heads.parameters())
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_first_step_frees_the_graph_as_later_steps_do(batch_dim: int | None) -> None:
+    """The first step of a structure keeps the graph for its check, then frees what a step
+    frees: a second step on the same losses fails on the first step as on later ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with Engine(model, batch_dim=batch_dim) as engine:
+        for _ in range(2):
+            losses = model(x).pow(2).sum(1) if batch_dim == 0 else model(x).pow(2).mean(0)
+            engine.compute_gramian(losses)
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                engine.compute_gramian(losses)
+
+
+def test_the_check_runs_once_per_structure() -> None:
+    """The engine checks its fast path on the first step of a graph structure only: not again
+    for a new input that requires grad (a new leaf every step), again for a new batch size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    checks = []
+    with Engine(model, batch_dim=0) as engine:
+        original = engine._certified_step
+
+        def counted(*args, **kwargs):
+            checks.append(1)
+            return original(*args, **kwargs)
+
+        engine._certified_step = counted  # type: ignore[method-assign]
+        for batch in (5, 5, 5, 6, 6):
+            x = torch.randn(batch, 3, requires_grad=True)
+            engine.compute_gramian(model(x).pow(2).sum(1))
+    assert len(checks) == 2

@@ -15,6 +15,10 @@ from tests.models import FreeParam
 
 from ._oracle import as_square, assert_gramian_close, explicit_gramian
 
+# Every case here must be exact on the engine's fast path: a slower fallback route (which would
+# also be exact) must not hide a wrong rule.
+pytestmark = pytest.mark.filterwarnings("error::jdoptim.autogram.EngineRouteWarning")
+
 
 def check(model: nn.Module, forward: Callable[[], Tensor], batch_dim: int | None) -> None:
     """Compare the engine with the oracle on the losses ``forward()`` returns."""

@@ -33,6 +33,62 @@ LAYERS = {
 }
 if hasattr(nn, "RMSNorm"):
     LAYERS["rmsnorm"] = (lambda: nn.RMSNorm(5), lambda: torch.randn(3, 4, 5))
+LAYERS |= {
+    "conv2d_grouped": (
+        lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+        lambda: torch.randn(3, 4, 5, 5),
+    ),
+    "conv2d_depthwise": (
+        lambda: nn.Conv2d(4, 8, 3, stride=2, groups=4, bias=False),
+        lambda: torch.randn(3, 4, 6, 6),
+    ),
+    "conv1d_depthwise_same": (
+        lambda: nn.Conv1d(3, 3, 4, padding="same", groups=3),
+        lambda: torch.randn(3, 3, 7),
+    ),
+    "conv2d_reflect": (
+        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"),
+        lambda: torch.randn(3, 2, 5, 5),
+    ),
+    "conv1d_circular_grouped": (
+        lambda: nn.Conv1d(4, 2, 3, padding=2, dilation=2, padding_mode="circular", groups=2),
+        lambda: torch.randn(3, 4, 6),
+    ),
+    "layernorm_no_bias": (lambda: nn.LayerNorm(5, bias=False), lambda: torch.randn(3, 4, 5)),
+}
+
+
+def _transformers_layer(module_path: str, name: str, *args) -> nn.Module:
+    module = pytest.importorskip(module_path)
+    return getattr(module, name)(*args)
+
+
+LAYERS |= {
+    "hf_conv1d": (
+        lambda: _transformers_layer("transformers.pytorch_utils", "Conv1D", 4, 5),
+        lambda: torch.randn(3, 6, 5),
+    ),
+    "hf_conv1d_flat": (
+        lambda: _transformers_layer("transformers.pytorch_utils", "Conv1D", 4, 5),
+        lambda: torch.randn(3, 5),
+    ),
+    "hf_llama_rmsnorm": (
+        lambda: _transformers_layer(
+            "transformers.models.llama.modeling_llama", "LlamaRMSNorm", 5
+        ),
+        lambda: torch.randn(3, 4, 5) * 2,
+    ),
+    "hf_mistral_rmsnorm": (
+        lambda: _transformers_layer(
+            "transformers.models.mistral.modeling_mistral", "MistralRMSNorm", 5
+        ),
+        lambda: torch.randn(3, 4, 5),
+    ),
+    "hf_t5_layernorm": (
+        lambda: _transformers_layer("transformers.models.t5.modeling_t5", "T5LayerNorm", 5),
+        lambda: torch.randn(3, 4, 5) * 2,
+    ),
+}
 
 
 def _gramian(layer: nn.Module, x: Tensor, shape: str, batch_dim: int | None) -> tuple:
@@ -147,3 +203,138 @@ def test_weighted_update_of_each_rule() -> None:
     for a, e in zip(shared, expected):
         torch.testing.assert_close(a, e)
     engine.close()
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_weighted_update_of_every_rule(name: str, batch_dim: int | None) -> None:
+    """Each rule's ``Σ wᵢ ∇ℓᵢ`` equals autograd's weighted gradient ``wᵀJ`` (in float64), per
+    sample and for task losses, for both layouts of the Linear-like weight."""
+    make_layer, make_input = LAYERS[name]
+    layer, x = make_layer().double(), make_input()
+    x = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    with Engine(layer, batch_dim=batch_dim) as engine:
+        out = layer(x)
+        losses = out.sin().reshape(out.shape[0], -1).sum(1)
+        params = engine.parameters()
+        weights = torch.rand(losses.shape[0], dtype=torch.float64)
+        expected = torch.autograd.grad(losses, params, weights, retain_graph=True)
+        step = engine.step(losses, params, [], per_sample=batch_dim is not None)
+        with torch.no_grad():
+            shared, _ = step.gradients(weights)
+        assert not any(isinstance(r.rule, rules.GenericRule) for r in step.rule_parameters)
+    for actual, wanted in zip(shared, expected):
+        torch.testing.assert_close(actual, wanted)
+
+
+class _Scaled(nn.Linear):
+    """Overrides ``forward``: the Linear rule must not be used for it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 2.0
+
+
+class _KeepsForward(nn.Linear):
+    pass
+
+
+def test_registry_respects_overridden_forward() -> None:
+    assert rules.registered_rule(_KeepsForward(2, 3)) is rules.linear.LinearRule
+    assert rules.registered_rule(_Scaled(2, 3)) is None
+    patched = nn.Linear(2, 3)
+    patched.forward = lambda x: nn.functional.linear(x, patched.weight * 2)  # type: ignore[method-assign]
+    assert rules.registered_rule(patched) is None
+
+
+def test_register_by_qualified_name_and_bad_registrations() -> None:
+    class Local(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 2))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x @ self.weight.T
+
+    assert rules.registered_rule(Local()) is None
+    name = rules.qualified_name(Local)
+    try:
+
+        @rules.register_rule(name)
+        class LocalRule(rules.LinearLikeRule):
+            pass
+
+        assert rules.registered_rule(Local()) is LocalRule
+        layer, x = Local(), torch.randn(4, 2)
+        with Engine(layer, batch_dim=0) as engine:
+            losses = layer(x).sin().sum(1)
+            expected = explicit_gramian(losses, engine.parameters())
+            assert_gramian_close(engine.compute_gramian(losses), expected)
+    finally:
+        rules._base._NAMED_RULES.pop(name, None)
+        rules._base._CACHE.clear()
+    with pytest.raises(TypeError, match="qualified class names"):
+        rules.register_rule(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="LayerRule subclasses"):
+        rules.register_rule(nn.Linear)(object)  # type: ignore[arg-type]
+
+
+def test_lazy_rules_do_not_import_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jdoptim, jdoptim.autogram.rules as r; "
+        "assert 'transformers' not in sys.modules; "
+        "assert any(n.startswith('transformers.') for n in r._base._NAMED_RULES)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_custom_rule_example() -> None:
+    """examples/custom_rule.py: its rules are the ones used (never the generic one), exact for
+    per-sample and task losses against the explicit Jacobian, and the script's training runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "custom_rule.py"
+    spec = importlib.util.spec_from_file_location("custom_rule_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(1)
+    model = example.Model().double()
+    x = torch.randn(5, 3, 6, dtype=torch.float64)  # several positions per sample
+    for batch_dim in (0, None):
+        with Engine(model, batch_dim=batch_dim) as engine:
+            losses = model(x).sin()[:, :2]  # [batch, tasks]
+            params = engine.parameters()
+            expected = explicit_gramian(losses, params)
+            step = engine.step(losses, params, [], per_sample=batch_dim is not None)
+            kinds = {type(r.rule) for r in step.rule_parameters}
+            assert kinds == {example.ProjectionRule, example.ChannelScaleRule}
+            with torch.no_grad():
+                actual = step.gramian()
+            assert_gramian_close(actual, expected, rtol=1e-12)
+    assert example.main(steps=3) > 0
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_embedding_rows_by_definition(batch_dim: int | None) -> None:
+    """The Embedding rule's rows (used when its weight is tied) equal autograd's gradient of each
+    loss, with repeated and padding indices."""
+    layer = nn.Embedding(6, 3, padding_idx=2).double()
+    index = torch.tensor([[0, 2, 0, 5], [2, 2, 1, 0], [4, 5, 5, 3]])
+    with Engine(layer, batch_dim=batch_dim) as engine:
+        losses = layer(index).sin().sum((1, 2))
+        expected = torch.stack(
+            [torch.autograd.grad(loss, layer.weight, retain_graph=True)[0] for loss in losses]
+        )
+        step = engine.step(losses, [layer.weight], [], per_sample=batch_dim is not None)
+        (parts,) = step.rule_parameters
+        assert isinstance(parts.rule, rules.embedding.EmbeddingRule)
+        with torch.no_grad():
+            (rows,) = parts.rule.jacobians([layer.weight])
+    torch.testing.assert_close(rows.reshape(3, 6, 3), expected)

@@ -52,14 +52,14 @@ def gramian_from_kernel(kernel: Tensor, grads: Tensor) -> Tensor:
     if s == 1:
         if t == 1:  # per-sample losses: G = K ⊙ (D Dᵀ)
             rows = grads.reshape(b, o)
-            return torch.mm(rows, rows.T).mul_(kernel.view(b, b)).view(b, 1, b, 1)
+            return torch.mm(rows, rows.T).mul_(kernel.reshape(b, b)).reshape(b, 1, b, 1)
         rows = grads[:, :, 0].transpose(0, 1).reshape(b * t, o)
-        products = (rows @ rows.T).view(b, t, b, t)
+        products = (rows @ rows.T).reshape(b, t, b, t)
         return products * kernel[:, 0, :, 0][:, None, :, None]
     if b == 1:  # one loss row per task: M_k = K D_k for every k in one batched product
         flat = grads.reshape(t, s, o)
         mixed = torch.bmm(kernel.reshape(s, s).expand(t, s, s), flat)
-        return torch.mm(flat.view(t, -1), mixed.view(t, -1).T).view(1, t, 1, t)
+        return torch.mm(flat.reshape(t, -1), mixed.reshape(t, -1).T).reshape(1, t, 1, t)
     mixed = torch.einsum("isjr,ljro->isljo", kernel, grads)
     return torch.einsum("kiso,isljo->ikjl", grads, mixed)
 
@@ -68,7 +68,7 @@ def linear_kernel(inputs: Tensor) -> Tensor:
     """``K[i,s,j,r] = ⟨a_{is}, a_{jr}⟩`` for ``inputs`` of shape ``[b, S, d]``."""
     b, s, d = inputs.shape
     flat = inputs.reshape(b * s, d)
-    return (flat @ flat.T).view(b, s, b, s)
+    return (flat @ flat.T).reshape(b, s, b, s)
 
 
 def linear_rows(inputs: Tensor, grads: Tensor) -> Tensor:
@@ -88,7 +88,7 @@ def linear_gramian(inputs: Tensor, grads: Tensor, with_bias: bool = False) -> Te
         kernel = linear_kernel(inputs)
         return gramian_from_kernel(kernel.add_(1.0) if with_bias else kernel, grads)
     rows = linear_rows(inputs, grads).reshape(b * t, o * d)
-    gramian = (rows @ rows.T).view(b, t, b, t)
+    gramian = (rows @ rows.T).reshape(b, t, b, t)
     return gramian + rows_gramian(bias_rows(grads)) if with_bias else gramian
 
 
@@ -99,7 +99,7 @@ def per_sample_gramian(inputs: Tensor, grads: Tensor, with_bias: bool) -> Tensor
     products = torch.mm(grads, grads.T)
     kernel = torch.mm(inputs, inputs.T)
     gramian = torch.addcmul(products, kernel, products) if with_bias else kernel.mul_(products)
-    return gramian.view(b, 1, b, 1)
+    return gramian.reshape(b, 1, b, 1)
 
 
 def bias_rows(grads: Tensor) -> Tensor:
@@ -111,7 +111,7 @@ def rows_gramian(rows: Tensor) -> Tensor:
     """``[b, T, ...]`` rows → their Gram matrix ``[b, T, b, T]``."""
     b, t = rows.shape[:2]
     flat = rows.reshape(b * t, -1)
-    return (flat @ flat.T).view(b, t, b, t)
+    return (flat @ flat.T).reshape(b, t, b, t)
 
 
 def weight_and_bias_gramian(

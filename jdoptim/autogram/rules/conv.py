@@ -1,22 +1,38 @@
-r"""``nn.Conv1d`` / ``nn.Conv2d`` (``groups = 1``, zero padding given as numbers).
+r"""``nn.Conv1d`` / ``nn.Conv2d``, any ``groups`` (grouped, depthwise), any padding.
 
 After im2col (``F.unfold``), a convolution is a ``Linear`` layer applied at every output
 position: ``a_{is}`` is the receptive field of position ``s`` (``C_in·∏k`` values), and the
 weight ``[C_out, C_in, *k]`` is the matrix ``[C_out, C_in·∏k]``. The positions of a sample are its
-output positions (times the module's own batch when there is no ``batch_dim``), and
-:func:`~._contraction.linear_gramian` picks between the rows and the kernel contraction. A
-``Conv1d`` is run as a ``Conv2d`` of height 1.
+output positions (times the module's own batch when there is no ``batch_dim``). Padding other
+than plain zeros given as numbers (``"same"``, ``reflect``, ``replicate``, ``circular``) is
+applied to the input first, exactly as the module's forward does. A ``Conv1d`` is run as a
+``Conv2d`` of height 1.
+
+With ``groups = 1``, :func:`~._contraction.linear_gramian` picks between the rows and the kernel
+contraction. With ``g`` groups, group ``j`` is its own linear layer: outputs
+``j·C_out/g … (j+1)·C_out/g - 1`` see only the receptive field ``a^{(j)}`` of input channels
+``j·C_in/g …`` (``d' = C_in/g·∏k`` values, contiguous in im2col's channel-major order), so the
+weight rows are ``g_{ik}[j·o'+q, :] = Σ_s D_{k,is}[j·o'+q] a^{(j)}_{is}`` for all groups at once
+(one batched product); they are ``|W|`` wide (small for a depthwise convolution) and their Gram
+matrix is the Gramian.
+
+The update ``Σ w_{ik} ∂ℓ_{ik}/∂W`` is the convolution's own weight gradient of the weighted
+output gradient ``Σ_k w_{·k} D[k]``: one call of its backward kernel
+(``aten.convolution_backward``), without im2col.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import register_rule
+from ._base import LayerRule, register_rule
 from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows
-from .linear import LinearLikeRule
+from .linear import PositionwiseLinearRule
 
 
 def _pair(value: object, spatial: int, lead: int = 1) -> tuple[int, int]:
@@ -25,59 +41,119 @@ def _pair(value: object, spatial: int, lead: int = 1) -> tuple[int, int]:
     return (lead, *values) if spatial == 1 else values  # type: ignore[return-value]
 
 
+def _padded(module: nn.Module, x: Tensor, spatial: int) -> tuple[Tensor, object]:
+    """The module's input as ``[N, C_in, *spatial]``, with the padding that is not plain zeros
+    given as numbers applied (as the module's forward does), and the padding still to apply."""
+    channels = module.in_channels  # type: ignore[union-attr]
+    images = x.reshape(-1, channels, *x.shape[-spatial:])
+    padding = module.padding  # type: ignore[union-attr]
+    if module.padding_mode != "zeros" or isinstance(padding, str):  # type: ignore[union-attr]
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode  # type: ignore
+        images = F.pad(images, module._reversed_padding_repeated_twice, mode=mode)  # type: ignore
+        padding = 0
+    return images, padding
+
+
+def _columns(module: nn.Module, images: Tensor, padding: object, spatial: int) -> Tensor:
+    """im2col of the (padded) input as ``[N, C_in·∏k, L]``."""
+    if spatial == 1:
+        images = images.unsqueeze(2)
+    return F.unfold(
+        images,
+        kernel_size=_pair(module.kernel_size, spatial),
+        dilation=_pair(module.dilation, spatial),
+        padding=_pair(padding, spatial, 0),
+        stride=_pair(module.stride, spatial),
+    )
+
+
+def _sizes(value: object, spatial: int) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value] * spatial  # type: ignore
+
+
 @register_rule(nn.Conv1d, nn.Conv2d)
-class ConvRule(LinearLikeRule):
+class ConvRule(PositionwiseLinearRule):
     @classmethod
     def applies(cls, call: Call) -> bool:
-        module = call.module
         x = call.record.sole_input
         if x is None:
             return False
-        if module.groups != 1 or module.padding_mode != "zeros":  # type: ignore[union-attr]
-            return False
-        if isinstance(module.padding, str) and module.padding != "valid":  # type: ignore
-            return False
-        spatial = 1 if isinstance(module, nn.Conv1d) else 2
+        spatial = 1 if isinstance(call.module, nn.Conv1d) else 2
         return call.batch_dim is None or (call.batch_dim == 0 and x.dim() == spatial + 2)
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
         module = call.module
-        spatial = 1 if isinstance(module, nn.Conv1d) else 2
+        self.spatial = 1 if isinstance(module, nn.Conv1d) else 2
         x = full_precision(call.record.args[0].detach())
-        channels = module.in_channels  # type: ignore[union-attr]
-        images = x.reshape(-1, channels, *x.shape[-spatial:])
-        if spatial == 1:
-            images = images.unsqueeze(2)
-        padding = 0 if module.padding == "valid" else module.padding  # type: ignore
-        columns = F.unfold(
-            images,
-            kernel_size=_pair(module.kernel_size, spatial),
-            dilation=_pair(module.dilation, spatial),
-            padding=_pair(padding, spatial, 0),
-            stride=_pair(module.stride, spatial),
-        )  # [N, C_in·∏k, L]
-        self.columns = columns.transpose(1, 2)  # [N, L, C_in·∏k]
-        self.inputs = self.columns.reshape(call.b, -1, columns.shape[1])
-        out = module.out_channels  # type: ignore[union-attr]
+        self.images, self.padding = _padded(module, x, self.spatial)  # [N, C_in, *spatial]
+        self.groups: int = module.groups  # type: ignore[assignment]
+
+    @cached_property
+    def columns(self) -> Tensor:
+        """im2col as ``[N, L, C_in·∏k]``."""
+        columns = _columns(self.call.module, self.images, self.padding, self.spatial)
+        return columns.transpose(1, 2)
+
+    @cached_property
+    def inputs(self) -> Tensor:  # type: ignore[override]
+        return self.columns.reshape(self.call.b, -1, self.columns.shape[-1])
+
+    @cached_property
+    def grads(self) -> Tensor:  # type: ignore[override]
+        call = self.call
+        out = call.module.out_channels  # type: ignore[union-attr]
+        length = self.columns.shape[1]
         grads = call.grad_samples_first(0)  # [T, b, ..., C_out, *spatial_out]
-        grads = grads.reshape(call.T, call.b, -1, out, columns.shape[2]).transpose(3, 4)
-        self.grads = grads.reshape(call.T, call.b, -1, out)
+        grads = grads.reshape(call.T, call.b, -1, out, length).transpose(3, 4)
+        return grads.reshape(call.T, call.b, -1, out)
+
+    def _weight_rows(self) -> Tensor:
+        """``[b, T, C_out, d']`` (``d' = C_in/g·∏k``)."""
+        if self.groups == 1:
+            return linear_rows(self.inputs, self.grads)
+        t, b, s, out = self.grads.shape
+        g = self.groups
+        inputs = self.inputs.reshape(b, s, g, -1)
+        grads = self.grads.reshape(t, b, s, g, out // g)
+        rows = torch.einsum("kisgo,isgd->ikgod", grads, inputs)
+        return rows.reshape(b, t, out, -1)
+
+    def gramian(self, params: list[Tensor]) -> Tensor:
+        if self.groups == 1:
+            return super().gramian(params)
+        return LayerRule.gramian(self, params)
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
-        module = self.call.module
+        weight = self.weight_of()
+        call = self.call
         return [
-            linear_rows(self.inputs, self.grads).reshape(self.call.b, self.call.T, *p.shape)
-            if p is module.weight
+            self._weight_rows().reshape(call.b, call.T, *p.shape)
+            if p is weight
             else bias_rows(self.grads)
             for p in params
         ]
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
+        """One call of the convolution's own weight-gradient kernel on the weighted output
+        gradient ``Σ_k w_{·k} D[k]`` (no im2col)."""
         module = self.call.module
+        weight = self.weight_of()
         out = module.out_channels  # type: ignore[union-attr]
         dw = self.call.weighted_grad(0, weights)
-        length = self.columns.shape[1]
-        dw = dw.reshape(-1, out, length).transpose(1, 2).reshape(-1, out)  # [N·L, C_out]
-        columns = self.columns.reshape(-1, self.columns.shape[-1])
-        return [(dw.T @ columns).view_as(p) if p is module.weight else dw.sum(0) for p in params]
+        dw = dw.reshape(-1, out, *dw.shape[dw.dim() - self.spatial :])
+        has_bias = any(p is not weight for p in params)
+        _, dweight, dbias = torch.ops.aten.convolution_backward(
+            dw,
+            self.images.to(dw.dtype),
+            weight.detach().to(dw.dtype),
+            [out] if has_bias else None,
+            _sizes(module.stride, self.spatial),  # type: ignore[union-attr]
+            _sizes(self.padding, self.spatial),
+            _sizes(module.dilation, self.spatial),  # type: ignore[union-attr]
+            False,
+            [0] * self.spatial,
+            self.groups,
+            [False, True, has_bias],
+        )
+        return [dweight if p is weight else dbias for p in params]

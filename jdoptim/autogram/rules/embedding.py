@@ -43,8 +43,15 @@ class EmbeddingRule(LayerRule):
             self.grads = self.grads * self.valid[None, :, :, None].to(self.grads.dtype)
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
-        onehot = nn.functional.one_hot(self.index, self.size).to(self.grads.dtype)  # [b,S,V]
-        return [torch.einsum("isv,kise->ikve", onehot, self.grads) for _ in params]
+        """Rows ``[b, T, V, e]``: row ``(i, k)`` has ``Σ_{s: idx_{is} = v} D[k, i, s]`` at ``v``,
+        scattered by one ``index_add_`` (no ``[b, S, V]`` one-hot, whose size grows with the
+        vocabulary times the positions)."""
+        t, b, _, e = self.grads.shape
+        rows = torch.zeros(b * t * self.size, e, dtype=self.grads.dtype, device=self.grads.device)
+        row = torch.arange(b * t, device=self.index.device).view(b, t, 1) * self.size
+        target = (row + self.index[:, None, :]).reshape(-1)  # [b, T, S] flattened
+        rows.index_add_(0, target, self.grads.transpose(0, 1).reshape(-1, e))
+        return [rows.view(b, t, self.size, e) for _ in params]
 
     def gramian(self, params: list[Tensor]) -> Tensor:
         flat = self.index.reshape(-1)

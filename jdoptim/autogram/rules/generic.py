@@ -13,12 +13,27 @@ never updates running statistics), and its vector-Jacobian product gives the row
 Where ``vmap`` cannot run (an operator without a batching rule) it loops instead. The rows are
 kept for the update (``Σ w_{ik} rows_{ik}``), so the call is re-run once per step. Cost: one
 forward of the module plus ``T`` (resp. ``b·T``) vector-Jacobian products, and ``b T n_θ`` memory.
-A re-run is exact for deterministic modules: a module with active dropout inside it must give a
-rule or run with dropout off.
+
+What makes a re-run the recorded call, exactly:
+
+* **random draws** (dropout in training mode): when the recorded call drew random numbers, its
+  record holds the generators' states from before the call
+  (:class:`~jdoptim.autogram._records.RandomState`); the re-run restores them inside
+  ``torch.random.fork_rng`` (so the user's random stream is left as it was) and draws the same
+  masks. A per-sample re-run on one sample at a time would draw other numbers, so such a call is
+  re-run *whole*, once, and its per-sample rows are the ``b·T`` vector-Jacobian products of the
+  whole call with the output gradient of one sample each (``D[k]`` masked to sample ``i``): exact,
+  ``b`` times the products of the sliced route;
+* **side effects**: buffers are cloned (a re-run never updates running statistics), and every
+  submodule's attributes are put back after the re-run (a counter incremented in ``forward`` is
+  incremented once, by the user's forward);
+* a re-run that fails, or whose rows do not reproduce autograd's, is found by the engine's check
+  (:mod:`jdoptim.autogram._certify`), which then takes that module's rows from autograd instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -36,6 +51,11 @@ def _detach(tree: Any) -> Any:
 
 
 class GenericRule(LayerRule):
+    #: how messages name the module (the engine sets its path in the model)
+    label: str = ""
+    #: per-sample rows from the whole call (masked output gradients), not from slices of it
+    whole: bool = False
+
     def __init__(self, call: Call) -> None:
         super().__init__(call)
         names = {}
@@ -44,17 +64,22 @@ class GenericRule(LayerRule):
         self.names = names
         self._rows: dict[str, Tensor] | None = None
 
-    def _outputs(self, primals: dict[str, Tensor], buffers: dict[str, Tensor], args, kwargs):
-        out = functional_call(self.call.module, {**primals, **buffers}, args, kwargs)
-        leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
-        return tuple(leaves[t.leaf_index] for t in self.call.record.tapped)
-
     def _all_rows(self) -> dict[str, Tensor]:
         if self._rows is None:
             # The engine runs rules under no_grad; the re-run must still take the module's
             # training code path (an LSTM's inference kernel, for one, cannot be differentiated).
-            with torch.enable_grad():
-                self._rows = self._compute_rows()
+            saved = _attributes(self.call.module)
+            try:
+                with torch.enable_grad():
+                    self._rows = self._compute_rows()
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+                name = self.label or type(self.call.module).__name__
+                raise RuntimeError(
+                    f"{name}: re-running its forward to differentiate it (the generic rule, "
+                    f"used for modules without a layer rule) failed: {err}"
+                ) from err
+            finally:
+                _restore(saved)
         return self._rows
 
     def _compute_rows(self) -> dict[str, Tensor]:
@@ -64,17 +89,58 @@ class GenericRule(LayerRule):
         args, kwargs = _detach(call.record.args), _detach(call.record.kwargs)
         grads = tuple(call.grad(i) for i in range(len(call.record.tapped)))
         if call.batch_dim is None:
-            rows = self._task_rows(primals, buffers, args, kwargs, grads)
+            rows = self._whole_rows(primals, buffers, args, kwargs, grads)
             return {n: r.unsqueeze(0) for n, r in rows.items()}
+        if call.record.rng is not None or self.whole:  # the whole call, masked per sample
+            return self._masked_rows(primals, buffers, args, kwargs, grads)
         return self._sample_rows(primals, buffers, args, kwargs, grads)
 
-    def _task_rows(self, primals, buffers, args, kwargs, grads) -> dict[str, Tensor]:
-        _, pullback = vjp(lambda p: self._outputs(p, buffers, args, kwargs), primals)
+    def _outputs(self, primals: dict[str, Tensor], buffers: dict[str, Tensor], args, kwargs):
+        amp = self.call.record.autocast
+        with contextlib.nullcontext() if amp is None else torch.autocast(amp[0], dtype=amp[1]):
+            out = functional_call(self.call.module, {**primals, **buffers}, args, kwargs)
+        leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
+        return tuple(leaves[t.leaf_index] for t in self.call.record.tapped)
+
+    def _pullback(self, primals, buffers, args, kwargs):
+        """``vjp`` of the whole call, re-run with the recorded call's random draws (and in its
+        autocast region, as every re-run)."""
+        rng = self.call.record.rng
+
+        def f(p):
+            return self._outputs(p, buffers, args, kwargs)
+
+        if rng is None:
+            return vjp(f, primals)[1]
+        with torch.random.fork_rng(devices=rng.devices()):
+            rng.restore()
+            return vjp(f, primals)[1]
+
+    def _whole_rows(self, primals, buffers, args, kwargs, cotangents) -> dict[str, Tensor]:
+        """Rows ``[R, *θ]`` of the whole call for cotangents ``[R, *Y]`` (one per output)."""
+        pullback = self._pullback(primals, buffers, args, kwargs)
         try:
-            return vmap(pullback)(grads)[0]
+            return vmap(pullback)(cotangents)[0]
         except (RuntimeError, NotImplementedError):
-            rows = [pullback(tuple(g[k] for g in grads))[0] for k in range(self.call.T)]
+            count = cotangents[0].shape[0]
+            rows = [pullback(tuple(g[k] for g in cotangents))[0] for k in range(count)]
             return {n: torch.stack([r[n] for r in rows]) for n in primals}
+
+    def _masked_rows(self, primals, buffers, args, kwargs, grads) -> dict[str, Tensor]:
+        """Per-sample rows from the whole call: row ``(i, k)`` is the vector-Jacobian product
+        with ``D[k]`` kept on sample ``i`` and zero elsewhere, ``∂ℓ_{ik}/∂θ`` since loss
+        ``(i, k)`` reaches this call through sample ``i``'s outputs only."""
+        call = self.call
+        b, t = call.b, call.T
+        cotangents = []
+        for index, grad in enumerate(grads):  # grad: [T, *Y], samples on dim out_dim + 1
+            dim = call.out_dim(index)
+            assert dim is not None
+            eye = torch.eye(b, dtype=grad.dtype, device=grad.device)
+            mask = eye.reshape(b, 1, *(b if d == dim else 1 for d in range(grad.dim() - 1)))
+            cotangents.append((grad.unsqueeze(0) * mask).reshape(b * t, *grad.shape[1:]))
+        rows = self._whole_rows(primals, buffers, args, kwargs, tuple(cotangents))
+        return {n: r.reshape(b, t, *r.shape[1:]) for n, r in rows.items()}
 
     def _sample_rows(self, primals, buffers, args, kwargs, grads) -> dict[str, Tensor]:
         call = self.call
@@ -122,3 +188,22 @@ class GenericRule(LayerRule):
             torch.tensordot(weights.to(r.dtype), r, dims=2)
             for r in (rows[self.names[p]] for p in params)
         ]
+
+
+_MISSING = object()
+
+
+def _attributes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
+    """A shallow copy of every submodule's attribute dict (see :func:`_restore`)."""
+    return [(m, dict(m.__dict__)) for m in module.modules()]
+
+
+def _restore(saved: list[tuple[torch.nn.Module, dict[str, Any]]]) -> None:
+    """Put back the attributes a re-run rebound or added (a counter, a cache)."""
+    for module, attributes in saved:
+        now = module.__dict__
+        if len(now) != len(attributes) or any(
+            now.get(name, _MISSING) is not value for name, value in attributes.items()
+        ):
+            module.__dict__.clear()
+            module.__dict__.update(attributes)

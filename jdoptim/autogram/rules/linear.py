@@ -1,14 +1,22 @@
-r"""``nn.Linear``: ``Y = X Wᵀ + β`` on inputs ``X`` of shape ``[..., d]``.
+r"""Layers linear in their weight at every position: ``Y = X W + β`` on the last dimension.
 
-The positions ``S`` are all dimensions of ``X`` but the sample dimension and the last one (one
-position per sample for an ``[batch, d]`` input; ``seq`` positions for ``[batch, seq, d]``). The
-weight's Gramian uses :func:`~._contraction.linear_gramian` (``(XXᵀ) ⊙ (DDᵀ)`` for ``S = 1``);
-the update is one matrix product ``D_wᵀ X`` with ``D_w = Σ_k w_{·k} D[k]``.
+:class:`PositionwiseLinearRule` is the shared core (``Linear``, transformers' ``Conv1D``, and
+``Conv`` after im2col): a layer ``Y_s = W a_s (+ β)`` at every position ``s`` of a sample.
+Its Gramian uses :func:`~._contraction.linear_gramian` (``(AAᵀ) ⊙ (DDᵀ)`` for one position per
+sample, a kernel contraction or explicit rows otherwise, by cost); its update is one matrix
+product ``D_wᵀ X`` with ``D_w = Σ_k w_{·k} D[k]``.
+
+:class:`LinearLikeRule` is the public base for a layer that applies a weight matrix to the last
+dimension of its one input, ``Y = X Wᵀ + β`` (``weight_layout = "out_in"``, the weight stored
+``[out, in]`` as in ``nn.Linear``) or ``Y = X W + β`` (``"in_out"``, stored ``[in, out]`` as in
+transformers' ``Conv1D``). A new such layer is a subclass that sets the layout (and the names
+of its weight and bias attributes if they differ) and registers itself (examples/custom_rule.py).
 """
 
 from __future__ import annotations
 
 from functools import cached_property
+from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
@@ -17,29 +25,48 @@ from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows, per_sample_gramian, weight_and_bias_gramian
 
 
-class LinearLikeRule(LayerRule):
-    """A layer ``Y_s = W a_s (+ β)`` at every position ``s`` (``Linear``; ``Conv`` after im2col):
-    subclasses set ``inputs`` (``a``, ``[b, S, d]``) and ``grads`` (``D``, ``[T, b, S, o]``)."""
+class PositionwiseLinearRule(LayerRule):
+    """A layer ``Y_s = W a_s (+ β)`` at every position ``s``: subclasses set ``inputs``
+    (``a``, ``[b, S, d]``) and ``grads`` (``D``, ``[T, b, S, o]``), and :meth:`weight_of`."""
 
     inputs: Tensor
     grads: Tensor
 
+    def weight_of(self) -> Tensor:
+        return self.call.module.weight  # type: ignore[return-value]
+
     def gramian(self, params: list[Tensor]) -> Tensor:
-        weight = self.call.module.weight  # type: ignore[union-attr]
-        return weight_and_bias_gramian(self.inputs, self.grads, params, weight)
+        return weight_and_bias_gramian(self.inputs, self.grads, params, self.weight_of())
 
 
-@register_rule(nn.Linear)
-class LinearRule(LinearLikeRule):
-    """``Linear`` calls. The common per-sample case (``batch_dim=0``, one loss per sample, a
-    ``[b, d]`` input: ``S = 1``) works on the 2-D ``A`` (``b × d``) and ``D`` (``b × o``)
-    directly: ``G = (A Aᵀ + 1) ⊙ (D Dᵀ)`` and ``∇W = (w ⊙ D)ᵀ A``, without the
-    ``[b, S, d]`` / ``[T, b, S, o]`` views of the general path."""
+class LinearLikeRule(PositionwiseLinearRule):
+    """Rule for a layer computing ``Y = X Wᵀ + β`` (``weight_layout = "out_in"``) or
+    ``Y = X W + β`` (``"in_out"``) on the last dimension of its one tensor input ``X``.
+
+    Subclass it, set ``weight_layout`` (and ``weight_name``/``bias_name`` if the module stores
+    them under other attributes; a missing or ``None`` bias is fine) and register the subclass
+    with :func:`register_rule`. The rule applies to calls ``module(x)`` whose differentiated
+    parameters are only the weight and the bias; other calls go through the generic rule.
+
+    The per-sample case with one position per sample (``batch_dim=0``, one loss per sample, a
+    ``[b, d]`` input) works on the 2-D ``A`` (``b × d``) and ``D`` (``b × o``) directly:
+    ``G = (A Aᵀ + 1) ⊙ (D Dᵀ)`` and ``∇W = (w ⊙ D)ᵀ A``.
+    """
+
+    weight_layout: ClassVar[Literal["out_in", "in_out"]] = "out_in"
+    weight_name: ClassVar[str] = "weight"
+    bias_name: ClassVar[str] = "bias"
 
     @classmethod
     def applies(cls, call: Call) -> bool:
         x = call.record.sole_input
         if x is None or x.dim() < 1:
+            return False
+        weight = getattr(call.module, cls.weight_name, None)
+        bias = getattr(call.module, cls.bias_name, None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            return False
+        if any(p is not weight and p is not bias for p in call.params):
             return False
         return call.batch_dim is None or call.batch_dim < x.dim() - 1
 
@@ -53,7 +80,10 @@ class LinearRule(LinearLikeRule):
             if grad is not None and not call.stacked:
                 self.rows_2d = (self.x, full_precision(grad))
             else:
-                self.rows_2d = (self.x, call.grad(0).view(call.b, -1))
+                self.rows_2d = (self.x, call.grad(0).reshape(call.b, -1))
+
+    def weight_of(self) -> Tensor:
+        return getattr(self.call.module, self.weight_name)
 
     @cached_property
     def inputs(self) -> Tensor:  # type: ignore[override]
@@ -61,25 +91,31 @@ class LinearRule(LinearLikeRule):
 
     @cached_property
     def grads(self) -> Tensor:  # type: ignore[override]
-        out = self.call.module.out_features  # type: ignore[union-attr]
+        out = self.call.record.tapped[0].shape[-1]
         return self.call.grad_samples_first(0).reshape(self.call.T, self.call.b, -1, out)
 
     def gramian(self, params: list[Tensor]) -> Tensor:
-        weight = self.call.module.weight  # type: ignore[union-attr]
+        weight = self.weight_of()
         if self.rows_2d is not None and any(p is weight for p in params):
             inputs, grads = self.rows_2d
             return per_sample_gramian(inputs, grads, with_bias=len(params) > 1)
         return super().gramian(params)
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
-        module = self.call.module
-        return [
-            linear_rows(self.inputs, self.grads) if p is module.weight else bias_rows(self.grads)
-            for p in params
-        ]
+        weight = self.weight_of()
+        rows = []
+        for p in params:
+            if p is weight:
+                weight_rows = linear_rows(self.inputs, self.grads)  # [b, T, o, d]
+                if self.weight_layout == "in_out":
+                    weight_rows = weight_rows.transpose(2, 3)
+                rows.append(weight_rows)
+            else:
+                rows.append(bias_rows(self.grads))
+        return rows
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
-        module = self.call.module
+        weight = self.weight_of()
         if self.rows_2d is not None:  # weights: [b, 1]
             inputs, grads = self.rows_2d
             dw = grads * weights.to(grads.dtype)
@@ -87,4 +123,21 @@ class LinearRule(LinearLikeRule):
             dw = self.call.weighted_grad(0, weights)
             dw = dw.reshape(-1, dw.shape[-1])
             inputs = self.x.reshape(-1, self.x.shape[-1])
-        return [dw.T @ inputs if p is module.weight else dw.sum(0) for p in params]
+        out_in = self.weight_layout == "out_in"
+        return [
+            (dw.T @ inputs if out_in else inputs.T @ dw) if p is weight else dw.sum(0)
+            for p in params
+        ]
+
+
+@register_rule(nn.Linear)
+class LinearRule(LinearLikeRule):
+    """``nn.Linear``: weight ``[out, in]``."""
+
+
+@register_rule("transformers.pytorch_utils.Conv1D")
+class TransformersConv1DRule(LinearLikeRule):
+    """transformers' ``Conv1D`` (GPT-2's projections): ``Y = X W + β`` with the weight stored
+    ``[in, out]``; recognised by its qualified name, so transformers is never imported here."""
+
+    weight_layout = "in_out"

@@ -1,5 +1,6 @@
-r"""Affine parameters of normalisation layers: ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
-``BatchNorm{1,2,3}d``.
+r"""Affine parameters of normalisation layers: ``LayerNorm`` (with or without bias),
+``RMSNorm``, ``GroupNorm``, ``BatchNorm{1,2,3}d``, and the weight-only RMS norms of transformers'
+Llama (also Mistral's and Qwen2's copies) and T5, recognised by qualified class name.
 
 Each computes ``Y = X̂ ⊙ γ + β`` where ``X̂`` (the normalised input) does not depend on ``γ, β``.
 So ``∂ℓ_{ik}/∂γ_c = Σ D[k]_{i,·,c,·} X̂_{i,·,c,·}`` and ``∂ℓ_{ik}/∂β_c = Σ D[k]_{i,·,c,·}``:
@@ -7,6 +8,11 @@ sums over every dimension but the sample and the channel dimensions. ``X̂`` is 
 once, without affine and without touching running statistics (in training mode a ``BatchNorm``
 normalises with the batch's statistics, exactly as its forward did). The rows are only ``C``
 wide, so they are always formed explicitly.
+
+transformers' norms compute ``X̂`` in their own precision: Llama's casts ``X`` to float32,
+normalises and casts back to the input's dtype; T5's takes the mean square in float32 and
+multiplies the input by its inverse root. The rule recomputes ``X̂`` by the same operations, so
+the rows are exact in every dtype.
 """
 
 from __future__ import annotations
@@ -22,9 +28,40 @@ from ._call import Call, full_precision
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, _BatchNorm)
 if hasattr(nn, "RMSNorm"):
     _NORMS = (*_NORMS, nn.RMSNorm)
+_LLAMA_NORMS = (
+    "transformers.models.llama.modeling_llama.LlamaRMSNorm",
+    "transformers.models.mistral.modeling_mistral.MistralRMSNorm",
+    "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
+)
+_T5_NORM = "transformers.models.t5.modeling_t5.T5LayerNorm"
+
+
+def _transformers_norm(module: nn.Module) -> str | None:
+    """``"llama"`` or ``"t5"`` for transformers' weight-only RMS norms, else ``None``."""
+    kind = type(module)
+    if kind.__module__.startswith("transformers."):
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        if name in _LLAMA_NORMS:
+            return "llama"
+        if name == _T5_NORM:
+            return "t5"
+    return None
+
+
+def _mean_square_root(x: Tensor, eps: float) -> Tensor:
+    """``1/√(mean(x²) + ε)`` over the last dimension, in float32 as transformers computes it."""
+    return torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + eps)
 
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
+    family = _transformers_norm(module)
+    if family == "llama":
+        scale = _mean_square_root(x, module.variance_epsilon)  # type: ignore[arg-type]
+        return (x.to(torch.float32) * scale).to(x.dtype)
+    if family == "t5":
+        normalised = x * _mean_square_root(x, module.variance_epsilon)  # type: ignore[arg-type]
+        half = module.weight.dtype in (torch.float16, torch.bfloat16)  # type: ignore[operator]
+        return normalised.to(module.weight.dtype) if half else normalised  # type: ignore[arg-type]
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     if isinstance(module, nn.GroupNorm):
@@ -38,13 +75,15 @@ def _normalised(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _channel_dims(module: nn.Module, x: Tensor) -> list[int]:
+    if _transformers_norm(module) is not None:
+        return [x.dim() - 1]
     if isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "RMSNorm":
         count = len(module.normalized_shape)  # type: ignore[arg-type]
         return list(range(x.dim() - count, x.dim()))
     return [1]
 
 
-@register_rule(*_NORMS)
+@register_rule(*_NORMS, *_LLAMA_NORMS, _T5_NORM)
 class NormAffineRule(LayerRule):
     @classmethod
     def applies(cls, call: Call) -> bool:
@@ -58,9 +97,11 @@ class NormAffineRule(LayerRule):
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
-        x = full_precision(call.record.args[0].detach())
+        x = call.record.args[0].detach()
+        if _transformers_norm(call.module) is None:
+            x = full_precision(x)  # (transformers' norms fix their own precision)
         with torch.no_grad():
-            self.normalised = _normalised(call.module, x)
+            self.normalised = full_precision(_normalised(call.module, x))
         self.channels = _channel_dims(call.module, x)
 
     def _reduce(self, product: Tensor, leading: int) -> Tensor:

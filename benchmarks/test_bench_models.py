@@ -1,0 +1,350 @@
+"""The Gramian engine on real models: a JD step with ``JDOptimizer(modules=model)`` vs a plain step.
+
+Models (float32, train mode with their default dropout, random init, Adam):
+
+* GPT-2 tiny: transformers' ``GPT2LMHeadModel``, 2 layers, width 32, 2 heads, vocabulary 512,
+  batch 8, sequence 16 (tied head; the projections are transformers' ``Conv1D``);
+* GPT-2 6 layers, width 256, 4 heads, sequence 128, batch 8 (``--large`` / ``BENCH_LARGE=1``);
+* a small Llama: ``LlamaForCausalLM``, 2 layers, width 64, 4 heads, 2 key-value heads,
+  vocabulary 512, batch 8, sequence 16;
+* a ViT: ``ViTForImageClassification``, 32×32 images, patch 8, 2 layers, width 64, batch 16;
+* ResNet-18 with GroupNorm (:class:`tests.models.ResNetGN`, widths 64–512, blocks 2-2-2-2,
+  32 groups, CIFAR stem), 32×32 images, batch 8.
+
+Settings: per-sample losses (``batch_dim=0``, UPGrad) against ``losses.mean().backward()``, and
+2 / 8 task losses (``batch_dim=None``, UPGrad; a language model's tasks are the mean
+cross-entropies of contiguous chunks of positions, a classifier's the binary cross-entropies of
+its ``tasks`` outputs) against ``sum(losses).backward()``. Each JD step is timed alternately
+with its plain step (:func:`benchmarks.interleave.interleaved_ratio`, median ratio); TorchJD 0.18's
+autogram engine (``Engine`` + ``compute_gramian`` + ``losses.backward(weights)``, the weights by
+jdoptim's ``UPGradWeighting``, so that the engines are what differs; TorchJD's own UPGrad needs
+``qpsolvers``) beside it where it runs. :func:`gramian_errors` checks, on one forward, each
+engine's Gramian against the explicit Jacobian's; peak extra memory is ``VmHWM`` over five steps
+in a fresh process minus the resident size before them.
+
+Run: ``python benchmarks/test_bench_models.py`` (markdown tables; ``--large`` adds the 6-layer
+GPT-2; ``BENCH_TINY=1`` shrinks every model for a smoke run), or
+``python -m pytest benchmarks/test_bench_models.py --benchmark-only -q``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.interleave import interleaved_ratio
+from benchmarks.test_bench_engine import _peak_mb, _rss_mb  # noqa: F401  (used in peak_extra_mb)
+from jdoptim import JDOptimizer
+from jdoptim.aggregation import UPGrad, UPGradWeighting
+from jdoptim.autogram import Engine
+from tests.models import ResNetGN
+
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+TINY = os.environ.get("BENCH_TINY") == "1"
+LARGE = os.environ.get("BENCH_LARGE") == "1" or "--large" in sys.argv
+MODELS = ["gpt2-tiny", "llama-small", "vit", "resnet18-gn"] + (["gpt2-6x256"] if LARGE else [])
+SETTINGS = {"per-sample": 0, "2 tasks": 2, "8 tasks": 8}
+METHODS = ["jdoptim UPGrad", "torchjd autogram"]
+VOCAB = 64 if TINY else 512
+
+Losses = Callable[[nn.Module], Tensor]  # model → per-sample [b] or task [tasks] losses
+
+
+def _transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _lm_batch(batch: int, seq: int) -> Tensor:
+    return torch.randint(0, VOCAB, (batch, seq))
+
+
+def _lm_losses(tokens: Tensor, tasks: int) -> Losses:
+    """Per-sample mean next-token cross-entropy, or ``tasks`` chunks of positions' batch means."""
+
+    def losses(model: nn.Module) -> Tensor:
+        logits = model(tokens).logits[:, :-1]
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
+        ).view(tokens.shape[0], -1)
+        if tasks == 0:
+            return ce.mean(1)
+        return torch.stack([chunk.mean() for chunk in ce.tensor_split(tasks, dim=1)])
+
+    return losses
+
+
+def _class_losses(inputs: Tensor, tasks: int, logits_of: Callable[[nn.Module], Tensor]) -> Losses:
+    """Per-sample cross-entropy over 10 classes, or ``tasks`` binary cross-entropies."""
+    if tasks == 0:
+        labels = torch.randint(0, 10, (inputs.shape[0],))
+        return lambda m: F.cross_entropy(logits_of(m), labels, reduction="none")
+    targets = torch.randint(0, 2, (inputs.shape[0], tasks)).float()
+    return lambda m: F.binary_cross_entropy_with_logits(
+        logits_of(m), targets, reduction="none"
+    ).mean(0)
+
+
+def _gpt2(tasks: int, layers: int, width: int, heads: int, seq: int) -> tuple[nn.Module, Losses]:
+    config = _transformers().GPT2Config(
+        vocab_size=VOCAB, n_positions=seq, n_embd=width, n_layer=layers, n_head=heads
+    )
+    model = _transformers().GPT2LMHeadModel(config)
+    return model, _lm_losses(_lm_batch(8 if not TINY else 4, seq), tasks)
+
+
+def _llama(tasks: int) -> tuple[nn.Module, Losses]:
+    width = 16 if TINY else 64
+    config = _transformers().LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = _transformers().LlamaForCausalLM(config)
+    return model, _lm_losses(_lm_batch(8 if not TINY else 4, 12 if TINY else 16), tasks)
+
+
+def _vit(tasks: int) -> tuple[nn.Module, Losses]:
+    width, size = (16, 8) if TINY else (64, 32)
+    config = _transformers().ViTConfig(
+        image_size=size,
+        patch_size=size // 4,
+        num_channels=3,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * width,
+        num_labels=tasks or 10,
+    )
+    model = _transformers().ViTForImageClassification(config)
+    images = torch.randn(4 if TINY else 16, 3, size, size)
+    return model, _class_losses(images, tasks, lambda m: m(pixel_values=images).logits)
+
+
+def _resnet(tasks: int) -> tuple[nn.Module, Losses]:
+    if TINY:
+        model = ResNetGN(widths=(8, 16), blocks=(1, 1), classes=tasks or 10, groups=2)
+        images = torch.randn(4, 3, 8, 8)
+    else:
+        widths, blocks = (64, 128, 256, 512), (2, 2, 2, 2)
+        model = ResNetGN(widths=widths, blocks=blocks, classes=tasks or 10, groups=32)
+        images = torch.randn(8, 3, 32, 32)
+    return model, _class_losses(images, tasks, lambda m: m(images))
+
+
+def build(model_name: str, setting: str) -> tuple[nn.Module, Losses]:
+    """A fresh model (seeded) and the closure computing its losses for ``setting``."""
+    torch.manual_seed(0)
+    tasks = SETTINGS[setting]
+    if model_name == "gpt2-tiny":
+        return _gpt2(tasks, 2, 16 if TINY else 32, 2, 12 if TINY else 16)
+    if model_name == "gpt2-6x256":
+        return _gpt2(tasks, 6, 256, 4, 128)
+    if model_name == "llama-small":
+        return _llama(tasks)
+    if model_name == "vit":
+        return _vit(tasks)
+    return _resnet(tasks)
+
+
+def make_step(model_name: str, setting: str, method: str) -> Callable[[], None]:
+    """A closure running one training step of ``method`` (``"plain"`` included)."""
+    model, losses = build(model_name, setting)
+    model.train()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-4)
+    per_sample = SETTINGS[setting] == 0
+    batch_dim = 0 if per_sample else None
+    if method == "plain":
+
+        def plain() -> None:
+            adam.zero_grad()
+            value = losses(model)
+            (value.mean() if per_sample else value.sum()).backward()
+            adam.step()
+
+        return plain
+    if method == "jdoptim UPGrad":
+        opt = JDOptimizer(adam, UPGrad(), modules=model, batch_dim=batch_dim)
+
+        def jd() -> None:
+            opt.zero_grad()
+            opt.step(losses(model))
+
+        return jd
+    from torchjd.autogram import Engine as TjdEngine
+
+    engine = TjdEngine(model, batch_dim=batch_dim)
+    weighting = UPGradWeighting()  # (TorchJD's own needs qpsolvers; the engines are compared)
+
+    def torchjd() -> None:
+        adam.zero_grad()
+        value = losses(model)
+        value.backward(weighting(engine.compute_gramian(value)))
+        adam.step()
+
+    return torchjd
+
+
+def gramian_errors(model_name: str, setting: str) -> dict[str, float | str]:
+    """On one forward (same dropout masks): each engine's Gramian against the explicit
+    Jacobian's, as the relative max-entry error (or the error message where it fails)."""
+    model, losses_of = build(model_name, setting)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch_dim = 0 if SETTINGS[setting] == 0 else None
+    ours = Engine(model, batch_dim=batch_dim)
+    result: dict[str, float | str] = {}
+    try:
+        from torchjd.autogram import Engine as TjdEngine
+
+        theirs = TjdEngine(model, batch_dim=batch_dim)
+    except Exception as error:  # (not installed, or refuses the model)
+        theirs, result["torchjd"] = None, f"{type(error).__name__}: {error}"[:120]
+    losses = losses_of(model)
+    rows = [
+        torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses
+    ]
+    jacobian = torch.stack(
+        [
+            torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(r, params)]
+            )
+            for r in rows
+        ]
+    ).double()
+    expected = jacobian @ jacobian.T
+    scale = expected.abs().max()
+    for name, engine in (("torchjd", theirs), ("jdoptim", ours)):
+        if engine is None:
+            continue
+        try:
+            if name == "jdoptim":
+                gramian = engine.compute_gramian(losses, retain_graph=True)
+            else:
+                gramian = engine.compute_gramian(losses)
+            result[name] = ((gramian.double() - expected).abs().max() / scale).item()
+        except Exception as error:
+            result[name] = f"{type(error).__name__}: {error}"[:120]
+    ours.close()
+    return result
+
+
+def measure_ratio(model_name: str, setting: str, method: str, rounds: int = 20) -> dict:
+    return interleaved_ratio(
+        make_step(model_name, setting, method), make_step(model_name, setting, "plain"), rounds
+    )
+
+
+def peak_extra_mb(model_name: str, setting: str, method: str) -> float:
+    """In a fresh process: peak resident size over five steps minus the size before them."""
+    code = (
+        f"import json, torch; torch.set_num_threads({THREADS});"
+        "from benchmarks.test_bench_models import make_step, _rss_mb, _peak_mb;"
+        f"step = make_step({model_name!r}, {setting!r}, {method!r}); before = _rss_mb();"
+        "open('/proc/self/clear_refs', 'w').write('5');"
+        "[step() for _ in range(5)];"
+        "print(json.dumps(_peak_mb() - before))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _runs(method: str, model_name: str, setting: str) -> str | None:
+    """``None`` if ``method`` runs a step on this case, else why not."""
+    try:
+        make_step(model_name, setting, method)()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"[:120]
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("model_name", MODELS)
+def test_model_step(benchmark, model_name: str, setting: str, method: str) -> None:
+    pytest.importorskip("transformers")
+    if method.startswith("torchjd"):
+        pytest.importorskip("torchjd")
+        problem = _runs(method, model_name, setting)
+        if problem:
+            pytest.skip(f"torchjd does not run here: {problem}")
+    benchmark.group = f"models: {model_name}, {setting}"
+    rounds = 3 if TINY else 20
+    benchmark.extra_info.update(measure_ratio(model_name, setting, method, rounds))
+    benchmark(make_step(model_name, setting, method))
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    rounds = 3 if TINY else 30
+    print("| model | setting | plain step (ms) | " + " | ".join(METHODS) + " |")
+    print("|---|---|---|" + "---|" * len(METHODS))
+    for model_name in MODELS:
+        for setting in SETTINGS:
+            cells, plain = [], []
+            for method in METHODS:
+                problem = _runs(method, model_name, setting)
+                if problem:
+                    cells.append(f"fails ({problem.split(':')[0]})")
+                    continue
+                result = measure_ratio(model_name, setting, method, rounds)
+                plain.append(result["baseline_ms"])
+                cells.append(f"{result['ratio_median']:.2f}×")
+            base = f"{sorted(plain)[len(plain) // 2]:.1f}" if plain else "-"
+            print(f"| {model_name} | {setting} | {base} | " + " | ".join(cells) + " |")
+    print()
+    print("| model | setting | Gramian rel. error: jdoptim | torchjd |")
+    print("|---|---|---|---|")
+    for model_name in MODELS:
+        for setting in ("per-sample", "2 tasks"):
+            errors = gramian_errors(model_name, setting)
+            cells = [errors.get(k, "-") for k in ("jdoptim", "torchjd")]
+            text = [f"{c:.1e}" if isinstance(c, float) else str(c) for c in cells]
+            print(f"| {model_name} | {setting} | " + " | ".join(text) + " |")
+    print()
+    print("| peak extra memory (MB) | setting | plain | " + " | ".join(METHODS) + " |")
+    print("|---|---|---|" + "---|" * len(METHODS))
+    for model_name in MODELS:
+        for setting in ("per-sample", "8 tasks"):
+            row = []
+            for method in ["plain", *METHODS]:
+                if method != "plain" and _runs(method, model_name, setting):
+                    row.append("-")
+                    continue
+                row.append(f"{peak_extra_mb(model_name, setting, method):.0f}")
+            print(f"| {model_name} | {setting} | " + " | ".join(row) + " |")
+    print(json.dumps({"torch": torch.__version__, "threads": THREADS, "tiny": TINY}))
+
+
+if __name__ == "__main__":
+    main()

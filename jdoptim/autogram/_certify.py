@@ -1,0 +1,134 @@
+r"""The engine's check of its own assumptions, and the exact routes it takes when they fail.
+
+The fast paths rest on assumptions the engine cannot read off the model:
+
+* **per-sample independence** (with ``batch_dim``): loss ``(i, k)`` depends on sample ``i`` of
+  every hooked call's outputs only, so one backward pass with all-ones output weights gives, in
+  its sample-``i`` slice, ``∂ℓ_{ik}/∂Y_i``. Losses that mix samples (a contrastive loss), a
+  permuted loss vector (``losses.flip(0)``), an operation that mixes samples after a hooked call
+  (``h - h.mean(0)``) or a call whose output is shared by the samples but happens to have ``b``
+  rows (``wpe(arange(t))`` with ``t = b``) all break it, silently;
+* **faithful re-runs**: the generic rule re-runs a module's forward; one that depends on state it
+  changes, or that cannot run under ``torch.func``, gives other rows.
+
+**The check.** For a random ``v`` (a private generator: the user's random stream is untouched),
+the engine's ``Jᵀv``, assembled from the same output gradients and rules as the step
+(``Σᵢₖ v_{ik} rows_{ik}`` per parameter), is compared with autograd's ``∂(vᵀℓ)/∂θ`` on the
+losses' own graph. If per-sample independence fails for some ``i ≠ j`` with
+``∂ℓ_j/∂Y_i ≠ 0``, the two differ by ``Σᵢ Σ_{j≠i} (vᵢ - v_j) ∂ℓ_j/∂Y_i ∂Y_i/∂θ``, which is
+non-zero for almost every ``v``; the same holds for any rule whose rows are wrong. Its cost is one
+ordinary backward pass and one weighted update, on the first step of each graph *structure*
+(the hooked calls, their output shapes, whether they drew random numbers, the losses' shape):
+small next to the steps that follow.
+
+**The routes**, tried in this order until the check passes, and then remembered for the
+structure:
+
+1. per-sample mode (one backward row per task);
+2. per-sample mode with the failing re-run modules re-run on the whole batch instead of one
+   sample at a time (an input of batch size that does not index the samples, such as a
+   ``[b, b]`` attention mask, is then not sliced), their rows being the vector-Jacobian
+   products with the output gradient of one sample each;
+3. task mode: one backward row per loss (``b = 1``, ``T = m``), exact whatever the losses'
+   dependence on the samples; taken at once when a hooked output does not index the samples
+   (a position embedding of shape ``[t, d]`` or ``[1, s, d]``);
+4. task mode with the failing modules' parameters taking their rows straight from autograd.
+
+Each change of route warns once, naming the modules by their path in the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._graph import GraphScan
+from ._step import GramianStep
+
+
+class EngineRouteWarning(UserWarning):
+    """The engine took a slower exact route for a step (see :mod:`jdoptim.autogram._certify`)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    per_sample: bool
+    explicit: frozenset[int] = frozenset()  # ids of modules whose rows come from autograd
+    whole: frozenset[int] = frozenset()  # ids of re-run modules re-run on the whole batch
+
+
+def signature(scan: GraphScan, losses: Tensor, per_sample: bool, params: set[int]) -> tuple:
+    """What the route depends on: the hooked calls, their outputs' shapes, whether they drew
+    random numbers, the step's parameters (ids in ``params``) used outside calls, and the
+    losses' shape. (Other leaves, such as an input with ``requires_grad``, are new tensors at
+    every step and must not make every step a new structure.)"""
+    calls = tuple(
+        (id(r.module), tuple(t.shape for t in r.tapped), r.rng is not None) for r in scan.calls
+    )
+    outside = tuple(id(t) for t in scan.outside_leaves if id(t) in params)
+    return (per_sample, tuple(losses.shape), calls, outside)
+
+
+def tolerance(step: GramianStep, losses: Tensor) -> float:
+    """Tolerance of the check, relative to the largest parameter gradient: 1000 units in the last
+    place of the least precise dtype the step computes in (``1.2e-4`` in float32), between
+    ``1e-6`` and ``5e-2``. The floor of ``1e-6`` leaves room for the float32 parts of float64
+    models (transformers' RMSNorm and T5 norm compute their variance in float32)."""
+    dtypes = {losses.dtype, *(p.dtype for p in [*step.shared, *step.specific])}
+    for parts in step.rule_parameters:
+        dtypes.update(t.dtype for t in parts.rule.call.record.tapped)
+    eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+    return min(5e-2, max(1e-6, 1000 * eps))
+
+
+def failing_modules(
+    step: GramianStep, losses: Tensor, generator: torch.Generator
+) -> dict[nn.Module, str]:
+    """The modules whose parameters' ``Jᵀv`` from the step differs from autograd's, with why
+    (an empty dict when the step is exact). Keeps the losses' graph."""
+    params = [*step.shared, *step.specific]
+    v = torch.randn(losses.shape, generator=generator, dtype=torch.float64)
+    v = v.to(dtype=losses.dtype, device=losses.device)
+    with torch.enable_grad():
+        expected = torch.autograd.grad(losses, params, v, retain_graph=True, allow_unused=True)
+    failed: dict[nn.Module, str] = {}
+    users: dict[int, list[nn.Module]] = {}
+    for parts in step.rule_parameters:
+        for p in [*parts.shared, *parts.specific]:
+            users.setdefault(id(p), []).append(parts.rule.call.module)
+    try:
+        with torch.no_grad():
+            shared, specific = step.gradients(v, weigh_specific=True)
+    except RuntimeError as err:  # a re-run that failed: GenericRule names its module
+        module = _raising_module(step, v)
+        if module is None:
+            raise
+        failed[module] = str(err).splitlines()[0]
+        return failed
+    tol = tolerance(step, losses)
+    norms = [0.0 if e is None else e.double().norm().item() for e in expected]
+    # Errors are measured against the largest gradient: a block whose gradient cancels to
+    # nearly nothing (upstream of a LayerNorm under a scale-invariant loss) carries rounding
+    # noise of the size of the others' rounding, on both sides.
+    floor = max(norms, default=0.0)
+    for p, actual, wanted, norm in zip(params, [*shared, *specific], expected, norms):
+        wanted = torch.zeros_like(p) if wanted is None else wanted
+        error = (actual.double() - wanted.double()).norm().item()
+        if error > tol * max(norm, actual.double().norm().item(), floor, 1e-30):
+            for module in users.get(id(p), []):
+                failed.setdefault(module, f"relative difference {error / max(norm, 1e-30):.2g}")
+    return failed
+
+
+def _raising_module(step: GramianStep, v: Tensor) -> nn.Module | None:
+    """The first call whose rule raises on the weighted update (a failing re-run)."""
+    moved = step.moved(v)
+    for parts in step.rule_parameters:
+        try:
+            with torch.no_grad():
+                parts.rule.weighted([*parts.shared, *parts.specific], moved)
+        except RuntimeError:
+            return parts.rule.call.module
+    return None

@@ -1,0 +1,257 @@
+"""The Gramian engine on real model code, against the explicit Jacobian of the same losses.
+
+Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode), BERT
+(padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention), T5
+(encoder–decoder, relative attention bias) and ViT (class token, position embedding), built
+from tiny random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its default
+dropout; a nanoGPT-style model and a ResNet-style CNN with GroupNorm (and a depthwise block)
+from :mod:`tests.models`.
+
+Each model gives two losses per sample, ``[b, 2]``; from one forward (train mode, dropout
+active, float64) three loss layouts are checked: per-sample (``[b]``, ``batch_dim=0``),
+``[batch, tasks]`` (``batch_dim=0``) and two task losses (the batch means, ``batch_dim=None``).
+For each: the engine's Gramian equals ``J Jᵀ`` of the explicit Jacobian ``J`` (one
+``autograd.grad`` per loss on the same graph, so the same dropout masks), and one step of
+``JDOptimizer(modules=model)`` with UPGrad leaves ``.grad = Jᵀ w`` with ``w`` the UPGrad weights
+of that explicit Gramian.
+
+Models whose position embeddings are shared by the samples (GPT-2's and BERT's ``[1, s, d]``,
+nanoGPT's ``[t, d]``, T5's relative bias) take the engine's row-per-loss route in per-sample
+mode, with an ``EngineRouteWarning`` (ignored here: the results are what is checked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jdoptim import JDOptimizer
+from jdoptim.aggregation import UPGrad, UPGradWeighting
+from jdoptim.autogram import Engine
+from tests.models import NanoGPT, ResNetGN
+
+from ._oracle import as_square, explicit_jacobian
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
+
+VOCAB = 40
+Run = Callable[[nn.Module], Tensor]  # model → [b, 2] losses
+
+
+def _lm_losses(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Per-sample next-token cross-entropy and a second per-sample loss on the last position."""
+    b, s, v = logits.shape
+    ce = F.cross_entropy(
+        logits[:, :-1].reshape(-1, v), tokens[:, 1:].reshape(-1), reduction="none"
+    ).view(b, s - 1)
+    return torch.stack([ce.mean(1), logits[:, -1].tanh().pow(2).mean(-1)], dim=1)
+
+
+def _class_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return torch.stack([ce, logits.sin().sum(-1)], dim=1)
+
+
+def _gpt2(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2
+    )  # resid/embd/attn dropout: the default 0.1
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    return model, lambda m: _lm_losses(m(tokens).logits, tokens)
+
+
+def _bert(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )  # hidden and attention dropout: the default 0.1
+    model = transformers.BertForSequenceClassification(config)
+    tokens = torch.randint(1, VOCAB, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, 5:], mask[2, 3:] = 0, 0  # padding
+    tokens[mask == 0] = 0
+    labels = torch.randint(0, 3, (batch,))
+    run = lambda m: _class_losses(m(input_ids=tokens, attention_mask=mask).logits, labels)  # noqa: E731
+    return model, run
+
+
+def _llama(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    return model, lambda m: _lm_losses(m(tokens).logits, tokens)
+
+
+def _t5(batch: int = 4, seq: int = 6) -> tuple[nn.Module, Run]:
+    config = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )  # dropout_rate: the default 0.1
+    model = transformers.T5ForConditionalGeneration(config)
+    source = torch.randint(1, VOCAB, (batch, seq))
+    target = torch.randint(1, VOCAB, (batch, seq - 1))
+
+    def run(m: nn.Module) -> Tensor:
+        logits = m(input_ids=source, labels=target).logits  # [b, s, V]
+        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(1)
+        return torch.stack([ce, logits[:, 0].tanh().pow(2).mean(-1)], dim=1)
+
+    return model, run
+
+
+def _vit(batch: int = 4) -> tuple[nn.Module, Run]:
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+    )
+    model = transformers.ViTForImageClassification(config)
+    images = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(pixel_values=images).logits, labels)
+
+
+class _EncoderClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)  # dropout 0.1
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def _encoder_layer(batch: int = 4) -> tuple[nn.Module, Run]:
+    x = torch.randn(batch, 6, 5, dtype=torch.float64)
+    labels = torch.randint(0, 3, (batch,))
+    return _EncoderClassifier(), lambda m: _class_losses(m(x), labels)
+
+
+def _nanogpt(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    return NanoGPT(vocab=VOCAB, block=16), lambda m: _lm_losses(m(tokens), tokens)
+
+
+def _resnet(batch: int = 4) -> tuple[nn.Module, Run]:
+    images = torch.randn(batch, 3, 8, 8, dtype=torch.float64)
+    labels = torch.randint(0, 3, (batch,))
+    model = ResNetGN(widths=(8, 16), blocks=(1, 1), depthwise=True)
+    return model, lambda m: _class_losses(m(images), labels)
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "llama": _llama,
+    "t5": _t5,
+    "vit": _vit,
+    "transformer_encoder_layer": _encoder_layer,
+    "nanogpt": _nanogpt,
+    "nanogpt_batch_is_seq": lambda: _nanogpt(batch=8, seq=8),
+    "resnet_groupnorm": _resnet,
+}
+#: loss layout → (how to take it from the [b, 2] losses, batch_dim)
+LAYOUTS: dict[str, tuple[Callable[[Tensor], Tensor], int | None]] = {
+    "per_sample": (lambda losses: losses[:, 0], 0),
+    "batch_tasks": (lambda losses: losses, 0),
+    "tasks": (lambda losses: losses.mean(0), None),
+}
+
+
+#: the slowest models (seconds each on a loaded 2-core machine); CI still runs them
+SLOW = {"t5", "nanogpt_batch_is_seq"}
+
+
+def _cases() -> list:
+    marks = {name: [pytest.mark.slow] if name in SLOW else [] for name in MODELS}
+    return [
+        pytest.param(name, layout, marks=marks[name], id=f"{name}-{layout}")
+        for name in MODELS
+        for layout in LAYOUTS
+    ]
+
+
+def _relative_error(actual: Tensor, expected: Tensor) -> float:
+    scale = expected.abs().max().clamp_min(1e-300)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def check_model(name: str, layout: str) -> None:
+    """One forward; engine Gramian and JDOptimizer ``.grad`` against the explicit Jacobian."""
+    torch.manual_seed(0)
+    model, run = MODELS[name]()
+    model = model.double().train()
+    pick, batch_dim = LAYOUTS[layout]
+    params = [p for p in model.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=0.0)
+    opt = JDOptimizer(sgd, UPGrad(), modules=model, batch_dim=batch_dim, scope="all")
+    with Engine(model, batch_dim=batch_dim) as engine:
+        losses = pick(run(model))
+        jacobian = explicit_jacobian(losses, params)
+        expected = jacobian @ jacobian.T
+        gramian = as_square(engine.compute_gramian(losses, retain_graph=True), losses.shape)
+    assert _relative_error(gramian, expected) < 1e-9, "engine Gramian"
+    opt.zero_grad()
+    record = opt.step(losses)
+    assert record.gramian is not None and record.weights is not None
+    assert _relative_error(record.gramian, expected) < 1e-9, "JDOptimizer's Gramian"
+    weights = UPGradWeighting()(expected)
+    torch.testing.assert_close(record.weights.reshape(-1).double(), weights, atol=1e-6, rtol=1e-6)
+    grads = torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+    )
+    assert _relative_error(grads, jacobian.T @ record.weights.reshape(-1).double()) < 1e-9, ".grad"
+
+
+@pytest.mark.parametrize("name, layout", _cases())
+def test_real_model(name: str, layout: str) -> None:
+    check_model(name, layout)
+
+
+def test_gpt2_projections_use_the_conv1d_rule() -> None:
+    """transformers' ``Conv1D`` goes through its Linear-like rule (no generic re-run in GPT-2)."""
+    from jdoptim.autogram import rules
+
+    torch.manual_seed(0)
+    model, run = _gpt2()
+    model = model.double()
+    with Engine(model, batch_dim=None) as engine:
+        losses = run(model).mean(0)
+        step = engine.step(losses, engine.parameters(), [], per_sample=False)
+        kinds = {type(r.rule).__name__ for r in step.rule_parameters}
+    assert "TransformersConv1DRule" in kinds
+    assert not any(isinstance(r.rule, rules.GenericRule) for r in step.rule_parameters)
