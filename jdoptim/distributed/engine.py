@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..autogram._step import GramianStep
-from ..autogram.engine import Engine
+from ..autogram.engine import Engine, gramian_dtype
 from ..autogram.rules import LayerRule
 from ..autogram.rules._contraction import gramian_from_kernel, rows_gramian, weight_and_bias_gramian
 from ..autogram.rules.conv import ConvRule
@@ -177,7 +177,7 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         sizes = self._check_signature(batch.m, shared, [], error).tolist()
         assert step is not None
         self._sync_aggregator(aggregator)
-        dtype = batch.vector.dtype
+        dtype = gramian_dtype(batch.vector.dtype, shared)  # at least the parameters' precision
         with torch.no_grad():
             gramian = self._global_gramian(step, sizes).to(dtype)
             weights = gramian_weights(aggregator, gramian)  # refuses a non-finite Gramian
