@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
+from ._scaling import scale_free
 from .upgrad import _preference
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -54,6 +55,9 @@ class AlignedMTLWeighting(_NonDifferentiable, Weighting):
         self.pref_vector = pref_vector
         self.scale_mode = scale_mode
 
+    scale_degree = 0.0
+
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         preference = _preference(self.pref_vector, gramian).to(dtype=torch.float64)
         m = gramian.shape[0]

@@ -26,11 +26,15 @@ from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
+from ._scaling import scale_free
 
 
 class IMTLGWeighting(_NonDifferentiable, Weighting):
     """Weights of :class:`IMTLG`: ``w = G⁺s / 1ᵀG⁺s`` with ``sᵢ = √Gᵢᵢ``. No hyperparameters."""
 
+    scale_degree = 0.0
+
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         g = gramian.to(dtype=torch.float64)
