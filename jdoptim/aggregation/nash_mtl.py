@@ -79,6 +79,8 @@ class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):
         self.update_weights_every = update_weights_every
         self.optim_niter = optim_niter
         self.reg_eps = reg_eps
+        # α does not depend on the scale; the clipping does.
+        self.scale_degree = 0.0 if self.max_norm == 0.0 else None
         self._step = 0
         self._weights: Tensor | None = None
 

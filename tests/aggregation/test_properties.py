@@ -24,9 +24,17 @@ from torch import Tensor
 import jdoptim.aggregation as agg
 from jdoptim.aggregation import Aggregator, GramianWeightedAggregator
 
-from .matrices import MATRICES, full_rank
+from .matrices import (
+    DEGENERATE,
+    MATRICES,
+    full_rank,
+    not_weakly_stationary,
+    strongly_stationary,
+    weakly_not_strongly_stationary,
+)
 
 NonConflict = Literal["always", "two_rows", "independent_rows", "no"]
+Stationarity = Literal["strong", "weak", "no"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,17 @@ class Entry:
             independent rows), ``"no"`` (no promise).
         equivariant: deterministic (for a fixed seed) and blind to the rows' indices.
         min_rows: fewer rows must raise a ``ValueError``.
+        degree: ``A(cJ) = c^degree A(J)`` for every ``c > 0`` (positive homogeneity; ``1`` for
+            most methods, ``0`` for FairGrad with ``α = 1``, whose ``w(c²G) = c^{-1} w(G)``),
+            ``None`` where the method has no such law (Nash-MTL's norm clipping, ExcessMTL's
+            ``ε``).
+        stationarity: ``"strong"``: ``A(J) = 0`` only if ``Jᵀw = 0`` for some ``w > 0``
+            (positive weights: Mean, Sum, Constant, Random; UPGrad and DualProj, Quinton & Rey
+            2024; ConFIG, whose ``U ĝ = p > 0`` on independent rows); ``"weak"``: ``A(J) = 0``
+            exactly when ``0`` is in the convex hull of the rows (MGDA, Désidéri 2012).
+        continuous: ``A`` is continuous at the degenerate inputs of ``DEGENERATE`` (zero,
+            identical, opposite rows, rank one, ``m = 1``, ``n = 1``): fixed or positive
+            weights, minimum-norm points and projections onto polyhedral cones, order statistics.
     """
 
     name: str
@@ -53,6 +72,9 @@ class Entry:
     non_conflict: NonConflict = "no"
     equivariant: bool = True
     min_rows: int = 1
+    degree: float | None = 1.0
+    stationarity: Stationarity = "no"
+    continuous: bool = False
 
 
 def _constant(m: int) -> Aggregator:
@@ -61,18 +83,46 @@ def _constant(m: int) -> Aggregator:
 
 REGISTRY: list[Entry] = [
     # Baselines.
-    Entry("Mean", lambda m: agg.Mean(), differentiable=True),
-    Entry("Sum", lambda m: agg.Sum(), differentiable=True),
-    Entry("Constant", _constant, differentiable=True, equivariant=False),
+    Entry(
+        "Mean", lambda m: agg.Mean(), differentiable=True, stationarity="strong", continuous=True
+    ),
+    Entry("Sum", lambda m: agg.Sum(), differentiable=True, stationarity="strong", continuous=True),
+    Entry(
+        "Constant",
+        _constant,
+        differentiable=True,
+        equivariant=False,
+        stationarity="strong",
+        continuous=True,
+    ),
     # Part A: projection and balancing methods.
-    Entry("UPGrad", lambda m: agg.UPGrad(), non_conflict="always"),
-    Entry("DualProj", lambda m: agg.DualProj(), non_conflict="always"),
-    Entry("MGDA", lambda m: agg.MGDA(), non_conflict="always"),
+    Entry(
+        "UPGrad",
+        lambda m: agg.UPGrad(),
+        non_conflict="always",
+        stationarity="strong",
+        continuous=True,
+    ),
+    Entry(
+        "DualProj",
+        lambda m: agg.DualProj(),
+        non_conflict="always",
+        stationarity="strong",
+        continuous=True,
+    ),
+    Entry(
+        "MGDA", lambda m: agg.MGDA(), non_conflict="always", stationarity="weak", continuous=True
+    ),
     Entry("CAGrad", lambda m: agg.CAGrad()),
-    Entry("NashMTL", lambda m: agg.NashMTL(), non_conflict="independent_rows"),
+    Entry("NashMTL", lambda m: agg.NashMTL(), non_conflict="independent_rows", degree=None),
+    Entry(
+        "NashMTL-unclipped",
+        lambda m: agg.NashMTL(max_norm=0.0),
+        non_conflict="independent_rows",
+    ),
     Entry("IMTLG", lambda m: agg.IMTLG()),
     Entry("AlignedMTL", lambda m: agg.AlignedMTL()),
-    Entry("FairGrad", lambda m: agg.FairGrad(), non_conflict="independent_rows"),
+    Entry("FairGrad", lambda m: agg.FairGrad(), non_conflict="independent_rows", degree=0.0),
     # Part B: conflict surgery and robust methods.
     Entry(
         "PCGrad-sum-random",
@@ -89,11 +139,11 @@ REGISTRY: list[Entry] = [
     Entry("GradVac", lambda m: agg.GradVac(seed=0), equivariant=False),
     Entry("GradVac-fixed", lambda m: agg.GradVac(beta=0.5, order="fixed"), equivariant=False),
     Entry("GradDrop", lambda m: agg.GradDrop(seed=0)),  # thresholds are per coordinate
-    Entry("ConFIG", lambda m: agg.ConFIG(), non_conflict="independent_rows"),
-    Entry("Random", lambda m: agg.Random(seed=0), equivariant=False),
+    Entry("ConFIG", lambda m: agg.ConFIG(), non_conflict="independent_rows", stationarity="strong"),
+    Entry("Random", lambda m: agg.Random(seed=0), equivariant=False, stationarity="strong"),
     Entry("Krum", lambda m: agg.Krum(n_byzantine=1, n_selected=2), min_rows=4),
-    Entry("TrimmedMean", lambda m: agg.TrimmedMean(trim_number=1), min_rows=3),
-    Entry("ExcessMTL", lambda m: agg.ExcessMTL()),
+    Entry("TrimmedMean", lambda m: agg.TrimmedMean(trim_number=1), min_rows=3, continuous=True),
+    Entry("ExcessMTL", lambda m: agg.ExcessMTL(), degree=None),
 ]
 
 IDS = [e.name for e in REGISTRY]
@@ -278,3 +328,350 @@ def test_weightings_reject_bad_gramians(
     weighting = entry.make(3).weighting  # type: ignore[union-attr]
     with pytest.raises(error, match=message):
         weighting(gramian)
+
+
+# 7. Positive homogeneity and extreme scales --------------------------------------------------
+
+HOMOGENEOUS = [e for e in REGISTRY if e.degree is not None]
+# Well-conditioned families: in float32 a rank-deficient matrix is only rank-deficient up to
+# rounding, and the methods that invert a Gramian legitimately amplify that rounding.
+WELL_CONDITIONED = [
+    (name, x) for name, x in MATRICES if name in ("full_rank_3x10", "full_rank_5x5")
+]
+WELL_CONDITIONED.append(("scaled_5x8", dict(MATRICES)["scaled_5x8"]))
+# (dtype, scale): the gradients' size. The Gramian of the smallest under- and of the largest
+# overflows in its dtype unless the method normalises first.
+EXTREME_SCALES = [
+    (torch.float32, 1e-30),
+    (torch.float32, 1e30),
+    (torch.float64, 1e-200),
+    (torch.float64, 1e200),
+]
+RTOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+#: Gramians of rows of norms 1e-3 … 1e3 have a condition number of about 1e12: a method that
+#: inverts one (IMTL-G, Aligned-MTL, …) may turn a rounding of the input into this much more.
+CONDITIONING = {"scaled_5x8": 1e5}
+
+
+def _undeclared(entry: Entry) -> bool:
+    """Whether ``entry`` is a Gramian-based method whose weighting does not declare its
+    ``scale_degree`` (yet), so that its aggregator forms the Gramian of ``J`` unnormalised."""
+    aggregator = entry.make(3)
+    return (
+        isinstance(aggregator, GramianWeightedAggregator)
+        and type(aggregator).forward is GramianWeightedAggregator.forward
+        and aggregator.weighting.scale_degree is None
+    )
+
+
+def _homogeneity_cases() -> list:
+    return [
+        pytest.param(entry, matrix, CONDITIONING.get(name, 1.0), id=f"{entry.name}-{name}")
+        for entry in HOMOGENEOUS
+        for name, matrix in WELL_CONDITIONED
+        if matrix.shape[0] >= entry.min_rows
+    ]
+
+
+def _extreme_cases() -> list:
+    """(entry, matrix, condition, dtype, scale). For a weighting without a declared
+    ``scale_degree``, the Gramian of the huge scales overflows (an expected ``ValueError``,
+    strict: the mark goes with the declaration) and the tiny scales are not promised."""
+    cases = []
+    for entry in HOMOGENEOUS:
+        undeclared = _undeclared(entry)
+        for name, matrix in WELL_CONDITIONED:
+            if matrix.shape[0] < entry.min_rows:
+                continue
+            for dtype, scale in EXTREME_SCALES:
+                marks = []
+                if undeclared:
+                    reason = f"{entry.name}'s weighting declares no scale_degree (issue 16)"
+                    marks = [
+                        pytest.mark.xfail(strict=True, raises=ValueError, reason=reason)
+                        if scale > 1.0
+                        else pytest.mark.skip(reason=reason)
+                    ]
+                condition = CONDITIONING.get(name, 1.0)
+                case_id = f"{entry.name}-{name}-{str(dtype)[6:]}-{scale:g}"
+                values = (entry, matrix, condition, dtype, scale)
+                cases.append(pytest.param(*values, id=case_id, marks=marks))
+    return cases
+
+
+def _assert_scaled(actual: Tensor, expected: Tensor, rtol: float) -> None:
+    """``actual ≈ expected`` relative to ``‖expected‖`` (both cast to float64)."""
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all()
+    error = float((actual - expected).norm())
+    assert error <= rtol * float(expected.norm()) + 1e-300, (error, float(expected.norm()))
+
+
+@pytest.mark.parametrize(("entry", "matrix", "condition"), _homogeneity_cases())
+def test_positive_homogeneity(entry: Entry, matrix: Tensor, condition: float) -> None:
+    """``A(cJ) = c^k A(J)``, ``c`` a power of two (exact to the last bit) or not, in float64."""
+    assert entry.degree is not None
+    reference = _call(entry, matrix)
+    for c in (0.25, 2.0**40):
+        torch.testing.assert_close(_call(entry, c * matrix), c**entry.degree * reference)
+    for c in (3.7, 1e-3, 1e4):
+        _assert_scaled(_call(entry, c * matrix), c**entry.degree * reference, 1e-11 * condition)
+
+
+@pytest.mark.parametrize(("entry", "matrix", "condition", "dtype", "scale"), _extreme_cases())
+def test_extreme_scales(
+    entry: Entry, matrix: Tensor, condition: float, dtype: torch.dtype, scale: float
+) -> None:
+    """Gradients of size 1e-30/1e30 (float32) or 1e-200/1e200 (float64) give the rescaled
+    answer at scale 1: neither an under- or overflowing Gramian nor a threshold that depends on
+    the scale changes the direction (issue 16, items 1 and 5)."""
+    assert entry.degree is not None
+    reference = _call(entry, matrix.to(dtype)).double()
+    scaled_output = _call(entry, (scale * matrix).to(dtype))
+    assert scaled_output.dtype == dtype
+    # Compare at scale 1: s^k would overflow float64 for s = 1e200, k ≥ 2 (no method has it).
+    rtol = RTOL[dtype] * condition
+    _assert_scaled(scaled_output.double() / scale**entry.degree, reference, rtol)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), EXTREME_SCALES, ids=lambda v: str(v))
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.degree is None], ids=lambda e: e.name)
+def test_extreme_scales_without_homogeneity(entry: Entry, dtype: torch.dtype, scale: float) -> None:
+    """Methods without a scaling law still give finite outputs, also on a second call."""
+    matrix = (scale * full_rank(4, 6, 230)).to(dtype)
+    aggregator = entry.make(4)
+    for _ in range(2):
+        output = aggregator(matrix)
+        assert output.dtype == dtype and torch.isfinite(output).all()
+    if entry.name == "NashMTL":  # ‖d‖ ≤ max_norm = 1 whatever the scale
+        assert float(output.double().norm()) <= 1.0 + 1e-5
+
+
+def _weighting_scale_cases() -> list:
+    return [
+        pytest.param(entry, matrix, CONDITIONING.get(name, 1.0), id=f"{entry.name}-{name}")
+        for entry in GRAMIAN_BASED
+        if entry.make(3).weighting.scale_degree is not None  # type: ignore[union-attr]
+        for name, matrix in WELL_CONDITIONED
+        if matrix.shape[0] >= entry.min_rows
+    ]
+
+
+# The smallest entries of the scaled family's normalised Gramian (1e-12) stay normal numbers.
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 1e-24), (torch.float64, 1e-280)])
+@pytest.mark.parametrize(("entry", "matrix", "condition"), _weighting_scale_cases())
+def test_weightings_follow_their_declared_scale_degree(
+    entry: Entry, matrix: Tensor, condition: float, dtype: torch.dtype, scale: float
+) -> None:
+    """``W(tG) = t^k W(G)`` for the declared ``k``, also for a Gramian near the bottom of its
+    dtype's range (the engine's path: the Gramian is all the weighting sees)."""
+    m = matrix.shape[0]
+    weighting = entry.make(m).weighting  # type: ignore[union-attr]
+    degree = weighting.scale_degree
+    gramian = matrix @ matrix.T
+    gramian = gramian / gramian.abs().max()
+    reference = entry.make(m).weighting(gramian.to(dtype)).double() @ matrix  # type: ignore[union-attr]
+    scaled = weighting((scale * gramian).to(dtype))
+    assert scaled.dtype == dtype
+    _assert_scaled(scaled.double() @ matrix / scale**degree, reference, RTOL[dtype] * condition)
+
+
+# 8. Low precision ---------------------------------------------------------------------------
+
+LOW_PRECISION = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # twice the unit roundoff
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
+@pytest.mark.parametrize(
+    ("entry", "matrix"),
+    [
+        pytest.param(entry, matrix, id=f"{entry.name}-{name}")
+        for entry in REGISTRY
+        for name, matrix in WELL_CONDITIONED[:2]  # unit-scale rows: within float16's range
+        if matrix.shape[0] >= entry.min_rows
+    ],
+)
+def test_low_precision(entry: Entry, matrix: Tensor, dtype: torch.dtype) -> None:
+    """float16/bfloat16 in, the same dtype out, computed in a safe precision: the output is the
+    float64 answer for the same (rounded) input, up to the output's own rounding."""
+    low = matrix.to(dtype)
+    output = _call(entry, low)
+    assert output.dtype == dtype
+    expected = _call(entry, low.double())
+    tolerance = LOW_PRECISION[dtype] * float(expected.abs().max()) + 1e-4 * float(
+        low.double().abs().max()
+    )
+    assert float((output.double() - expected).abs().max()) <= tolerance
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param(
+            entry,
+            id=entry.name,
+            marks=[
+                pytest.mark.xfail(
+                    strict=True,
+                    reason=f"{entry.name}'s weighting is not @scale_free: its ridge uses the "
+                    "input dtype's eps (issue 16)",
+                )
+            ]
+            if _undeclared(entry)
+            else [],
+        )
+        for entry in GRAMIAN_BASED
+    ],
+)
+def test_low_precision_weightings(entry: Entry, dtype: torch.dtype) -> None:
+    """The engine's path: a float16/bfloat16 Gramian gives weights in its dtype (no
+    'not implemented for Half' from an eigendecomposition; issue 19, item 6)."""
+    matrix = full_rank(5, 8, 231)
+    gramian = (matrix @ matrix.T).to(dtype)
+    weights = entry.make(5).weighting(gramian)  # type: ignore[union-attr]
+    assert weights.dtype == dtype and torch.isfinite(weights).all()
+    expected = entry.make(5).weighting(gramian.double())  # type: ignore[union-attr]
+    tolerance = LOW_PRECISION[dtype] * float(expected.abs().max()) + 1e-4
+    assert float((weights.double() - expected).abs().max()) <= tolerance
+
+
+# 9. Non-conflict and permutation invariance in float32, on the degenerate families ----------
+
+ALL_FAMILIES = MATRICES + [(name, x) for name, x in DEGENERATE if name not in dict(MATRICES)]
+FLOAT32_RTOL = 2e-6  # a few float32 roundings of the result, relative to ‖J‖
+
+
+def _float32_cases(entries: list[Entry]) -> list:
+    return [
+        pytest.param(entry, matrix.float(), id=f"{entry.name}-{name}")
+        for entry in entries
+        for name, matrix in ALL_FAMILIES
+        if matrix.shape[0] >= entry.min_rows
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "matrix"), _float32_cases([e for e in REGISTRY if e.non_conflict == "always"])
+)
+def test_non_conflict_float32(entry: Entry, matrix: Tensor) -> None:
+    """``J d ≥ 0`` up to float32 rounding, also on zero, identical, opposite and rank-one rows."""
+    direction = _call(entry, matrix).double()
+    products = matrix.double() @ direction
+    tolerance = 1e-5 * matrix.double().norm(dim=1) * matrix.double().norm()
+    assert (products >= -tolerance).all(), products
+
+
+@pytest.mark.parametrize(("entry", "matrix"), _float32_cases(EQUIVARIANT))
+def test_permutation_invariance_float32(entry: Entry, matrix: Tensor) -> None:
+    """``A(PJ) = A(J)`` to float32's level for the index-blind methods. Methods that solve a
+    ridge-regularised system (Nash-MTL, FairGrad) on a rank-deficient Gramian (which has no
+    exact solution) put weights of size ``1/ridge`` on null directions, which float32 does not
+    cancel: they are held to ``5e-3`` there (measured: up to ``5e-4``)."""
+    m = matrix.shape[0]
+    permutation = torch.randperm(m, generator=torch.Generator().manual_seed(m + 1))
+    expected = _call(entry, matrix).double()
+    actual = _call(entry, matrix[permutation]).double()
+    singular_values = torch.linalg.svdvals(matrix.double())
+    independent = m <= matrix.shape[1] and bool(singular_values[-1] > 1e-3 * singular_values[0])
+    loose = entry.name in ("NashMTL", "NashMTL-unclipped", "FairGrad") and not independent
+    rtol = 5e-3 if loose else FLOAT32_RTOL
+    assert float((actual - expected).norm()) <= rtol * float(matrix.double().norm())
+
+
+# 10. Stationarity ---------------------------------------------------------------------------
+
+STRONGLY = [
+    ("strong_5x4", strongly_stationary(5, 4, 3, 1)),
+    ("strong_7x9", strongly_stationary(7, 9, 4, 2)),
+]
+WEAKLY_ONLY = [
+    ("weak_5x7", weakly_not_strongly_stationary(5, 7, 3)),
+    ("weak_4x3", weakly_not_strongly_stationary(4, 3, 4)),
+]
+NOT_WEAKLY = [
+    ("not_weak_5x3", not_weakly_stationary(5, 3, 2, 5)),
+    ("not_weak_4x6", not_weakly_stationary(4, 6, 3, 6)),
+]
+
+
+def _stationarity_cases(kind: Stationarity, families: list[tuple[str, Tensor]]) -> list:
+    return [
+        pytest.param(entry, matrix.to(dtype), id=f"{entry.name}-{name}-{str(dtype)[6:]}")
+        for entry in REGISTRY
+        if entry.stationarity == kind
+        for name, matrix in families
+        for dtype in (torch.float32, torch.float64)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "matrix"),
+    _stationarity_cases("strong", WEAKLY_ONLY + NOT_WEAKLY)
+    + _stationarity_cases("weak", NOT_WEAKLY),
+)
+def test_nonzero_away_from_stationarity(entry: Entry, matrix: Tensor) -> None:
+    """Strong stationarity (``A(J) = 0 ⇒ Jᵀw = 0`` for some ``w > 0``), tested by its
+    contrapositive: on a matrix without such a ``w``, ``A(J) ≠ 0``; for MGDA the same on
+    matrices without a non-negative ``w``."""
+    norm = float(_call(entry, matrix).double().norm())
+    assert norm > 1e-2 * float(matrix.double().norm())
+
+
+@pytest.mark.parametrize(
+    ("entry", "matrix"),
+    [
+        pytest.param(entry, matrix.to(dtype), id=f"MGDA-{name}-{str(dtype)[6:]}")
+        for entry in REGISTRY
+        if entry.stationarity == "weak"
+        for name, matrix in STRONGLY + WEAKLY_ONLY
+        for dtype in (torch.float32, torch.float64)
+    ],
+)
+def test_zero_at_weak_stationarity(entry: Entry, matrix: Tensor) -> None:
+    """MGDA: ``d = 0`` (to rounding) when ``0`` is in the convex hull of the rows."""
+    tolerance = 1e3 * torch.finfo(matrix.dtype).eps + 1e-9  # rounding + the QP's ridge (1e-10)
+    norm = float(_call(entry, matrix).double().norm())
+    assert norm <= tolerance * float(matrix.double().norm())
+
+
+@pytest.mark.parametrize(
+    ("entry", "matrix"),
+    [
+        pytest.param(entry, matrix.to(dtype), id=f"{entry.name}-{name}-{str(dtype)[6:]}")
+        for entry in REGISTRY
+        if entry.name in ("UPGrad", "DualProj")
+        for name, matrix in STRONGLY
+        for dtype in (torch.float32, torch.float64)
+    ],
+)
+def test_dual_cone_methods_vanish_at_strong_stationarity(entry: Entry, matrix: Tensor) -> None:
+    """The dual cone of a strongly stationary ``J`` is ``{x : Jx = 0}``, on which every
+    row projects to ``0``: UPGrad and DualProj return ``0`` (to rounding)."""
+    tolerance = 1e3 * torch.finfo(matrix.dtype).eps + 1e-9  # rounding + the QP's ridge (1e-10)
+    norm = float(_call(entry, matrix).double().norm())
+    assert norm <= tolerance * float(matrix.double().norm())
+
+
+# 11. Continuity at degenerate inputs --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "matrix"),
+    [
+        pytest.param(entry, matrix, id=f"{entry.name}-{name}")
+        for entry in REGISTRY
+        if entry.continuous
+        for name, matrix in DEGENERATE
+        if matrix.shape[0] >= entry.min_rows
+    ],
+)
+def test_continuity_at_degenerate_inputs(entry: Entry, matrix: Tensor) -> None:
+    """``A(J + δE) → A(J)`` as ``δ → 0`` where ``J`` has zero, identical or opposite rows, rank
+    one, one row or one column: at ``δ = 1e-10`` (float64) the change is at most
+    ``1e-4 ‖J‖`` (allowing a Hölder-½ modulus, as projections onto cones that change shape
+    have)."""
+    perturbation = torch.randn(matrix.shape, generator=torch.Generator().manual_seed(7))
+    expected = _call(entry, matrix)
+    actual = _call(entry, matrix + 1e-10 * perturbation.double())
+    assert float((actual - expected).norm()) <= 1e-4 * float(matrix.norm())
