@@ -364,39 +364,13 @@ def _undeclared(entry: Entry) -> bool:
     )
 
 
-def _homogeneity_cases() -> list:
+def _families(entry: Entry) -> list[tuple[Tensor, float]]:
+    """The well-conditioned matrices ``entry`` accepts, each with its conditioning factor."""
     return [
-        pytest.param(entry, matrix, CONDITIONING.get(name, 1.0), id=f"{entry.name}-{name}")
-        for entry in HOMOGENEOUS
+        (matrix, CONDITIONING.get(name, 1.0))
         for name, matrix in WELL_CONDITIONED
         if matrix.shape[0] >= entry.min_rows
     ]
-
-
-def _extreme_cases() -> list:
-    """(entry, matrix, condition, dtype, scale). For a weighting without a declared
-    ``scale_degree``, the Gramian of the huge scales overflows (an expected ``ValueError``,
-    strict: the mark goes with the declaration) and the tiny scales are not promised."""
-    cases = []
-    for entry in HOMOGENEOUS:
-        undeclared = _undeclared(entry)
-        for name, matrix in WELL_CONDITIONED:
-            if matrix.shape[0] < entry.min_rows:
-                continue
-            for dtype, scale in EXTREME_SCALES:
-                marks = []
-                if undeclared:
-                    reason = f"{entry.name}'s weighting declares no scale_degree (issue 16)"
-                    marks = [
-                        pytest.mark.xfail(strict=True, raises=ValueError, reason=reason)
-                        if scale > 1.0
-                        else pytest.mark.skip(reason=reason)
-                    ]
-                condition = CONDITIONING.get(name, 1.0)
-                case_id = f"{entry.name}-{name}-{str(dtype)[6:]}-{scale:g}"
-                values = (entry, matrix, condition, dtype, scale)
-                cases.append(pytest.param(*values, id=case_id, marks=marks))
-    return cases
 
 
 def _assert_scaled(actual: Tensor, expected: Tensor, rtol: float) -> None:
@@ -407,73 +381,85 @@ def _assert_scaled(actual: Tensor, expected: Tensor, rtol: float) -> None:
     assert error <= rtol * float(expected.norm()) + 1e-300, (error, float(expected.norm()))
 
 
-@pytest.mark.parametrize(("entry", "matrix", "condition"), _homogeneity_cases())
-def test_positive_homogeneity(entry: Entry, matrix: Tensor, condition: float) -> None:
+@pytest.mark.parametrize("entry", HOMOGENEOUS, ids=lambda e: e.name)
+def test_positive_homogeneity(entry: Entry) -> None:
     """``A(cJ) = c^k A(J)``, ``c`` a power of two (exact to the last bit) or not, in float64."""
     assert entry.degree is not None
-    reference = _call(entry, matrix)
-    for c in (0.25, 2.0**40):
-        torch.testing.assert_close(_call(entry, c * matrix), c**entry.degree * reference)
-    for c in (3.7, 1e-3, 1e4):
-        _assert_scaled(_call(entry, c * matrix), c**entry.degree * reference, 1e-11 * condition)
+    for matrix, condition in _families(entry):
+        reference = _call(entry, matrix)
+        for c in (0.25, 2.0**40):
+            torch.testing.assert_close(_call(entry, c * matrix), c**entry.degree * reference)
+        for c in (3.7, 1e-3, 1e4):
+            expected = c**entry.degree * reference
+            _assert_scaled(_call(entry, c * matrix), expected, 1e-11 * condition)
 
 
-@pytest.mark.parametrize(("entry", "matrix", "condition", "dtype", "scale"), _extreme_cases())
-def test_extreme_scales(
-    entry: Entry, matrix: Tensor, condition: float, dtype: torch.dtype, scale: float
-) -> None:
+def _extreme_entries() -> list:
+    """For a weighting without a declared ``scale_degree``, the Gramian of the huge scales
+    overflows: an expected ``ValueError`` (strict: the mark goes with the declaration); the tiny
+    scales are not promised and not run for it."""
+    params = []
+    for entry in HOMOGENEOUS:
+        marks = []
+        if _undeclared(entry):
+            reason = f"{entry.name}'s weighting declares no scale_degree (issue 16)"
+            marks = [pytest.mark.xfail(strict=True, raises=ValueError, reason=reason)]
+        params.append(pytest.param(entry, id=entry.name, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("entry", _extreme_entries())
+def test_extreme_scales(entry: Entry) -> None:
     """Gradients of size 1e-30/1e30 (float32) or 1e-200/1e200 (float64) give the rescaled
     answer at scale 1: neither an under- or overflowing Gramian nor a threshold that depends on
     the scale changes the direction (issue 16, items 1 and 5)."""
     assert entry.degree is not None
-    reference = _call(entry, matrix.to(dtype)).double()
-    scaled_output = _call(entry, (scale * matrix).to(dtype))
-    assert scaled_output.dtype == dtype
-    # Compare at scale 1: s^k would overflow float64 for s = 1e200, k ≥ 2 (no method has it).
-    rtol = RTOL[dtype] * condition
-    _assert_scaled(scaled_output.double() / scale**entry.degree, reference, rtol)
+    scales = [(d, s) for d, s in EXTREME_SCALES if s > 1.0 or not _undeclared(entry)]
+    for matrix, condition in _families(entry):
+        for dtype, scale in scales:
+            reference = _call(entry, matrix.to(dtype)).double()
+            scaled_output = _call(entry, (scale * matrix).to(dtype))
+            assert scaled_output.dtype == dtype
+            # Compared at scale 1: s^k would overflow float64 for s = 1e200 and k ≥ 2.
+            rtol = RTOL[dtype] * condition
+            _assert_scaled(scaled_output.double() / scale**entry.degree, reference, rtol)
 
 
-@pytest.mark.parametrize(("dtype", "scale"), EXTREME_SCALES, ids=lambda v: str(v))
 @pytest.mark.parametrize("entry", [e for e in REGISTRY if e.degree is None], ids=lambda e: e.name)
-def test_extreme_scales_without_homogeneity(entry: Entry, dtype: torch.dtype, scale: float) -> None:
+def test_extreme_scales_without_homogeneity(entry: Entry) -> None:
     """Methods without a scaling law still give finite outputs, also on a second call."""
-    matrix = (scale * full_rank(4, 6, 230)).to(dtype)
-    aggregator = entry.make(4)
-    for _ in range(2):
-        output = aggregator(matrix)
-        assert output.dtype == dtype and torch.isfinite(output).all()
-    if entry.name == "NashMTL":  # ‖d‖ ≤ max_norm = 1 whatever the scale
-        assert float(output.double().norm()) <= 1.0 + 1e-5
+    for dtype, scale in EXTREME_SCALES:
+        matrix = (scale * full_rank(4, 6, 230)).to(dtype)
+        aggregator = entry.make(4)
+        for _ in range(2):
+            output = aggregator(matrix)
+            assert output.dtype == dtype and torch.isfinite(output).all()
+        if entry.name == "NashMTL":  # ‖d‖ ≤ max_norm = 1 whatever the scale
+            assert float(output.double().norm()) <= 1.0 + 1e-5
 
 
-def _weighting_scale_cases() -> list:
-    return [
-        pytest.param(entry, matrix, CONDITIONING.get(name, 1.0), id=f"{entry.name}-{name}")
-        for entry in GRAMIAN_BASED
-        if entry.make(3).weighting.scale_degree is not None  # type: ignore[union-attr]
-        for name, matrix in WELL_CONDITIONED
-        if matrix.shape[0] >= entry.min_rows
-    ]
-
-
-# The smallest entries of the scaled family's normalised Gramian (1e-12) stay normal numbers.
-@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 1e-24), (torch.float64, 1e-280)])
-@pytest.mark.parametrize(("entry", "matrix", "condition"), _weighting_scale_cases())
-def test_weightings_follow_their_declared_scale_degree(
-    entry: Entry, matrix: Tensor, condition: float, dtype: torch.dtype, scale: float
-) -> None:
+@pytest.mark.parametrize(
+    "entry",
+    [e for e in GRAMIAN_BASED if e.make(3).weighting.scale_degree is not None],  # type: ignore[union-attr]
+    ids=lambda e: e.name,
+)
+def test_weightings_follow_their_declared_scale_degree(entry: Entry) -> None:
     """``W(tG) = t^k W(G)`` for the declared ``k``, also for a Gramian near the bottom of its
-    dtype's range (the engine's path: the Gramian is all the weighting sees)."""
-    m = matrix.shape[0]
-    weighting = entry.make(m).weighting  # type: ignore[union-attr]
-    degree = weighting.scale_degree
-    gramian = matrix @ matrix.T
-    gramian = gramian / gramian.abs().max()
-    reference = entry.make(m).weighting(gramian.to(dtype)).double() @ matrix  # type: ignore[union-attr]
-    scaled = weighting((scale * gramian).to(dtype))
-    assert scaled.dtype == dtype
-    _assert_scaled(scaled.double() @ matrix / scale**degree, reference, RTOL[dtype] * condition)
+    dtype's range (the engine's path: the Gramian is all the weighting sees). The scales keep
+    the smallest entries of the scaled family's normalised Gramian (1e-12) normal numbers."""
+    for matrix, condition in _families(entry):
+        m = matrix.shape[0]
+        gramian = matrix @ matrix.T
+        gramian = gramian / gramian.abs().max()
+        for dtype, scale in ((torch.float32, 1e-24), (torch.float64, 1e-280)):
+            weighting = entry.make(m).weighting  # type: ignore[union-attr]
+            reference = entry.make(m).weighting(gramian.to(dtype)).double() @ matrix  # type: ignore[union-attr]
+            scaled = weighting((scale * gramian).to(dtype))
+            assert scaled.dtype == dtype
+            rtol = RTOL[dtype] * condition
+            _assert_scaled(
+                scaled.double() @ matrix / scale**weighting.scale_degree, reference, rtol
+            )
 
 
 # 8. Low precision ---------------------------------------------------------------------------
@@ -481,27 +467,18 @@ def test_weightings_follow_their_declared_scale_degree(
 LOW_PRECISION = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # twice the unit roundoff
 
 
-@pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
-@pytest.mark.parametrize(
-    ("entry", "matrix"),
-    [
-        pytest.param(entry, matrix, id=f"{entry.name}-{name}")
-        for entry in REGISTRY
-        for name, matrix in WELL_CONDITIONED[:2]  # unit-scale rows: within float16's range
-        if matrix.shape[0] >= entry.min_rows
-    ],
-)
-def test_low_precision(entry: Entry, matrix: Tensor, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("entry", REGISTRY, ids=IDS)
+def test_low_precision(entry: Entry) -> None:
     """float16/bfloat16 in, the same dtype out, computed in a safe precision: the output is the
     float64 answer for the same (rounded) input, up to the output's own rounding."""
-    low = matrix.to(dtype)
-    output = _call(entry, low)
-    assert output.dtype == dtype
-    expected = _call(entry, low.double())
-    tolerance = LOW_PRECISION[dtype] * float(expected.abs().max()) + 1e-4 * float(
-        low.double().abs().max()
-    )
-    assert float((output.double() - expected).abs().max()) <= tolerance
+    for matrix, _ in _families(entry)[:2]:  # unit-scale rows: within float16's range
+        for dtype, roundoff in LOW_PRECISION.items():
+            low = matrix.to(dtype)
+            output = _call(entry, low)
+            assert output.dtype == dtype
+            expected = _call(entry, low.double())
+            tolerance = roundoff * float(expected.abs().max()) + 1e-4 * float(low.abs().max())
+            assert float((output.double() - expected).abs().max()) <= tolerance
 
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
@@ -542,41 +519,37 @@ ALL_FAMILIES = MATRICES + [(name, x) for name, x in DEGENERATE if name not in di
 FLOAT32_RTOL = 2e-6  # a few float32 roundings of the result, relative to ‖J‖
 
 
-def _float32_cases(entries: list[Entry]) -> list:
-    return [
-        pytest.param(entry, matrix.float(), id=f"{entry.name}-{name}")
-        for entry in entries
-        for name, matrix in ALL_FAMILIES
-        if matrix.shape[0] >= entry.min_rows
-    ]
-
-
 @pytest.mark.parametrize(
-    ("entry", "matrix"), _float32_cases([e for e in REGISTRY if e.non_conflict == "always"])
+    "entry", [e for e in REGISTRY if e.non_conflict == "always"], ids=lambda e: e.name
 )
-def test_non_conflict_float32(entry: Entry, matrix: Tensor) -> None:
+def test_non_conflict_float32(entry: Entry) -> None:
     """``J d ≥ 0`` up to float32 rounding, also on zero, identical, opposite and rank-one rows."""
-    direction = _call(entry, matrix).double()
-    products = matrix.double() @ direction
-    tolerance = 1e-5 * matrix.double().norm(dim=1) * matrix.double().norm()
-    assert (products >= -tolerance).all(), products
+    for name, matrix in ALL_FAMILIES:
+        direction = _call(entry, matrix.float()).double()
+        products = matrix @ direction
+        tolerance = 1e-5 * matrix.norm(dim=1) * matrix.norm()
+        assert (products >= -tolerance).all(), (name, products)
 
 
-@pytest.mark.parametrize(("entry", "matrix"), _float32_cases(EQUIVARIANT))
-def test_permutation_invariance_float32(entry: Entry, matrix: Tensor) -> None:
+@pytest.mark.parametrize("entry", EQUIVARIANT, ids=lambda e: e.name)
+def test_permutation_invariance_float32(entry: Entry) -> None:
     """``A(PJ) = A(J)`` to float32's level for the index-blind methods. Methods that solve a
     ridge-regularised system (Nash-MTL, FairGrad) on a rank-deficient Gramian (which has no
     exact solution) put weights of size ``1/ridge`` on null directions, which float32 does not
     cancel: they are held to ``5e-3`` there (measured: up to ``5e-4``)."""
-    m = matrix.shape[0]
-    permutation = torch.randperm(m, generator=torch.Generator().manual_seed(m + 1))
-    expected = _call(entry, matrix).double()
-    actual = _call(entry, matrix[permutation]).double()
-    singular_values = torch.linalg.svdvals(matrix.double())
-    independent = m <= matrix.shape[1] and bool(singular_values[-1] > 1e-3 * singular_values[0])
-    loose = entry.name in ("NashMTL", "NashMTL-unclipped", "FairGrad") and not independent
-    rtol = 5e-3 if loose else FLOAT32_RTOL
-    assert float((actual - expected).norm()) <= rtol * float(matrix.double().norm())
+    for name, matrix in ALL_FAMILIES:
+        m = matrix.shape[0]
+        if m < entry.min_rows:
+            continue
+        permutation = torch.randperm(m, generator=torch.Generator().manual_seed(m + 1))
+        single = matrix.float()
+        expected = _call(entry, single).double()
+        actual = _call(entry, single[permutation]).double()
+        singular_values = torch.linalg.svdvals(matrix)
+        independent = m <= matrix.shape[1] and bool(singular_values[-1] > 1e-3 * singular_values[0])
+        loose = entry.name in ("NashMTL", "NashMTL-unclipped", "FairGrad") and not independent
+        rtol = 5e-3 if loose else FLOAT32_RTOL
+        assert float((actual - expected).norm()) <= rtol * float(matrix.norm()), name
 
 
 # 10. Stationarity ---------------------------------------------------------------------------
