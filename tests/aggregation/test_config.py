@@ -70,3 +70,54 @@ def test_bad_inputs() -> None:
         ConFIGWeighting(rcond=-1.0)
     with pytest.raises(ValueError, match="finite"):
         ConFIG(torch.tensor([1.0, float("nan")]))
+
+
+def test_float32_keeps_genuine_directions_issue_16() -> None:
+    """The cut-off ``m·√ε`` on the cosine matrix's eigenvalues dropped this direction in
+    float32 (which gave [1.707, 1.707, 0.060]); the definition (pinv, float64) gives
+    [0.043, 0.043, -0.353]."""
+    matrix = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.7071, 0.7071, 0.05]])
+    expected = direct_config(matrix.double())
+    torch.testing.assert_close(ConFIG()(matrix).double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        expected[2], torch.tensor(-0.353, dtype=torch.float64), atol=1e-3, rtol=0
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(3))
+def test_opposite_gradients_give_zero_in_any_order(dtype: torch.dtype, seed: int) -> None:
+    """Where ``U⁺1 = 0`` (two exactly opposite gradients) the method's limit is ``0``: it gave
+    ``Σgᵢ`` or ``0`` depending on the row order."""
+    r = full_rank(1, 6, 70 + seed)[0]
+    for matrix in (torch.stack([r, -7.0 * r]), torch.stack([-7.0 * r, r])):
+        assert (ConFIG()(matrix.to(dtype)) == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_continuous_towards_opposite_gradients(seed: int) -> None:
+    """``g₂ = -7g₁ + δh``: ``d`` goes to ``0`` with ``δ`` (as ``‖d‖ ∝ √(1 + cos θ)``), matching
+    the definition on the explicit Jacobian."""
+    r, h = full_rank(2, 6, 80 + seed)
+    norms = []
+    for delta in (1e-2, 1e-4, 1e-6):
+        matrix = torch.stack([r, -7.0 * r + delta * h])
+        output = ConFIG()(matrix)
+        # Both sides lose the digits that cancel in u₁ + u₂ (about |log₁₀ δ|).
+        atol = 1e-8 * float(matrix.norm())
+        torch.testing.assert_close(output, direct_config(matrix), rtol=1e-5, atol=atol)
+        norms.append(float(output.norm()))
+    assert norms[0] > norms[1] > norms[2] and norms[2] < 1e-4 * float(r.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_issue_19(dtype: torch.dtype) -> None:
+    """``linalg_eigh_cpu`` is not implemented for Half/BFloat16: computed in float32, returned
+    in the input's dtype."""
+    matrix = full_rank(3, 5, 57).to(dtype)
+    output = ConFIG()(matrix)
+    assert output.dtype == dtype
+    torch.testing.assert_close(
+        output.double(), direct_config(matrix.double()), rtol=1e-2, atol=1e-2
+    )
+    assert ConFIGWeighting()(matrix @ matrix.T).dtype == dtype

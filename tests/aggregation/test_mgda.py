@@ -73,3 +73,34 @@ def test_no_grad_fn_float32_and_zero_gramian():
 def test_bad_hyperparameters_are_rejected():
     with pytest.raises(ValueError, match="reg_eps"):
         MGDA(reg_eps=0.0)
+
+
+def test_large_gradients_issue_16() -> None:
+    """The equality constraint ``Σ Dᵢwᵢ' = 1`` used to become tiny for quadprog ('constraints
+    are inconsistent'); the one-gradient answer is the gradient itself."""
+    torch.testing.assert_close(MGDA()(torch.tensor([[3e7]])), torch.tensor([3e7]))
+    torch.testing.assert_close(MGDAWeighting()(torch.tensor([[9e34]])), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("matrix", MATRIX_VALUES, ids=MATRIX_IDS)
+def test_any_positive_rescaling_gives_the_rescaled_answer(matrix):
+    """``A(cJ) = c A(J)`` for c from 1e-12 to 1e12 in float64, against the cvxpy min-norm point
+    at scale 1 (a Gramian of ‖g‖² ≳ 1e17 made quadprog fail)."""
+    expected = torch.from_numpy(min_norm_convex_hull(matrix))
+    scale = float(matrix.norm(dim=1).max())
+    for c in (1e-12, 1e-5, 1e9, 1e12):
+        assert (MGDA()(c * matrix) / c - expected).abs().max() <= 1e-6 * scale
+
+
+def test_solution_satisfies_the_kkt_conditions_at_m_64():
+    """The complementarity form against the QP's own optimality conditions: ``w`` in the
+    simplex and ``(Gw)ᵢ = wᵀGw`` where ``wᵢ > 0``, ``≥`` elsewhere (up to the ridge)."""
+    matrix = full_rank(64, 40, 91)
+    gramian = matrix @ matrix.T
+    w = MGDAWeighting()(gramian)
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=torch.float64))
+    products, value = gramian @ w, w @ gramian @ w
+    tolerance = 1e-6 * float(gramian.diagonal().max())
+    assert (products >= value - tolerance).all()
+    assert ((products - value).abs()[w > 1e-9] <= tolerance).all()
