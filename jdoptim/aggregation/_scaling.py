@@ -55,10 +55,13 @@ def power_of_two_exponent(tensor: Tensor) -> int:
 
 
 def times_power_of_two(tensor: Tensor, exponent: float) -> Tensor:
-    """``tensor · 2^exponent``, in two factors so that neither over- nor underflows on its own
-    (``2^exponent`` alone may not be representable in the tensor's dtype)."""
+    """``tensor · 2^exponent`` for a tensor of a working dtype (float32, float64; see
+    :func:`working_dtype`): one factor up to ``2^±100``, beyond that two, so that neither
+    over- nor underflows on its own (``2^exponent`` alone may not be representable)."""
     if exponent == 0:
         return tensor
+    if abs(exponent) <= 100:  # 2^exponent is a normal number in every floating dtype but float16
+        return tensor * 2.0**exponent
     half = int(exponent) // 2 if float(exponent).is_integer() else exponent / 2
     return tensor * 2.0**half * 2.0 ** (exponent - half)
 
