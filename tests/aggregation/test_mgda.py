@@ -104,3 +104,33 @@ def test_solution_satisfies_the_kkt_conditions_at_m_64():
     tolerance = 1e-6 * float(gramian.diagonal().max())
     assert (products >= value - tolerance).all()
     assert ((products - value).abs()[w > 1e-9] <= tolerance).all()
+
+
+@pytest.mark.parametrize("modules", [False, True], ids=["jacobian", "engine"])
+def test_optimizer_step_with_losses_scaled_by_1e9_issue_19(modules):
+    """Issue 19, item 6: losses scaled by 1e9 (‖g‖² ≈ 1e20) made quadprog raise 'constraints
+    are inconsistent' inside a step; the step is MGDA's min-norm point of the explicit
+    Jacobian (cvxpy), on both the Jacobian and the Gramian-engine paths."""
+    from jdoptim import JDOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    kwargs = {"modules": model} if modules else {}
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), MGDA(), **kwargs)
+
+    def losses():
+        out = model(x)
+        return [1e9 * out[:, 0].square().mean(), 1e9 * (out[:, 1] - 1.0).square().mean()]
+
+    rows = [
+        torch.autograd.grad(loss, list(model.parameters()), retain_graph=True) for loss in losses()
+    ]
+    jacobian = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in rows]).double()
+    expected = torch.from_numpy(min_norm_convex_hull(jacobian))
+    opt.step(losses())
+    change = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, model.parameters())])
+    torch.testing.assert_close(
+        change.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())
+    )
