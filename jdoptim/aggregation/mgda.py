@@ -50,19 +50,46 @@ from ._scaling import scale_free
 from .upgrad import _check_reg_eps
 
 
+def _first_pivot(
+    equilibrated: np.ndarray, eps: float, rhs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(M, v)`` with ``M = equilibrated + εI`` and ``v = M⁻¹ rhs`` by one Cholesky
+    factorisation, or ``None`` when ``M`` is not (numerically) positive definite."""
+    matrix = equilibrated.copy()
+    matrix.reshape(-1)[:: matrix.shape[0] + 1] += eps
+    factor, failed = torch.linalg.cholesky_ex(torch.from_numpy(matrix))
+    if failed:
+        return None
+    return matrix, torch.cholesky_solve(torch.from_numpy(rhs)[:, None], factor)[:, 0].numpy()
+
+
 def min_norm_simplex_weights(gramian: Tensor, reg_eps: float) -> tuple[Tensor, DualConeInfo]:
-    """``argmin_{w ∈ Δ_m} wᵀGw`` (exact: the complementarity problem of the module docstring)."""
+    """``argmin_{w ∈ Δ_m} wᵀGw`` (exact: the complementarity problem of the module docstring).
+
+    The first block pivot from ``v = 0`` frees every variable (the linear term ``-D`` is
+    negative), so the Cholesky factorisation that proves ``M`` positive definite also gives
+    that pivot's solution ``M⁻¹D``; when it is positive (all gradients active) it is the answer
+    (``Mv − D = 0``). Otherwise the block pivoting takes over on the same ``M``; a ridge that
+    must grow goes through :func:`regularized_cholesky_safe`.
+    """
     m = gramian.shape[0]
     g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
     equilibrated, scale = equilibrate(0.5 * (g + g.T))
     eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
-    matrix, info = regularized_cholesky_safe(equilibrated, eps)
-    linear = -scale / scale.max()  # -D, up to a positive factor that w does not see
-    solution, certified = solve_nonnegative_lcp(matrix, linear[None, :])
-    v = solution[0]
-    if not certified[0]:
-        info.n_fallbacks += 1
-        v = _solve_quadprog_lcp(matrix, linear)
+    rhs = scale / scale.max()  # D, up to a positive factor that w does not see
+    first = _first_pivot(equilibrated, eps, rhs)
+    if first is not None:
+        matrix, v = first
+        info = DualConeInfo(ridge=eps)
+    else:
+        matrix, info = regularized_cholesky_safe(equilibrated, eps)
+        v = np.zeros(m)
+    if not (v > 0.0).all():
+        solution, certified = solve_nonnegative_lcp(matrix, -rhs[None, :])
+        v = solution[0]
+        if not certified[0]:
+            info.n_fallbacks += 1
+            v = _solve_quadprog_lcp(matrix, -rhs)
     weights = np.maximum(v, 0.0) * scale
     weights /= weights.sum()
     return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype), info
