@@ -92,10 +92,14 @@ def test_any_positive_rescaling_gives_the_rescaled_answer(matrix):
         assert (MGDA()(c * matrix) / c - expected).abs().max() <= 1e-6 * scale
 
 
-def test_solution_satisfies_the_kkt_conditions_at_m_64():
+@pytest.mark.parametrize(
+    ("m", "n", "active"), [(64, 40, False), (32, 400, True)], ids=["pivoting", "all_active"]
+)
+def test_solution_satisfies_the_kkt_conditions(m, n, active):
     """The complementarity form against the QP's own optimality conditions: ``w`` in the
-    simplex and ``(Gw)ᵢ = wᵀGw`` where ``wᵢ > 0``, ``≥`` elsewhere (up to the ridge)."""
-    matrix = full_rank(64, 40, 91)
+    simplex and ``(Gw)ᵢ = wᵀGw`` where ``wᵢ > 0``, ``≥`` elsewhere (up to the ridge). Random
+    gradients with ``m ≪ n`` are all active (the one-factorisation path); ``m > n`` is not."""
+    matrix = full_rank(m, n, 91)
     gramian = matrix @ matrix.T
     w = MGDAWeighting()(gramian)
     assert (w >= 0).all()
@@ -104,6 +108,7 @@ def test_solution_satisfies_the_kkt_conditions_at_m_64():
     tolerance = 1e-6 * float(gramian.diagonal().max())
     assert (products >= value - tolerance).all()
     assert ((products - value).abs()[w > 1e-9] <= tolerance).all()
+    assert bool((w > 0).all()) == active
 
 
 @pytest.mark.parametrize("modules", [False, True], ids=["jacobian", "engine"])
