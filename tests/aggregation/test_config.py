@@ -121,3 +121,32 @@ def test_low_precision_issue_19(dtype: torch.dtype) -> None:
         output.double(), direct_config(matrix.double()), rtol=1e-2, atol=1e-2
     )
     assert ConFIGWeighting()(matrix @ matrix.T).dtype == dtype
+
+
+@pytest.mark.parametrize("modules", [False, True], ids=["jacobian", "engine"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_optimizer_step_on_a_low_precision_model_issue_19(
+    dtype: torch.dtype, modules: bool
+) -> None:
+    """A bfloat16/float16 model stepped with ConFIG (its eigendecomposition has no Half kernel)
+    moves by ConFIG's update of its explicit Jacobian, up to the parameters' rounding."""
+    from jdoptim import JDOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).to(dtype)
+    x = torch.randn(5, 3).to(dtype)
+    before = [p.detach().double() for p in model.parameters()]
+    kwargs = {"modules": model} if modules else {}
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), ConFIG(), **kwargs)
+
+    def losses() -> list[Tensor]:
+        out = model(x).float()
+        return [out[:, 0].square().mean(), (out[:, 1] - 1.0).square().mean()]
+
+    params = list(model.parameters())
+    rows = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses()]
+    jacobian = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in rows]).double()
+    opt.step(losses())
+    assert all(p.dtype == dtype for p in model.parameters())
+    change = torch.cat([(b - p.detach().double()).reshape(-1) for b, p in zip(before, params)])
+    torch.testing.assert_close(change, direct_config(jacobian), rtol=0, atol=3e-2)
