@@ -42,11 +42,12 @@ _TORCHJD_GIVE_UP_S = 60.0
 
 
 def _torchjd_upgrad() -> Callable[[Tensor], Tensor] | None:
-    try:
+    try:  # TorchJD's default projector needs qpsolvers (``torchjd[quadprog_projector]``)
         from torchjd.aggregation import UPGradWeighting as TorchJDUPGrad
+
+        return TorchJDUPGrad()
     except ImportError:
         return None
-    return TorchJDUPGrad()
 
 
 METHODS: dict[str, Callable[[], Callable[[Tensor], Tensor] | None]] = {

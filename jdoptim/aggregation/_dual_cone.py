@@ -23,7 +23,10 @@ How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing
    anti-cycling rule), which terminates at the exact solution of the regularised problem.
    Problems whose first pivot frees the same variables (UPGrad: a group of agreeing losses)
    continue on the principal pivot transform of ``M`` on that set, where each later pivot solves
-   a system of the size of the change of free set only.
+   a system of the size of the change of free set only. UPGrad with :data:`TORCH_FROM` losses or
+   more (per-sample losses), and any Gramian off the CPU, takes the batched torch solver of
+   :mod:`._batched_lcp` instead, on the Gramian's device (a float32 search for the free sets,
+   then one float64 solve on them and the same certificate).
 4. **Certificate.** The KKT conditions (``z ≥ 0``, ``y ≥ 0``, ``y_F = 0`` on the free set) are
    checked to a relative tolerance; every problem that is not certified is re-solved with
    quadprog (Goldfarb–Idnani), which is also the reference solver of the tests.
