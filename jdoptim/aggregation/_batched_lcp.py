@@ -56,7 +56,13 @@ _PIVOT_TOL32 = 1e-6
 _CERTIFICATE_TOL = 1e-9
 _UNGUARDED_PIVOTS = 5
 #: Pivots of the float32 search before it hands over to float64 whatever it reached.
-_SEARCH_PIVOTS = 12
+_SEARCH_PIVOTS = 8
+#: Conjugate-gradient steps per pivot of the search.
+_CG_STEPS = 15
+#: Iterative-refinement steps of the first float64 solve (float32 factorisation).
+_REFINEMENT_STEPS = 3
+#: Float32 pivots (factored, exact in float32) for the problems the search left uncertified.
+_FACTORED_PIVOTS = 12
 
 
 def solve_lcp_batched(
@@ -79,15 +85,24 @@ def solve_lcp_batched(
     scale = linear.abs().amax(dim=1).clamp_min(1e-300)
     free = torch.zeros(k, m, dtype=torch.bool, device=linear.device)
     if k > 0 and m > 0:
-        search = (matrix.float(), linear.float(), free, _PIVOT_TOL32 * scale, _SEARCH_PIVOTS)
-        free = _pivot(*search, wide=matrix)
-    z = _solve_free(matrix, linear, free)
+        free = _search(matrix.float(), linear.float(), _PIVOT_TOL32 * scale.float())
+    z = _solve_free(matrix, linear, free, refine=True)
     certified = certify(matrix, linear, z, scale)
-    if not bool(certified.all()):
+    narrow = (matrix.float(), linear.float())
+    for exact in (False, True):  # float32 pivots, then float64 ones, for what is left
+        if bool(certified.all()):
+            break
         rows = (~certified).nonzero().squeeze(1)
-        tol = _PIVOT_TOL64 * scale[rows]
-        rest = _pivot(matrix, linear[rows], free[rows], tol, max_iter)
-        z[rows] = _solve_free(matrix, linear[rows], rest)
+        if exact:
+            stage = (matrix, linear[rows], free[rows], _PIVOT_TOL64 * scale[rows], max_iter)
+        else:
+            tol = _PIVOT_TOL32 * scale[rows]
+            stage = (narrow[0], narrow[1][rows], free[rows], tol, _FACTORED_PIVOTS)
+        found, finished = _pivot(*stage, wide=matrix)
+        # A float32 stage that did not finish may have stopped anywhere (block pivoting cycles
+        # before the anti-cycling rule settles it): the float64 stage then starts from z = 0.
+        free[rows] = found if exact else found & finished[:, None]
+        z[rows] = _solve_free(matrix, linear[rows], free[rows]).clamp_(min=0.0)
         certified[rows] = certify(matrix, linear[rows], z[rows], scale[rows])
     return z, certified
 
@@ -101,6 +116,45 @@ def certify(matrix: Tensor, linear: Tensor, z: Tensor, scale: Tensor) -> Tensor:
     return ((y >= -tol) & ((z == 0.0) | (y.abs() <= tol))).all(dim=1)
 
 
+def _search(matrix: Tensor, linear: Tensor, tol: Tensor) -> Tensor:
+    """Propose free sets: :data:`_SEARCH_PIVOTS` full block pivots in which each free-set
+    system is solved only approximately, by :data:`_CG_STEPS` conjugate-gradient steps on all
+    problems at once (one ``[k, m] × [m, m]`` product each, warm-started from the previous
+    pivot's solution), instead of one factorisation per problem. Only the signs are used."""
+    tol = tol[:, None]
+    z = torch.zeros_like(linear)
+    free = torch.zeros_like(linear, dtype=torch.bool)
+    infeasible = linear < -tol
+    for _ in range(_SEARCH_PIVOTS):
+        if not bool(infeasible.any()):
+            break
+        free ^= infeasible
+        z = _conjugate_gradient(matrix, linear, free, z, _CG_STEPS)
+        infeasible = torch.where(free, z, z @ matrix + linear) < -tol
+    return free
+
+
+def _conjugate_gradient(
+    matrix: Tensor, linear: Tensor, free: Tensor, start: Tensor, steps: int
+) -> Tensor:
+    """``steps`` CG steps on ``M_FF z_F = −q_F`` for every row at once, from ``start`` on ``F``."""
+    mask = free.to(matrix.dtype)
+    z = start * mask
+    r = -(linear + z @ matrix) * mask
+    p = r
+    rr = (r * r).sum(dim=1)
+    tiny = torch.finfo(matrix.dtype).tiny
+    for _ in range(steps):
+        mp = (p @ matrix) * mask
+        alpha = rr / (p * mp).sum(dim=1).clamp_min(tiny)
+        z = z + alpha[:, None] * p
+        r = r - alpha[:, None] * mp
+        rr_next = (r * r).sum(dim=1)
+        p = r + (rr_next / rr.clamp_min(tiny))[:, None] * p
+        rr = rr_next
+    return z
+
+
 def _pivot(
     matrix: Tensor,
     linear: Tensor,
@@ -108,8 +162,9 @@ def _pivot(
     tol: Tensor,
     max_iter: int,
     wide: Tensor | None = None,
-) -> Tensor:
-    """Block principal pivoting from the free sets ``free``; returns the last free sets.
+) -> tuple[Tensor, Tensor]:
+    """Block principal pivoting from the free sets ``free``; returns the last free sets and
+    which problems finished (no variable left to flip).
 
     ``wide``: for a float32 ``matrix``, the float64 matrix it rounds, used where a float32
     factorisation fails.
@@ -147,11 +202,11 @@ def _pivot(
         z_todo = _solve_free(matrix, linear[todo], free[todo], wide)
         w_todo = z_todo @ matrix + linear[todo]
         infeasible[todo] = torch.where(free[todo], z_todo, w_todo) < -tol[todo]
-    return free
+    return free, ~infeasible.any(dim=1)
 
 
 def _solve_free(
-    matrix: Tensor, linear: Tensor, free: Tensor, wide: Tensor | None = None
+    matrix: Tensor, linear: Tensor, free: Tensor, wide: Tensor | None = None, refine: bool = False
 ) -> Tensor:
     """For each row: ``z_F = −M_FF⁻¹ q_F`` on its free set ``F``, ``z = 0`` elsewhere.
 
@@ -171,12 +226,17 @@ def _solve_free(
         if size == 0:
             continue
         rows = order[start : start + CHUNK]
-        z[rows] = _solve_chunk(matrix, linear[rows], free[rows], size, wide)
+        z[rows] = _solve_chunk(matrix, linear[rows], free[rows], size, wide, refine)
     return z
 
 
 def _solve_chunk(
-    matrix: Tensor, linear: Tensor, free: Tensor, size: int, wide: Tensor | None
+    matrix: Tensor,
+    linear: Tensor,
+    free: Tensor,
+    size: int,
+    wide: Tensor | None,
+    refine: bool = False,
 ) -> Tensor:
     """:func:`_solve_free` for one chunk whose free sets have at most ``size`` variables."""
     c, m = linear.shape
@@ -188,6 +248,10 @@ def _solve_chunk(
         pair = valid[:, :, None] & valid[:, None, :]
         systems = systems * pair + torch.diag_embed((~valid).to(matrix.dtype))
     rhs = torch.where(valid, -torch.gather(linear, 1, index), 0.0)[:, :, None]
+    solution = _refined_solve(systems, rhs) if refine else None
+    if solution is not None:
+        z = torch.zeros_like(linear)
+        return z.scatter_(1, index, torch.where(valid, solution[:, :, 0], 0.0))
     factor, info = torch.linalg.cholesky_ex(systems)
     if bool((info != 0).any()):
         if matrix.dtype != torch.float64:
@@ -202,3 +266,19 @@ def _solve_chunk(
         solution = torch.cholesky_solve(rhs, factor)[:, :, 0]
     z = torch.zeros_like(linear)
     return z.scatter_(1, index, torch.where(valid, solution, 0.0))
+
+
+def _refined_solve(systems: Tensor, rhs: Tensor) -> Tensor | None:
+    """Float64 ``systems⁻¹ rhs`` from a float32 Cholesky factorisation and
+    :data:`_REFINEMENT_STEPS` steps of iterative refinement with float64 residuals (half the
+    cost of a float64 factorisation), or ``None`` when the float32 factorisation fails. Where
+    refinement does not converge (``cond · eps₃₂ ≳ 1``) the result is inaccurate, and the
+    certificate, which is computed in float64, rejects it."""
+    factor, info = torch.linalg.cholesky_ex(systems.float())
+    if bool((info != 0).any()):
+        return None
+    solution = torch.cholesky_solve(rhs.float(), factor).to(systems.dtype)
+    for _ in range(_REFINEMENT_STEPS):
+        residual = rhs - systems @ solution
+        solution = solution + torch.cholesky_solve(residual.float(), factor).to(systems.dtype)
+    return solution

@@ -68,8 +68,8 @@ def test_upgrad_problems_where_the_float32_factorisation_fails():
 def test_any_search_length_and_chunk_size_give_the_same_solutions(
     search_pivots, chunk, monkeypatch
 ):
-    """The float32 search only proposes free sets: with none (float64 pivoting from ``z = 0``),
-    one pivot, or a full search, and with any chunking, the certified answer is the same."""
+    """The search only proposes free sets: with none (pivoting from ``z = 0``), one pivot, or a
+    full search, and with any chunking, the certified answer is the same."""
     monkeypatch.setattr(module, "_SEARCH_PIVOTS", search_pivots)
     monkeypatch.setattr(module, "CHUNK", chunk)
     matrix = _random_pd(30, 2)
@@ -79,31 +79,48 @@ def test_any_search_length_and_chunk_size_give_the_same_solutions(
     np.testing.assert_allclose(z, _quadprog(matrix, linear), atol=1e-9, rtol=1e-7)
 
 
-def test_pivoting_from_an_arbitrary_free_set(monkeypatch):
+@pytest.mark.parametrize("factored_pivots", [0, 12])
+def test_pivoting_from_an_arbitrary_free_set(factored_pivots, monkeypatch):
     """Kim & Park's rule terminates from any start: a random (mostly wrong) proposal of the
-    search is corrected in float64."""
+    search is corrected, by float32 then float64 pivots or by float64 pivots alone."""
     rng = np.random.default_rng(8)
-
+    monkeypatch.setattr(module, "_FACTORED_PIVOTS", factored_pivots)
+    monkeypatch.setattr(
+        module, "_search", lambda m, q, tol: torch.from_numpy(rng.random(tuple(q.shape)) < 0.5)
+    )
     matrix = _random_pd(25, 8)
     linear = rng.standard_normal((6, 25))
-    original = module._pivot
-    calls = []
-
-    def pivot(matrix_t, linear_t, free, tol, max_iter, wide=None):
-        calls.append(matrix_t.dtype)
-        if matrix_t.dtype == torch.float32:
-            return torch.from_numpy(rng.random(tuple(linear_t.shape)) < 0.5)
-        return original(matrix_t, linear_t, free, tol, max_iter, wide)
-
-    monkeypatch.setattr(module, "_pivot", pivot)
     z, certified = _solve(matrix, linear)
-    assert calls == [torch.float32, torch.float64]
+    assert certified.all()
+    np.testing.assert_allclose(z, _quadprog(matrix, linear), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_first_solve_with_any_number_of_refinement_steps(steps, monkeypatch):
+    """The first float64 solve factors in float32 and refines: with no refinement the float32
+    accuracy fails the certificate and the pivots that follow redo those problems in float64;
+    the answer is the same in every case."""
+    monkeypatch.setattr(module, "_REFINEMENT_STEPS", steps)
+    matrix = _random_pd(40, 9, condition=1e-2)
+    linear = np.random.default_rng(9).standard_normal((8, 40))
+    z, certified = _solve(matrix, linear)
+    assert certified.all()
+    np.testing.assert_allclose(z, _quadprog(matrix, linear), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("steps", [0, 2, 50])
+def test_search_with_any_number_of_conjugate_gradient_steps(steps, monkeypatch):
+    monkeypatch.setattr(module, "_CG_STEPS", steps)
+    matrix = _random_pd(40, 10)
+    linear = np.random.default_rng(10).standard_normal((8, 40))
+    z, certified = _solve(matrix, linear)
     assert certified.all()
     np.testing.assert_allclose(z, _quadprog(matrix, linear), atol=1e-9, rtol=1e-7)
 
 
 def test_unfinished_problems_are_reported_uncertified(monkeypatch):
     monkeypatch.setattr(module, "_SEARCH_PIVOTS", 0)
+    monkeypatch.setattr(module, "_FACTORED_PIVOTS", 0)
     matrix = _random_pd(12, 3)
     linear = -np.abs(np.random.default_rng(3).standard_normal((4, 12)))  # z = 0 is infeasible
     _, certified = solve_lcp_batched(
