@@ -11,24 +11,31 @@ anti-cycling rule of Kim & Park 2011), written in batched torch operations so th
 the Gramian's device without a numpy round trip, and organised around where the time goes.
 
 **Where the time goes.** On per-sample Gramians every problem ends with its own free set of
-about ``m/2`` variables, and the free sets of different problems are nearly unrelated (those of
-the most similar sample differ in most of their variables), so no factorisation can be shared:
-each pivot costs one ``|F| × |F|`` Cholesky factorisation per problem, ``k·|F|³/3`` flops in
-all, and the solve is a few such passes. Three things keep the passes few and cheap:
+about ``m/4`` to ``m/2`` variables, and the free sets of different problems are nearly unrelated
+(those of the most similar sample differ in most of their variables), so no factorisation can be
+shared: an exact solve on a free set costs one ``|F| × |F|`` factorisation per problem,
+``k·|F|³/3`` flops in all (a *pass*), and block pivoting needs 3 to 8 passes. The solver spends
+about one pass:
 
-1. **Sorted, padded batches.** Each pass sorts the problems by free-set size and factors them in
-   chunks of :data:`CHUNK` at the chunk's largest size (padding with the identity), so padding
-   wastes little and memory stays at ``CHUNK·|F|²`` whatever ``k``.
-2. **Two precisions.** The pivots that only *search* for the free sets run in float32 (half the
-   time and memory of float64); their signs are all that is used. The free sets they end at are
-   then solved once in float64 and checked (next paragraph); a problem that fails the check
-   continues pivoting in float64 from that free set (Kim & Park's rule terminates from any
-   start for a P-matrix). A float32 factorisation that fails (``M_FF`` numerically singular in
-   float32) is redone in float64.
-3. **Only unfinished problems** are solved again at each pivot.
+1. **Search without factorisations** (:func:`_search`). Block pivots in which each free-set
+   system ``M_FF z_F = −q_F`` is solved only approximately, by :data:`_CG_STEPS` steps of
+   conjugate gradients on all ``k`` problems at once (each step one ``[k, m] × [m, m]`` product,
+   which runs at matrix-product speed), warm-started from the previous pivot's solution, in
+   float32. Only the signs are used: the search proposes free sets, nothing more.
+2. **One exact solve** on the proposed free sets: float32 Cholesky factorisations refined in
+   float64 (:func:`_refined_solve`), problems sorted by free-set size and factored in chunks of
+   :data:`CHUNK` at the chunk's largest size (padding with the identity; memory ``CHUNK·|F|²``
+   whatever ``k``), then the certificate below.
+3. **Pivots for the rest.** The problems that fail the certificate (a wrong proposal, or
+   refinement that did not converge) continue by block pivoting with factorisations: first in
+   float32 (:data:`_FACTORED_PIVOTS` pivots, each system exact in float32), then in float64 with
+   Kim & Park's rule, which terminates from any start for a P-matrix (from ``z = 0`` where the
+   float32 stage did not finish, since block pivoting can stop anywhere before the rule settles).
+   A float32 factorisation that fails is redone in float64, a float64 one by LU, and by least
+   squares where even that fails (such a problem is not certified and the caller re-solves it).
 
 **Why the result is exact (the certificate).** Whatever path found a free set ``F``, the
-returned ``z`` is the float64 solution of ``M_FF z_F = −q_F`` (``z = 0`` elsewhere), clipped to
+returned ``z`` is a float64 solution of ``M_FF z_F = −q_F`` (``z = 0`` elsewhere), clipped to
 ``z ≥ 0``, and a problem is reported *certified* only if, with ``y = Mz + q`` computed in float64,
 
 .. math::  y ≥ −τ, \qquad |yⱼ| ≤ τ \text{ wherever } zⱼ > 0,
@@ -36,8 +43,10 @@ returned ``z`` is the float64 solution of ``M_FF z_F = −q_F`` (``z = 0`` elsew
 
 i.e. ``z`` satisfies the KKT conditions of the convex problem up to a relative backward error
 of ``1e-9``: it is the exact solution of a problem whose ``q`` is perturbed by at most ``τ``.
-The float32 search never enters the answer. Uncertified problems are returned as such, for the
-caller to re-solve (:mod:`._dual_cone` uses quadprog).
+(Take ``q'`` equal to ``q − y`` on the free variables and ``q − min(y, 0)`` on the others:
+``z`` solves the problem of ``q'`` exactly and ``‖q − q'‖_∞ ≤ τ``.) Neither the search nor any
+float32 arithmetic is trusted, only this float64 check. Uncertified problems are returned as
+such, for the caller to re-solve (:mod:`._dual_cone` uses quadprog).
 
 Untested on CUDA in this repository (no device was available); every operation is a batched
 torch operation that runs on any device, and the test suite runs this path on the CPU.
@@ -55,7 +64,7 @@ _PIVOT_TOL64 = 1e-13
 _PIVOT_TOL32 = 1e-6
 _CERTIFICATE_TOL = 1e-9
 _UNGUARDED_PIVOTS = 5
-#: Pivots of the float32 search before it hands over to float64 whatever it reached.
+#: Pivots of the search (:func:`_search`) before it proposes whatever free sets it reached.
 _SEARCH_PIVOTS = 8
 #: Conjugate-gradient steps per pivot of the search.
 _CG_STEPS = 15
