@@ -92,3 +92,25 @@ def normalized_jacobian(matrix: Tensor) -> tuple[Tensor, int]:
     """``(J / 2^e, e)`` with ``2^e`` the power of two nearest above ``max|J|``."""
     exponent = power_of_two_exponent(matrix)
     return times_power_of_two(matrix, -exponent), exponent
+
+
+#: How far above the rounding noise seen in a spectrum (its most negative eigenvalue) the
+#: numerical-rank cut-off sits.
+NOISE_MARGIN = 10.0
+
+
+def rank_cutoff(eigenvalues: Tensor, relative: float) -> Tensor:
+    """The eigenvalue below which a Gramian-like (positive semi-definite) matrix is treated as
+    singular: ``max(relative · λ_max, 10 · |λ_min|)`` where ``λ_min < 0``.
+
+    A Gramian computed in float32 over ``n`` parameters carries rounding noise that grows with
+    ``n`` (measured on rank-3 Gramians: eigenvalues of ``1e-7 λ_max`` at ``n = 5·10⁴``,
+    ``6·10⁻⁶ λ_max`` at ``n = 5·10⁵``), which a weighting cannot know; its null directions then
+    get eigenvalues of both signs of that size, so the negative ones measure the noise and keep
+    the positive ones out of a pseudo-inverse.
+    """
+    if eigenvalues.numel() == 0:
+        return torch.zeros((), dtype=eigenvalues.dtype, device=eigenvalues.device)
+    top = eigenvalues.max().clamp(min=0.0)
+    noise = (-eigenvalues.min()).clamp(min=0.0)
+    return torch.maximum(relative * top, NOISE_MARGIN * noise)

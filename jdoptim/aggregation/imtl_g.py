@@ -16,10 +16,12 @@ float64): ``N`` has a unit diagonal, so its conditioning does not suffer from gr
 different norms, as ``G``'s does (rows of norms ``1e-3 … 1e3`` give ``cond(G) ≈ 1e12``).
 
 Rank deficiency (``m > n``, duplicated or zero gradients): ``N⁻¹`` is replaced by the
-Moore–Penrose pseudo-inverse ``N⁺`` (eigenvalues below ``10·m·eps(dtype)·λ_max`` are treated as
-zero), i.e. ``x`` is the minimum-norm least-squares solution of ``Nx ∝ 1``; a zero gradient has
-no direction and gets weight ``0``. The equal-projection property then holds exactly when ``1``
-lies in the range of ``N`` and in the least-squares sense otherwise. When ``N⁺1`` vanishes (e.g.
+Moore–Penrose pseudo-inverse ``N⁺`` (eigenvalues below ``10·m·eps(dtype)·λ_max``, or below
+ten times the rounding noise a negative eigenvalue shows, are treated as zero; see
+:func:`._scaling.rank_cutoff`), i.e. ``x`` is the minimum-norm least-squares solution of
+``Nx ∝ 1``; a zero gradient has no direction and gets weight ``0``. The equal-projection
+property then holds exactly when ``1`` lies in the range of ``N`` and in the least-squares sense
+otherwise. When ``N⁺1`` vanishes (e.g.
 two exactly opposite gradients, where every direction orthogonal to both has equal projections
 0; numerically: ``1``'s projection on the kept eigenvectors is below ``10·m·eps·‖1‖``) or
 ``1ᵀS⁻¹N⁺1`` does, the weights are all zero. Weights are invariant to scaling ``G``, so
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
-from ._scaling import scale_free
+from ._scaling import rank_cutoff, scale_free
 
 
 class IMTLGWeighting(_NonDifferentiable, Weighting):
@@ -52,12 +54,13 @@ class IMTLGWeighting(_NonDifferentiable, Weighting):
         inverse_norms = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
         cosines = inverse_norms.unsqueeze(1) * g * inverse_norms.unsqueeze(0)
         eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (cosines + cosines.T))
-        top = eigenvalues.abs().max() if m else torch.zeros((), dtype=torch.float64)
-        keep = eigenvalues > 10.0 * m * epsilon * top
+        if m == 0:
+            return torch.zeros(0, dtype=gramian.dtype, device=gramian.device)
+        keep = eigenvalues > rank_cutoff(eigenvalues, 10.0 * m * epsilon)
         ones = (norms > 0).to(torch.float64)  # a zero gradient has no projection to equalise
         projections = torch.where(keep, eigenvectors.T @ ones, 0.0)
         zeros = torch.zeros(m, dtype=gramian.dtype, device=gramian.device)
-        if m == 0 or not projections.norm() > 10.0 * m * epsilon * ones.norm():
+        if not projections.norm() > 10.0 * m * epsilon * ones.norm():
             return zeros  # N⁺1 = 0
         inverse = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, 1.0), 0.0)
         v = inverse_norms * (eigenvectors @ (inverse * projections))

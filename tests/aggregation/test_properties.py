@@ -691,3 +691,37 @@ def test_against_torchjd(entry: Entry) -> None:
         expected = oracle(matrix)
         actual = _call(entry, matrix)
         assert float((actual - expected).norm()) <= 1e-10 * float(matrix.norm()), name
+
+
+# 13. Rounding noise of float32 Gramians over many parameters --------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pseudo_inverse_methods_ignore_float32_gramian_noise(seed: int) -> None:
+    """A rank-3 Jacobian of 6 rows over 5·10⁵ parameters in float32: its Gramian's null
+    directions carry rounding noise of about 1e-5 λ_max (which a weighting cannot predict from
+    ``n``); ConFIG, IMTL-G and Aligned-MTL must cut it, not invert it (the float64 answer of the
+    same rank-3 matrix). A cut-off of m·ε on the cosine matrix gave a relative error of 1e13."""
+    matrix = full_rank(6, 3, 55 + seed) @ full_rank(3, 500_000, 56 + seed)
+    for aggregator in (agg.ConFIG(), agg.IMTLG(), agg.AlignedMTL()):
+        expected = aggregator(matrix)
+        actual = aggregator(matrix.float()).double()
+        assert float((actual - expected).norm()) <= 1e-3 * float(expected.norm()), aggregator
+
+
+@pytest.mark.parametrize("name", ["ConFIG", "IMTLG", "AlignedMTL"])
+def test_negative_eigenvalues_reveal_the_noise_to_cut(name: str) -> None:
+    """A rank-3 Gramian whose null space carries noise of eigenvalues (+η, −η, −η), η = 1e-6
+    relative, far above float64's cut-offs: the negative ones show the noise level, so the
+    positive one is cut as well (inverting it gave an arbitrary direction). The weights of the
+    noisy Gramian give the update of the exact one."""
+    matrix = full_rank(6, 3, 240) @ full_rank(3, 9, 241)
+    gramian = matrix @ matrix.T
+    eigenvalues, eigenvectors = torch.linalg.eigh(gramian)
+    null = eigenvectors[:, :3]  # the three (numerically) zero eigenvalues come first
+    noise = 1e-6 * float(eigenvalues.max()) * torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)
+    noisy = gramian + null @ torch.diag(noise) @ null.T
+    weighting = getattr(agg, f"{name}Weighting")()
+    expected = weighting(gramian) @ matrix
+    actual = weighting(noisy) @ matrix
+    assert float((actual - expected).norm()) <= 1e-4 * float(expected.norm())
