@@ -66,8 +66,9 @@ _CERTIFICATE_TOL = 1e-9
 _UNGUARDED_PIVOTS = 5
 #: Pivots of the search (:func:`_search`) before it proposes whatever free sets it reached.
 _SEARCH_PIVOTS = 8
-#: Conjugate-gradient steps per pivot of the search.
+#: Conjugate-gradient steps per pivot of the search, and the relative residual that stops them.
 _CG_STEPS = 15
+_CG_TOL = 1e-4
 #: Iterative-refinement steps of the first float64 solve (float32 factorisation).
 _REFINEMENT_STEPS = 3
 #: Float32 pivots (factored, exact in float32) for the problems the search left uncertified.
@@ -146,14 +147,18 @@ def _search(matrix: Tensor, linear: Tensor, tol: Tensor) -> Tensor:
 def _conjugate_gradient(
     matrix: Tensor, linear: Tensor, free: Tensor, start: Tensor, steps: int
 ) -> Tensor:
-    """``steps`` CG steps on ``M_FF z_F = −q_F`` for every row at once, from ``start`` on ``F``."""
+    """Up to ``steps`` CG steps on ``M_FF z_F = −q_F`` for every row at once, from ``start`` on
+    ``F``; stops early once every residual is below :data:`_CG_TOL` relative to ``‖q_F‖``."""
     mask = free.to(matrix.dtype)
     z = start * mask
     r = -(linear + z @ matrix) * mask
     p = r
     rr = (r * r).sum(dim=1)
     tiny = torch.finfo(matrix.dtype).tiny
-    for _ in range(steps):
+    enough = (_CG_TOL**2) * (linear * linear * mask).sum(dim=1)
+    for step in range(steps):
+        if step % 5 == 4 and bool((rr <= enough).all()):
+            break
         mp = (p @ matrix) * mask
         alpha = rr / (p * mp).sum(dim=1).clamp_min(tiny)
         z = z + alpha[:, None] * p
@@ -248,14 +253,13 @@ def _solve_chunk(
     refine: bool = False,
 ) -> Tensor:
     """:func:`_solve_free` for one chunk whose free sets have at most ``size`` variables."""
-    c, m = linear.shape
     index = torch.argsort((~free).to(torch.uint8), dim=1, stable=True)[:, :size]
     valid = torch.gather(free, 1, index)
-    rows = matrix.index_select(0, index.reshape(-1)).reshape(c, size, m)
-    systems = torch.gather(rows, 2, index[:, None, :].expand(c, size, size))
-    if not bool(valid.all()):
-        pair = valid[:, :, None] & valid[:, None, :]
-        systems = systems * pair + torch.diag_embed((~valid).to(matrix.dtype))
+    systems = matrix[index[:, :, None], index[:, None, :]]
+    if not bool(valid.all()):  # padding: rows and columns of the identity, in place
+        weight = valid.to(matrix.dtype)
+        systems.mul_(weight[:, :, None]).mul_(weight[:, None, :])
+        systems.diagonal(dim1=1, dim2=2).add_(1.0 - weight)
     rhs = torch.where(valid, -torch.gather(linear, 1, index), 0.0)[:, :, None]
     solution = _refined_solve(systems, rhs) if refine else None
     if solution is not None:
