@@ -2,8 +2,10 @@
 
 Model: the shared MLP trunk 256→512→512→256 of :mod:`benchmarks.models` (ReLU), Adam, 2 threads.
 
-* per-sample losses (batch 16, 64): one head, ``batch_dim=0``, ``step((out - y)²)``, against
-  ``((out - y)²).mean().backward()``;
+* per-sample losses (batch 16, 64, 128, 256, 512): one head, ``batch_dim=0``,
+  ``step((out - y)²)``, against ``((out - y)²).mean().backward()``; from batch 128 on, UPGrad,
+  DualProj and Mean only, with TorchJD's autogram step up to batch 256 and its autojac step up to
+  batch 128 (beyond, a step takes tens of seconds), and fewer rounds (:func:`rounds_for`);
 * task losses (2, 8 tasks, batch 128): one head per task, ``step(task_losses)``, against
   ``sum(task_losses).backward()``.
 
@@ -17,7 +19,8 @@ TorchJD is installed (benchmark only, never a dependency), its autogram (``Engin
 
 Run: ``python -m pytest benchmarks/test_bench_engine.py --benchmark-only -q`` (pytest-benchmark
 timings with the ratios in ``extra_info``), or ``python benchmarks/test_bench_engine.py`` for the
-markdown table of ``RESULTS.md``.
+markdown table of ``RESULTS.md`` (``python benchmarks/test_bench_engine.py "batch 128" "batch 256"``
+for some rows only).
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ from benchmarks.hand_fused import HandFusedStep, check_against_jdoptim
 from benchmarks.interleave import interleaved_ratio
 from benchmarks.models import TrunkWithHeads, make_batch, task_losses
 from jdoptim import JDOptimizer
-from jdoptim.aggregation import Mean, UPGrad
+from jdoptim.aggregation import DualProj, Mean, UPGrad
 from jdoptim.autogram import Engine
 
 CASES = {
     "per-sample losses, batch 16": ("sample", 16),
     "per-sample losses, batch 64": ("sample", 64),
+    "per-sample losses, batch 128": ("sample", 128),
+    "per-sample losses, batch 256": ("sample", 256),
+    "per-sample losses, batch 512": ("sample", 512),
     "2 task losses, batch 128": ("task", 2),
     "8 task losses, batch 128": ("task", 8),
 }
@@ -56,6 +62,7 @@ METHODS = [
     "plain, hooked",
     "jdoptim UPGrad",
     "jdoptim Mean",
+    "jdoptim DualProj",
     "hand-fused UPGrad",
     "torchjd autogram",
     "torchjd autojac",
@@ -115,7 +122,7 @@ def make_step(case: str, method: str) -> Callable[[], None]:
 
         return fused_step
     if method.startswith("jdoptim"):
-        aggregator = UPGrad() if method.endswith("UPGrad") else Mean()
+        aggregator = {"UPGrad": UPGrad, "DualProj": DualProj, "Mean": Mean}[method.split()[-1]]()
         opt = JDOptimizer(
             adam, aggregator, modules=model, batch_dim=0 if kind == "sample" else None
         )
@@ -168,12 +175,34 @@ def _torchjd_step(method, kind, model, adam, losses) -> Callable[[], None]:
     return step
 
 
+#: Largest per-sample batch each TorchJD step is run at (a step beyond takes tens of seconds).
+_TORCHJD_UP_TO = {"torchjd autogram": 256, "torchjd autojac": 128}
+
+
+def rounds_for(case: str, rounds: int = 20) -> int:
+    """Interleaved rounds: ``rounds`` up to batch 128, fewer for the larger per-sample batches."""
+    kind, n = CASES[case]
+    return rounds if kind == "task" or n <= 128 else max(5, rounds // (n // 64))
+
+
 def measure_ratio(case: str, method: str, rounds: int = 20) -> dict[str, float]:
+    rounds = rounds_for(case, rounds)
     return interleaved_ratio(make_step(case, method), make_step(case, "plain"), rounds=rounds)
 
 
-def _available(method: str) -> bool:
-    return not method.startswith("torchjd") or _has_torchjd()
+def _available(method: str, case: str | None = None) -> bool:
+    """Whether ``method`` runs (at all, or for ``case``): TorchJD where installed and up to its
+    batch limit; from per-sample batch 128 on, jdoptim's UPGrad, DualProj and Mean only."""
+    if method.startswith("torchjd") and not _has_torchjd():
+        return False
+    if case is None:
+        return True
+    kind, n = CASES[case]
+    if kind == "task" or n <= 64:
+        return True
+    if method.startswith("torchjd"):
+        return n <= _TORCHJD_UP_TO[method]
+    return method.startswith("jdoptim") or method == "plain, hooked"
 
 
 @pytest.fixture(autouse=True)
@@ -187,8 +216,8 @@ def _two_threads():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_step(benchmark, case: str, method: str) -> None:
-    if not _available(method):
-        pytest.skip("torchjd is not installed")
+    if not _available(method, case):
+        pytest.skip("torchjd is not installed, or not run at this batch size")
     benchmark.group = f"engine: {case}"
     benchmark.extra_info.update(measure_ratio(case, method))
     benchmark(make_step(case, method))
@@ -224,14 +253,20 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def main() -> None:
+def main(selected: list[str]) -> None:
+    """Print the tables; ``selected``: substrings of the cases to run (all when empty)."""
     torch.set_num_threads(THREADS)
     methods = [m for m in METHODS if _available(m)]
     print("| case | plain step (ms) | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
     for case in CASES:
+        if selected and not any(part in case for part in selected):
+            continue
         cells, plain = [], []
         for method in methods:
+            if not _available(method, case):
+                cells.append("–")
+                continue
             result = measure_ratio(case, method, rounds=40)
             plain.append(result["baseline_ms"])
             cells.append(f"{result['ratio_median']:.2f}×")
@@ -248,4 +283,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

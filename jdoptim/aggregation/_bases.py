@@ -9,6 +9,11 @@ once, as a Weighting, and its Aggregator is :class:`GramianWeightedAggregator`, 
 
 This is what lets :class:`jdoptim.JDOptimizer` run such methods from the Gramian alone, which the
 hook-based Gramian engine computes without ever holding ``J``.
+
+Scale and precision (see :mod:`._scaling`): an aggregator computes float16/bfloat16 input in
+float32 and returns the input's dtype; a Weighting whose ``scale_degree`` is declared lets
+:class:`GramianWeightedAggregator` form the Gramian of ``J`` divided by a power of two, so that it
+neither under- nor overflows.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
+
+from ._scaling import LOW_PRECISION, normalized_jacobian, times_power_of_two
 
 _SYMMETRY_RTOL = 1e-4
 
@@ -82,7 +89,13 @@ class Weighting(nn.Module, ABC):
     """Maps a Gramian ``G ∈ R^{m×m}`` to a vector of ``m`` weights, one per loss.
 
     Subclasses implement :meth:`forward`; ``__call__`` validates the input first.
+
+    ``scale_degree``: ``k`` when the weights follow ``W(tG) = t^k W(G)`` for every ``t > 0``
+    (``0`` for scale-free weights), ``None`` (the default) when they follow no such law. A
+    class attribute, or an instance attribute where it depends on a hyperparameter.
     """
+
+    scale_degree: float | None = None
 
     def __call__(self, gramian: Tensor) -> Tensor:
         check_gramian(gramian)
@@ -105,6 +118,8 @@ class Aggregator(nn.Module, ABC):
 
     def __call__(self, matrix: Tensor) -> Tensor:
         check_matrix(matrix)
+        if matrix.dtype in LOW_PRECISION:
+            return super().__call__(matrix.float()).to(matrix.dtype)
         return super().__call__(matrix)
 
     @abstractmethod
@@ -128,9 +143,15 @@ class GramianWeightedAggregator(Aggregator):
         self.weighting = weighting
 
     def forward(self, matrix: Tensor) -> Tensor:
-        gramian = matrix @ matrix.T
-        weights = self.weighting(gramian)
-        return weights @ matrix
+        degree = self.weighting.scale_degree
+        if degree is None:
+            return self.weighting(matrix @ matrix.T) @ matrix
+        # W(J'J'ᵀ) for J' = J / 2^e, which cannot under- or overflow (see ._scaling).
+        normalized, exponent = normalized_jacobian(matrix)
+        weights = self.weighting(normalized @ normalized.T)
+        if degree == 0:
+            return weights @ matrix
+        return times_power_of_two(weights @ normalized, exponent * (1 + 2 * degree))
 
     def extra_repr(self) -> str:
         return self.weighting.extra_repr()

@@ -23,7 +23,10 @@ How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing
    anti-cycling rule), which terminates at the exact solution of the regularised problem.
    Problems whose first pivot frees the same variables (UPGrad: a group of agreeing losses)
    continue on the principal pivot transform of ``M`` on that set, where each later pivot solves
-   a system of the size of the change of free set only.
+   a system of the size of the change of free set only. UPGrad with :data:`TORCH_FROM` losses or
+   more (per-sample losses), and any Gramian off the CPU, takes the batched torch solver of
+   :mod:`._batched_lcp` instead, on the Gramian's device (a float32 search for the free sets,
+   then one float64 solve on them and the same certificate).
 4. **Certificate.** The KKT conditions (``z ≥ 0``, ``y ≥ 0``, ``y_F = 0`` on the free set) are
    checked to a relative tolerance; every problem that is not certified is re-solved with
    quadprog (Goldfarb–Idnani), which is also the reference solver of the tests.
@@ -51,6 +54,7 @@ import quadprog
 import torch
 from torch import Tensor
 
+from ._batched_lcp import solve_lcp_batched
 from ._lcp import solve_nonnegative_lcp
 
 DEFAULT_REGULARIZATION = 1e-10
@@ -61,6 +65,10 @@ _LARGE_RIDGE_FACTOR = 1e4
 #: a diagonal entry below ``_RELATIVE_ZERO_DIAGONAL`` times the largest as a zero gradient.
 _ZERO_DIAGONAL = 1e-300
 _RELATIVE_ZERO_DIAGONAL = 1e-30
+#: From this many losses on (and always for a Gramian off the CPU), UPGrad's ``m`` problems are
+#: solved by the batched torch solver (:mod:`._batched_lcp`) on the Gramian's device; below it,
+#: the numpy solver (:mod:`._lcp`), tuned for few array operations, is faster.
+TORCH_FROM = 192
 
 
 @dataclass
@@ -264,7 +272,9 @@ def solve_upgrad_weights(
     ``i`` is one vector-matrix product. With ``m ≤ 2``, the plain-Python solve
     (:func:`_solve_tiny`) and its sum need no arrays at all; the rare tiny problems it declines
     take the general path. Preferences with a negative entry take :func:`solve_dual_cone`;
-    ``preference=None`` is the uniform ``1/m``.
+    ``preference=None`` is the uniform ``1/m``. From :data:`TORCH_FROM` losses on, and for a
+    Gramian off the CPU, the problems are solved in float64 torch on the Gramian's device
+    (:func:`_upgrad_weights_torch`).
     """
     eps = _ridge(gramian, reg_eps)
     m = gramian.shape[0]
@@ -276,18 +286,68 @@ def solve_upgrad_weights(
             weights = [sum(column) for column in zip(*tiny, strict=True)]
             result = torch.tensor(weights, dtype=gramian.dtype, device=gramian.device)
             return result, DualConeInfo(ridge=eps)
+    if preference is not None and bool((preference < 0.0).any()):
+        solutions, info = solve_dual_cone(gramian, torch.diag(preference), reg_eps)
+        return solutions.sum(dim=0), info
+    if m >= TORCH_FROM or gramian.device.type != "cpu":
+        uniform = torch.full((m,), 1.0 / m, dtype=torch.float64, device=gramian.device)
+        weights, info = _upgrad_weights_torch(
+            gramian, uniform if preference is None else preference, eps
+        )
+        return weights.to(dtype=gramian.dtype), info
     if preference is None:
         p = np.full(m, 1.0 / m)
     else:
         p = preference.detach().to(device="cpu", dtype=torch.float64).numpy()
-        if (p < 0.0).any():
-            solutions, info = solve_dual_cone(gramian, torch.diag(preference), reg_eps)
-            return solutions.sum(dim=0), info
     matrix, scale, info = _equilibrated_problem(gramian, eps)
     z = _certified_lcp(matrix, matrix, info)
     norms = p / scale
     weights = scale * (norms + norms @ z)
     return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype), info
+
+
+def _upgrad_weights_torch(
+    gramian: Tensor, preference: Tensor, eps: float
+) -> tuple[Tensor, DualConeInfo]:
+    """:func:`solve_upgrad_weights` in float64 torch on ``gramian``'s device: the same
+    equilibration and ridge (:func:`_equilibrated_problem_torch`), the ``m`` problems by
+    :func:`._batched_lcp.solve_lcp_batched`, quadprog for any it does not certify."""
+    matrix, scale, info = _equilibrated_problem_torch(gramian, eps)
+    z, certified = solve_lcp_batched(matrix, matrix)
+    if not bool(certified.all()):
+        host = matrix.cpu().numpy()
+        for row in (~certified).nonzero().squeeze(1).tolist():
+            info.n_fallbacks += 1
+            z[row] = torch.from_numpy(_solve_quadprog_lcp(host, host[row])).to(z.device)
+    norms = preference.to(device=matrix.device, dtype=torch.float64) / scale
+    return scale * (norms + norms @ z), info
+
+
+def _equilibrated_problem_torch(gramian: Tensor, eps: float) -> tuple[Tensor, Tensor, DualConeInfo]:
+    """:func:`_equilibrated_problem` in float64 torch on ``gramian``'s device (the same
+    equilibration, ridge growth and eigenvalue clipping as :func:`equilibrate` and
+    :func:`regularized_cholesky_safe`)."""
+    g = gramian.detach().to(torch.float64)
+    g = 0.5 * (g + g.T)
+    diag = g.diagonal()
+    top = float(diag.max())
+    if top <= _ZERO_DIAGONAL:
+        scale = torch.ones_like(diag)
+    else:
+        scale = torch.where(diag <= _RELATIVE_ZERO_DIAGONAL * top, top, diag).rsqrt()
+    equilibrated = g * torch.outer(scale, scale)
+    identity = torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
+    current = eps
+    while current <= _MAX_REGULARIZATION:
+        candidate = equilibrated + current * identity
+        if int(torch.linalg.cholesky_ex(candidate).info) == 0:
+            info = DualConeInfo(ridge=current, large_ridge=current > _LARGE_RIDGE_FACTOR * eps)
+            return candidate, scale, info
+        current *= 100.0
+    eigenvalues, eigenvectors = torch.linalg.eigh(equilibrated)
+    clipped = (eigenvectors * eigenvalues.clamp(min=0.0)) @ eigenvectors.T
+    info = DualConeInfo(ridge=eps, clipped_eigenvalues=True)
+    return 0.5 * (clipped + clipped.T) + eps * identity, scale, info
 
 
 def solve_dual_cone_quadprog(

@@ -94,7 +94,8 @@ def solve_nonnegative_lcp(
     certified = _certify(matrix, linear, z, scale)
     if not certified.all():
         rows = np.flatnonzero(~certified)
-        z[rows] = _solve_directly(matrix, linear[rows], pivot_tol[rows], max_iter)
+        # clipped here: _certify clips its argument, which is a copy of these rows
+        z[rows] = np.maximum(_solve_directly(matrix, linear[rows], pivot_tol[rows], max_iter), 0.0)
         certified[rows] = _certify(matrix, linear[rows], z[rows], scale[rows])
     return z, certified
 

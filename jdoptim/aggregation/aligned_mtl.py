@@ -4,7 +4,8 @@ for Multi-Task Learning", CVPR).
 Aligned-MTL replaces the gradients by an orthogonal system of equal norms, the one closest to
 them (an orthogonal Procrustes problem), so that the condition number of the aligned system is 1.
 From the eigendecomposition of the Gramian ``G = V Λ Vᵀ`` restricted to its ``r`` positive
-eigenvalues ``λ₁ ≥ … ≥ λ_r`` (those above ``λ₁·m·10·eps(dtype)``), the balance transformation is
+eigenvalues ``λ₁ ≥ … ≥ λ_r`` (those above ``λ₁·m·10·eps(dtype)`` and above ten times the rounding
+noise a negative eigenvalue shows, see :func:`._scaling.rank_cutoff`), the balance transformation is
 
 .. math::  B = σ \, V_r Λ_r^{-1/2} V_rᵀ, \qquad \hat J = B J, \qquad
            d = \hat Jᵀ p = Jᵀ (B p), \quad w = B p,
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
+from ._scaling import rank_cutoff, scale_free
 from .upgrad import _preference
 
 SCALE_MODES = ("min", "median", "rmse")
@@ -54,13 +56,16 @@ class AlignedMTLWeighting(_NonDifferentiable, Weighting):
         self.pref_vector = pref_vector
         self.scale_mode = scale_mode
 
+    scale_degree = 0.0
+
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         preference = _preference(self.pref_vector, gramian).to(dtype=torch.float64)
         m = gramian.shape[0]
         g = gramian.to(dtype=torch.float64)
         eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (g + g.T))
         top = eigenvalues.max() if m else torch.zeros((), dtype=torch.float64)
-        keep = eigenvalues > top * m * 10.0 * torch.finfo(gramian.dtype).eps
+        keep = eigenvalues > rank_cutoff(eigenvalues, m * 10.0 * torch.finfo(gramian.dtype).eps)
         if m == 0 or not keep.any() or top <= 0.0:
             return torch.zeros(m, dtype=gramian.dtype, device=gramian.device)
         kept_values = eigenvalues[keep]

@@ -55,6 +55,7 @@ from ._dual_cone import (
 )
 from ._lcp import solve_nonnegative_lcp
 from ._mixins import _NonDifferentiable
+from ._scaling import scale_free
 from .upgrad import _check_reg_eps
 
 _KKT_TOL = 1e-9
@@ -161,6 +162,9 @@ class CAGradWeighting(_NonDifferentiable, Weighting):
         self.rescale = rescale
         self.reg_eps = reg_eps
 
+    scale_degree = 0.0
+
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()

@@ -18,12 +18,26 @@ matrix). The minimum-norm solution is ``ĝ = Uᵀ N⁺ p = Jᵀ c`` with ``c = D
 .. math::  d = Jᵀ w, \qquad w = \frac{1ᵀ G c}{cᵀ G c}\; c ,
 
 with no ``J`` needed (the length rescaling is ``1ᵀGc / cᵀGc`` because
-``Σ_i ⟨g_i, g_u⟩ ‖ĝ‖⁻¹ = 1ᵀGc / cᵀGc``). ``N⁺`` is computed by an eigendecomposition of the
-symmetric ``N``, discarding eigenvalues below ``rcond × λ_max``; eigenvalues of ``N`` are
-squared singular values of ``U``, so the cut-off (default ``m·√ε`` of the dtype) is what a
-relative cut-off of about ``ε^{1/4}`` would be on ``U``. Zero gradients have no direction: their
-unit gradient is taken to be ``0`` (they get weight ``0`` in ``c``). If every gradient is zero,
-``w = 0``.
+``Σ_i ⟨g_i, g_u⟩ ‖ĝ‖⁻¹ = 1ᵀGc / cᵀGc``). ``N⁺`` is computed, in float64, by an
+eigendecomposition of the symmetric ``N``, discarding eigenvalues below
+``max(rcond × λ_max, 10 |λ_min|)`` (default ``rcond = √ε`` of the Gramian's dtype; the second
+term, where ``N`` has a negative eigenvalue, is the rounding noise of a Gramian accumulated over
+many parameters, see :func:`._scaling.rank_cutoff`). Eigenvalues of ``N`` are the squared
+singular values of ``U``, so directions of ``U`` with a relative singular value down to
+``ε^{1/4}`` are kept (``0.019`` in float32: a condition number of 54; ``1.2·10⁻⁴`` in float64).
+Zero gradients have no direction:
+their unit gradient is taken to be ``0``
+(they get weight ``0`` in ``c``). If every gradient is zero, ``w = 0``.
+
+**Where ``U⁺p = 0``** (e.g. two exactly opposite gradients with ``p = 1``: no direction has
+equal positive projections on both), the method's limit is ``d = 0``: near such a point
+``ĝ`` grows without bound while ``Σ⟨gᵢ, g_u⟩`` tends to ``0``. Numerically, ``p``'s projection on
+the kept eigenvectors is then rounding noise, which the normalisation ``ĝ/‖ĝ‖`` would blow up to
+an arbitrary unit direction (depending, e.g., on the order of the rows); a projection below
+``10·m·ε·‖p‖`` is therefore taken as ``0``, and so is ``d``.
+
+The weights do not depend on the scale of the gradients (``scale_degree = 0``; see
+:mod:`._scaling`); float16/bfloat16 Gramians are computed in float32.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting, check_preference
 from ._mixins import _NonDifferentiable
+from ._scaling import rank_cutoff, scale_free
 
 
 class ConFIGWeighting(_NonDifferentiable, Weighting):
@@ -41,8 +56,10 @@ class ConFIGWeighting(_NonDifferentiable, Weighting):
     Args:
         pref_vector: preference ``p ∈ R^m`` (default: all ones).
         rcond: relative eigenvalue cut-off of the pseudo-inverse of the cosine matrix (default:
-            ``m·√ε`` of the Gramian's dtype).
+            ``√ε`` of the Gramian's dtype; see the module docstring).
     """
+
+    scale_degree = 0.0
 
     def __init__(self, pref_vector: Tensor | None = None, rcond: float | None = None) -> None:
         if pref_vector is not None and (
@@ -55,30 +72,33 @@ class ConFIGWeighting(_NonDifferentiable, Weighting):
         self.pref_vector = pref_vector
         self.rcond = rcond
 
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         check_preference(self.pref_vector, m)
+        epsilon = torch.finfo(gramian.dtype).eps
+        g = gramian.to(torch.float64)
         if self.pref_vector is None:
-            preference = torch.ones(m, dtype=gramian.dtype, device=gramian.device)
+            preference = torch.ones(m, dtype=torch.float64, device=g.device)
         else:
-            preference = self.pref_vector.to(dtype=gramian.dtype, device=gramian.device)
-        norms = gramian.diagonal().clamp(min=0.0).sqrt()
+            preference = self.pref_vector.to(dtype=torch.float64, device=g.device)
+        norms = g.diagonal().clamp(min=0.0).sqrt()
         inverse_norms = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-        cosines = inverse_norms.unsqueeze(1) * gramian * inverse_norms.unsqueeze(0)
-        cosines = 0.5 * (cosines + cosines.T)
-        eigenvalues, eigenvectors = torch.linalg.eigh(cosines)
-        rcond = self.rcond
-        if rcond is None:
-            rcond = m * torch.finfo(gramian.dtype).eps ** 0.5
-        keep = eigenvalues > rcond * eigenvalues.max().clamp(min=0.0)
+        cosines = inverse_norms.unsqueeze(1) * g * inverse_norms.unsqueeze(0)
+        eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (cosines + cosines.T))
+        rcond = epsilon**0.5 if self.rcond is None else self.rcond
+        keep = eigenvalues > rank_cutoff(eigenvalues, rcond)
+        projections = torch.where(keep, eigenvectors.T @ preference, 0.0)
+        if not projections.norm() > 10.0 * m * epsilon * preference.norm():
+            return torch.zeros(m, dtype=gramian.dtype, device=gramian.device)  # U⁺p = 0
         inverse_eigenvalues = torch.where(keep, 1.0 / torch.where(keep, eigenvalues, 1.0), 0.0)
-        solution = eigenvectors @ (inverse_eigenvalues * (eigenvectors.T @ preference))
-        coefficients = inverse_norms * solution
-        gramian_c = gramian @ coefficients
+        coefficients = inverse_norms * (eigenvectors @ (inverse_eigenvalues * projections))
+        gramian_c = g @ coefficients
         squared_length = coefficients @ gramian_c
         if not squared_length > 0:
-            return torch.zeros_like(coefficients)
-        return coefficients * (gramian_c.sum() / squared_length)
+            return torch.zeros(m, dtype=gramian.dtype, device=gramian.device)
+        weights = coefficients * (gramian_c.sum() / squared_length)
+        return weights.to(gramian.dtype)
 
     def extra_repr(self) -> str:
         pref = None if self.pref_vector is None else self.pref_vector.tolist()

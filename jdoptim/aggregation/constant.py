@@ -33,6 +33,8 @@ class ConstantWeighting(Weighting):
         weights: the weight vector, one entry per loss (a buffer: it follows ``.to()``).
     """
 
+    scale_degree = 0.0
+
     weights: Tensor
 
     def __init__(self, weights: Tensor) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 from ._bases import GramianWeightedAggregator
 from ._dual_cone import DEFAULT_REGULARIZATION
 from ._mixins import _NonDifferentiable
+from ._scaling import scale_free
 from .upgrad import _DualConeWeighting, _preference
 
 
@@ -30,6 +31,7 @@ class DualProjWeighting(_DualConeWeighting):
             ``1e-10``), as for :class:`~jdoptim.aggregation.UPGradWeighting`.
     """
 
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         preference = _preference(self.pref_vector, gramian)
         return self._solve(gramian, preference.unsqueeze(0))[0]

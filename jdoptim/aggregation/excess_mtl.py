@@ -20,10 +20,18 @@ starting from ``λ = 1`` (the first call only records ``e^{(1)}`` and returns ``
 update is ``d = λᵀ J`` with the weights of the current step. ``η = robust_step_size`` (default
 ``1e-2``, as in LibMTL, which carries the authors' implementation) and ``ε = 1e-7``.
 
+**Numerics.** The state keeps ``R = √S`` (accumulated by ``R ← hypot(R, |J|)``) rather than
+``S``, and ``e_i = Σ_k |J_ik| (|J_ik| / hypot(R_ik, √ε))`` is evaluated in float64: no square of
+a gradient entry is ever formed, so gradients of ``1e30`` (float32) neither overflow to ``inf``
+nor, at ``1e-30``, underflow to a zero risk. The weight update is done on ``log λ`` (shifted by
+its maximum before exponentiating), so that a large risk ratio cannot overflow ``exp``.
+
 **State** (checkpointed with ``state_dict()`` through ``get_extra_state``, forgotten by
-:meth:`ExcessMTL.reset`): the running sums ``S`` (``[m, n]``, as large as the Jacobian), the first
-excess risks ``e^{(1)}`` (``[m]``) and the weights ``λ`` (``[m]``). A loss whose first excess risk
-is ``0`` (zero gradient) records its first non-zero one instead and is not re-weighted until then.
+:meth:`ExcessMTL.reset`): the root sums ``R = √S`` (``[m, n]``, as large as the Jacobian), the
+first excess risks ``e^{(1)}`` (``[m]``) and the weights ``λ`` (``[m]``). A checkpoint written
+with the squared sums ``S`` (key ``"squared_sums"``) loads as ``R = √S``. A loss whose first
+excess risk is ``0`` (zero gradient) records its first non-zero one instead and is not
+re-weighted until then.
 
 The diagonal Hessian estimate is coordinate-wise, so ExcessMTL needs the Jacobian (it is an
 :class:`~jdoptim.aggregation.Aggregator`, not a Weighting). Non-differentiable.
@@ -56,7 +64,7 @@ class ExcessMTL(_NonDifferentiable, Stateful, Aggregator):
         super().__init__()
         self.robust_step_size = float(robust_step_size)
         self.eps = float(eps)
-        self._squared_sums: Tensor | None = None
+        self._root_sums: Tensor | None = None
         self._initial_risks: Tensor | None = None
         self._weights: Tensor | None = None
 
@@ -66,39 +74,46 @@ class ExcessMTL(_NonDifferentiable, Stateful, Aggregator):
         return self._weights
 
     def forward(self, matrix: Tensor) -> Tensor:
-        if self._squared_sums is None:
+        if self._root_sums is None:
             return self._first_call(matrix)
-        if self._squared_sums.shape != matrix.shape:
+        if self._root_sums.shape != matrix.shape:
             raise ValueError(
-                f"ExcessMTL accumulated Jacobians of shape {tuple(self._squared_sums.shape)} and "
+                f"ExcessMTL accumulated Jacobians of shape {tuple(self._root_sums.shape)} and "
                 f"now receives one of shape {tuple(matrix.shape)}. Call reset() to start over."
             )
         assert self._initial_risks is not None and self._weights is not None
-        squared_sums = self._squared_sums.to(matrix) + matrix.square()
-        risks = self._excess_risks(matrix, squared_sums)
-        initial = self._initial_risks.to(matrix)
+        root_sums = torch.hypot(self._root_sums.to(matrix), matrix.abs())
+        risks = self._excess_risks(matrix, root_sums)
+        initial = self._initial_risks.to(risks)
         known = initial > 0
         ratios = torch.where(known, risks / torch.where(known, initial, 1.0), 0.0)
-        weights = self._weights.to(matrix) * torch.exp(self.robust_step_size * ratios)
+        logits = self._weights.to(risks).log() + self.robust_step_size * ratios
+        weights = (logits - logits.max()).exp()
         weights = weights * (matrix.shape[0] / weights.sum())
-        self._squared_sums = squared_sums
+        self._root_sums = root_sums
         self._initial_risks = torch.where(known, initial, risks)
-        self._weights = weights
-        return weights @ matrix
+        self._weights = weights.to(matrix.dtype)
+        return self._weights @ matrix
 
     def _first_call(self, matrix: Tensor) -> Tensor:
-        squared_sums = matrix.square()
-        self._squared_sums = squared_sums
-        self._initial_risks = self._excess_risks(matrix, squared_sums)
+        root_sums = matrix.abs()
+        self._root_sums = root_sums
+        self._initial_risks = self._excess_risks(matrix, root_sums)
         self._weights = torch.ones(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
         return self._weights @ matrix
 
-    def _excess_risks(self, matrix: Tensor, squared_sums: Tensor) -> Tensor:
-        return (matrix.square() / (squared_sums + self.eps).sqrt()).sum(dim=1)
+    def _excess_risks(self, matrix: Tensor, root_sums: Tensor) -> Tensor:
+        """``e_i = Σ_k J_ik² / √(S_ik + ε)``, as ``Σ_k |J_ik| (|J_ik| / hypot(R_ik, √ε))`` in
+        float64 (see the module docstring)."""
+        magnitudes = matrix.abs().to(torch.float64)
+        denominators = torch.hypot(
+            root_sums.to(torch.float64), torch.tensor(self.eps**0.5, dtype=torch.float64)
+        )
+        return (magnitudes * (magnitudes / denominators)).sum(dim=1)
 
     def reset(self) -> None:
         """Forget the accumulated squared gradients, the first excess risks and the weights."""
-        self._squared_sums = None
+        self._root_sums = None
         self._initial_risks = None
         self._weights = None
 
@@ -107,7 +122,7 @@ class ExcessMTL(_NonDifferentiable, Stateful, Aggregator):
             return None if tensor is None else tensor.clone()
 
         return {
-            "squared_sums": copy(self._squared_sums),
+            "root_sums": copy(self._root_sums),
             "initial_risks": copy(self._initial_risks),
             "weights": copy(self._weights),
         }
@@ -116,7 +131,11 @@ class ExcessMTL(_NonDifferentiable, Stateful, Aggregator):
         def copy(tensor: Tensor | None) -> Tensor | None:
             return None if tensor is None else tensor.clone()
 
-        self._squared_sums = copy(state["squared_sums"])
+        if "squared_sums" in state:  # a checkpoint of S itself (before R = √S was kept)
+            squared = state["squared_sums"]
+            self._root_sums = None if squared is None else squared.clamp(min=0.0).sqrt()
+        else:
+            self._root_sums = copy(state["root_sums"])
         self._initial_risks = copy(state["initial_risks"])
         self._weights = copy(state["weights"])
 

@@ -37,6 +37,7 @@ from ._a_newton import DEFAULT_TOL, solve_power_equation
 from ._bases import GramianWeightedAggregator, Weighting
 from ._dual_cone import equilibrate, regularized_cholesky_safe, warn_once_if_degraded
 from ._mixins import _NonDifferentiable
+from ._scaling import scale_free
 from .upgrad import _check_reg_eps
 
 _DEFAULT_RIDGE = 1e-10
@@ -90,7 +91,10 @@ class FairGradWeighting(_NonDifferentiable, Weighting):
         self.alpha = float(alpha)
         self.reg_eps = reg_eps
         self.max_iter = max_iter
+        # w(tG) = t^{-α/(1+α)} w(G) (module docstring).
+        self.scale_degree = -self.alpha / (1.0 + self.alpha)
 
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         weights, res, converged = solve_fair_weights(
             gramian, 1.0 / self.alpha, self.reg_eps, None, self.max_iter, self

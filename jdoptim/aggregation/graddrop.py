@@ -35,6 +35,7 @@ from torch import Tensor
 from ._bases import Aggregator
 from ._mixins import Stateful, _NonDifferentiable
 from ._randomness import _SeededRandomness
+from ._scaling import normalized_jacobian
 
 
 class GradDrop(_NonDifferentiable, _SeededRandomness, Stateful, Aggregator):
@@ -71,12 +72,15 @@ class GradDrop(_NonDifferentiable, _SeededRandomness, Stateful, Aggregator):
                 f"`leak` has {self.leak.shape[0]} entries but there are {m} losses: give one "
                 "entry per loss."
             )
-        column_sum = matrix.sum(dim=0)
-        column_abs_sum = matrix.abs().sum(dim=0)
+        normalized, _ = normalized_jacobian(matrix)  # P does not depend on the scale
+        column_sum = normalized.sum(dim=0)
+        column_abs_sum = normalized.abs().sum(dim=0)
         safe_abs_sum = torch.where(column_abs_sum > 0, column_abs_sum, 1.0)
         purity = 0.5 * (1.0 + column_sum / safe_abs_sum)
-        thresholds = torch.rand(n, generator=self._generator, dtype=matrix.dtype)
+        # Drawn in float64 whatever the Jacobian's dtype: the same seed makes the same choices.
+        thresholds = torch.rand(n, generator=self._generator, dtype=torch.float64)
         thresholds = thresholds.to(matrix.device)
+        purity = purity.to(torch.float64)
         keep_positive = (purity > thresholds) & (matrix > 0)
         keep_negative = (purity < thresholds) & (matrix < 0)
         mask = (keep_positive | keep_negative).to(matrix.dtype)

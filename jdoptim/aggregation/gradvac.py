@@ -44,6 +44,7 @@ from torch import Tensor
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._randomness import _SeededRandomness, check_order, check_reduction
+from ._scaling import scale_free
 
 Reduction = Literal["sum", "mean"]
 Order = Literal["random", "fixed"]
@@ -111,6 +112,9 @@ class GradVacWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weightin
         self.target_similarities: Tensor | None = None
         self._init_generator(seed, generator)
 
+    scale_degree = 0.0
+
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         targets = self.target_similarities

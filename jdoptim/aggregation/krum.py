@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
+from ._scaling import scale_free
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -45,6 +46,9 @@ class KrumWeighting(_NonDifferentiable, Weighting):
         self.n_byzantine = n_byzantine
         self.n_selected = n_selected
 
+    scale_degree = 0.0
+
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         if m < self.n_byzantine + 3:

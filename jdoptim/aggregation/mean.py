@@ -11,6 +11,8 @@ from ._bases import GramianWeightedAggregator, Weighting
 class MeanWeighting(Weighting):
     """Uniform weights ``wᵢ = 1/m``. Differentiable (the weights are constant)."""
 
+    scale_degree = 0.0
+
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         return torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)

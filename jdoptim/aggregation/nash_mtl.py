@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
+from ._scaling import normalized_jacobian, scale_free, times_power_of_two
 from .fairgrad import solve_fair_weights
 from .upgrad import _check_reg_eps
 
@@ -78,6 +79,8 @@ class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):
         self.update_weights_every = update_weights_every
         self.optim_niter = optim_niter
         self.reg_eps = reg_eps
+        # α does not depend on the scale; the clipping does.
+        self.scale_degree = 0.0 if self.max_norm == 0.0 else None
         self._step = 0
         self._weights: Tensor | None = None
 
@@ -126,19 +129,29 @@ class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):
                 )
         return weights
 
-    def forward(self, gramian: Tensor) -> Tensor:
+    def unclipped_weights(self, gramian: Tensor) -> Tensor:
+        """The bargaining weights ``α`` of ``gramian`` (cached or solved; one step of the
+        state), before clipping: on the CPU, in float64. They do not depend on the Gramian's
+        scale, which :class:`NashMTL` uses to pass the Gramian of a normalised Jacobian."""
         m = gramian.shape[0]
         stale = self._weights is None or len(self._weights) != m
         if stale or self._step % self.update_weights_every == 0:
             self._weights = self._solve(gramian)
         self._step += 1
-        weights = self._weights.clone()
-        if self.max_norm > 0.0:
-            g = gramian.detach().to(device="cpu", dtype=torch.float64)
-            norm = max(float(weights @ g @ weights), 0.0) ** 0.5 if m else 0.0
-            if norm > self.max_norm:
-                weights = weights * (self.max_norm / norm)
-        return weights.to(device=gramian.device, dtype=gramian.dtype)
+        return self._weights.clone()
+
+    def clip(self, weights: Tensor, norm: float) -> Tensor:
+        """``α`` scaled down so that ``‖Jᵀα‖ ≤ max_norm``, given ``norm = ‖Jᵀα‖``."""
+        if self.max_norm > 0.0 and norm > self.max_norm:
+            return weights * (self.max_norm / norm)
+        return weights
+
+    @scale_free
+    def forward(self, gramian: Tensor) -> Tensor:
+        weights = self.unclipped_weights(gramian)
+        g = gramian.detach().to(device="cpu", dtype=torch.float64)
+        norm = max(float(weights @ g @ weights), 0.0) ** 0.5
+        return self.clip(weights, norm).to(device=gramian.device, dtype=gramian.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -157,6 +170,8 @@ class NashMTL(_NonDifferentiable, Stateful, GramianWeightedAggregator):
         reg_eps: see :class:`NashMTLWeighting`.
     """
 
+    weighting: NashMTLWeighting
+
     def __init__(
         self,
         max_norm: float = 1.0,
@@ -165,6 +180,18 @@ class NashMTL(_NonDifferentiable, Stateful, GramianWeightedAggregator):
         reg_eps: float = 1e-10,
     ) -> None:
         super().__init__(NashMTLWeighting(max_norm, update_weights_every, optim_niter, reg_eps))
+
+    def forward(self, matrix: Tensor) -> Tensor:
+        # α from the Gramian of J' = J / 2^e (it cannot under- or overflow; α does not depend
+        # on the scale), then clipped with ‖Jᵀα‖ = 2^e ‖J'ᵀα‖.
+        normalized, exponent = normalized_jacobian(matrix)
+        gramian = normalized @ normalized.T
+        weights = self.weighting.unclipped_weights(gramian)
+        g = gramian.detach().to(device="cpu", dtype=torch.float64)
+        norm = max(float(weights @ g @ weights), 0.0) ** 0.5
+        norm = float(times_power_of_two(torch.tensor(norm, dtype=torch.float64), exponent))
+        weights = self.weighting.clip(weights, norm)
+        return weights.to(device=matrix.device, dtype=matrix.dtype) @ matrix
 
     def reset(self) -> None:
         self.weighting.reset()

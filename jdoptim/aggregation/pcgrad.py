@@ -43,6 +43,7 @@ from torch import Tensor
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._randomness import _SeededRandomness, check_order, check_reduction
+from ._scaling import scale_free
 
 Reduction = Literal["sum", "mean"]
 Order = Literal["random", "fixed"]
@@ -95,6 +96,9 @@ class PCGradWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weighting
         self.order = order
         self._init_generator(seed, generator)
 
+    scale_degree = 0.0
+
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         orders = self._random_orders(m, self.order, gramian.device)

@@ -17,6 +17,7 @@ from torch import Tensor
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._randomness import _SeededRandomness
+from ._scaling import scale_free
 
 
 class RandomWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weighting):
@@ -33,6 +34,9 @@ class RandomWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weighting
         super().__init__()
         self._init_generator(seed, generator)
 
+    scale_degree = 0.0
+
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
         logits = torch.randn(m, generator=self._generator, dtype=torch.float64)

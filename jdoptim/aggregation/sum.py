@@ -11,6 +11,8 @@ from ._bases import GramianWeightedAggregator, Weighting
 class SumWeighting(Weighting):
     """Unit weights ``wᵢ = 1``. Differentiable (the weights are constant)."""
 
+    scale_degree = 0.0
+
     def forward(self, gramian: Tensor) -> Tensor:
         return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 

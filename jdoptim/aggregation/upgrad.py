@@ -30,6 +30,7 @@ from ._dual_cone import (
     warn_once_if_degraded,
 )
 from ._mixins import _NonDifferentiable
+from ._scaling import scale_free
 
 
 def _check_reg_eps(reg_eps: float) -> None:
@@ -46,7 +47,15 @@ def _preference(pref_vector: Tensor | None, gramian: Tensor) -> Tensor:
 
 
 class _DualConeWeighting(_NonDifferentiable, Weighting):
-    """What UPGrad's and DualProj's weightings share: a preference and the QP's ridge."""
+    """What UPGrad's and DualProj's weightings share: a preference and the QP's ridge.
+
+    Both are scale-free (``scale_degree = 0``): ``argmin_{v ≥ u} vᵀ(tG)v`` does not depend on
+    ``t > 0``, and the ridge is relative to the equilibrated Gramian; their ``forward`` is
+    :func:`~jdoptim.aggregation._scaling.scale_free`, so a Gramian at any scale the dtype holds
+    (and a float16/bfloat16 one, computed in float32) gives the same weights.
+    """
+
+    scale_degree = 0.0
 
     def __init__(
         self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION
@@ -77,6 +86,7 @@ class UPGradWeighting(_DualConeWeighting):
             indefinite, with a one-time warning when it had to be raised far).
     """
 
+    @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         check_preference(self.pref_vector, gramian.shape[0])
         weights, info = solve_upgrad_weights(gramian, self.pref_vector, self.reg_eps)

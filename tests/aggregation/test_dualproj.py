@@ -85,3 +85,16 @@ def test_bad_hyperparameters_are_rejected():
         DualProj(reg_eps=2.0)
     with pytest.raises(ValueError, match="preference"):
         DualProjWeighting(pref_vector=torch.ones(3))(torch.eye(2))
+
+
+@pytest.mark.parametrize(("m", "n", "rank"), [(12, 20, 4), (32, 40, 3), (20, 10, 3), (64, 100, 8)])
+def test_float32_permutation_spread_on_rank_deficient_matrices(m, n, rank):
+    """Issue 16, item 4 (as for UPGrad): permuting the rows of a float32 rank-deficient
+    Jacobian moves ``d`` by at most ``1e-6`` of the largest gradient's norm."""
+    for seed in range(3):
+        matrix = rank_deficient(m, n, rank=rank, seed=seed).float()
+        d = DualProj()(matrix)
+        scale = float(matrix.norm(dim=1).max())
+        for k in range(3):
+            perm = torch.randperm(m, generator=torch.Generator().manual_seed(k))
+            assert float((DualProj()(matrix[perm]) - d).abs().max()) <= 1e-6 * scale

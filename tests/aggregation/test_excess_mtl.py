@@ -96,3 +96,43 @@ def test_shape_change_and_bad_hyperparameters() -> None:
 
 def test_non_differentiable() -> None:
     assert ExcessMTL()(full_rank(2, 3).requires_grad_()).grad_fn is None
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 1e30), (torch.float32, 1e-30)])
+def test_extreme_scales_follow_the_naive_float64_loop(dtype: torch.dtype, scale: float) -> None:
+    """Squares of 1e30 overflow float32 (the accumulated S became inf and the weights NaN) and
+    squares of 1e-30 underflow (zero risks): the trajectory must match the float64 loop."""
+    matrices = [(full_rank(3, 5, 150 + t) * (1.0 + t) * scale).to(dtype) for t in range(4)]
+    aggregator = ExcessMTL(robust_step_size=0.5)
+    expected = naive_excess_mtl([x.double() for x in matrices], 0.5, 1e-7)
+    for matrix, target in zip(matrices, expected, strict=True):
+        output = aggregator(matrix)
+        assert output.dtype == dtype and torch.isfinite(output).all()
+        torch.testing.assert_close(output.double() / scale, target / scale, rtol=1e-5, atol=0)
+
+
+def test_large_risk_ratios_do_not_overflow_the_weights() -> None:
+    """A first step of tiny gradients then huge ones: ``exp(η e/e¹)`` overflows float64, the
+    log-domain update does not (the huge loss takes all the weight, ``m`` in total)."""
+    first = full_rank(3, 4, 160) * torch.tensor([[1.0], [1e-150], [1.0]], dtype=torch.float64)
+    aggregator = ExcessMTL(robust_step_size=1.0)
+    aggregator(first)
+    output = aggregator(full_rank(3, 4, 161))
+    assert torch.isfinite(output).all()
+    torch.testing.assert_close(aggregator.weights, torch.tensor([0.0, 3.0, 0.0]).double())
+
+
+def test_checkpoint_of_squared_sums_loads() -> None:
+    """A checkpoint written before the root sums (key ``squared_sums``) resumes the same
+    trajectory."""
+    matrices = [full_rank(3, 4, 170 + t) for t in range(3)]
+    reference = ExcessMTL(0.3)
+    outputs = [reference(x) for x in matrices]
+    aggregator = ExcessMTL(0.3)
+    aggregator(matrices[0])
+    state = aggregator.get_extra_state()
+    legacy = dict(state, squared_sums=state.pop("root_sums") ** 2)
+    restored = ExcessMTL(0.3)
+    restored.set_extra_state(legacy)
+    for x, expected in zip(matrices[1:], outputs[1:], strict=True):
+        torch.testing.assert_close(restored(x), expected, rtol=1e-14, atol=0)

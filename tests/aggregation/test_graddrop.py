@@ -81,3 +81,22 @@ def test_bad_leak() -> None:
         GradDrop(torch.tensor([0.5, 1.5]))
     with pytest.raises(ValueError, match="1-D"):
         GradDrop(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_same_seed_same_choices_in_every_dtype(dtype: torch.dtype) -> None:
+    """Thresholds are drawn in float64 whatever the dtype: the kept signs are those of the
+    float64 call on the same values (float16/bfloat16 come back in their dtype)."""
+    matrix = full_rank(4, 300, seed=45).to(dtype)
+    output = GradDrop(seed=5)(matrix)
+    assert output.dtype == dtype
+    expected = GradDrop(seed=5)(matrix.double())
+    torch.testing.assert_close(output.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e300])
+def test_purity_does_not_depend_on_the_scale(scale: float) -> None:
+    """``P`` is a ratio: column sums of 1e300-sized entries overflowed (NaN purity)."""
+    matrix = full_rank(4, 50, seed=46)
+    output = GradDrop(seed=6)(scale * matrix)
+    torch.testing.assert_close(output / scale, GradDrop(seed=6)(matrix), rtol=1e-12, atol=0)

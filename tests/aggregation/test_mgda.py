@@ -73,3 +73,69 @@ def test_no_grad_fn_float32_and_zero_gramian():
 def test_bad_hyperparameters_are_rejected():
     with pytest.raises(ValueError, match="reg_eps"):
         MGDA(reg_eps=0.0)
+
+
+def test_large_gradients_issue_16() -> None:
+    """The equality constraint ``Σ Dᵢwᵢ' = 1`` used to become tiny for quadprog ('constraints
+    are inconsistent'); the one-gradient answer is the gradient itself."""
+    torch.testing.assert_close(MGDA()(torch.tensor([[3e7]])), torch.tensor([3e7]))
+    torch.testing.assert_close(MGDAWeighting()(torch.tensor([[9e34]])), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("matrix", MATRIX_VALUES, ids=MATRIX_IDS)
+def test_any_positive_rescaling_gives_the_rescaled_answer(matrix):
+    """``A(cJ) = c A(J)`` for c from 1e-12 to 1e12 in float64, against the cvxpy min-norm point
+    at scale 1 (a Gramian of ‖g‖² ≳ 1e17 made quadprog fail)."""
+    expected = torch.from_numpy(min_norm_convex_hull(matrix))
+    scale = float(matrix.norm(dim=1).max())
+    for c in (1e-12, 1e-5, 1e9, 1e12):
+        assert (MGDA()(c * matrix) / c - expected).abs().max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "active"), [(64, 40, False), (32, 400, True)], ids=["pivoting", "all_active"]
+)
+def test_solution_satisfies_the_kkt_conditions(m, n, active):
+    """The complementarity form against the QP's own optimality conditions: ``w`` in the
+    simplex and ``(Gw)ᵢ = wᵀGw`` where ``wᵢ > 0``, ``≥`` elsewhere (up to the ridge). Random
+    gradients with ``m ≪ n`` are all active (the one-factorisation path); ``m > n`` is not."""
+    matrix = full_rank(m, n, 91)
+    gramian = matrix @ matrix.T
+    w = MGDAWeighting()(gramian)
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=torch.float64))
+    products, value = gramian @ w, w @ gramian @ w
+    tolerance = 1e-6 * float(gramian.diagonal().max())
+    assert (products >= value - tolerance).all()
+    assert ((products - value).abs()[w > 1e-9] <= tolerance).all()
+    assert bool((w > 0).all()) == active
+
+
+@pytest.mark.parametrize("modules", [False, True], ids=["jacobian", "engine"])
+def test_optimizer_step_with_losses_scaled_by_1e9_issue_19(modules):
+    """Issue 19, item 6: losses scaled by 1e9 (‖g‖² ≈ 1e20) made quadprog raise 'constraints
+    are inconsistent' inside a step; the step is MGDA's min-norm point of the explicit
+    Jacobian (cvxpy), on both the Jacobian and the Gramian-engine paths."""
+    from jdoptim import JDOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    kwargs = {"modules": model} if modules else {}
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), MGDA(), **kwargs)
+
+    def losses():
+        out = model(x)
+        return [1e9 * out[:, 0].square().mean(), 1e9 * (out[:, 1] - 1.0).square().mean()]
+
+    rows = [
+        torch.autograd.grad(loss, list(model.parameters()), retain_graph=True) for loss in losses()
+    ]
+    jacobian = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in rows]).double()
+    expected = torch.from_numpy(min_norm_convex_hull(jacobian))
+    opt.step(losses())
+    change = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, model.parameters())])
+    torch.testing.assert_close(
+        change.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())
+    )

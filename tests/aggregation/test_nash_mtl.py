@@ -113,3 +113,22 @@ def test_degenerate_no_grad_fn_float32_and_bad_hyperparameters():
         NashMTL(update_weights_every=0)
     with pytest.raises(ValueError, match="optim_niter"):
         NashMTL(optim_niter=0)
+
+
+@pytest.mark.parametrize(("dtype", "scale"), [(torch.float32, 1e-30), (torch.float64, 1e-200)])
+def test_tiny_gradients_keep_their_direction_issue_16(dtype: torch.dtype, scale: float) -> None:
+    """The Gramian of such gradients underflows to 0 (NashMTL returned exactly 0): the weights
+    come from the normalised Jacobian, and without clipping ``d`` is homogeneous."""
+    matrix = full_rank(3, 7, 90)
+    expected = NashMTL(max_norm=0.0)(matrix.to(dtype)).double()
+    output = NashMTL(max_norm=0.0)((scale * matrix).to(dtype)).double()
+    torch.testing.assert_close(output / scale, expected, rtol=1e-5, atol=0)
+
+
+def test_clipping_uses_the_true_norm_at_huge_scales() -> None:
+    """``‖Jᵀα‖`` of 1e30-sized float32 gradients is computed as 2^e ‖J'ᵀα‖ (no overflow):
+    the update is the unclipped direction with norm ``max_norm``."""
+    matrix = full_rank(3, 7, 91)
+    direction = NashMTL(max_norm=0.0)(matrix).double()
+    output = NashMTL(max_norm=2.0)((1e30 * matrix).float()).double()
+    torch.testing.assert_close(output, 2.0 * direction / direction.norm(), rtol=1e-5, atol=0)

@@ -158,3 +158,18 @@ def test_matches_quadprog_weights_on_a_positive_definite_gramian():
     )
     weights = UPGradWeighting()(j @ j.T).numpy()
     assert relative_error(weights, expected) <= 1e-7
+
+
+@pytest.mark.parametrize(("m", "n", "rank"), [(12, 20, 4), (32, 40, 3), (20, 10, 3), (64, 100, 8)])
+def test_float32_permutation_spread_on_rank_deficient_matrices(m, n, rank):
+    """Issue 16, item 4: in float32, on numerically rank-deficient Jacobians, permuting the rows
+    moves ``d`` by float32 rounding only: at most ``1e-6`` of the largest gradient's norm (the
+    scale at which ``d = Σ wᵢgᵢ`` is rounded term by term; relative to ``‖d‖`` itself the
+    spread can be larger when the gradients nearly cancel, as float32 sums then must)."""
+    for seed in range(3):
+        matrix = rank_deficient(m, n, rank=rank, seed=seed).float()
+        d = UPGrad()(matrix)
+        scale = float(matrix.norm(dim=1).max())
+        for k in range(3):
+            perm = torch.randperm(m, generator=torch.Generator().manual_seed(k))
+            assert float((UPGrad()(matrix[perm]) - d).abs().max()) <= 1e-6 * scale
