@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..introspection import iter_tensors
+from ._shared import SharedCalls, expand_along, expand_inputs, is_shared
 
 
 class Tapped(NamedTuple):
@@ -59,6 +60,10 @@ class CallRecord:
     rng: RandomState | None = None
     #: ``(device_type, dtype)`` of the autocast region the call ran in (re-run modules only)
     autocast: tuple[str, torch.dtype] | None = None
+    #: per-sample mode: a call shared by the samples that the hook can expand (see :mod:`._shared`)
+    shareable: bool = False
+    #: the hook returned the output expanded along the batch (the inputs here are expanded too)
+    expanded: bool = False
 
     @property
     def sole_input(self) -> Tensor | None:
@@ -138,20 +143,28 @@ def sole_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     return None
 
 
-def make_hook(key: str, pending: dict[int, list[RandomState]] | None = None):
+def make_hook(
+    key: str,
+    pending: dict[int, list[RandomState]] | None = None,
+    shared: SharedCalls | None = None,
+):
     """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``;
-    ``pending`` is the pre-hooks' stack of generator states (see the module docs).
+    ``pending`` is the pre-hooks' stack of generator states (see the module docs); ``shared``,
+    in per-sample mode, what the hooks know of sample-shared calls (see :mod:`._shared`): the
+    hook returns such a call's output expanded along the batch once its module is expandable.
 
     It holds no reference to the engine, so that a dropped engine can be collected (its
     finaliser then removes the hooks). Outside gradient mode it returns at once.
     """
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not torch.is_grad_enabled():
-            return
+            return None
         replayed = pending is not None and id(module) in pending  # a module the rules re-run
         rng = _drawn(pending, module)
         amp = autocast_now() if replayed else None
+        if shared is not None and output_is_shared(shared, args, kwargs, output):
+            return _record_shared(key, shared, module, args, kwargs, output, (rng, amp))
         sole = sole_tensor(args, kwargs)
         if isinstance(output, Tensor) and sole is not None:  # a layer on one tensor: no pytrees
             node = output.grad_fn
@@ -160,7 +173,7 @@ def make_hook(key: str, pending: dict[int, list[RandomState]] | None = None):
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
             call = CallRecord(module, args, {}, [tapped], rng, amp)
             node.metadata.setdefault(key, []).append((call, 0))
-            return
+            return None
         leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
         record: CallRecord | None = None
         input_nodes: set | None = None
@@ -176,5 +189,36 @@ def make_hook(key: str, pending: dict[int, list[RandomState]] | None = None):
                 record = CallRecord(module, args, kwargs, [], rng, amp)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
             node.metadata.setdefault(key, []).append((record, len(record.tapped) - 1))
+        return None
 
     return hook
+
+
+def output_is_shared(shared: SharedCalls, args: tuple, kwargs: dict, output: Any) -> bool:
+    """The call is sample-shared in a forward of ``b > 1`` samples (see :mod:`._shared`)."""
+    b = shared.batch_size()
+    if b is None or b <= 1 or not isinstance(output, Tensor) or output.grad_fn is None:
+        return False
+    if not is_shared(args, kwargs, output, shared.batch_dim):
+        return False
+    return all(t.grad_fn is not output.grad_fn for t in iter_tensors((args, kwargs)))
+
+
+def _record_shared(
+    key: str, shared: SharedCalls, module: nn.Module, args: tuple, kwargs: dict, output: Tensor,
+    state: tuple,
+) -> Tensor | None:
+    """Records a sample-shared call: as it is (marked ``shareable``, for :func:`._shared.learn`)
+    or, for an expandable module, with output and inputs expanded to the forward's ``b``
+    samples, returning the expanded output (which replaces the call's)."""
+    rng, amp = state
+    expand = id(module) in shared.expandable
+    if expand:
+        b = shared.batch_size()
+        assert b is not None
+        args, kwargs = expand_inputs(args, kwargs, shared.batch_dim, b)
+        output = expand_along(output, shared.batch_dim, b)
+    tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
+    call = CallRecord(module, args, kwargs, [tapped], rng, amp, shareable=True, expanded=expand)
+    output.grad_fn.metadata.setdefault(key, []).append((call, 0))
+    return output if expand else None

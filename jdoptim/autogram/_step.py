@@ -104,18 +104,24 @@ def _parameters_of(module: torch.nn.Module) -> Iterable[Tensor]:
 class NotPerSample(Exception):
     """A hooked call's output does not index the samples (e.g. a position embedding
     ``wpe(arange(t))`` of shape ``[t, d]`` or ``[1, s, d]``, shared by every sample): its output
-    gradient cannot be split per sample, and the engine takes this step in task mode."""
+    gradient cannot be split per sample, and the engine takes this step in task mode.
+    ``modules`` holds the ids of every such call's module."""
+
+    def __init__(self, message: str, modules: list[int]) -> None:
+        super().__init__(message)
+        self.modules = modules
 
 
-def _check_sample_layout(record: CallRecord, dims: list[int], count: int, label: str) -> None:
+def _layout_problem(record: CallRecord, dims: list[int], count: int, label: str) -> str:
     for tapped, dim in zip(record.tapped, dims):
         if len(tapped.shape) <= dim or tapped.shape[dim] != count:
-            raise NotPerSample(
+            return (
                 f"{label} returned shape {tuple(tapped.shape)}, which does not index the {count} "
                 f"samples along dimension {dim}: its output is shared by the samples (as a "
                 "position embedding's is), so one output gradient per sample cannot be had "
                 "from one backward pass."
             )
+    return ""
 
 
 class _RuleParameters(NamedTuple):
@@ -334,12 +340,17 @@ class GramianStep:
         """Where each call's outputs index the samples (``None`` without ``batch_dim``);
         raises :class:`NotPerSample` before the backward pass, when nothing is spent yet."""
         found: dict[int, list[int] | None] = {}
+        problems: dict[int, str] = {}
         for record, params in zip(records, call_params):
             found[id(record)] = None
             if batch_dim is not None and params:
                 dims = output_sample_dims(record, batch_dim)
-                _check_sample_layout(record, dims, self.b, self.label(record.module))
+                problem = _layout_problem(record, dims, self.b, self.label(record.module))
+                if problem:
+                    problems.setdefault(id(record.module), problem)
                 found[id(record)] = dims
+        if problems:
+            raise NotPerSample(next(iter(problems.values())), list(problems))
         return found
 
     def _to_original(self, square: Tensor) -> Tensor:

@@ -66,6 +66,7 @@ from ._selection import (
     module_labels,
     sample_mixing_problem,
 )
+from ._shared import SharedCalls, learn, make_root_hooks, unsafe_expansions
 from ._step import GramianStep, NotPerSample, VmapState
 from .rules._base import registered_rule
 
@@ -165,8 +166,16 @@ class Engine:
         self._hooked = hooked_modules(flat)
         self._labels = module_labels(flat)
         pending: dict[int, list[RandomState]] = {}
-        hook = make_hook(self._key, pending)
+        self._shared = None if batch_dim is None else SharedCalls(batch_dim)
+        hook = make_hook(self._key, pending, self._shared)
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._hooked]
+        if self._shared is not None:  # the forward's batch size, for sample-shared calls
+            root_pre, root_post = make_root_hooks(self._shared)
+            handles += [m.register_forward_pre_hook(root_pre, with_kwargs=True) for m in flat]
+            handles += [
+                m.register_forward_hook(root_post, with_kwargs=True, always_call=True)
+                for m in flat
+            ]
         pre_hook = make_pre_hook(pending)
         handles += [  # modules the generic rule re-runs: their random draws are recorded
             m.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -228,6 +237,8 @@ class Engine:
             )
         per_sample = per_sample and self.batch_dim is not None
         scan = scan_graph([losses.grad_fn], self._key)
+        if per_sample and self._shared is not None and losses.dim() > self.batch_dim:
+            learn(self._shared, scan.calls, losses, losses.shape[self.batch_dim])
         params = {id(p) for p in shared} | {id(p) for p in specific}
         key = signature(scan, losses, per_sample, params)
         route = self._routes.get(key)
@@ -263,14 +274,17 @@ class Engine:
         exact one (see :mod:`._certify`). Warns once the route is known, with its reason: a
         per-sample failure that one row per loss cures is the samples' dependence; one that
         needs autograd's rows is the re-run's."""
-        losses = options[0]
+        losses, scan = options[0], options[1]
+        if self._shared is not None:
+            self._check_expansions(scan, losses)
         route = Route(per_sample=per_sample)
         mixed = whole_names = ""
         for _ in range(5):
             try:
                 step = self._make_step(*options, route, True)
             except NotPerSample as err:
-                self._warn(f"{err} {_TASK_MODE}")
+                if self._shared is None or not set(err.modules) <= self._shared.expandable:
+                    self._warn(f"{err} {_TASK_MODE}")
                 route = Route(per_sample=False, explicit=route.explicit)
                 continue
             failed = failing_modules(step, losses, self._generator)
@@ -292,6 +306,22 @@ class Engine:
                 self._warn(f"{_RERUN} {self._names(failed)}.")
                 route = Route(False, route.explicit | {id(m) for m in failed})
         raise RuntimeError("The engine found no exact route for this step (a bug: report it).")
+
+    def _check_expansions(self, scan, losses: Tensor) -> None:
+        """Raises if an expanded sample-shared output (see :mod:`._shared`) has a consumer that
+        does not broadcast it against the samples: the forward may then differ from the
+        model's own, so the step is refused (the module is not expanded again)."""
+        assert self._shared is not None
+        bad = unsafe_expansions(self._shared, scan.calls, losses)
+        if bad:
+            names = ", ".join(f"{self._labels.get(id(m), type(m).__name__)}" for m in bad)
+            raise RuntimeError(
+                f"The engine expanded the output of {names}, shared by the samples, along the "
+                "batch (as an earlier step showed it safe), but in this forward an operation "
+                "other than a broadcasting +, -, * or / with the batched activations uses it, "
+                "so this forward may differ from the model's own. Nothing was changed; run the "
+                "forward again: this module's output is no longer expanded (exact, slower)."
+            )
 
     def _names(self, failed: dict[nn.Module, str], most: int = 6) -> str:
         labels = self._labels

@@ -1,0 +1,195 @@
+r"""Calls shared by the samples, expanded along the batch so that per-sample mode stays exact.
+
+In per-sample mode (``batch_dim``) a hooked call whose tensor inputs all have size 1 along
+``batch_dim`` while the forward's batch has ``b > 1`` samples (GPT-2's and BERT's position
+embedding ``wpe(arange(s)[None])`` of shape ``[1, s, d]``) is *sample-shared*: no input carries
+the batch, so its output ``Y`` is the same for every sample, and one backward pass gives only
+``Σᵢ ∂ℓᵢ/∂Y``. If the forward hook returns ``E = Y.expand(b, …)`` instead, and every consumer
+of ``Y`` broadcasts it against an operand that has the ``b`` samples along that dimension
+(``tok + pos``), the forward computes the same values in the same shapes, and the backward to
+``E`` gives ``∂ℓᵢ/∂Eᵢ``, each sample's own gradient. The call is then recorded with its inputs
+expanded the same way, so that its rule sees ``b`` samples, ``Eᵢ = f(xᵢ)``.
+
+Whether the consumers broadcast is read off the losses' graph, so the hook expands a module's
+calls only once a step has seen them, unexpanded, consumed by broadcasting element-wise
+operations only (:func:`learn`; that first step takes the exact row-per-loss route). The
+engine's check then proves the expanded route on the first step of its structure, and
+:func:`unsafe_expansions` verifies again there that every consumer of an expanded output
+broadcasts it against a batched operand; a consumer that does not (the code took another path)
+gets a clear error, and the module is not expanded again.
+
+The batch size ``b`` of a forward is read by a forward pre-hook on the modules given to the
+engine: the size along ``batch_dim`` of their tensor inputs, when they all agree. A call made
+outside such a forward (or one with no tensor argument of batch size) is not expanded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import Node
+from torch.utils._pytree import tree_map
+
+from ..introspection import iter_tensors
+
+#: consumers that broadcast their operands element-wise (their output has the broadcast shape)
+_BROADCASTING = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
+
+
+@dataclass(eq=False)
+class SharedCalls:
+    """What the hooks share about sample-shared calls (no reference to the engine)."""
+
+    batch_dim: int
+    #: the batch size of each running forward of an engine module (outermost first)
+    sizes: list[int | None] = field(default_factory=list)
+    #: ids of the modules whose sample-shared calls the hook expands
+    expandable: set[int] = field(default_factory=set)
+
+    def batch_size(self) -> int | None:
+        return self.sizes[0] if self.sizes else None
+
+
+def batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
+    """The size along ``batch_dim`` of the tensor arguments (of more than ``batch_dim``
+    dimensions) when they all agree, else ``None``."""
+    sizes = {t.shape[batch_dim] for t in iter_tensors((args, kwargs)) if t.dim() > batch_dim}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def make_root_hooks(state: SharedCalls):
+    """A forward pre-hook and hook for the engine's modules: they keep :attr:`SharedCalls.sizes`."""
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.sizes.append(batch_of(args, kwargs, state.batch_dim))
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if state.sizes:
+            state.sizes.pop()
+
+    return pre_hook, hook
+
+
+def is_shared(args: tuple, kwargs: dict, output: Any, batch_dim: int) -> bool:
+    """A call whose output is one tensor with size 1 along ``batch_dim``, and whose tensor
+    inputs all have size 1 there: nothing in it carries the batch."""
+    if not isinstance(output, Tensor) or output.dim() <= batch_dim or output.shape[batch_dim] != 1:
+        return False
+    inputs = iter_tensors((args, kwargs))
+    return all(t.dim() > batch_dim and t.shape[batch_dim] == 1 for t in inputs)
+
+
+def expand_along(tensor: Tensor, batch_dim: int, b: int) -> Tensor:
+    shape = list(tensor.shape)
+    shape[batch_dim] = b
+    return tensor.expand(shape)
+
+
+def expand_inputs(args: tuple, kwargs: dict, batch_dim: int, b: int) -> tuple[tuple, dict]:
+    """The call's tensor arguments expanded to ``b`` along ``batch_dim`` (views, no copy)."""
+
+    def grow(x: Any) -> Any:
+        return expand_along(x, batch_dim, b) if isinstance(x, Tensor) else x
+
+    return tree_map(grow, args), tree_map(grow, kwargs)
+
+
+def _consumers(roots: list[Node], targets: set[Node]) -> dict[Node, list[tuple[Node, int]]]:
+    """For each target node, the nodes of the graph under ``roots`` that take its output as an
+    input, with the input's position (one walk, stopping at the targets)."""
+    found: dict[Node, list[tuple[Node, int]]] = {t: [] for t in targets}
+    seen = set(roots)
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            continue
+        for position, (child, _) in enumerate(node.next_functions):
+            if child is None:
+                continue
+            if child in targets:
+                found[child].append((node, position))
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return found
+
+
+def _operand_shape(consumer: Node, position: int) -> torch.Size | None:
+    child, nr = consumer.next_functions[position]
+    if child is None:
+        return None
+    variable = getattr(child, "variable", None)
+    if variable is not None:
+        return variable.shape
+    metadata = child._input_metadata
+    return metadata[nr].shape if nr < len(metadata) else None
+
+
+def _broadcasts(consumer: Node, position: int, full: torch.Size, batch_dim: int) -> bool:
+    """``consumer`` is an element-wise broadcasting operation whose output has shape ``full``
+    (the shared output's with ``b`` along ``batch_dim``) and whose other operand has the ``b``
+    samples along that dimension: then the shared output, expanded or not, gives it the same
+    values."""
+    if type(consumer).__name__ not in _BROADCASTING or len(consumer.next_functions) != 2:
+        return False
+    if tuple(consumer._input_metadata[0].shape) != tuple(full):
+        return False
+    other = _operand_shape(consumer, 1 - position)
+    if other is None:
+        return False
+    aligned = batch_dim - (len(full) - len(other))  # right-aligned broadcasting
+    return 0 <= aligned < len(other) and other[aligned] == full[batch_dim]
+
+
+def _safe(losses: Tensor, nodes: dict[Node, torch.Size], batch_dim: int) -> dict[Node, bool]:
+    consumers = _consumers([losses.grad_fn], set(nodes))
+    return {
+        node: bool(consumers[node])
+        and all(_broadcasts(c, pos, full, batch_dim) for c, pos in consumers[node])
+        for node, full in nodes.items()
+    }
+
+
+def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
+    """Adds to :attr:`SharedCalls.expandable` the modules whose sample-shared calls, unexpanded
+    in this step, are all consumed by broadcasting operations against the ``b`` samples."""
+    batch_dim = state.batch_dim
+    candidates: dict[int, list[tuple[Node, torch.Size]]] = {}
+    for record, edges in scan_calls.items():
+        if record.shareable and not record.expanded and edges[0] is not None:
+            full = list(record.tapped[0].shape)
+            full[batch_dim] = b
+            candidates.setdefault(id(record.module), []).append((edges[0].node, torch.Size(full)))
+    candidates = {m: c for m, c in candidates.items() if m not in state.expandable}
+    if not candidates or b <= 1:
+        return
+    nodes = {node: full for calls in candidates.values() for node, full in calls}
+    safe = _safe(losses, nodes, batch_dim)
+    for module_id, calls in candidates.items():
+        if all(safe[node] for node, _ in calls):
+            state.expandable.add(module_id)
+
+
+def unsafe_expansions(state: SharedCalls, scan_calls: dict, losses: Tensor) -> list[nn.Module]:
+    """The modules of this step's expanded calls whose output some consumer does not broadcast
+    against the samples (they are no longer expanded from now on)."""
+    nodes = {
+        edges[0].node: record.tapped[0].shape
+        for record, edges in scan_calls.items()
+        if record.expanded and edges[0] is not None
+    }
+    if not nodes:
+        return []
+    safe = _safe(losses, nodes, state.batch_dim)
+    bad = [
+        record.module
+        for record, edges in scan_calls.items()
+        if record.expanded and edges[0] is not None and not safe[edges[0].node]
+    ]
+    for module in bad:
+        state.expandable.discard(id(module))
+    return list(dict.fromkeys(bad))

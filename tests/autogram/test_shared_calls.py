@@ -1,0 +1,147 @@
+"""Calls shared by the samples in per-sample mode: a position embedding ``wpe(arange(s)[None])``
+of shape ``[1, s, d]`` (GPT-2's and BERT's layout) is expanded along the batch by the engine's
+hook once a step has seen it consumed by ``tok + pos`` only, so that later steps stay on the
+per-sample path (one backward pass, ``step.b`` = the batch size) with no ``EngineRouteWarning``
+(``setup.cfg`` makes that warning an error). Every step's Gramian and ``JDOptimizer``'s ``.grad``
+equal the explicit per-sample Jacobian of the same losses, float64. nanoGPT's ``[t, d]`` layout
+keeps the exact row-per-loss route (and its warning)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from jdoptim import JDOptimizer
+from jdoptim.aggregation import UPGrad
+from jdoptim.autogram import Engine, EngineRouteWarning
+
+from ._oracle import assert_gramian_close, explicit_jacobian
+
+
+class _Positions(nn.Module):
+    """``head(tanh(mix(wte(idx) + wpe(positions))))`` with positions ``[1, s]`` or ``[s]``."""
+
+    def __init__(self, s: int, leading_one: bool, op: str = "add") -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(11, 6), nn.Embedding(s, 6)
+        self.mix, self.head = nn.Linear(6, 6), nn.Linear(6, 11, bias=False)
+        self.leading_one, self.op = leading_one, op
+
+    def forward(self, idx: Tensor) -> Tensor:
+        positions = torch.arange(idx.shape[1])
+        pos = self.wpe(positions[None] if self.leading_one else positions)
+        tok = self.wte(idx)
+        x = tok + pos if self.op == "add" else tok * pos if self.op == "mul" else pos + tok
+        return self.head(torch.tanh(self.mix(x)))
+
+
+def _losses(model: nn.Module, idx: Tensor) -> Tensor:
+    return model(idx).pow(2).sum((1, 2))
+
+
+def _steps(model: nn.Module, batches: list[Tensor]) -> list[int]:
+    """Engine steps on the batches; each Gramian against the explicit Jacobian; the steps' b."""
+    params = list(model.parameters())
+    seen = []
+    with Engine(model, batch_dim=0) as engine:
+        for idx in batches:
+            losses = _losses(model, idx)
+            jacobian = explicit_jacobian(losses, params)
+            step = engine.step(losses, params, [], per_sample=True)
+            with torch.no_grad():
+                gramian = step.gramian()
+            assert_gramian_close(gramian, jacobian @ jacobian.T, rtol=1e-12)
+            seen.append(step.b)
+    return seen
+
+
+@pytest.mark.parametrize("batch,s", [(4, 4), (3, 5), (5, 3)], ids=["s=b", "s>b", "s<b"])
+@pytest.mark.parametrize("op", ["add", "mul", "radd"])
+def test_leading_one_position_embedding_takes_the_per_sample_path(
+    batch: int, s: int, op: str
+) -> None:
+    torch.manual_seed(0)
+    model = _Positions(s, leading_one=True, op=op).double()
+    batches = [torch.randint(0, 11, (batch, s)) for _ in range(3)]
+    batches.append(torch.randint(0, 11, (batch - 1, s)))  # a smaller last batch
+    # The first step sees the call unexpanded (exact rows per loss, b = 1, no warning); the
+    # next ones are per-sample, whatever the batch size.
+    assert _steps(model, batches) == [1, batch, batch, batch - 1]
+
+
+def test_leading_one_jdoptimizer_grad() -> None:
+    torch.manual_seed(0)
+    model = _Positions(4, leading_one=True).double()
+    params = list(model.parameters())
+    opt = JDOptimizer(torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, batch_dim=0)
+    try:
+        for _ in range(3):
+            idx = torch.randint(0, 11, (4, 4))
+            losses = _losses(model, idx)
+            jacobian = explicit_jacobian(losses, params)
+            weights = UPGrad().weighting(jacobian @ jacobian.T)
+            opt.zero_grad()
+            opt.step(losses)
+            actual = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.testing.assert_close(actual, weights @ jacobian, rtol=1e-10, atol=1e-12)
+    finally:
+        opt._update_computer.engine.close()  # type: ignore[attr-defined]
+
+
+def test_output_unchanged_by_the_expansion() -> None:
+    """The model's output with the engine expanding ``wpe`` is the output without the engine."""
+    torch.manual_seed(0)
+    model = _Positions(5, leading_one=True).double()
+    idx = torch.randint(0, 11, (3, 5))
+    plain = model(idx).detach()
+    with Engine(model, batch_dim=0) as engine:
+        for _ in range(2):
+            out = model(idx)
+            assert torch.equal(out, plain) and out.shape == plain.shape
+            engine.compute_gramian(out.pow(2).sum((1, 2)))
+
+
+class _Summed(nn.Module):
+    """``wpe``'s ``[1, s, d]`` output reduced over dimension 0 (``pos.sum(0)``) in the forward:
+    expanding it would change the values, so it is never expanded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wpe, self.lin = nn.Embedding(4, 3), nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x + self.wpe(torch.arange(4)[None]).sum(0))
+
+
+def test_a_consumer_that_does_not_broadcast_keeps_the_row_route() -> None:
+    torch.manual_seed(0)
+    model = _Summed().double()
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    plain = model(x).detach()
+    params = list(model.parameters())
+    with Engine(model, batch_dim=0) as engine:
+        for k in range(2):
+            out = model(x)
+            assert torch.equal(out, plain)
+            losses = out.pow(2).sum((1, 2))
+            jacobian = explicit_jacobian(losses, params)
+            if k == 0:
+                with pytest.warns(EngineRouteWarning, match="'wpe'"):
+                    step = engine.step(losses, params, [], per_sample=True)
+            else:
+                step = engine.step(losses, params, [], per_sample=True)
+            assert step.b == 1
+            with torch.no_grad():
+                assert_gramian_close(step.gramian(), jacobian @ jacobian.T, rtol=1e-12)
+
+
+@pytest.mark.parametrize("batch,t", [(4, 4), (3, 5)], ids=["t=b", "t!=b"])
+def test_nanogpt_layout_stays_exact(batch: int, t: int) -> None:
+    """``[t, d]`` (nanoGPT) is not expanded (that would change its shape): exact rows per loss,
+    with the route warning."""
+    torch.manual_seed(0)
+    model = _Positions(t, leading_one=False).double()
+    batches = [torch.randint(0, 11, (batch, t)) for _ in range(2)]
+    with pytest.warns(EngineRouteWarning, match="'wpe'"):
+        assert _steps(model, batches) == [1, 1]
