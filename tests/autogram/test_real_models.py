@@ -15,9 +15,11 @@ For each: the engine's Gramian equals ``J Jᵀ`` of the explicit Jacobian ``J`` 
 ``JDOptimizer(modules=model)`` with UPGrad leaves ``.grad = Jᵀ w`` with ``w`` the UPGrad weights
 of that explicit Gramian.
 
-Models whose position embeddings are shared by the samples (GPT-2's and BERT's ``[1, s, d]``,
-nanoGPT's ``[t, d]``, T5's relative bias) take the engine's row-per-loss route in per-sample
-mode, with an ``EngineRouteWarning`` (ignored here: the results are what is checked).
+GPT-2's and BERT's position embeddings (``[1, s, d]``, shared by the samples) are expanded
+along the batch by the engine, so these models raise no ``EngineRouteWarning`` (an error in the
+suite). nanoGPT's ``[t, d]`` and T5's relative bias take the engine's row-per-loss route in
+per-sample mode, with an ``EngineRouteWarning`` (ignored for the other models: the results are
+what is checked).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from tests.models import NanoGPT, ResNetGN
 from ._oracle import as_square, explicit_jacobian
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
+#: models whose every layout is exact on the fast path (no EngineRouteWarning)
+NO_ROUTE_WARNING = {"gpt2", "bert"}
+_IGNORE_ROUTE = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
 
 VOCAB = 40
 Run = Callable[[nn.Module], Tensor]  # model → [b, 2] losses
@@ -197,7 +201,11 @@ SLOW = {"t5", "nanogpt_batch_is_seq"}
 
 
 def _cases() -> list:
-    marks = {name: [pytest.mark.slow] if name in SLOW else [] for name in MODELS}
+    marks = {
+        name: ([pytest.mark.slow] if name in SLOW else [])
+        + ([] if name in NO_ROUTE_WARNING else [_IGNORE_ROUTE])
+        for name in MODELS
+    }
     return [
         pytest.param(name, layout, marks=marks[name], id=f"{name}-{layout}")
         for name in MODELS
@@ -242,6 +250,26 @@ def test_real_model(name: str, layout: str) -> None:
     check_model(name, layout)
 
 
+@pytest.mark.parametrize("name", sorted(NO_ROUTE_WARNING))
+def test_position_embedding_expanded_per_sample(name: str) -> None:
+    """GPT-2's and BERT's ``[1, s, d]`` position embedding: after a first step that sees it, the
+    engine's steps are per-sample (``b`` = batch size, one backward pass) and exact."""
+    torch.manual_seed(0)
+    model, run = MODELS[name]()
+    model = model.double().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with Engine(model, batch_dim=0) as engine:
+        for k in range(3):
+            losses = run(model)[:, 0]
+            jacobian = explicit_jacobian(losses, params)
+            step = engine.step(losses, params, [], per_sample=True)
+            assert step.b == (1 if k == 0 else 4)
+            with torch.no_grad():
+                gramian = step.gramian()
+            assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-9
+
+
+@_IGNORE_ROUTE
 def test_gpt2_projections_use_the_conv1d_rule() -> None:
     """transformers' ``Conv1D`` goes through its Linear-like rule (no generic re-run in GPT-2)."""
     from jdoptim.autogram import rules
