@@ -35,10 +35,10 @@ from jdoptim.aggregation import UPGrad
 from jdoptim.autogram import EngineRouteWarning
 
 
-class _NeverExpand(set):
-    """An ``expandable`` set that stays empty: the engine never expands a call."""
+class _NeverExpand(dict):
+    """An ``expandable`` dict that stays empty: the engine never expands a call."""
 
-    def add(self, item: object) -> None:
+    def __setitem__(self, key: object, value: object) -> None:
         pass
 
 

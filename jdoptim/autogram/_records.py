@@ -163,7 +163,7 @@ def make_hook(
         replayed = pending is not None and id(module) in pending  # a module the rules re-run
         rng = _drawn(pending, module)
         amp = autocast_now() if replayed else None
-        if shared is not None and output_is_shared(shared, args, kwargs, output):
+        if shared is not None and output_is_shared(shared, module, args, kwargs, output):
             return _record_shared(key, shared, module, args, kwargs, output, (rng, amp))
         sole = sole_tensor(args, kwargs)
         if isinstance(output, Tensor) and sole is not None:  # a layer on one tensor: no pytrees
@@ -194,31 +194,43 @@ def make_hook(
     return hook
 
 
-def output_is_shared(shared: SharedCalls, args: tuple, kwargs: dict, output: Any) -> bool:
-    """The call is sample-shared in a forward of ``b > 1`` samples (see :mod:`._shared`)."""
+def output_is_shared(
+    shared: SharedCalls, module: nn.Module, args: tuple, kwargs: dict, output: Any
+) -> bool:
+    """The call is sample-shared in a forward of ``b > 1`` samples (see :mod:`._shared`): its
+    module is expandable along a new leading dimension, or nothing in it carries the batch."""
     b = shared.batch_size()
     if b is None or b <= 1 or not isinstance(output, Tensor) or output.grad_fn is None:
         return False
-    if not is_shared(args, kwargs, output, shared.batch_dim):
+    if not shared.expandable.get(id(module)) and not is_shared(
+        args, kwargs, output, shared.batch_dim
+    ):
         return False
     return all(t.grad_fn is not output.grad_fn for t in iter_tensors((args, kwargs)))
 
 
 def _record_shared(
-    key: str, shared: SharedCalls, module: nn.Module, args: tuple, kwargs: dict, output: Tensor,
+    key: str,
+    shared: SharedCalls,
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    output: Tensor,
     state: tuple,
 ) -> Tensor | None:
-    """Records a sample-shared call: as it is (marked ``shareable``, for :func:`._shared.learn`)
-    or, for an expandable module, with output and inputs expanded to the forward's ``b``
-    samples, returning the expanded output (which replaces the call's)."""
+    """Records a sample-shared call: as it is (for :func:`._shared.learn`) or, for an
+    expandable module, with output and inputs expanded to the forward's ``b`` samples,
+    returning the expanded output (which replaces the call's)."""
     rng, amp = state
-    expand = id(module) in shared.expandable
-    if expand:
+    new = shared.expandable.get(id(module))
+    expand = new is not None
+    shareable = is_shared(args, kwargs, output, shared.batch_dim)
+    if new is not None:
         b = shared.batch_size()
         assert b is not None
-        args, kwargs = expand_inputs(args, kwargs, shared.batch_dim, b)
-        output = expand_along(output, shared.batch_dim, b)
+        args, kwargs = expand_inputs(args, kwargs, shared.batch_dim, b, new)
+        output = expand_along(output, shared.batch_dim, b, new)
     tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
-    call = CallRecord(module, args, kwargs, [tapped], rng, amp, shareable=True, expanded=expand)
+    call = CallRecord(module, args, kwargs, [tapped], rng, amp, shareable, expand)
     output.grad_fn.metadata.setdefault(key, []).append((call, 0))
     return output if expand else None

@@ -13,10 +13,11 @@ expanded the same way, so that its rule sees ``b`` samples, ``Eᵢ = f(xᵢ)``.
 Whether the consumers broadcast is read off the losses' graph, so the hook expands a module's
 calls only once a step has seen them, unexpanded, consumed by broadcasting element-wise
 operations only (:func:`learn`; that first step takes the exact row-per-loss route). The
-engine's check then proves the expanded route on the first step of its structure, and
-:func:`unsafe_expansions` verifies again there that every consumer of an expanded output
-broadcasts it against a batched operand; a consumer that does not (the code took another path)
-gets a clear error, and the module is not expanded again.
+engine's check then proves the expanded route on the first step of its structure, and at every
+step :func:`unsafe_expansions` verifies again that every consumer of an expanded output
+broadcasts it against a batched operand (one walk of the graph, about 0.15 ms for GPT-2 tiny);
+a consumer that does not (the code took another path) gets a clear error before anything is
+changed, and the module is not expanded again.
 
 The batch size ``b`` of a forward is read by a forward pre-hook on the modules given to the
 engine: the size along ``batch_dim`` of their tensor inputs, when they all agree. A call made
@@ -46,8 +47,12 @@ class SharedCalls:
     batch_dim: int
     #: the batch size of each running forward of an engine module (outermost first)
     sizes: list[int | None] = field(default_factory=list)
-    #: ids of the modules whose sample-shared calls the hook expands
-    expandable: set[int] = field(default_factory=set)
+    #: ids of the modules whose sample-shared calls the hook expands, each with whether the
+    #: samples' dimension is a new leading one (``[t, d] → [b, t, d]``, ``batch_dim = 0``) or
+    #: the output's own dimension of size 1 (``[1, s, d] → [b, s, d]``)
+    expandable: dict[int, bool] = field(default_factory=dict)
+    #: ids of the modules :func:`learn` has looked at (each is looked at once)
+    decided: set[int] = field(default_factory=set)
 
     def batch_size(self) -> int | None:
         return self.sizes[0] if self.sizes else None
@@ -82,31 +87,35 @@ def is_shared(args: tuple, kwargs: dict, output: Any, batch_dim: int) -> bool:
     return all(t.dim() > batch_dim and t.shape[batch_dim] == 1 for t in inputs)
 
 
-def expand_along(tensor: Tensor, batch_dim: int, b: int) -> Tensor:
+def expand_along(tensor: Tensor, batch_dim: int, b: int, new: bool) -> Tensor:
+    """``tensor`` expanded to ``b`` along ``batch_dim`` (a view): along its own dimension of
+    size 1, or (``new``) along a new leading one."""
+    if new:
+        return tensor.unsqueeze(0).expand(b, *tensor.shape)
     shape = list(tensor.shape)
     shape[batch_dim] = b
     return tensor.expand(shape)
 
 
-def expand_inputs(args: tuple, kwargs: dict, batch_dim: int, b: int) -> tuple[tuple, dict]:
-    """The call's tensor arguments expanded to ``b`` along ``batch_dim`` (views, no copy)."""
+def expand_inputs(
+    args: tuple, kwargs: dict, batch_dim: int, b: int, new: bool
+) -> tuple[tuple, dict]:
+    """The call's tensor arguments expanded as its output is (views, no copy)."""
 
     def grow(x: Any) -> Any:
-        return expand_along(x, batch_dim, b) if isinstance(x, Tensor) else x
+        return expand_along(x, batch_dim, b, new) if isinstance(x, Tensor) else x
 
     return tree_map(grow, args), tree_map(grow, kwargs)
 
 
 def _consumers(roots: list[Node], targets: set[Node]) -> dict[Node, list[tuple[Node, int]]]:
     """For each target node, the nodes of the graph under ``roots`` that take its output as an
-    input, with the input's position (one walk, stopping at the targets)."""
+    input, with the input's position (one walk of the whole graph)."""
     found: dict[Node, list[tuple[Node, int]]] = {t: [] for t in targets}
     seen = set(roots)
     stack = list(roots)
     while stack:
         node = stack.pop()
-        if node in targets:
-            continue
         for position, (child, _) in enumerate(node.next_functions):
             if child is None:
                 continue
@@ -154,24 +163,55 @@ def _safe(losses: Tensor, nodes: dict[Node, torch.Size], batch_dim: int) -> dict
     }
 
 
+def _modes(record, b: int, batch_dim: int) -> tuple[torch.Size | None, torch.Size | None]:
+    """The consumers' output shape that shows ``record``'s output shared by the samples: with
+    ``b`` along its own dimension of size 1, and along a new leading dimension."""
+    shape = record.tapped[0].shape
+    own = None
+    if record.shareable:
+        full = list(shape)
+        full[batch_dim] = b
+        own = torch.Size(full)
+    new = torch.Size((b, *shape)) if batch_dim == 0 else None
+    return own, new
+
+
 def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
-    """Adds to :attr:`SharedCalls.expandable` the modules whose sample-shared calls, unexpanded
-    in this step, are all consumed by broadcasting operations against the ``b`` samples."""
-    batch_dim = state.batch_dim
-    candidates: dict[int, list[tuple[Node, torch.Size]]] = {}
-    for record, edges in scan_calls.items():
-        if record.shareable and not record.expanded and edges[0] is not None:
-            full = list(record.tapped[0].shape)
-            full[batch_dim] = b
-            candidates.setdefault(id(record.module), []).append((edges[0].node, torch.Size(full)))
-    candidates = {m: c for m, c in candidates.items() if m not in state.expandable}
-    if not candidates or b <= 1:
+    """Looks once at each module's calls in this step (unexpanded): a module whose every call
+    has one tensor output, consumed only by broadcasting operations against the ``b`` samples
+    (along its own dimension of size 1, or along a new leading dimension), is added to
+    :attr:`SharedCalls.expandable`. One walk of the graph, on a module's first step only."""
+    if b <= 1:
         return
-    nodes = {node: full for calls in candidates.values() for node, full in calls}
-    safe = _safe(losses, nodes, batch_dim)
-    for module_id, calls in candidates.items():
-        if all(safe[node] for node, _ in calls):
-            state.expandable.add(module_id)
+    fresh = [
+        (record, None if edges[0] is None else edges[0].node)
+        for record, edges in scan_calls.items()
+        if id(record.module) not in state.decided and not record.expanded
+    ]
+    if not fresh:
+        return
+    modes = {id(r): _modes(r, b, state.batch_dim) for r, _ in fresh}
+    usable = {id(r): n for r, n in fresh if len(r.tapped) == 1 and n is not None}
+    consumers = _consumers([losses.grad_fn], set(usable.values()))
+    found: dict[int, set[bool | None]] = {}
+    for record, node in fresh:
+        kinds = found.setdefault(id(record.module), set())
+        if node is None or id(record) not in usable:
+            kinds.add(None)
+            continue
+        used = consumers[node]
+        own, new = modes[id(record)]
+        kind = None
+        for flag, full in ((False, own), (True, new)):
+            if full is not None and used and all(
+                _broadcasts(c, pos, full, state.batch_dim) for c, pos in used
+            ):
+                kind = flag
+        kinds.add(kind)
+    for module_id, kinds in found.items():
+        state.decided.add(module_id)
+        if len(kinds) == 1 and None not in kinds:
+            state.expandable[module_id] = kinds.pop()  # type: ignore[assignment]
 
 
 def unsafe_expansions(state: SharedCalls, scan_calls: dict, losses: Tensor) -> list[nn.Module]:
@@ -191,5 +231,5 @@ def unsafe_expansions(state: SharedCalls, scan_calls: dict, losses: Tensor) -> l
         if record.expanded and edges[0] is not None and not safe[edges[0].node]
     ]
     for module in bad:
-        state.expandable.discard(id(module))
+        state.expandable.pop(id(module), None)
     return list(dict.fromkeys(bad))

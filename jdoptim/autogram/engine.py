@@ -237,8 +237,10 @@ class Engine:
             )
         per_sample = per_sample and self.batch_dim is not None
         scan = scan_graph([losses.grad_fn], self._key)
-        if per_sample and self._shared is not None and losses.dim() > self.batch_dim:
-            learn(self._shared, scan.calls, losses, losses.shape[self.batch_dim])
+        if self._shared is not None:
+            self._check_expansions(scan, losses)
+            if per_sample and losses.dim() > self.batch_dim:  # type: ignore[operator]
+                learn(self._shared, scan.calls, losses, losses.shape[self.batch_dim])
         params = {id(p) for p in shared} | {id(p) for p in specific}
         key = signature(scan, losses, per_sample, params)
         route = self._routes.get(key)
@@ -274,16 +276,14 @@ class Engine:
         exact one (see :mod:`._certify`). Warns once the route is known, with its reason: a
         per-sample failure that one row per loss cures is the samples' dependence; one that
         needs autograd's rows is the re-run's."""
-        losses, scan = options[0], options[1]
-        if self._shared is not None:
-            self._check_expansions(scan, losses)
+        losses = options[0]
         route = Route(per_sample=per_sample)
         mixed = whole_names = ""
         for _ in range(5):
             try:
                 step = self._make_step(*options, route, True)
             except NotPerSample as err:
-                if self._shared is None or not set(err.modules) <= self._shared.expandable:
+                if not self._expanded_next(err.modules):
                     self._warn(f"{err} {_TASK_MODE}")
                 route = Route(per_sample=False, explicit=route.explicit)
                 continue
@@ -295,7 +295,8 @@ class Engine:
                     self._warn(f"{_MIXED} Where it shows: {mixed}. {_TASK_MODE}")
                 return step, route
             if route.per_sample:
-                mixed = mixed or self._names(failed)
+                if not self._expanded_next(id(m) for m in failed):
+                    mixed = mixed or self._names(failed)
                 re_run = frozenset(id(m) for m in failed if id(m) in step.generic_modules)
                 if re_run and not route.whole:
                     whole_names = self._names({m: w for m, w in failed.items() if id(m) in re_run})
@@ -306,6 +307,12 @@ class Engine:
                 self._warn(f"{_RERUN} {self._names(failed)}.")
                 route = Route(False, route.explicit | {id(m) for m in failed})
         raise RuntimeError("The engine found no exact route for this step (a bug: report it).")
+
+    def _expanded_next(self, modules: Iterable[int]) -> bool:
+        """The modules (ids) are all expandable sample-shared calls: this step, which saw them
+        unexpanded, is exact by rows per loss, and the next forwards expand them, so no route
+        warning is due."""
+        return self._shared is not None and all(m in self._shared.expandable for m in modules)
 
     def _check_expansions(self, scan, losses: Tensor) -> None:
         """Raises if an expanded sample-shared output (see :mod:`._shared`) has a consumer that

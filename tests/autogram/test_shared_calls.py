@@ -3,8 +3,8 @@ of shape ``[1, s, d]`` (GPT-2's and BERT's layout) is expanded along the batch b
 hook once a step has seen it consumed by ``tok + pos`` only, so that later steps stay on the
 per-sample path (one backward pass, ``step.b`` = the batch size) with no ``EngineRouteWarning``
 (``setup.cfg`` makes that warning an error). Every step's Gramian and ``JDOptimizer``'s ``.grad``
-equal the explicit per-sample Jacobian of the same losses, float64. nanoGPT's ``[t, d]`` layout
-keeps the exact row-per-loss route (and its warning)."""
+equal the explicit per-sample Jacobian of the same losses, float64. nanoGPT's ``[t, d]``, broadcast
+along a new leading dimension, is expanded to ``[b, t, d]`` the same way."""
 
 from __future__ import annotations
 
@@ -136,12 +136,74 @@ def test_a_consumer_that_does_not_broadcast_keeps_the_row_route() -> None:
                 assert_gramian_close(step.gramian(), jacobian @ jacobian.T, rtol=1e-12)
 
 
+@pytest.mark.parametrize("op", ["add", "mul"])
 @pytest.mark.parametrize("batch,t", [(4, 4), (3, 5)], ids=["t=b", "t!=b"])
-def test_nanogpt_layout_stays_exact(batch: int, t: int) -> None:
-    """``[t, d]`` (nanoGPT) is not expanded (that would change its shape): exact rows per loss,
-    with the route warning."""
+def test_nanogpt_layout_takes_the_per_sample_path(batch: int, t: int, op: str) -> None:
+    """``[t, d]`` (nanoGPT), broadcast by ``tok + pos`` along a new leading dimension: expanded
+    to ``[b, t, d]`` from the second step on, also when ``t`` equals the batch size (where the
+    output's shape alone would pass for per-sample)."""
     torch.manual_seed(0)
-    model = _Positions(t, leading_one=False).double()
-    batches = [torch.randint(0, 11, (batch, t)) for _ in range(2)]
-    with pytest.warns(EngineRouteWarning, match="'wpe'"):
-        assert _steps(model, batches) == [1, 1]
+    model = _Positions(t, leading_one=False, op=op).double()
+    batches = [torch.randint(0, 11, (batch, t)) for _ in range(3)]
+    assert _steps(model, batches) == [1, batch, batch]
+
+
+def test_nanogpt_layout_jdoptimizer_grad_and_output() -> None:
+    torch.manual_seed(0)
+    model = _Positions(4, leading_one=False).double()
+    params = list(model.parameters())
+    opt = JDOptimizer(torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, batch_dim=0)
+    idx = torch.randint(0, 11, (4, 4))
+    plain = model(idx).detach()
+    try:
+        for _ in range(3):
+            out = model(idx)
+            assert torch.equal(out, plain)
+            losses = out.pow(2).sum((1, 2))
+            jacobian = explicit_jacobian(losses, params)
+            weights = UPGrad().weighting(jacobian @ jacobian.T)
+            opt.zero_grad()
+            opt.step(losses)
+            actual = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.testing.assert_close(actual, weights @ jacobian, rtol=1e-10, atol=1e-12)
+    finally:
+        opt._update_computer.engine.close()  # type: ignore[attr-defined]
+
+
+class _Switching(nn.Module):
+    """``tok + pos`` at first, then ``pos.sum(0)`` (which an expansion would change)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.wpe, self.lin = nn.Embedding(11, 3), nn.Embedding(4, 3), nn.Linear(3, 1)
+        self.summed = False
+
+    def forward(self, idx: Tensor) -> Tensor:
+        pos = self.wpe(torch.arange(4))
+        x = self.wte(idx) + (pos.sum(0) if self.summed else pos)
+        return self.lin(x).pow(2).sum((1, 2))
+
+
+def test_expanded_output_used_otherwise_is_refused_then_not_expanded() -> None:
+    torch.manual_seed(0)
+    model = _Switching().double()
+    idx = torch.randint(0, 11, (3, 4))
+    params = list(model.parameters())
+    with Engine(model, batch_dim=0) as engine:
+        for _ in range(2):
+            engine.step(model(idx), params, [], per_sample=True)
+        model.summed = True
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(RuntimeError, match=r"'wpe'.*no longer expanded"):
+            engine.step(model(idx), params, [], per_sample=True)
+        assert all(torch.equal(a, p) for a, p in zip(before, params))
+        losses = model(idx)  # not expanded: the model's own values, exact rows per loss
+        plain = _Switching().double()
+        plain.load_state_dict(model.state_dict())
+        plain.summed = True
+        torch.testing.assert_close(losses, plain(idx), rtol=0, atol=0)
+        jacobian = explicit_jacobian(losses, params)
+        step = engine.step(losses, params, [], per_sample=True)  # (the error said so: no warning)
+        assert step.b == 1
+        with torch.no_grad():
+            assert_gramian_close(step.gramian(), jacobian @ jacobian.T, rtol=1e-12)
