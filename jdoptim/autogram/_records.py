@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ..introspection import iter_tensors
-from ._shared import SharedCalls, expand_along, expand_inputs, is_shared
+from ._shared import SharedCalls, expand_along, expand_inputs, is_replaying, is_shared
 
 
 class Tapped(NamedTuple):
@@ -64,6 +64,9 @@ class CallRecord:
     shareable: bool = False
     #: the hook returned the output expanded along the batch (the inputs here are expanded too)
     expanded: bool = False
+    #: for an expanded call: the call's own ``(args, kwargs)``, output shape and the samples'
+    #: dimension of the expanded output (the generic rule re-runs the call as it was made)
+    unexpanded: tuple[tuple, dict, torch.Size, int] | None = None
 
     @property
     def sole_input(self) -> Tensor | None:
@@ -202,6 +205,8 @@ def output_is_shared(
     b = shared.batch_size()
     if b is None or b <= 1 or not isinstance(output, Tensor) or output.grad_fn is None:
         return False
+    if is_replaying():
+        return False
     if not shared.expandable.get(id(module)) and not is_shared(
         args, kwargs, output, shared.batch_dim
     ):
@@ -225,12 +230,14 @@ def _record_shared(
     new = shared.expandable.get(id(module))
     expand = new is not None
     shareable = is_shared(args, kwargs, output, shared.batch_dim)
+    unexpanded = None
     if new is not None:
         b = shared.batch_size()
         assert b is not None
+        unexpanded = (args, kwargs, output.shape, shared.batch_dim)
         args, kwargs = expand_inputs(args, kwargs, shared.batch_dim, b, new)
         output = expand_along(output, shared.batch_dim, b, new)
     tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
-    call = CallRecord(module, args, kwargs, [tapped], rng, amp, shareable, expand)
+    call = CallRecord(module, args, kwargs, [tapped], rng, amp, shareable, expand, unexpanded)
     output.grad_fn.metadata.setdefault(key, []).append((call, 0))
     return output if expand else None

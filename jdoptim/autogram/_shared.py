@@ -26,6 +26,9 @@ outside such a forward (or one with no tensor argument of batch size) is not exp
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,23 @@ from ..introspection import iter_tensors
 
 #: consumers that broadcast their operands element-wise (their output has the broadcast shape)
 _BROADCASTING = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
+
+
+_REPLAY = threading.local()
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    """While a rule re-runs a module's forward (the generic rule), its hooks expand nothing."""
+    _REPLAY.depth = getattr(_REPLAY, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _REPLAY.depth -= 1
+
+
+def is_replaying() -> bool:
+    return getattr(_REPLAY, "depth", 0) > 0
 
 
 @dataclass(eq=False)
@@ -203,8 +223,10 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
         own, new = modes[id(record)]
         kind = None
         for flag, full in ((False, own), (True, new)):
-            if full is not None and used and all(
-                _broadcasts(c, pos, full, state.batch_dim) for c, pos in used
+            if (
+                full is not None
+                and used
+                and all(_broadcasts(c, pos, full, state.batch_dim) for c, pos in used)
             ):
                 kind = flag
         kinds.add(kind)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -171,8 +172,12 @@ def test_nothing_accumulates_over_many_steps() -> None:
 
 def test_module_whose_output_does_not_index_the_samples_is_computed_exactly() -> None:
     """A hooked module whose output does not index the samples (here it averages over them)
-    cannot give per-sample rows from one backward pass. It used to be refused; the engine now
-    computes the step with one backward row per loss, exactly, and warns once, naming it."""
+    cannot give per-sample rows from one backward pass. It used to be refused; the engine
+    computes the first step with one backward row per loss, exactly; as ``head(a) * pool(c)``
+    broadcasts the output along the samples, the engine then expands it along the batch (every
+    sample's copy is the same ``pool(c)``), and the next steps are per-sample and exact. When an
+    input of the module is differentiated upstream (its gradient would mix the samples), the
+    check finds it and the step keeps the exact row-per-loss route, warning once, naming it."""
 
     class Pool(nn.Module):
         def __init__(self) -> None:
@@ -186,11 +191,23 @@ def test_module_whose_output_does_not_index_the_samples_is_computed_exactly() ->
     pool, head = Pool(), nn.Linear(3, 3)
     a, c = torch.randn(5, 3), torch.randn(5, 3)
     with Engine(pool, head, batch_dim=0) as engine:
-        losses = (head(a) * pool(c)).sum(1)
-        jacobian = explicit_jacobian(losses, engine.parameters()).double()
-        with pytest.warns(EngineRouteWarning, match=r"'modules\[0\]' \(Pool\) returned shape"):
-            gramian = engine.compute_gramian(losses)
-    assert_gramian_close(gramian, jacobian @ jacobian.T)
+        for k in range(2):
+            losses = (head(a) * pool(c)).sum(1)
+            jacobian = explicit_jacobian(losses, engine.parameters()).double()
+            step = engine.step(losses, engine.parameters(), [], per_sample=True)
+            assert step.b == (1 if k == 0 else 5)
+            with torch.no_grad():
+                assert_gramian_close(step.gramian(), jacobian @ jacobian.T)
+    first = nn.Linear(3, 3)
+    with Engine(pool, head, first, batch_dim=0) as engine:
+        for _ in range(2):
+            losses = (head(a) * pool(first(c))).sum(1)
+            jacobian = explicit_jacobian(losses, engine.parameters()).double()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", EngineRouteWarning)
+                gramian = engine.compute_gramian(losses)
+            assert_gramian_close(gramian, jacobian @ jacobian.T)
+    assert any("'modules[2]' (Linear)" in str(w.message) for w in caught)
 
 
 @pytest.mark.parametrize("batch_dim", [None, 0])

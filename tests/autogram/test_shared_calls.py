@@ -207,3 +207,61 @@ def test_expanded_output_used_otherwise_is_refused_then_not_expanded() -> None:
         assert step.b == 1
         with torch.no_grad():
             assert_gramian_close(step.gramian(), jacobian @ jacobian.T, rtol=1e-12)
+
+
+class _LearnedPositions(nn.Module):
+    """A layer without a rule (the generic rule re-runs it) that returns ``[t, d]`` or
+    ``[1, t, d]`` from its own parameter, with dropout: shared by the samples."""
+
+    def __init__(self, t: int, leading_one: bool) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(t, 6))
+        self.leading_one = leading_one
+
+    def forward(self, t: int) -> Tensor:
+        out = torch.nn.functional.dropout(self.table[:t].tanh(), 0.3, self.training)
+        return out[None] if self.leading_one else out
+
+
+class _WithLearnedPositions(nn.Module):
+    def __init__(self, t: int, leading_one: bool) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(11, 6), _LearnedPositions(t, leading_one)
+        self.head = nn.Linear(6, 11)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.wte(idx) + self.wpe(idx.shape[1])))
+
+
+@pytest.mark.parametrize("leading_one", [False, True], ids=["td", "1td"])
+@pytest.mark.parametrize("batch,t", [(4, 4), (3, 5)], ids=["t=b", "t!=b"])
+def test_shared_call_of_a_re_run_module(batch: int, t: int, leading_one: bool) -> None:
+    """The generic rule differentiates an expanded call by re-running it as it was made (its
+    dropout mask included), with each sample's output gradient: per-sample and exact."""
+    torch.manual_seed(0)
+    model = _WithLearnedPositions(t, leading_one).double().train()
+    batches = [torch.randint(0, 11, (batch, t)) for _ in range(3)]
+    assert _steps(model, batches) == [1, batch, batch]
+
+
+@pytest.mark.parametrize("model_of", [_Positions, _WithLearnedPositions], ids=["rule", "generic"])
+@pytest.mark.parametrize("leading_one", [False, True], ids=["td", "1td"])
+def test_expanded_calls_with_task_losses_and_task_matrices(model_of, leading_one: bool) -> None:
+    """Once expanded, the calls are exact for ``[batch, tasks]`` losses and for task losses (the
+    batch means, ``per_sample=False``) too."""
+    torch.manual_seed(0)
+    model = model_of(4, leading_one).double().train()
+    params = list(model.parameters())
+    idx = torch.randint(0, 11, (3, 4))
+    with Engine(model, batch_dim=0) as engine:
+        engine.step(_losses(model, idx), params, [], per_sample=True)  # learns the expansion
+        for per_sample in (True, False):
+            out = model(idx).pow(2)
+            matrix = torch.stack([out.sum((1, 2)), out[:, 0].sum(-1)], dim=1)  # [b, 2]
+            losses = matrix if per_sample else matrix.mean(0)
+            jacobian = explicit_jacobian(losses, params)
+            step = engine.step(losses, params, [], per_sample=per_sample)
+            with torch.no_grad():
+                gramian = step.gramian()
+            assert_gramian_close(gramian, jacobian @ jacobian.T, rtol=1e-12)
+            assert step.b == (3 if per_sample else 1)

@@ -42,6 +42,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._sample_dims import input_sample_dims
+from .._shared import replaying
 from ._base import LayerRule
 from ._call import Call
 
@@ -88,6 +89,8 @@ class GenericRule(LayerRule):
         buffers = {n: b.clone() for n, b in call.module.named_buffers()}
         args, kwargs = _detach(call.record.args), _detach(call.record.kwargs)
         grads = tuple(call.grad(i) for i in range(len(call.record.tapped)))
+        if call.record.unexpanded is not None:
+            return self._shared_rows(primals, buffers, call.record.unexpanded, grads[0])
         if call.batch_dim is None:
             rows = self._whole_rows(primals, buffers, args, kwargs, grads)
             return {n: r.unsqueeze(0) for n, r in rows.items()}
@@ -97,10 +100,30 @@ class GenericRule(LayerRule):
 
     def _outputs(self, primals: dict[str, Tensor], buffers: dict[str, Tensor], args, kwargs):
         amp = self.call.record.autocast
-        with contextlib.nullcontext() if amp is None else torch.autocast(amp[0], dtype=amp[1]):
+        autocast = contextlib.nullcontext() if amp is None else torch.autocast(amp[0], dtype=amp[1])
+        with autocast, replaying():
             out = functional_call(self.call.module, {**primals, **buffers}, args, kwargs)
         leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
         return tuple(leaves[t.leaf_index] for t in self.call.record.tapped)
+
+    def _shared_rows(self, primals, buffers, unexpanded, grad: Tensor) -> dict[str, Tensor]:
+        """Rows of a sample-shared call whose output ``Y`` the hook expanded along the batch
+        (see :mod:`.._shared`): every sample's copy is ``Y``, so row ``(i, k)`` is the
+        vector-Jacobian product of the call as it was made with ``D[k]`` at sample ``i``, and,
+        in task mode, row ``k`` the one with ``Σᵢ D[k]`` at sample ``i``."""
+        args, kwargs, shape, dim = unexpanded
+        args, kwargs = _detach(args), _detach(kwargs)
+        t = grad.shape[0]
+        moved = grad.movedim(dim + 1, 1)  # [T, b, ...]
+        if self.call.batch_dim is None:
+            rows = self._whole_rows(
+                primals, buffers, args, kwargs, (moved.sum(1).reshape(t, *shape),)
+            )
+            return {n: r.unsqueeze(0) for n, r in rows.items()}
+        b = moved.shape[1]
+        cotangents = moved.transpose(0, 1).reshape(b * t, *shape)
+        rows = self._whole_rows(primals, buffers, args, kwargs, (cotangents,))
+        return {n: r.reshape(b, t, *r.shape[1:]) for n, r in rows.items()}
 
     def _pullback(self, primals, buffers, args, kwargs):
         """``vjp`` of the whole call, re-run with the recorded call's random draws (and in its
