@@ -31,7 +31,9 @@ structure:
    products with the output gradient of one sample each;
 3. task mode: one backward row per loss (``b = 1``, ``T = m``), exact whatever the losses'
    dependence on the samples; taken at once when a hooked output does not index the samples
-   (a position embedding of shape ``[t, d]`` or ``[1, s, d]``);
+   (a position embedding of shape ``[t, d]`` or ``[1, s, d]`` not yet expanded along the
+   batch: see :mod:`._shared`; a step that sees such a call unexpanded and makes it expandable
+   takes this route without a warning, the next forwards being expanded);
 4. task mode with the failing modules' parameters taking their rows straight from autograd.
 
 Each change of route warns once, naming the modules by their path in the model.

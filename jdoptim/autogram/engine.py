@@ -32,12 +32,18 @@ Exactness, whatever the model does (details in :mod:`._certify` and :mod:`.rules
   recorded call's random numbers (dropout in training mode is exact), never updates buffers or
   attributes a second time, and is checked against autograd on the first step of each graph
   structure; a re-run that fails or differs gives way to autograd's rows for that module;
+* with ``batch_dim``, a call whose output is shared by the samples (a position embedding
+  ``wpe(arange(t))`` of shape ``[t, d]`` or ``[1, t, d]``) is expanded along the batch by its
+  forward hook once a step has seen it broadcast against the samples by ``+``, ``-``, ``*`` or
+  ``/`` only (:mod:`._shared`): the forward computes the same values, and the backward gives
+  each sample its own output gradient, so the steps stay per-sample (that first step takes one
+  backward row per loss, without a warning);
 * with ``batch_dim``, the same check certifies that each loss depends on its own sample only
   (losses that mix samples, a permuted loss vector, an operation that mixes samples after a
-  hooked module, a call whose output is shared by the samples, e.g. a position embedding,
-  whatever its shape): where it does not, or where a hooked output does not index the samples,
-  the step takes one backward row per loss (exact, ``b`` times the backward passes) and warns
-  once (:class:`EngineRouteWarning`), naming the modules by their path in the model;
+  hooked module, a shared call that is not expanded): where it does not, or where a hooked
+  output does not index the samples, the step takes one backward row per loss (exact, ``b``
+  times the backward passes) and warns once (:class:`EngineRouteWarning`), naming the modules
+  by their path in the model;
 * with explicit parameters (used outside hooked calls) the backward needs one row per loss, so
   per-sample losses then cost ``b`` backward rows instead of one (still exact);
 * the Gramian is returned in the losses' dtype promoted with the parameters' (half-precision
@@ -129,9 +135,11 @@ class Engine:
         batch_dim: the dimension of the output (and of every module's tensors) that indexes
             independent samples, or ``None``. With it, modules that mix samples by construction
             (``BatchNorm`` in training mode, batch-statistics ``BatchNorm``, RNNs and attention
-            batched on another dimension) are refused; losses or forwards that mix samples, and
-            calls whose output is shared by the samples, are found by the engine's check and
-            computed exactly on a slower route (:class:`EngineRouteWarning`).
+            batched on another dimension) are refused; calls whose output is shared by the
+            samples (position embeddings) are expanded along the batch after a first step
+            (:mod:`._shared`); losses or forwards that mix samples, and shared calls that cannot
+            be expanded, are found by the engine's check and computed exactly on a slower route
+            (:class:`EngineRouteWarning`).
 
     Messages name modules by their path in the model (``'encoder.1' (BatchNorm1d)``); with
     several modules given, by ``modules[i].path``.
