@@ -265,3 +265,29 @@ def test_expanded_calls_with_task_losses_and_task_matrices(model_of, leading_one
                 gramian = step.gramian()
             assert_gramian_close(gramian, jacobian @ jacobian.T, rtol=1e-12)
             assert step.b == (3 if per_sample else 1)
+
+
+def test_jdoptimizer_refusal_changes_nothing() -> None:
+    """The refusal of an expanded output used otherwise reaches ``JDOptimizer.step`` before any
+    change: parameters, ``.grad`` and the optimizer's state are as they were."""
+    torch.manual_seed(0)
+    model = _Switching().double()
+    params = list(model.parameters())
+    adam = torch.optim.Adam(params, lr=0.1)
+    opt = JDOptimizer(adam, UPGrad(), modules=model, batch_dim=0)
+    idx = torch.randint(0, 11, (3, 4))
+    try:
+        for _ in range(2):
+            opt.zero_grad()
+            opt.step(model(idx))
+        model.summed = True
+        before = [p.detach().clone() for p in params]
+        grads = [p.grad.clone() for p in params]
+        steps = [adam.state[p]["step"].clone() for p in params]
+        with pytest.raises(RuntimeError, match=r"'wpe'"):
+            opt.step(model(idx))
+        assert all(torch.equal(a, p) for a, p in zip(before, params))
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, params))
+        assert all(torch.equal(s, adam.state[p]["step"]) for s, p in zip(steps, params))
+    finally:
+        opt._update_computer.engine.close()  # type: ignore[attr-defined]
