@@ -16,6 +16,8 @@ from .finite import all_finite, is_finite
 from .losses import nonfinite_loss_names, parse_losses
 from .parameter_plan import ParameterPlan, Scope, plan_parameters
 from .record import StepRecord
+from .scalarization import Scalarizer
+from .scalarized_step import ScalarizedStep, make_scalarized_step
 from .update import (
     JacobianUpdate,
     NonFiniteJacobianError,
@@ -56,7 +58,9 @@ class JDOptimizer(Optimizer):
 
     Args:
         optimizer: the wrapped ``torch.optim.Optimizer``.
-        aggregator: how the Jacobian is aggregated (default: :class:`~jdoptim.aggregation.UPGrad`).
+        aggregator: how the Jacobian is aggregated (default: :class:`~jdoptim.aggregation.UPGrad`),
+            or a loss-only :class:`~jdoptim.scalarization.Scalarizer` (one backward of the
+            scalarized loss; see :mod:`jdoptim.scalarized_step`).
         modules: modules to hook for the memory-efficient Gramian engine (see
             :mod:`jdoptim.autogram`); ``None`` computes the Jacobian with a batched backward.
         batch_dim: with ``modules``, the dimension of the losses that indexes independent samples.
@@ -79,7 +83,7 @@ class JDOptimizer(Optimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        aggregator: Aggregator | None = None,
+        aggregator: Aggregator | Scalarizer | None = None,
         *,
         modules: nn.Module | Iterable[nn.Module] | None = None,
         batch_dim: int | None = None,
@@ -97,9 +101,10 @@ class JDOptimizer(Optimizer):
             raise TypeError("This optimizer is already a JDOptimizer: do not wrap it twice.")
         if aggregator is None:
             aggregator = UPGrad()
-        if not isinstance(aggregator, Aggregator):
+        if not isinstance(aggregator, (Aggregator, Scalarizer)):
             raise TypeError(
-                f"aggregator must be a jdoptim.aggregation.Aggregator, got "
+                f"aggregator must be a jdoptim.aggregation.Aggregator (or a "
+                f"jdoptim.scalarization.Scalarizer), got "
                 f"{type(aggregator).__name__}. To use a Weighting W, pass "
                 "GramianWeightedAggregator(W)."
             )
@@ -108,6 +113,13 @@ class JDOptimizer(Optimizer):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
 
+        # -- scalarizers (jdoptim.scalarization): their own step, in scalarized_step.py --------
+        self._scalarized: ScalarizedStep | None = make_scalarized_step(
+            optimizer, aggregator, batch_dim, freeze_foreign, process_group
+        )
+        if self._scalarized is not None:
+            modules = None  # one backward: the Gramian engine's hooks are not needed
+        # -- end scalarizers --------------------------------------------------------------------
         self.optimizer = optimizer
         self.aggregator = aggregator
         self.scope: Scope = scope
@@ -239,6 +251,9 @@ class JDOptimizer(Optimizer):
         losses or weights) it raises before anything changes: parameters, ``.grad`` and the
         optimizer's state are as they were.
         """
+        if self._scalarized is not None:  # a scalarizer: one backward (scalarized_step.py)
+            self.last_record = self._scalarized.step(losses, closure, grad_scaler, self.nonfinite)
+            return self.last_record
         if closure is not None:
             if losses is not None:
                 raise TypeError("Pass either losses or a closure to step(), not both.")
@@ -316,6 +331,12 @@ class JDOptimizer(Optimizer):
         elif scaler_step(grad_scaler, self.optimizer, params):
             record.skipped, record.reason = True, "GradScaler skipped the step: inf/NaN update."
         return record
+
+    def end_epoch(self) -> None:
+        """Close a training epoch, for methods that count epochs (:class:`~jdoptim.
+        scalarization.DWA` rolls its loss history); a no-op for the others."""
+        if self._scalarized is not None:  # jdoptim.scalarization (scalarized_step.py)
+            self._scalarized.end_epoch()
 
     def _refuse(self, record: StepRecord, message: str) -> StepRecord:
         if self.nonfinite == "raise":

@@ -97,6 +97,11 @@ class FAMO(Stateful, Scalarizer):
                 f"FAMO was built for values of shape {tuple(self.logits.shape)} (one logit per "
                 f"loss) but got shape {tuple(values.shape)}: build it with FAMO(number_of_losses)."
             )
+        if values.device != self.logits.device:
+            raise ValueError(
+                f"FAMO's logits are on {self.logits.device} but the values on {values.device}: "
+                "move it with .to(device) before the first call."
+            )
         if bool((values.detach() - self.min_losses + _EPSILON <= 0).any()):
             raise ValueError(
                 "FAMO takes log(loss - min_losses): every loss must stay above its lower bound "

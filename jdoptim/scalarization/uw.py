@@ -34,6 +34,11 @@ def check_learned_shape(parameter: Tensor, values: Tensor, owner: str) -> None:
             f"parameter per loss) but got values of shape {tuple(values.shape)}: build it with "
             f"{owner}(number_of_losses)."
         )
+    if values.device != parameter.device:
+        raise ValueError(
+            f"{owner}'s parameters are on {parameter.device} but the values on {values.device}: "
+            f"move it with .to(device) before the first step (and before building the optimizer)."
+        )
 
 
 class UW(Stateful, Scalarizer):
