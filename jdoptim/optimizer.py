@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -14,6 +14,11 @@ from .aggregation import Aggregator, UPGrad
 from .amp import LossScaling, no_autocast, poison_grads, scaler_step
 from .finite import all_finite, is_finite
 from .losses import nonfinite_loss_names, parse_losses
+from .method_step import (  # [methods] features=, extra_batches=
+    CrossBatches,
+    check_method_arguments,
+    prepare_method,
+)
 from .parameter_plan import ParameterPlan, Scope, plan_parameters
 from .record import StepRecord
 from .scalarization import Scalarizer
@@ -233,6 +238,8 @@ class JDOptimizer(Optimizer):
         closure: Callable[[], object] | None = None,
         *,
         grad_scaler: Any = None,
+        features: Tensor | None = None,  # [methods] see jdoptim.features_step
+        extra_batches: Sequence[object] | None = None,  # [methods] see jdoptim.cross_batch
     ) -> StepRecord:
         """Perform one JD step on ``losses`` and return its :class:`~jdoptim.StepRecord`.
 
@@ -245,12 +252,19 @@ class JDOptimizer(Optimizer):
                 aggregated unscaled, and ``grad_scaler.step`` replaces the wrapped optimizer's
                 step (skipping it on overflow); call ``grad_scaler.update()`` afterwards. See
                 :mod:`jdoptim.amp`.
+            features: the shared representation ``z`` the losses were computed from: the
+                weights come from the Gramian of ``∂ℓᵢ/∂z`` instead of the shared parameters'
+                gradients (representation-level JD, see :mod:`jdoptim.features_step`).
+            extra_batches: for methods that weigh the losses by ``J₁J₂ᵀ`` (MoDo, SDMGrad): one
+                or two more batches of the same losses on independent data (see
+                :mod:`jdoptim.cross_batch`).
 
         On bad input (no losses, non-tensors, non-scalar entries, losses without a graph or on
         different devices, losses reaching none of the optimizer's parameters, non-finite
         losses or weights) it raises before anything changes: parameters, ``.grad`` and the
         optimizer's state are as they were.
         """
+        check_method_arguments(self._scalarized, features, extra_batches)  # [methods]
         if self._scalarized is not None:  # a scalarizer: one backward (scalarized_step.py)
             self.last_record = self._scalarized.step(losses, closure, grad_scaler, self.nonfinite)
             return self.last_record
@@ -265,6 +279,8 @@ class JDOptimizer(Optimizer):
                 "of backward() + step()."
             )
         batch = parse_losses(losses, getattr(self._update_computer, "max_loss_dim", 1))
+        cross = CrossBatches.parse(batch, extra_batches, self.aggregator)  # [methods]
+        batch = batch if cross is None else cross.update  # [methods] the batch that updates
         scaling = LossScaling.of(grad_scaler)
         record = StepRecord(names=batch.names, losses=batch.vector.detach().clone())
         self.last_record = record
@@ -290,13 +306,17 @@ class JDOptimizer(Optimizer):
                 "parameters the losses depend on."
             )
 
-        computed_batch, aggregator = batch, self.aggregator
+        method = prepare_method(  # [methods] bound inputs, W(J₁J₂ᵀ), features= route
+            self.aggregator, batch, plan, self._update_computer, features=features,
+            cross=cross, scaled=scaling is not None,
+        )
+        computed_batch, aggregator = batch, method.aggregator
         if scaling is not None:
             computed_batch, aggregator = scaling.scale_batch(batch), scaling.wrap(aggregator)
         params = list(plan.shared) + [p for p, _ in plan.specific]
         try:
             with no_autocast(batch.vector.device.type):
-                result = self._update_computer.compute(computed_batch, plan, aggregator)
+                result = method.computer.compute(computed_batch, plan, aggregator)
         except NonFiniteJacobianError as error:
             if scaling is not None:  # the scaled backward overflowed: the scaler skips the step
                 poison_grads(params)
@@ -313,6 +333,7 @@ class JDOptimizer(Optimizer):
         if scaling is not None:
             record.gramian = scaling.unscale_gramian(result.gramian)
         record.extras.update(result.extras)
+        record.extras.update(method.extras)  # [methods]
         problem = _nonfinite_result(result)
         if problem and scaling is None:
             return self._refuse(
