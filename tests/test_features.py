@@ -1,0 +1,205 @@
+"""``opt.step(losses, features=z)``: weights from the Gramian of ∂ℓᵢ/∂z, exact update.
+
+Oracles: the Gramian of the per-loss gradients with respect to ``z``, one ``autograd.grad`` per
+loss; the expected ``.grad``, one ``autograd.grad`` per loss and per parameter, combined by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from jdoptim import JDOptimizer
+from jdoptim.aggregation import (
+    MGDA,
+    GradDrop,
+    GramianWeightedAggregator,
+    IMTLGWeighting,
+    MGDAWeighting,
+    UPGrad,
+    UPGradWeighting,
+)
+from jdoptim.scalarization import Mean as MeanScalarizer
+
+
+class Net(nn.Module):
+    """A trunk, a skip parameter reached around ``z``, and one head per task."""
+
+    def __init__(self, m: int, skip: bool = False) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))
+        self.heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(m))
+        self.skip = nn.Parameter(torch.randn(5)) if skip else None
+
+    def losses(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        z = self.trunk(x)
+        out = []
+        for t, head in enumerate(self.heads):
+            pred = head(z).squeeze(-1)
+            if self.skip is not None:
+                pred = pred + x @ self.skip  # reaches the losses without passing through z
+            out.append((pred - y[:, t]).pow(2).mean() * (t + 1))
+        return out, z
+
+
+def _data(m: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(
+        16, m, generator=g, dtype=torch.float64
+    )
+
+
+def _explicit(
+    model: Net, x: Tensor, y: Tensor, params: list[nn.Parameter]
+) -> tuple[Tensor, list[list[Tensor]]]:
+    """``Z Zᵀ`` and, for every loss, its gradient with respect to every parameter."""
+    losses, z = model.losses(x, y)
+    rows = [torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses]
+    z_matrix = torch.stack(rows)
+    grads = []
+    for loss in losses:
+        row = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(row, params)])
+    return z_matrix @ z_matrix.T, grads
+
+
+def _grads_after_step(
+    model: Net, aggregator, x: Tensor, y: Tensor, scope: str = "shared"
+) -> tuple[JDOptimizer, dict[str, Tensor]]:
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), aggregator, scope=scope)
+    losses, z = model.losses(x, y)
+    opt.step(losses, features=z)
+    return opt, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+@pytest.mark.parametrize("weighting", [UPGradWeighting, MGDAWeighting, IMTLGWeighting])
+def test_weights_and_grads_match_explicit_computation(m, weighting):
+    torch.manual_seed(m)
+    model = Net(m).double()
+    x, y = _data(m)
+    names, params = zip(*model.named_parameters())
+    gramian, grads = _explicit(model, x, y, list(params))
+    expected_weights = weighting()(gramian)
+    opt, got = _grads_after_step(model, GramianWeightedAggregator(weighting()), x, y)
+    record = opt.last_record
+    torch.testing.assert_close(record.gramian, gramian)
+    torch.testing.assert_close(record.weights, expected_weights)
+    assert record.extras["features"] is True
+    for k, name in enumerate(names):
+        if name.startswith("heads."):
+            task = int(name.split(".")[1])
+            expected = grads[task][k]  # a head gets its own loss's gradient
+        else:
+            expected = sum(w * g[k] for w, g in zip(expected_weights, grads))
+        torch.testing.assert_close(got[name], expected, msg=name)
+
+
+def test_scope_all_weights_every_parameter():
+    m = 3
+    model = Net(m).double()
+    x, y = _data(m)
+    names, params = zip(*model.named_parameters())
+    gramian, grads = _explicit(model, x, y, list(params))
+    weights = UPGradWeighting()(gramian)
+    _, got = _grads_after_step(model, UPGrad(), x, y, scope="all")
+    for k, name in enumerate(names):
+        torch.testing.assert_close(got[name], sum(w * g[k] for w, g in zip(weights, grads)))
+
+
+def test_parameter_reached_around_features_gets_the_weighted_gradient():
+    """A shared parameter that reaches the losses without passing through z (a skip) still gets
+    exactly Σ wᵢ ∇ℓᵢ: the shared gradients come from one backward of Σ wᵢ ℓᵢ, not through z."""
+    m = 3
+    model = Net(m, skip=True).double()
+    x, y = _data(m)
+    names, params = zip(*model.named_parameters())
+    gramian, grads = _explicit(model, x, y, list(params))
+    weights = UPGradWeighting()(gramian)
+    _, got = _grads_after_step(model, UPGrad(), x, y)
+    k = names.index("skip")
+    torch.testing.assert_close(got["skip"], sum(w * g[k] for w, g in zip(weights, grads)))
+
+
+def test_mgda_ub_on_two_tasks_matches_the_closed_form():
+    """MGDA on two features-gradients z₁, z₂: w₁ = clip(⟨z₂ − z₁, z₂⟩ / ‖z₁ − z₂‖², 0, 1)."""
+    model = Net(2).double()
+    x, y = _data(2)
+    gramian, _ = _explicit(model, x, y, list(model.parameters()))
+    a, b, c = gramian[0, 0], gramian[0, 1], gramian[1, 1]
+    w1 = ((c - b) / (a - 2 * b + c)).clamp(0, 1)
+    opt, _ = _grads_after_step(model, MGDA(), x, y)
+    torch.testing.assert_close(opt.last_record.weights, torch.stack([w1, 1 - w1]))
+
+
+def _state(model: nn.Module) -> list[Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()] + [
+        p.detach().clone() for p in model.parameters()
+    ]
+
+
+def _unchanged(before: list[Tensor | None], model: nn.Module) -> bool:
+    after = _state(model)
+    return all(
+        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        for a, b in zip(before, after)
+    )
+
+
+def test_jacobian_method_is_refused_and_nothing_changes():
+    model = Net(3).double()
+    x, y = _data(3)
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), GradDrop())
+    losses, z = model.losses(x, y)
+    before = _state(model)
+    with pytest.raises(TypeError, match="Gramian-based method; GradDrop"):
+        opt.step(losses, features=z)
+    assert _unchanged(before, model)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        ("detached", ValueError, "detached copy or a leaf"),
+        ("unused", ValueError, "No loss depends on features"),
+        ("not a tensor", TypeError, "shared representation tensor"),
+    ],
+)
+def test_bad_features_are_refused_and_nothing_changes(bad, error, match):
+    model = Net(2).double()
+    x, y = _data(2)
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), UPGrad())
+    losses, z = model.losses(x, y)
+    features = {
+        "detached": z.detach(),
+        "unused": model.trunk(x) * 2.0,
+        "not a tensor": [z],
+    }[bad]
+    before = _state(model)
+    with pytest.raises(error, match=match):
+        opt.step(losses, features=features)
+    assert _unchanged(before, model)
+
+
+def test_features_with_a_scalarizer_is_refused():
+    model = Net(2).double()
+    x, y = _data(2)
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MeanScalarizer())
+    losses, z = model.losses(x, y)
+    with pytest.raises(ValueError, match="scalarizer"):
+        opt.step(losses, features=z)
+
+
+def test_engine_optimizer_gives_the_same_features_step():
+    """With modules= (the Gramian engine), a features= step takes the same route and result."""
+    m = 3
+    plain, hooked = Net(m).double(), Net(m).double()
+    hooked.load_state_dict(plain.state_dict())
+    x, y = _data(m)
+    _, expected = _grads_after_step(plain, UPGrad(), x, y)
+    opt = JDOptimizer(torch.optim.SGD(hooked.parameters(), lr=0.0), UPGrad(), modules=hooked)
+    losses, z = hooked.losses(x, y)
+    opt.step(losses, features=z)
+    for name, p in hooked.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name])
