@@ -14,16 +14,20 @@ from .cagrad import CAGrad, CAGradWeighting
 from .config import ConFIG, ConFIGWeighting
 from .constant import Constant, ConstantWeighting
 from .crmogm import CRMOGMWeighting
+from .dbmtl import DBMTL
 from .dualproj import DualProj, DualProjWeighting
 from .excess_mtl import ExcessMTL
 from .fairgrad import FairGrad, FairGradWeighting
 from .flattening import Flattening
 from .graddrop import GradDrop
+from .gradnorm import GradNorm, GradNormWeighting
 from .gradvac import GradVac, GradVacWeighting
+from .imtl import IMTL, IMTLWeighting
 from .imtl_g import IMTLG, IMTLGWeighting
 from .krum import Krum, KrumWeighting
 from .mean import Mean, MeanWeighting
 from .mgda import MGDA, MGDAWeighting
+from .moco import MoCo
 from .modo import MoDo, MoDoWeighting
 from .nash_mtl import NashMTL, NashMTLWeighting
 from .pcd import PCD, PCDWeighting
@@ -35,6 +39,8 @@ from .trimmed_mean import TrimmedMean
 from .upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "DBMTL",
+    "IMTL",
     "IMTLG",
     "MGDA",
     "PCD",
@@ -56,10 +62,13 @@ __all__ = [
     "FairGradWeighting",
     "Flattening",
     "GradDrop",
+    "GradNorm",
+    "GradNormWeighting",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLGWeighting",
+    "IMTLWeighting",
     "InputAggregator",
     "InputWeightedAggregator",
     "InputWeighting",
@@ -69,6 +78,7 @@ __all__ = [
     "Mean",
     "MeanWeighting",
     "MethodInputs",
+    "MoCo",
     "MoDo",
     "MoDoWeighting",
     "NashMTL",

@@ -98,6 +98,11 @@ class CRMOGMWeighting(Stateful, InputWeighting):
             )
         return self._previous.to(dtype=current.dtype, device=current.device)
 
+    def layer_params(self) -> tuple[Tensor, ...]:
+        """The wrapped method's layer parameters (GradNorm's ``layer``), if it names any."""
+        inner = getattr(self.weighting, "layer_params", None)
+        return () if inner is None else tuple(inner())
+
     def reset(self) -> None:
         """Forget ``λ_{k-1}``; also reset the wrapped weighting if it is stateful."""
         if isinstance(self.weighting, Stateful):
