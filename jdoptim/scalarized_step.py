@@ -258,15 +258,9 @@ class ScalarizedStep:
         famo = self.scalarizer
         if not isinstance(famo, FAMO) or not famo.pending_update:
             return lambda: None
-        logits, extra = famo.logits.detach().clone(), famo.get_extra_state()
-        famo.update(values)
-
-        def restore() -> None:
-            with torch.no_grad():
-                famo.logits.copy_(logits)
-            famo.set_extra_state(extra)
-
-        return restore
+        snapshot = famo._snapshot()
+        famo._apply_update(values)  # the values passed famo._check
+        return lambda: famo._restore(snapshot)
 
     def _famo_same_batch_update(
         self, closure: Callable[[], object], record: StepRecord, nonfinite: str

@@ -128,6 +128,11 @@ class FAMO(Stateful, Scalarizer):
             )
         check_values(values, "FAMO.update")
         self._check(values)
+        self._apply_update(values)
+
+    def _apply_update(self, values: Tensor) -> None:
+        """:meth:`update` on values already checked (shape, device, above the bounds)."""
+        assert self._previous is not None
         before = (self._previous - self.min_losses + _EPSILON).log()
         after = (values.detach() - self.min_losses + _EPSILON).log()
         delta = (before - after).reshape(-1).to(self.logits.dtype)
@@ -136,6 +141,23 @@ class FAMO(Stateful, Scalarizer):
         self._optimizer.step()
         self.logits.grad = None  # only FAMO's Adam steps the logits
         self._previous = None
+
+    def _snapshot(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """The logits, the Adam state's tensors and the pending losses, copied (to undo an
+        update that a refused step made)."""
+        state = self._optimizer.state.get(self.logits, {})
+        moments = {key: value.clone() for key, value in state.items()}
+        return self.logits.detach().clone(), moments, self._previous
+
+    def _restore(self, snapshot: tuple[Tensor, dict[str, Tensor], Tensor | None]) -> None:
+        logits, moments, previous = snapshot
+        with torch.no_grad():
+            self.logits.copy_(logits)
+        if moments:
+            self._optimizer.state[self.logits] = moments
+        else:
+            self._optimizer.state.pop(self.logits, None)
+        self._previous = previous
 
     def reset(self) -> None:
         """Logits back to ``0``, a fresh Adam, no pending update."""
