@@ -186,7 +186,7 @@ class ScalarizedStep:
         """The (parameter, gradient) pairs of the step, or why it is refused; changes nothing."""
         scalar, weights, learned = self._effective_weights(record.losses)
         record.weights, record.extras["scalarized_loss"] = weights, scalar
-        if not is_finite(weights) or not is_finite(scalar):
+        if not is_finite(torch.cat([weights.reshape(-1), scalar.reshape(1)])):  # one sync
             return (
                 f"Non-finite effective weight or scalarized loss ({type(self.scalarizer).__name__}"
                 f" of losses {record.losses.tolist()}): nothing was updated. A loss may be at a "
