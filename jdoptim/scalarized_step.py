@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .amp import LossScaling, scaler_step
+from .amp import LossScaling, no_autocast, scaler_step
 from .finite import all_finite, is_finite
 from .losses import LossBatch, nonfinite_loss_names, parse_losses
 from .record import StepRecord
@@ -224,7 +224,7 @@ class ScalarizedStep:
         scalarizer's side effect-free evaluation on a detached copy of the losses."""
         leaf = values.detach().requires_grad_()
         learned = self.scalarizer.learnable_parameters()
-        with torch.enable_grad():
+        with torch.enable_grad(), no_autocast(values.device.type):
             scalar = self.scalarizer._scalarize(leaf)
             if not scalar.requires_grad:
                 return scalar.detach(), torch.zeros_like(values), []

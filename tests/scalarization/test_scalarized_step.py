@@ -422,3 +422,15 @@ def test_foreign_parameters_are_not_touched() -> None:
     jd.step(losses_of(model, 0))
     assert all(p.grad is None for p in model.heads.parameters())
     assert all(p.grad is not None for p in model.trunk.parameters())
+
+
+def test_the_weights_are_computed_outside_autocast() -> None:
+    model = Net().float()
+    w = torch.tensor([0.3, 0.3, 0.4])
+    jd = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), S.PBI(2.0, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        record = jd.step(losses_of(model, 0))
+    values = record.losses.clone().requires_grad_()
+    expected = torch.autograd.grad(T.PBI(2.0, w)(values), values)[0]
+    assert record.weights.dtype == torch.float32
+    torch.testing.assert_close(record.weights, expected)
