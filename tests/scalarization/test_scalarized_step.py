@@ -434,3 +434,38 @@ def test_the_weights_are_computed_outside_autocast() -> None:
     expected = torch.autograd.grad(T.PBI(2.0, w)(values), values)[0]
     assert record.weights.dtype == torch.float32
     torch.testing.assert_close(record.weights, expected)
+
+
+def test_famo_closure_whose_recomputed_losses_are_not_finite() -> None:
+    for mode in ("raise", "skip"):
+        model = Net().double()
+        famo = S.FAMO(3).double()
+        jd = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), famo, nonfinite=mode)
+        calls = []
+
+        def closure(calls=calls, model=model):
+            calls.append(1)
+            losses = losses_of(model, 0)
+            return losses if len(calls) == 1 else [losses[0] * float("inf"), *losses[1:]]
+
+        before = snapshot(model)
+        if mode == "raise":
+            with pytest.raises(FloatingPointError, match="model step was taken"):
+                jd.step(closure=closure)
+        else:
+            record = jd.step(closure=closure)
+            assert "famo_update" in record.extras and not record.skipped
+        assert not torch.equal(snapshot(model)[0], before[0])  # the model step happened
+        assert torch.equal(famo.logits.detach(), torch.zeros(3, dtype=D))
+        assert famo.pending_update  # the next step's losses will update the logits
+
+
+def test_end_epoch_is_a_no_op_for_aggregators() -> None:
+    from jdoptim import UPGrad
+
+    model = Net().double()
+    jd = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), UPGrad())
+    jd.step(losses_of(model, 0))
+    before = snapshot(model)
+    jd.end_epoch()
+    assert_same(snapshot(model), before, exact=True)
