@@ -203,3 +203,68 @@ def test_engine_optimizer_gives_the_same_features_step():
     opt.step(losses, features=z)
     for name, p in hooked.named_parameters():
         torch.testing.assert_close(p.grad, expected[name])
+
+
+class SharedNeck(nn.Module):
+    """A shared layer after z (reached by every loss without passing through z), then heads."""
+
+    def __init__(self, m: int) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(5, 4)
+        self.neck = nn.Linear(4, 4)
+        self.heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(m))
+
+    def losses(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        z = torch.tanh(self.trunk(x))
+        h = torch.tanh(self.neck(z))
+        return [
+            (head(h).squeeze(-1) - y[:, t]).pow(2).mean() for t, head in enumerate(self.heads)
+        ], z
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_shared_layer_after_features_and_stacked_losses(stacked):
+    """Heads that share nodes (one backward per loss gives Z) and one 1-D tensor of losses (a
+    batched backward gives Z; every reached parameter is shared)."""
+    m = 3
+    model = SharedNeck(m).double()
+    x, y = _data(m)
+    params = list(model.parameters())
+    losses, z = model.losses(x, y)
+    rows = torch.stack(
+        [torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses]
+    )
+    grads = []
+    for loss in losses:
+        row = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(row, params)])
+    weights = UPGradWeighting()(rows @ rows.T)
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), UPGrad())
+    opt.step(torch.stack(losses) if stacked else losses, features=z)
+    torch.testing.assert_close(opt.last_record.weights, weights)
+    for k, (name, p) in enumerate(model.named_parameters()):
+        if name.startswith("heads.") and not stacked:
+            expected = grads[int(name.split(".")[1])][k]
+        else:
+            expected = sum(w * g[k] for w, g in zip(weights, grads))
+        torch.testing.assert_close(p.grad, expected, msg=name)
+
+
+def test_which_route_computes_z(monkeypatch):
+    """Separate heads take the one-pass route; heads sharing a layer take one pass per loss."""
+    import jdoptim.features_step as features_step
+
+    calls: list[str] = []
+    for name in ("one_heads_pass", "per_loss_pass"):
+        original = getattr(features_step, name)
+
+        def spy(*args, _original=original, _name=name):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(features_step, name, spy)
+    for model in (Net(3).double(), SharedNeck(3).double()):
+        opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), UPGrad())
+        losses, z = model.losses(*_data(3))
+        opt.step(losses, features=z)
+    assert calls == ["one_heads_pass", "per_loss_pass"]
