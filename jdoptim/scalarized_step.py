@@ -192,15 +192,13 @@ class ScalarizedStep:
                 f" of losses {record.losses.tolist()}): nothing was updated. A loss may be at a "
                 "point where the method is undefined (e.g. 0 for GeometricMean)."
             )
-        factor = 1.0
-        if scaling is not None:
+        factor, outputs = 1.0, weights.to(batch.vector.dtype)
+        if scaling is not None:  # the gradients of the scaled loss; the scaler unscales them
             factor = float(scaling.grad_scaler.scale(torch.ones((), device=weights.device)))
+            outputs = outputs * factor
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         params = [p for p in params if p.requires_grad]
-        model = torch.autograd.grad(
-            batch.vector, params, grad_outputs=weights.to(batch.vector.dtype) * factor,
-            allow_unused=True,
-        )
+        model = torch.autograd.grad(batch.vector, params, grad_outputs=outputs, allow_unused=True)
         pairs = [(p, g) for p, g in zip(params, model) if g is not None]
         if not pairs:
             raise ValueError(
@@ -208,7 +206,7 @@ class ScalarizedStep:
                 "from another model, or are its parameters frozen? Give the optimizer the "
                 "parameters the losses depend on."
             )
-        pairs += [(p, g * factor) for p, g in learned]
+        pairs += [(p, g * factor if scaling is not None else g) for p, g in learned]
         if scaling is None and not all_finite([g for _, g in pairs]):
             return (
                 "Non-finite gradient of the scalarized loss (the losses were finite): nothing was "
