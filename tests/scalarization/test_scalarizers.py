@@ -230,3 +230,14 @@ def test_reset_returns_to_construction() -> None:
     famo.update(torch.tensor([0.5, 2.0]))
     famo.reset()
     assert torch.equal(famo.logits.detach(), torch.zeros(2)) and not famo.pending_update
+
+
+def test_dwa_window_refuses_an_undefined_rate_before_the_call_changes_anything() -> None:
+    dwa = DWA(window=1)
+    dwa(torch.tensor([0.0, 1.0]))  # closes epoch 1 with the average [0, 1]
+    state = dwa.get_extra_state()
+    with pytest.raises(ValueError, match="undefined"):
+        dwa(torch.tensor([1.0, 1.0]))  # would close epoch 2: rate 1 / 0
+    after = dwa.get_extra_state()
+    assert after["count"] == state["count"] and after["sum"] is None
+    assert len(after["averages"]) == 1 and torch.equal(after["averages"][0], state["averages"][0])
