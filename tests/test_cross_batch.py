@@ -126,3 +126,12 @@ def test_bad_calls_change_nothing(aggregator, extra, match):
 def test_standalone_modo_aggregator_on_one_jacobian_needs_the_cross_matrix():
     with pytest.raises(ValueError, match="needs cross"):
         MoDo()(torch.randn(2, 3))
+
+
+def test_grad_scaler_with_extra_batches_is_refused():
+    model = Net(2).double()
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MoDo())
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(ValueError, match="grad_scaler"):
+        opt.step(model.losses(0), extra_batches=[model.losses(1)], grad_scaler=scaler)
+    assert all(p.grad is None for p in model.parameters())

@@ -196,3 +196,35 @@ def test_dbmtl_in_jdoptimizer_gives_the_aggregated_update_to_the_trunk():
         got = torch.cat([p.grad.flatten() for p in trunk])
         torch.testing.assert_close(got, expected)
     assert math.isfinite(float(got.norm()))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda m: IMTL(lr=0.3), lambda m: GradNorm(lr=0.2, layer=m.trunk[2]), lambda m: MoCo()]
+)
+def test_jdoptimizer_checkpoint_resumes_the_same_trajectory(make):
+    """The method's state travels in JDOptimizer.state_dict(): resuming from a checkpoint taken
+    after two steps gives the parameters of four uninterrupted steps."""
+
+    def build() -> tuple[Net, JDOptimizer]:
+        torch.manual_seed(0)
+        model = Net().double()
+        return model, JDOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), make(model))
+
+    straight_model, straight = build()
+    for seed in range(4):
+        straight.zero_grad()
+        straight.step(straight_model.losses(seed))
+
+    model, opt = build()
+    for seed in range(2):
+        opt.zero_grad()
+        opt.step(model.losses(seed))
+    checkpoint = {"model": model.state_dict(), "opt": opt.state_dict()}
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["opt"])
+    for seed in range(2, 4):
+        resumed.zero_grad()
+        resumed.step(resumed_model.losses(seed))
+    for p, q in zip(resumed_model.parameters(), straight_model.parameters()):
+        torch.testing.assert_close(p, q)
