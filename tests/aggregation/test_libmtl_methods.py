@@ -228,3 +228,13 @@ def test_jdoptimizer_checkpoint_resumes_the_same_trajectory(make):
         resumed.step(resumed_model.losses(seed))
     for p, q in zip(resumed_model.parameters(), straight_model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_outputs_have_no_grad_fn():
+    J = torch.randn(3, 4, dtype=D, requires_grad=True)
+    G = (J @ J.T).detach().requires_grad_()
+    values = torch.rand(3, dtype=D) + 0.5
+    assert DBMTL()(MethodInputs(jacobian=J, losses=values)).grad_fn is None
+    assert MoCo()(MethodInputs(jacobian=J, losses=values)).grad_fn is None
+    assert IMTLWeighting()(MethodInputs(gramian=G, losses=values)).grad_fn is None
+    assert GradNormWeighting()(MethodInputs(gramian=G, losses=values)).grad_fn is None
