@@ -325,3 +325,20 @@ def test_every_gramian_method_runs_on_features(name, make):
         opt.zero_grad()
         opt.step(losses, features=z)
         torch.testing.assert_close(opt.last_record.weights, expected, atol=1e-7, rtol=1e-6)
+
+
+def test_grad_scaler_gives_the_unscaled_features_step():
+    m = 3
+    plain, scaled = Net(m).double(), Net(m).double()
+    scaled.load_state_dict(plain.state_dict())
+    x, y = _data(m)
+    _, expected = _grads_after_step(plain, UPGrad(), x, y)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = JDOptimizer(torch.optim.SGD(scaled.parameters(), lr=0.0), UPGrad())
+    losses, z = scaled.losses(x, y)
+    opt.step(losses, features=z, grad_scaler=scaler)
+    scaler.update()
+    gramian, _ = _explicit(plain, x, y, list(plain.parameters()))
+    torch.testing.assert_close(opt.last_record.gramian, gramian)
+    for name, p in scaled.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
