@@ -14,8 +14,9 @@ step needs two or three batches' losses:
 
 Each batch is given like ``losses`` (a sequence, a mapping with the same keys, or a 1-D tensor)
 and must be computed by separate forward passes on independent data: jdoptim cannot check
-independence. The update is an ordinary step of the update batch with the weights fixed
-(shared parameters get ``Σᵢ wᵢ ∇ℓᵢ``, each specific parameter its own loss's gradient), so
+independence. The update (:class:`CrossBatchUpdate`) is an ordinary step of the update batch
+with the weights fixed (shared parameters get ``Σᵢ wᵢ ∇ℓᵢ``, each specific parameter its own
+loss's gradient), so
 ``StepRecord.gramian`` is the update batch's Gramian; ``record.extras["cross"]`` holds ``A``.
 """
 
@@ -32,9 +33,10 @@ from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
 from .aggregation._inputs import InputWeighting, MethodInputs
 from .autojac import compute_jacobian
 from .losses import LossBatch, nonfinite_loss_names, parse_losses
-from .update import ensure_finite
+from .parameter_plan import ParameterPlan
+from .update import UpdateComputer, UpdateResult, ensure_finite
 
-__all__ = ["CrossBatches", "cross_weights"]
+__all__ = ["CrossBatchUpdate", "CrossBatches"]
 
 
 def cross_weighting(aggregator: Aggregator) -> InputWeighting | None:
@@ -135,14 +137,25 @@ class _FixedWeighting(Weighting):
         return self.weights.to(dtype=gramian.dtype, device=gramian.device)
 
 
-def cross_weights(
-    aggregator: Aggregator, batches: CrossBatches, shared: Sequence[Tensor]
-) -> tuple[GramianWeightedAggregator, dict[str, object]]:
-    """``w = W(J₁J₂ᵀ)`` and an aggregator that applies ``w`` to the update batch's Jacobian."""
-    weighting = cross_weighting(aggregator)
-    assert weighting is not None
-    cross = batches.cross_matrix(shared)
-    inputs = MethodInputs(cross=cross, losses=batches.update.vector.detach())
-    with torch.no_grad():
-        weights = weighting(inputs)
-    return GramianWeightedAggregator(_FixedWeighting(weights)), {"cross": cross}
+class CrossBatchUpdate:
+    """The update computer of a cross-batch step: ``w = W(J₁J₂ᵀ)``, then ``inner`` applies ``w``
+    to the update batch (its Gramian is ignored). Runs inside the step's refusal handling, so a
+    non-finite ``J₁J₂ᵀ`` is refused or skipped like a non-finite Gramian."""
+
+    def __init__(self, inner: UpdateComputer, batches: CrossBatches) -> None:
+        self.inner = inner
+        self.batches = batches
+
+    def compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult:
+        weighting = cross_weighting(aggregator)
+        assert weighting is not None
+        cross = self.batches.cross_matrix(plan.shared)
+        inputs = MethodInputs(cross=cross, losses=batch.vector.detach())
+        with torch.no_grad():
+            weights = weighting(inputs)
+        fixed = GramianWeightedAggregator(_FixedWeighting(weights))
+        result = self.inner.compute(batch, plan, fixed)
+        result.extras["cross"] = cross
+        return result

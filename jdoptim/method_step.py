@@ -4,25 +4,24 @@
 before the update computer runs. It returns, for this step:
 
 * the aggregator, with the inputs it declared bound to it (:func:`~jdoptim.aggregation._inputs.
-  bind_inputs`): the loss values, a chosen layer's Gramian (GradNorm); for a cross-batch method
-  (:mod:`jdoptim.cross_batch`), an aggregator holding the weights ``W(J₁J₂ᵀ)``;
-* the update computer: the optimizer's own, or :class:`~jdoptim.features_step.FeaturesUpdate` for
-  ``features=``;
-* extras for the :class:`~jdoptim.StepRecord`.
+  bind_inputs`): the loss values, a chosen layer's Gramian (GradNorm);
+* the update computer: the optimizer's own, :class:`~jdoptim.features_step.FeaturesUpdate` for
+  ``features=``, or :class:`~jdoptim.cross_batch.CrossBatchUpdate` around the optimizer's own
+  for ``extra_batches=``.
 
 Nothing is written to a parameter or its ``.grad`` here: a refusal leaves everything unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
 from .aggregation import Aggregator
 from .aggregation._inputs import bind_inputs, needs_of
 from .autojac import compute_jacobian
-from .cross_batch import CrossBatches, cross_weights
+from .cross_batch import CrossBatches, CrossBatchUpdate
 from .features_step import FeaturesUpdate
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
@@ -37,7 +36,6 @@ _SUPPORTED = frozenset({"losses", "layer_gramian", "cross"})
 class MethodStep:
     aggregator: Aggregator
     computer: UpdateComputer
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def check_method_arguments(scalarizer: object, features: object, extra_batches: object) -> None:
@@ -80,9 +78,8 @@ def prepare_method(
     if features is not None and cross is not None:
         raise ValueError("features= and extra_batches= cannot be combined in one step.")
     step_computer = computer if features is None else FeaturesUpdate(features)
-    if cross is not None:
-        bound, extras = cross_weights(aggregator, cross, plan.shared)
-        return MethodStep(bound, step_computer, extras)
+    if cross is not None:  # W(J₁J₂ᵀ) is computed inside the update computer
+        return MethodStep(aggregator, CrossBatchUpdate(step_computer, cross))
     extra: dict[str, Tensor] = {}
     if "losses" in needs:
         extra["losses"] = batch.vector.detach()

@@ -333,7 +333,6 @@ class JDOptimizer(Optimizer):
         if scaling is not None:
             record.gramian = scaling.unscale_gramian(result.gramian)
         record.extras.update(result.extras)
-        record.extras.update(method.extras)  # [methods]
         problem = _nonfinite_result(result)
         if problem and scaling is None:
             return self._refuse(

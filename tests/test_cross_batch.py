@@ -135,3 +135,25 @@ def test_grad_scaler_with_extra_batches_is_refused():
     with pytest.raises(ValueError, match="grad_scaler"):
         opt.step(model.losses(0), extra_batches=[model.losses(1)], grad_scaler=scaler)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_non_finite_cross_product_is_refused_or_skipped(nonfinite):
+    """Finite losses whose Jacobian is not (sqrt at 0): J₁J₂ᵀ is NaN, handled like a NaN
+    Gramian; the method's state and the parameters are untouched."""
+    model = Net(2).double()
+    aggregator = SDMGrad()
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator, nonfinite=nonfinite)
+    weight = model.trunk[0].weight
+    second = [loss + torch.sqrt(0.0 * weight.sum()) for loss in model.losses(1)]
+    before = _snapshot(model)
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="J₁J₂ᵀ"):
+            opt.step(model.losses(0), extra_batches=[second, model.losses(2)])
+    else:
+        record = opt.step(model.losses(0), extra_batches=[second, model.losses(2)])
+        assert record.skipped and "J₁J₂ᵀ" in record.reason
+    n = len(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[n:], _snapshot(model)[n:]))
+    assert all(p.grad is None for p in model.parameters())
+    assert aggregator.weighting._weights is None
