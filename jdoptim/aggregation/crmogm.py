@@ -1,5 +1,5 @@
-r"""CR-MOGM: weights smoothed by an exponential moving average (Zhou, Zhang, Jiang, Zhang & Yu,
-2022, "On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond",
+r"""CR-MOGM: weights smoothed by an exponential moving average (Zhou, Zhang, Jiang, Zhong, Gu &
+Zhu, 2022, "On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond",
 NeurIPS).
 
 Wraps any weighting ``W``; with ``λ̂ₖ`` the weights ``W`` returns at call ``k``:

@@ -1,5 +1,5 @@
-r"""DB-MTL: Dual-Balancing Multi-Task Learning (Lin, Ye, Xu, Shi, Zhang & Kwok, 2023,
-"Dual-Balancing for Multi-Task Learning", arXiv:2308.12029).
+r"""DB-MTL: Dual-Balancing Multi-Task Learning (Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok,
+2023, "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029; Neural Networks).
 
 Two balances. **Loss scale**: each loss is replaced by its logarithm, whose gradient is
 ``∇ log(ℓᵢ + ε) = gᵢ / (ℓᵢ + ε)``. **Gradient magnitude**: an exponential moving average of these
