@@ -157,3 +157,37 @@ def test_non_finite_cross_product_is_refused_or_skipped(nonfinite):
     assert all(torch.equal(a, b) for a, b in zip(before[n:], _snapshot(model)[n:]))
     assert all(p.grad is None for p in model.parameters())
     assert aggregator.weighting._weights is None
+
+
+def test_an_extra_batch_already_stepped_is_refused_with_nothing_changed():
+    from jdoptim.losses import StaleGraphError
+
+    model = Net(2).double()
+    aggregator = SDMGrad()
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), aggregator)
+    used = model.losses(1)
+    opt.step(model.losses(0), extra_batches=[used])
+    before, state = _snapshot(model), str(aggregator.state_dict())
+    with pytest.raises(StaleGraphError, match="already used by a step"):
+        opt.step(model.losses(2), extra_batches=[model.losses(3), used])
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model)))
+    assert str(aggregator.state_dict()) == state
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_a_non_finite_first_batch_is_refused_or_skipped(nonfinite):
+    model = Net(2).double()
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), MoDo(), nonfinite=nonfinite)
+    first = model.losses(0)
+    first = [first[0] * float("nan"), first[1]]
+    before = _snapshot(model)
+    extra = [model.losses(1), model.losses(2)]  # the update batch is finite
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match=r"loss\[0\] \(batch 1\)"):
+            opt.step(first, extra_batches=extra)
+    else:
+        assert opt.step(first, extra_batches=extra).skipped
+    assert all(
+        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        for a, b in zip(before, _snapshot(model))
+    )

@@ -469,3 +469,65 @@ def test_end_epoch_is_a_no_op_for_aggregators() -> None:
     before = snapshot(model)
     jd.end_epoch()
     assert_same(snapshot(model), before, exact=True)
+
+
+# -- the reliability guarantees of a JD step (issue 19) hold for the scalarized step too --------
+
+
+@pytest.mark.parametrize("scalarizer", [S.Mean(), S.FAMO(3), S.UW(3)], ids=["mean", "famo", "uw"])
+def test_re_stepped_losses_are_refused_with_nothing_changed(scalarizer) -> None:
+    from jdoptim.losses import StaleGraphError
+
+    model, jd = prepared(scalarizer)
+    losses = losses_of(model, 5)
+    jd.step(losses)
+    before = state_of(model, jd)
+    with pytest.raises(StaleGraphError, match="already used by a step"):
+        jd.step(losses)
+    assert_unchanged(before, state_of(model, jd))
+
+
+def test_backward_then_step_is_a_stale_graph_error_with_nothing_changed() -> None:
+    from jdoptim.losses import StaleGraphError
+
+    model, jd = prepared(S.FAMO(3))
+    losses = losses_of(model, 5)
+    sum(losses).backward()
+    before = state_of(model, jd)
+    with pytest.raises(StaleGraphError, match="already freed"):
+        jd.step(losses)
+    assert_unchanged(before, state_of(model, jd))
+
+
+def test_a_scalarizer_class_or_name_asks_for_an_instance() -> None:
+    sgd = torch.optim.SGD(Net().parameters(), lr=0.1)
+    with pytest.raises(
+        TypeError, match=r"aggregator=UW is a class: pass an instance, aggregator=UW\(\)"
+    ):
+        JDOptimizer(sgd, S.UW)
+    with pytest.raises(TypeError, match=r"aggregator=FAMO\(\) \(from jdoptim.scalarization import"):
+        JDOptimizer(sgd, "famo")
+    with pytest.raises(TypeError, match=r"aggregator=Mean\(\) \(from jdoptim.aggregation import"):
+        JDOptimizer(sgd, "mean")  # the name of both an aggregator and a scalarizer
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_the_step_runs_under_no_grad_and_names_a_forward_inside_it(mode) -> None:
+    a, b = Net().double(), Net().double()
+    jd = JDOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), S.Mean())
+    plain = torch.optim.SGD(b.parameters(), lr=0.1)
+    losses = losses_of(a, 0)
+    with mode():
+        jd.step(losses)
+    plain_step(b, plain, T.Mean(), 0)
+    assert_same(snapshot(a), snapshot(b))
+    with mode():
+        inside = losses_of(a, 1)
+        with pytest.raises(ValueError, match="no_grad"):
+            jd.step(inside)
+
+
+def test_process_group_false_is_accepted() -> None:
+    model = Net().double()
+    jd = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), S.Sum(), process_group=False)
+    assert jd.step(losses_of(model, 0)).weights is not None
