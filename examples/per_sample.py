@@ -1,9 +1,9 @@
 """Per-sample losses: one loss per sample of the batch, aggregated by Jacobian descent.
 
 Give ``step`` a 1-D tensor of losses (no ``.mean()``). With ``modules=model, batch_dim=0`` the
-Gramian engine computes ``G = J Jᵀ`` (batch × batch) from hooks on the model's layers without ever holding the
-Jacobian; without it, the Jacobian path computes ``J`` with one batched backward. With UPGrad the
-update conflicts with no sample's gradient.
+Gramian engine computes ``G = J Jᵀ`` (batch × batch) from hooks on the model's layers without
+ever holding the Jacobian; without it, the Jacobian path computes ``J`` with one batched
+backward. With UPGrad the update conflicts with no sample's gradient.
 
 Run: ``python examples/per_sample.py``
 """
