@@ -238,3 +238,27 @@ def test_outputs_have_no_grad_fn():
     assert MoCo()(MethodInputs(jacobian=J, losses=values)).grad_fn is None
     assert IMTLWeighting()(MethodInputs(gramian=G, losses=values)).grad_fn is None
     assert GradNormWeighting()(MethodInputs(gramian=G, losses=values)).grad_fn is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda m: IMTL(), lambda m: GradNorm(layer=m.trunk[2])],
+    ids=["IMTL", "GradNorm-layer"],
+)
+def test_engine_path_gives_the_jacobian_path_trajectory(make):
+    """With modules= (the Gramian engine) the bound loss values and layer Gramian reach the
+    method as on the explicit-Jacobian path: three steps end at the same parameters."""
+    ends = []
+    for hooked in (False, True):
+        torch.manual_seed(0)
+        model = Net().double()
+        opt = JDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            make(model),
+            modules=model if hooked else None,
+        )
+        for seed in range(3):
+            opt.zero_grad()
+            opt.step(model.losses(seed))
+        ends.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(ends[0], ends[1])
