@@ -10,6 +10,7 @@
 torch.Size([2])
 """
 
+from . import scalarization  # loss-only methods: JDOptimizer(opt, scalarization.UW(2))
 from .aggregation import Aggregator, GramianWeightedAggregator, Mean, Sum, UPGrad, Weighting
 from .introspection import collect_loss_leaves
 from .losses import StaleGraphError
@@ -27,6 +28,7 @@ __all__ = [
     "UPGrad",
     "Weighting",
     "collect_loss_leaves",
+    "scalarization",
 ]
 
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ import sys
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -26,8 +27,16 @@ from .losses import (
     parse_losses,
     translate_graph_error,
 )
+from .method_step import (  # [methods] features=, extra_batches=
+    CrossBatches,
+    check_method_arguments,
+    check_method_step,
+    prepare_method,
+)
 from .parameter_plan import ParameterPlan, Scope, plan_parameters
 from .record import StepRecord
+from .scalarization import Scalarizer
+from .scalarized_step import ScalarizedStep, make_scalarized_step
 from .update import (
     JacobianUpdate,
     NonFiniteJacobianError,
@@ -68,7 +77,9 @@ class JDOptimizer(Optimizer):
 
     Args:
         optimizer: the wrapped ``torch.optim.Optimizer``.
-        aggregator: how the Jacobian is aggregated (default: :class:`~jdoptim.aggregation.UPGrad`).
+        aggregator: how the Jacobian is aggregated (default: :class:`~jdoptim.aggregation.UPGrad`),
+            or a loss-only :class:`~jdoptim.scalarization.Scalarizer` (one backward of the
+            scalarized loss; see :mod:`jdoptim.scalarized_step`).
         modules: modules to hook for the memory-efficient Gramian engine (see
             :mod:`jdoptim.autogram`); ``None`` computes the Jacobian with a batched backward.
         batch_dim: with ``modules``, the dimension of the losses that indexes independent samples.
@@ -96,7 +107,7 @@ class JDOptimizer(Optimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        aggregator: Aggregator | None = None,
+        aggregator: Aggregator | Scalarizer | None = None,
         *,
         modules: nn.Module | Iterable[nn.Module] | None = None,
         batch_dim: int | None = None,
@@ -120,6 +131,13 @@ class JDOptimizer(Optimizer):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
 
+        # -- scalarizers (jdoptim.scalarization): their own step, in scalarized_step.py --------
+        self._scalarized: ScalarizedStep | None = make_scalarized_step(
+            optimizer, aggregator, batch_dim, freeze_foreign, process_group
+        )
+        if self._scalarized is not None:
+            modules = None  # one backward: the Gramian engine's hooks are not needed
+        # -- end scalarizers --------------------------------------------------------------------
         self.optimizer = optimizer
         self.aggregator = aggregator
         self.scope: Scope = scope
@@ -260,6 +278,8 @@ class JDOptimizer(Optimizer):
         closure: Callable[[], object] | None = None,
         *,
         grad_scaler: Any = None,
+        features: Tensor | None = None,  # [methods] see jdoptim.features_step
+        extra_batches: Sequence[object] | None = None,  # [methods] see jdoptim.cross_batch
     ) -> StepRecord:
         """Perform one JD step on ``losses`` and return its :class:`~jdoptim.StepRecord`.
 
@@ -272,6 +292,12 @@ class JDOptimizer(Optimizer):
                 aggregated unscaled, and ``grad_scaler.step`` replaces the wrapped optimizer's
                 step (skipping it on overflow); call ``grad_scaler.update()`` afterwards. See
                 :mod:`jdoptim.amp`.
+            features: the shared representation ``z`` the losses were computed from: the
+                weights come from the Gramian of ``∂ℓᵢ/∂z`` instead of the shared parameters'
+                gradients (representation-level JD, see :mod:`jdoptim.features_step`).
+            extra_batches: for methods that weigh the losses by ``J₁J₂ᵀ`` (MoDo, SDMGrad): one
+                or two more batches of the same losses on independent data (see
+                :mod:`jdoptim.cross_batch`).
 
         On bad input (no losses, non-tensors, non-scalar entries, losses without a graph or on
         different devices or on ``meta``, losses reaching none of the optimizer's parameters,
@@ -287,7 +313,10 @@ class JDOptimizer(Optimizer):
         # The step differentiates the losses' existing graph, which no_grad()/inference_mode()
         # around the call do not prevent; a closure's forward pass records its graph.
         grad_was_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        check_method_arguments(self._scalarized, features, extra_batches)  # [methods]
         with torch.inference_mode(False), torch.enable_grad():
+            if self._scalarized is not None:  # a scalarizer: one backward (scalarized_step.py)
+                return self._scalarized_step(losses, closure, grad_scaler, grad_was_on)
             if closure is not None:
                 if losses is not None:
                     raise TypeError("Pass either losses or a closure to step(), not both.")
@@ -299,14 +328,45 @@ class JDOptimizer(Optimizer):
                 )
             if self._ddp_check_pending:
                 self._check_not_ddp()
-            return self._step(losses, grad_scaler, grad_was_on)
+            return self._step(
+                losses, grad_scaler, grad_was_on, _MethodArgs(features, extra_batches)
+            )
+
+    def _scalarized_step(
+        self,
+        losses: object,
+        closure: Callable[[], object] | None,
+        grad_scaler: Any,
+        grad_was_on: bool,
+    ) -> StepRecord:
+        """The step of a scalarizer (:mod:`jdoptim.scalarized_step`), with the same input
+        parsing and DDP check as a JD step."""
+        assert self._scalarized is not None
+        if self._ddp_check_pending:
+            self._check_not_ddp()
+        self.last_record = self._scalarized.step(
+            losses,
+            closure,
+            grad_scaler,
+            self.nonfinite,
+            parse=lambda given: self._parse(given, grad_was_on),
+        )
+        return self.last_record
+
+    def end_epoch(self) -> None:
+        """Close a training epoch, for methods that count epochs (:class:`~jdoptim.
+        scalarization.DWA` rolls its loss history); a no-op for the others."""
+        if self._scalarized is not None:  # jdoptim.scalarization (scalarized_step.py)
+            self._scalarized.end_epoch()
 
     # The phases of a step: inputs (local checks, then agreement between processes), update
     # (compute, check, apply). A refusal at any point leaves the parameters, .grad, the wrapped
     # optimizer's state and the aggregator's state as they were.
 
-    def _step(self, losses: object, grad_scaler: Any, grad_was_on: bool) -> StepRecord:
-        checked = self._checked_inputs(losses, grad_scaler, grad_was_on)
+    def _step(
+        self, losses: object, grad_scaler: Any, grad_was_on: bool, method: _MethodArgs
+    ) -> StepRecord:
+        checked = self._checked_inputs(losses, grad_scaler, grad_was_on, method)
         batch, record, plan, bad, scaling = checked
         if bad:
             return self._refuse(
@@ -317,10 +377,10 @@ class JDOptimizer(Optimizer):
         assert plan is not None
         self._note_idle_losses(record, batch, plan)
         self._warn_if_per_sample(batch)
-        return self._update(batch, plan, record, scaling, grad_scaler)
+        return self._update(batch, plan, record, (scaling, grad_scaler), method)
 
     def _checked_inputs(
-        self, losses: object, grad_scaler: Any, grad_was_on: bool
+        self, losses: object, grad_scaler: Any, grad_was_on: bool, method: _MethodArgs
     ) -> tuple[LossBatch, StepRecord, ParameterPlan | None, list[str], LossScaling | None]:
         """Parse and check the losses and plan the parameters; with a process group, then agree
         with the other processes, so that every process refuses a step that one refuses (an
@@ -333,9 +393,12 @@ class JDOptimizer(Optimizer):
             scaling = LossScaling.of(grad_scaler)
             batch = self._parse(losses, grad_was_on)
             check_not_stepped(batch)
+            batch = self._method_inputs(batch, method, scaling)  # [methods]
             record = StepRecord(names=batch.names, losses=batch.vector.detach().clone())
             self.last_record = record
             bad = nonfinite_loss_names(batch)
+            if method.cross is not None and not bad:  # [methods] the first of several batches
+                bad = [f"{name} (batch 1)" for name in nonfinite_loss_names(method.cross.first)]
             if not bad:
                 plan = self._plan(batch, record)
         except Exception as exc:  # raised below, after the other processes heard of it
@@ -347,6 +410,25 @@ class JDOptimizer(Optimizer):
         elif error is not None:
             raise error
         return batch, record, plan, bad, scaling
+
+    def _method_inputs(
+        self, batch: LossBatch, method: _MethodArgs, scaling: LossScaling | None
+    ) -> LossBatch:
+        """[methods] Parse ``extra_batches=`` and check ``features=`` against the method;
+        returns the batch whose losses make the update (see :mod:`jdoptim.cross_batch`)."""
+        method.cross = CrossBatches.parse(batch, method.extra_batches, self.aggregator)
+        check_method_step(
+            self.aggregator,
+            self._update_computer,
+            features=method.features,
+            cross=method.cross,
+            scaled=scaling is not None,
+        )
+        if method.cross is None:
+            return batch
+        for extra in (method.cross.second, method.cross.update):
+            check_not_stepped(extra)
+        return method.cross.update
 
     def _parse(self, losses: object, grad_was_on: bool) -> LossBatch:
         try:
@@ -377,17 +459,16 @@ class JDOptimizer(Optimizer):
         batch: LossBatch,
         plan: ParameterPlan,
         record: StepRecord,
-        scaling: LossScaling | None,
-        grad_scaler: Any,
+        scaler: tuple[LossScaling | None, Any],
+        method: _MethodArgs,
     ) -> StepRecord:
-        computed_batch, aggregator = batch, self.aggregator
-        if scaling is not None:
-            computed_batch, aggregator = scaling.scale_batch(batch), scaling.wrap(aggregator)
+        scaling, grad_scaler = scaler
         params = list(plan.shared) + [p for p, _ in plan.specific]
         snapshot = self._aggregator_snapshot()
-        mark_stepped(batch)  # from here on, the losses' graph is being consumed
+        for consumed in method.batches(batch):  # from here on, the losses' graph is consumed
+            mark_stepped(consumed)
         try:
-            result = self._compute(computed_batch, plan, aggregator)
+            result = self._compute(batch, plan, scaling, method)
         except NonFiniteJacobianError as error:
             self._restore_aggregator(snapshot)
             if scaling is not None:  # the scaled backward overflowed: the scaler skips the step
@@ -417,16 +498,33 @@ class JDOptimizer(Optimizer):
                 "usually means overflowing gradients; lower the learning rate or clip the "
                 "losses, or pass nonfinite='skip' to skip such steps.",
             )
-        self._apply(plan, result, record, (scaling, grad_scaler), snapshot)
+        self._apply(plan, result, record, scaler, snapshot)
         return record
 
     def _compute(
-        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+        self,
+        batch: LossBatch,
+        plan: ParameterPlan,
+        scaling: LossScaling | None,
+        method: _MethodArgs,
     ) -> UpdateResult:
         """The update computer's result; torch's graph-reuse errors become the library's."""
         try:
             with no_autocast(batch.vector.device.type):
-                return self._update_computer.compute(batch, plan, aggregator)
+                prepared = prepare_method(  # [methods] bound inputs, W(J₁J₂ᵀ), features= route
+                    self.aggregator,
+                    batch,
+                    plan,
+                    self._update_computer,
+                    features=method.features,
+                    cross=method.cross,
+                    scaled=scaling is not None,
+                )
+                computed_batch, aggregator = batch, prepared.aggregator
+                if scaling is not None:
+                    computed_batch = scaling.scale_batch(batch)
+                    aggregator = scaling.wrap(aggregator)
+                return prepared.computer.compute(computed_batch, plan, aggregator)
         except RuntimeError as error:
             stale = translate_graph_error(error)
             if stale is None:
@@ -537,6 +635,15 @@ class JDOptimizer(Optimizer):
         from .distributed import find_ddp_model  # imported only in a distributed run
 
         owner = find_ddp_model(self._owned_parameters())
+        if owner is not None and self._scalarized is not None:
+            raise ValueError(
+                f"The optimizer's parameters belong to a DistributedDataParallel model "
+                f"({type(owner.module).__name__}) and torch.distributed runs "
+                f"{dist.get_world_size()} processes, but a scalarizer's step takes its gradient "
+                "with torch.autograd.grad, which DDP does not all-reduce: the replicas would "
+                "drift apart. Scalarize the losses and call backward() with the plain optimizer "
+                "under DDP, or pass process_group=False to step each process alone, on purpose."
+            )
         if owner is not None:
             raise ValueError(
                 f"The optimizer's parameters belong to a DistributedDataParallel model "
@@ -568,6 +675,22 @@ class JDOptimizer(Optimizer):
                     param.grad = grad.clone() if grad._base is not None else grad
                 else:
                     param.grad.add_(grad)
+
+
+@dataclass
+class _MethodArgs:
+    """[methods] A step's ``features=`` and ``extra_batches=`` (see :mod:`jdoptim.method_step`),
+    and the parsed batches of a cross-batch step."""
+
+    features: Tensor | None = None
+    extra_batches: Sequence[object] | None = None
+    cross: CrossBatches | None = None
+
+    def batches(self, batch: LossBatch) -> tuple[LossBatch, ...]:
+        """Every batch whose graph the step consumes."""
+        if self.cross is None:
+            return (batch,)
+        return (self.cross.first, self.cross.second, self.cross.update)
 
 
 class _BatchSizes:
@@ -610,27 +733,25 @@ def _caller_stacklevel() -> int:
 
 
 def _check_aggregator(aggregator: object) -> None:
-    """Refuse what is not an :class:`Aggregator` instance, naming the fix."""
-    if isinstance(aggregator, Aggregator):
+    """Refuse what is not an :class:`Aggregator` or :class:`~jdoptim.scalarization.Scalarizer`
+    instance, naming the fix."""
+    if isinstance(aggregator, (Aggregator, Scalarizer)):
         return
-    if isinstance(aggregator, type) and issubclass(aggregator, (Aggregator, Weighting)):
+    if isinstance(aggregator, type) and issubclass(aggregator, (Aggregator, Weighting, Scalarizer)):
         fix = (
-            f"{aggregator.__name__}()"
-            if issubclass(aggregator, Aggregator)
-            else f"GramianWeightedAggregator({aggregator.__name__}())"
+            f"GramianWeightedAggregator({aggregator.__name__}())"
+            if issubclass(aggregator, Weighting)
+            else f"{aggregator.__name__}()"
         )
         raise TypeError(
             f"aggregator={aggregator.__name__} is a class: pass an instance, aggregator={fix}."
         )
     if isinstance(aggregator, str):
-        from . import aggregation
-
-        known = {name.lower(): name for name in aggregation.__all__}
-        match = known.get(aggregator.replace("-", "").replace("_", "").lower())
+        match, module = _method_named(aggregator)
         example = f"{match}()" if match else "UPGrad()"
         raise TypeError(
             f"aggregator={aggregator!r} is a string: pass an instance, e.g. "
-            f"aggregator={example} (from jdoptim.aggregation import {example[:-2]})."
+            f"aggregator={example} (from {module} import {example[:-2]})."
         )
     if isinstance(aggregator, Weighting):
         raise TypeError(
@@ -638,9 +759,23 @@ def _check_aggregator(aggregator: object) -> None:
             f"pass GramianWeightedAggregator({type(aggregator).__name__}(...))."
         )
     raise TypeError(
-        f"aggregator must be a jdoptim.aggregation.Aggregator instance (e.g. UPGrad()), got "
+        f"aggregator must be a jdoptim.aggregation.Aggregator instance (e.g. UPGrad()) or a "
+        f"jdoptim.scalarization.Scalarizer instance (e.g. UW(2)), got "
         f"{type(aggregator).__name__}."
     )
+
+
+def _method_named(name: str) -> tuple[str | None, str]:
+    """The aggregator or scalarizer whose name matches ``name`` (case, ``-`` and ``_`` aside),
+    and its module; aggregators first (``Mean``, ``Sum``, … exist in both)."""
+    from . import aggregation, scalarization
+
+    key = name.replace("-", "").replace("_", "").lower()
+    for module in (aggregation, scalarization):
+        known = {entry.lower(): entry for entry in module.__all__}
+        if key in known:
+            return known[key], module.__name__
+    return None, "jdoptim.aggregation"
 
 
 def _holds_state(aggregator: nn.Module) -> bool:

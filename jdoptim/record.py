@@ -15,7 +15,10 @@ class StepRecord:
         names: the losses' names (mapping keys, or ``"loss[i]"``).
         losses: the losses' values, detached.
         weights: one weight per loss when the aggregator is Gramian-weighted (``d = Σᵢ wᵢ gᵢ``
-            over the shared parameters), else ``None``.
+            over the shared parameters), else ``None``. With a scalarizer
+            (:mod:`jdoptim.scalarization`), the effective weights ``wᵢ = ∂s/∂ℓᵢ`` of the
+            scalarized loss ``s`` (its gradient is ``Σᵢ wᵢ ∇ℓᵢ``), and ``extras["scalarized_loss"]``
+            is ``s``.
         gramian: ``G = J Jᵀ`` of the losses' Jacobian over the shared parameters (``None`` when no
             parameter is shared).
         shared, specific, foreign, unreached: the parameters by treatment (see

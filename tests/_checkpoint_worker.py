@@ -17,13 +17,21 @@ from torch import Tensor
 
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import (
+    DBMTL,
+    IMTL,
+    PCD,
     Aggregator,
+    CRMOGMWeighting,
     ExcessMTL,
     GradDrop,
+    GradNorm,
     GradVac,
+    GramianWeightedAggregator,
+    MoCo,
     NashMTL,
     PCGrad,
     Random,
+    UPGradWeighting,
 )
 from tests.models import MultiTaskMLP, task_losses
 
@@ -36,6 +44,13 @@ METHODS: dict[str, Callable[[int], Aggregator]] = {
     "random": lambda seed: Random(seed=seed),
     "excessmtl": lambda seed: ExcessMTL(),
     "graddrop": lambda seed: GradDrop(seed=seed),
+    # The methods of issue 17 (their state: EMAs, learned weights, tracked gradients).
+    "crmogm": lambda seed: GramianWeightedAggregator(CRMOGMWeighting(UPGradWeighting())),
+    "pcd": lambda seed: PCD(),
+    "gradnorm": lambda seed: GradNorm(),
+    "imtl": lambda seed: IMTL(),
+    "dbmtl": lambda seed: DBMTL(),
+    "moco": lambda seed: MoCo(),
 }
 PATHS = ("jacobian", "engine")
 DONE, MORE = 3, 3

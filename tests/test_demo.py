@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jdoptim import aggregation, catalog
+from jdoptim import aggregation, catalog, scalarization
 from jdoptim.demo import cli, methods, multitask, report, toy
 from jdoptim.demo.cli import main
 from jdoptim.demo.progress import ProgressBar
@@ -191,7 +191,7 @@ def test_every_catalogue_method_trains_in_the_demo(name):
     problem = multitask.MultiTaskProblem(seed=0)
     result = multitask.train(problem, name, steps=3)
     assert result.curve.shape == (3, 3) and bool(torch.isfinite(result.final).all())
-    if methods.min_losses(name) <= 2:
+    if methods.runs_on_toy(name):
         ran = toy.optimise(name, starts=((0.0, 0.0),), steps=3)
         assert ran.paths[0].shape == (4, 2)
 
@@ -202,6 +202,10 @@ def test_toy_skips_methods_that_need_three_losses():
     assert main(args, out) == 0
     text = out.getvalue()
     assert "Krum, TrimmedMean: need 3 or more losses" in text
+    args = ["--only", "toy", "--toy-steps", "2", "--methods", "GradNorm,DBMTL,UPGrad"]
+    out = io.StringIO()
+    assert main(args, out) == 0
+    assert "GradNorm, DBMTL: use the loss values, which must be positive" in out.getvalue()
     table = text[text.index("steps to reach") :].splitlines()
     assert [line.split()[0] for line in table[2:4]] == ["Sum", "UPGrad"]
 
@@ -269,43 +273,92 @@ def test_module_entry_point_lists_every_method_one_line_each():
     assert completed.returncode == 0
     lines = completed.stdout.splitlines()
     listed = [line.split()[0] for line in lines[2:]]
-    assert listed == [entry.name for entry in catalog.METHODS]
+    assert listed == [entry.label for entry in catalog.METHODS]
     assert f"{len(catalog.METHODS)} methods" in lines[0]
     for line, entry in zip(lines[2:], catalog.METHODS):
         assert entry.summary in line and entry.paper in line and entry.needs in line
+
+
+_BASES = (
+    aggregation.Aggregator,
+    aggregation.GramianWeightedAggregator,
+    aggregation.InputAggregator,
+    aggregation.InputWeightedAggregator,
+)
 
 
 def _aggregator_classes() -> set[str]:
     names = set()
     for name in aggregation.__all__:
         cls = getattr(aggregation, name)
-        abstract = cls in (aggregation.Aggregator, aggregation.GramianWeightedAggregator)
+        abstract = cls in _BASES
         if isinstance(cls, type) and issubclass(cls, aggregation.Aggregator) and not abstract:
             names.add(name)
-    return names
+    # Weightings that wrap another weighting, listed by their own name (no aggregator class).
+    return names | {"CRMOGMWeighting"}
+
+
+def _needs(built: aggregation.Aggregator) -> str:
+    """What a step must give ``built``, from its class and its declared inputs."""
+    from jdoptim.aggregation._inputs import needs_of
+    from jdoptim.cross_batch import cross_weighting
+
+    if cross_weighting(built) is not None:
+        return "J1 J2^T"
+    gramian_only = isinstance(built, aggregation.GramianWeightedAggregator)
+    base = "Gramian" if gramian_only else "Jacobian"
+    return f"{base} + losses" if "losses" in needs_of(built) else base
+
+
+def _scalarizer_holds_state(built: scalarization.Scalarizer) -> bool:
+    """State that a step changes: learned parameters, extra state (averages, generators,
+    warm-up statistics) or buffers."""
+    own_extra = type(built).get_extra_state is not torch.nn.Module.get_extra_state
+    return own_extra or bool(built.learnable_parameters()) or bool(list(built.buffers()))
 
 
 def test_the_catalogue_lists_every_aggregator_truthfully():
-    assert {entry.name for entry in catalog.METHODS} == _aggregator_classes()
-    for entry in catalog.METHODS:
+    ours = [entry for entry in catalog.METHODS if entry.module == "aggregation"]
+    assert {entry.name for entry in ours} == _aggregator_classes()
+    for entry in ours:
         built = entry.build(3)
-        gramian_only = isinstance(built, aggregation.GramianWeightedAggregator)
-        assert entry.needs == ("Gramian" if gramian_only else "Jacobian"), entry.name
-        stateful = isinstance(built, aggregation.Stateful)
+        assert entry.needs == _needs(built), entry.name
+        stateful = isinstance(built, aggregation.Stateful) or any(
+            isinstance(module, aggregation.Stateful) for module in built.modules()
+        )
         assert (entry.stateful != "no") == stateful, entry.name
+        assert entry.in_demo == (entry.needs != "J1 J2^T"), entry.name
         assert entry.build(3) is not built
+
+
+def test_the_catalogue_lists_every_scalarizer_truthfully():
+    ours = [entry for entry in catalog.METHODS if entry.module == "scalarization"]
+    assert {entry.name for entry in ours} == set(scalarization.__all__) - {"Scalarizer"}
+    values = torch.tensor([0.5, 1.0, 2.0])
+    for entry in ours:
+        built = entry.build(3)
+        assert isinstance(built, scalarization.Scalarizer) and entry.needs == "losses"
+        assert (entry.stateful != "no") == _scalarizer_holds_state(built), entry.name
+        assert built(values).shape == ()  # built for 3 losses
+        assert catalog.by_name(entry.label) is entry and not entry.in_demo
 
 
 def test_the_documentation_lists_the_catalogue():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text(encoding="utf-8")
-    rows = re.findall(r"^\| `([A-Za-z]+)` \|", readme, flags=re.MULTILINE)
-    assert rows == [entry.name for entry in catalog.METHODS]
+    rows = re.findall(r"^\| `([A-Za-z.]+)` \|", readme, flags=re.MULTILINE)
+    assert rows == [entry.label for entry in catalog.METHODS]
     # The site's methods page is the README's section; the API page has one section per method.
     assert "{{ readme: ## Methods }}" in (root / "docs/methods.md").read_text(encoding="utf-8")
     api = (root / "docs/api/aggregation.md").read_text(encoding="utf-8")
     sections = re.findall(r"^::: (jdoptim\.aggregation\.[a-z_]+)$", api, flags=re.MULTILINE)
-    modules = [getattr(aggregation, entry.name).__module__ for entry in catalog.METHODS]
+    ours = [entry for entry in catalog.METHODS if entry.module == "aggregation"]
+    modules = [getattr(aggregation, entry.name).__module__ for entry in ours]
+    assert sections[: len(modules)] == modules
+    api = (root / "docs/api/scalarization.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^::: (jdoptim\.scalarization\.[a-z_]+)$", api, flags=re.MULTILINE)
+    ours = [entry for entry in catalog.METHODS if entry.module == "scalarization"]
+    modules = [getattr(scalarization, entry.name).__module__ for entry in ours]
     assert sections[: len(modules)] == modules
 
 

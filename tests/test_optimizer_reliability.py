@@ -16,16 +16,24 @@ from torch import Tensor, nn
 
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import (
+    DBMTL,
+    IMTL,
+    PCD,
     Aggregator,
     Constant,
+    CRMOGMWeighting,
     ExcessMTL,
     GradDrop,
+    GradNorm,
     GradVac,
     GradVacWeighting,
+    GramianWeightedAggregator,
+    MoCo,
     NashMTL,
     PCGrad,
     Random,
     UPGrad,
+    UPGradWeighting,
 )
 from jdoptim.losses import StaleGraphError
 from tests._snapshots import assert_unchanged, same, snapshot
@@ -38,6 +46,13 @@ STATEFUL: dict[str, Callable[[], Aggregator]] = {
     "random": lambda: Random(seed=3),
     "excessmtl": ExcessMTL,
     "graddrop": lambda: GradDrop(seed=4),
+    # The methods of issue 17 (jdoptim/aggregation: Stateful, state in get_extra_state).
+    "crmogm": lambda: GramianWeightedAggregator(CRMOGMWeighting(UPGradWeighting())),
+    "pcd": PCD,
+    "gradnorm": GradNorm,
+    "imtl": IMTL,
+    "dbmtl": DBMTL,
+    "moco": MoCo,
 }
 
 

@@ -233,16 +233,23 @@ def _seeds_reading(runs: dict[str, list[multitask.MultiTaskResult]]) -> str:
 
 
 def _run_toy(chosen: Sequence[str], steps: int, out: TextIO) -> list[toy.ToyResult]:
-    runnable = [m for m in chosen if methods.min_losses(m) <= 2]
+    runnable = [m for m in chosen if methods.runs_on_toy(m)]
     print(
         "\n2. The two-objective toy problem of CAGrad (Liu et al., 2021) and Nash-MTL (Navon et "
         "al., 2022):\n   from five starting points, does Adam reach the Pareto set "
         f"(x2 = {toy.PARETO_X2}, |x1| <= 7) within {steps} steps, and where?",
         file=out,
     )
-    skipped = [m for m in chosen if m not in runnable]
-    if skipped:
-        print(f"   ({', '.join(skipped)}: need 3 or more losses; not run here.)", file=out)
+    few = [m for m in chosen if m not in runnable and methods.min_losses(m) > 2]
+    if few:
+        print(f"   ({', '.join(few)}: need 3 or more losses; not run here.)", file=out)
+    positive = [m for m in chosen if m not in runnable and m not in few]
+    if positive:
+        print(
+            f"   ({', '.join(positive)}: use the loss values, which must be positive; the toy's "
+            "are zero or negative in places, so not run here.)",
+            file=out,
+        )
     results = []
     with ProgressBar(len(runnable) * len(toy.STARTS) * steps, "toy problem") as bar:
         for method in runnable:

@@ -18,6 +18,7 @@ __all__ = [
     "make_aggregator",
     "min_losses",
     "resolve",
+    "runs_on_toy",
 ]
 
 BASELINE = "Sum"
@@ -25,8 +26,10 @@ BASELINE = "Sum"
 ``JDOptimizer(optimizer, Sum())`` computes, so the demo runs the plain step under that name."""
 
 KNOWN_AGGREGATORS: tuple[str, ...] = tuple(
-    entry.name for entry in catalog.METHODS if entry.name != BASELINE
+    entry.name for entry in catalog.METHODS if entry.in_demo and entry.name != BASELINE
 )
+"""The catalogue's one-batch aggregation methods (the cross-batch ones need several batches per
+step, and the scalarizers are listed but not run)."""
 DEFAULT_METHODS: tuple[str, ...] = (BASELINE, "UPGrad", "MGDA", "PCGrad", "CAGrad", "NashMTL")
 
 
@@ -38,10 +41,12 @@ def available() -> tuple[str, ...]:
 def describe() -> str:
     """The ``--list`` text: one line per method (needs, state, what it does, paper)."""
     header = (
-        f"{len(catalog.METHODS)} methods (jdoptim.aggregation). Columns: name, what a step gives "
-        "it (the Gramian G = J J^T only, or the full Jacobian J), whether it keeps state "
-        "between steps, what it does, its paper.\n"
-        f"In the demo, {BASELINE} is the plain step on the summed loss (no JDOptimizer).\n"
+        f"{len(catalog.METHODS)} methods (jdoptim.aggregation, then jdoptim.scalarization). "
+        "Columns: name, what a step gives it (the Gramian G = J J^T, the full Jacobian J, also "
+        "the loss values, J1 J2^T of two batches, or the losses alone for one backward), "
+        "whether it keeps state between steps, what it does, its paper.\n"
+        f"In the demo, {BASELINE} is the plain step on the summed loss (no JDOptimizer); the demo "
+        f"runs {len(KNOWN_AGGREGATORS) + 1} of them (--methods all).\n"
     )
     return header + catalog.format_catalog()
 
@@ -64,6 +69,16 @@ def resolve(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def min_losses(name: str) -> int:
     """The fewest losses ``name`` accepts with the demo's arguments (Krum, TrimmedMean: 3)."""
     return 1 if name == BASELINE else catalog.by_name(name).min_losses
+
+
+def runs_on_toy(name: str) -> bool:
+    """Whether the two-objective toy suits ``name``: two losses, and no use of the loss values
+    (GradNorm, IMTL, DB-MTL and MoCo assume positive losses; the toy's are zero or negative in
+    places)."""
+    if name == BASELINE:
+        return True
+    entry = catalog.by_name(name)
+    return entry.min_losses <= 2 and "losses" not in entry.needs
 
 
 def make_aggregator(name: str, m: int) -> Aggregator:

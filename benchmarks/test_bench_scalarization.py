@@ -1,0 +1,104 @@
+"""Loss-only methods: ``JDOptimizer(adam, scalarizer).step(losses)`` vs a plain summed step.
+
+Budget (issue 17): a scalarizer's step costs at most **1.15×** ``sum(losses).backward();
+adam.step()`` on the same model and batch. Model: the shared MLP trunk 256→512→512→256 of
+:mod:`benchmarks.models` with one head per task, batch 128, Adam, 2 threads; ``m = 2, 8`` tasks.
+Each JD step is timed alternately with its plain step
+(:func:`benchmarks.interleave.interleaved_ratio`), the median ratio reported. FAMO is timed in
+its no-extra-forward mode (the losses given; its logit update waits for the next step); the
+``FAMO+closure`` row recomputes the losses after the step (the paper's algorithm: one more
+forward by design, outside the budget).
+
+Run: ``python -m pytest benchmarks/test_bench_scalarization.py --benchmark-only -q
+--benchmark-json=/tmp/scal.json && python benchmarks/report.py /tmp/scal.json``, or
+``python benchmarks/test_bench_scalarization.py`` for the markdown table (``--quick``: tiny
+sizes, a check that it runs, not figures).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jdoptim.scalarization as S
+from benchmarks.interleave import interleaved_ratio
+from benchmarks.models import TrunkWithHeads, make_batch, task_losses
+from jdoptim import JDOptimizer
+
+BUDGET = 1.15
+
+METHODS: dict[str, Callable[[int], S.Scalarizer]] = {
+    "Sum": lambda m: S.Sum(),
+    "Mean": lambda m: S.Mean(),
+    "Constant": lambda m: S.Constant(torch.full((m,), 1.0 / m)),
+    "GeometricMean": lambda m: S.GeometricMean(),
+    "COSMOS": lambda m: S.COSMOS(0.5, torch.full((m,), 1.0 / m)),
+    "PBI": lambda m: S.PBI(5.0, torch.full((m,), 1.0 / m)),
+    "Random": lambda m: S.Random(seed=0),
+    "STCH": lambda m: S.STCH(0.1, warmup_steps=2),
+    "UW": lambda m: S.UW(m),
+    "IMTLL": lambda m: S.IMTLL(m),
+    "DWA": lambda m: S.DWA(window=4),
+    "FAMO": lambda m: S.FAMO(m),
+    "FAMO+closure": lambda m: S.FAMO(m),
+}
+
+
+def step_pair(
+    name: str, m: int, batch: int, widths: tuple[int, ...]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The JD step of method ``name`` and the plain summed step, on identical models."""
+    x, y = make_batch(m, batch=batch, d_in=widths[0])
+    plain_model, jd_model = TrunkWithHeads(m, widths), TrunkWithHeads(m, widths)
+    plain = torch.optim.Adam(plain_model.parameters(), lr=1e-4)
+    jd = JDOptimizer(torch.optim.Adam(jd_model.parameters(), lr=1e-4), METHODS[name](m))
+
+    def plain_step() -> None:
+        plain.zero_grad()
+        sum(task_losses(plain_model, x, y)).backward()
+        plain.step()
+
+    def jd_step() -> None:
+        jd.zero_grad()
+        if name == "FAMO+closure":
+            jd.step(closure=lambda: task_losses(jd_model, x, y))
+        else:
+            jd.step(task_losses(jd_model, x, y))
+
+    return jd_step, plain_step
+
+
+@pytest.mark.parametrize("m", [2, 8])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_scalarized_step_vs_plain(benchmark, name: str, m: int) -> None:
+    benchmark.group = f"scalarizer step, trunk 256-512-512-256, batch 128, Adam, m={m}"
+    jd_step, plain_step = step_pair(name, m, 128, (256, 512, 512, 256))
+    benchmark.extra_info.update(interleaved_ratio(jd_step, plain_step, rounds=30))
+    benchmark.extra_info.update({"m": m, "method": name, "budget": BUDGET})
+    benchmark.pedantic(jd_step, rounds=10, warmup_rounds=1)
+
+
+def table(quick: bool) -> None:
+    torch.set_num_threads(2)
+    batch, widths, rounds = (8, (16, 32, 16), 3) if quick else (128, (256, 512, 512, 256), 30)
+    print(f"| method | m | plain (ms) | JD (ms) | ratio (budget {BUDGET}×) |")
+    print("|---|---|---|---|---|")
+    for m in (2, 8):
+        for name in METHODS:
+            jd_step, plain_step = step_pair(name, m, batch, widths)
+            r = interleaved_ratio(jd_step, plain_step, rounds=rounds)
+            print(
+                f"| {name} | {m} | {r['baseline_ms']:.2f} | {r['candidate_ms']:.2f} | "
+                f"{r['ratio_median']:.3f}× |"
+            )
+
+
+if __name__ == "__main__":
+    table(quick="--quick" in sys.argv)

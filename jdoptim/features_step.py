@@ -1,0 +1,282 @@
+r"""Representation-level JD: ``opt.step(losses, features=z)``.
+
+The weights come from the Gramian of the losses' gradients with respect to a shared
+representation ``z`` (the trunk's output) instead of the shared parameters (Sener & Koltun, 2018,
+"Multi-Task Learning as Multi-Objective Optimization", NeurIPS: MGDA-UB; LibMTL's
+``rep_grad=True``):
+
+.. math::  Z = \begin{pmatrix} \partial ℓ_1/\partial z \\ ⋮ \\ \partial ℓ_m/\partial z
+           \end{pmatrix} ∈ R^{m × |z|}, \qquad w = W(Z Zᵀ),
+
+(row ``i`` of ``Z`` is ``∂ℓᵢ/∂z`` flattened, over the whole batch), then
+
+* every shared parameter gets ``Σᵢ wᵢ ∇ℓᵢ``, from one backward pass of ``Σᵢ wᵢ ℓᵢ``;
+* every specific parameter (a head, reached by one loss) gets its own loss's gradient, from one
+  backward pass of ``Σᵢ ℓᵢ`` that stops at the heads (autograd only runs the nodes that lead to
+  the parameters asked for); with ``scope="all"`` there is no such pass.
+
+``Z`` comes from one batched backward from the losses to ``z`` (through the heads only), so the
+step costs about a plain step plus the heads' share of the backward, whatever the trunk's size.
+
+**What is and is not guaranteed.** The update *is* ``Σᵢ wᵢ ∇ℓᵢ`` exactly, for the weights ``w``
+that were used (``StepRecord.weights``). But ``w`` comes from ``Z``, a different Jacobian from
+``J`` (the gradients over the shared parameters): ``J = Z ∂z/∂θ`` when every loss reaches the
+trunk through ``z`` only, and ``Z Zᵀ ≠ J Jᵀ`` in general. Hence a property that a method proves
+about ``Jᵀw`` with ``w = W(JJᵀ)`` (UPGrad's and MGDA's non-conflict ``J d ≥ 0``, IMTL-G's equal
+projections, …) holds for the *features'* gradients (``Z Zᵀ w ≥ 0`` for UPGrad), not for the
+parameters' gradients. Sener & Koltun's bound: MGDA on ``Z`` minimises an upper bound of MGDA's
+objective on ``J`` (``‖Jᵀw‖ ≤ ‖∂z/∂θ‖ ‖Zᵀw‖``), and when ``∂z/∂θ`` has full rank the
+MGDA-UB direction is still a descent direction for every loss (their Theorem 1) — only MGDA's
+guarantee carries over, and only in that bound's sense. ``StepRecord.gramian`` is ``Z Zᵀ`` (so the
+monitoring properties describe the features' gradients), and ``record.extras["features"]`` is
+``True``.
+
+Every Gramian-based method works in this mode, including those that also need the loss values;
+methods that need the Jacobian itself (DB-MTL, MoCo, GradDrop, …) and cross-batch ones are
+refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import Node
+
+from .aggregation import Aggregator, GramianWeightedAggregator
+from .losses import LossBatch
+from .parameter_plan import ParameterPlan
+from .update import UpdateResult, ensure_finite, weigh
+
+__all__ = ["FeaturesUpdate", "check_features"]
+
+
+def check_features(features: object) -> Tensor:
+    """Raise a clear error unless ``features`` is a floating tensor computed with a graph."""
+    if not isinstance(features, Tensor):
+        raise TypeError(
+            f"features must be the shared representation tensor z (e.g. the trunk's output), "
+            f"got {type(features).__name__}."
+        )
+    if not features.is_floating_point() or features.grad_fn is None:
+        raise ValueError(
+            "features must be a floating-point tensor computed by the model, with a graph "
+            "(requires_grad and a grad_fn): pass the trunk's output z that the losses were "
+            "computed from, not a detached copy or a leaf."
+        )
+    return features
+
+
+def feature_jacobian(losses: Tensor, features: Tensor) -> Tensor:
+    """``Z ∈ R^{m×|z|}``, row ``i`` the flattened ``∂ℓᵢ/∂z`` (the graph is kept)."""
+    m = losses.shape[0]
+    try:
+        (rows,) = torch.autograd.grad(
+            losses,
+            features,
+            grad_outputs=torch.eye(m, dtype=losses.dtype, device=losses.device),
+            retain_graph=True,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+    except (RuntimeError, NotImplementedError):  # an operation without a batching rule
+        grads = [
+            torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)[0]
+            for loss in losses
+        ]
+        if all(grad is None for grad in grads):
+            rows = None
+        else:
+            rows = torch.stack([torch.zeros_like(features) if g is None else g for g in grads])
+    if rows is None:
+        raise ValueError(
+            "No loss depends on features: pass the representation z that the losses were "
+            "computed from (e.g. z = trunk(x); losses = [head(z) for head in heads])."
+        )
+    return rows.reshape(m, -1)
+
+
+@dataclass
+class HeadsMap:
+    """The part of the graph between the losses and ``z`` (the *heads*), from one walk.
+
+    Attributes:
+        consumers: each node that takes ``z`` as an input, with the loss it belongs to and the
+            positions of ``z`` among its inputs.
+        around: the leaves reached by a path that does not pass through ``z``.
+        exclusive: no node of the heads is reached by two losses (separate heads), so that the
+            gradient a consumer sends to ``z`` comes from its one loss.
+    """
+
+    consumers: dict[Node, tuple[int, list[int]]] = field(default_factory=dict)
+    around: set[Tensor] = field(default_factory=set)
+    exclusive: bool = True
+
+
+def map_heads(roots: Sequence[Tensor], features: Tensor) -> HeadsMap:
+    """Walk from each loss down to ``z`` (see :class:`HeadsMap`).
+
+    The walk stops on the edge into ``features``' own output of its node (``output_nr``); an
+    edge into a sibling output of the same node (another chunk of a split) is followed. A node
+    met by a second loss is not walked again (its descendants are known) and marks the heads
+    as not exclusive. Nodes are held during the walk, so their identities stay valid.
+    """
+    cut_node, cut_number = features.grad_fn, features.output_nr
+    heads = HeadsMap()
+    owner: dict[Node, int] = {}
+    for index, loss in enumerate(roots):
+        if loss.grad_fn is None:
+            continue
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node in owner:
+                heads.exclusive = heads.exclusive and owner[node] == index
+                continue
+            owner[node] = index
+            leaf = getattr(node, "variable", None)
+            if leaf is not None:
+                heads.around.add(leaf)
+            for slot, (child, number) in enumerate(node.next_functions):
+                if child is cut_node and number == cut_number:
+                    heads.consumers.setdefault(node, (index, []))[1].append(slot)
+                elif child is not None:
+                    stack.append(child)
+    return heads
+
+
+def _own_inputs(plan: ParameterPlan, m: int) -> list[list[int]]:
+    own: list[list[int]] = [[] for _ in range(m)]
+    for k, (_, index) in enumerate(plan.specific):
+        own[index].append(k)
+    return own
+
+
+def _stack_rows(rows: list[Tensor | None], features: Tensor) -> Tensor:
+    if all(row is None for row in rows):
+        raise ValueError(
+            "No loss depends on features: pass the representation z that the losses were "
+            "computed from (e.g. z = trunk(x); losses = [head(z) for head in heads])."
+        )
+    stacked = torch.stack([torch.zeros_like(features) if r is None else r for r in rows])
+    return stacked.reshape(len(rows), -1)
+
+
+def per_loss_pass(
+    batch: LossBatch, plan: ParameterPlan, features: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """``Z`` and the specific parameters' own gradients, one backward per loss (graph kept)."""
+    assert batch.separate is not None
+    own = _own_inputs(plan, batch.m)
+    specific_grads: list[Tensor] = [torch.empty(0)] * len(plan.specific)
+    rows: list[Tensor | None] = []
+    for index, loss in enumerate(batch.separate):
+        inputs = [features] + [plan.specific[k][0] for k in own[index]]
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        rows.append(grads[0])
+        for k, grad in zip(own[index], grads[1:]):
+            param = plan.specific[k][0]
+            specific_grads[k] = torch.zeros_like(param) if grad is None else grad
+    return _stack_rows(rows, features), specific_grads
+
+
+def one_heads_pass(
+    batch: LossBatch, plan: ParameterPlan, features: Tensor, heads: HeadsMap
+) -> tuple[Tensor, list[Tensor]] | None:
+    """``Z`` and the specific gradients from one backward of ``Σᵢ ℓᵢ`` through the heads.
+
+    Hooks on the consumers of ``z`` catch what each sends to ``z``; with exclusive heads,
+    consumer nodes of loss ``i`` carry ``∂ℓᵢ/∂z`` only, so their sum is row ``i`` of ``Z``. The
+    rows must add up to the pass's own gradient of ``z``; ``None`` (use :func:`per_loss_pass`)
+    when they do not.
+    """
+    assert batch.separate is not None
+    caught: list[Tensor | None] = [None] * batch.m
+
+    def catcher(index: int, slots: list[int]) -> Callable:
+        def hook(grad_inputs: tuple[Tensor | None, ...], _: object) -> None:
+            for slot in slots:
+                grad = grad_inputs[slot]
+                if grad is not None:
+                    previous = caught[index]
+                    caught[index] = grad if previous is None else previous + grad
+
+        return hook
+
+    handles = [node.register_hook(catcher(i, s)) for node, (i, s) in heads.consumers.items()]
+    specific = [param for param, _ in plan.specific]
+    try:
+        grads = torch.autograd.grad(
+            list(batch.separate), [features, *specific], retain_graph=True, allow_unused=True
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = _stack_rows(caught, features)
+    total = grads[0]
+    if total is None or not torch.allclose(
+        rows.sum(dim=0), total.reshape(-1), atol=1e-6 * float(total.abs().max()) + 1e-30
+    ):
+        return None
+    specific_grads = [
+        torch.zeros_like(param) if grad is None else grad
+        for param, grad in zip(specific, grads[1:])
+    ]
+    return rows, specific_grads
+
+
+class FeaturesUpdate:
+    """The update computer of one ``features=`` step (see the module docstring).
+
+    With separately given losses and separate heads, one backward of ``Σᵢ ℓᵢ`` through the heads
+    gives ``Z`` and the heads' gradients (:func:`one_heads_pass`; else one backward per loss);
+    then, when no shared parameter is reached around ``z`` (:func:`map_heads`), the shared
+    gradients are one backward of ``z`` alone with the output gradient ``Σᵢ wᵢ Zᵢ``, which
+    equals ``Σᵢ wᵢ ∇ℓᵢ`` because every path from a loss to them passes through ``z``; otherwise
+    (a skip connection, ``scope="all"``, one 1-D tensor of losses) one backward of ``Σᵢ wᵢ ℓᵢ``.
+    """
+
+    def __init__(self, features: Tensor) -> None:
+        self.features = check_features(features)
+
+    def compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult:
+        if not isinstance(aggregator, GramianWeightedAggregator):
+            raise TypeError(
+                f"features= weighs the losses by the Gramian of their gradients with respect to "
+                f"z, so it needs a Gramian-based method; {type(aggregator).__name__} needs the "
+                "Jacobian. Use a Weighting-based method (UPGrad, MGDA, IMTLG, ...) or drop "
+                "features=."
+            )
+        shared = list(plan.shared)
+        roots = list(batch.separate) if batch.separate is not None else [batch.vector]
+        heads = map_heads(roots, self.features)
+        if batch.separate is None:  # one 1-D tensor of losses: every reached parameter is shared
+            rows, specific_grads = feature_jacobian(batch.vector, self.features), []
+        else:
+            fast = one_heads_pass(batch, plan, self.features, heads) if heads.exclusive else None
+            rows, specific_grads = fast or per_loss_pass(batch, plan, self.features)
+        with torch.no_grad():
+            gramian = rows @ rows.T
+        ensure_finite(gramian, "Gramian with respect to the features")
+        weights = weigh(aggregator.weighting, gramian)
+        shared_grads = self._shared_grads(batch, shared, weights, rows, heads) if shared else []
+        return UpdateResult(shared_grads, specific_grads, weights, gramian, {"features": True})
+
+    def _shared_grads(
+        self,
+        batch: LossBatch,
+        shared: list[Tensor],
+        weights: Tensor,
+        rows: Tensor,
+        heads: HeadsMap,
+    ) -> list[Tensor]:
+        weights = weights.detach().to(dtype=batch.vector.dtype)
+        if any(param in heads.around for param in shared):
+            return list(torch.autograd.grad(batch.vector, shared, weights, materialize_grads=True))
+        with torch.no_grad():
+            output_grad = (weights @ rows).view_as(self.features)
+        return list(torch.autograd.grad(self.features, shared, output_grad, materialize_grads=True))

@@ -1,0 +1,120 @@
+"""What one step gives the method, and which update computer runs it.
+
+:func:`prepare_method` is called by :meth:`jdoptim.JDOptimizer.step` after the parameter plan and
+before the update computer runs. It returns, for this step:
+
+* the aggregator, with the inputs it declared bound to it (:func:`~jdoptim.aggregation._inputs.
+  bind_inputs`): the loss values, a chosen layer's Gramian (GradNorm);
+* the update computer: the optimizer's own, :class:`~jdoptim.features_step.FeaturesUpdate` for
+  ``features=``, or :class:`~jdoptim.cross_batch.CrossBatchUpdate` around the optimizer's own
+  for ``extra_batches=``.
+
+Nothing is written to a parameter or its ``.grad`` here: a refusal leaves everything unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .aggregation import Aggregator
+from .aggregation._inputs import bind_inputs, needs_of
+from .autojac import compute_jacobian
+from .cross_batch import CrossBatches, CrossBatchUpdate
+from .features_step import FeaturesUpdate, check_features
+from .losses import LossBatch
+from .parameter_plan import ParameterPlan
+from .update import UpdateComputer, ensure_finite, gramian_of_blocks
+
+__all__ = [
+    "CrossBatches",
+    "MethodStep",
+    "check_method_arguments",
+    "check_method_step",
+    "prepare_method",
+]
+
+_SUPPORTED = frozenset({"losses", "layer_gramian", "cross"})
+
+
+@dataclass
+class MethodStep:
+    aggregator: Aggregator
+    computer: UpdateComputer
+
+
+def check_method_arguments(scalarizer: object, features: object, extra_batches: object) -> None:
+    """Refuse ``features=`` / ``extra_batches=`` with a loss-only method (one backward, no
+    Gramian: there is nothing for them to change)."""
+    if scalarizer is not None and (features is not None or extra_batches is not None):
+        raise ValueError(
+            "features= and extra_batches= are for gradient-weighting methods; a scalarizer "
+            "weighs the losses from their values alone: call opt.step(losses)."
+        )
+
+
+def check_method_step(
+    aggregator: Aggregator,
+    computer: UpdateComputer,
+    *,
+    features: object = None,
+    cross: CrossBatches | None = None,
+    scaled: bool = False,
+) -> None:
+    """Refuse, before anything is computed, a step whose method, ``features=``,
+    ``extra_batches=`` and options do not go together; changes nothing."""
+    needs = needs_of(aggregator)
+    distributed = getattr(computer, "any_process", None) is not None
+    if distributed and (needs or features is not None or cross is not None):
+        raise ValueError(
+            "With process_group, JDOptimizer supports methods of the Gramian or the Jacobian "
+            "only: features=, extra_batches= and methods that need the loss values would see "
+            "one process's values only. Drop process_group or use another method."
+        )
+    unknown = needs - _SUPPORTED
+    if unknown:
+        raise ValueError(
+            f"{type(aggregator).__name__} needs {sorted(unknown)}, which "
+            "JDOptimizer cannot provide."
+        )
+    if scaled and cross is not None:
+        raise ValueError("extra_batches= does not support grad_scaler yet: drop one of them.")
+    if features is not None and cross is not None:
+        raise ValueError("features= and extra_batches= cannot be combined in one step.")
+    if features is not None:
+        check_features(features)
+
+
+def prepare_method(
+    aggregator: Aggregator,
+    batch: LossBatch,
+    plan: ParameterPlan,
+    computer: UpdateComputer,
+    *,
+    features: Tensor | None = None,
+    cross: CrossBatches | None = None,
+    scaled: bool = False,
+) -> MethodStep:
+    """The aggregator and update computer of this step (see the module docstring)."""
+    check_method_step(aggregator, computer, features=features, cross=cross, scaled=scaled)
+    needs = needs_of(aggregator)
+    step_computer = computer if features is None else FeaturesUpdate(features)
+    if cross is not None:  # W(J₁J₂ᵀ) is computed inside the update computer
+        return MethodStep(aggregator, CrossBatchUpdate(step_computer, cross))
+    extra: dict[str, Tensor] = {}
+    if "losses" in needs:
+        extra["losses"] = batch.vector.detach()
+    if "layer_gramian" in needs:
+        extra["layer_gramian"] = _layer_gramian(aggregator, batch)
+    return MethodStep(bind_inputs(aggregator, extra), step_computer)
+
+
+def _layer_gramian(aggregator: Aggregator, batch: LossBatch) -> Tensor:
+    """The Gramian of the losses over the parameters the method names (its ``layer_params``)."""
+    weighting = getattr(aggregator, "weighting", aggregator)
+    params = list(weighting.layer_params())  # type: ignore[attr-defined]
+    blocks = compute_jacobian(batch.vector, params, retain_graph=True)
+    gramian = gramian_of_blocks(blocks).detach()
+    ensure_finite(gramian, "Gramian over the method's layer")
+    return gramian

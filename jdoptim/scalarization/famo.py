@@ -1,0 +1,179 @@
+r"""FAMO: fast adaptive multitask optimization, balancing the losses' rates of decrease from the
+loss values alone.
+
+Liu, Feng, Stone & Liu, 2023, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS.
+
+With the task weights ``z = softmax(w)`` (``w`` the logits, starting at ``0``), the lower bounds
+``b`` (``min_losses``, ``0`` by default) and ``ε = 10⁻⁸``, the scalarized loss is
+
+.. math::  s = c \sum_i z_i \log(\ell_i - b_i + \epsilon), \qquad
+           c = \Big(\sum_i \frac{z_i}{\ell_i - b_i + \epsilon}\Big)^{-1},
+
+with ``z`` and ``c`` constants of the gradient, so the effective weight of loss ``i`` is
+``c zᵢ / (ℓᵢ − bᵢ + ε)`` (positive, summing to ``1``): a convex combination of the gradients of
+the log-losses.
+
+**Logit update** (:meth:`FAMO.update`). After the model step, with the losses ``ℓ'`` recomputed
+on the same batch, ``δᵢ = log(ℓᵢ − bᵢ + ε) − log(ℓ'ᵢ − bᵢ + ε)`` (how much each log-loss fell), and
+the logits take one Adam step (learning rate ``lr = 0.025``, weight decay ``1e-3``, the paper's
+Algorithm 2; the official code uses ``1e-5``) along the gradient ``(∂z/∂w)ᵀ δ = z ⊙ (δ − zᵀδ)``. The
+Adam is FAMO's own, and its state is in ``state_dict()``.
+
+Differences from TorchJD: :meth:`update` consumes the losses stored by the last call (a second
+:meth:`update` without a call in between is refused); values at or below ``b − ε`` (whose logarithm
+is undefined) are refused instead of producing NaN.
+
+With :class:`jdoptim.JDOptimizer`: given a ``closure``, the step recomputes the losses on the same
+batch after the model update and calls :meth:`update` (the paper's algorithm, one extra forward);
+given the losses, the update is deferred to the next step, which uses that step's losses (a new
+batch) as ``ℓ'`` — no extra forward, but ``δ`` then also holds the change between batches.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Adam
+
+from ..aggregation._mixins import Stateful
+from ._base import Scalarizer, check_values
+
+_EPSILON = 1e-8
+
+
+class FAMO(Stateful, Scalarizer):
+    r"""``s = c Σᵢ zᵢ log(ℓᵢ − bᵢ + ε)`` with learned task weights (see the module docstring).
+
+    Args:
+        shape: the shape of the values (an int ``m`` is ``(m,)``).
+        min_losses: the lower bounds ``b`` (shape ``shape``); ``None``: zeros.
+        lr: the learning rate ``≥ 0`` of the logits' Adam.
+        weight_decay: the weight decay ``≥ 0`` of the logits' Adam.
+    """
+
+    min_losses: Tensor
+
+    def __init__(
+        self,
+        shape: int | Sequence[int],
+        min_losses: Tensor | None = None,
+        lr: float = 0.025,
+        weight_decay: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        if not lr >= 0.0:
+            raise ValueError(f"FAMO: `lr` must be non-negative, got {lr}.")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"FAMO: `weight_decay` must be non-negative, got {weight_decay}.")
+        self.logits = nn.Parameter(torch.zeros(shape))
+        if min_losses is None:
+            min_losses = torch.zeros(self.logits.shape)
+        elif min_losses.shape != self.logits.shape:
+            raise ValueError(
+                f"FAMO: `min_losses` has shape {tuple(min_losses.shape)}, expected "
+                f"{tuple(self.logits.shape)} (one lower bound per loss)."
+            )
+        self.register_buffer("min_losses", min_losses)
+        self.lr, self.weight_decay = lr, weight_decay
+        self._optimizer = Adam([self.logits], lr=lr, weight_decay=weight_decay)
+        self._previous: Tensor | None = None
+
+    def task_weights(self) -> Tensor:
+        """``z = softmax(w)``, detached, in the shape of the values."""
+        return self.logits.detach().reshape(-1).softmax(dim=0).reshape(self.logits.shape)
+
+    @property
+    def pending_update(self) -> bool:
+        """Whether a call's losses wait for :meth:`update`."""
+        return self._previous is not None
+
+    def _check(self, values: Tensor) -> None:
+        if values.shape != self.logits.shape:
+            raise ValueError(
+                f"FAMO was built for values of shape {tuple(self.logits.shape)} (one logit per "
+                f"loss) but got shape {tuple(values.shape)}: build it with FAMO(number_of_losses)."
+            )
+        if values.device != self.logits.device:
+            raise ValueError(
+                f"FAMO's logits are on {self.logits.device} but the values on {values.device}: "
+                "move it with .to(device) before the first call."
+            )
+        if bool((values.detach() - self.min_losses + _EPSILON <= 0).any()):
+            raise ValueError(
+                "FAMO takes log(loss - min_losses): every loss must stay above its lower bound "
+                "`min_losses` (zeros by default, i.e. positive losses); pass lower bounds that "
+                "hold, e.g. FAMO(m, min_losses=torch.full((m,), -1.0))."
+            )
+
+    def _scalarize(self, values: Tensor) -> Tensor:
+        z = self.task_weights().to(dtype=values.dtype, device=values.device)
+        shifted = values - self.min_losses + _EPSILON
+        normaliser = (z / shifted.detach()).sum()
+        return (z * shifted.log()).sum() / normaliser
+
+    def _observe(self, values: Tensor) -> None:
+        self._previous = values.clone()
+
+    def update(self, values: Tensor, /) -> None:
+        """One Adam step on the logits from the change of the losses across the model step:
+        ``values`` are the losses recomputed (on the same batch) after the model update."""
+        if self._previous is None:
+            raise ValueError(
+                "FAMO.update needs the losses of a call before the model step: call the "
+                "scalarizer on the losses first (and update once per call)."
+            )
+        check_values(values, "FAMO.update")
+        self._check(values)
+        self._apply_update(values)
+
+    def _apply_update(self, values: Tensor) -> None:
+        """:meth:`update` on values already checked (shape, device, above the bounds)."""
+        assert self._previous is not None
+        before = (self._previous - self.min_losses + _EPSILON).log()
+        after = (values.detach() - self.min_losses + _EPSILON).log()
+        delta = (before - after).reshape(-1).to(self.logits.dtype)
+        z = self.task_weights().reshape(-1)
+        self.logits.grad = (z * (delta - (z * delta).sum())).reshape(self.logits.shape)
+        self._optimizer.step()
+        self.logits.grad = None  # only FAMO's Adam steps the logits
+        self._previous = None
+
+    def _snapshot(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """The logits, the Adam state's tensors and the pending losses, copied (to undo an
+        update that a refused step made)."""
+        state = self._optimizer.state.get(self.logits, {})
+        moments = {key: value.clone() for key, value in state.items()}
+        return self.logits.detach().clone(), moments, self._previous
+
+    def _restore(self, snapshot: tuple[Tensor, dict[str, Tensor], Tensor | None]) -> None:
+        logits, moments, previous = snapshot
+        with torch.no_grad():
+            self.logits.copy_(logits)
+        if moments:
+            self._optimizer.state[self.logits] = moments
+        else:
+            self._optimizer.state.pop(self.logits, None)
+        self._previous = previous
+
+    def reset(self) -> None:
+        """Logits back to ``0``, a fresh Adam, no pending update."""
+        with torch.no_grad():
+            self.logits.zero_()
+        self._optimizer = Adam([self.logits], lr=self.lr, weight_decay=self.weight_decay)
+        self._previous = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        previous = None if self._previous is None else self._previous.clone()
+        return {"adam": copy.deepcopy(self._optimizer.state_dict()), "previous": previous}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(copy.deepcopy(state["adam"]))
+        previous = state["previous"]
+        self._previous = None if previous is None else previous.clone()
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.logits.shape)}, lr={self.lr}, weight_decay={self.weight_decay}"

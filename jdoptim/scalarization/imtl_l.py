@@ -1,0 +1,56 @@
+r"""IMTLL: the loss-balancing half of impartial multi-task learning (IMTL-L).
+
+Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, 2021, "Towards Impartial Multi-task Learning",
+ICLR.
+
+.. math::  s = \sum_i e^{s_i} \ell_i - s_i
+
+with one learnable log-scale ``sᵢ`` per loss (``log_scale``, starting at ``0``: the plain sum).
+The effective weight of loss ``i`` is ``e^{sᵢ}``; descent on ``sᵢ`` drives ``e^{sᵢ} ℓᵢ`` towards
+``1`` (every scaled loss to the same magnitude); the ``−sᵢ`` term forbids ``sᵢ → −∞``. It is
+``2·UW`` at ``sᵢ ↦ −sᵢ``. The gradient-balancing half, IMTL-G, is
+:class:`jdoptim.aggregation.IMTLG`.
+
+**Training.** As for :class:`~jdoptim.scalarization.UW`: :class:`jdoptim.JDOptimizer` adds the
+log-scales to the wrapped optimizer as a new parameter group unless it already holds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..aggregation._mixins import Stateful
+from ._base import Scalarizer
+from .uw import check_learned_shape
+
+
+class IMTLL(Stateful, Scalarizer):
+    r"""``s = Σᵢ e^{sᵢ} ℓᵢ − sᵢ`` with learnable log-scales ``sᵢ`` (``log_scale``).
+
+    Args:
+        shape: the shape of the values (an int ``m`` is ``(m,)``).
+    """
+
+    def __init__(self, shape: int | Sequence[int]) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(shape))
+
+    def _check(self, values: Tensor) -> None:
+        check_learned_shape(self.log_scale, values, "IMTLL")
+
+    def _scalarize(self, values: Tensor) -> Tensor:
+        return (torch.exp(self.log_scale) * values - self.log_scale).sum()
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        return [self.log_scale]
+
+    def reset(self) -> None:
+        """Set the log-scales back to ``0``."""
+        with torch.no_grad():
+            self.log_scale.zero_()
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.log_scale.shape)}"
