@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jdoptim.aggregation import DualProj, DualProjWeighting
-from tests.aggregation._a_reference import conflict, project_onto_dual_cone
+from tests.aggregation._reference_solvers import conflict, project_onto_dual_cone
 from tests.aggregation.matrices import MATRIX_IDS, MATRIX_VALUES, full_rank, rank_deficient
 
 

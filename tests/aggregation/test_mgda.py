@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jdoptim.aggregation import MGDA, MGDAWeighting
-from tests.aggregation._a_reference import min_norm_convex_hull
+from tests.aggregation._reference_solvers import min_norm_convex_hull
 from tests.aggregation.matrices import MATRIX_IDS, MATRIX_VALUES, full_rank
 
 

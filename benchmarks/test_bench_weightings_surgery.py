@@ -4,7 +4,7 @@ Each weighting is timed on the ``m × m`` Gramian of a random float32 Jacobian, 
 ``m ∈ {2, 8, 32, 64, 128}``, beside a reference operation timed in the same run
 (``torch.linalg.eigh`` of the same Gramian), because absolute times are noise on shared machines.
 
-Run: ``python -m pytest benchmarks/test_bench_weightings_b.py --benchmark-only -q``.
+Run: ``python -m pytest benchmarks/test_bench_weightings_surgery.py --benchmark-only -q``.
 
 The timings use one intra-op thread (restored afterwards): the weightings' operations are on
 ``m × m`` matrices, far too small to gain from intra-op parallelism, and with two threads on a

@@ -1,6 +1,6 @@
 """Timings of the projection and balancing weightings (part A) on Gramians of sampled Jacobians.
 
-Run: ``python -m pytest benchmarks/test_bench_weightings_a.py --benchmark-only -q``.
+Run: ``python -m pytest benchmarks/test_bench_weightings_projection.py --benchmark-only -q``.
 Absolute times are noise on a shared machine: compare them with the reference operations timed
 in the same run (``J @ J.T`` for n = 10 000 and ``torch.linalg.eigh`` of the m×m Gramian).
 """
