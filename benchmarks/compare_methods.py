@@ -115,6 +115,9 @@ def aggregate(per_seed: Sequence[Sequence[MultiTaskResult]]) -> list[Row]:
     rows = []
     for i, first in enumerate(per_seed[0]):
         results = [seed_results[i] for seed_results in per_seed]
+        ratios = [r.time_ratio for r in results]
+        if None in ratios or any(r.method != first.method for r in results):
+            raise ValueError(f"{first.method}: every seed needs the same methods, timed.")
         relative = torch.stack([r.final / r.initial for r in results])  # [seeds, tasks]
         rows.append(
             Row(
@@ -123,7 +126,7 @@ def aggregate(per_seed: Sequence[Sequence[MultiTaskResult]]) -> list[Row]:
                 worse_seeds=[int(n) for n in (relative > 1).sum(dim=0)],
                 any_worse_seeds=int((relative > 1).any(dim=1).sum()),
                 worst_relative=statistics.median(relative.max(dim=1).values.tolist()),
-                time_ratio=statistics.median(float(r.time_ratio or 0.0) for r in results),
+                time_ratio=statistics.median(ratios),  # type: ignore[arg-type]
             )
         )
     return sort_rows(rows)

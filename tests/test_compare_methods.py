@@ -3,6 +3,7 @@ hand-computed numbers, and a tiny real run that includes a scalarizer with learn
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.compare_methods import SKIPPED, aggregate, all_methods, markdown_table, run_seed
@@ -67,3 +68,13 @@ def test_tiny_run_reproduces_an_independent_plain_adam_loop() -> None:
     with torch.no_grad():
         expected = torch.stack(list(problem.losses(model).values()))
     torch.testing.assert_close(results[0].final, expected)
+
+
+def test_aggregate_refuses_an_untimed_or_misaligned_seed() -> None:
+    timed = _result("X", [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], 2.0)
+    untimed = _result("X", [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], 2.0)
+    untimed.time_ratio = None
+    other = _result("Y", [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], 2.0)
+    for bad in (untimed, other):
+        with pytest.raises(ValueError, match="every seed needs the same methods"):
+            aggregate([[timed], [bad]])
