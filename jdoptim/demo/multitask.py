@@ -130,12 +130,14 @@ class _Run:
         self.problem, self.method = problem, method
         self.model = problem.model()
         self.adam = torch.optim.Adam(self.model.parameters(), lr=lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.adam, _warmup(steps // 4))
         self.jd = (
             None
             if method == BASELINE
             else JDOptimizer(self.adam, make_aggregator(method, len(TASKS)))
         )
+        # After the JDOptimizer: a scalarizer with learnable scales (UW, IMTLL) adds a parameter
+        # group to Adam, which a scheduler built before it would not schedule.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.adam, _warmup(steps // 4))
         with torch.no_grad():
             self.initial = torch.stack(list(problem.losses(self.model).values()))
         self.curve: list[Tensor] = []
