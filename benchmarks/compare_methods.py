@@ -36,10 +36,9 @@ from pathlib import Path
 
 import torch
 
-from jdoptim import JDOptimizer, catalog
-from jdoptim.demo import multitask
-from jdoptim.demo.methods import BASELINE, make_aggregator
-from jdoptim.demo.multitask import TASKS, MultiTaskProblem, MultiTaskResult
+from jdoptim import catalog
+from jdoptim.demo.methods import BASELINE
+from jdoptim.demo.multitask import TASKS, MultiTaskProblem, MultiTaskResult, train_interleaved
 
 SKIPPED: dict[str, str] = {
     "MoDo": "needs two independent batches per step (extra_batches=); the problem is full-batch",
@@ -59,42 +58,13 @@ def all_methods() -> tuple[str, ...]:
     return (BASELINE, *labels)
 
 
-class _Run(multitask._Run):
-    """The demo's run, with the scheduler built *after* JDOptimizer: a scalarizer with learnable
-    weights (UW) adds a parameter group, which a scheduler built earlier would not schedule."""
-
-    def __init__(self, problem: MultiTaskProblem, method: str, steps: int, lr: float) -> None:
-        self.problem, self.method = problem, method
-        self.model = problem.model()
-        self.adam = torch.optim.Adam(self.model.parameters(), lr=lr)
-        self.jd = (
-            None
-            if method == BASELINE
-            else JDOptimizer(self.adam, make_aggregator(method, len(TASKS)))
-        )
-        warmup = multitask._warmup(steps // 4)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.adam, warmup)
-        with torch.no_grad():
-            self.initial = torch.stack(list(problem.losses(self.model).values()))
-        self.curve = []
-        self.durations = []
-        self.conflicted = 0
-
-
 def run_seed(
     seed: int, methods: Sequence[str], steps: int, lr: float = 5e-3
 ) -> list[MultiTaskResult]:
     """Every method on seed ``seed``'s problem, in lockstep, with interleaved time ratios."""
     if methods[0] != BASELINE:
         raise ValueError(f"The first method must be the plain step {BASELINE!r}, got {methods}.")
-    problem = MultiTaskProblem(seed=seed)
-    runs = [_Run(problem, method, steps, lr) for method in methods]
-    ratios: list[list[float]] = [[] for _ in runs]
-    for _ in range(steps):
-        times = [run.step() for run in runs]
-        for ratio, seconds in zip(ratios, times):
-            ratio.append(seconds / times[0])
-    return [run.result(statistics.median(ratio)) for run, ratio in zip(runs, ratios)]
+    return train_interleaved(MultiTaskProblem(seed=seed), methods, steps, lr)
 
 
 @dataclass
