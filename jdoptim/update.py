@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
 from .autojac import JacobianComputer
-from .finite import is_finite
+from .linalg.finite import is_finite
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
 

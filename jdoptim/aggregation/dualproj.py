@@ -8,7 +8,7 @@ arXiv:2406.16232, Sec. 5; the idea goes back to the projection step of A-GEM, Ch
 With the default preference ``p = 1/m``, ``d`` is the projection of the mean gradient: it does not
 conflict with any gradient (``J d ≥ 0``), equals the mean gradient when that does not conflict,
 and is positively homogeneous (``A(cJ) = c A(J)`` for ``c > 0``). The QP is solved exactly as for
-UPGrad (see :mod:`jdoptim.aggregation._dual_cone`).
+UPGrad (see :mod:`jdoptim.linalg.dual_cone`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._bases import GramianWeightedAggregator
-from ._dual_cone import DEFAULT_REGULARIZATION
+from ..linalg.dual_cone import DEFAULT_REGULARIZATION
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 from .upgrad import _DualConeWeighting, _preference

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting
-from ._dual_cone import (
+from ..linalg.dual_cone import (
     DEFAULT_REGULARIZATION,
     DualConeInfo,
     _solve_quadprog_lcp,
@@ -44,7 +44,7 @@ from ._dual_cone import (
     regularized_cholesky_safe,
     warn_once_if_degraded,
 )
-from ._lcp import solve_nonnegative_lcp
+from ..linalg.lcp import solve_nonnegative_lcp
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 from .upgrad import _check_reg_eps

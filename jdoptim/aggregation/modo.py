@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._inputs import CrossBatchWeighting, InputWeightedAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
-from ._simplex import project_onto_simplex
+from ..linalg.simplex import project_onto_simplex
 
 
 class MoDoWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):

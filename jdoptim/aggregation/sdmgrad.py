@@ -30,7 +30,7 @@ from torch import Tensor
 from ._bases import check_preference
 from ._inputs import CrossBatchWeighting, InputWeightedAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
-from ._simplex import project_onto_simplex
+from ..linalg.simplex import project_onto_simplex
 
 
 class SDMGradWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):

@@ -12,7 +12,7 @@ conflict with any gradient (``J d ≥ 0``), equals the mean gradient when no two
 and is positively homogeneous (``A(cJ) = c A(J)`` for ``c > 0``).
 
 The ``m`` quadratic programs share ``G`` and are solved together by an exact batched active-set
-method with a KKT certificate and a quadprog fallback (see :mod:`jdoptim.aggregation._dual_cone`).
+method with a KKT certificate and a quadprog fallback (see :mod:`jdoptim.linalg.dual_cone`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting, check_preference
-from ._dual_cone import (
+from ..linalg.dual_cone import (
     DEFAULT_REGULARIZATION,
     solve_dual_cone,
     solve_upgrad_weights,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import jdoptim.aggregation._dual_cone as module
-from jdoptim.aggregation._dual_cone import (
+import jdoptim.linalg.dual_cone as module
+from jdoptim.linalg.dual_cone import (
     equilibrate,
     solve_dual_cone,
     solve_dual_cone_quadprog,

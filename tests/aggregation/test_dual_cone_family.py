@@ -17,8 +17,8 @@ import torch
 
 from benchmarks.gramian_family import FAMILIES, REAL, gramian
 from jdoptim.aggregation import DualProjWeighting, UPGradWeighting
-from jdoptim.aggregation._batched_lcp import solve_lcp_batched
-from jdoptim.aggregation._dual_cone import (
+from jdoptim.linalg.batched_lcp import solve_lcp_batched
+from jdoptim.linalg.dual_cone import (
     DEFAULT_REGULARIZATION,
     _equilibrated_problem_torch,
     _ridge,

@@ -19,13 +19,13 @@ How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing
    beyond that, the negative eigenvalues are clipped (eigendecomposition) as a last resort.
 3. **Batched exact active-set solve.** With ``v' = u' + z``, the QP is the linear
    complementarity problem ``z ≥ 0, y = M z + M u' ≥ 0, zᵀy = 0``. All ``k`` problems are solved
-   together by block principal pivoting (:mod:`._lcp`: Júdice & Pires 1994, with Kim & Park's
+   together by block principal pivoting (:mod:`.lcp`: Júdice & Pires 1994, with Kim & Park's
    anti-cycling rule), which terminates at the exact solution of the regularised problem.
    Problems whose first pivot frees the same variables (UPGrad: a group of agreeing losses)
    continue on the principal pivot transform of ``M`` on that set, where each later pivot solves
    a system of the size of the change of free set only. UPGrad with :data:`TORCH_FROM` losses or
    more (per-sample losses), and any Gramian off the CPU, takes the batched torch solver of
-   :mod:`._batched_lcp` instead, on the Gramian's device (a float32 search for the free sets,
+   :mod:`.batched_lcp` instead, on the Gramian's device (a float32 search for the free sets,
    then one float64 solve on them and the same certificate).
 4. **Certificate.** The KKT conditions (``z ≥ 0``, ``y ≥ 0``, ``y_F = 0`` on the free set) are
    checked to a relative tolerance; every problem that is not certified is re-solved with
@@ -54,8 +54,8 @@ import quadprog
 import torch
 from torch import Tensor
 
-from ._batched_lcp import solve_lcp_batched
-from ._lcp import solve_nonnegative_lcp
+from .batched_lcp import solve_lcp_batched
+from .lcp import solve_nonnegative_lcp
 
 DEFAULT_REGULARIZATION = 1e-10
 _MAX_REGULARIZATION = 1e-2
@@ -66,8 +66,8 @@ _LARGE_RIDGE_FACTOR = 1e4
 _ZERO_DIAGONAL = 1e-300
 _RELATIVE_ZERO_DIAGONAL = 1e-30
 #: From this many losses on (and always for a Gramian off the CPU), UPGrad's ``m`` problems are
-#: solved by the batched torch solver (:mod:`._batched_lcp`) on the Gramian's device; below it,
-#: the numpy solver (:mod:`._lcp`), tuned for few array operations, is faster.
+#: solved by the batched torch solver (:mod:`.batched_lcp`) on the Gramian's device; below it,
+#: the numpy solver (:mod:`.lcp`), tuned for few array operations, is faster.
 TORCH_FROM = 192
 
 
@@ -311,7 +311,7 @@ def _upgrad_weights_torch(
 ) -> tuple[Tensor, DualConeInfo]:
     """:func:`solve_upgrad_weights` in float64 torch on ``gramian``'s device: the same
     equilibration and ridge (:func:`_equilibrated_problem_torch`), the ``m`` problems by
-    :func:`._batched_lcp.solve_lcp_batched`, quadprog for any it does not certify."""
+    :func:`.batched_lcp.solve_lcp_batched`, quadprog for any it does not certify."""
     matrix, scale, info = _equilibrated_problem_torch(gramian, eps)
     z, certified = solve_lcp_batched(matrix, matrix)
     if not bool(certified.all()):
