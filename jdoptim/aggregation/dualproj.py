@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._bases import GramianWeightedAggregator
 from ..linalg.dual_cone import DEFAULT_REGULARIZATION
+from ._bases import GramianWeightedAggregator
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 from .upgrad import _DualConeWeighting, _preference

@@ -33,10 +33,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._bases import GramianWeightedAggregator, Weighting
 from ..linalg.dual_cone import equilibrate, regularized_cholesky_safe, warn_once_if_degraded
-from ._mixins import _NonDifferentiable
 from ..linalg.power_equation import DEFAULT_TOL, solve_power_equation
+from ._bases import GramianWeightedAggregator, Weighting
+from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 from .upgrad import _check_reg_eps
 

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._bases import GramianWeightedAggregator, Weighting
 from ..linalg.dual_cone import (
     DEFAULT_REGULARIZATION,
     DualConeInfo,
@@ -45,6 +44,7 @@ from ..linalg.dual_cone import (
     warn_once_if_degraded,
 )
 from ..linalg.lcp import solve_nonnegative_lcp
+from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 from .upgrad import _check_reg_eps

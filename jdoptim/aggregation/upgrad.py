@@ -22,13 +22,13 @@ import math
 import torch
 from torch import Tensor
 
-from ._bases import GramianWeightedAggregator, Weighting, check_preference
 from ..linalg.dual_cone import (
     DEFAULT_REGULARIZATION,
     solve_dual_cone,
     solve_upgrad_weights,
     warn_once_if_degraded,
 )
+from ._bases import GramianWeightedAggregator, Weighting, check_preference
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 
