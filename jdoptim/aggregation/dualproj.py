@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..linalg.dual_cone import DEFAULT_REGULARIZATION
+from ..linalg.equilibration import DEFAULT_REGULARIZATION
 from ._bases import GramianWeightedAggregator
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
-from .upgrad import _DualConeWeighting, _preference
+from .arguments import preference_or_uniform
+from .dual_cone_weighting import DualConeWeighting
 
 
-class DualProjWeighting(_DualConeWeighting):
+class DualProjWeighting(DualConeWeighting):
     """Weights of :class:`DualProj` from the Gramian alone: ``w = argmin_{v ≥ p} vᵀGv``.
 
     Args:
@@ -33,7 +34,7 @@ class DualProjWeighting(_DualConeWeighting):
 
     @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
-        preference = _preference(self.pref_vector, gramian)
+        preference = preference_or_uniform(self.pref_vector, gramian)
         return self._solve(gramian, preference.unsqueeze(0))[0]
 
 

@@ -44,8 +44,8 @@ from torch import Tensor
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._scaling import normalized_jacobian, scale_free, times_power_of_two
+from .arguments import check_reg_eps as _check_reg_eps
 from .fairgrad import solve_fair_weights
-from .upgrad import _check_reg_eps
 
 
 class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):

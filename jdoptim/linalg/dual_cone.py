@@ -9,15 +9,13 @@ arXiv:2406.16232, Prop. 1)
 
 How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing one ``G``:
 
-1. **Equilibration.** With ``D = diag(Gᵢᵢ)^{-1/2}`` (rows with a zero diagonal get the scale of
-   the largest one), ``v = D v'`` turns the problem into the same problem for ``G' = D G D``
-   (unit diagonal) and bounds ``u' = D⁻¹u``: the QP is invariant under positive diagonal
-   rescaling, so gradients of wildly different norms (1e-3 … 1e3) do not ruin the conditioning.
-2. **Ridge.** ``M = G' + εI`` with ``ε = max(reg_eps, m·eps(dtype))``; a Cholesky factorisation
-   proves ``M`` positive definite. If it fails (rank deficiency seen through rounding, a float32
-   Gramian with slightly negative eigenvalues), ``ε`` is raised 100× and retried, up to ``1e-2``;
-   beyond that, the negative eigenvalues are clipped (eigendecomposition) as a last resort.
-3. **Batched exact active-set solve.** With ``v' = u' + z``, the QP is the linear
+1. **Equilibration and ridge** (:mod:`.equilibration`). With ``D = diag(Gᵢᵢ)^{-1/2}``,
+   ``v = D v'`` turns the problem into the same problem for ``G' = D G D`` (unit diagonal) and
+   bounds ``u' = D⁻¹u``: the QP is invariant under positive diagonal rescaling, so gradients of
+   wildly different norms (1e-3 … 1e3) do not ruin the conditioning. Then ``M = G' + εI`` with
+   ``ε = max(reg_eps, m·eps(dtype))``, raised until a Cholesky factorisation proves ``M``
+   positive definite (its negative eigenvalues clipped as a last resort).
+2. **Batched exact active-set solve.** With ``v' = u' + z``, the QP is the linear
    complementarity problem ``z ≥ 0, y = M z + M u' ≥ 0, zᵀy = 0``. All ``k`` problems are solved
    together by block principal pivoting (:mod:`.lcp`: Júdice & Pires 1994, with Kim & Park's
    anti-cycling rule), which terminates at the exact solution of the regularised problem.
@@ -27,7 +25,7 @@ How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing
    more (per-sample losses), and any Gramian off the CPU, takes the batched torch solver of
    :mod:`.batched_lcp` instead, on the Gramian's device (a float32 search for the free sets,
    then one float64 solve on them and the same certificate).
-4. **Certificate.** The KKT conditions (``z ≥ 0``, ``y ≥ 0``, ``y_F = 0`` on the free set) are
+3. **Certificate.** The KKT conditions (``z ≥ 0``, ``y ≥ 0``, ``y_F = 0`` on the free set) are
    checked to a relative tolerance; every problem that is not certified is re-solved with
    quadprog (Goldfarb–Idnani), which is also the reference solver of the tests.
 
@@ -41,13 +39,16 @@ every small array operation costs several microseconds more than in a warm loop.
 
 The solver reports what it had to do (:class:`DualConeInfo`) so that the caller can warn once
 rather than on every step.
+
+:func:`solve_upgrad_weights` (the sum of the solutions for the bounds ``diag(p)``) is numerics
+too: it shares the tiny path and the certified solve with :func:`solve_dual_cone` and knows
+nothing of a method. The weightings built on these solves (argument checks, preferences, the
+warn-once report) live in :mod:`jdoptim.aggregation`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import quadprog
@@ -55,92 +56,33 @@ import torch
 from torch import Tensor
 
 from .batched_lcp import solve_lcp_batched
+from .equilibration import (
+    DEFAULT_REGULARIZATION,
+    RELATIVE_ZERO_DIAGONAL,
+    ZERO_DIAGONAL,
+    DualConeInfo,
+    equilibrated_problem,
+    equilibrated_problem_torch,
+    initial_ridge,
+)
 from .lcp import solve_nonnegative_lcp
 
-DEFAULT_REGULARIZATION = 1e-10
-_MAX_REGULARIZATION = 1e-2
-#: A ridge this many times larger than the initial one is reported as "large".
-_LARGE_RIDGE_FACTOR = 1e4
-#: Equilibration: a Gramian whose largest diagonal entry is below this is taken as all zero, and
-#: a diagonal entry below ``_RELATIVE_ZERO_DIAGONAL`` times the largest as a zero gradient.
-_ZERO_DIAGONAL = 1e-300
-_RELATIVE_ZERO_DIAGONAL = 1e-30
+__all__ = [
+    "DEFAULT_REGULARIZATION",
+    "TORCH_FROM",
+    "DualConeInfo",
+    "solve_dual_cone",
+    "solve_quadprog_lcp",
+    "solve_upgrad_weights",
+]
+
 #: From this many losses on (and always for a Gramian off the CPU), UPGrad's ``m`` problems are
 #: solved by the batched torch solver (:mod:`.batched_lcp`) on the Gramian's device; below it,
 #: the numpy solver (:mod:`.lcp`), tuned for few array operations, is faster.
 TORCH_FROM = 192
 
 
-@dataclass
-class DualConeInfo:
-    """What :func:`solve_dual_cone` needed beyond the fast path."""
-
-    ridge: float = 0.0
-    large_ridge: bool = False
-    clipped_eigenvalues: bool = False
-    n_fallbacks: int = 0
-
-    @property
-    def degraded(self) -> bool:
-        return self.large_ridge or self.clipped_eigenvalues or self.n_fallbacks > 0
-
-    def describe(self) -> str:
-        parts = []
-        if self.large_ridge:
-            parts.append(f"a ridge of {self.ridge:g} on the equilibrated Gramian")
-        if self.clipped_eigenvalues:
-            parts.append("clipping its negative eigenvalues (it is not positive semi-definite)")
-        if self.n_fallbacks:
-            parts.append(f"the quadprog fallback on {self.n_fallbacks} problem(s)")
-        return ", ".join(parts)
-
-
-def normalize_gramian(gramian: np.ndarray) -> np.ndarray:
-    """Return ``G / mean(diag(G))`` (or ``G`` itself when its diagonal is all zero)."""
-    scale = float(np.trace(gramian)) / max(gramian.shape[0], 1)
-    return gramian / scale if scale > 0.0 else gramian
-
-
-def equilibrate(gramian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(D G D, diag(D))`` with ``D = diag(Gᵢᵢ)^{-1/2}``.
-
-    Diagonal entries that are zero (or below ``1e-300``, or below ``1e-30·max Gᵢᵢ``) are given the
-    scale of the largest one; an all-zero Gramian gets ``D = I``.
-    """
-    diag = np.diagonal(gramian)
-    top = float(diag.max()) if diag.size else 0.0
-    if top <= _ZERO_DIAGONAL:
-        return gramian.copy(), np.ones_like(diag)
-    scale = 1.0 / np.sqrt(np.where(diag <= _RELATIVE_ZERO_DIAGONAL * top, top, diag))
-    return gramian * np.multiply.outer(scale, scale), scale
-
-
-def regularized_cholesky_safe(matrix: np.ndarray, eps: float) -> tuple[np.ndarray, DualConeInfo]:
-    """Return ``M = matrix + ε'I`` positive definite, raising ``ε`` as needed (see module doc)."""
-    m = matrix.shape[0]
-    info = DualConeInfo()
-    current = eps
-    while current <= _MAX_REGULARIZATION:
-        candidate = matrix.copy()
-        candidate.reshape(-1)[:: m + 1] += current
-        try:
-            np.linalg.cholesky(candidate)
-        except np.linalg.LinAlgError:
-            current *= 100.0
-            continue
-        info.ridge = current
-        info.large_ridge = current > _LARGE_RIDGE_FACTOR * eps
-        return candidate, info
-    # Last resort: the matrix is far from positive semi-definite. Clip its spectrum.
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    eigenvalues = np.maximum(eigenvalues, 0.0)
-    clipped = (eigenvectors * eigenvalues) @ eigenvectors.T
-    info.ridge = eps
-    info.clipped_eigenvalues = True
-    return 0.5 * (clipped + clipped.T) + eps * np.eye(m), info
-
-
-def _solve_quadprog_lcp(matrix: np.ndarray, linear: np.ndarray) -> np.ndarray:
+def solve_quadprog_lcp(matrix: np.ndarray, linear: np.ndarray) -> np.ndarray:
     """``argmin_{z ≥ 0} ½ zᵀ M z + qᵀ z`` with quadprog (Goldfarb–Idnani), for one ``q``."""
     m = matrix.shape[0]
     return quadprog.solve_qp(matrix, -linear, np.eye(m), np.zeros(m))[0]
@@ -177,9 +119,9 @@ def _solve_tiny(
     m = len(gramian)
     diag = [gramian[i][i] for i in range(m)]
     top = max(diag)
-    if not top > _ZERO_DIAGONAL:  # also catches NaN
+    if not top > ZERO_DIAGONAL:  # also catches NaN
         return None
-    scale = [1.0 / math.sqrt(top if d <= _RELATIVE_ZERO_DIAGONAL * top else d) for d in diag]
+    scale = [1.0 / math.sqrt(top if d <= RELATIVE_ZERO_DIAGONAL * top else d) for d in diag]
     matrix = [
         [0.5 * (gramian[i][j] + gramian[j][i]) * scale[i] * scale[j] for j in range(m)]
         for i in range(m)
@@ -216,13 +158,13 @@ def solve_dual_cone(
         ``(V, info)`` with ``V`` of shape ``[k, m]``, and what the solve needed beyond the fast
         path (a large ridge, clipped eigenvalues, quadprog fallbacks).
     """
-    eps = _ridge(gramian, reg_eps)
+    eps = initial_ridge(gramian, reg_eps)
     if gramian.shape[0] <= 2:
         tiny = _solve_tiny(gramian.tolist(), lower_bounds.tolist(), eps)
         if tiny is not None:
             solution = torch.tensor(tiny, dtype=gramian.dtype, device=gramian.device)
             return solution, DualConeInfo(ridge=eps)
-    matrix, scale, info = _equilibrated_problem(gramian, eps)
+    matrix, scale, info = equilibrated_problem(gramian, eps)
     bounds = lower_bounds.detach().to(device="cpu", dtype=torch.float64).numpy()
     u = bounds / scale[None, :]
     # Each problem is positively homogeneous in u: solve for u / max|u| and scale back.
@@ -235,29 +177,12 @@ def solve_dual_cone(
     return result, info
 
 
-def _ridge(gramian: Tensor, reg_eps: float) -> float:
-    """``ε = max(reg_eps, m·eps(dtype))``, after checking ``reg_eps``."""
-    if reg_eps <= 0.0:
-        raise ValueError(f"reg_eps must be positive, got {reg_eps}.")
-    return max(reg_eps, gramian.shape[0] * float(torch.finfo(gramian.dtype).eps))
-
-
-def _equilibrated_problem(
-    gramian: Tensor, eps: float
-) -> tuple[np.ndarray, np.ndarray, DualConeInfo]:
-    """Steps 1–2 of the module docstring: ``(M, diag(D), info)`` in float64 on the CPU."""
-    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
-    equilibrated, scale = equilibrate(0.5 * (g + g.T))
-    matrix, info = regularized_cholesky_safe(equilibrated, eps)
-    return matrix, scale, info
-
-
 def _certified_lcp(matrix: np.ndarray, linear: np.ndarray, info: DualConeInfo) -> np.ndarray:
     """Steps 3–4: the pivoting solve, with quadprog for every uncertified problem."""
     z, certified = solve_nonnegative_lcp(matrix, linear)
     for row in np.flatnonzero(~certified):
         info.n_fallbacks += 1
-        z[row] = _solve_quadprog_lcp(matrix, linear[row])
+        z[row] = solve_quadprog_lcp(matrix, linear[row])
     return z
 
 
@@ -276,7 +201,7 @@ def solve_upgrad_weights(
     Gramian off the CPU, the problems are solved in float64 torch on the Gramian's device
     (:func:`_upgrad_weights_torch`).
     """
-    eps = _ridge(gramian, reg_eps)
+    eps = initial_ridge(gramian, reg_eps)
     m = gramian.shape[0]
     if m <= 2:  # the plain-Python path, summed there too
         entries = [1.0 / m] * m if preference is None else preference.tolist()
@@ -299,7 +224,7 @@ def solve_upgrad_weights(
         p = np.full(m, 1.0 / m)
     else:
         p = preference.detach().to(device="cpu", dtype=torch.float64).numpy()
-    matrix, scale, info = _equilibrated_problem(gramian, eps)
+    matrix, scale, info = equilibrated_problem(gramian, eps)
     z = _certified_lcp(matrix, matrix, info)
     norms = p / scale
     weights = scale * (norms + norms @ z)
@@ -310,89 +235,14 @@ def _upgrad_weights_torch(
     gramian: Tensor, preference: Tensor, eps: float
 ) -> tuple[Tensor, DualConeInfo]:
     """:func:`solve_upgrad_weights` in float64 torch on ``gramian``'s device: the same
-    equilibration and ridge (:func:`_equilibrated_problem_torch`), the ``m`` problems by
+    equilibration and ridge (:func:`equilibrated_problem_torch`), the ``m`` problems by
     :func:`.batched_lcp.solve_lcp_batched`, quadprog for any it does not certify."""
-    matrix, scale, info = _equilibrated_problem_torch(gramian, eps)
+    matrix, scale, info = equilibrated_problem_torch(gramian, eps)
     z, certified = solve_lcp_batched(matrix, matrix)
     if not bool(certified.all()):
         host = matrix.cpu().numpy()
         for row in (~certified).nonzero().squeeze(1).tolist():
             info.n_fallbacks += 1
-            z[row] = torch.from_numpy(_solve_quadprog_lcp(host, host[row])).to(z.device)
+            z[row] = torch.from_numpy(solve_quadprog_lcp(host, host[row])).to(z.device)
     norms = preference.to(device=matrix.device, dtype=torch.float64) / scale
     return scale * (norms + norms @ z), info
-
-
-def _equilibrated_problem_torch(gramian: Tensor, eps: float) -> tuple[Tensor, Tensor, DualConeInfo]:
-    """:func:`_equilibrated_problem` in float64 torch on ``gramian``'s device (the same
-    equilibration, ridge growth and eigenvalue clipping as :func:`equilibrate` and
-    :func:`regularized_cholesky_safe`)."""
-    g = gramian.detach().to(torch.float64)
-    g = 0.5 * (g + g.T)
-    diag = g.diagonal()
-    top = float(diag.max())
-    if top <= _ZERO_DIAGONAL:
-        scale = torch.ones_like(diag)
-    else:
-        scale = torch.where(diag <= _RELATIVE_ZERO_DIAGONAL * top, top, diag).rsqrt()
-    equilibrated = g * torch.outer(scale, scale)
-    identity = torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
-    current = eps
-    while current <= _MAX_REGULARIZATION:
-        candidate = equilibrated + current * identity
-        if int(torch.linalg.cholesky_ex(candidate).info) == 0:
-            info = DualConeInfo(ridge=current, large_ridge=current > _LARGE_RIDGE_FACTOR * eps)
-            return candidate, scale, info
-        current *= 100.0
-    eigenvalues, eigenvectors = torch.linalg.eigh(equilibrated)
-    clipped = (eigenvectors * eigenvalues.clamp(min=0.0)) @ eigenvectors.T
-    info = DualConeInfo(ridge=eps, clipped_eigenvalues=True)
-    return 0.5 * (clipped + clipped.T) + eps * identity, scale, info
-
-
-def solve_dual_cone_quadprog(
-    gramian: Tensor, lower_bounds: Tensor, regularization: float = DEFAULT_REGULARIZATION
-) -> Tensor:
-    r"""Reference solver: one quadprog call per row ``uᵢ`` of ``lower_bounds``.
-
-    ``G`` is normalised by its mean diagonal and regularised by ``ε·I``; ``ε`` is raised 100×
-    (up to ``1e-2``) when quadprog reports the problem inconsistent. Slower than
-    :func:`solve_dual_cone` (one Python-level QP per row); kept for comparison.
-    """
-    m = gramian.shape[0]
-    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
-    g = normalize_gramian(0.5 * (g + g.T))
-    bounds = lower_bounds.detach().to(device="cpu", dtype=torch.float64).numpy()
-    constraints = np.eye(m)
-    zeros = np.zeros(m)
-    solutions = np.empty_like(bounds)
-    for row, bound in enumerate(bounds):
-        eps = regularization
-        while True:
-            try:
-                solutions[row] = quadprog.solve_qp(g + eps * np.eye(m), zeros, constraints, bound)[
-                    0
-                ]
-                break
-            except ValueError as error:
-                if eps >= _MAX_REGULARIZATION:
-                    raise RuntimeError(
-                        f"The dual-cone QP could not be solved even with a ridge of {eps:g}: "
-                        f"{error}. The Gramian is probably corrupted (check for overflow)."
-                    ) from error
-                eps *= 100.0
-    return torch.from_numpy(solutions).to(device=gramian.device, dtype=gramian.dtype)
-
-
-def warn_once_if_degraded(owner: object, info: DualConeInfo, method: str) -> None:
-    """Warn once per ``owner`` instance (not on every step) when ``info`` shows a degraded solve."""
-    if not info.degraded or getattr(owner, "_warned_ill_conditioned", False):
-        return
-    object.__setattr__(owner, "_warned_ill_conditioned", True)
-    warnings.warn(
-        f"{method}: ill-conditioned Gramian; the dual-cone QP needed {info.describe()}. The "
-        "weights are still those of a certified solve of the regularised problem. This warning "
-        "is shown once per instance.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
