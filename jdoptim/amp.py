@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
-from .finite import all_finite
+from .linalg.finite import all_finite
 from .losses import LossBatch
 
 __all__ = ["LossScaling", "no_autocast", "poison_grads", "scaler_step"]

@@ -3,7 +3,8 @@
 One batched backward pass: ``torch.autograd.grad`` with ``is_grads_batched=True`` vmaps the
 backward over the ``m`` rows of the identity, which costs about as much as a few ordinary
 backward passes instead of ``m`` of them. Where an operation of the graph has no batching rule and
-vmap refuses to run, it falls back to one ``autograd.grad`` per loss.
+vmap refuses to run, it falls back to one ``autograd.grad`` per loss (the choice is
+:func:`jdoptim.linalg.vmap_fallback.vmap_or_loop`, remembered per :class:`JacobianComputer`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .linalg.vmap_fallback import VmapState, vmap_or_loop
 
 __all__ = ["JacobianComputer", "compute_jacobian"]
 
@@ -72,7 +75,12 @@ class JacobianComputer:
     """
 
     def __init__(self, use_vmap: bool = True) -> None:
-        self.vmap_works: bool | None = None if use_vmap else False
+        self.vmap_state = VmapState(None if use_vmap else False)
+
+    @property
+    def vmap_works(self) -> bool | None:
+        """Whether the batched backward works on this model (``None``: not tried yet)."""
+        return self.vmap_state.works
 
     def compute(
         self, losses: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False
@@ -97,14 +105,8 @@ class JacobianComputer:
                 losses[0], inputs, retain_graph=retain_graph, materialize_grads=True
             )
             return [g.unsqueeze(0) for g in grads]
-        if self.vmap_works is False:
-            return _jacobian_by_loop(losses, inputs, retain_graph)
-        if self.vmap_works:
-            return _jacobian_by_vmap(losses, inputs, retain_graph)
-        try:
-            jacobian = _jacobian_by_vmap(losses, inputs, retain_graph=True)
-        except (RuntimeError, NotImplementedError):
-            self.vmap_works = False
-            return _jacobian_by_loop(losses, inputs, retain_graph)
-        self.vmap_works = True
-        return jacobian
+        return vmap_or_loop(
+            lambda probing: _jacobian_by_vmap(losses, inputs, retain_graph or probing),
+            lambda: _jacobian_by_loop(losses, inputs, retain_graph),
+            self.vmap_state,
+        )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .finite import is_finite
+from .linalg.finite import is_finite
 
 __all__ = [
     "LossBatch",

@@ -23,9 +23,10 @@ from .aggregation._inputs import bind_inputs, needs_of
 from .autojac import compute_jacobian
 from .cross_batch import CrossBatches, CrossBatchUpdate
 from .features_step import FeaturesUpdate, check_features
+from .linalg.gramian import gramian_of_blocks
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
-from .update import UpdateComputer, ensure_finite, gramian_of_blocks
+from .update import UpdateComputer, ensure_finite
 
 __all__ = [
     "CrossBatches",

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from .aggregation import Aggregator, Stateful, UPGrad, Weighting
 from .amp import LossScaling, no_autocast, poison_grads, scaler_step
-from .finite import all_finite, is_finite
+from .linalg.finite import all_finite, is_finite
 from .losses import (
     LossBatch,
     check_not_stepped,

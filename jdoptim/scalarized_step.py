@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .amp import LossScaling, no_autocast, scaler_step
-from .finite import all_finite, is_finite
+from .linalg.finite import all_finite, is_finite
 from .losses import (
     LossBatch,
     check_not_stepped,

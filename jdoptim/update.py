@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
 from .autojac import JacobianComputer
-from .finite import is_finite
+from .linalg.finite import is_finite
+from .linalg.gramian import gramian_of_blocks
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
 
@@ -71,17 +72,6 @@ def aggregate_jacobian(aggregator: Aggregator, matrix: Tensor) -> Tensor:
     """``d = A(J)``, after checking that ``J`` is finite."""
     ensure_finite(matrix, "Jacobian")
     return aggregator(matrix)
-
-
-def gramian_of_blocks(blocks: list[Tensor]) -> Tensor:
-    """``G = Σ_p J_p J_pᵀ`` for Jacobian blocks of shape ``[m, *p.shape]``."""
-    gramian = None
-    for block in blocks:
-        flat = block.reshape(block.shape[0], -1)
-        term = flat @ flat.T
-        gramian = term if gramian is None else gramian.add_(term)
-    assert gramian is not None
-    return gramian
 
 
 class JacobianUpdate:

@@ -153,7 +153,7 @@ def test_finiteness_check_of_gradients_handles_every_case():
     """The fused check behind the non-finite-gradient refusal: NaN and ±inf anywhere are caught,
     huge finite values (whose squared norm would overflow) are not, empty tensors are skipped,
     and mixed dtypes take the per-tensor path."""
-    from jdoptim.finite import all_finite
+    from jdoptim.linalg.finite import all_finite
 
     nan, inf = float("nan"), float("inf")
     assert all_finite([torch.ones(3), torch.zeros(0), torch.full((2, 2), 3e38)])
@@ -169,7 +169,7 @@ def test_finiteness_check_by_sum_is_exact(dtype):
     """``is_finite`` decides from the sum when it can: a NaN or ±inf entry anywhere (alone, with
     the opposite infinity, among huge values) is caught, and finite entries whose sum overflows
     (or cancels to zero) are still reported finite, by the entry-wise check."""
-    from jdoptim.finite import is_finite
+    from jdoptim.linalg.finite import is_finite
 
     big = torch.finfo(dtype).max
     nan, inf = float("nan"), float("inf")
@@ -189,7 +189,7 @@ def test_finiteness_check_of_finite_values_is_one_reduction():
     the five operations of ``torch.isfinite(x).all()`` (counted, not timed)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from jdoptim.finite import is_finite
+    from jdoptim.linalg.finite import is_finite
 
     class Recorder(TorchDispatchMode):
         def __init__(self) -> None:

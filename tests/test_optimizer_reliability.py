@@ -286,7 +286,7 @@ def test_meta_losses_and_tensors_get_a_clear_error():
     x, y = torch.randn(4, 6, device="meta"), torch.randn(4, 2, device="meta")
     with pytest.raises(ValueError, match=r"'meta' device.*to_empty"):
         opt.step(task_losses(model, x, y))
-    from jdoptim.finite import is_finite
+    from jdoptim.linalg.finite import is_finite
 
     with pytest.raises(ValueError, match="'meta' device"):
         is_finite(torch.ones(3, device="meta"))

@@ -1,4 +1,25 @@
-"""Gradient aggregation: Aggregators (Jacobian → update) and Weightings (Gramian → weights)."""
+"""Gradient aggregation: Aggregators (Jacobian → update) and Weightings (Gramian → weights).
+
+What lives here: the methods, one file each (``upgrad.py``: :class:`UPGrad` and
+:class:`UPGradWeighting`, …), with the math and the paper in each module's docstring; their
+contracts (``_bases.py``: :class:`Aggregator`, :class:`Weighting`,
+:class:`GramianWeightedAggregator` and the input checks; ``_inputs.py``: weightings that see more
+than the Gramian); and what several methods share at the level of a method: argument checks and
+the default preference (``arguments.py``), the dual-cone weighting base of UPGrad and DualProj
+(``dual_cone_weighting.py``), the warn-once report of a degraded solve (``solver_warnings.py``),
+scale handling (``_scaling.py``), non-differentiability, state and randomness mixins
+(``_mixins.py``, ``_randomness.py``).
+
+What does not live here: general numerics (equilibration and ridge, the LCP and Newton solvers,
+the dual-cone solve, simplex projection, Gramian reshapes, finiteness checks) are in
+:mod:`jdoptim.linalg`, below the methods; reference solvers used only by tests are in ``tests/``.
+
+Who may import what: a method imports :mod:`jdoptim.linalg` and this package, nothing else from
+jdoptim: never the engines (:mod:`jdoptim.autogram`, :mod:`jdoptim.autojac`), the update
+computers, :mod:`jdoptim.distributed` or the optimizer, which sit above it and call the methods
+with a Jacobian or a Gramian. :mod:`jdoptim.scalarization` is a sibling that uses the mixins here.
+The contract is checked by ``lint-imports`` (``.importlinter``) and ``tests/test_layers.py``.
+"""
 
 from ._bases import Aggregator, GramianWeightedAggregator, Weighting
 from ._inputs import (

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import torch
 from torch import Tensor, nn
 
+from ..linalg.finite import is_finite
 from ._scaling import LOW_PRECISION, normalized_jacobian, times_power_of_two
 
 _SYMMETRY_RTOL = 1e-4
@@ -39,7 +39,7 @@ def check_matrix(matrix: Tensor) -> None:
         )
     if not matrix.is_floating_point():
         raise TypeError(f"Expected a floating-point Jacobian, got dtype {matrix.dtype}.")
-    if not torch.isfinite(matrix).all():
+    if not is_finite(matrix):
         raise ValueError(
             "The Jacobian contains NaN or infinite entries: check the losses and the model for "
             "overflow (e.g. lower the learning rate or use gradient scaling)."
@@ -57,7 +57,7 @@ def check_gramian(gramian: Tensor) -> None:
         )
     if not gramian.is_floating_point():
         raise TypeError(f"Expected a floating-point Gramian, got dtype {gramian.dtype}.")
-    if not torch.isfinite(gramian).all():
+    if not is_finite(gramian):
         raise ValueError(
             "The Gramian contains NaN or infinite entries: check the losses and the model for "
             "overflow (e.g. lower the learning rate or use gradient scaling)."
@@ -81,7 +81,7 @@ def check_preference(preference: Tensor | None, m: int) -> None:
             f"The preference vector has shape {tuple(preference.shape)} but there are {m} "
             f"losses: give one entry per loss (shape [{m}])."
         )
-    if not torch.isfinite(preference).all():
+    if not is_finite(preference):
         raise ValueError("The preference vector contains NaN or infinite entries.")
 
 

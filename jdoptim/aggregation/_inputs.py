@@ -21,9 +21,9 @@ from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
+from ..linalg.finite import is_finite
 from ._bases import Aggregator, GramianWeightedAggregator, Weighting, check_gramian, check_matrix
 
 __all__ = [
@@ -69,7 +69,7 @@ class MethodInputs:
                 "JDOptimizer fill them (opt.step(losses) gives the loss values; cross-batch "
                 "methods need opt.step(losses, extra_batches=[...]))."
             )
-        if self.losses is not None and not torch.isfinite(self.losses).all():
+        if self.losses is not None and not is_finite(self.losses):
             raise ValueError("The loss values given to the method contain NaN or inf.")
 
 
@@ -92,7 +92,7 @@ def check_cross(cross: Tensor) -> None:
             f"Expected the square matrix A = J₁ J₂ᵀ of shape [m, m] (the Jacobians of two "
             f"independent mini-batches of the same m losses), got {shape}."
         )
-    if not cross.is_floating_point() or not torch.isfinite(cross).all():
+    if not cross.is_floating_point() or not is_finite(cross):
         raise ValueError("A = J₁ J₂ᵀ must be a finite floating-point matrix.")
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
 from ._scaling import rank_cutoff, scale_free
-from .upgrad import _preference
+from .arguments import preference_or_uniform
 
 SCALE_MODES = ("min", "median", "rmse")
 
@@ -60,7 +60,7 @@ class AlignedMTLWeighting(_NonDifferentiable, Weighting):
 
     @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
-        preference = _preference(self.pref_vector, gramian).to(dtype=torch.float64)
+        preference = preference_or_uniform(self.pref_vector, gramian).to(dtype=torch.float64)
         m = gramian.shape[0]
         g = gramian.to(dtype=torch.float64)
         eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (g + g.T))

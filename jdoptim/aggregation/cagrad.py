@@ -45,18 +45,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._bases import GramianWeightedAggregator, Weighting
-from ._dual_cone import (
+from ..linalg.equilibration import (
     DEFAULT_REGULARIZATION,
     equilibrate,
     normalize_gramian,
     regularized_cholesky_safe,
-    warn_once_if_degraded,
 )
-from ._lcp import solve_nonnegative_lcp
+from ..linalg.lcp import solve_nonnegative_lcp
+from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
-from .upgrad import _check_reg_eps
+from .arguments import check_reg_eps
+from .solver_warnings import warn_once_if_degraded
 
 _KKT_TOL = 1e-9
 
@@ -157,7 +157,7 @@ class CAGradWeighting(_NonDifferentiable, Weighting):
             raise ValueError(f"c must be a finite number ≥ 0, got {c!r}.")
         if rescale not in (0, 1, 2):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}.")
-        _check_reg_eps(reg_eps)
+        check_reg_eps(reg_eps)
         self.c = float(c)
         self.rescale = rescale
         self.reg_eps = reg_eps

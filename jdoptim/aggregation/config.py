@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..linalg.finite import is_finite
 from ._bases import GramianWeightedAggregator, Weighting, check_preference
 from ._mixins import _NonDifferentiable
 from ._scaling import rank_cutoff, scale_free
@@ -63,7 +64,7 @@ class ConFIGWeighting(_NonDifferentiable, Weighting):
 
     def __init__(self, pref_vector: Tensor | None = None, rcond: float | None = None) -> None:
         if pref_vector is not None and (
-            not isinstance(pref_vector, Tensor) or not torch.isfinite(pref_vector).all()
+            not isinstance(pref_vector, Tensor) or not is_finite(pref_vector)
         ):
             raise ValueError("`pref_vector` must be a finite tensor with one entry per loss.")
         if rcond is not None and not rcond >= 0.0:

@@ -6,9 +6,9 @@ Differentiable: the weights do not depend on the Gramian, and ``d = wᵀ J`` is 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from ..linalg.finite import is_finite
 from ._bases import GramianWeightedAggregator, Weighting
 
 
@@ -22,7 +22,7 @@ def _check_weights(weights: Tensor) -> None:
         )
     if not weights.is_floating_point():
         raise TypeError(f"`weights` must be floating-point, got dtype {weights.dtype}.")
-    if not torch.isfinite(weights).all():
+    if not is_finite(weights):
         raise ValueError("`weights` contains NaN or infinite entries.")
 
 

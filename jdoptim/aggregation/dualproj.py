@@ -8,21 +8,22 @@ arXiv:2406.16232, Sec. 5; the idea goes back to the projection step of A-GEM, Ch
 With the default preference ``p = 1/m``, ``d`` is the projection of the mean gradient: it does not
 conflict with any gradient (``J d ≥ 0``), equals the mean gradient when that does not conflict,
 and is positively homogeneous (``A(cJ) = c A(J)`` for ``c > 0``). The QP is solved exactly as for
-UPGrad (see :mod:`jdoptim.aggregation._dual_cone`).
+UPGrad (see :mod:`jdoptim.linalg.dual_cone`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from ..linalg.equilibration import DEFAULT_REGULARIZATION
 from ._bases import GramianWeightedAggregator
-from ._dual_cone import DEFAULT_REGULARIZATION
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
-from .upgrad import _DualConeWeighting, _preference
+from .arguments import preference_or_uniform
+from .dual_cone_weighting import DualConeWeighting
 
 
-class DualProjWeighting(_DualConeWeighting):
+class DualProjWeighting(DualConeWeighting):
     """Weights of :class:`DualProj` from the Gramian alone: ``w = argmin_{v ≥ p} vᵀGv``.
 
     Args:
@@ -33,7 +34,7 @@ class DualProjWeighting(_DualConeWeighting):
 
     @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
-        preference = _preference(self.pref_vector, gramian)
+        preference = preference_or_uniform(self.pref_vector, gramian)
         return self._solve(gramian, preference.unsqueeze(0))[0]
 
 

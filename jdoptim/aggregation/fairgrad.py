@@ -11,7 +11,7 @@ without its normalisation), ``α → ∞`` approaches max-min fairness, ``α →
 
 Solver: the equation is the stationarity condition of the strictly convex
 ``½wᵀGw − Σ h(wᵢ)`` with ``h' = w^{-1/α}``; it is solved by a damped Newton method to a backward
-error of ``1e-11`` (see :mod:`jdoptim.aggregation._power_equation`) instead of the reference code's
+error of ``1e-11`` (see :mod:`jdoptim.linalg.power_equation`) instead of the reference code's
 ``scipy.optimize.least_squares``. As in the paper, ``G`` is not normalised: the weights scale as
 ``w(c²G) = c^{-2α/(1+α)} w(G)``. A Gramian that is not positive definite (``m > n``, duplicated or
 zero rows, opposite gradients) has no solution; the equation is solved for the equilibrated
@@ -33,12 +33,13 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..linalg.equilibration import equilibrate, regularized_cholesky_safe
+from ..linalg.power_equation import DEFAULT_TOL, solve_power_equation
 from ._bases import GramianWeightedAggregator, Weighting
-from ._dual_cone import equilibrate, regularized_cholesky_safe, warn_once_if_degraded
 from ._mixins import _NonDifferentiable
-from ._power_equation import DEFAULT_TOL, solve_power_equation
 from ._scaling import scale_free
-from .upgrad import _check_reg_eps
+from .arguments import check_reg_eps
+from .solver_warnings import warn_once_if_degraded
 
 _DEFAULT_RIDGE = 1e-10
 
@@ -87,7 +88,7 @@ class FairGradWeighting(_NonDifferentiable, Weighting):
             raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.")
         if not (isinstance(max_iter, int) and max_iter >= 1):
             raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
-        _check_reg_eps(reg_eps)
+        check_reg_eps(reg_eps)
         self.alpha = float(alpha)
         self.reg_eps = reg_eps
         self.max_iter = max_iter

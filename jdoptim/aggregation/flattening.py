@@ -9,43 +9,17 @@ shape ``[m₁, …, m_k, m_k, …, m₁]`` with
 reads it as the ordinary ``N × N`` Gramian of the ``N = ∏ mᵢ`` losses in row-major order, applies
 the weighting ``W`` and returns the ``N`` weights in the shape ``[m₁, …, m_k]``:
 ``Flattening(W)(G) = W(flatten(G)).reshape(m₁, …, m_k)``. For ``k = 1`` it is ``W`` itself.
+The reshapes themselves are numerics (:mod:`jdoptim.linalg.gramian`), re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
+from ..linalg.gramian import flatten_gramian, generalize_gramian
 from ._bases import Weighting
 
 __all__ = ["Flattening", "flatten_gramian", "generalize_gramian"]
-
-
-def flatten_gramian(gramian: Tensor) -> Tensor:
-    """``[m₁..m_k, m_k..m₁]`` → ``[N, N]`` (row-major order of the losses on both sides)."""
-    if gramian.dim() % 2:
-        raise ValueError(
-            f"A generalized Gramian has an even number of dimensions, got shape "
-            f"{tuple(gramian.shape)}."
-        )
-    k = gramian.dim() // 2
-    shape = gramian.shape[:k]
-    if tuple(gramian.shape[k:]) != tuple(reversed(shape)):
-        raise ValueError(
-            f"A generalized Gramian has shape [m1..mk, mk..m1], got {tuple(gramian.shape)}."
-        )
-    order = list(range(k)) + list(range(2 * k - 1, k - 1, -1))
-    count = math.prod(shape)
-    return gramian.permute(order).reshape(count, count)
-
-
-def generalize_gramian(gramian: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """``[N, N]`` → ``[m₁..m_k, m_k..m₁]`` for losses of shape ``shape`` (the inverse of
-    :func:`flatten_gramian`; a 0-D Gramian for ``shape = ()``)."""
-    k = len(shape)
-    order = list(range(k)) + list(range(2 * k - 1, k - 1, -1))
-    return gramian.reshape((*shape, *shape)).permute(order)
 
 
 class Flattening(nn.Module):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..linalg.finite import is_finite
 from ._bases import Aggregator
 from ._mixins import Stateful, _NonDifferentiable
 from ._randomness import _SeededRandomness
@@ -59,7 +60,7 @@ class GradDrop(_NonDifferentiable, _SeededRandomness, Stateful, Aggregator):
         if leak is not None:
             if not isinstance(leak, Tensor) or leak.dim() != 1:
                 raise ValueError("`leak` must be a 1-D tensor with one entry per loss.")
-            if not torch.isfinite(leak).all() or (leak < 0).any() or (leak > 1).any():
+            if not is_finite(leak) or (leak < 0).any() or (leak > 1).any():
                 raise ValueError(f"Every leak must lie in [0, 1], got {leak.tolist()}.")
         super().__init__()
         self.register_buffer("leak", None if leak is None else leak.detach().clone())

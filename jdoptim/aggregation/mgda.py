@@ -35,19 +35,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._bases import GramianWeightedAggregator, Weighting
-from ._dual_cone import (
+from ..linalg.dual_cone import solve_quadprog_lcp
+from ..linalg.equilibration import (
     DEFAULT_REGULARIZATION,
     DualConeInfo,
-    _solve_quadprog_lcp,
     equilibrate,
     regularized_cholesky_safe,
-    warn_once_if_degraded,
 )
-from ._lcp import solve_nonnegative_lcp
+from ..linalg.lcp import solve_nonnegative_lcp
+from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
-from .upgrad import _check_reg_eps
+from .arguments import check_reg_eps
+from .solver_warnings import warn_once_if_degraded
 
 
 def _first_pivot(
@@ -89,7 +89,7 @@ def min_norm_simplex_weights(gramian: Tensor, reg_eps: float) -> tuple[Tensor, D
         v = solution[0]
         if not certified[0]:
             info.n_fallbacks += 1
-            v = _solve_quadprog_lcp(matrix, -rhs)
+            v = solve_quadprog_lcp(matrix, -rhs)
     weights = np.maximum(v, 0.0) * scale
     weights /= weights.sum()
     return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype), info
@@ -108,7 +108,7 @@ class MGDAWeighting(_NonDifferentiable, Weighting):
 
     def __init__(self, reg_eps: float = DEFAULT_REGULARIZATION) -> None:
         super().__init__()
-        _check_reg_eps(reg_eps)
+        check_reg_eps(reg_eps)
         self.reg_eps = reg_eps
 
     @scale_free

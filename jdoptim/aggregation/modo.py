@@ -24,9 +24,9 @@ from typing import Any
 
 from torch import Tensor
 
+from ..linalg.simplex import project_onto_simplex
 from ._inputs import CrossBatchWeighting, InputWeightedAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
-from ._simplex import project_onto_simplex
 
 
 class MoDoWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):

@@ -16,7 +16,7 @@ every call, also when the weights are cached.
 Solver: the authors solve a sequence of convex-concave cvxpy problems (``optim_niter`` of them).
 Here the equation is solved exactly: it is the stationarity condition of the strictly convex
 ``½αᵀĜα − Σ log αᵢ``, minimised by a damped Newton method warm-started from the cached weights
-(see :mod:`jdoptim.aggregation._power_equation`). ``optim_niter`` bounds the Newton iterations of a
+(see :mod:`jdoptim.linalg.power_equation`). ``optim_niter`` bounds the Newton iterations of a
 normal update (4–6 are typical). If they do not reach a backward error of ``1e-11``, a one-time
 warning says so and Newton continues up to ``50·optim_niter`` iterations; if even that fails, a
 warning with the residual is emitted on that call: inexact weights are never returned silently.
@@ -44,8 +44,8 @@ from torch import Tensor
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._scaling import normalized_jacobian, scale_free, times_power_of_two
+from .arguments import check_reg_eps as _check_reg_eps
 from .fairgrad import solve_fair_weights
-from .upgrad import _check_reg_eps
 
 
 class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):

@@ -27,10 +27,10 @@ from typing import Any
 
 from torch import Tensor
 
+from ..linalg.simplex import project_onto_simplex
 from ._bases import check_preference
 from ._inputs import CrossBatchWeighting, InputWeightedAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
-from ._simplex import project_onto_simplex
 
 
 class SDMGradWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):

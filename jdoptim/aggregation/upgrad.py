@@ -12,70 +12,24 @@ conflict with any gradient (``J d ≥ 0``), equals the mean gradient when no two
 and is positively homogeneous (``A(cJ) = c A(J)`` for ``c > 0``).
 
 The ``m`` quadratic programs share ``G`` and are solved together by an exact batched active-set
-method with a KKT certificate and a quadprog fallback (see :mod:`jdoptim.aggregation._dual_cone`).
+method with a KKT certificate and a quadprog fallback (see :mod:`jdoptim.linalg.dual_cone`;
+the weighting here owns the preference, the argument checks and the warn-once report).
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor
 
-from ._bases import GramianWeightedAggregator, Weighting, check_preference
-from ._dual_cone import (
-    DEFAULT_REGULARIZATION,
-    solve_dual_cone,
-    solve_upgrad_weights,
-    warn_once_if_degraded,
-)
+from ..linalg.dual_cone import solve_upgrad_weights
+from ..linalg.equilibration import DEFAULT_REGULARIZATION
+from ._bases import GramianWeightedAggregator, check_preference
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
+from .dual_cone_weighting import DualConeWeighting
+from .solver_warnings import warn_once_if_degraded
 
 
-def _check_reg_eps(reg_eps: float) -> None:
-    if not (isinstance(reg_eps, (int, float)) and math.isfinite(reg_eps) and 0.0 < reg_eps < 1.0):
-        raise ValueError(f"reg_eps must be a float in (0, 1), got {reg_eps!r}.")
-
-
-def _preference(pref_vector: Tensor | None, gramian: Tensor) -> Tensor:
-    m = gramian.shape[0]
-    check_preference(pref_vector, m)
-    if pref_vector is None:
-        return torch.full((m,), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
-    return pref_vector.to(dtype=gramian.dtype, device=gramian.device)
-
-
-class _DualConeWeighting(_NonDifferentiable, Weighting):
-    """What UPGrad's and DualProj's weightings share: a preference and the QP's ridge.
-
-    Both are scale-free (``scale_degree = 0``): ``argmin_{v ≥ u} vᵀ(tG)v`` does not depend on
-    ``t > 0``, and the ridge is relative to the equilibrated Gramian; their ``forward`` is
-    :func:`~jdoptim.aggregation._scaling.scale_free`, so a Gramian at any scale the dtype holds
-    (and a float16/bfloat16 one, computed in float32) gives the same weights.
-    """
-
-    scale_degree = 0.0
-
-    def __init__(
-        self, pref_vector: Tensor | None = None, reg_eps: float = DEFAULT_REGULARIZATION
-    ) -> None:
-        super().__init__()
-        _check_reg_eps(reg_eps)
-        self.pref_vector = pref_vector
-        self.reg_eps = reg_eps
-
-    def _solve(self, gramian: Tensor, lower_bounds: Tensor) -> Tensor:
-        solutions, info = solve_dual_cone(gramian, lower_bounds, self.reg_eps)
-        warn_once_if_degraded(self, info, type(self).__name__)
-        return solutions
-
-    def extra_repr(self) -> str:
-        pref = None if self.pref_vector is None else self.pref_vector.tolist()
-        return f"pref_vector={pref}, reg_eps={self.reg_eps:g}"
-
-
-class UPGradWeighting(_DualConeWeighting):
+class UPGradWeighting(DualConeWeighting):
     """Weights of :class:`UPGrad` from the Gramian alone: ``w = Σᵢ argmin_{v ≥ pᵢeᵢ} vᵀGv``.
 
     Args:

@@ -1,4 +1,20 @@
-"""The hook-based Gramian engine (see :mod:`jdoptim.autogram.engine`)."""
+"""The hook-based Gramian engine (see :mod:`jdoptim.autogram.engine`).
+
+What lives here: the engine only. :class:`Engine` hooks the modules, records their calls on the
+graph (``_records.py``, ``_graph.py``, ``_shared.py``), and one backward per step
+(``_step.py``) gives the Gramian ``G = J Jᵀ`` layer by layer, never the full Jacobian, and then
+the weighted update ``Σ wᵢ ∇ℓᵢ`` from the same output gradients; per-layer rules (``rules/``)
+say how each layer type gives its Gramian and update, the generic rule covering the rest.
+
+Who may import what: the engine imports :mod:`jdoptim.linalg` (Gramian reshapes, the
+vmap-or-loop fallback) and the core modules (introspection), never a method
+(:mod:`jdoptim.aggregation`, :mod:`jdoptim.scalarization`), an update computer,
+:mod:`jdoptim.distributed` or the optimizer: it computes a Gramian and applies weights, and
+does not know which method chose them. The one exception is ``update.py``
+(:class:`GramianUpdate`), an update computer that pairs the engine with an aggregator and lives
+here until the update computers share a package; its imports are one layer up. The contract is
+checked by ``lint-imports`` (``.importlinter``) and ``tests/test_layers.py``.
+"""
 
 from .engine import Engine, EngineRouteWarning
 from .rules import LayerRule, register_rule

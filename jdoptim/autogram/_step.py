@@ -23,22 +23,17 @@ r"""One Gramian step: find the calls, one backward to their outputs, then Gramia
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule
 from .rules._contraction import rows_gramian
-
-
-@dataclass
-class VmapState:
-    works: bool | None = None
 
 
 def _backward(
@@ -57,22 +52,27 @@ def _backward(
                 losses, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True
             )
         )
-    if state.works is not False:
-        try:
-            grads = torch.autograd.grad(
-                losses,
-                inputs,
-                grad_outputs,
-                retain_graph=retain_graph or not state.works,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            state.works = True
-            return list(grads)
-        except (RuntimeError, NotImplementedError):
-            if state.works:
-                raise
-            state.works = False
+
+    def at_once(probing: bool) -> list[Tensor | None]:
+        grads = torch.autograd.grad(
+            losses,
+            inputs,
+            grad_outputs,
+            retain_graph=retain_graph or probing,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        return list(grads)
+
+    return vmap_or_loop(
+        at_once, lambda: _looped_backward(losses, inputs, grad_outputs, retain_graph), state
+    )
+
+
+def _looped_backward(
+    losses: Tensor, inputs: list, grad_outputs: Tensor, retain_graph: bool
+) -> list[Tensor | None]:
+    """:func:`_backward` one row of ``grad_outputs`` at a time."""
     rows = []
     count = grad_outputs.shape[0]
     for k in range(count):

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..aggregation.flattening import generalize_gramian
+from ..linalg.gramian import generalize_gramian
 from ._certify import EngineRouteWarning, Route, failing_modules, signature
 from ._graph import scan_graph
 from ._records import RandomState, make_hook, make_pre_hook

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
-from ..aggregation.flattening import Flattening, generalize_gramian
+from ..aggregation.flattening import Flattening
+from ..linalg.gramian import generalize_gramian
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..update import JacobianUpdate, UpdateResult, ensure_finite, weigh

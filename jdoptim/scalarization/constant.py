@@ -2,9 +2,9 @@ r"""Constant: fixed, user-chosen weights, ``s = Σᵢ cᵢ ℓᵢ`` (linear scal
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from ..linalg.finite import is_finite
 from ._base import Scalarizer
 
 
@@ -19,7 +19,7 @@ class Constant(Scalarizer):
         super().__init__()
         if not isinstance(weights, Tensor):
             raise TypeError(f"Constant: `weights` must be a tensor, got {type(weights).__name__}.")
-        if not bool(torch.isfinite(weights).all()):
+        if not is_finite(weights):
             raise ValueError("Constant: `weights` contains NaN or infinite entries.")
         self.weights = weights
 

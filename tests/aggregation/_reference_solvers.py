@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import cvxpy as cp
 import numpy as np
+import quadprog
 import torch
 from torch import Tensor
 
@@ -53,3 +54,37 @@ def conflict(jacobian: Tensor, direction: Tensor) -> float:
     if not nonzero.any():
         return 0.0
     return float(((j @ d)[nonzero] / (norms[nonzero] * top)).min())
+
+
+def solve_dual_cone_quadprog(
+    gramian: Tensor, lower_bounds: Tensor, regularization: float = 1e-10
+) -> Tensor:
+    r"""``vᵢ = argmin_{v ≥ uᵢ} vᵀ G v`` for every row ``uᵢ`` of ``lower_bounds``: one quadprog
+    (Goldfarb–Idnani) call per row on the primal QP, not the complementarity problem the library
+    solves.
+
+    ``G`` is symmetrised, divided by its mean diagonal (the minimiser does not depend on a
+    positive factor) and given a ridge ``ε·I``; ``ε`` is raised 100× (up to ``1e-2``) while
+    quadprog reports the problem inconsistent. Moved here from the library, which never used it.
+    """
+    m = gramian.shape[0]
+    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    g = 0.5 * (g + g.T)
+    mean_diagonal = float(np.trace(g)) / max(m, 1)
+    if mean_diagonal > 0.0:
+        g = g / mean_diagonal
+    bounds = lower_bounds.detach().to(device="cpu", dtype=torch.float64).numpy()
+    solutions = np.empty_like(bounds)
+    for row, bound in enumerate(bounds):
+        eps = regularization
+        while True:
+            try:
+                solutions[row] = quadprog.solve_qp(
+                    g + eps * np.eye(m), np.zeros(m), np.eye(m), bound
+                )[0]
+                break
+            except ValueError as error:
+                if eps >= 1e-2:
+                    raise RuntimeError(f"quadprog failed even with a ridge of {eps:g}") from error
+                eps *= 100.0
+    return torch.from_numpy(solutions).to(device=gramian.device, dtype=gramian.dtype)

@@ -8,8 +8,8 @@ import pytest
 import quadprog
 import torch
 
-import jdoptim.aggregation._batched_lcp as module
-from jdoptim.aggregation._batched_lcp import solve_lcp_batched
+import jdoptim.linalg.batched_lcp as module
+from jdoptim.linalg.batched_lcp import solve_lcp_batched
 
 
 def _quadprog(matrix: np.ndarray, linear: np.ndarray) -> np.ndarray:

@@ -6,13 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import jdoptim.aggregation._dual_cone as module
-from jdoptim.aggregation._dual_cone import (
-    equilibrate,
-    solve_dual_cone,
-    solve_dual_cone_quadprog,
-    solve_upgrad_weights,
-)
+import jdoptim.linalg.dual_cone as module
+from jdoptim.linalg.dual_cone import solve_dual_cone, solve_upgrad_weights
+from jdoptim.linalg.equilibration import equilibrate
+from tests.aggregation._reference_solvers import solve_dual_cone_quadprog
 
 
 def test_fallback_gives_the_same_solution(monkeypatch):

@@ -17,13 +17,12 @@ import torch
 
 from benchmarks.gramian_family import FAMILIES, REAL, gramian
 from jdoptim.aggregation import DualProjWeighting, UPGradWeighting
-from jdoptim.aggregation._batched_lcp import solve_lcp_batched
-from jdoptim.aggregation._dual_cone import (
+from jdoptim.linalg.batched_lcp import solve_lcp_batched
+from jdoptim.linalg.dual_cone import solve_dual_cone, solve_upgrad_weights
+from jdoptim.linalg.equilibration import (
     DEFAULT_REGULARIZATION,
-    _equilibrated_problem_torch,
-    _ridge,
-    solve_dual_cone,
-    solve_upgrad_weights,
+    equilibrated_problem_torch,
+    initial_ridge,
 )
 
 #: Real-model Gramians take a few seconds each to generate on a fresh checkout (then cached).
@@ -98,7 +97,7 @@ def test_batched_solver_on_upgrad_problems_at_large_m(family, m):
     """All ``m`` of UPGrad's problems (``Q = M``) solved by the batched torch solver: every one
     satisfies the KKT conditions recomputed here, and three agree with quadprog."""
     g = gramian(family, m)
-    _, _, info = _equilibrated_problem_torch(g, _ridge(g, DEFAULT_REGULARIZATION))
+    _, _, info = equilibrated_problem_torch(g, initial_ridge(g, DEFAULT_REGULARIZATION))
     matrix, _ = _regularised(g, info.ridge)
     z, certified = solve_lcp_batched(torch.from_numpy(matrix), torch.from_numpy(matrix))
     assert certified.all()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import quadprog
 
-import jdoptim.aggregation._lcp as module
-from jdoptim.aggregation._lcp import solve_nonnegative_lcp
+import jdoptim.linalg.lcp as module
+from jdoptim.linalg.lcp import solve_nonnegative_lcp
 
 
 def _quadprog(matrix: np.ndarray, linear: np.ndarray) -> np.ndarray:

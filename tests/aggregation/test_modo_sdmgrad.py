@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jdoptim.aggregation import MoDo, MoDoWeighting, SDMGrad, SDMGradWeighting
-from jdoptim.aggregation._simplex import project_onto_simplex
+from jdoptim.linalg.simplex import project_onto_simplex
 
 torchjd_aggregation = pytest.importorskip("torchjd.aggregation")
 

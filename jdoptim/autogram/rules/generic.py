@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ...linalg.vmap_fallback import vmap_or_loop
 from .._sample_dims import input_sample_dims
 from .._shared import replaying
 from ._base import LayerRule
@@ -142,12 +143,13 @@ class GenericRule(LayerRule):
     def _whole_rows(self, primals, buffers, args, kwargs, cotangents) -> dict[str, Tensor]:
         """Rows ``[R, *θ]`` of the whole call for cotangents ``[R, *Y]`` (one per output)."""
         pullback = self._pullback(primals, buffers, args, kwargs)
-        try:
-            return vmap(pullback)(cotangents)[0]
-        except (RuntimeError, NotImplementedError):
+
+        def looped() -> dict[str, Tensor]:
             count = cotangents[0].shape[0]
             rows = [pullback(tuple(g[k] for g in cotangents))[0] for k in range(count)]
             return {n: torch.stack([r[n] for r in rows]) for n in primals}
+
+        return vmap_or_loop(lambda _: vmap(pullback)(cotangents)[0], looped)
 
     def _masked_rows(self, primals, buffers, args, kwargs, grads) -> dict[str, Tensor]:
         """Per-sample rows from the whole call: row ``(i, k)`` is the vector-Jacobian product
@@ -179,11 +181,11 @@ class GenericRule(LayerRule):
             cotangents = tuple(g.unsqueeze(d + 1) for g, d in zip(grads_one, out_dims))
             return vmap(pullback)(cotangents)[0]
 
-        try:
-            in_dims = (dims, tuple(d + 1 for d in out_dims))
-            return vmap(one, in_dims=in_dims)(flat, grads)
-        except (RuntimeError, NotImplementedError):
-            return self._sample_rows_by_loop(primals, buffers, flat, spec, dims, out_dims, grads)
+        in_dims = (dims, tuple(d + 1 for d in out_dims))
+        return vmap_or_loop(
+            lambda _: vmap(one, in_dims=in_dims)(flat, grads),
+            lambda: self._sample_rows_by_loop(primals, buffers, flat, spec, dims, out_dims, grads),
+        )
 
     def _sample_rows_by_loop(self, primals, buffers, flat, spec, dims, out_dims, grads):
         call = self.call

@@ -6,7 +6,7 @@ For ``M ∈ R^{m×m}`` symmetric positive definite and ``k`` vectors ``qₖ`` (U
 .. math::  zₖ ≥ 0, \quad yₖ = M zₖ + qₖ ≥ 0, \quad zₖᵀ yₖ = 0,
 
 the optimality system of ``zₖ = argmin_{z ≥ 0} ½ zᵀ M z + qₖᵀ z``. This is the large-``m``
-path of :mod:`._lcp`: the same block principal pivoting (Júdice & Pires 1994, with the
+path of :mod:`.lcp`: the same block principal pivoting (Júdice & Pires 1994, with the
 anti-cycling rule of Kim & Park 2011), written in batched torch operations so that it runs on
 the Gramian's device without a numpy round trip, and organised around where the time goes.
 
@@ -46,7 +46,7 @@ of ``1e-9``: it is the exact solution of a problem whose ``q`` is perturbed by a
 (Take ``q'`` equal to ``q − y`` on the free variables and ``q − min(y, 0)`` on the others:
 ``z`` solves the problem of ``q'`` exactly and ``‖q − q'‖_∞ ≤ τ``.) Neither the search nor any
 float32 arithmetic is trusted, only this float64 check. Uncertified problems are returned as
-such, for the caller to re-solve (:mod:`._dual_cone` uses quadprog).
+such, for the caller to re-solve (:mod:`.dual_cone` uses quadprog).
 
 Untested on CUDA in this repository (no device was available); every operation is a batched
 torch operation that runs on any device, and the test suite runs this path on the CPU.
