@@ -1,4 +1,39 @@
-"""JDOptimizer: Jacobian descent as a drop-in wrapper around any ``torch.optim`` optimizer."""
+"""JDOptimizer: Jacobian descent as a drop-in wrapper around any ``torch.optim`` optimizer.
+
+**How a step works** (design). :meth:`JDOptimizer.step` is a short sequence of named phases over
+one ``_StepContext`` (the parsed losses, the record, the parameter plan, the names of the
+non-finite losses, this step's update computer, the aggregator's snapshot); each phase reads
+what the earlier ones put there and adds its own, none reaches back:
+
+1. **parse and plan** (``_parse_and_plan``): the losses become a :class:`~jdoptim.losses.
+   LossBatch` (at most ``max_loss_dim`` dimensions), the method's options are checked, the
+   graph walk sorts the wrapped optimizer's parameters into shared / specific / foreign /
+   unreached. Errors are held, not raised yet;
+2. **agree** (``_inputs``): the update computer's ``agree(error, nonfinite)``; locally it
+   re-raises the held error, distributed it is the first collective, so that every process
+   raises, skips or goes on together (a training loop that catches the error stays in
+   lockstep). A non-finite loss anywhere refuses (or skips) the step here;
+3. **compute** (``_compute``): :func:`~jdoptim.method_step.prepare_method` picks the route (the
+   optimizer's own computer, or ``features=`` / ``extra_batches=``) and binds the method's
+   inputs; a ``GradScaler`` wraps that computer in :class:`~jdoptim.amp.ScaledUpdate`; the
+   result is an :class:`~jdoptim.update.UpdateResult` (gradients, weights, Gramian, typed
+   communication statistics). Nothing is written to a parameter before this phase ends;
+4. **check** (``computer.check``): a non-finite weight or gradient refuses the step (under a
+   ``GradScaler``, nothing is refused: the scaler checks);
+5. **apply** (``_apply``): the update is accumulated into ``.grad`` and the computer's
+   ``step_optimizer`` runs the wrapped optimizer's step (``grad_scaler.step`` under a scaler,
+   which may skip it).
+
+A refusal or a skip at any phase restores the aggregator's state, so parameters, ``.grad`` (on a
+refusal), the wrapped optimizer's state and the aggregator's state are as they were.
+
+Everything that depends on the setting (one process or several, a ``GradScaler``, a method's
+route; later, sharded parameters) is a member of the update computer's declared interface
+(:class:`~jdoptim.update.UpdateComputer`) or a wrapper of it, never an attribute probed here or
+a branch in ``step``: a new setting is a new computer or wrapper, and the phases stay as they
+are. The scalarizers (:mod:`jdoptim.scalarization`) need one backward and no Gramian: they have
+their own step (:mod:`jdoptim.scalarized_step`).
+"""
 
 from __future__ import annotations
 
