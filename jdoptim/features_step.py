@@ -264,7 +264,8 @@ class FeaturesUpdate:
         ensure_finite(gramian, "Gramian with respect to the features")
         weights = weigh(aggregator.weighting, gramian)
         shared_grads = self._shared_grads(batch, shared, weights, rows, heads) if shared else []
-        return UpdateResult(shared_grads, specific_grads, weights, gramian, {"features": True})
+        extras: dict[str, object] = {"features": True}
+        return UpdateResult(shared_grads, specific_grads, weights, gramian, extras=extras)
 
     def _shared_grads(
         self,

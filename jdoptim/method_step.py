@@ -7,7 +7,10 @@ before the update computer runs. It returns, for this step:
   bind_inputs`): the loss values, a chosen layer's Gramian (GradNorm);
 * the update computer: the optimizer's own, :class:`~jdoptim.features_step.FeaturesUpdate` for
   ``features=``, or :class:`~jdoptim.cross_batch.CrossBatchUpdate` around the optimizer's own
-  for ``extra_batches=``.
+  for ``extra_batches=``. A route is only a ``compute``; :class:`RoutedUpdate` gives it the rest
+  of the :class:`~jdoptim.update.UpdateComputer` interface from the optimizer's own computer, so
+  that the step's later phases (and a ``GradScaler``'s :class:`~jdoptim.amp.ScaledUpdate`) treat
+  every route alike.
 
 Nothing is written to a parameter or its ``.grad`` here: a refusal leaves everything unchanged.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import Tensor
+from torch.optim import Optimizer
 
 from .aggregation import Aggregator
 from .aggregation._inputs import bind_inputs, needs_of
@@ -26,11 +30,17 @@ from .features_step import FeaturesUpdate, check_features
 from .linalg.gramian import gramian_of_blocks
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
-from .update import UpdateComputer, ensure_finite
+from .update import (
+    UpdateComputer,
+    UpdateResult,
+    UpdateRoute,
+    ensure_finite,
+)
 
 __all__ = [
     "CrossBatches",
     "MethodStep",
+    "RoutedUpdate",
     "check_method_arguments",
     "check_method_step",
     "prepare_method",
@@ -41,8 +51,44 @@ _SUPPORTED = frozenset({"losses", "layer_gramian", "cross"})
 
 @dataclass
 class MethodStep:
+    """The aggregator (with its inputs bound) and the update computer of one step."""
+
     aggregator: Aggregator
     computer: UpdateComputer
+
+
+class RoutedUpdate(UpdateComputer):
+    """``route.compute`` with the rest of the interface (``agree``, ``check``,
+    ``step_optimizer``, …) of ``base``, the optimizer's own computer."""
+
+    def __init__(self, route: UpdateRoute, base: UpdateComputer) -> None:
+        self.route = route
+        self.base = base
+
+    @property
+    def max_loss_dim(self) -> int:  # type: ignore[override]
+        return self.base.max_loss_dim
+
+    @property
+    def distributed(self) -> bool:  # type: ignore[override]
+        return self.base.distributed
+
+    def compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult:
+        return self.route.compute(batch, plan, aggregator)
+
+    def agree(self, error: BaseException | None, nonfinite: bool) -> bool:
+        return self.base.agree(error, nonfinite)
+
+    def check(self, result: UpdateResult) -> str | None:
+        return self.base.check(result)
+
+    def step_optimizer(self, optimizer: Optimizer, params: list[Tensor]) -> str | None:
+        return self.base.step_optimizer(optimizer, params)
+
+    def forget_aggregator_sync(self) -> None:
+        self.base.forget_aggregator_sync()
 
 
 def check_method_arguments(scalarizer: object, features: object, extra_batches: object) -> None:
@@ -66,8 +112,7 @@ def check_method_step(
     """Refuse, before anything is computed, a step whose method, ``features=``,
     ``extra_batches=`` and options do not go together; changes nothing."""
     needs = needs_of(aggregator)
-    distributed = getattr(computer, "any_process", None) is not None
-    if distributed and (needs or features is not None or cross is not None):
+    if computer.distributed and (needs or features is not None or cross is not None):
         raise ValueError(
             "With process_group, JDOptimizer supports methods of the Gramian or the Jacobian "
             "only: features=, extra_batches= and methods that need the loss values would see "
@@ -100,9 +145,13 @@ def prepare_method(
     """The aggregator and update computer of this step (see the module docstring)."""
     check_method_step(aggregator, computer, features=features, cross=cross, scaled=scaled)
     needs = needs_of(aggregator)
-    step_computer = computer if features is None else FeaturesUpdate(features)
+    step_computer = (
+        computer if features is None else RoutedUpdate(FeaturesUpdate(features), computer)
+    )
     if cross is not None:  # W(J₁J₂ᵀ) is computed inside the update computer
-        return MethodStep(aggregator, CrossBatchUpdate(step_computer, cross))
+        return MethodStep(
+            aggregator, RoutedUpdate(CrossBatchUpdate(step_computer, cross), computer)
+        )
     extra: dict[str, Tensor] = {}
     if "losses" in needs:
         extra["losses"] = batch.vector.detach()

@@ -1,4 +1,39 @@
-"""JDOptimizer: Jacobian descent as a drop-in wrapper around any ``torch.optim`` optimizer."""
+"""JDOptimizer: Jacobian descent as a drop-in wrapper around any ``torch.optim`` optimizer.
+
+**How a step works** (design). :meth:`JDOptimizer.step` is a short sequence of named phases over
+one ``_StepContext`` (the parsed losses, the record, the parameter plan, the names of the
+non-finite losses, this step's update computer, the aggregator's snapshot); each phase reads
+what the earlier ones put there and adds its own, none reaches back:
+
+1. **parse and plan** (``_parse_and_plan``): the losses become a :class:`~jdoptim.losses.
+   LossBatch` (at most ``max_loss_dim`` dimensions), the method's options are checked, the
+   graph walk sorts the wrapped optimizer's parameters into shared / specific / foreign /
+   unreached. Errors are held, not raised yet;
+2. **agree** (``_inputs``): the update computer's ``agree(error, nonfinite)``; locally it
+   re-raises the held error, distributed it is the first collective, so that every process
+   raises, skips or goes on together (a training loop that catches the error stays in
+   lockstep). A non-finite loss anywhere refuses (or skips) the step here;
+3. **compute** (``_compute``): :func:`~jdoptim.method_step.prepare_method` picks the route (the
+   optimizer's own computer, or ``features=`` / ``extra_batches=``) and binds the method's
+   inputs; a ``GradScaler`` wraps that computer in :class:`~jdoptim.amp.ScaledUpdate`; the
+   result is an :class:`~jdoptim.update.UpdateResult` (gradients, weights, Gramian, typed
+   communication statistics). Nothing is written to a parameter before this phase ends;
+4. **check** (``computer.check``): a non-finite weight or gradient refuses the step (under a
+   ``GradScaler``, nothing is refused: the scaler checks);
+5. **apply** (``_apply``): the update is accumulated into ``.grad`` and the computer's
+   ``step_optimizer`` runs the wrapped optimizer's step (``grad_scaler.step`` under a scaler,
+   which may skip it).
+
+A refusal or a skip at any phase restores the aggregator's state, so parameters, ``.grad`` (on a
+refusal), the wrapped optimizer's state and the aggregator's state are as they were.
+
+Everything that depends on the setting (one process or several, a ``GradScaler``, a method's
+route; later, sharded parameters) is a member of the update computer's declared interface
+(:class:`~jdoptim.update.UpdateComputer`) or a wrapper of it, never an attribute probed here or
+a branch in ``step``: a new setting is a new computer or wrapper, and the phases stay as they
+are. The scalarizers (:mod:`jdoptim.scalarization`) need one backward and no Gramian: they have
+their own step (:mod:`jdoptim.scalarized_step`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +44,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -17,8 +52,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .aggregation import Aggregator, Stateful, UPGrad, Weighting
-from .amp import LossScaling, no_autocast, poison_grads, scaler_step
-from .linalg.finite import all_finite, is_finite
+from .amp import LossScaling, no_autocast, scaled
 from .losses import (
     LossBatch,
     check_not_stepped,
@@ -359,70 +393,69 @@ class JDOptimizer(Optimizer):
         if self._scalarized is not None:  # jdoptim.scalarization (scalarized_step.py)
             self._scalarized.end_epoch()
 
-    # The phases of a step: inputs (local checks, then agreement between processes), update
-    # (compute, check, apply). A refusal at any point leaves the parameters, .grad, the wrapped
-    # optimizer's state and the aggregator's state as they were.
+    # The phases of a step, over one _StepContext: parse (and plan) → agree → compute → check →
+    # apply. A refusal at any point leaves the parameters, .grad, the wrapped optimizer's state
+    # and the aggregator's state as they were. See the module docstring for the design.
 
     def _step(
         self, losses: object, grad_scaler: Any, grad_was_on: bool, method: _MethodArgs
     ) -> StepRecord:
-        checked = self._checked_inputs(losses, grad_scaler, grad_was_on, method)
-        batch, record, plan, bad, scaling = checked
-        if bad:
+        ctx = _StepContext(method=method)
+        self._inputs(ctx, losses, grad_scaler, grad_was_on)
+        if ctx.bad:
             return self._refuse(
-                record,
-                f"Non-finite loss value in {', '.join(bad)}: nothing was updated. Check the data "
-                "and the learning rate, or pass nonfinite='skip' to skip such steps.",
+                ctx.record,
+                f"Non-finite loss value in {', '.join(ctx.bad)}: nothing was updated. Check the "
+                "data and the learning rate, or pass nonfinite='skip' to skip such steps.",
             )
-        assert plan is not None
-        self._note_idle_losses(record, batch, plan)
-        self._warn_if_per_sample(batch)
-        return self._update(batch, plan, record, (scaling, grad_scaler), method)
+        self._note_idle_losses(ctx.record, ctx.batch, ctx.plan)
+        self._warn_if_per_sample(ctx.batch)
+        return self._update(ctx)
 
-    def _checked_inputs(
-        self, losses: object, grad_scaler: Any, grad_was_on: bool, method: _MethodArgs
-    ) -> tuple[LossBatch, StepRecord, ParameterPlan | None, list[str], LossScaling | None]:
-        """Parse and check the losses and plan the parameters; with a process group, then agree
-        with the other processes, so that every process refuses a step that one refuses (an
-        error raised here on one process is raised there, and a ``DistributedStepError`` on
-        the others): a training loop that catches it stays in lockstep."""
+    def _inputs(
+        self, ctx: _StepContext, losses: object, grad_scaler: Any, grad_was_on: bool
+    ) -> None:
+        """The parse, plan and agree phases: parse and check the losses and plan the
+        parameters, then agree with the other processes (the update computer's
+        :meth:`~jdoptim.update.UpdateComputer.agree`), so that every process refuses a step
+        that one refuses (an error raised here on one process is raised there, and a
+        ``DistributedStepError`` on the others): a training loop that catches it stays in
+        lockstep. Locally, ``agree`` re-raises the error."""
         error: Exception | None = None
-        bad: list[str] = []
-        plan = scaling = None
         try:
-            scaling = LossScaling.of(grad_scaler)
-            batch = self._parse(losses, grad_was_on)
-            check_not_stepped(batch)
-            batch = self._method_inputs(batch, method, scaling)  # [methods]
-            record = StepRecord(names=batch.names, losses=batch.vector.detach().clone())
-            self.last_record = record
-            bad = nonfinite_loss_names(batch)
-            if method.cross is not None and not bad:  # [methods] the first of several batches
-                bad = [f"{name} (batch 1)" for name in nonfinite_loss_names(method.cross.first)]
-            if not bad:
-                plan = self._plan(batch, record)
-        except Exception as exc:  # raised below, after the other processes heard of it
+            self._parse_and_plan(ctx, losses, grad_scaler, grad_was_on)
+        except Exception as exc:  # raised by agree, after the other processes heard of it
             error = exc
-        agree = getattr(self._update_computer, "agree", None)
-        if agree is not None:
-            if agree(error, bool(bad)) and not bad:
-                bad = ["a loss on another process"]  # all processes skip or raise together
-        elif error is not None:
-            raise error
-        return batch, record, plan, bad, scaling
+        if self._update_computer.agree(error, bool(ctx.bad)) and not ctx.bad:
+            ctx.bad = ["a loss on another process"]  # all processes skip or raise together
 
-    def _method_inputs(
-        self, batch: LossBatch, method: _MethodArgs, scaling: LossScaling | None
-    ) -> LossBatch:
+    def _parse_and_plan(
+        self, ctx: _StepContext, losses: object, grad_scaler: Any, grad_was_on: bool
+    ) -> None:
+        ctx.scaling = LossScaling.of(grad_scaler)
+        batch = self._parse(losses, grad_was_on)
+        check_not_stepped(batch)
+        ctx.batch = batch = self._method_inputs(batch, ctx)  # [methods]
+        ctx.record = StepRecord(names=batch.names, losses=batch.vector.detach().clone())
+        self.last_record = ctx.record
+        ctx.bad = nonfinite_loss_names(batch)
+        cross = ctx.method.cross
+        if cross is not None and not ctx.bad:  # [methods] the first of several batches
+            ctx.bad = [f"{name} (batch 1)" for name in nonfinite_loss_names(cross.first)]
+        if not ctx.bad:
+            ctx.plan = self._plan(batch, ctx.record)
+
+    def _method_inputs(self, batch: LossBatch, ctx: _StepContext) -> LossBatch:
         """[methods] Parse ``extra_batches=`` and check ``features=`` against the method;
         returns the batch whose losses make the update (see :mod:`jdoptim.cross_batch`)."""
+        method = ctx.method
         method.cross = CrossBatches.parse(batch, method.extra_batches, self.aggregator)
         check_method_step(
             self.aggregator,
             self._update_computer,
             features=method.features,
             cross=method.cross,
-            scaled=scaling is not None,
+            scaled=ctx.scaling is not None,
         )
         if method.cross is None:
             return batch
@@ -432,7 +465,7 @@ class JDOptimizer(Optimizer):
 
     def _parse(self, losses: object, grad_was_on: bool) -> LossBatch:
         try:
-            return parse_losses(losses, getattr(self._update_computer, "max_loss_dim", 1))
+            return parse_losses(losses, self._update_computer.max_loss_dim)
         except ValueError as error:
             if grad_was_on or "no autograd graph" not in str(error):
                 raise
@@ -454,28 +487,17 @@ class JDOptimizer(Optimizer):
             )
         return plan
 
-    def _update(
-        self,
-        batch: LossBatch,
-        plan: ParameterPlan,
-        record: StepRecord,
-        scaler: tuple[LossScaling | None, Any],
-        method: _MethodArgs,
-    ) -> StepRecord:
-        scaling, grad_scaler = scaler
-        params = list(plan.shared) + [p for p, _ in plan.specific]
-        snapshot = self._aggregator_snapshot()
-        for consumed in method.batches(batch):  # from here on, the losses' graph is consumed
+    def _update(self, ctx: _StepContext) -> StepRecord:
+        """The compute, check and apply phases; the aggregator's state is restored when the
+        step is refused or skipped."""
+        record = ctx.record
+        ctx.snapshot = self._aggregator_snapshot()
+        for consumed in ctx.method.batches(ctx.batch):  # from here, the losses' graph is consumed
             mark_stepped(consumed)
         try:
-            result = self._compute(batch, plan, scaling, method)
+            result = self._compute(ctx)
         except NonFiniteJacobianError as error:
-            self._restore_aggregator(snapshot)
-            if scaling is not None:  # the scaled backward overflowed: the scaler skips the step
-                poison_grads(params)
-                scaler_step(grad_scaler, self.optimizer, params)
-                record.skipped, record.reason = True, f"GradScaler skipped the step: {error}."
-                return record
+            self._restore_aggregator(ctx.snapshot)
             return self._refuse(
                 record,
                 f"{error} (the losses were finite): nothing was updated. This usually means "
@@ -483,75 +505,60 @@ class JDOptimizer(Optimizer):
                 "pass nonfinite='skip' to skip such steps.",
             )
         except BaseException:
-            self._restore_aggregator(snapshot)
+            self._restore_aggregator(ctx.snapshot)
             raise
-        record.weights, record.gramian = result.weights, result.gramian
-        if scaling is not None:
-            record.gramian = scaling.unscale_gramian(result.gramian)
-        record.extras.update(result.extras)
-        problem = _nonfinite_result(result)
-        if problem and scaling is None:
-            self._restore_aggregator(snapshot)
+        _record_result(record, result)
+        problem = ctx.computer.check(result)
+        if problem:
+            self._restore_aggregator(ctx.snapshot)
             return self._refuse(
                 record,
                 f"Non-finite {problem} (the losses were finite): nothing was updated. This "
                 "usually means overflowing gradients; lower the learning rate or clip the "
                 "losses, or pass nonfinite='skip' to skip such steps.",
             )
-        self._apply(plan, result, record, scaler, snapshot)
+        self._apply(ctx, result)
         return record
 
-    def _compute(
-        self,
-        batch: LossBatch,
-        plan: ParameterPlan,
-        scaling: LossScaling | None,
-        method: _MethodArgs,
-    ) -> UpdateResult:
-        """The update computer's result; torch's graph-reuse errors become the library's."""
+    def _compute(self, ctx: _StepContext) -> UpdateResult:
+        """The compute phase: this step's update computer (the optimizer's own, or the route of
+        ``features=`` / ``extra_batches=``, under the GradScaler's :class:`~jdoptim.amp.
+        ScaledUpdate` when one is given) and its result; torch's graph-reuse errors become the
+        library's."""
+        batch, method = ctx.batch, ctx.method
         try:
             with no_autocast(batch.vector.device.type):
                 prepared = prepare_method(  # [methods] bound inputs, W(J₁J₂ᵀ), features= route
                     self.aggregator,
                     batch,
-                    plan,
+                    ctx.plan,
                     self._update_computer,
                     features=method.features,
                     cross=method.cross,
-                    scaled=scaling is not None,
+                    scaled=ctx.scaling is not None,
                 )
-                computed_batch, aggregator = batch, prepared.aggregator
-                if scaling is not None:
-                    computed_batch = scaling.scale_batch(batch)
-                    aggregator = scaling.wrap(aggregator)
-                return prepared.computer.compute(computed_batch, plan, aggregator)
+                ctx.computer = scaled(prepared.computer, ctx.scaling)
+                return ctx.computer.compute(batch, ctx.plan, prepared.aggregator)
         except RuntimeError as error:
             stale = translate_graph_error(error)
             if stale is None:
                 raise
             raise stale from error
 
-    def _apply(
-        self,
-        plan: ParameterPlan,
-        result: UpdateResult,
-        record: StepRecord,
-        scaler: tuple[LossScaling | None, Any],
-        snapshot: dict[str, Any] | None,
-    ) -> None:
-        """Accumulate the update into ``.grad`` and run the wrapped optimizer's step (through
-        the GradScaler, if any)."""
+    def _apply(self, ctx: _StepContext, result: UpdateResult) -> None:
+        """The apply phase: accumulate the update into ``.grad`` and run the wrapped optimizer's
+        step through the step's computer (``grad_scaler.step`` under a GradScaler, which may
+        skip it: the aggregator's state is then restored)."""
+        plan, record = ctx.plan, ctx.record
         self._accumulate(plan, result)
         if self.freeze_foreign:
             for leaf in plan.foreign:
                 leaf.requires_grad_(False)
-        scaling, grad_scaler = scaler
         params = list(plan.shared) + [p for p, _ in plan.specific]
-        if scaling is None:
-            self.optimizer.step()
-        elif scaler_step(grad_scaler, self.optimizer, params):
-            self._restore_aggregator(snapshot)  # a skipped step leaves the aggregator as well
-            record.skipped, record.reason = True, "GradScaler skipped the step: inf/NaN update."
+        reason = ctx.computer.step_optimizer(self.optimizer, params)
+        if reason is not None:
+            self._restore_aggregator(ctx.snapshot)  # a skipped step leaves the aggregator as well
+            record.skipped, record.reason = True, reason
 
     # -- the aggregator's state around a refused step ---------------------------------------
 
@@ -580,9 +587,7 @@ class JDOptimizer(Optimizer):
     def _forget_aggregator_sync(self) -> None:
         """A distributed update computer copies rank 0's aggregator state once: after a
         restore or a load, let it copy again at the next step."""
-        forget = getattr(self._update_computer, "forget_aggregator_sync", None)
-        if forget is not None:
-            forget()
+        self._update_computer.forget_aggregator_sync()
 
     # -- what a step says besides its update ------------------------------------------------
 
@@ -691,6 +696,39 @@ class _MethodArgs:
         if self.cross is None:
             return (batch,)
         return (self.cross.first, self.cross.second, self.cross.update)
+
+
+@dataclass
+class _StepContext:
+    """What the phases of one step hand on to the next (see :meth:`JDOptimizer._step`).
+
+    Attributes:
+        method: the step's ``features=`` / ``extra_batches=`` (``[methods]``).
+        scaling: the GradScaler's loss scaling of this step, or ``None``.
+        batch, record, plan: the parsed losses, the step's record, the parameter plan (set by
+            the parse and plan phases; ``plan`` stays ``None`` when a loss is non-finite).
+        bad: the names of the non-finite losses (on this process, or on another one).
+        computer: this step's update computer (set by the compute phase).
+        snapshot: the aggregator's state before the step (when it holds any).
+    """
+
+    method: _MethodArgs
+    scaling: LossScaling | None = None
+    batch: LossBatch = None  # type: ignore[assignment]
+    record: StepRecord = None  # type: ignore[assignment]
+    plan: ParameterPlan = None  # type: ignore[assignment]
+    bad: list[str] = field(default_factory=list)
+    computer: UpdateComputer = None  # type: ignore[assignment]
+    snapshot: dict[str, Any] | None = None
+
+
+def _record_result(record: StepRecord, result: UpdateResult) -> None:
+    """What the compute phase gives the record: weights, (unscaled) Gramian, statistics."""
+    record.weights, record.gramian = result.weights, result.gramian
+    record.communication = result.stats
+    if result.stats is not None:  # the former untyped entries, kept for compatibility
+        record.extras.update(result.stats.as_extras())
+    record.extras.update(result.extras)
 
 
 class _BatchSizes:
@@ -827,21 +865,3 @@ def _same_entries(expected: dict[str, Any], given: object) -> bool:
         for key, value in expected.items()
         if isinstance(value, dict) and isinstance(given[key], dict)
     )
-
-
-def _nonfinite_result(result: UpdateResult) -> str | None:
-    """Name what is non-finite in ``result``, or ``None``.
-
-    When the Gramian and the weights are finite, so are the shared gradients ``wᵀJ_p``: a
-    non-finite entry of ``J`` makes a diagonal entry ``G_ii = ‖J_i‖²`` non-finite. Every update
-    computer refuses a non-finite Gramian before weighting it (:func:`~jdoptim.update.
-    gramian_weights`), so with weights, only the specific gradients, which ``G`` does not cover,
-    are checked entry by entry; this keeps the check off the per-parameter hot path.
-    """
-    if result.weights is not None and not is_finite(result.weights):
-        return "aggregation weights"
-    covered = result.weights is not None and result.gramian is not None
-    grads = result.specific_grads if covered else result.shared_grads + result.specific_grads
-    if grads and not all_finite(grads):
-        return "aggregated gradient"
-    return None

@@ -1,7 +1,7 @@
 r"""Turning the losses of one step into gradients: the seam between JDOptimizer and the engines.
 
 An :class:`UpdateComputer` receives the validated losses, the parameter plan and the aggregator,
-and returns the gradients to accumulate. Two implementations exist:
+and returns the gradients to accumulate. Two local implementations exist:
 
 * :class:`JacobianUpdate` (this module): one batched backward gives the Jacobian blocks
   ``J_p = ∂losses/∂p`` of shape ``[m, *p.shape]`` for the shared and the specific parameters;
@@ -9,39 +9,130 @@ and returns the gradients to accumulate. Two implementations exist:
   then gives ``w = W(G)`` and each shared parameter gets ``wᵀ J_p``; any other aggregator gets the
   concatenated ``J``. A specific parameter of loss ``i`` gets row ``i`` of its block.
 * :class:`jdoptim.autogram.GramianUpdate`: the hook-based engine of ``JDOptimizer(modules=...)``.
+
+**Design: the whole interface is declared here.** ``JDOptimizer.step`` is a sequence of phases
+(parse → agree → plan → compute → check → apply, see :mod:`jdoptim.optimizer`), and every
+phase that depends on the setting asks the update computer through a method of
+:class:`UpdateComputer`, never by probing for attributes:
+
+=========================  ====================================================================
+``max_loss_dim``           parse: how many dimensions a loss tensor may have (1, or 2 for the
+                           engine's ``[batch, tasks]`` losses)
+``distributed``            whether a process group is involved (method inputs that one process
+                           alone sees are refused then)
+``agree(error, bad)``      agree: every process learns whether another one failed its checks
+                           or has a non-finite loss; locally, re-raise ``error`` and return
+                           ``bad``
+``compute(...)``           compute: the :class:`UpdateResult`
+``check(result)``          check: name what is non-finite in the result (refuse the step), or
+                           ``None``
+``step_optimizer(...)``    apply: run the wrapped optimizer's step on the accumulated ``.grad``;
+                           return why it was skipped, or ``None``
+``forget_aggregator_sync`` after a checkpoint load or a restore of the aggregator's state
+=========================  ====================================================================
+
+What varies with the setting is a *wrapper* (a decorator) of an update computer, not a branch in
+``step``: :class:`jdoptim.amp.ScaledUpdate` (a ``GradScaler``: scale the losses, unscale what
+the aggregator sees, defer the finiteness check and the step to the scaler) wraps the local or
+the distributed computers alike; the distributed computers (:mod:`jdoptim.distributed`) own the
+agreement between processes; the routes of ``features=`` and ``extra_batches=``
+(:mod:`jdoptim.method_step`) are computers of one step that borrow everything but ``compute``
+from the optimizer's own. A computer derives from :class:`UpdateComputer` and overrides what
+differs from the local defaults.
+
+Typed statistics: a distributed computer returns its traffic as ``UpdateResult.stats``
+(:class:`~jdoptim.record.CommunicationStats`), which the step puts on
+``StepRecord.communication``; ``UpdateResult.extras`` is for what a method adds about itself.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
 from .autojac import JacobianComputer
-from .linalg.finite import is_finite
+from .linalg.finite import all_finite, is_finite
 from .linalg.gramian import gramian_of_blocks
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
+from .record import CommunicationStats
 
 
 @dataclass
 class UpdateResult:
-    """Gradients for ``plan.shared`` and ``plan.specific`` (same order), weights and Gramian."""
+    """Gradients for ``plan.shared`` and ``plan.specific`` (same order), weights and Gramian.
+
+    ``stats`` is the step's traffic (distributed computers only; ``StepRecord.communication``);
+    ``extras`` what a method adds about itself (copied into ``StepRecord.extras``).
+    """
 
     shared_grads: list[Tensor]
     specific_grads: list[Tensor]
     weights: Tensor | None
     gramian: Tensor | None
-    extras: dict[str, object] = field(default_factory=dict)  # copied into StepRecord.extras
+    stats: CommunicationStats | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stats is not None and not isinstance(self.stats, CommunicationStats):
+            raise TypeError(
+                "UpdateResult.stats must be a jdoptim.record.CommunicationStats or None, got "
+                f"{type(self.stats).__name__}: pass a method's own entries as extras={{...}}."
+            )
 
 
-class UpdateComputer(Protocol):
+class UpdateRoute(Protocol):
+    """What computes one step's update and nothing else (the ``features=`` and
+    ``extra_batches=`` routes); :class:`UpdateComputer` is the whole interface."""
+
     def compute(
         self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
     ) -> UpdateResult: ...
+
+
+class UpdateComputer(ABC):
+    """The interface of an update computer, with the defaults of a local (one-process) one.
+
+    See the module docstring for which phase of ``JDOptimizer.step`` calls each member.
+    """
+
+    #: ``JDOptimizer.step`` accepts loss tensors of up to this many dimensions.
+    max_loss_dim: int = 1
+    #: Whether the update is reduced across processes.
+    distributed: bool = False
+
+    @abstractmethod
+    def compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult:
+        """The gradients of one step; writes nothing to a parameter or its ``.grad``."""
+
+    def agree(self, error: BaseException | None, nonfinite: bool) -> bool:
+        """After this process checked its step's input: re-raise ``error`` if it raised, else
+        return whether a loss is non-finite (on any process, for a distributed computer)."""
+        if error is not None:
+            raise error
+        return nonfinite
+
+    def check(self, result: UpdateResult) -> str | None:
+        """Name what is non-finite in ``result`` (the step is then refused), or ``None``."""
+        return nonfinite_part(result)
+
+    def step_optimizer(self, optimizer: Optimizer, params: list[Tensor]) -> str | None:
+        """Run ``optimizer.step()`` on the accumulated ``.grad`` of ``params``; return why the
+        step was skipped, or ``None`` (a plain optimizer never skips)."""
+        optimizer.step()
+        return None
+
+    def forget_aggregator_sync(self) -> None:
+        """The aggregator's state was loaded or restored (a no-op unless distributed)."""
+        return None
 
 
 class NonFiniteJacobianError(FloatingPointError):
@@ -74,7 +165,25 @@ def aggregate_jacobian(aggregator: Aggregator, matrix: Tensor) -> Tensor:
     return aggregator(matrix)
 
 
-class JacobianUpdate:
+def nonfinite_part(result: UpdateResult) -> str | None:
+    """Name what is non-finite in ``result``, or ``None``.
+
+    When the Gramian and the weights are finite, so are the shared gradients ``wᵀJ_p``: a
+    non-finite entry of ``J`` makes a diagonal entry ``G_ii = ‖J_i‖²`` non-finite. Every update
+    computer refuses a non-finite Gramian before weighting it (:func:`gramian_weights`), so with
+    weights, only the specific gradients, which ``G`` does not cover, are checked entry by entry;
+    this keeps the check off the per-parameter hot path.
+    """
+    if result.weights is not None and not is_finite(result.weights):
+        return "aggregation weights"
+    covered = result.weights is not None and result.gramian is not None
+    grads = result.specific_grads if covered else result.shared_grads + result.specific_grads
+    if grads and not all_finite(grads):
+        return "aggregated gradient"
+    return None
+
+
+class JacobianUpdate(UpdateComputer):
     """The update from an explicit (batched-backward) Jacobian. See the module docstring."""
 
     def __init__(self, use_vmap: bool = True) -> None:

@@ -25,13 +25,13 @@ from ..aggregation.flattening import Flattening
 from ..linalg.gramian import generalize_gramian
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import JacobianUpdate, UpdateResult, ensure_finite, weigh
+from ..update import JacobianUpdate, UpdateComputer, UpdateResult, ensure_finite, weigh
 from .engine import Engine, gramian_dtype
 
 __all__ = ["GramianUpdate"]
 
 
-class GramianUpdate:
+class GramianUpdate(UpdateComputer):
     """The update from the hook-based Gramian engine; see the module docstring."""
 
     #: ``JDOptimizer.step`` accepts loss tensors of up to this many dimensions with this computer.

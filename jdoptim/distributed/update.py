@@ -41,6 +41,13 @@ computes on the whole batch.
 Aggregators that are not Gramian-weighted need all of ``J``: it is all-gathered after step 1
 (``m n (N-1)/N``, or ``B n (N-1)/N``), aggregated on every process, and rank 0's ``d`` is
 broadcast.
+
+**Interface** (:class:`jdoptim.update.UpdateComputer`): the agreement between processes is this
+computer's :meth:`~DistributedJacobianUpdate.agree`, the first collective of every step, which
+``JDOptimizer.step`` calls after each process checked its own input (so that all processes fail,
+skip or go on together); ``distributed`` is ``True``; the traffic of the step is returned as
+``UpdateResult.stats`` (:class:`~jdoptim.record.CommunicationStats`). A ``GradScaler`` wraps
+this computer like a local one (:class:`jdoptim.amp.ScaledUpdate`).
 """
 
 from __future__ import annotations
@@ -56,13 +63,14 @@ from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..autojac import JacobianComputer
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import UpdateResult, aggregate_jacobian, gramian_weights
+from ..record import CommunicationStats
+from ..update import UpdateComputer, UpdateResult, aggregate_jacobian, gramian_weights
 from ._comm import CommStats, Communicator, DistributedStepError, plain_ddp_bytes
 
 __all__ = ["DistributedJacobianUpdate"]
 
 
-class DistributedJacobianUpdate:
+class DistributedJacobianUpdate(UpdateComputer):
     """The exact distributed JD update of the explicit-Jacobian path (module docstring).
 
     Args:
@@ -80,8 +88,11 @@ class DistributedJacobianUpdate:
 
     After each step, :attr:`last_stats` holds the bytes this process sent
     (:class:`~jdoptim.distributed.CommStats`), and :attr:`last_plain_ddp_bytes` what a plain DDP
-    step would have sent for the same parameters.
+    step would have sent for the same parameters; the step's result carries both as
+    :class:`~jdoptim.record.CommunicationStats` (``StepRecord.communication``).
     """
+
+    distributed = True
 
     def __init__(
         self,
@@ -232,22 +243,29 @@ class DistributedJacobianUpdate:
 
         shared_blocks, specific_blocks = blocks[: len(shared)], blocks[len(shared) :]
         local_specific = [block[index] for block, (_, index) in zip(specific_blocks, plan.specific)]
-
+        dtype = blocks[0].dtype
+        chunk = None
         if shared:
             chunk = (
                 self._per_sample_chunk(shared_blocks, sizes)
                 if self.per_sample
                 else self._task_chunk(shared_blocks)
-            )
-            # chunk: [rows, c] = J[:, S_k] (rows = m, or B in per-sample mode)
-            partial = chunk @ chunk.T
-        else:
-            chunk = None
-            partial = torch.zeros(0, 0)
+            )  # [rows, c] = J[:, S_k] (rows = m, or B in per-sample mode)
+        gramian, specific_grads = self._reduce_gramian(chunk, local_specific, dtype)
+        if chunk is None:
+            stats = self._finish_stats(shared + specific, dtype)
+            return UpdateResult([], specific_grads, None, None, stats)
+        weights, shared_grads = self._shared_update(chunk, gramian, shared, aggregator, dtype)
+        stats = self._finish_stats(shared + specific, dtype)
+        return UpdateResult(shared_grads, specific_grads, weights, gramian, stats)
 
-        # One all-reduce for the partial Gramians and the specific gradients.
+    def _reduce_gramian(
+        self, chunk: Tensor | None, local_specific: list[Tensor], dtype: torch.dtype
+    ) -> tuple[Tensor, list[Tensor]]:
+        """One all-reduce for the partial Gramians ``J[:, S_k] J[:, S_k]ᵀ`` and the specific
+        gradients: the global Gramian, and the specific gradients' mean over processes."""
+        partial = chunk @ chunk.T if chunk is not None else torch.zeros(0, 0)
         rows = partial.shape[0]
-        dtype = blocks[0].dtype
         flat_specific = [g.reshape(-1).to(dtype) for g in local_specific]
         buffer = torch.cat([partial.reshape(-1).to(dtype), *flat_specific])
         if buffer.numel():
@@ -255,12 +273,19 @@ class DistributedJacobianUpdate:
         gramian = buffer[: rows * rows].view(rows, rows)
         specific_flat = buffer[rows * rows :] / self.world_size
         pieces = specific_flat.split([g.numel() for g in local_specific])
-        specific_grads = [piece.view_as(g) for piece, g in zip(pieces, local_specific)]
+        return gramian, [piece.view_as(g) for piece, g in zip(pieces, local_specific)]
 
-        if chunk is None:
-            extras = self._finish_stats(shared + specific, dtype)
-            return UpdateResult([], specific_grads, None, None, extras)
-
+    def _shared_update(
+        self,
+        chunk: Tensor,
+        gramian: Tensor,
+        shared: list[Tensor],
+        aggregator: Aggregator,
+        dtype: torch.dtype,
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        """Rank 0's weights (or ``None``) and the shared parameters' gradients, identical on
+        every process: ``d = Jᵀ w`` from the all-gathered slices ``J[:, S_k]ᵀ w``, or, for an
+        aggregator that needs all of ``J``, rank 0's ``A(J)``."""
         with torch.no_grad():
             if isinstance(aggregator, GramianWeightedAggregator):
                 weights = gramian_weights(aggregator, gramian)
@@ -268,6 +293,7 @@ class DistributedJacobianUpdate:
                 direction = self.comm.all_gather("update", chunk.T @ weights).reshape(-1)
             else:
                 weights = None
+                rows = chunk.shape[0]
                 gathered = self.comm.all_gather("jacobian", chunk)  # [N, rows, c]
                 matrix = gathered.permute(1, 0, 2).reshape(rows, -1)
                 numel = sum(p.numel() for p in shared)
@@ -275,9 +301,7 @@ class DistributedJacobianUpdate:
                 direction = self.comm.broadcast("update", direction.contiguous())
         numels = [p.numel() for p in shared]
         direction = direction[: sum(numels)]
-        shared_grads = [piece.view_as(p) for piece, p in zip(direction.split(numels), shared)]
-        extras = self._finish_stats(shared + specific, dtype)
-        return UpdateResult(shared_grads, specific_grads, weights, gramian, extras)
+        return weights, [piece.view_as(p) for piece, p in zip(direction.split(numels), shared)]
 
     def _local_jacobian(
         self, batch: LossBatch, inputs: list[Tensor]
@@ -327,16 +351,19 @@ class DistributedJacobianUpdate:
         send = padded.view(rows, n, c).transpose(0, 1).reshape(n * rows, c)
         return self.comm.all_to_all("jacobian", send, [rows] * n, sizes.tolist())
 
-    def _finish_stats(self, params: list[Tensor], dtype: torch.dtype) -> dict[str, object]:
+    def _finish_stats(self, params: list[Tensor], dtype: torch.dtype) -> CommunicationStats:
+        """Close the step's accounting: :attr:`last_stats`, :attr:`last_plain_ddp_bytes`, and
+        the typed statistics the step's result carries."""
         self.last_stats = self.comm.reset_stats()
         numel = sum(p.numel() for p in params)
         element = torch.empty((), dtype=dtype).element_size()
         self.last_plain_ddp_bytes = plain_ddp_bytes(numel, element, self.world_size)
-        return {
-            "bytes_sent": self.last_stats.bytes_sent,
-            "plain_ddp_bytes": self.last_plain_ddp_bytes,
-            "world_size": self.world_size,
-        }
+        return CommunicationStats(
+            world_size=self.world_size,
+            bytes_sent=self.last_stats.bytes_sent,
+            plain_ddp_bytes=self.last_plain_ddp_bytes,
+            calls=tuple(self.last_stats.calls),
+        )
 
 
 def _specific_per_sample(plan: ParameterPlan) -> ValueError | None:

@@ -134,7 +134,89 @@ def check_task_losses(
             close(record.weights, ref_record.weights, f"{what}: weights")
             close(record.gramian, ref_record.gramian, f"{what}: Gramian")  # type: ignore[arg-type]
         compare_params(model, reference, what)
-        assert int(record.extras["bytes_sent"]) > 0  # type: ignore[call-overload]
+        check_communication(record, world, what)
+
+
+def _ring(nbytes: float, world: int) -> int:
+    """Bytes one process sends in a ring all-reduce of ``nbytes``: ``2 S (N-1)/N``."""
+    return round(2 * nbytes * (world - 1) / world)
+
+
+def expected_task_bytes(record: StepRecord, world: int) -> int:
+    """The bytes one process sends in a Gramian-weighted task-loss step, derived by hand from
+    the algorithm of ``jdoptim.distributed.update`` (module docstring) and the cost model of
+    ``_comm`` (all-reduce ``2 S (N-1)/N``, all-gather ``S (N-1)``, broadcast ``S (N-1)/N``):
+    agreement flags, the signature, the reduce-scatter of ``Jᵀ`` by column slices of ``c``
+    entries, the Gramian and specific gradients, rank 0's weights, the update slices."""
+    m = len(record.names)
+    element = record.shared[0].element_size()
+    n_shared = sum(p.numel() for p in record.shared)
+    n_specific = sum(p.numel() for p, _ in record.specific)
+    c = -(-n_shared // world)  # ceil
+    flags = (1 + world) * torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    return (
+        _ring(flags, world)  # agree
+        + round(6 * 8 * (world - 1))  # signature (float64) all-gather
+        + round(c * m * element * (world - 1))  # all-to-all of J's column slices
+        + _ring((m * m + n_specific) * element, world)  # partial Gramians, specific grads
+        + round(m * element * (world - 1) / world)  # rank 0's weights
+        + round(c * element * (world - 1))  # all-gather of the update slices
+    )
+
+
+def check_communication(record: StepRecord, world: int, what: str) -> None:
+    """The step's typed statistics: the hand-derived bytes, the plain-DDP bytes of the reached
+    parameters, the collectives, and the compatibility entries of ``record.extras``."""
+    stats = record.communication
+    assert stats is not None, f"{what}: a distributed step must record its communication"
+    element = record.shared[0].element_size()
+    numel = sum(p.numel() for p in record.shared) + sum(p.numel() for p, _ in record.specific)
+    assert stats.world_size == world
+    assert stats.plain_ddp_bytes == _ring(numel * element, world), (what, stats)
+    assert stats.bytes_sent == sum(nbytes for _, _, nbytes in stats.calls) > 0
+    if record.weights is not None:  # Gramian-weighted: reduce-scatter, Gramian, all-gather
+        assert stats.bytes_sent == expected_task_bytes(record, world), (what, stats)
+        assert stats.all_gathers == 2 and stats.count("all_to_all") == 1, (what, stats.calls)
+        assert stats.ratio_to_ddp == stats.bytes_sent / stats.plain_ddp_bytes
+    for key in ("bytes_sent", "plain_ddp_bytes", "world_size"):  # kept for compatibility
+        assert record.extras[key] == getattr(stats, key), (what, key)
+
+
+def check_grad_scaler(rank: int, world: int) -> None:
+    """A GradScaler wraps the distributed computer as it wraps a local one: the scaled step of
+    the shards equals the unscaled single-process step on the whole batch (float64, where the
+    scale is exact), and an overflow (float32, scale 3e38) skips the step on every process
+    with nothing changed and the scale lowered."""
+    model, reference = make_model(), make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), process_group=True)
+    ref_opt = JDOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1))
+    sizes = [GLOBAL_BATCH // world] * world
+    for step in range(2):
+        x, y = global_data(step)
+        opt.zero_grad()
+        record = opt.step(task_losses(model, shard(x, sizes, rank), shard(y, sizes, rank)),
+                          grad_scaler=scaler)  # fmt: skip
+        scaler.update()
+        ref_opt.zero_grad()
+        ref_record = ref_opt.step(task_losses(reference, x, y))
+        what = f"GradScaler step {step} (world {world})"
+        assert not record.skipped, what
+        close(record.gramian, ref_record.gramian, f"{what}: unscaled Gramian")  # type: ignore[arg-type]
+        close(record.weights, ref_record.weights, f"{what}: weights")  # type: ignore[arg-type]
+        compare_params(model, reference, what)
+
+    small = make_model(dtype=torch.float32)
+    before = [p.detach().clone() for p in small.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=3e38, backoff_factor=1e-30)
+    opt = JDOptimizer(torch.optim.SGD(small.parameters(), lr=0.1), process_group=True)
+    x, y = (t.float() for t in global_data(0))
+    record = opt.step(task_losses(small, shard(x, sizes, rank), shard(y, sizes, rank)),
+                      grad_scaler=scaler)  # fmt: skip
+    scaler.update()
+    assert record.skipped and record.reason.startswith("GradScaler skipped the step"), record
+    assert all(torch.equal(p, q) for p, q in zip(small.parameters(), before))
+    assert scaler.get_scale() < 3e38
 
 
 def check_per_sample(rank: int, world: int, sizes: list[int], *, use_ddp: bool) -> None:
@@ -259,6 +341,7 @@ def run_exactness(rank: int, world: int, port: int, checkpoint: str | None, mode
         check_per_sample(rank, world, unequal, use_ddp=True)
         check_per_sample(rank, world, [4] * world, use_ddp=False)
         check_agreement(rank, world)
+        check_grad_scaler(rank, world)
         if checkpoint is not None and mode == "save":
             save_checkpoint(rank, world, checkpoint, steps=2)
         if checkpoint is not None and mode == "resume":
