@@ -12,6 +12,7 @@ from jdoptim.autogram import Engine
 from jdoptim.autogram.rules import (
     Call,
     GenericRule,
+    GramianTerm,
     IndexTerm,
     KernelTerm,
     LayerRule,
@@ -70,7 +71,7 @@ class GatedProjectionRule(LayerRule):
     def _is_weight(self, p: Tensor) -> bool:
         return p is self.call.module.weight
 
-    def factorisation(self, params: list[Tensor]) -> list:
+    def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
         weight = any(self._is_weight(p) for p in params)
         bias = any(not self._is_weight(p) for p in params)
         return [KernelTerm(self._inputs(), self._grads(), weight, bias)]
