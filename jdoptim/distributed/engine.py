@@ -94,7 +94,10 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         timeout: as for :class:`DistributedJacobianUpdate`.
         check_replicas: as for :class:`DistributedJacobianUpdate`.
 
-    :attr:`last_stats` and :attr:`last_plain_ddp_bytes` are as for the explicit-Jacobian path.
+    :attr:`last_stats` and :attr:`last_plain_ddp_bytes` are as for the explicit-Jacobian path;
+    :attr:`last_exchange` lists the Gramian terms the last per-sample step gathered
+    (:class:`ExchangedTerm`: the module's path and the term's kind), e.g. to see that a layer
+    sends its kernel factors rather than its per-sample rows.
     """
 
     def __init__(
