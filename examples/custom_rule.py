@@ -6,13 +6,19 @@ forms one gradient row per loss. A rule of your own makes such a layer as cheap 
 
 * a layer that applies a weight matrix to the last dimension of its input subclasses
   ``LinearLikeRule`` and states how the weight is stored (``"out_in"`` as ``nn.Linear``,
-  ``"in_out"`` as below), in three lines;
+  ``"in_out"`` as below), in three lines; its Gramian factorisation (a ``KernelTerm`` of the
+  inputs and the output gradients) comes from the base, so the distributed engine exchanges
+  those small factors for it too;
 * any other layer subclasses ``LayerRule`` and gives the rows ``∂ℓ_{ik}/∂p`` (``jacobians``) and
   the weighted gradient ``Σ w_{ik} ∂ℓ_{ik}/∂p`` (``weighted``) from the call's recorded input
-  and its output gradients ``D`` (the Gramian then comes from the rows).
+  (``call.args``) and its output gradients ``D`` (``call.grad``); the Gramian then comes from
+  the rows (the default ``factorisation``, one ``RowsTerm`` per parameter), or from a
+  ``factorisation`` of its own (``KernelTerm``, ``IndexTerm``) where the layer is linear in its
+  weight.
 
 Register a rule with ``@register_rule(LayerClass)``, or with the class's qualified name
-(``"package.module.ClassName"``) for a layer of a package you do not want to import.
+(``"package.module.ClassName"``) for a layer of a package you do not want to import. Everything
+used here is public in ``jdoptim.autogram.rules`` (its docstring states the contract).
 
 Run: ``python examples/custom_rule.py``
 """
@@ -71,12 +77,12 @@ class ChannelScaleRule(LayerRule):
         return moved.reshape(*moved.shape[: leading + 1], -1, channels).sum(-2)
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
-        x = self.call.record.args[0]
+        x = self.call.args[0]
         rows = self._per_sample(self.call.grad(0) * x, leading=1)  # [T, b, C]
         return [rows.transpose(0, 1) for _ in params]  # [b, T, C]
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
-        x = self.call.record.args[0]
+        x = self.call.args[0]
         summed = self.call.weighted_grad(0, weights) * x  # Σ_k w_{·k} D[k] ⊙ X
         return [self._per_sample(summed, leading=0).sum(0) for _ in params]
 

@@ -23,7 +23,7 @@ r"""One Gramian step: find the calls, one backward to their outputs, then Gramia
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,8 +32,7 @@ from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
-from .rules import Call, GenericRule, LayerRule, make_rule
-from .rules._contraction import rows_gramian
+from .rules import Call, GenericRule, LayerRule, make_rule, rows_gramian
 
 
 def _backward(
@@ -124,10 +123,19 @@ def _layout_problem(record: CallRecord, dims: list[int], count: int, label: str)
     return ""
 
 
-class _RuleParameters(NamedTuple):
-    """A rule and its call's parameters, sorted once per step: ``shared`` (in the Gramian, with
-    ``alone`` those used by this call only and ``several`` those of several calls, whose rows
-    are summed over the calls first) and ``specific``."""
+@dataclass(frozen=True, eq=False)
+class RuleParameters:
+    """A call's rule and its parameters, sorted once per step.
+
+    Attributes:
+        rule: the call's rule.
+        shared: the parameters in the Gramian (they receive the weighted update).
+        specific: the parameters that receive ``Σ_{i,k} ∂ℓ_{ik}/∂p``.
+        alone: the shared parameters used by this call only (the rule's
+            :meth:`~.rules.LayerRule.factorisation` gives their Gramian).
+        several: the shared parameters used by several calls (a module called twice, tied
+            weights), whose rows are summed over the calls before their Gram matrix is taken.
+    """
 
     rule: LayerRule
     shared: list[Tensor]
@@ -138,7 +146,7 @@ class _RuleParameters(NamedTuple):
     @classmethod
     def of(
         cls, rule: LayerRule, params: list[Tensor], shared_ids: set[int], uses: dict[int, int]
-    ) -> _RuleParameters:
+    ) -> RuleParameters:
         shared = [p for p in params if id(p) in shared_ids]
         specific = [p for p in params if id(p) not in shared_ids]
         alone = [p for p in shared if uses[id(p)] == 1]
@@ -255,7 +263,7 @@ class GramianStep:
     ) -> None:
         """Each call's rule with its parameters sorted (:attr:`rule_parameters`), and the ids
         of the modules the generic rule re-runs (:attr:`generic_modules`)."""
-        self.rule_parameters: list[_RuleParameters] = []
+        self.rule_parameters: list[RuleParameters] = []
         self.generic_modules: set[int] = set()
         for call in calls:
             rule = make_rule(call)
@@ -265,7 +273,7 @@ class GramianStep:
                 rule.whole = id(module) in whole_modules
                 self.generic_modules.add(id(module))
             self.rule_parameters.append(
-                _RuleParameters.of(rule, call.params, self.shared_ids, covered)
+                RuleParameters.of(rule, call.params, self.shared_ids, covered)
             )
 
     def release_graph(self, losses: Tensor) -> None:
@@ -364,9 +372,9 @@ class GramianStep:
         Gramian covers: those used by several calls (rows summed over the calls, so that the
         cross terms are there) and the explicit ones (straight from autograd)."""
         tied: dict[int, Tensor] = {}
-        for rule, _, _, _, several in self.rule_parameters:
-            if several:
-                for p, rows in zip(several, rule.jacobians(several)):
+        for parts in self.rule_parameters:
+            if parts.several:
+                for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
                     tied[id(p)] = rows if id(p) not in tied else tied[id(p)] + rows
         explicit = [
             rows.unsqueeze(0)
@@ -384,9 +392,9 @@ class GramianStep:
             nonlocal total
             total = term if total is None else total + term
 
-        for rule, _, _, alone, _ in self.rule_parameters:
-            if alone:
-                add(rule.gramian(alone))
+        for parts in self.rule_parameters:
+            if parts.alone:
+                add(parts.rule.gramian(parts.alone))
         for rows in self.shared_rows():
             add(rows_gramian(rows))
         n = b * t
@@ -415,7 +423,8 @@ class GramianStep:
         def add(p: Tensor, grad: Tensor) -> None:
             found[id(p)] = grad if id(p) not in found else found[id(p)] + grad
 
-        for rule, shared, specific, _, _ in self.rule_parameters:
+        for parts in self.rule_parameters:
+            rule, shared, specific = parts.rule, parts.shared, parts.specific
             if shared:
                 assert moved is not None
                 for p, g in zip(shared, rule.weighted(shared, moved)):

@@ -17,15 +17,21 @@ the other processes' ``(A, D)``: ``B_r S (d + o)`` numbers per layer instead of 
 process therefore
 
 1. runs the engine's one backward pass on its shard (local ``A``, ``D``);
-2. **gathers along the sample dimension**, in one collective, what each hooked call's rule
-   contracts: ``Linear``/``Conv``: inputs (im2col columns for ``Conv``) and output gradients,
-   or the per-sample weight rows when those are narrower (``o d < S (d + o)``);
-   ``Embedding``: the indices (one int64 gather) and output gradients; normalisation layers,
-   the ``torch.func`` fallback, parameters tied across calls and parameters used outside hooked
-   calls: their per-sample rows (exact; as wide as the parameters for the fallback);
-3. computes the global Gramian with the engine's own contraction functions on the gathered
-   factors (identical inputs and code on every process), ``w = W(G)``, and takes rank 0's ``w``
-   (**broadcast**, ``B`` elements), as the explicit-Jacobian path does;
+2. **gathers along the sample dimension**, in one collective, the factors of each hooked call's
+   Gramian terms, as its rule states them
+   (:meth:`~jdoptim.autogram.rules.LayerRule.factorisation`; no dispatch on rule classes
+   here): a kernel term (``Linear``, transformers' ``Conv1D``, an ungrouped ``Conv``, any
+   :class:`~jdoptim.autogram.rules.LinearLikeRule`) sends its inputs (im2col columns for
+   ``Conv``) and output gradients, or its per-sample weight rows when those are narrower
+   (``o d < S (d + o)``); an index term (``Embedding``) its indices (one int64 gather) and
+   output gradients; rows terms (normalisation layers, grouped convolutions, the
+   ``torch.func`` fallback, parameters tied across calls and parameters used outside hooked
+   calls) their per-sample rows (exact; as wide as the parameters for the fallback).
+   :attr:`DistributedGramianUpdate.last_exchange` lists what was gathered;
+3. computes the global Gramian with the terms' own contractions on the gathered factors
+   (identical inputs and code on every process, the same code as the local engine's),
+   ``w = W(G)``, and takes rank 0's ``w`` (**broadcast**, ``B`` elements), as the
+   explicit-Jacobian path does;
 4. computes its local weighted gradient ``Σ_{i ∈ shard r} wᵢ ∇ℓᵢ`` with the rules' ``weighted``
    (no second backward), and **all-reduces** (sums) it: ``d = Σ_r Σ_{i ∈ r} wᵢ ∇ℓᵢ = Jᵀ w``, as
    one process computes it on the whole batch (no ``1/N``: per-sample losses are concatenated,
@@ -56,78 +62,27 @@ from torch import Tensor, nn
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..autogram._step import GramianStep
 from ..autogram.engine import Engine, gramian_dtype
-from ..autogram.rules import LayerRule
-from ..autogram.rules._contraction import gramian_from_kernel, rows_gramian, weight_and_bias_gramian
-from ..autogram.rules.conv import ConvRule
-from ..autogram.rules.embedding import EmbeddingRule
-from ..autogram.rules.linear import LinearRule
+from ..autogram.rules import GramianTerm, RowsTerm
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..update import UpdateResult, gramian_weights
 from .update import DistributedJacobianUpdate, _specific_per_sample
 
-__all__ = ["DistributedGramianUpdate"]
+__all__ = ["DistributedGramianUpdate", "ExchangedTerm"]
 
 
-@dataclass
-class _Factor:
-    """One per-sample factor to gather: ``local`` is ``[b, *shape]`` (samples first)."""
+@dataclass(frozen=True)
+class ExchangedTerm:
+    """One Gramian term a process gathered in the last step: the module it came from (its path
+    in the model, or ``"tied or explicit parameters"`` for the rows summed over several calls
+    and those straight from autograd) and the term's kind (``"kernel"``, ``"index"``,
+    ``"rows"``; see :mod:`jdoptim.autogram.rules`)."""
 
-    local: Tensor
-    gathered: Tensor | None = None
-
-
-@dataclass
-class _Term:
-    """One Gramian contribution, computed from gathered factors once they have arrived.
-
-    ``kind``: ``"linear"`` (factors inputs ``[b, S, d]`` and grads ``[b, S, o]``, parameters
-    ``params`` of a layer with weight ``weight``), ``"embedding"`` (indices ``[b, S]`` and grads
-    ``[b, S, e]``) or ``"rows"`` (per-sample rows ``[b, width]``).
-    """
-
+    module: str
     kind: str
-    factors: list[_Factor]
-    params: list[Tensor] | None = None
-    weight: Tensor | None = None
-
-    def gramian(self) -> Tensor:
-        pieces = [f.gathered for f in self.factors]
-        assert all(p is not None for p in pieces)
-        if self.kind == "rows":
-            rows = pieces[0]
-            return rows_gramian(rows.unsqueeze(1)).reshape(rows.shape[0], rows.shape[0])
-        if self.kind == "linear":
-            inputs, grads = pieces  # [B, S, d], [B, S, o]
-            assert self.params is not None and self.weight is not None
-            square = weight_and_bias_gramian(inputs, grads.unsqueeze(0), self.params, self.weight)
-        else:
-            index, grads = pieces  # [B, S], [B, S, e]
-            flat = index.reshape(-1)
-            kernel = (flat[:, None] == flat[None, :]).to(grads.dtype)
-            b, s = index.shape
-            square = gramian_from_kernel(kernel.view(b, s, b, s), grads.unsqueeze(0))
-        return square.reshape(square.shape[0], square.shape[0])
 
 
-def _rows_term(rows: Tensor) -> _Term:
-    """Rows ``[b, T, ...]`` with ``b = 1`` or ``T = 1``: one row per local loss."""
-    count = rows.shape[0] * rows.shape[1]
-    return _Term("rows", [_Factor(rows.reshape(count, -1))])
-
-
-def _rule_terms(rule: LayerRule, params: list[Tensor]) -> list[_Term]:
-    """The terms of one rule's (untied) shared parameters, in per-sample mode (``T = 1``)."""
-    weight = getattr(rule.call.module, "weight", None)
-    if isinstance(rule, (LinearRule, ConvRule)):
-        inputs, grads = rule.inputs, rule.grads[0]  # [b, S, d], [b, S, o]
-        s, d, o = inputs.shape[1], inputs.shape[2], grads.shape[2]
-        if any(p is weight for p in params) and s * (d + o) <= o * d:
-            return [_Term("linear", [_Factor(inputs), _Factor(grads)], params, weight)]
-        return [_rows_term(rows) for rows in rule.jacobians(params)]
-    if isinstance(rule, EmbeddingRule):
-        return [_Term("embedding", [_Factor(rule.index), _Factor(rule.grads[0])])]
-    return [_rows_term(rows) for rows in rule.jacobians(params)]
+_TIED = "tied or explicit parameters"
 
 
 class DistributedGramianUpdate(DistributedJacobianUpdate):
@@ -139,7 +94,10 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         timeout: as for :class:`DistributedJacobianUpdate`.
         check_replicas: as for :class:`DistributedJacobianUpdate`.
 
-    :attr:`last_stats` and :attr:`last_plain_ddp_bytes` are as for the explicit-Jacobian path.
+    :attr:`last_stats` and :attr:`last_plain_ddp_bytes` are as for the explicit-Jacobian path;
+    :attr:`last_exchange` lists the Gramian terms the last per-sample step gathered
+    (:class:`ExchangedTerm`: the module's path and the term's kind), e.g. to see that a layer
+    sends its kernel factors rather than its per-sample rows.
     """
 
     def __init__(
@@ -151,6 +109,8 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         check_replicas: bool = True,
     ) -> None:
         super().__init__(group, per_sample=True, timeout=timeout, check_replicas=check_replicas)
+        #: the terms gathered in the last per-sample step, in order
+        self.last_exchange: list[ExchangedTerm] = []
         self.engine = Engine(*modules, batch_dim=0)
         self.task_update = DistributedJacobianUpdate(
             group, per_sample=False, timeout=timeout, check_replicas=check_replicas
@@ -190,52 +150,69 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
 
     # -- the factor exchange ----------------------------------------------------------------
 
-    def _terms(self, step: GramianStep) -> list[_Term]:
-        """What this process contributes to the global Gramian, as factors to gather."""
-        terms: list[_Term] = []
+    def _terms(self, step: GramianStep) -> list[tuple[str, GramianTerm]]:
+        """What this process contributes to the global Gramian, by module: each rule's
+        factorisation (:meth:`~jdoptim.autogram.rules.LayerRule.factorisation`), in the form
+        it is cheapest to gather (:meth:`~jdoptim.autogram.rules.GramianTerm.exchanged`)."""
+        terms: list[tuple[str, GramianTerm]] = []
         per_sample = step.batch_dim is not None  # else explicit parameters: b = 1, T = B_r
-        for rule, _, _, alone, _ in step.rule_parameters:
-            if alone:
-                if per_sample:
-                    terms.extend(_rule_terms(rule, alone))
-                else:
-                    terms.extend(_rows_term(rows) for rows in rule.jacobians(alone))
-        terms.extend(_rows_term(rows) for rows in step.shared_rows())
+        for parts in step.rule_parameters:
+            if not parts.alone:
+                continue
+            label = step.label(parts.rule.call.module)
+            if per_sample:  # T = 1: the samples are the losses
+                for term in parts.rule.factorisation(parts.alone):
+                    terms.extend((label, t) for t in term.exchanged())
+            else:  # one row per loss: gathered along the losses
+                rows = parts.rule.jacobians(parts.alone)
+                terms.extend((label, RowsTerm.per_loss(r)) for r in rows)
+        terms.extend((_TIED, RowsTerm.per_loss(rows)) for rows in step.shared_rows())
         return terms
 
     def _global_gramian(self, step: GramianStep, sizes: list[int]) -> Tensor:
+        """``Σ`` over the terms of each term rebuilt on every process's factors."""
         terms = self._terms(step)
-        factors = [f for term in terms for f in term.factors]
-        floats = [f for f in factors if f.local.is_floating_point()]
-        integers = [f for f in factors if not f.local.is_floating_point()]
-        for group in (floats, integers):
+        self.last_exchange = [ExchangedTerm(label, term.kind) for label, term in terms]
+        factors = [term.factors() for _, term in terms]
+        flat = [f for group in factors for f in group]
+        gathered: dict[int, Tensor] = {}
+        for is_float in (True, False):
+            group = [i for i, f in enumerate(flat) if f.is_floating_point() == is_float]
             if group:
-                self._gather(group, sizes)
+                pieces = self._gather([flat[i] for i in group], sizes)
+                gathered.update(zip(group, pieces))
         gramian: Tensor | None = None
-        for term in terms:
-            part = term.gramian()
+        index = 0
+        for (_, term), local in zip(terms, factors):
+            every = [gathered[i] for i in range(index, index + len(local))]
+            index += len(local)
+            part = term.from_factors(every).gramian()
+            part = part.reshape(part.shape[0] * part.shape[1], -1)
             gramian = part if gramian is None else gramian + part
         if gramian is None:
             return torch.zeros(sum(sizes), sum(sizes))
         return gramian
 
-    def _gather(self, factors: list[_Factor], sizes: list[int]) -> None:
-        """All-gather ``factors`` along the sample dimension (per-rank sizes ``sizes``) as one
-        all-to-all of the packed local factors, repeated for every destination."""
+    def _gather(self, factors: list[Tensor], sizes: list[int]) -> list[Tensor]:
+        """All-gather ``factors`` (``[b, ...]``) along the sample dimension (per-rank sizes
+        ``sizes``) as one all-to-all of the packed local factors, repeated for every
+        destination."""
         b = sizes[self.rank]
-        dtype = factors[0].local.dtype
+        dtype = factors[0].dtype
         for factor in factors[1:]:
-            dtype = torch.promote_types(dtype, factor.local.dtype)
-        packed = torch.cat([f.local.reshape(b, -1).to(dtype) for f in factors], dim=1)
+            dtype = torch.promote_types(dtype, factor.dtype)
+        packed = torch.cat([f.reshape(b, -1).to(dtype) for f in factors], dim=1)
         n = self.world_size
         send = packed.repeat(n, 1)  # the chunk for rank k is our own [b, W] block
         received = self.comm.all_to_all("factors", send, [b] * n, sizes)  # [B, W]
+        gathered = []
         offset = 0
         for factor in factors:
-            width = math.prod(factor.local.shape[1:])
+            width = math.prod(factor.shape[1:])
             piece = received[:, offset : offset + width]
-            factor.gathered = piece.reshape(-1, *factor.local.shape[1:]).to(factor.local.dtype)
+            gathered.append(piece.reshape(-1, *factor.shape[1:]).to(factor.dtype))
             offset += width
+        return gathered
 
     def _sum_gradients(self, local: list[Tensor]) -> list[Tensor]:
         """One all-reduce (sum) of the local weighted gradients: the bytes of a DDP step."""

@@ -83,3 +83,13 @@ def test_a_local_error_on_one_rank_fails_every_rank_and_keeps_them_in_lockstep()
     from . import _fault_workers
 
     mp.spawn(_fault_workers.run_faults, args=(2, _free_port()), nprocs=2)
+
+
+def test_engine_exchanges_kernel_factors_of_every_linear_like_rule() -> None:
+    """transformers' Conv1D and a user LinearLikeRule with a transposed weight gather their
+    kernel factors (not their rows), a depthwise Conv1d its rows; the Gramian equals the
+    explicit Jacobian's on the global batch, on unequal shards (``_exchange_workers.py``)."""
+    pytest.importorskip("transformers")
+    from . import _exchange_workers
+
+    mp.spawn(_exchange_workers.run_exchange, args=(2, _free_port()), nprocs=2)

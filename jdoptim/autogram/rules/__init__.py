@@ -21,39 +21,81 @@ included)                                   on a re-run of the call)
 rule would itself have to re-run the attention to reach the projections' output gradients. It
 therefore goes through the generic rule (its out-projection ``Linear`` too, being its child).
 
-**The rule kit.** A rule is a :class:`LayerRule` subclass registered with :func:`register_rule`
-for module classes or, lazily, for qualified class names (``"package.module.ClassName"``, matched
-without importing the package). It reads the call (:class:`Call`: the recorded inputs, the output
-gradients ``D`` laid out ``[T, *output]``, the ``[b, T]`` loss layout) and returns the rows
-(``jacobians``), optionally a cheaper ``gramian``, and the weighted update (``weighted``). For a
-layer that applies a weight matrix to the last dimension of its input, subclass
-:class:`LinearLikeRule` and set its ``weight_layout``. :mod:`._contraction`'s helpers
-(:func:`linear_gramian`, :func:`gramian_from_kernel`, :func:`rows_gramian`) give the kernel
-contractions. See ``examples/custom_rule.py``.
+**The contract.** A rule differentiates one call of its module type from what one backward
+pass gives: the call's recorded inputs and the output gradients ``D[k] = ∂(Σᵢ ℓ_{ik})/∂Y`` (rows
+``[b, T]``: ``b`` samples times ``T`` losses per sample; see :class:`Call`). It is a
+:class:`LayerRule` subclass that provides, for a list ``params`` of its module's parameters:
+
+* **rows** (:meth:`LayerRule.jacobians`): ``∂ℓ_{ik}/∂p`` as ``[b, T, *p.shape]``, used where a
+  parameter is shared by several calls (its rows are summed over the calls first);
+* **factorisation** (:meth:`LayerRule.factorisation`): its Gramian contribution
+  ``G[i,k,j,l] = Σ_p ⟨∂ℓ_{ik}/∂p, ∂ℓ_{jl}/∂p⟩`` as a sum of typed terms. A
+  :class:`KernelTerm` (inputs ``A``, output gradients ``D``: ``Σ_{s,r} ⟨a_{is}, a_{jr}⟩
+  ⟨D_{k,is}, D_{l,jr}⟩``), an :class:`IndexTerm` (token indices and ``D``: the same with
+  one-hot inputs) or a :class:`RowsTerm` (explicit rows, the default). The local engine sums
+  the terms' Gramians (:meth:`LayerRule.gramian`); the distributed engine gathers the terms'
+  per-sample factors from every process and contracts them with the same code, so a rule's
+  factorisation is its distributed exchange too (:mod:`jdoptim.distributed.engine`);
+* **update** (:meth:`LayerRule.weighted`): ``Σ_{i,k} w_{ik} ∂ℓ_{ik}/∂p`` from the same output
+  gradients (the call's vector-Jacobian product with ``Σ_k w_{·k} D[k]``), so a step needs no
+  second backward;
+* optionally :meth:`LayerRule.applies`: whether a call has the form the rule handles (others go
+  through :class:`GenericRule`).
+
+The engine checks each rule's update against autograd on the first step of each graph
+structure (:mod:`jdoptim.autogram._certify`) and gives a module whose update differs autograd's
+rows, with a warning. That check does not see the factorisation: a rule's terms must give the
+Gram matrix of its rows, which its tests show against an explicit Jacobian (as
+``tests/autogram/test_rule_kit.py`` does for a rule written with the kit).
+
+**The rule kit** (public names of this package). :func:`register_rule` maps module classes or,
+lazily, qualified class names (``"package.module.ClassName"``, matched without importing the
+package) to a rule. For a layer that applies a weight matrix to the last dimension of its
+input, subclass :class:`LinearLikeRule` and set ``weight_layout`` (``"out_in"`` as
+``nn.Linear``, ``"in_out"`` as transformers' ``Conv1D``): the rows, the kernel factorisation
+(hence the distributed factor exchange) and the update come from the base. Any other layer
+subclasses :class:`LayerRule` with the contraction helpers (:func:`linear_rows`,
+:func:`bias_rows`, :func:`linear_kernel`, :func:`gramian_from_kernel`, :func:`linear_gramian`,
+:func:`rows_gramian`, :func:`full_precision`). See ``examples/custom_rule.py``.
 """
 
 from . import conv, embedding, linear, norm  # noqa: F401  (registration)
 from ._base import LayerRule, qualified_name, register_rule, registered_rule
-from ._call import Call
-from ._contraction import gramian_from_kernel, linear_gramian, rows_gramian
+from ._call import Call, full_precision
+from ._contraction import (
+    bias_rows,
+    gramian_from_kernel,
+    linear_gramian,
+    linear_kernel,
+    linear_rows,
+    rows_gramian,
+)
+from ._terms import GramianTerm, IndexTerm, KernelTerm, RowsTerm
 from .generic import GenericRule
 from .linear import LinearLikeRule, PositionwiseLinearRule
 
 __all__ = [
     "Call",
     "GenericRule",
+    "GramianTerm",
+    "IndexTerm",
+    "KernelTerm",
     "LayerRule",
     "LinearLikeRule",
     "PositionwiseLinearRule",
+    "RowsTerm",
+    "bias_rows",
+    "full_precision",
     "gramian_from_kernel",
     "linear_gramian",
+    "linear_kernel",
+    "linear_rows",
     "make_rule",
     "qualified_name",
     "register_rule",
     "registered_rule",
     "rows_gramian",
 ]
-
 
 def make_rule(call: Call) -> LayerRule:
     """The registered rule for the call's module if it applies to this call, else the generic."""

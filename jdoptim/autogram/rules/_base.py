@@ -14,13 +14,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from ._call import Call
+from ._terms import GramianTerm, RowsTerm
 
 
 class LayerRule(ABC):
-    """How to differentiate one call of a module type (see :mod:`._call` for the notation)."""
+    r"""How to differentiate one call of a module type (see :mod:`._call` for the notation).
+
+    A rule gives, for any subset ``params`` of its module's parameters:
+
+    * :meth:`jacobians`: the rows ``∂ℓ_{ik}/∂p`` (needed when a parameter is tied into other
+      calls, whose rows are summed before the Gram matrix is taken);
+    * :meth:`factorisation`: its Gramian contribution as typed terms
+      (:class:`~._terms.KernelTerm`, :class:`~._terms.IndexTerm`, :class:`~._terms.RowsTerm`);
+      by default the rows. The local Gramian (:meth:`gramian`) and the distributed factor
+      exchange both use it;
+    * :meth:`weighted`: ``Σ_{i,k} w_{ik} ∂ℓ_{ik}/∂p``, the update, from the same output
+      gradients (no second backward).
+    """
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -34,16 +48,23 @@ class LayerRule(ABC):
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         """Rows ``∂ℓ_{ik}/∂p``, one ``[b, T, *p.shape]`` tensor per parameter."""
 
+    def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
+        """The Gramian contribution over ``params`` as a sum of terms; by default one
+        :class:`~._terms.RowsTerm` per parameter (its rows from :meth:`jacobians`)."""
+        return [RowsTerm(rows) for rows in self.jacobians(params)]
+
     def gramian(self, params: list[Tensor]) -> Tensor:
-        """``Σ_p J_p J_pᵀ`` over ``params`` as ``[b, T, b, T]``; by default from the rows."""
-        call = self.call
-        total = None
-        for rows in self.jacobians(params):
-            flat = rows.reshape(call.b * call.T, -1)
-            term = flat @ flat.T
-            total = term if total is None else total + term
-        assert total is not None
-        return total.view(call.b, call.T, call.b, call.T)
+        """``Σ_p J_p J_pᵀ`` over ``params`` as ``[b, T, b, T]``: the sum of the
+        :meth:`factorisation`'s terms. (Override :meth:`factorisation`, not this, so that the
+        distributed engine exchanges the same description.)"""
+        total: Tensor | None = None
+        for term in self.factorisation(params):
+            part = term.gramian()
+            total = part if total is None else total + part
+        if total is None:
+            call = self.call
+            return torch.zeros(call.b, call.T, call.b, call.T, device=call.record.tapped[0].device)
+        return total
 
     @abstractmethod
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:

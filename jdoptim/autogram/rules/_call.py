@@ -18,6 +18,7 @@ for each parameter ``p``:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,6 +40,24 @@ def full_precision(tensor: Tensor) -> Tensor:
 
 @dataclass(eq=False)
 class Call:
+    r"""One recorded call of a module, with what the engine's backward pass gave for it.
+
+    Attributes:
+        record: the call as the forward hook recorded it (its module, ``args``, ``kwargs``,
+            the tensor outputs it computed).
+        grads: per tensor output ``Y``, ``D = [∂(Σᵢ ℓ_{ik})/∂Y for k < T]`` (``[T, *Y.shape]``), or
+            ``None`` where no loss reaches it; read it with :meth:`grad` or
+            :meth:`grad_samples_first`, which handle the layouts.
+        params: the module's parameters this step differentiates.
+        batch_dim: the dimension of the module's tensors that indexes the samples, or ``None``
+            (task mode: one "sample", ``b = 1``).
+        b: the number of samples; ``T``: the number of losses per sample.
+        out_dims: per tensor output, the dimension that indexes the samples (where it is not
+            ``batch_dim``).
+        stacked: whether ``grads`` have their row dimension (with ``T = 1`` the engine passes
+            them as autograd gave them, and :meth:`grad` adds it).
+    """
+
     record: CallRecord
     grads: list[Tensor | None]  # per tapped output: [T, *shape], None where no loss reaches it
     params: list[Tensor]  # the parameters of the module this step differentiates
@@ -46,9 +65,7 @@ class Call:
     b: int
     T: int
     out_dims: list[int] | None = None  # per tapped output, where it indexes the samples
-    #: whether ``grads`` have their row dimension; with one row (``T = 1``), the engine passes
-    #: them as autograd gave them, and :meth:`grad` adds it
-    stacked: bool = True
+    stacked: bool = True  # whether ``grads`` have their row dimension
 
     def out_dim(self, index: int) -> int | None:
         if self.batch_dim is None:
@@ -57,7 +74,19 @@ class Call:
 
     @property
     def module(self) -> torch.nn.Module:
+        """The called module."""
         return self.record.module
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The call's positional arguments as recorded (tensors not detached: the engine runs
+        rules under ``no_grad``)."""
+        return self.record.args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The call's keyword arguments as recorded."""
+        return self.record.kwargs
 
     def grad(self, index: int) -> Tensor:
         """``D`` of tapped output ``index``, ``[T, *shape]`` (zeros where no loss reaches it),

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...linalg.gramian import gramian_of_blocks
+
 
 def contraction_cost(b: int, s: int, t: int, d: int, o: int) -> int:
     if s == 1:
@@ -110,8 +112,7 @@ def bias_rows(grads: Tensor) -> Tensor:
 def rows_gramian(rows: Tensor) -> Tensor:
     """``[b, T, ...]`` rows → their Gram matrix ``[b, T, b, T]``."""
     b, t = rows.shape[:2]
-    flat = rows.reshape(b * t, -1)
-    return (flat @ flat.T).reshape(b, t, b, t)
+    return gramian_of_blocks([rows], rows=b * t).reshape(b, t, b, t)
 
 
 def weight_and_bias_gramian(

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ._base import LayerRule, register_rule
 from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows
+from ._terms import GramianTerm
 from .linear import PositionwiseLinearRule
 
 
@@ -119,10 +120,12 @@ class ConvRule(PositionwiseLinearRule):
         rows = torch.einsum("kisgo,isgd->ikgod", grads, inputs)
         return rows.reshape(b, t, out, -1)
 
-    def gramian(self, params: list[Tensor]) -> Tensor:
+    def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
+        """Ungrouped: the kernel term of the im2col columns; grouped: the weight rows (each
+        group sees its own channels, which one kernel over all the columns would mix)."""
         if self.groups == 1:
-            return super().gramian(params)
-        return LayerRule.gramian(self, params)
+            return super().factorisation(params)
+        return LayerRule.factorisation(self, params)
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         weight = self.weight_of()

@@ -2,9 +2,10 @@ r"""``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``).
 
 An embedding is a ``Linear`` layer on one-hot inputs, so ``K[i,s,j,r] = [idx_{is} = idx_{jr}]``
 (zero at ``padding_idx``, whose row gets no gradient), and the Gramian is the kernel contraction of
-:mod:`._contraction` without ever forming a ``[V, e]`` gradient per row. Rows (needed only when the
-weight is tied into another call) and the update scatter the output gradients into the
-looked-up rows.
+:mod:`._contraction` (one :class:`~._terms.IndexTerm`, which the distributed engine exchanges as
+indices and output gradients) without ever forming a ``[V, e]`` gradient per row. Rows (needed
+only when the weight is tied into another call) and the update scatter the output gradients into
+the looked-up rows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from ._base import LayerRule, register_rule
 from ._call import Call
-from ._contraction import gramian_from_kernel
+from ._terms import GramianTerm, IndexTerm
 
 
 @register_rule(nn.Embedding)
@@ -53,11 +54,9 @@ class EmbeddingRule(LayerRule):
         rows.index_add_(0, target, self.grads.transpose(0, 1).reshape(-1, e))
         return [rows.view(b, t, self.size, e) for _ in params]
 
-    def gramian(self, params: list[Tensor]) -> Tensor:
-        flat = self.index.reshape(-1)
-        kernel = (flat[:, None] == flat[None, :]).to(self.grads.dtype)
-        b, s = self.index.shape
-        return gramian_from_kernel(kernel.view(b, s, b, s), self.grads)
+    def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
+        """One :class:`~._terms.IndexTerm` of the indices and the (padding-masked) ``D``."""
+        return [IndexTerm(self.index, self.grads)]
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         module = self.call.module

@@ -2,9 +2,10 @@ r"""Layers linear in their weight at every position: ``Y = X W + β`` on the las
 
 :class:`PositionwiseLinearRule` is the shared core (``Linear``, transformers' ``Conv1D``, and
 ``Conv`` after im2col): a layer ``Y_s = W a_s (+ β)`` at every position ``s`` of a sample.
-Its Gramian uses :func:`~._contraction.linear_gramian` (``(AAᵀ) ⊙ (DDᵀ)`` for one position per
-sample, a kernel contraction or explicit rows otherwise, by cost); its update is one matrix
-product ``D_wᵀ X`` with ``D_w = Σ_k w_{·k} D[k]``.
+Its Gramian factors as one :class:`~._terms.KernelTerm` of the inputs and output gradients
+(``(AAᵀ) ⊙ (DDᵀ)`` for one position per sample, a kernel contraction or explicit rows otherwise,
+by cost), which the distributed engine exchanges as it is; its update is one matrix product
+``D_wᵀ X`` with ``D_w = Σ_k w_{·k} D[k]``.
 
 :class:`LinearLikeRule` is the public base for a layer that applies a weight matrix to the last
 dimension of its one input, ``Y = X Wᵀ + β`` (``weight_layout = "out_in"``, the weight stored
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 
 from ._base import LayerRule, register_rule
 from ._call import Call, full_precision
-from ._contraction import bias_rows, linear_rows, per_sample_gramian, weight_and_bias_gramian
+from ._contraction import bias_rows, linear_rows
+from ._terms import GramianTerm, KernelTerm
 
 
 class PositionwiseLinearRule(LayerRule):
@@ -35,8 +37,12 @@ class PositionwiseLinearRule(LayerRule):
     def weight_of(self) -> Tensor:
         return self.call.module.weight  # type: ignore[return-value]
 
-    def gramian(self, params: list[Tensor]) -> Tensor:
-        return weight_and_bias_gramian(self.inputs, self.grads, params, self.weight_of())
+    def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
+        """One :class:`~._terms.KernelTerm` of ``(a, D)`` for the weight and the bias."""
+        weight = self.weight_of()
+        has_weight = any(p is weight for p in params)
+        has_bias = any(p is not weight for p in params)
+        return [KernelTerm(self.inputs, self.grads, has_weight, has_bias)]
 
 
 class LinearLikeRule(PositionwiseLinearRule):
@@ -94,12 +100,14 @@ class LinearLikeRule(PositionwiseLinearRule):
         out = self.call.record.tapped[0].shape[-1]
         return self.call.grad_samples_first(0).reshape(self.call.T, self.call.b, -1, out)
 
-    def gramian(self, params: list[Tensor]) -> Tensor:
+    def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
+        """The kernel term, on the 2-D ``A``, ``D`` when there is one position and one loss
+        per sample."""
         weight = self.weight_of()
         if self.rows_2d is not None and any(p is weight for p in params):
             inputs, grads = self.rows_2d
-            return per_sample_gramian(inputs, grads, with_bias=len(params) > 1)
-        return super().gramian(params)
+            return [KernelTerm(inputs, grads, weight=True, bias=len(params) > 1)]
+        return super().factorisation(params)
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         weight = self.weight_of()
