@@ -132,8 +132,8 @@ def main() -> None:
             # record.losses are this process's; weights and Gramian are the global ones.
             weights = record.weights_by_name if not args.per_sample else record.weights.shape
             print(
-                f"step {step}: weights {weights}; sent {record.extras['bytes_sent']:,} B "
-                f"(a plain DDP step: {record.extras['plain_ddp_bytes']:,} B)"
+                f"step {step}: weights {weights}; sent {record.communication.bytes_sent:,} B "
+                f"(a plain DDP step: {record.communication.plain_ddp_bytes:,} B)"
             )
 
     if rank == 0:

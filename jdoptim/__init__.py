@@ -15,10 +15,11 @@ from .aggregation import Aggregator, GramianWeightedAggregator, Mean, Sum, UPGra
 from .introspection import collect_loss_leaves
 from .losses import StaleGraphError
 from .optimizer import JDOptimizer
-from .record import StepRecord
+from .record import CommunicationStats, StepRecord
 
 __all__ = [
     "Aggregator",
+    "CommunicationStats",
     "GramianWeightedAggregator",
     "JDOptimizer",
     "Mean",
