@@ -38,6 +38,7 @@ from ._dual_cone import equilibrate, regularized_cholesky_safe, warn_once_if_deg
 from ._mixins import _NonDifferentiable
 from ._power_equation import DEFAULT_TOL, solve_power_equation
 from ._scaling import scale_free
+from ._state import DeclaredState
 from .upgrad import _check_reg_eps
 
 _DEFAULT_RIDGE = 1e-10
@@ -69,7 +70,7 @@ def solve_fair_weights(
     return torch.from_numpy(w), res, res <= DEFAULT_TOL
 
 
-class FairGradWeighting(_NonDifferentiable, Weighting):
+class FairGradWeighting(_NonDifferentiable, DeclaredState, Weighting):
     """Weights of :class:`FairGrad`: the solution ``w > 0`` of ``G w = w^{-1/α}``.
 
     Args:
@@ -91,6 +92,7 @@ class FairGradWeighting(_NonDifferentiable, Weighting):
         self.alpha = float(alpha)
         self.reg_eps = reg_eps
         self.max_iter = max_iter
+        self.declare_warning("_warned_ill_conditioned")  # set by warn_once_if_degraded
         # w(tG) = t^{-α/(1+α)} w(G) (module docstring).
         self.scale_degree = -self.alpha / (1.0 + self.alpha)
 

@@ -31,6 +31,7 @@ from ._dual_cone import (
 )
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
+from ._state import DeclaredState
 
 
 def _check_reg_eps(reg_eps: float) -> None:
@@ -46,13 +47,14 @@ def _preference(pref_vector: Tensor | None, gramian: Tensor) -> Tensor:
     return pref_vector.to(dtype=gramian.dtype, device=gramian.device)
 
 
-class _DualConeWeighting(_NonDifferentiable, Weighting):
+class _DualConeWeighting(_NonDifferentiable, DeclaredState, Weighting):
     """What UPGrad's and DualProj's weightings share: a preference and the QP's ridge.
 
     Both are scale-free (``scale_degree = 0``): ``argmin_{v ≥ u} vᵀ(tG)v`` does not depend on
     ``t > 0``, and the ridge is relative to the equilibrated Gramian; their ``forward`` is
     :func:`~jdoptim.aggregation._scaling.scale_free`, so a Gramian at any scale the dtype holds
-    (and a float16/bfloat16 one, computed in float32) gives the same weights.
+    (and a float16/bfloat16 one, computed in float32) gives the same weights. Both warn once
+    per instance (a declared flag, cleared by ``reset()``) when the QP needed a large ridge.
     """
 
     scale_degree = 0.0
@@ -64,6 +66,7 @@ class _DualConeWeighting(_NonDifferentiable, Weighting):
         _check_reg_eps(reg_eps)
         self.pref_vector = pref_vector
         self.reg_eps = reg_eps
+        self.declare_warning("_warned_ill_conditioned")  # set by warn_once_if_degraded
 
     def _solve(self, gramian: Tensor, lower_bounds: Tensor) -> Tensor:
         solutions, info = solve_dual_cone(gramian, lower_bounds, self.reg_eps)
