@@ -213,7 +213,10 @@ class CheckpointedState(DeclaredState):
                 f"{sorted(state)}): it was written by another method or version. Nothing was "
                 "loaded."
             )
-        values = {s.name: _loaded(s, state[s.key]) for s in specs if s.key in state}
+        given = [s for s in specs if s.key in state]
+        for spec in given:
+            _check_entry(type(self).__name__, spec, state[spec.key])
+        values = {s.name: _loaded(s, state[s.key]) for s in given}
         values.update(self._derived_state(values))
         for name, value in values.items():
             setattr(self, name, value)
@@ -222,6 +225,29 @@ class CheckpointedState(DeclaredState):
         """Non-persistent state recomputed from the ``loaded`` values (by attribute name),
         before anything is assigned (so that it may still refuse the load). None by default."""
         return {}
+
+
+def _expected_types(default: Any) -> tuple[tuple[type, ...], str]:
+    """The types a checkpoint entry may have, from the declared default's type."""
+    if default is None or isinstance(default, Tensor):
+        return (Tensor, type(None)), "a tensor or None"
+    if isinstance(default, bool):
+        return (bool,), "a bool"
+    if isinstance(default, (int, float)):
+        return (int, float), "a number"
+    if isinstance(default, (list, tuple, dict)):
+        return (type(default),), f"a {type(default).__name__}"
+    return (object,), "anything"
+
+
+def _check_entry(owner: str, spec: StateSpec, entry: Any) -> None:
+    types, expected = _expected_types(spec.default)
+    if not isinstance(entry, types) or (types == (int, float) and isinstance(entry, bool)):
+        raise TypeError(
+            f"{owner}: the checkpoint's state entry {spec.key!r} is a {type(entry).__name__}, "
+            f"but {expected} was expected: the checkpoint is corrupted or of another method. "
+            "Nothing was loaded."
+        )
 
 
 def _loaded(spec: StateSpec, entry: Any) -> Any:
