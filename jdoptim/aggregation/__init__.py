@@ -1,4 +1,9 @@
-"""Gradient aggregation: Aggregators (Jacobian → update) and Weightings (Gramian → weights)."""
+"""Gradient aggregation: Aggregators (Jacobian → update) and Weightings (Gramian → weights).
+
+A method's state (EMAs, cached weights, random generators, warn-once flags) is declared once in
+its ``__init__`` (:mod:`jdoptim.aggregation._state`); ``reset()``, ``state_dict()`` and the
+rank-0 synchronisation follow from the declarations.
+"""
 
 from ._bases import Aggregator, GramianWeightedAggregator, Weighting
 from ._inputs import (
