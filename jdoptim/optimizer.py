@@ -51,7 +51,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .aggregation import Aggregator, Stateful, UPGrad, Weighting
+from .aggregation import Aggregator, UPGrad, Weighting
+from .aggregation.state import holds_state
 from .amp import LossScaling, no_autocast, scaled
 from .losses import (
     LossBatch,
@@ -818,15 +819,9 @@ def _method_named(name: str) -> tuple[str | None, str]:
 
 def _holds_state(aggregator: nn.Module) -> bool:
     """Whether the aggregator (or a submodule) may change state when called: a
-    :class:`~jdoptim.aggregation.Stateful` method, extra state, or buffers."""
-    for module in aggregator.modules():
-        if isinstance(module, Stateful):
-            return True
-        if type(module).get_extra_state is not nn.Module.get_extra_state:
-            return True
-        if next(module.buffers(recurse=False), None) is not None:
-            return True
-    return False
+    :class:`~jdoptim.aggregation.Stateful` method, declared persistent state, extra state, or
+    buffers (:func:`jdoptim.aggregation.state.holds_state`)."""
+    return holds_state(aggregator)
 
 
 def _check_aggregator_state(aggregator: nn.Module, ours: object) -> None:

@@ -257,7 +257,7 @@ def test_a_failing_aggregator_load_puts_the_optimizer_back():
     extra["target_similarities"] = "not a tensor"
     model, opt = _trained(GradVac(beta=0.5, seed=9))
     before = snapshot(model, opt)
-    with pytest.raises(AttributeError):
+    with pytest.raises(TypeError, match="target_similarities"):
         opt.load_state_dict(state)
     assert_unchanged(model, opt, before)
     opt.zero_grad()

@@ -19,6 +19,10 @@ jdoptim: never the engines (:mod:`jdoptim.autogram`, :mod:`jdoptim.autojac`), th
 computers, :mod:`jdoptim.distributed` or the optimizer, which sit above it and call the methods
 with a Jacobian or a Gramian. :mod:`jdoptim.scalarization` is a sibling that uses the mixins here.
 The contract is checked by ``lint-imports`` (``.importlinter``) and ``tests/test_layers.py``.
+
+A method's state (EMAs, cached weights, random generators, warn-once flags) is declared once in
+its ``__init__`` (:mod:`jdoptim.aggregation.state`); ``reset()``, ``state_dict()`` and the
+rank-0 synchronisation follow from the declarations.
 """
 
 from ._bases import Aggregator, GramianWeightedAggregator, Weighting

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+
+from .state import Stateful
+
+__all__ = ["Stateful", "_NonDifferentiable"]
 
 
 class _NonDifferentiable:
@@ -22,16 +25,3 @@ class _NonDifferentiable:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
-
-
-class Stateful(ABC):
-    """A method whose output depends on past calls (EMAs, cached weights, random generators).
-
-    Its state lives in buffers or in ``get_extra_state``/``set_extra_state`` so that
-    ``state_dict()``/``load_state_dict()`` restore the exact trajectory; :meth:`reset` returns it
-    to the state it had at construction.
-    """
-
-    @abstractmethod
-    def reset(self) -> None:
-        """Forget every past call: the next call behaves as the first after construction."""

@@ -14,19 +14,20 @@ depend on the device either.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
+
+from .state import CheckpointedState
 
 _SEED_BOUND = 2**62
 
 
-class _SeededRandomness:
-    """Owns a CPU ``torch.Generator``; used as a mixin by randomised methods."""
+class _SeededRandomness(CheckpointedState):
+    """Owns a CPU ``torch.Generator``; used as a mixin by randomised methods. The generator's
+    state is declared state (:mod:`jdoptim.aggregation.state`): checkpointed, synchronised from
+    rank 0, and rewound to its state at construction by ``reset()``."""
 
     _generator: torch.Generator
-    _initial_generator_state: Tensor
 
     def _init_generator(self, seed: int | None, generator: torch.Generator | None) -> None:
         """Build (or adopt) the generator.
@@ -55,27 +56,17 @@ class _SeededRandomness:
                 f"to the input's device), got one on {generator.device}."
             )
         self._generator = generator
-        self._initial_generator_state = generator.get_state().clone()
+        self.declare_state("_generator_state", generator.get_state())
 
-    # Stateful's contract, for methods whose only state is the generator (others extend these).
-    def reset(self) -> None:
-        """Rewind the random generator to its state at construction."""
-        self._reset_generator()
+    @property
+    def _generator_state(self) -> Tensor:
+        """The generator's state: declared state (key ``"generator_state"``), read and written
+        through the generator itself, so that a generator given by the user keeps its identity."""
+        return self._generator.get_state()
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return self._generator_state()
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._load_generator_state(state)
-
-    def _reset_generator(self) -> None:
-        self._generator.set_state(self._initial_generator_state.clone())
-
-    def _generator_state(self) -> dict[str, Any]:
-        return {"generator_state": self._generator.get_state().clone()}
-
-    def _load_generator_state(self, state: dict[str, Any]) -> None:
-        self._generator.set_state(state["generator_state"].clone())
+    @_generator_state.setter
+    def _generator_state(self, state: Tensor) -> None:
+        self._generator.set_state(state)
 
     def _random_orders(self, m: int, order: str, device: torch.device) -> Tensor:
         """Return an ``[m, m]`` integer matrix whose row ``i`` is the order in which task ``i``

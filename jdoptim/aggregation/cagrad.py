@@ -57,6 +57,7 @@ from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 from .arguments import check_reg_eps
 from .solver_warnings import warn_once_if_degraded
+from .state import DeclaredState
 
 _KKT_TOL = 1e-9
 
@@ -139,7 +140,7 @@ def cagrad_z(
     return z, True
 
 
-class CAGradWeighting(_NonDifferentiable, Weighting):
+class CAGradWeighting(_NonDifferentiable, DeclaredState, Weighting):
     """Weights of :class:`CAGrad`: ``(1/m + z) / r`` (see the module docstring).
 
     Args:
@@ -161,6 +162,8 @@ class CAGradWeighting(_NonDifferentiable, Weighting):
         self.c = float(c)
         self.rescale = rescale
         self.reg_eps = reg_eps
+        self.declare_warning("_warned_ill_conditioned")  # set by warn_once_if_degraded
+        self.declare_warning("_warned_bisection")
 
     scale_degree = 0.0
 
@@ -181,7 +184,7 @@ class CAGradWeighting(_NonDifferentiable, Weighting):
             warn_once_if_degraded(self, info, type(self).__name__)
             z_scaled, bisected = cagrad_z(matrix, scale * b, scale, s2)
             z = scale * z_scaled
-            if bisected and not getattr(self, "_warned_bisection", False):
+            if bisected and not self._warned_bisection:
                 self._warned_bisection = True
                 warnings.warn(
                     "CAGrad: the active-set solve did not settle; used bisection (warned once).",

@@ -19,16 +19,17 @@ also resets the wrapped weighting when it is :class:`~jdoptim.aggregation.Statef
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
 from ._bases import Weighting
 from ._inputs import InputWeighting, MethodInputs
 from ._mixins import Stateful
+from .state import CheckpointedState
 
 
-class CRMOGMWeighting(Stateful, InputWeighting):
+class CRMOGMWeighting(CheckpointedState, Stateful, InputWeighting):
     """An EMA of the weights of ``weighting`` (see the module docstring).
 
     Args:
@@ -50,7 +51,8 @@ class CRMOGMWeighting(Stateful, InputWeighting):
         self.weighting = weighting
         self.alpha = alpha
         self.initial_weights = initial_weights
-        self._previous: Tensor | None = None
+        self._previous: Tensor | None  # λ_{k-1}; reset() also resets a stateful wrapped method
+        self.declare_state("_previous", None)
         # What the wrapped method needs is what this one needs.
         inner = weighting.needs if isinstance(weighting, InputWeighting) else {"gramian"}
         self.needs = frozenset(inner)  # type: ignore[misc]
@@ -102,19 +104,6 @@ class CRMOGMWeighting(Stateful, InputWeighting):
         """The wrapped method's layer parameters (GradNorm's ``layer``), if it names any."""
         inner = getattr(self.weighting, "layer_params", None)
         return () if inner is None else tuple(inner())
-
-    def reset(self) -> None:
-        """Forget ``λ_{k-1}``; also reset the wrapped weighting if it is stateful."""
-        if isinstance(self.weighting, Stateful):
-            self.weighting.reset()
-        self._previous = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"previous": None if self._previous is None else self._previous.clone()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        previous = state["previous"]
-        self._previous = None if previous is None else previous.clone()
 
     def extra_repr(self) -> str:
         return f"weighting={self.weighting!r}, alpha={self._alpha:g}"

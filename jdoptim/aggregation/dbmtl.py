@@ -16,14 +16,14 @@ the explicit-Jacobian path. **State**: ``Y`` (``[m, n]``, as large as the Jacobi
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ._inputs import InputAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
-from ._slots import _StateSlots
+from .state import CheckpointedState
 
 
 def check_matching_state(name: str, state: Tensor | None, matrix: Tensor) -> None:
@@ -40,7 +40,7 @@ def check_loss_values(name: str, losses: Tensor, m: int) -> None:
         raise ValueError(f"{name} got {tuple(losses.shape)} loss values for {m} losses.")
 
 
-class DBMTL(_NonDifferentiable, _StateSlots, Stateful, InputAggregator):
+class DBMTL(_NonDifferentiable, CheckpointedState, Stateful, InputAggregator):
     """DB-MTL aggregator (see the module docstring).
 
     Args:
@@ -50,7 +50,6 @@ class DBMTL(_NonDifferentiable, _StateSlots, Stateful, InputAggregator):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"jacobian", "losses"})
-    _state_slots: ClassVar[dict[str, Any]] = {"average": None, "steps": 0}
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8) -> None:
         if not 0.0 <= beta < 1.0:
@@ -61,8 +60,10 @@ class DBMTL(_NonDifferentiable, _StateSlots, Stateful, InputAggregator):
             raise ValueError(f"`eps` must be positive, got {eps}.")
         super().__init__()
         self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
-        self.average: Tensor | None = None
-        self.steps = 0
+        self.average: Tensor | None
+        self.steps: int
+        self.declare_state("average", None)  # the averaged log-gradients
+        self.declare_state("steps", 0, convert=int)
 
     def forward(self, inputs: MethodInputs) -> Tensor:
         matrix, losses = inputs.jacobian, inputs.losses
@@ -78,10 +79,6 @@ class DBMTL(_NonDifferentiable, _StateSlots, Stateful, InputAggregator):
         scales = norms.max() / (norms + self.eps)
         self.average, self.steps = average, steps
         return scales @ average
-
-    def reset(self) -> None:
-        """Forget the average of the gradients and the call count."""
-        self._clear_slots()
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:g}, beta_sigma={self.beta_sigma:g}, eps={self.eps:g}"

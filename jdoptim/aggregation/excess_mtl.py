@@ -26,8 +26,8 @@ a gradient entry is ever formed, so gradients of ``1e30`` (float32) neither over
 nor, at ``1e-30``, underflow to a zero risk. The weight update is done on ``log λ`` (shifted by
 its maximum before exponentiating), so that a large risk ratio cannot overflow ``exp``.
 
-**State** (checkpointed with ``state_dict()`` through ``get_extra_state``, forgotten by
-:meth:`ExcessMTL.reset`): the root sums ``R = √S`` (``[m, n]``, as large as the Jacobian), the
+**State** (declared, :mod:`jdoptim.aggregation.state`: checkpointed with ``state_dict()``,
+forgotten by ``reset()``): the root sums ``R = √S`` (``[m, n]``, as large as the Jacobian), the
 first excess risks ``e^{(1)}`` (``[m]``) and the weights ``λ`` (``[m]``). A checkpoint written
 with the squared sums ``S`` (key ``"squared_sums"``) loads as ``R = √S``. A loss whose first
 excess risk is ``0`` (zero gradient) records its first non-zero one instead and is not
@@ -46,9 +46,10 @@ from torch import Tensor
 
 from ._bases import Aggregator
 from ._mixins import Stateful, _NonDifferentiable
+from .state import CheckpointedState
 
 
-class ExcessMTL(_NonDifferentiable, Stateful, Aggregator):
+class ExcessMTL(_NonDifferentiable, CheckpointedState, Stateful, Aggregator):
     """ExcessMTL aggregator (see the module docstring).
 
     Args:
@@ -64,9 +65,12 @@ class ExcessMTL(_NonDifferentiable, Stateful, Aggregator):
         super().__init__()
         self.robust_step_size = float(robust_step_size)
         self.eps = float(eps)
-        self._root_sums: Tensor | None = None
-        self._initial_risks: Tensor | None = None
-        self._weights: Tensor | None = None
+        self._root_sums: Tensor | None
+        self._initial_risks: Tensor | None
+        self._weights: Tensor | None
+        self.declare_state("_root_sums", None)
+        self.declare_state("_initial_risks", None)
+        self.declare_state("_weights", None)
 
     @property
     def weights(self) -> Tensor | None:
@@ -111,33 +115,14 @@ class ExcessMTL(_NonDifferentiable, Stateful, Aggregator):
         )
         return (magnitudes * (magnitudes / denominators)).sum(dim=1)
 
-    def reset(self) -> None:
-        """Forget the accumulated squared gradients, the first excess risks and the weights."""
-        self._root_sums = None
-        self._initial_risks = None
-        self._weights = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        def copy(tensor: Tensor | None) -> Tensor | None:
-            return None if tensor is None else tensor.clone()
-
-        return {
-            "root_sums": copy(self._root_sums),
-            "initial_risks": copy(self._initial_risks),
-            "weights": copy(self._weights),
-        }
-
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        def copy(tensor: Tensor | None) -> Tensor | None:
-            return None if tensor is None else tensor.clone()
-
-        if "squared_sums" in state:  # a checkpoint of S itself (before R = √S was kept)
-            squared = state["squared_sums"]
-            self._root_sums = None if squared is None else squared.clamp(min=0.0).sqrt()
-        else:
-            self._root_sums = copy(state["root_sums"])
-        self._initial_risks = copy(state["initial_risks"])
-        self._weights = copy(state["weights"])
+        """Also loads a checkpoint of ``S`` itself (key ``"squared_sums"``, written before
+        ``R = √S`` was kept) as ``R = √S``."""
+        if isinstance(state, dict) and "squared_sums" in state:
+            state = dict(state)
+            squared = state.pop("squared_sums")
+            state["root_sums"] = None if squared is None else squared.clamp(min=0.0).sqrt()
+        super().set_extra_state(state)
 
     def extra_repr(self) -> str:
         return f"robust_step_size={self.robust_step_size:g}, eps={self.eps:g}"

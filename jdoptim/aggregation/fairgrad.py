@@ -40,6 +40,7 @@ from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 from .arguments import check_reg_eps
 from .solver_warnings import warn_once_if_degraded
+from .state import DeclaredState
 
 _DEFAULT_RIDGE = 1e-10
 
@@ -70,7 +71,7 @@ def solve_fair_weights(
     return torch.from_numpy(w), res, res <= DEFAULT_TOL
 
 
-class FairGradWeighting(_NonDifferentiable, Weighting):
+class FairGradWeighting(_NonDifferentiable, DeclaredState, Weighting):
     """Weights of :class:`FairGrad`: the solution ``w > 0`` of ``G w = w^{-1/α}``.
 
     Args:
@@ -92,6 +93,7 @@ class FairGradWeighting(_NonDifferentiable, Weighting):
         self.alpha = float(alpha)
         self.reg_eps = reg_eps
         self.max_iter = max_iter
+        self.declare_warning("_warned_ill_conditioned")  # set by warn_once_if_degraded
         # w(tG) = t^{-α/(1+α)} w(G) (module docstring).
         self.scale_degree = -self.alpha / (1.0 + self.alpha)
 

@@ -27,14 +27,14 @@ Needs the Gramian and the loss values. **State**: ``w``, ``ℓ(0)`` (``state_dic
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ._inputs import InputWeightedAggregator, InputWeighting, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
-from ._slots import _StateSlots
+from .state import CheckpointedState, DeclaredState
 
 _FLOOR = 1e-6
 
@@ -51,7 +51,7 @@ def _layer_parameters(layer: nn.Module | Iterable[Tensor] | None) -> tuple[Tenso
     return params
 
 
-class GradNormWeighting(_NonDifferentiable, _StateSlots, Stateful, InputWeighting):
+class GradNormWeighting(_NonDifferentiable, CheckpointedState, Stateful, InputWeighting):
     """Weights of :class:`GradNorm` (see the module docstring).
 
     Args:
@@ -61,7 +61,6 @@ class GradNormWeighting(_NonDifferentiable, _StateSlots, Stateful, InputWeightin
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"gramian", "losses"})
-    _state_slots: ClassVar[dict[str, Any]] = {"loss_weights": None, "initial_losses": None}
 
     def __init__(
         self,
@@ -78,8 +77,10 @@ class GradNormWeighting(_NonDifferentiable, _StateSlots, Stateful, InputWeightin
         self._layer = _layer_parameters(layer)  # a tuple: not registered, not in state_dict
         if self._layer:
             self.needs = frozenset({"gramian", "losses", "layer_gramian"})  # type: ignore[misc]
-        self.loss_weights: Tensor | None = None
-        self.initial_losses: Tensor | None = None
+        self.loss_weights: Tensor | None
+        self.initial_losses: Tensor | None
+        self.declare_state("loss_weights", None)
+        self.declare_state("initial_losses", None)
 
     def layer_params(self) -> tuple[Tensor, ...]:
         """The parameters whose Gramian JDOptimizer passes as ``layer_gramian``."""
@@ -120,15 +121,11 @@ class GradNormWeighting(_NonDifferentiable, _StateSlots, Stateful, InputWeightin
                 "losses: call reset()."
             )
 
-    def reset(self) -> None:
-        """Forget the learned weights and the initial losses."""
-        self._clear_slots()
-
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, lr={self.lr:g}, layer_params={len(self._layer)}"
 
 
-class GradNorm(_NonDifferentiable, Stateful, InputWeightedAggregator):
+class GradNorm(_NonDifferentiable, DeclaredState, Stateful, InputWeightedAggregator):
     """GradNorm: ``d = Σᵢ wᵢ gᵢ`` with learned weights (see :class:`GradNormWeighting`).
 
     Args: see :class:`GradNormWeighting`.
@@ -143,7 +140,3 @@ class GradNorm(_NonDifferentiable, Stateful, InputWeightedAggregator):
         layer: nn.Module | Iterable[Tensor] | None = None,
     ) -> None:
         super().__init__(GradNormWeighting(alpha, lr, layer))
-
-    def reset(self) -> None:
-        """Forget the learned weights and the initial losses."""
-        self.weighting.reset()

@@ -29,14 +29,14 @@ correction at once (``O(m)`` batched steps of size ``m × m``).
 "random"`` (a fresh permutation per task at each call, from the method's own seeded generator),
 ``reduction = "sum"`` as in the paper.
 
-**State.** ``φ̂`` (``[m, m]``, created at the first call) and the generator's state are kept in
-``get_extra_state`` and restored by ``load_state_dict``; :meth:`GradVacWeighting.reset` forgets
-them. Pairs involving a zero gradient (undefined cosine) are neither corrected nor averaged.
+**State.** ``φ̂`` (``[m, m]``, created at the first call) and the generator's state are declared
+state (:mod:`jdoptim.aggregation.state`): in ``state_dict()``, forgotten by ``reset()``.
+Pairs involving a zero gradient (undefined cosine) are neither corrected nor averaged.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -45,6 +45,7 @@ from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._randomness import _SeededRandomness, check_order, check_reduction
 from ._scaling import scale_free
+from .state import DeclaredState
 
 Reduction = Literal["sum", "mean"]
 Order = Literal["random", "fixed"]
@@ -109,8 +110,9 @@ class GradVacWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weightin
         self.beta = float(beta)
         self.reduction = reduction
         self.order = order
-        self.target_similarities: Tensor | None = None
         self._init_generator(seed, generator)
+        self.target_similarities: Tensor | None
+        self.declare_state("target_similarities", None)
 
     scale_degree = 0.0
 
@@ -133,27 +135,11 @@ class GradVacWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weightin
         weights = coefficients.sum(dim=0)
         return weights / m if self.reduction == "mean" else weights
 
-    def reset(self) -> None:
-        """Forget the target similarities and rewind the random generator."""
-        self.target_similarities = None
-        self._reset_generator()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = self._generator_state()
-        targets = self.target_similarities
-        state["target_similarities"] = None if targets is None else targets.clone()
-        return state
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._load_generator_state(state)
-        targets = state["target_similarities"]
-        self.target_similarities = None if targets is None else targets.clone()
-
     def extra_repr(self) -> str:
         return f"beta={self.beta:g}, reduction={self.reduction!r}, order={self.order!r}"
 
 
-class GradVac(_NonDifferentiable, Stateful, GramianWeightedAggregator):
+class GradVac(_NonDifferentiable, DeclaredState, Stateful, GramianWeightedAggregator):
     """GradVac aggregator: ``d = Jᵀ GradVacWeighting(J Jᵀ)`` (Wang et al., 2021).
 
     Args: see :class:`GradVacWeighting`.
@@ -171,7 +157,3 @@ class GradVac(_NonDifferentiable, Stateful, GramianWeightedAggregator):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(GradVacWeighting(beta, reduction, order, seed=seed, generator=generator))
-
-    def reset(self) -> None:
-        """Forget the target similarities and rewind the random generator."""
-        self.weighting.reset()

@@ -21,18 +21,18 @@ Needs the Gramian and the loss values (:class:`~jdoptim.aggregation.MethodInputs
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ._inputs import InputWeightedAggregator, InputWeighting, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
-from ._slots import _StateSlots
 from .imtl_g import IMTLGWeighting
+from .state import CheckpointedState, DeclaredState
 
 
-class IMTLWeighting(_NonDifferentiable, _StateSlots, Stateful, InputWeighting):
+class IMTLWeighting(_NonDifferentiable, CheckpointedState, Stateful, InputWeighting):
     """Weights of :class:`IMTL` (see the module docstring).
 
     Args:
@@ -40,14 +40,14 @@ class IMTLWeighting(_NonDifferentiable, _StateSlots, Stateful, InputWeighting):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"gramian", "losses"})
-    _state_slots: ClassVar[dict[str, Any]] = {"log_scales": None}
 
     def __init__(self, lr: float = 1e-2) -> None:
         if not lr > 0.0:
             raise ValueError(f"`lr` must be positive, got {lr}.")
         super().__init__()
         self.lr = float(lr)
-        self.log_scales: Tensor | None = None
+        self.log_scales: Tensor | None
+        self.declare_state("log_scales", None)
         self._gradient_part = IMTLGWeighting()
 
     def forward(self, inputs: MethodInputs) -> Tensor:
@@ -70,15 +70,11 @@ class IMTLWeighting(_NonDifferentiable, _StateSlots, Stateful, InputWeighting):
         self.log_scales = log_scales - self.lr * (log_scales.exp() * values - 1.0)
         return alpha * scales
 
-    def reset(self) -> None:
-        """Start the loss scales again from ``s = 0``."""
-        self._clear_slots()
-
     def extra_repr(self) -> str:
         return f"lr={self.lr:g}"
 
 
-class IMTL(_NonDifferentiable, Stateful, InputWeightedAggregator):
+class IMTL(_NonDifferentiable, DeclaredState, Stateful, InputWeightedAggregator):
     """IMTL (IMTL-L and IMTL-G): ``d = Σᵢ wᵢ gᵢ``, ``w = IMTLWeighting(G, losses)``.
 
     Args: see :class:`IMTLWeighting`.
@@ -89,6 +85,3 @@ class IMTL(_NonDifferentiable, Stateful, InputWeightedAggregator):
     def __init__(self, lr: float = 1e-2) -> None:
         super().__init__(IMTLWeighting(lr))
 
-    def reset(self) -> None:
-        """Start the loss scales again from ``s = 0``."""
-        self.weighting.reset()

@@ -48,6 +48,7 @@ from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
 from .arguments import check_reg_eps
 from .solver_warnings import warn_once_if_degraded
+from .state import DeclaredState
 
 
 def _first_pivot(
@@ -95,7 +96,7 @@ def min_norm_simplex_weights(gramian: Tensor, reg_eps: float) -> tuple[Tensor, D
     return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype), info
 
 
-class MGDAWeighting(_NonDifferentiable, Weighting):
+class MGDAWeighting(_NonDifferentiable, DeclaredState, Weighting):
     """Weights of :class:`MGDA`: ``w = argmin_{w ∈ Δ_m} wᵀGw`` (exact QP).
 
     Args:
@@ -110,6 +111,7 @@ class MGDAWeighting(_NonDifferentiable, Weighting):
         super().__init__()
         check_reg_eps(reg_eps)
         self.reg_eps = reg_eps
+        self.declare_warning("_warned_ill_conditioned")  # set by warn_once_if_degraded
 
     @scale_free
     def forward(self, gramian: Tensor) -> Tensor:

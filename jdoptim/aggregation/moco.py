@@ -20,18 +20,18 @@ available with ``features=``). **State**: ``Y`` (``[m, n]``), ``λ`` and ``t``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ._inputs import InputAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
-from ._slots import _StateSlots
 from .dbmtl import check_loss_values, check_matching_state
+from .state import CheckpointedState
 
 
-class MoCo(_NonDifferentiable, _StateSlots, Stateful, InputAggregator):
+class MoCo(_NonDifferentiable, CheckpointedState, Stateful, InputAggregator):
     """MoCo aggregator (see the module docstring).
 
     Args:
@@ -44,7 +44,6 @@ class MoCo(_NonDifferentiable, _StateSlots, Stateful, InputAggregator):
     """
 
     needs: ClassVar[frozenset[str]] = frozenset({"jacobian", "losses"})
-    _state_slots: ClassVar[dict[str, Any]] = {"tracked": None, "weights": None, "steps": 0}
 
     def __init__(
         self,
@@ -65,9 +64,12 @@ class MoCo(_NonDifferentiable, _StateSlots, Stateful, InputAggregator):
         self.beta, self.beta_sigma = float(beta), float(beta_sigma)
         self.gamma, self.gamma_sigma = float(gamma), float(gamma_sigma)
         self.rho, self.eps = float(rho), float(eps)
-        self.tracked: Tensor | None = None
-        self.weights: Tensor | None = None
-        self.steps = 0
+        self.tracked: Tensor | None
+        self.weights: Tensor | None
+        self.steps: int
+        self.declare_state("tracked", None)
+        self.declare_state("weights", None)
+        self.declare_state("steps", 0, convert=int)
 
     def forward(self, inputs: MethodInputs) -> Tensor:
         matrix, losses = inputs.jacobian, inputs.losses
@@ -88,10 +90,6 @@ class MoCo(_NonDifferentiable, _StateSlots, Stateful, InputAggregator):
         weights = torch.softmax(weights - step * (curvature @ weights), dim=0)
         self.tracked, self.weights, self.steps = tracked, weights, steps
         return tracked.T @ weights
-
-    def reset(self) -> None:
-        """Forget the tracked gradients, the weights and the call count."""
-        self._clear_slots()
 
     def extra_repr(self) -> str:
         return (

@@ -20,16 +20,15 @@ Standalone: ``MoDoWeighting()(J1 @ J2.T)``. **State**: ``λ`` (``state_dict``, :
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from ..linalg.simplex import project_onto_simplex
 from ._inputs import CrossBatchWeighting, InputWeightedAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
+from .state import CheckpointedState, DeclaredState
 
 
-class MoDoWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):
+class MoDoWeighting(_NonDifferentiable, CheckpointedState, Stateful, CrossBatchWeighting):
     """Weights of MoDo from ``A = J₁ J₂ᵀ`` (see the module docstring).
 
     Args:
@@ -45,7 +44,8 @@ class MoDoWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):
         super().__init__()
         self.gamma = float(gamma)
         self.rho = float(rho)
-        self._weights: Tensor | None = None
+        self._weights: Tensor | None
+        self.declare_state("_weights", None)
 
     def forward(self, inputs: MethodInputs) -> Tensor:
         cross = inputs.cross
@@ -63,22 +63,11 @@ class MoDoWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):
         self._weights = project_onto_simplex(weights - self.gamma * step)
         return self._weights
 
-    def reset(self) -> None:
-        """Start again from uniform weights."""
-        self._weights = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"weights": None if self._weights is None else self._weights.clone()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        weights = state["weights"]
-        self._weights = None if weights is None else weights.clone()
-
     def extra_repr(self) -> str:
         return f"gamma={self.gamma:g}, rho={self.rho:g}"
 
 
-class MoDo(_NonDifferentiable, Stateful, InputWeightedAggregator):
+class MoDo(_NonDifferentiable, DeclaredState, Stateful, InputWeightedAggregator):
     """MoDo for :class:`jdoptim.JDOptimizer` (which feeds it ``J₁J₂ᵀ`` from ``extra_batches``).
 
     Args: see :class:`MoDoWeighting`.
@@ -88,7 +77,3 @@ class MoDo(_NonDifferentiable, Stateful, InputWeightedAggregator):
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__(MoDoWeighting(gamma, rho))
-
-    def reset(self) -> None:
-        """Start again from uniform weights."""
-        self.weighting.reset()

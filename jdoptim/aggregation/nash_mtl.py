@@ -27,16 +27,16 @@ clipping). A zero Gramian gives zero weights.
 
 State (:class:`~jdoptim.aggregation.Stateful`): the step counter and the cached weights. Weights
 are recomputed on the first call and every ``update_weights_every`` calls, otherwise the cached
-ones are reused (the authors' speed-up). ``state_dict()`` holds both (extra state); ``reset()``
-forgets them. Defaults follow the authors' code: ``max_norm=1.0``, ``update_weights_every=1``,
-``optim_niter=20``.
+ones are reused (the authors' speed-up). Both are declared state
+(:mod:`jdoptim.aggregation.state`): ``state_dict()`` holds them, ``reset()`` forgets them (and
+the warn-once flags). Defaults follow the authors' code: ``max_norm=1.0``,
+``update_weights_every=1``, ``optim_niter=20``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,9 +46,14 @@ from ._mixins import Stateful, _NonDifferentiable
 from ._scaling import normalized_jacobian, scale_free, times_power_of_two
 from .arguments import check_reg_eps as _check_reg_eps
 from .fairgrad import solve_fair_weights
+from .state import CheckpointedState, DeclaredState
 
 
-class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):
+def _to_float64(weights: Tensor) -> Tensor:
+    return weights.to(torch.float64)
+
+
+class NashMTLWeighting(_NonDifferentiable, CheckpointedState, Stateful, Weighting):
     """Weights of :class:`NashMTL`: ``α > 0`` with ``(G/‖G‖_F) α = 1/α``, then norm-clipped.
 
     Args:
@@ -81,21 +86,12 @@ class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):
         self.reg_eps = reg_eps
         # α does not depend on the scale; the clipping does.
         self.scale_degree = 0.0 if self.max_norm == 0.0 else None
-        self._step = 0
-        self._weights: Tensor | None = None
-
-    def reset(self) -> None:
-        self._step = 0
-        self._weights = None
-
-    def get_extra_state(self) -> Any:
-        weights = None if self._weights is None else self._weights.clone()
-        return {"step": self._step, "weights": weights}
-
-    def set_extra_state(self, state: Any) -> None:
-        self._step = int(state["step"])
-        weights = state["weights"]
-        self._weights = None if weights is None else weights.clone().to(torch.float64)
+        self._step: int
+        self._weights: Tensor | None
+        self.declare_state("_step", 0, convert=int)
+        self.declare_state("_weights", None, convert=_to_float64)
+        self.declare_warning("_warned_slow")  # Newton needed more than optim_niter iterations
+        self.declare_warning("_warned_ill_conditioned")  # set by warn_once_if_degraded
 
     def _solve(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
@@ -108,7 +104,7 @@ class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):
             normalized, 1.0, self.reg_eps, start, self.optim_niter, self
         )
         if not ok:
-            if not getattr(self, "_warned_slow", False):
+            if not self._warned_slow:
                 self._warned_slow = True
                 warnings.warn(
                     f"NashMTL: {self.optim_niter} Newton iterations left a backward error of "
@@ -160,7 +156,7 @@ class NashMTLWeighting(_NonDifferentiable, Stateful, Weighting):
         )
 
 
-class NashMTL(_NonDifferentiable, Stateful, GramianWeightedAggregator):
+class NashMTL(_NonDifferentiable, DeclaredState, Stateful, GramianWeightedAggregator):
     """Aggregator of :class:`NashMTLWeighting` (stateful: see its ``reset``).
 
     Args:
@@ -192,6 +188,3 @@ class NashMTL(_NonDifferentiable, Stateful, GramianWeightedAggregator):
         norm = float(times_power_of_two(torch.tensor(norm, dtype=torch.float64), exponent))
         weights = self.weighting.clip(weights, norm)
         return weights.to(device=matrix.device, dtype=matrix.dtype) @ matrix
-
-    def reset(self) -> None:
-        self.weighting.reset()

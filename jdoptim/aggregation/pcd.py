@@ -29,14 +29,13 @@ Unlike TorchJD, which silently restarts the average, a change in the number of l
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
+from .state import CheckpointedState, DeclaredState
 
 
 def _check_tau(tau: float | Tensor) -> None:
@@ -79,7 +78,7 @@ def pcd_multipliers(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray | None:
     return weights
 
 
-class PCDWeighting(_NonDifferentiable, Stateful, Weighting):
+class PCDWeighting(_NonDifferentiable, CheckpointedState, Stateful, Weighting):
     """Weights of :class:`PCD` from the Gramian (see the module docstring).
 
     Args:
@@ -100,8 +99,10 @@ class PCDWeighting(_NonDifferentiable, Stateful, Weighting):
         self.tau = tau
         self.beta = float(beta)
         self.eps = float(eps)
-        self._average: Tensor | None = None  # EMA of ‖gᵢ‖², float64
-        self._steps = 0
+        self._average: Tensor | None  # EMA of ‖gᵢ‖², float64
+        self._steps: int
+        self.declare_state("_average", None)
+        self.declare_state("_steps", 0, convert=int)
 
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
@@ -146,26 +147,12 @@ class PCDWeighting(_NonDifferentiable, Stateful, Weighting):
         roots = (unbiased + self.eps).sqrt()
         return torch.where(roots > 0.0, 1.0 / torch.where(roots > 0.0, roots, 1.0), 0.0)
 
-    def reset(self) -> None:
-        """Forget the moving average of the squared gradient norms."""
-        self._average = None
-        self._steps = 0
-
-    def get_extra_state(self) -> dict[str, Any]:
-        average = None if self._average is None else self._average.clone()
-        return {"average": average, "steps": self._steps}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        average = state["average"]
-        self._average = None if average is None else average.clone()
-        self._steps = int(state["steps"])
-
     def extra_repr(self) -> str:
         tau = self.tau.tolist() if isinstance(self.tau, Tensor) else self.tau
         return f"tau={tau}, beta={self.beta:g}, eps={self.eps:g}"
 
 
-class PCD(_NonDifferentiable, Stateful, GramianWeightedAggregator):
+class PCD(_NonDifferentiable, DeclaredState, Stateful, GramianWeightedAggregator):
     """Priority-Constrained Descent: ``d = Jᵀ PCDWeighting(J Jᵀ)``; the first row is primary.
 
     Args: see :class:`PCDWeighting`.
@@ -175,7 +162,3 @@ class PCD(_NonDifferentiable, Stateful, GramianWeightedAggregator):
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(PCDWeighting(tau, beta, eps))
-
-    def reset(self) -> None:
-        """Forget the moving average of the squared gradient norms."""
-        self.weighting.reset()

@@ -44,6 +44,7 @@ from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._randomness import _SeededRandomness, check_order, check_reduction
 from ._scaling import scale_free
+from .state import DeclaredState
 
 Reduction = Literal["sum", "mean"]
 Order = Literal["random", "fixed"]
@@ -109,7 +110,7 @@ class PCGradWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weighting
         return f"reduction={self.reduction!r}, order={self.order!r}"
 
 
-class PCGrad(_NonDifferentiable, Stateful, GramianWeightedAggregator):
+class PCGrad(_NonDifferentiable, DeclaredState, Stateful, GramianWeightedAggregator):
     """PCGrad aggregator: ``d = Jᵀ PCGradWeighting(J Jᵀ)`` (Yu et al., 2020).
 
     Args: see :class:`PCGradWeighting`.
@@ -126,7 +127,3 @@ class PCGrad(_NonDifferentiable, Stateful, GramianWeightedAggregator):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(PCGradWeighting(reduction, order, seed=seed, generator=generator))
-
-    def reset(self) -> None:
-        """Rewind the random generator to its state at construction."""
-        self.weighting.reset()

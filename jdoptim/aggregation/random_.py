@@ -18,6 +18,7 @@ from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._randomness import _SeededRandomness
 from ._scaling import scale_free
+from .state import DeclaredState
 
 
 class RandomWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weighting):
@@ -43,7 +44,7 @@ class RandomWeighting(_NonDifferentiable, _SeededRandomness, Stateful, Weighting
         return logits.softmax(dim=0).to(dtype=gramian.dtype, device=gramian.device)
 
 
-class Random(_NonDifferentiable, Stateful, GramianWeightedAggregator):
+class Random(_NonDifferentiable, DeclaredState, Stateful, GramianWeightedAggregator):
     """RLW aggregator: ``d = Jᵀ RandomWeighting(J Jᵀ)`` (the weights ignore the Gramian's values).
 
     Args: see :class:`RandomWeighting`.
@@ -55,7 +56,3 @@ class Random(_NonDifferentiable, Stateful, GramianWeightedAggregator):
         self, *, seed: int | None = None, generator: torch.Generator | None = None
     ) -> None:
         super().__init__(RandomWeighting(seed=seed, generator=generator))
-
-    def reset(self) -> None:
-        """Rewind the random generator to its state at construction."""
-        self.weighting.reset()

@@ -23,17 +23,16 @@ With :class:`jdoptim.JDOptimizer`: ``opt.step(losses_1, extra_batches=[losses_2,
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from ..linalg.simplex import project_onto_simplex
 from ._bases import check_preference
 from ._inputs import CrossBatchWeighting, InputWeightedAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
+from .state import CheckpointedState, DeclaredState
 
 
-class SDMGradWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):
+class SDMGradWeighting(_NonDifferentiable, CheckpointedState, Stateful, CrossBatchWeighting):
     """Weights of SDMGrad from ``A = J₁ J₂ᵀ`` (see the module docstring).
 
     Args:
@@ -66,7 +65,8 @@ class SDMGradWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):
         self.lr, self.momentum, self.n_iter = float(lr), float(momentum), n_iter
         self.lambda_ = float(lambda_)
         self.pref_vector = pref_vector
-        self._weights: Tensor | None = None
+        self._weights: Tensor | None
+        self.declare_state("_weights", None)
 
     def forward(self, inputs: MethodInputs) -> Tensor:
         cross = inputs.cross
@@ -95,17 +95,6 @@ class SDMGradWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):
         self._weights = weights
         return (weights + self.lambda_ * preferred) / (1.0 + self.lambda_)
 
-    def reset(self) -> None:
-        """Start again from uniform weights."""
-        self._weights = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"weights": None if self._weights is None else self._weights.clone()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        weights = state["weights"]
-        self._weights = None if weights is None else weights.clone()
-
     def extra_repr(self) -> str:
         return (
             f"lr={self.lr:g}, momentum={self.momentum:g}, n_iter={self.n_iter}, "
@@ -113,7 +102,7 @@ class SDMGradWeighting(_NonDifferentiable, Stateful, CrossBatchWeighting):
         )
 
 
-class SDMGrad(_NonDifferentiable, Stateful, InputWeightedAggregator):
+class SDMGrad(_NonDifferentiable, DeclaredState, Stateful, InputWeightedAggregator):
     """SDMGrad for :class:`jdoptim.JDOptimizer` (which feeds it ``J₁J₂ᵀ`` from ``extra_batches``).
 
     Args: see :class:`SDMGradWeighting`.
@@ -130,7 +119,3 @@ class SDMGrad(_NonDifferentiable, Stateful, InputWeightedAggregator):
         pref_vector: Tensor | None = None,
     ) -> None:
         super().__init__(SDMGradWeighting(lr, momentum, n_iter, lambda_, pref_vector))
-
-    def reset(self) -> None:
-        """Start again from uniform weights."""
-        self.weighting.reset()

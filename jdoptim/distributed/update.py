@@ -60,6 +60,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
+from ..aggregation.state import broadcast_state_dict
 from ..autojac import JacobianComputer
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
@@ -220,7 +221,7 @@ class DistributedJacobianUpdate(UpdateComputer):
         seeded differently, a checkpoint loaded on rank 0 only)."""
         if self._aggregator_synced is aggregator:
             return
-        state = aggregator.state_dict()
+        state = broadcast_state_dict(aggregator)  # its declared rank-0 state
         if state:
             state = self.comm.broadcast_object("aggregator state", state)
             if self.rank != 0:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..aggregation._mixins import Stateful
+from ..aggregation.state import CheckpointedState
 from ._base import Scalarizer
 
 
@@ -41,7 +42,7 @@ def _lambdas(older: Tensor, newer: Tensor, temperature: float) -> Tensor:
     return (rates.numel() * torch.softmax(rates / temperature, dim=0)).reshape(newer.shape)
 
 
-class DWA(Stateful, Scalarizer):
+class DWA(CheckpointedState, Stateful, Scalarizer):
     r"""``s = Σ_k λ_k(t) ℓ_k`` (see the module docstring). Stateful.
 
     Args:
@@ -57,7 +58,14 @@ class DWA(Stateful, Scalarizer):
             raise ValueError(f"DWA: `window` must be a positive int or None, got {window!r}.")
         self.temperature = temperature
         self.window = window
-        self.reset()
+        self._sum: Tensor | None  # the current epoch's sum of the values
+        self._count: int  # the current epoch's number of calls
+        self._averages: list[Tensor]  # the last two complete epochs' average values
+        self._lambdas: Tensor | None  # λ(t), derived from _averages (not saved)
+        self.declare_state("_sum", None)
+        self.declare_state("_count", 0, convert=int)
+        self.declare_state("_averages", [])
+        self.declare_state("_lambdas", None, persistent=False)
 
     def current_weights(self) -> Tensor | None:
         """The ``λ(t)`` of the current epoch (``None`` while they are all ``1``)."""
@@ -108,28 +116,14 @@ class DWA(Stateful, Scalarizer):
         self._averages = [*self._averages, average][-2:]
         self._lambdas, self._sum, self._count = lambdas, None, 0
 
-    def reset(self) -> None:
-        """Forget every epoch: uniform weights until two epochs are complete again."""
-        self._sum: Tensor | None = None
-        self._count = 0
-        self._averages: list[Tensor] = []
-        self._lambdas: Tensor | None = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "sum": None if self._sum is None else self._sum.clone(),
-            "count": self._count,
-            "averages": [a.clone() for a in self._averages],
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        averages = [a.clone() for a in state["averages"]]
+    def _derived_state(self, loaded: dict[str, Any]) -> dict[str, Any]:
+        """``λ(t)`` from the loaded averages (a load refused by :func:`_lambdas` changes
+        nothing)."""
+        averages = loaded["_averages"]
         lambdas = None
         if len(averages) == 2:
             lambdas = _lambdas(averages[0], averages[1], self.temperature)
-        self._sum = None if state["sum"] is None else state["sum"].clone()
-        self._count = int(state["count"])
-        self._averages, self._lambdas = averages, lambdas
+        return {"_lambdas": lambdas}
 
     def extra_repr(self) -> str:
         window = "" if self.window is None else f", window={self.window}"

@@ -31,7 +31,6 @@ batch) as ``ℓ'`` — no extra forward, but ``δ`` then also holds the change b
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,12 +39,13 @@ from torch import Tensor, nn
 from torch.optim import Adam
 
 from ..aggregation._mixins import Stateful
+from ..aggregation.state import CheckpointedState
 from ._base import Scalarizer, check_values
 
 _EPSILON = 1e-8
 
 
-class FAMO(Stateful, Scalarizer):
+class FAMO(CheckpointedState, Stateful, Scalarizer):
     r"""``s = c Σᵢ zᵢ log(ℓᵢ − bᵢ + ε)`` with learned task weights (see the module docstring).
 
     Args:
@@ -69,7 +69,8 @@ class FAMO(Stateful, Scalarizer):
             raise ValueError(f"FAMO: `lr` must be non-negative, got {lr}.")
         if not weight_decay >= 0.0:
             raise ValueError(f"FAMO: `weight_decay` must be non-negative, got {weight_decay}.")
-        self.logits = nn.Parameter(torch.zeros(shape))
+        self.logits: nn.Parameter
+        self.declare_state("logits", nn.Parameter(torch.zeros(shape)))
         if min_losses is None:
             min_losses = torch.zeros(self.logits.shape)
         elif min_losses.shape != self.logits.shape:
@@ -80,7 +81,10 @@ class FAMO(Stateful, Scalarizer):
         self.register_buffer("min_losses", min_losses)
         self.lr, self.weight_decay = lr, weight_decay
         self._optimizer = Adam([self.logits], lr=lr, weight_decay=weight_decay)
-        self._previous: Tensor | None = None
+        # A fresh Adam's state (no moments, the given settings) is the default of "adam".
+        self.declare_state("_adam_state", self._optimizer.state_dict(), key="adam")
+        self._previous: Tensor | None  # the losses of the last call, until update()
+        self.declare_state("_previous", None)
 
     def task_weights(self) -> Tensor:
         """``z = softmax(w)``, detached, in the shape of the values."""
@@ -142,6 +146,16 @@ class FAMO(Stateful, Scalarizer):
         self.logits.grad = None  # only FAMO's Adam steps the logits
         self._previous = None
 
+    @property
+    def _adam_state(self) -> dict[str, Any]:
+        """The logits' Adam state (declared state, key ``"adam"``), read and written through
+        the Adam itself, which keeps its identity."""
+        return self._optimizer.state_dict()
+
+    @_adam_state.setter
+    def _adam_state(self, state: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state)
+
     def _snapshot(self) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
         """The logits, the Adam state's tensors and the pending losses, copied (to undo an
         update that a refused step made)."""
@@ -158,22 +172,6 @@ class FAMO(Stateful, Scalarizer):
         else:
             self._optimizer.state.pop(self.logits, None)
         self._previous = previous
-
-    def reset(self) -> None:
-        """Logits back to ``0``, a fresh Adam, no pending update."""
-        with torch.no_grad():
-            self.logits.zero_()
-        self._optimizer = Adam([self.logits], lr=self.lr, weight_decay=self.weight_decay)
-        self._previous = None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        previous = None if self._previous is None else self._previous.clone()
-        return {"adam": copy.deepcopy(self._optimizer.state_dict()), "previous": previous}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._optimizer.load_state_dict(copy.deepcopy(state["adam"]))
-        previous = state["previous"]
-        self._previous = None if previous is None else previous.clone()
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.logits.shape)}, lr={self.lr}, weight_decay={self.weight_decay}"

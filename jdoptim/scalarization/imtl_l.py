@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ..aggregation._mixins import Stateful
+from ..aggregation.state import DeclaredState
 from ._base import Scalarizer
 from .uw import check_learned_shape
 
 
-class IMTLL(Stateful, Scalarizer):
+class IMTLL(DeclaredState, Stateful, Scalarizer):
     r"""``s = Σᵢ e^{sᵢ} ℓᵢ − sᵢ`` with learnable log-scales ``sᵢ`` (``log_scale``).
 
     Args:
@@ -36,7 +37,8 @@ class IMTLL(Stateful, Scalarizer):
 
     def __init__(self, shape: int | Sequence[int]) -> None:
         super().__init__()
-        self.log_scale = nn.Parameter(torch.zeros(shape))
+        self.log_scale: nn.Parameter
+        self.declare_state("log_scale", nn.Parameter(torch.zeros(shape)))  # reset() zeroes it
 
     def _check(self, values: Tensor) -> None:
         check_learned_shape(self.log_scale, values, "IMTLL")
@@ -46,11 +48,6 @@ class IMTLL(Stateful, Scalarizer):
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [self.log_scale]
-
-    def reset(self) -> None:
-        """Set the log-scales back to ``0``."""
-        with torch.no_grad():
-            self.log_scale.zero_()
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.log_scale.shape)}"

@@ -24,16 +24,15 @@ scalarizes ``log(ℓᵢ / nadirᵢ)``; that variant is not this one. The warm-up
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from ..aggregation._mixins import Stateful
+from ..aggregation.state import CheckpointedState
 from ._base import Scalarizer, check_same_shape
 
 
-class STCH(Stateful, Scalarizer):
+class STCH(CheckpointedState, Stateful, Scalarizer):
     r"""``s = μ log Σᵢ exp(λᵢ(ℓᵢ − zᵢ*)/μ)`` (see the module docstring).
 
     Args:
@@ -67,8 +66,10 @@ class STCH(Stateful, Scalarizer):
         self.weights = weights
         self.reference = reference
         self.warmup_steps = warmup_steps
-        self._seen = 0
-        self._running_min: Tensor | None = None
+        self._seen: int  # warm-up calls seen
+        self._running_min: Tensor | None  # the warm-up's running minimum of the values
+        self.declare_state("_seen", 0, convert=int)
+        self.declare_state("_running_min", None)
 
     @property
     def warming_up(self) -> bool:
@@ -106,19 +107,6 @@ class STCH(Stateful, Scalarizer):
         else:
             self._running_min = torch.minimum(self._running_min, values)
         self._seen += 1
-
-    def reset(self) -> None:
-        """Forget the warm-up: the next call is the first warm-up call again."""
-        self._seen, self._running_min = 0, None
-
-    def get_extra_state(self) -> dict[str, Any]:
-        minimum = None if self._running_min is None else self._running_min.clone()
-        return {"seen": self._seen, "running_min": minimum}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        minimum = state["running_min"]
-        self._seen = int(state["seen"])
-        self._running_min = None if minimum is None else minimum.clone()
 
     def extra_repr(self) -> str:
         return (

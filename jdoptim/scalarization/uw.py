@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..aggregation._mixins import Stateful
+from ..aggregation.state import DeclaredState
 from ._base import Scalarizer
 
 
@@ -41,7 +42,7 @@ def check_learned_shape(parameter: Tensor, values: Tensor, owner: str) -> None:
         )
 
 
-class UW(Stateful, Scalarizer):
+class UW(DeclaredState, Stateful, Scalarizer):
     r"""``s = Σᵢ ½ e^{-sᵢ} ℓᵢ + ½ sᵢ`` with learnable log-variances ``sᵢ`` (``log_var``).
 
     Args:
@@ -50,7 +51,8 @@ class UW(Stateful, Scalarizer):
 
     def __init__(self, shape: int | Sequence[int]) -> None:
         super().__init__()
-        self.log_var = nn.Parameter(torch.zeros(shape))
+        self.log_var: nn.Parameter
+        self.declare_state("log_var", nn.Parameter(torch.zeros(shape)))  # reset() zeroes it
 
     def _check(self, values: Tensor) -> None:
         check_learned_shape(self.log_var, values, "UW")
@@ -60,11 +62,6 @@ class UW(Stateful, Scalarizer):
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [self.log_var]
-
-    def reset(self) -> None:
-        """Set the log-variances back to ``0``."""
-        with torch.no_grad():
-            self.log_var.zero_()
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.log_var.shape)}"
