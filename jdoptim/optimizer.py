@@ -38,8 +38,6 @@ their own step (:mod:`jdoptim.scalarized_step`).
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -54,6 +52,7 @@ from torch.optim import Optimizer
 from .aggregation import Aggregator, UPGrad, Weighting
 from .aggregation.state import holds_state
 from .amp import LossScaling, no_autocast, scaled
+from .linalg.user_frame import user_stacklevel
 from .losses import (
     LossBatch,
     check_not_stepped,
@@ -629,7 +628,7 @@ class JDOptimizer(Optimizer):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
+            warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
     def _check_not_ddp(self) -> None:
         """Refuse a step without ``process_group`` on parameters a DDP model replicates."""
@@ -753,22 +752,6 @@ class _BatchSizes:
 def _remove_handles(handles: list[Any]) -> None:
     for handle in handles:
         handle.remove()
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_TORCH_OPTIM_DIR = os.path.join("torch", "optim")
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of ``warnings.warn`` that points at the user's line calling
-    ``step()``: past this package's frames and torch.optim's step wrappers."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        name = os.path.abspath(frame.f_code.co_filename)
-        if not name.startswith(_PACKAGE_DIR) and _TORCH_OPTIM_DIR not in name:
-            return level
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    return 1
 
 
 def _check_aggregator(aggregator: object) -> None:

@@ -52,6 +52,7 @@ from ..linalg.equilibration import (
     regularized_cholesky_safe,
 )
 from ..linalg.lcp import solve_nonnegative_lcp
+from ..linalg.user_frame import user_stacklevel
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
@@ -189,7 +190,7 @@ class CAGradWeighting(_NonDifferentiable, DeclaredState, Weighting):
                 warnings.warn(
                     "CAGrad: the active-set solve did not settle; used bisection (warned once).",
                     RuntimeWarning,
-                    stacklevel=6,
+                    stacklevel=user_stacklevel(),
                 )
             weights = weights + z
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..linalg.equilibration import equilibrate, regularized_cholesky_safe
 from ..linalg.power_equation import DEFAULT_TOL, solve_power_equation
+from ..linalg.user_frame import user_stacklevel
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import _NonDifferentiable
 from ._scaling import scale_free
@@ -107,7 +108,7 @@ class FairGradWeighting(_NonDifferentiable, DeclaredState, Weighting):
                 f"FairGrad: the Newton solve stopped after {self.max_iter} iterations with a "
                 f"backward error of {res:.2e} (target {DEFAULT_TOL:g}); the weights are inexact.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return weights.to(device=gramian.device, dtype=gramian.dtype)
 

@@ -41,6 +41,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..linalg.user_frame import user_stacklevel
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from ._scaling import normalized_jacobian, scale_free, times_power_of_two
@@ -111,7 +112,7 @@ class NashMTLWeighting(_NonDifferentiable, CheckpointedState, Stateful, Weightin
                     f"{res:.2e}; continuing up to {50 * self.optim_niter} iterations "
                     "(warned once).",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
             weights, res, ok = solve_fair_weights(
                 normalized, 1.0, self.reg_eps, weights, 50 * self.optim_niter, self
@@ -121,7 +122,7 @@ class NashMTLWeighting(_NonDifferentiable, CheckpointedState, Stateful, Weightin
                     f"NashMTL: the bargaining equation was not solved (backward error {res:.2e});"
                     " these weights are inexact.",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
         return weights
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 from ..linalg.equilibration import DualConeInfo
+from ..linalg.user_frame import user_stacklevel
 
 __all__ = ["warn_once_if_degraded"]
 
@@ -25,5 +26,5 @@ def warn_once_if_degraded(owner: object, info: DualConeInfo, method: str) -> Non
         "weights are still those of a certified solve of the regularised problem. This warning "
         "is shown once per instance.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )

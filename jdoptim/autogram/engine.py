@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..linalg.gramian import generalize_gramian
+from ..linalg.user_frame import user_stacklevel
 from ._certify import EngineRouteWarning, Route, failing_modules, signature
 from ._graph import scan_graph
 from ._records import RandomState, make_hook, make_pre_hook
@@ -347,7 +348,7 @@ class Engine:
     def _warn(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
-            warnings.warn(message, EngineRouteWarning, stacklevel=4)
+            warnings.warn(message, EngineRouteWarning, stacklevel=user_stacklevel())
 
     def compute_gramian(self, output: Tensor, retain_graph: bool = False) -> Tensor:
         r"""The Gramian of ``output`` with respect to the modules' parameters.

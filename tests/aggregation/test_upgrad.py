@@ -173,3 +173,18 @@ def test_float32_permutation_spread_on_rank_deficient_matrices(m, n, rank):
         for k in range(3):
             perm = torch.randperm(m, generator=torch.Generator().manual_seed(k))
             assert float((UPGrad()(matrix[perm]) - d).abs().max()) <= 1e-6 * scale
+
+
+def test_degraded_solve_warning_points_at_the_callers_line():
+    """Called directly or through ``UPGrad``'s aggregation, the warning names this file (the
+    user's line), not a frame inside jdoptim or torch's ``Module.__call__``; after ``reset()``
+    it warns again (its flag is declared state)."""
+    g = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, -0.5]], dtype=torch.float64)
+    weighting = UPGradWeighting()
+    with pytest.warns(RuntimeWarning, match="ill-conditioned") as caught:
+        weighting(g)
+    assert caught[0].filename == __file__
+    weighting.reset()
+    with pytest.warns(RuntimeWarning, match="ill-conditioned") as caught:
+        weighting(g)
+    assert caught[0].filename == __file__
