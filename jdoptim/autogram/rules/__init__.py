@@ -32,7 +32,7 @@ layer that applies a weight matrix to the last dimension of its input, subclass
 contractions. See ``examples/custom_rule.py``.
 """
 
-from . import conv, embedding, linear, norm  # noqa: F401  (registration)
+from . import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
 from ._base import LayerRule, qualified_name, register_rule, registered_rule
 from ._call import Call
 from ._contraction import gramian_from_kernel, linear_gramian, rows_gramian
