@@ -252,3 +252,22 @@ def test_transformer_encoder_layer_default_dropout_uses_the_rule(layout: str) ->
         kinds = {type(r.rule).__name__ for r in step.rule_parameters}
     assert "MultiheadAttentionRule" in kinds and "GenericRule" not in kinds
     assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-10
+
+
+def test_mask_of_batch_size_goes_through_the_rule() -> None:
+    """A causal ``[L, L]`` mask with ``L`` equal to the batch size: the rule re-runs the whole
+    call (nothing is sliced per sample), so the step stays per-sample (``b`` samples, one
+    backward row), exact and without a route warning."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(6, 2, batch_first=True).double()
+    x = torch.randn(4, 4, 6, dtype=torch.float64)  # batch 4, length 4
+    mask = torch.triu(torch.full((4, 4), float("-inf"), dtype=torch.float64), diagonal=1)
+    params = list(attention.parameters())
+    with Engine(attention, batch_dim=0) as engine:
+        losses = attention(x, x, x, attn_mask=mask, need_weights=False)[0].pow(2).sum((1, 2))
+        jacobian = explicit_jacobian(losses, params)
+        step = engine.step(losses, params, [], per_sample=True, retain_graph=True)
+        with torch.no_grad():
+            gramian = step.gramian()
+    assert (step.batch_dim, step.b, step.T) == (0, 4, 1)
+    assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-10

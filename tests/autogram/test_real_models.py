@@ -18,9 +18,10 @@ of that explicit Gramian.
 GPT-2's and BERT's position embeddings (``[1, s, d]``) and nanoGPT's (``[t, d]``), shared by the
 samples, are expanded along the batch by the engine, so these models raise no
 ``EngineRouteWarning`` (an error in the suite); nor does ``nn.TransformerEncoderLayer`` with its
-default dropout, whose attention goes through the ``MultiheadAttention`` rule. T5's relative bias (permuted before it is added)
-takes the engine's row-per-loss route in per-sample mode, with an ``EngineRouteWarning``
-(ignored for the other models: the results are what is checked).
+default dropout, whose attention goes through the ``MultiheadAttention`` rule. T5's relative
+bias (permuted before it is added) takes the engine's row-per-loss route in per-sample mode,
+with an ``EngineRouteWarning`` (ignored for the other models: the results are what is
+checked).
 """
 
 from __future__ import annotations
