@@ -271,3 +271,25 @@ def test_mask_of_batch_size_goes_through_the_rule() -> None:
             gramian = step.gramian()
     assert (step.batch_dim, step.b, step.T) == (0, 4, 1)
     assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-10
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_attention_called_twice(per_sample: bool) -> None:
+    """One module called twice in a forward (its parameters' rows summed over the calls, from
+    the rule's ``jacobians``), with dropout."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(E, HEADS, dropout=0.3, batch_first=True).double().train()
+    x = torch.randn(B, L, E, dtype=torch.float64)
+    params = list(attention.parameters())
+    with Engine(attention, batch_dim=0 if per_sample else None) as engine:
+        h = attention(x, x, x)[0]
+        out = attention(h.tanh(), x, x, need_weights=False)[0]
+        losses = torch.stack([out.pow(2).mean((1, 2)), out.sin().sum((1, 2))], 1)
+        losses = losses[:, 0] if per_sample else losses.mean(0)
+        jacobian = explicit_jacobian(losses, params)
+        step = engine.step(losses, params, [], per_sample=per_sample, retain_graph=True)
+        with torch.no_grad():
+            gramian = step.gramian()
+        kinds = {type(r.rule) for r in step.rule_parameters}
+    assert kinds == {MultiheadAttentionRule}
+    assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-10

@@ -222,7 +222,7 @@ class MultiheadAttentionRule(LayerRule):
         reached = [i for i, g in enumerate(call.grads) if g is not None]
         leaves = [p.y for p in recorder.products]
         if not reached:
-            return [torch.zeros((call.T, *y.shape), dtype=y.dtype) for y in leaves]
+            return [torch.zeros((call.T, *y.shape), dtype=y.dtype, device=y.device) for y in leaves]
         outs = [outputs[i] for i in reached]
         cotangents = [call.grad(i).to(outputs[i].dtype) for i in reached]
         with torch.enable_grad():
@@ -234,7 +234,7 @@ class MultiheadAttentionRule(LayerRule):
             else:
                 grads = self._batched_grads(outs, leaves, cotangents)
         return [
-            torch.zeros((call.T, *y.shape), dtype=y.dtype) if g is None else g
+            torch.zeros((call.T, *y.shape), dtype=y.dtype, device=y.device) if g is None else g
             for g, y in zip(grads, leaves)
         ]
 
@@ -309,7 +309,10 @@ class MultiheadAttentionRule(LayerRule):
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         call = self.call
-        rows = [torch.zeros((call.b, call.T, *p.shape), device=p.device) for p in params]
+        rows = [
+            full_precision(torch.zeros((call.b, call.T, *p.shape), dtype=p.dtype, device=p.device))
+            for p in params
+        ]
         for product, inputs, grads in self.products():
             o = grads.shape[-1]
             for index, p in enumerate(params):
