@@ -23,9 +23,9 @@ embedding) are *loose*. With ``T`` task losses:
   ``G = R Rᵀ`` and the update ``Rᵀ w``;
 * ``w = W(G)`` by UPGrad's weighting, then the optimizer's step.
 
-:func:`check_against_library` runs one float64 forward with both this step's hooks and the
-library's ``Engine`` and asserts that the two Gramians agree; :func:`main` checks each model
-once and then times ``JDOptimizer`` against this floor, interleaved
+:func:`check_against_library` gives the losses of one float64 forward to this step and to the
+library's ``JDOptimizer`` and asserts that the two Gramians and ``.grad`` agree; :func:`main`
+checks each model once and then times ``JDOptimizer`` against this floor, interleaved
 (:func:`benchmarks.interleave.interleaved_ratio`).
 
 Run: ``PYTHONPATH=$PWD python benchmarks/hand_fused_models.py`` (``BENCH_TINY=1`` for a smoke
@@ -35,6 +35,7 @@ run; ``--large`` adds the 6-layer GPT-2; ``BENCH_THREADS`` sets the threads, 2 b
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +48,8 @@ if __package__ in (None, ""):
 
 from benchmarks.interleave import interleaved_ratio
 from benchmarks.test_bench_models import MODELS, THREADS, TINY, build, make_step
-from jdoptim.aggregation import UPGradWeighting
-from jdoptim.autogram import Engine
+from jdoptim import JDOptimizer
+from jdoptim.aggregation import UPGrad, UPGradWeighting
 from jdoptim.autogram.rules import linear_gramian, qualified_name
 from jdoptim.update import weigh
 
@@ -135,7 +136,6 @@ class HandFusedTaskStep:
         self.weighting = UPGradWeighting()
         self.calls: list[Recorded] = []
         owned: set[int] = set()
-        uses: dict[int, int] = {}
         for module in model.modules():
             kind = layer_kind(module)
             direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -143,11 +143,8 @@ class HandFusedTaskStep:
                 continue
             module.register_forward_hook(self._recorder(kind))
             owned.update(id(p) for p in direct)
-            for p in direct:
-                uses[id(p)] = uses.get(id(p), 0) + 1
         params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
         self.loose = [p for p in params if id(p) not in owned]
-        self.tied = {i for i, n in uses.items() if n > 1}
 
     def _recorder(self, kind: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -192,10 +189,12 @@ class HandFusedTaskStep:
         rows: dict[int, tuple[Tensor, Tensor]] = {}  # id(p) → (p, rows [T, n])
         fused: list[tuple[nn.Module, str, Tensor, Tensor]] = []
         gramian = torch.zeros(t, t, dtype=grads[0].dtype if grads else torch.float32)
+        uses = Counter(id(p) for c in self.calls for p in c.module.parameters(recurse=False))
+        tied = {i for i, n in uses.items() if n > 1}  # tied weights, modules called twice
         for call, d in zip(self.calls, grads):
             direct = dict(call.module.named_parameters(recurse=False))
             linear_like = call.kind in ("linear", "conv1d", "conv2d")
-            if linear_like and not any(id(p) in self.tied for p in direct.values()):
+            if linear_like and not any(id(p) in tied for p in direct.values()):
                 a, dd = _linear_factors(call, d)
                 with_bias = getattr(call.module, "bias", None) is not None
                 gramian += linear_gramian(a[None], dd[:, None], with_bias).reshape(t, t)
@@ -224,18 +223,29 @@ class HandFusedTaskStep:
 
 
 def check_against_library(model_name: str, setting: str) -> float:
-    """One float64 forward seen by both the floor's hooks and the library's ``Engine``:
-    the floor's Gramian must equal the library's (relative max-entry error ``< 1e-9``;
-    returned). Raises ``AssertionError`` otherwise."""
+    """One float64 forward, its losses given to the floor and to a ``JDOptimizer`` (UPGrad,
+    ``scope="all"``): the floor's Gramian must equal the library's and the ``.grad`` it sets the
+    library's (relative max-entry errors ``< 1e-9``, the ``.grad`` one relative to the largest
+    entry; the Gramian's is returned). Raises ``AssertionError`` otherwise."""
     model, losses_of = build(model_name, setting, torch.float64)
     model.train()
-    fused = HandFusedTaskStep(model, torch.optim.SGD(model.parameters(), lr=0.0))
-    with Engine(model, batch_dim=None) as engine:
-        losses = losses_of(model)
-        expected = engine.compute_gramian(losses, retain_graph=True)
-        gramian = fused.gradients(losses)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = HandFusedTaskStep(model, torch.optim.SGD(params, lr=0.0))
+    opt = JDOptimizer(
+        torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, batch_dim=None, scope="all"
+    )
+    losses = losses_of(model)
+    gramian = fused.gradients(losses, retain_graph=True)
+    floor_grads = torch.cat([p.grad.flatten() for p in params])
+    opt.zero_grad()
+    record = opt.step(list(losses.unbind()))
+    assert record.gramian is not None
+    library_grads = torch.cat([p.grad.flatten() for p in params])
+    expected = record.gramian.double()
     error = ((gramian - expected).abs().max() / expected.abs().max()).item()
-    assert error < 1e-9, f"{model_name}, {setting}: floor and library differ ({error:.2g})"
+    assert error < 1e-9, f"{model_name}, {setting}: floor and library Gramians differ ({error:.2g})"
+    grad_error = (floor_grads - library_grads).abs().max() / library_grads.abs().max()
+    assert grad_error < 1e-9, f"{model_name}, {setting}: .grad differs ({grad_error:.2g})"
     return error
 
 
