@@ -293,3 +293,30 @@ def test_attention_called_twice(per_sample: bool) -> None:
         kinds = {type(r.rule) for r in step.rule_parameters}
     assert kinds == {MultiheadAttentionRule}
     assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-10
+
+
+def test_projection_not_found_takes_autograd_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the re-run records no product for some parameter (as a torch version that projects
+    otherwise would), the rule raises, and the engine's check gives the module autograd's rows:
+    a route warning, and the Gramian still exact."""
+    from jdoptim.autogram import EngineRouteWarning
+    from jdoptim.autogram.rules import attention as rule_module
+
+    original = rule_module._Recorder.linear
+
+    def forgetful(self, x, weight, bias=None):  # the output projection goes unrecorded
+        if weight.shape[0] == weight.shape[1] and weight._base is None:
+            return torch._C._nn.linear(x, weight, bias)
+        return original(self, x, weight, bias)
+
+    monkeypatch.setattr(rule_module._Recorder, "linear", forgetful)
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(E, HEADS, dropout=0.3, batch_first=True).double().train()
+    x = torch.randn(B, L, E, dtype=torch.float64)
+    params = list(attention.parameters())
+    with Engine(attention, batch_dim=0) as engine:
+        losses = attention(x, x, x)[0].pow(2).mean((1, 2))
+        jacobian = explicit_jacobian(losses, params)
+        with pytest.warns(EngineRouteWarning, match="unexpected torch version"):
+            gramian = engine.compute_gramian(losses)
+    assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-10

@@ -264,6 +264,7 @@ class MultiheadAttentionRule(LayerRule):
         """Each product with its inputs ``[b, S, d]`` and output gradients ``[T, b, S, o]``."""
         if self._products is None:
             recorder, outputs = self._rerun()
+            _check_covered(self.call.params, recorder.products)
             grads = self._projection_grads(recorder, outputs)
             self._products = [
                 (p, *self._samples_first(p, g)) for p, g in zip(recorder.products, grads)
@@ -340,6 +341,17 @@ class MultiheadAttentionRule(LayerRule):
                     out[index] = torch.zeros(p.shape, dtype=part.dtype, device=part.device)
                 out[index][row : row + o] += part  # type: ignore[index]
         return [torch.zeros_like(p) if g is None else g for g, p in zip(out, params)]
+
+
+def _check_covered(params: list[Tensor], products: list[_Product]) -> None:
+    """Every differentiated parameter entered the call through a recorded product (else the
+    rows would silently miss it: a torch version whose attention projects otherwise)."""
+    seen = {id(t) for p in products for t in (p.weight, p.bias) if t is not None}
+    if any(id(p) not in seen for p in params):
+        raise RuntimeError(
+            "MultiheadAttention rule: a parameter of the call was used by no F.linear of "
+            "F.multi_head_attention_forward (an unexpected torch version?)."
+        )
 
 
 def _among(t: Tensor | None, params: list[Tensor]) -> bool:
