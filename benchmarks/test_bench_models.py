@@ -93,7 +93,7 @@ def _class_losses(inputs: Tensor, tasks: int, logits_of: Callable[[nn.Module], T
     if tasks == 0:
         labels = torch.randint(0, 10, (inputs.shape[0],))
         return lambda m: F.cross_entropy(logits_of(m), labels, reduction="none")
-    targets = torch.randint(0, 2, (inputs.shape[0], tasks)).float()
+    targets = torch.randint(0, 2, (inputs.shape[0], tasks)).to(inputs.dtype)
     return lambda m: F.binary_cross_entropy_with_logits(
         logits_of(m), targets, reduction="none"
     ).mean(0)
@@ -122,7 +122,7 @@ def _llama(tasks: int) -> tuple[nn.Module, Losses]:
     return model, _lm_losses(_lm_batch(8 if not TINY else 4, 12 if TINY else 16), tasks)
 
 
-def _vit(tasks: int) -> tuple[nn.Module, Losses]:
+def _vit(tasks: int, dtype: torch.dtype) -> tuple[nn.Module, Losses]:
     width, size = (16, 8) if TINY else (64, 32)
     config = _transformers().ViTConfig(
         image_size=size,
@@ -135,34 +135,39 @@ def _vit(tasks: int) -> tuple[nn.Module, Losses]:
         num_labels=tasks or 10,
     )
     model = _transformers().ViTForImageClassification(config)
-    images = torch.randn(4 if TINY else 16, 3, size, size)
+    images = torch.randn(4 if TINY else 16, 3, size, size, dtype=dtype)
     return model, _class_losses(images, tasks, lambda m: m(pixel_values=images).logits)
 
 
-def _resnet(tasks: int) -> tuple[nn.Module, Losses]:
+def _resnet(tasks: int, dtype: torch.dtype) -> tuple[nn.Module, Losses]:
     if TINY:
         model = ResNetGN(widths=(8, 16), blocks=(1, 1), classes=tasks or 10, groups=2)
-        images = torch.randn(4, 3, 8, 8)
+        images = torch.randn(4, 3, 8, 8, dtype=dtype)
     else:
         widths, blocks = (64, 128, 256, 512), (2, 2, 2, 2)
         model = ResNetGN(widths=widths, blocks=blocks, classes=tasks or 10, groups=32)
-        images = torch.randn(8, 3, 32, 32)
+        images = torch.randn(8, 3, 32, 32, dtype=dtype)
     return model, _class_losses(images, tasks, lambda m: m(images))
 
 
-def build(model_name: str, setting: str) -> tuple[nn.Module, Losses]:
-    """A fresh model (seeded) and the closure computing its losses for ``setting``."""
+def build(
+    model_name: str, setting: str, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Losses]:
+    """A fresh model (seeded, in ``dtype``) and the closure computing its losses for
+    ``setting``."""
     torch.manual_seed(0)
     tasks = SETTINGS[setting]
     if model_name == "gpt2-tiny":
-        return _gpt2(tasks, 2, 16 if TINY else 32, 2, 12 if TINY else 16)
-    if model_name == "gpt2-6x256":
-        return _gpt2(tasks, 6, 256, 4, 128)
-    if model_name == "llama-small":
-        return _llama(tasks)
-    if model_name == "vit":
-        return _vit(tasks)
-    return _resnet(tasks)
+        model, losses = _gpt2(tasks, 2, 16 if TINY else 32, 2, 12 if TINY else 16)
+    elif model_name == "gpt2-6x256":
+        model, losses = _gpt2(tasks, 6, 256, 4, 128)
+    elif model_name == "llama-small":
+        model, losses = _llama(tasks)
+    elif model_name == "vit":
+        model, losses = _vit(tasks, dtype)
+    else:
+        model, losses = _resnet(tasks, dtype)
+    return model.to(dtype), losses
 
 
 def make_step(model_name: str, setting: str, method: str) -> Callable[[], None]:
@@ -302,6 +307,17 @@ def test_model_step(benchmark, model_name: str, setting: str, method: str) -> No
     rounds = 3 if TINY else 20
     benchmark.extra_info.update(measure_ratio(model_name, setting, method, rounds))
     benchmark(make_step(model_name, setting, method))
+
+
+@pytest.mark.parametrize("setting", ["2 tasks", "8 tasks"])
+@pytest.mark.parametrize("model_name", MODELS)
+def test_task_floor_matches_library(model_name: str, setting: str) -> None:
+    """The hand-fused floor of :mod:`benchmarks.hand_fused_models` computes the library's
+    Gramian (float64, one forward), so that its time is a floor of the same arithmetic."""
+    pytest.importorskip("transformers")
+    from benchmarks.hand_fused_models import check_against_library
+
+    assert check_against_library(model_name, setting) < 1e-9
 
 
 def main() -> None:

@@ -186,10 +186,10 @@ class Engine:
                 for m in flat
             ]
         pre_hook = make_pre_hook(pending)
-        handles += [  # modules the generic rule re-runs: their random draws are recorded
+        handles += [  # modules whose calls a rule re-runs: their random draws are recorded
             m.register_forward_pre_hook(pre_hook, with_kwargs=True)
             for m in self._hooked
-            if registered_rule(m) is None
+            if (rule := registered_rule(m)) is None or getattr(rule, "replays", False)
         ]
         self._finalizer = weakref.finalize(self, _remove_all, handles)
         self._vmap = VmapState()

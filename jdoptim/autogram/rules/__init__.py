@@ -59,7 +59,7 @@ subclasses :class:`LayerRule` with the contraction helpers (:func:`linear_rows`,
 :func:`rows_gramian`, :func:`full_precision`). See ``examples/custom_rule.py``.
 """
 
-from . import conv, embedding, linear, norm  # noqa: F401  (registration)
+from . import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
 from ._base import LayerRule, qualified_name, register_rule, registered_rule
 from ._call import Call, full_precision
 from ._contraction import (
