@@ -12,14 +12,17 @@ any padding)                                product over the groups)
 ``BatchNorm*``, transformers'
 ``LlamaRMSNorm`` (Mistral, Qwen2),
 ``T5LayerNorm``
-anything else (``MultiheadAttention``       :class:`GenericRule` (``torch.func.vjp`` + ``vmap``
-included)                                   on a re-run of the call)
+``MultiheadAttention``                      its in/out projections as ``Linear`` products,
+                                            from one re-run of the call (same dropout draws)
+anything else                               :class:`GenericRule` (``torch.func.vjp`` + ``vmap``
+                                            on a re-run of the call)
 =========================================  =============================================
 
-``nn.MultiheadAttention`` holds its input projection as direct parameters used inside
-``F.multi_head_attention_forward``; no output of the call is the projection's, so a Linear-like
-rule would itself have to re-run the attention to reach the projections' output gradients. It
-therefore goes through the generic rule (its out-projection ``Linear`` too, being its child).
+``nn.MultiheadAttention`` applies its projections inside ``F.multi_head_attention_forward``,
+so no output of the call is theirs: its rule (:mod:`.attention`) re-runs the call once with the
+recorded call's random draws, reads every projection's output gradient from one backward of the
+attention core, and takes the Linear kernel products (``add_bias_kv`` goes through the generic
+rule).
 
 **The contract.** A rule differentiates one call of its module type from what one backward
 pass gives: the call's recorded inputs and the output gradients ``D[k] = ∂(Σᵢ ℓ_{ik})/∂Y`` (rows
