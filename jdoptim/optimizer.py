@@ -116,7 +116,10 @@ class JDOptimizer(Optimizer):
             scalarized loss; see :mod:`jdoptim.scalarized_step`).
         modules: modules to hook for the memory-efficient Gramian engine (see
             :mod:`jdoptim.autogram`); ``None`` computes the Jacobian with a batched backward.
-        batch_dim: with ``modules``, the dimension of the losses that indexes independent samples.
+        batch_dim: with ``modules``, the dimension of the losses and of the modules' tensors
+            that indexes independent samples. A vector of per-sample losses ``[b]`` goes with
+            any ``batch_dim``: ``batch_dim=1`` for a sequence-first model (``[s, b, d]``
+            activations, ``batch_first=False`` attention) takes ``[b]`` losses as they are.
         scope: ``"shared"`` (default) aggregates over the shared parameters only, and gives each
             specific parameter its loss's own gradient; ``"all"`` aggregates over every reached
             owned parameter.
