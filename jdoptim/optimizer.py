@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from .aggregation import Aggregator, Stateful, UPGrad, Weighting
 from .amp import LossScaling, no_autocast, poison_grads, scaler_step
 from .finite import all_finite, is_finite
+from .grads import store_gradients
 from .losses import (
     LossBatch,
     check_not_stepped,
@@ -666,15 +667,8 @@ class JDOptimizer(Optimizer):
     def _accumulate(plan: ParameterPlan, result: UpdateResult) -> None:
         params = list(plan.shared) + [p for p, _ in plan.specific]
         grads = result.shared_grads + result.specific_grads
-        with torch.no_grad():
-            for param, grad in zip(params, grads):
-                if grad.dtype != param.dtype:
-                    grad = grad.to(dtype=param.dtype)
-                if param.grad is None:
-                    # A view would keep its whole Jacobian block alive as long as the .grad.
-                    param.grad = grad.clone() if grad._base is not None else grad
-                else:
-                    param.grad.add_(grad)
+        # Stored without a copy where safe (jdoptim/grads.py): not a row of a Jacobian block.
+        store_gradients(list(zip(params, grads)), reserved=(result.weights,))
 
 
 @dataclass
