@@ -401,7 +401,7 @@ class JDOptimizer(Optimizer):
             if method.cross is not None and not bad:  # [methods] the first of several batches
                 bad = [f"{name} (batch 1)" for name in nonfinite_loss_names(method.cross.first)]
             if not bad:
-                plan = self._plan(batch, record)
+                plan = self._plan(batch, record, method.features)
         except Exception as exc:  # raised below, after the other processes heard of it
             error = exc
         agree = getattr(self._update_computer, "agree", None)
@@ -443,8 +443,10 @@ class JDOptimizer(Optimizer):
                 "itself may run inside it."
             ) from error
 
-    def _plan(self, batch: LossBatch, record: StepRecord) -> ParameterPlan:
-        plan = plan_parameters(batch, self._owned_parameters(), self.scope)
+    def _plan(
+        self, batch: LossBatch, record: StepRecord, features: Tensor | None = None
+    ) -> ParameterPlan:  # features=: one walk of the heads also gives the plan
+        plan = plan_parameters(batch, self._owned_parameters(), self.scope, features)
         record.shared, record.specific = plan.shared, plan.specific
         record.foreign, record.unreached = plan.foreign, plan.unreached
         if not plan.shared and not plan.specific:
