@@ -227,7 +227,7 @@ class FeaturesUpdate:
         heads: HeadsMap,
     ) -> list[Tensor]:
         weights = weights.detach().to(dtype=batch.vector.dtype)
-        if any(param in heads.around for param in shared):
+        if any(id(param) in heads.around for param in shared):
             return list(torch.autograd.grad(batch.vector, shared, weights, materialize_grads=True))
         with torch.no_grad():
             output_grad = (weights @ rows).view_as(self.features)

@@ -126,7 +126,8 @@ class HeadsMap:
     Attributes:
         consumers: each node that takes ``z`` as an input, with the loss it belongs to and the
             positions of ``z`` among its inputs.
-        around: the leaves reached by a path that does not pass through ``z``.
+        around: the ``id`` of each leaf reached by a path that does not pass through ``z`` (the
+            leaves stay alive: their nodes are held in ``leaves``).
         exclusive: no node of the heads is reached by two losses (separate heads), so that the
             gradient a consumer sends to ``z`` comes from its one loss.
         leaves: each leaf node met in the heads, with the index of its loss (complete only when
@@ -135,7 +136,7 @@ class HeadsMap:
     """
 
     consumers: dict[Node, tuple[int, list[int]]] = field(default_factory=dict)
-    around: set[Tensor] = field(default_factory=set)
+    around: set[int] = field(default_factory=set)
     exclusive: bool = True
     leaves: dict[Node, int] = field(default_factory=dict)
     cut: tuple[Node | None, int] = (None, 0)
@@ -164,7 +165,7 @@ def map_heads(roots: Sequence[Tensor], features: Tensor) -> HeadsMap:
             owner[node] = index
             leaf = getattr(node, "variable", None)
             if leaf is not None:
-                heads.around.add(leaf)
+                heads.around.add(id(leaf))
                 heads.leaves[node] = index
             for slot, (child, number) in enumerate(node.next_functions):
                 if child is cut_node and number == cut_number:
