@@ -7,19 +7,30 @@ of issue 17 is at most 1.2x a plain step at 8 and at 32 tasks (the exact engine 
 from steps timed alternately in the same run (``interleave.py``).
 
 Run: ``python -m pytest benchmarks/test_bench_features.py --benchmark-only
---benchmark-json=/tmp/features.json && python benchmarks/report.py /tmp/features.json``
+--benchmark-json=/tmp/features.json && python benchmarks/report.py /tmp/features.json``, or
+``python benchmarks/test_bench_features.py`` for the markdown table (``--quick``: tiny sizes, a
+check that it runs, not figures).
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks.interleave import interleaved_ratio
 from benchmarks.models import TrunkWithHeads, make_batch
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import MGDA, UPGrad
+
+TARGET = 1.2
 
 
 def _losses_and_features(
@@ -30,29 +41,57 @@ def _losses_and_features(
     return losses, z
 
 
-@pytest.mark.parametrize("method", ["upgrad", "mgda"])
-@pytest.mark.parametrize("m", [8, 32])
-def test_features_step_vs_plain(benchmark, m, method):
-    benchmark.group = "JD step on features z (trunk 256-512-512-256, batch 128, Adam)"
-    x, y = make_batch(m)
-    plain_model, jd_model = TrunkWithHeads(m), TrunkWithHeads(m)
+def step_pair(
+    method: str, m: int, batch: int = 128, widths: tuple[int, ...] = (256, 512, 512, 256)
+) -> tuple[Callable[[], None], Callable[[], None], JDOptimizer]:
+    """The ``features=`` step of ``method`` (``"upgrad"`` or ``"mgda"``), the plain summed step
+    on an identical model, and the JD optimizer."""
+    x, y = make_batch(m, batch=batch, d_in=widths[0])
+    plain_model, jd_model = TrunkWithHeads(m, widths), TrunkWithHeads(m, widths)
     plain = torch.optim.Adam(plain_model.parameters(), lr=1e-4)
     aggregator = UPGrad() if method == "upgrad" else MGDA()
     jd = JDOptimizer(torch.optim.Adam(jd_model.parameters(), lr=1e-4), aggregator)
 
-    def plain_step():
+    def plain_step() -> None:
         plain.zero_grad()
         losses, _ = _losses_and_features(plain_model, x, y)
         sum(losses).backward()
         plain.step()
 
-    def jd_step():
+    def jd_step() -> None:
         jd.zero_grad()
         losses, z = _losses_and_features(jd_model, x, y)
         jd.step(losses, features=z)
 
+    return jd_step, plain_step, jd
+
+
+@pytest.mark.parametrize("method", ["upgrad", "mgda"])
+@pytest.mark.parametrize("m", [8, 32])
+def test_features_step_vs_plain(benchmark, m, method):
+    benchmark.group = "JD step on features z (trunk 256-512-512-256, batch 128, Adam)"
+    jd_step, plain_step, jd = step_pair(method, m)
     jd_step()
     assert jd.last_record is not None and jd.last_record.extras.get("features") is True
     benchmark.extra_info.update(interleaved_ratio(jd_step, plain_step, rounds=15))
-    benchmark.extra_info.update({"m": m, "method": method, "target_ratio": 1.2})
+    benchmark.extra_info.update({"m": m, "method": method, "target_ratio": TARGET})
     benchmark.pedantic(jd_step, rounds=10, warmup_rounds=1)
+
+
+def table(quick: bool) -> None:
+    torch.set_num_threads(2)
+    batch, widths, rounds = (8, (16, 32, 16), 3) if quick else (128, (256, 512, 512, 256), 30)
+    print(f"| method | m | plain (ms) | JD features= (ms) | ratio (target {TARGET}×) |")
+    print("|---|---|---|---|---|")
+    for m in (8, 32):
+        for method in ("upgrad", "mgda"):
+            jd_step, plain_step, _ = step_pair(method, m, batch, widths)
+            r = interleaved_ratio(jd_step, plain_step, rounds=rounds)
+            print(
+                f"| {method} | {m} | {r['baseline_ms']:.2f} | {r['candidate_ms']:.2f} | "
+                f"{r['ratio_median']:.3f}× |"
+            )
+
+
+if __name__ == "__main__":
+    table(quick="--quick" in sys.argv)

@@ -38,19 +38,18 @@ refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import Node
 
 from .aggregation import Aggregator, GramianWeightedAggregator
+from .introspection import HeadsMap, map_heads
 from .losses import LossBatch
 from .parameter_plan import ParameterPlan
 from .update import UpdateResult, ensure_finite, weigh
 
-__all__ = ["FeaturesUpdate", "check_features"]
+__all__ = ["FeaturesUpdate", "HeadsMap", "check_features", "map_heads"]
 
 
 def check_features(features: object) -> Tensor:
@@ -96,55 +95,6 @@ def feature_jacobian(losses: Tensor, features: Tensor) -> Tensor:
             "computed from (e.g. z = trunk(x); losses = [head(z) for head in heads])."
         )
     return rows.reshape(m, -1)
-
-
-@dataclass
-class HeadsMap:
-    """The part of the graph between the losses and ``z`` (the *heads*), from one walk.
-
-    Attributes:
-        consumers: each node that takes ``z`` as an input, with the loss it belongs to and the
-            positions of ``z`` among its inputs.
-        around: the leaves reached by a path that does not pass through ``z``.
-        exclusive: no node of the heads is reached by two losses (separate heads), so that the
-            gradient a consumer sends to ``z`` comes from its one loss.
-    """
-
-    consumers: dict[Node, tuple[int, list[int]]] = field(default_factory=dict)
-    around: set[Tensor] = field(default_factory=set)
-    exclusive: bool = True
-
-
-def map_heads(roots: Sequence[Tensor], features: Tensor) -> HeadsMap:
-    """Walk from each loss down to ``z`` (see :class:`HeadsMap`).
-
-    The walk stops on the edge into ``features``' own output of its node (``output_nr``); an
-    edge into a sibling output of the same node (another chunk of a split) is followed. A node
-    met by a second loss is not walked again (its descendants are known) and marks the heads
-    as not exclusive. Nodes are held during the walk, so their identities stay valid.
-    """
-    cut_node, cut_number = features.grad_fn, features.output_nr
-    heads = HeadsMap()
-    owner: dict[Node, int] = {}
-    for index, loss in enumerate(roots):
-        if loss.grad_fn is None:
-            continue
-        stack = [loss.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node in owner:
-                heads.exclusive = heads.exclusive and owner[node] == index
-                continue
-            owner[node] = index
-            leaf = getattr(node, "variable", None)
-            if leaf is not None:
-                heads.around.add(leaf)
-            for slot, (child, number) in enumerate(node.next_functions):
-                if child is cut_node and number == cut_number:
-                    heads.consumers.setdefault(node, (index, []))[1].append(slot)
-                elif child is not None:
-                    stack.append(child)
-    return heads
 
 
 def _own_inputs(plan: ParameterPlan, m: int) -> list[list[int]]:
@@ -252,8 +202,10 @@ class FeaturesUpdate:
                 "features=."
             )
         shared = list(plan.shared)
-        roots = list(batch.separate) if batch.separate is not None else [batch.vector]
-        heads = map_heads(roots, self.features)
+        heads = plan.heads  # the plan's walk of the heads, when it was made for these features
+        if heads is None or heads.cut != (self.features.grad_fn, self.features.output_nr):
+            roots = list(batch.separate) if batch.separate is not None else [batch.vector]
+            heads = map_heads(roots, self.features)
         if batch.separate is None:  # one 1-D tensor of losses: every reached parameter is shared
             rows, specific_grads = feature_jacobian(batch.vector, self.features), []
         else:
@@ -276,7 +228,7 @@ class FeaturesUpdate:
         heads: HeadsMap,
     ) -> list[Tensor]:
         weights = weights.detach().to(dtype=batch.vector.dtype)
-        if any(param in heads.around for param in shared):
+        if any(id(param) in heads.around for param in shared):
             return list(torch.autograd.grad(batch.vector, shared, weights, materialize_grads=True))
         with torch.no_grad():
             output_grad = (weights @ rows).view_as(self.features)

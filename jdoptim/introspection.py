@@ -12,11 +12,19 @@ reach it, so a subgraph shared by all the losses (a trunk) is walked once, not o
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["collect_loss_leaves", "iter_tensors", "leaf_reach"]
+__all__ = [
+    "HeadsMap",
+    "collect_loss_leaves",
+    "iter_tensors",
+    "leaf_reach",
+    "leaf_reach_through",
+    "map_heads",
+]
 
 
 def iter_tensors(obj: object) -> Iterator[Tensor]:
@@ -105,3 +113,96 @@ def collect_loss_leaves(losses: object) -> set[Tensor]:
             ignored. Leaves with ``requires_grad=False`` and detached subtrees contribute nothing.
     """
     return {leaf for leaf, _ in leaf_reach(list(iter_tensors(losses)))}
+
+
+# -- graphs with a shared representation z (``opt.step(losses, features=z)``) --------------------
+
+
+@dataclass
+class HeadsMap:
+    """The part of the graph between the losses and a representation ``z`` (the *heads*), from
+    one walk.
+
+    Attributes:
+        consumers: each node that takes ``z`` as an input, with the loss it belongs to and the
+            positions of ``z`` among its inputs.
+        around: the ``id`` of each leaf reached by a path that does not pass through ``z`` (the
+            leaves stay alive: their nodes are held in ``leaves``).
+        exclusive: no node of the heads is reached by two losses (separate heads), so that the
+            gradient a consumer sends to ``z`` comes from its one loss.
+        leaves: each leaf node met in the heads, with the index of its loss (complete only when
+            ``exclusive``).
+        cut: ``z``'s node and output number, where the walk stopped.
+    """
+
+    consumers: dict[Node, tuple[int, list[int]]] = field(default_factory=dict)
+    around: set[int] = field(default_factory=set)
+    exclusive: bool = True
+    leaves: dict[Node, int] = field(default_factory=dict)
+    cut: tuple[Node | None, int] = (None, 0)
+
+
+def map_heads(roots: Sequence[Tensor], features: Tensor) -> HeadsMap:
+    """Walk from each loss down to ``z`` (see :class:`HeadsMap`).
+
+    The walk stops on the edge into ``features``' own output of its node (``output_nr``); an
+    edge into a sibling output of the same node (another chunk of a split) is followed. A node
+    met by a second loss is not walked again (its descendants are known) and marks the heads
+    as not exclusive. Nodes are held during the walk, so their identities stay valid.
+    """
+    cut_node, cut_number = features.grad_fn, features.output_nr
+    heads = HeadsMap(cut=(cut_node, cut_number))
+    owner: dict[Node, int] = {}
+    for index, loss in enumerate(roots):
+        if loss.grad_fn is None:
+            continue
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node in owner:
+                heads.exclusive = heads.exclusive and owner[node] == index
+                continue
+            owner[node] = index
+            leaf = getattr(node, "variable", None)
+            if leaf is not None:
+                heads.around.add(id(leaf))
+                heads.leaves[node] = index
+            for slot, (child, number) in enumerate(node.next_functions):
+                if child is cut_node and number == cut_number:
+                    heads.consumers.setdefault(node, (index, []))[1].append(slot)
+                elif child is not None:
+                    stack.append(child)
+    return heads
+
+
+def leaf_reach_through(
+    losses: Sequence[Tensor], features: Tensor
+) -> tuple[list[tuple[Tensor, int]] | None, HeadsMap]:
+    """:func:`leaf_reach` for losses computed from a representation ``z`` (``features``), and
+    the :class:`HeadsMap`, from one walk of the heads and one walk below ``z``.
+
+    With exclusive heads, a path from loss ``i`` to a leaf either stays in loss ``i``'s heads
+    (the leaf was met there: bit ``i``) or enters ``z`` through one of loss ``i``'s consumers
+    (the leaf is below ``z``: bit ``i`` for every loss with a consumer), so the masks are
+    exact; the reach is ``None`` (use :func:`leaf_reach`) when the heads are not exclusive or
+    a loss is itself a leaf.
+    """
+    heads = map_heads(losses, features)
+    if not heads.exclusive or any(loss.grad_fn is None for loss in losses):
+        return None, heads
+    masks: dict[Node, int] = {node: 1 << index for node, index in heads.leaves.items()}
+    through = 0
+    for index, _ in heads.consumers.values():
+        through |= 1 << index
+    if through:
+        stack: list[Node] = [features.grad_fn]  # type: ignore[list-item]
+        seen = set(stack)
+        while stack:
+            node = stack.pop()
+            if getattr(node, "variable", None) is not None:
+                masks[node] = masks.get(node, 0) | through
+            for child, _ in node.next_functions:
+                if child is not None and child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+    return [(node.variable, mask) for node, mask in masks.items()], heads

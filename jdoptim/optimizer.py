@@ -52,6 +52,7 @@ from torch.optim import Optimizer
 from .aggregation import Aggregator, UPGrad, Weighting
 from .aggregation.state import holds_state
 from .amp import LossScaling, no_autocast, scaled
+from .grads import store_gradients
 from .linalg.user_frame import user_stacklevel
 from .losses import (
     LossBatch,
@@ -446,7 +447,7 @@ class JDOptimizer(Optimizer):
         if cross is not None and not ctx.bad:  # [methods] the first of several batches
             ctx.bad = [f"{name} (batch 1)" for name in nonfinite_loss_names(cross.first)]
         if not ctx.bad:
-            ctx.plan = self._plan(batch, ctx.record)
+            ctx.plan = self._plan(batch, ctx.record, ctx.method.features)
 
     def _method_inputs(self, batch: LossBatch, ctx: _StepContext) -> LossBatch:
         """[methods] Parse ``extra_batches=`` and check ``features=`` against the method;
@@ -478,8 +479,10 @@ class JDOptimizer(Optimizer):
                 "itself may run inside it."
             ) from error
 
-    def _plan(self, batch: LossBatch, record: StepRecord) -> ParameterPlan:
-        plan = plan_parameters(batch, self._owned_parameters(), self.scope)
+    def _plan(
+        self, batch: LossBatch, record: StepRecord, features: Tensor | None = None
+    ) -> ParameterPlan:  # features=: one walk of the heads also gives the plan
+        plan = plan_parameters(batch, self._owned_parameters(), self.scope, features)
         record.shared, record.specific = plan.shared, plan.specific
         record.foreign, record.unreached = plan.foreign, plan.unreached
         if not plan.shared and not plan.specific:
@@ -674,15 +677,8 @@ class JDOptimizer(Optimizer):
     def _accumulate(plan: ParameterPlan, result: UpdateResult) -> None:
         params = list(plan.shared) + [p for p, _ in plan.specific]
         grads = result.shared_grads + result.specific_grads
-        with torch.no_grad():
-            for param, grad in zip(params, grads):
-                if grad.dtype != param.dtype:
-                    grad = grad.to(dtype=param.dtype)
-                if param.grad is None:
-                    # A view would keep its whole Jacobian block alive as long as the .grad.
-                    param.grad = grad.clone() if grad._base is not None else grad
-                else:
-                    param.grad.add_(grad)
+        # Stored without a copy where safe (jdoptim/grads.py): not a row of a Jacobian block.
+        store_gradients(list(zip(params, grads)), reserved=(result.weights,))
 
 
 @dataclass

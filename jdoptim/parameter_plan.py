@@ -20,12 +20,12 @@ Losses given separately that reach no owned parameter (only foreign ones, or non
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import Tensor
 
-from .introspection import leaf_reach
+from .introspection import HeadsMap, leaf_reach, leaf_reach_through
 from .losses import LossBatch
 
 Scope = Literal["shared", "all"]
@@ -39,17 +39,32 @@ class ParameterPlan:
     unreached: tuple[Tensor, ...]
     #: Indices of the losses (given separately) that reach none of the owned parameters.
     idle_losses: tuple[int, ...] = ()
+    #: With ``features=z``: the walk of the heads between the losses and ``z`` that gave the
+    #: plan, reused by :class:`~jdoptim.features_step.FeaturesUpdate`.
+    heads: HeadsMap | None = field(default=None, compare=False)
 
 
 def _owner_index(mask: int) -> int:
     return mask.bit_length() - 1
 
 
-def plan_parameters(batch: LossBatch, owned: Iterable[Tensor], scope: Scope) -> ParameterPlan:
-    """Sort the parameters reached by ``batch`` and those in ``owned`` into a plan."""
+def plan_parameters(
+    batch: LossBatch, owned: Iterable[Tensor], scope: Scope, features: Tensor | None = None
+) -> ParameterPlan:
+    """Sort the parameters reached by ``batch`` and those in ``owned`` into a plan.
+
+    With ``features`` (the representation ``z`` of a ``features=`` step) and separate losses,
+    the reach comes from one walk of the heads and one below ``z``
+    (:func:`~jdoptim.introspection.leaf_reach_through`) instead of the general two-pass walk.
+    """
     owned_list = list(owned)
     owned_ids = {id(p) for p in owned_list}
-    if batch.separate is not None:
+    heads = None
+    if batch.separate is not None and features is not None:
+        reach, heads = leaf_reach_through(batch.separate, features)
+        if reach is None:  # heads shared by several losses: the general walk
+            reach = leaf_reach(batch.separate)
+    elif batch.separate is not None:
         reach = leaf_reach(batch.separate)
     else:
         everyone = (1 << batch.m) - 1
@@ -73,7 +88,9 @@ def plan_parameters(batch: LossBatch, owned: Iterable[Tensor], scope: Scope) -> 
             specific.append((leaf, _owner_index(mask)))
     unreached = [p for p in owned_list if id(p) not in reached_ids]
     idle = () if batch.separate is None or not owned_mask else _missing_bits(owned_mask, batch.m)
-    return ParameterPlan(tuple(shared), tuple(specific), tuple(foreign), tuple(unreached), idle)
+    return ParameterPlan(
+        tuple(shared), tuple(specific), tuple(foreign), tuple(unreached), idle, heads
+    )
 
 
 def _missing_bits(mask: int, m: int) -> tuple[int, ...]:

@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .amp import LossScaling, no_autocast, scaler_step
+from .grads import store_gradients
 from .linalg.finite import all_finite, is_finite
 from .losses import (
     LossBatch,
@@ -255,17 +256,12 @@ class ScalarizedStep:
     def _apply(
         self, record: StepRecord, pairs: list[tuple[Tensor, Tensor]], grad_scaler: Any
     ) -> None:
-        """Commit the step: the scalarizer records the call, ``.grad`` accumulates, the wrapped
-        optimizer (or the grad scaler) steps."""
+        """Commit the step: the scalarizer records the call, ``.grad`` accumulates (the computed
+        gradients are stored without a copy where that is safe, as ``backward()`` does; the
+        weights, which were the backward's output gradient, are kept out of ``.grad``), the
+        wrapped optimizer (or the grad scaler) steps."""
         self.scalarizer._observe(record.losses)
-        with torch.no_grad():
-            for param, grad in pairs:
-                if grad.dtype != param.dtype:
-                    grad = grad.to(dtype=param.dtype)
-                if param.grad is None:
-                    param.grad = grad.clone() if grad._base is not None else grad
-                else:
-                    param.grad.add_(grad)
+        store_gradients(pairs, reserved=(record.weights,))
         if grad_scaler is None:
             self.optimizer.step()
         elif scaler_step(grad_scaler, self.optimizer, [p for p, _ in pairs]):

@@ -342,3 +342,60 @@ def test_grad_scaler_gives_the_unscaled_features_step():
     torch.testing.assert_close(opt.last_record.gramian, gramian)
     for name, p in scaled.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
+def _reach_graphs() -> dict[str, tuple[list[Tensor], Tensor]]:
+    """Losses computed from a representation ``z``, in the shapes that the walk must get right."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 5)
+    trunk, h1, h2, h3 = nn.Linear(5, 6), nn.Linear(3, 1), nn.Linear(3, 1), nn.Linear(3, 1)
+    skip, own = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(()))
+    z = torch.tanh(trunk(x))
+    a, b = z.chunk(2, dim=1)
+    heads_z = nn.Linear(6, 1), nn.Linear(6, 1), nn.Linear(6, 1)
+    graphs = {
+        "separate heads": ([head(z).pow(2).mean() for head in heads_z], z),
+        # loss 1 also reaches the trunk through a sibling chunk of z's node (not through z)
+        "split": ([h1(a).pow(2).mean(), (h3(a) * h2(b)).pow(2).mean()], a),
+        # one loss reaches a parameter around z; another does not depend on z at all
+        "skip and a loss without z": (
+            [heads_z[0](z).mean() + (x @ skip).mean(), heads_z[1](z).abs().mean(), own * 2.0],
+            z,
+        ),
+    }
+    shared_head = heads_z[2](z)  # one node reached by two losses: not exclusive
+    graphs["shared head"] = ([shared_head.mean(), shared_head.pow(2).mean()], z)
+    return graphs
+
+
+@pytest.mark.parametrize("case", ["separate heads", "split", "skip and a loss without z"])
+def test_walk_through_features_gives_the_general_walks_masks(case: str) -> None:
+    """The one-walk reach of a features= step equals the general two-pass walk's (an
+    independent algorithm: a topological propagation of loss bitmasks over the whole graph)."""
+    from jdoptim.introspection import leaf_reach, leaf_reach_through
+
+    losses, z = _reach_graphs()[case]
+    reach, heads = leaf_reach_through(losses, z)
+    assert reach is not None and heads.exclusive
+    expected = {(id(leaf), mask) for leaf, mask in leaf_reach(losses)}
+    assert {(id(leaf), mask) for leaf, mask in reach} == expected
+    assert len(reach) == len(expected)  # each leaf once
+
+
+def test_walk_through_features_defers_to_the_general_walk_on_shared_heads() -> None:
+    from jdoptim.introspection import leaf_reach_through
+    from jdoptim.losses import parse_losses
+    from jdoptim.parameter_plan import plan_parameters
+
+    losses, z = _reach_graphs()["shared head"]
+    reach, heads = leaf_reach_through(losses, z)
+    assert reach is None and not heads.exclusive
+    params = list({p for loss in losses for p in _leaves(loss)})
+    plan = plan_parameters(parse_losses(losses), params, "shared", features=z)
+    assert len(plan.shared) == len(params) and not plan.specific  # all reached by both losses
+
+
+def _leaves(loss: Tensor) -> list[Tensor]:
+    from jdoptim.introspection import collect_loss_leaves
+
+    return list(collect_loss_leaves(loss))

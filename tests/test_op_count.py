@@ -1,4 +1,5 @@
-"""The engine step's fixed overhead as a regression test.
+"""The fixed overhead of the engine's, the scalarizers' and the ``features=`` steps as regression
+tests.
 
 Timings are noise on shared CPUs, but the number of tensor operations a step dispatches is
 deterministic (``benchmarks/op_count.py``). This asserts that a JD step on the engine benchmark's
@@ -10,9 +11,13 @@ in the commit (``python benchmarks/op_count.py --where CASE`` lists them by line
 
 from __future__ import annotations
 
+import cProfile
+import pstats
+from collections.abc import Callable
+
 import pytest
 
-from benchmarks.op_count import count_operations
+from benchmarks.op_count import OperationCounter, count_operations
 
 # (case, method): most operations a JD step may add to the plain step of the same case.
 BUDGETS = {
@@ -32,4 +37,97 @@ def test_engine_step_overhead_in_operations(case: str, method: str) -> None:
     assert overhead <= BUDGETS[(case, method)], (
         f"{method} on {case!r}: {overhead} operations over the plain step's {plain}, budget "
         f"{BUDGETS[(case, method)]}; see `python benchmarks/op_count.py --where {case!r}`"
+    )
+
+
+def _plain_and_jd_counts(jd_step: Callable[[], None], plain_step: Callable[[], None]):
+    for _ in range(3):  # warm-up: Adam's state, lazy initialisations
+        plain_step()
+        jd_step()
+    with OperationCounter() as plain:
+        plain_step()
+    with OperationCounter() as jd:
+        jd_step()
+    assert plain.total > 50, "the counter saw no operations: the test would prove nothing"
+    return plain.total, jd.total
+
+
+# Loss-only methods (issue 17: at most 1.15x a plain step): most operations a scalarizer's step
+# may add to the plain summed step, at m = 8 tasks (counts of 2026-12-06, torch 2.13; each is
+# the same at m = 2 except FAMO+closure, whose recomputed forward grows with m).
+SCALARIZER_BUDGETS = {
+    "Sum": 17,
+    "Mean": 18,
+    "Constant": 19,
+    "GeometricMean": 28,
+    "COSMOS": 54,
+    "PBI": 42,
+    "Random": 22,
+    "STCH": 37,
+    "UW": 41,
+    "IMTLL": 36,
+    "DWA": 19,
+    "FAMO": 75,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALARIZER_BUDGETS))
+def test_scalarizer_step_overhead_in_operations(name: str) -> None:
+    """The benchmark's model and step (benchmarks/test_bench_scalarization.py), at small widths:
+    the number of operations does not depend on them."""
+    from benchmarks.test_bench_scalarization import step_pair
+
+    plain, jd = _plain_and_jd_counts(*step_pair(name, 8, 16, (32, 64, 32)))
+    assert jd - plain <= SCALARIZER_BUDGETS[name], (
+        f"{name}: the scalarizer step dispatches {jd - plain} operations over the plain step's "
+        f"{plain}, budget {SCALARIZER_BUDGETS[name]}"
+    )
+
+
+# Representation-level JD (issue 17: at most 1.2x a plain step at 8 and 32 tasks).
+FEATURES_BUDGETS = {("upgrad", 8): 36, ("upgrad", 32): 36, ("mgda", 8): 44, ("mgda", 32): 44}
+
+
+@pytest.mark.parametrize(("method", "m"), sorted(FEATURES_BUDGETS))
+def test_features_step_overhead_in_operations(method: str, m: int) -> None:
+    """The ``features=`` benchmark's step (benchmarks/test_bench_features.py), small widths."""
+    from benchmarks.test_bench_features import step_pair
+
+    jd_step, plain_step, _ = step_pair(method, m, 16, (32, 64, 32))
+    plain, jd = _plain_and_jd_counts(jd_step, plain_step)
+    assert jd - plain <= FEATURES_BUDGETS[(method, m)], (
+        f"features= with {method} at m={m}: {jd - plain} operations over the plain step's "
+        f"{plain}, budget {FEATURES_BUDGETS[(method, m)]}"
+    )
+
+
+# The features= step's cost beyond operations is Python: graph walks, the weighting's solver.
+# Most Python function calls (cProfile) it may add to the plain step: the counts of 2026-12-06
+# (Python 3.11, torch 2.13) plus 5%; three walks of the graph instead of one were +9.5k at
+# m = 32 with UPGrad on the full-size benchmark.
+FEATURES_CALL_BUDGETS = {("upgrad", 8): 1650, ("upgrad", 32): 4950, ("mgda", 8): 1480}
+FEATURES_CALL_BUDGETS[("mgda", 32)] = 4120
+
+
+def _python_calls(step: Callable[[], None]) -> int:
+    profile = cProfile.Profile()
+    profile.enable()
+    step()
+    profile.disable()
+    return pstats.Stats(profile).total_calls  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("method", "m"), sorted(FEATURES_CALL_BUDGETS))
+def test_features_step_overhead_in_python_calls(method: str, m: int) -> None:
+    from benchmarks.test_bench_features import step_pair
+
+    jd_step, plain_step, _ = step_pair(method, m, 16, (32, 64, 32))
+    for _ in range(3):
+        plain_step()
+        jd_step()
+    plain, jd = _python_calls(plain_step), _python_calls(jd_step)
+    assert plain > 100, "the profiler saw no calls: the test would prove nothing"
+    assert jd - plain <= FEATURES_CALL_BUDGETS[(method, m)], (
+        f"features= with {method} at m={m}: {jd - plain} Python calls over the plain step's "
+        f"{plain}, budget {FEATURES_CALL_BUDGETS[(method, m)]}"
     )

@@ -35,13 +35,21 @@ def is_finite(tensor: Tensor) -> bool:
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, from one fused max-norm per tensor (NaN and
-    ±inf propagate through ``max |x|``, and it cannot overflow) and one synchronisation."""
+    """Whether every entry of every tensor is finite, from one fused 2-norm per tensor and one
+    synchronisation when they are.
+
+    ``NaN`` and ``±inf`` propagate through ``‖x‖₂``, so finite norms prove finite entries. A norm
+    can also overflow on huge finite entries: only then are the tensors tested entry-wise. (The
+    2-norm, not the max-norm that cannot overflow: on CPU ``torch._foreach_norm`` with ``inf``
+    costs about nine times as much, ~1.8 ms against ~0.2 ms on a 0.5M-parameter model.)
+    """
     tensors = [t for t in tensors if t.numel()]  # an empty gradient has nothing to check
     if not tensors:
         return True
     if len({(t.device, t.dtype) for t in tensors}) == 1 and hasattr(torch, "_foreach_norm"):
-        norms = torch._foreach_norm(tensors, float("inf"))
+        norms = torch._foreach_norm(tensors, 2.0)
     else:
-        norms = [t.abs().max().float() for t in tensors]
-    return is_finite(torch.stack(norms))
+        norms = [torch.linalg.vector_norm(t).float() for t in tensors]
+    if is_finite(torch.stack(norms)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)  # NaN/inf, or an overflowed norm

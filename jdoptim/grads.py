@@ -1,0 +1,58 @@
+"""Storing a computed gradient in ``.grad`` without a copy when that is safe.
+
+``loss.backward()`` moves the gradient it computed into ``.grad`` (no copy) when nothing else
+holds it; a step that computes gradients with ``torch.autograd.grad`` can do the same, which
+saves a copy of every gradient (about 1 ms per step for a 0.5M-parameter model on CPU). A
+gradient is copied instead when storing it would be unsafe:
+
+* it does not own exactly its memory: a row of a Jacobian block (storing it would keep the
+  whole block alive), or an expanded tensor (``expand`` of a scalar: entries overlap, so an
+  in-place ``.grad`` update would fail or be wrong);
+* it is not contiguous (``.grad`` should have a dense layout, as ``backward()`` gives);
+* its memory was already stored for another parameter in the same step (autograd returns the
+  same tensor for both inputs of an addition), or is one of the step's own tensors that a
+  gradient can pass through unchanged (the output gradient given to ``autograd.grad``, e.g. the
+  weights kept in the ``StepRecord``, reach a parameter as they are through ``clone``): two
+  holders of the same memory would see each other's in-place updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["store_gradients"]
+
+
+def _owns_exactly(grad: Tensor) -> bool:
+    return (
+        grad.is_contiguous()
+        and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
+    )
+
+
+def store_gradients(
+    pairs: Sequence[tuple[Tensor, Tensor]], reserved: Sequence[Tensor | None] = ()
+) -> None:
+    """``param.grad += grad`` for each pair (``param.grad = grad`` when it is ``None``: the
+    gradient itself when safe, else a copy; see the module docstring), cast to the parameter's
+    dtype. ``reserved``: the tensors whose memory must never become a ``.grad``."""
+    taken = {t.untyped_storage().data_ptr() for t in reserved if t is not None}
+    with torch.no_grad():
+        for param, grad in pairs:
+            if grad.dtype != param.dtype:
+                grad = grad.to(dtype=param.dtype)
+            if param.grad is not None:
+                param.grad.add_(grad)
+                continue
+            if grad.layout is not torch.strided:  # e.g. a sparse embedding gradient
+                param.grad = grad
+                continue
+            address = grad.untyped_storage().data_ptr()
+            if address in taken or not _owns_exactly(grad):
+                grad = grad.clone(memory_format=torch.contiguous_format)
+            elif address:  # an empty gradient has no memory to share
+                taken.add(address)
+            param.grad = grad
