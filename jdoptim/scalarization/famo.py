@@ -31,6 +31,7 @@ batch) as ``ℓ'`` — no extra forward, but ``δ`` then also holds the change b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,10 +142,38 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
         after = (values.detach() - self.min_losses + _EPSILON).log()
         delta = (before - after).reshape(-1).to(self.logits.dtype)
         z = self.task_weights().reshape(-1)
-        self.logits.grad = (z * (delta - (z * delta).sum())).reshape(self.logits.shape)
-        self._optimizer.step()
-        self.logits.grad = None  # only FAMO's Adam steps the logits
+        grad = (z * (delta - (z * delta).sum())).reshape(self.logits.shape)
+        self._adam_step(grad)
         self._previous = None
+
+    def _adam_step(self, grad: Tensor) -> None:
+        r"""One Adam step (Kingma & Ba, with L2 weight decay ``λ`` added to the gradient, as
+        ``torch.optim.Adam``) of the logits, on the moments held in ``self._optimizer``'s state
+        (so its ``state_dict`` is unchanged):
+
+        .. math::  g = ∇ + λw,\quad m ← β_1 m + (1-β_1) g,\quad v ← β_2 v + (1-β_2) g^2,\quad
+                   w ← w - \frac{η}{1-β_1^t}\, \frac{m}{\sqrt{v/(1-β_2^t)} + ε} .
+
+        Written out because ``Optimizer.step``'s machinery costs about ten times these eight
+        operations on ``m`` numbers, a visible share of a loss-only step.
+        """
+        group = self._optimizer.param_groups[0]
+        (beta1, beta2), eps, lr = group["betas"], group["eps"], group["lr"]
+        state = self._optimizer.state[self.logits]
+        if not state:
+            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = torch.tensor(0.0, dtype=scalar)
+            state["exp_avg"] = torch.zeros_like(self.logits, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(self.logits, memory_format=torch.preserve_format)
+        with torch.no_grad():
+            if group["weight_decay"]:
+                grad = grad.add(self.logits, alpha=group["weight_decay"])
+            state["step"] += 1
+            step = float(state["step"])
+            state["exp_avg"].lerp_(grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            self.logits.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
 
     @property
     def _adam_state(self) -> dict[str, Any]:

@@ -241,3 +241,28 @@ def test_dwa_window_refuses_an_undefined_rate_before_the_call_changes_anything()
     after = dwa.get_extra_state()
     assert after["count"] == state["count"] and after["sum"] is None
     assert len(after["averages"]) == 1 and torch.equal(after["averages"][0], state["averages"][0])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
+def test_famo_logit_update_is_torch_adam(weight_decay: float) -> None:
+    """FAMO's hand-written Adam step on the logits equals ``torch.optim.Adam`` on the same
+    gradients (``∇ = z ⊙ (δ − zᵀδ)``, ``δ = log ℓ − log ℓ'``), over several updates, and leaves
+    its state in the Adam's ``state_dict`` format."""
+    torch.manual_seed(0)
+    famo = FAMO(4, lr=0.05, weight_decay=weight_decay)
+    logits = torch.zeros(4, requires_grad=True)
+    reference = torch.optim.Adam([logits], lr=0.05, weight_decay=weight_decay)
+    for _ in range(6):
+        before, after = torch.rand(4) + 0.5, torch.rand(4) + 0.5
+        famo(before)
+        famo.update(after)
+        z = logits.detach().softmax(0)
+        delta = before.log() - after.log()
+        logits.grad = z * (delta - (z * delta).sum())
+        reference.step()
+        torch.testing.assert_close(famo.logits.detach(), logits.detach(), rtol=1e-6, atol=1e-7)
+    ours = famo._optimizer.state_dict()["state"][0]
+    theirs = reference.state_dict()["state"][0]
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-9)
