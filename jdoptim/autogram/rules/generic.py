@@ -60,7 +60,7 @@ class GenericRule(LayerRule):
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
-        names = {}
+        names: dict[Tensor, str] = {}
         for name, param in call.module.named_parameters():
             names.setdefault(param, name)
         self.names = names
@@ -172,12 +172,12 @@ class GenericRule(LayerRule):
         assert call.batch_dim is not None
         flat, spec = tree_flatten((args, kwargs))
         dims = input_sample_dims(call.module, flat, call.batch_dim, call.b)
-        out_dims = [call.out_dim(i) for i in range(len(grads))]
+        out_dims = [call.sample_out_dim(i) for i in range(len(grads))]
 
         def one(flat_one: list[Any], grads_one: tuple[Tensor, ...]) -> dict[str, Tensor]:
             restored = [t.unsqueeze(d) if d is not None else t for t, d in zip(flat_one, dims)]
             args_one, kwargs_one = tree_unflatten(restored, spec)
-            _, pullback = vjp(lambda p: self._outputs(p, buffers, args_one, kwargs_one), primals)
+            pullback = vjp(lambda p: self._outputs(p, buffers, args_one, kwargs_one), primals)[1]
             cotangents = tuple(g.unsqueeze(d + 1) for g, d in zip(grads_one, out_dims))
             return vmap(pullback)(cotangents)[0]
 
