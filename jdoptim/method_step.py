@@ -18,6 +18,7 @@ Nothing is written to a parameter or its ``.grad`` here: a refusal leaves everyt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -160,10 +161,22 @@ def prepare_method(
     return MethodStep(bind_inputs(aggregator, extra), step_computer)
 
 
+@runtime_checkable
+class _NamesLayerParams(Protocol):
+    """A method that names the parameters of the layer whose Gramian it needs."""
+
+    def layer_params(self) -> tuple[Tensor, ...]: ...
+
+
 def _layer_gramian(aggregator: Aggregator, batch: LossBatch) -> Tensor:
     """The Gramian of the losses over the parameters the method names (its ``layer_params``)."""
     weighting = getattr(aggregator, "weighting", aggregator)
-    params = list(weighting.layer_params())  # type: ignore[attr-defined]
+    if not isinstance(weighting, _NamesLayerParams):
+        raise TypeError(
+            f"{type(aggregator).__name__} declares that it needs 'layer_gramian' but has no "
+            "layer_params() naming the parameters of its layer: define layer_params()."
+        )
+    params = list(weighting.layer_params())
     blocks = compute_jacobian(batch.vector, params, retain_graph=True)
     gramian = gramian_of_blocks(blocks).detach()
     ensure_finite(gramian, "Gramian over the method's layer")

@@ -214,7 +214,7 @@ class JDOptimizer(Optimizer):
     # -- the torch.optim surface, delegated to the wrapped optimizer --------------------------
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -222,7 +222,7 @@ class JDOptimizer(Optimizer):
         self.optimizer.param_groups = value
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> Any:
         return self.optimizer.state
 
     @state.setter
@@ -230,7 +230,7 @@ class JDOptimizer(Optimizer):
         self.optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
     @defaults.setter
@@ -445,13 +445,21 @@ class JDOptimizer(Optimizer):
         if not ctx.bad:
             ctx.plan = self._plan(batch, ctx.record)
 
+    @property
+    def _jd_aggregator(self) -> Aggregator:
+        """The aggregator of the Jacobian-descent step (a scalarizer never reaches it: it takes
+        its own step, see :mod:`jdoptim.scalarized_step`)."""
+        aggregator = self.aggregator
+        assert isinstance(aggregator, Aggregator), "a scalarizer takes the scalarized step"
+        return aggregator
+
     def _method_inputs(self, batch: LossBatch, ctx: _StepContext) -> LossBatch:
         """[methods] Parse ``extra_batches=`` and check ``features=`` against the method;
         returns the batch whose losses make the update (see :mod:`jdoptim.cross_batch`)."""
         method = ctx.method
-        method.cross = CrossBatches.parse(batch, method.extra_batches, self.aggregator)
+        method.cross = CrossBatches.parse(batch, method.extra_batches, self._jd_aggregator)
         check_method_step(
-            self.aggregator,
+            self._jd_aggregator,
             self._update_computer,
             features=method.features,
             cross=method.cross,
@@ -529,7 +537,7 @@ class JDOptimizer(Optimizer):
         try:
             with no_autocast(batch.vector.device.type):
                 prepared = prepare_method(  # [methods] bound inputs, W(J₁J₂ᵀ), features= route
-                    self.aggregator,
+                    self._jd_aggregator,
                     batch,
                     ctx.plan,
                     self._update_computer,
