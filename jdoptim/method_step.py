@@ -66,13 +66,22 @@ class RoutedUpdate(UpdateComputer):
         self.route = route
         self.base = base
 
+    # The wrapper's max_loss_dim and distributed are the base computer's (read and written).
     @property
-    def max_loss_dim(self) -> int:  # type: ignore[override]
+    def max_loss_dim(self) -> int:
         return self.base.max_loss_dim
 
+    @max_loss_dim.setter
+    def max_loss_dim(self, value: int) -> None:
+        self.base.max_loss_dim = value
+
     @property
-    def distributed(self) -> bool:  # type: ignore[override]
+    def distributed(self) -> bool:
         return self.base.distributed
+
+    @distributed.setter
+    def distributed(self, value: bool) -> None:
+        self.base.distributed = value
 
     def compute(
         self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
@@ -173,7 +182,7 @@ def _layer_gramian(aggregator: Aggregator, batch: LossBatch) -> Tensor:
     weighting = getattr(aggregator, "weighting", aggregator)
     if not isinstance(weighting, _NamesLayerParams):
         raise TypeError(
-            f"{type(aggregator).__name__} declares that it needs 'layer_gramian' but has no "
+            f"{type(weighting).__name__} declares that it needs 'layer_gramian' but has no "
             "layer_params() naming the parameters of its layer: define layer_params()."
         )
     params = list(weighting.layer_params())

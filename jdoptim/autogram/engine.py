@@ -221,8 +221,11 @@ class Engine:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("This engine is closed: its hooks were removed.")
-        if any(m.training or not m.track_running_stats for m in self._batch_norms):
-            problem = sample_mixing_problem(self.modules, self.batch_dim)  # type: ignore[arg-type]
+        batch_dim = self.batch_dim  # (batch norms are only watched with a batch_dim)
+        if batch_dim is not None and any(
+            m.training or not m.track_running_stats for m in self._batch_norms
+        ):
+            problem = sample_mixing_problem(self.modules, batch_dim)
             if problem:
                 raise ValueError(problem)
 
