@@ -338,7 +338,7 @@ class Engine:
         warning is due."""
         return self._shared is not None and all(m in self._shared.expandable for m in modules)
 
-    def _check_expansions(self, scan, losses: Tensor) -> None:
+    def _check_expansions(self, scan: GraphScan, losses: Tensor) -> None:
         """Raises if an expanded sample-shared output (see :mod:`._shared`) has a consumer that
         does not broadcast it against the samples: the forward may then differ from the
         model's own, so the step is refused (the module is not expanded again)."""
