@@ -56,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -78,6 +78,28 @@ __all__ = [
 ]
 
 
+@runtime_checkable
+class GradScalerLike(Protocol):
+    """What a step uses of a ``torch.amp.GradScaler``."""
+
+    def scale(self, outputs: Any) -> Any: ...
+
+    def get_scale(self) -> float: ...
+
+    def step(self, optimizer: Optimizer, *args: Any, **kwargs: Any) -> Any: ...
+
+    def is_enabled(self) -> bool: ...
+
+
+def _as_scaler(grad_scaler: object) -> GradScalerLike:
+    """``grad_scaler`` if it has a GradScaler's methods, else a ``TypeError`` that says so."""
+    if not isinstance(grad_scaler, GradScalerLike):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}."
+        )
+    return grad_scaler
+
+
 class LossScaling:
     """The loss scaling of one step by a ``GradScaler``; see the module docstring.
 
@@ -86,7 +108,7 @@ class LossScaling:
     :meth:`unscale_gramian` then undo it.
     """
 
-    def __init__(self, grad_scaler: Any) -> None:
+    def __init__(self, grad_scaler: GradScalerLike) -> None:
         self.grad_scaler = grad_scaler
         self.scale: float | None = None
 
@@ -95,13 +117,10 @@ class LossScaling:
         """The scaling of ``grad_scaler``, or ``None`` when it is absent or disabled."""
         if grad_scaler is None:
             return None
-        if not all(hasattr(grad_scaler, name) for name in ("scale", "get_scale", "step")):
-            raise TypeError(
-                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}."
-            )
-        if not grad_scaler.is_enabled():  # type: ignore[attr-defined]
+        scaler = _as_scaler(grad_scaler)
+        if not scaler.is_enabled():
             return None
-        return cls(grad_scaler)
+        return cls(scaler)
 
     def scale_batch(self, batch: LossBatch) -> LossBatch:
         """The same losses multiplied by the scale (the graph goes through the product)."""
@@ -168,13 +187,22 @@ class ScaledUpdate(UpdateComputer):
         self.scaling = scaling
         self.overflow: str | None = None  # why the scaled backward gave no finite update
 
+    # The wrapper's max_loss_dim and distributed are the inner computer's (read and written).
     @property
-    def max_loss_dim(self) -> int:  # type: ignore[override]
+    def max_loss_dim(self) -> int:
         return self.inner.max_loss_dim
 
+    @max_loss_dim.setter
+    def max_loss_dim(self, value: int) -> None:
+        self.inner.max_loss_dim = value
+
     @property
-    def distributed(self) -> bool:  # type: ignore[override]
+    def distributed(self) -> bool:
         return self.inner.distributed
+
+    @distributed.setter
+    def distributed(self, value: bool) -> None:
+        self.inner.distributed = value
 
     def agree(self, error: BaseException | None, nonfinite: bool) -> bool:
         return self.inner.agree(error, nonfinite)
@@ -239,7 +267,7 @@ def scaler_step(grad_scaler: object, optimizer: Optimizer, params: list[Tensor])
     """
     with torch.no_grad():
         found_inf = not all_finite([p.grad for p in params if p.grad is not None])
-    grad_scaler.step(optimizer)  # type: ignore[attr-defined]
+    _as_scaler(grad_scaler).step(optimizer)
     return found_inf
 
 

@@ -28,7 +28,7 @@ def _jacobian_by_loop(losses: Tensor, inputs: Sequence[Tensor], retain_graph: bo
             torch.autograd.grad(losses[index], inputs, retain_graph=keep, allow_unused=True)
         )
     return [
-        torch.stack([row[k] if row[k] is not None else torch.zeros_like(x) for row in rows])
+        torch.stack([g if (g := row[k]) is not None else torch.zeros_like(x) for row in rows])
         for k, x in enumerate(inputs)
     ]
 

@@ -256,7 +256,7 @@ METHODS: tuple[MethodEntry, ...] = (
     ),
     # -- loss-only methods (jdoptim.scalarization): one backward of the scalarized loss --
     *(
-        MethodEntry(*fields, module="scalarization", in_demo=False)  # type: ignore[arg-type]
+        MethodEntry(*fields, module="scalarization", in_demo=False)
         for fields in (
             ("Sum", "losses", "no", "no", "the sum of the losses", "plain scalarisation"),
             ("Mean", "losses", "no", "no", "the mean of the losses", "plain scalarisation"),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import Node
 
 from .linalg.finite import is_finite
 
@@ -164,11 +166,17 @@ class StaleGraphError(RuntimeError):
     tensors were modified in place since: the losses must be recomputed."""
 
 
+def _metadata(node: Node) -> dict[Any, Any]:
+    """The metadata dict of an autograd node (attached to the node, freed with the graph)."""
+    # torch's Node stub declares `metadata` a method; at run time it is a dict attribute.
+    return node.metadata  # type: ignore[return-value]
+
+
 def check_not_stepped(batch: LossBatch) -> None:
     """Raise :class:`StaleGraphError` if a step already consumed one of ``batch``'s losses."""
     for source, name in zip(batch.sources, batch.names if batch.separate else ("the losses",)):
         node = source.grad_fn
-        if node is not None and node.metadata.get(_STEPPED):
+        if node is not None and _metadata(node).get(_STEPPED):
             raise StaleGraphError(
                 f"{name} was already used by a step: its graph is consumed and the parameters "
                 "have changed since it was computed. Recompute the losses each step (a new "
@@ -180,7 +188,7 @@ def mark_stepped(batch: LossBatch) -> None:
     """Mark ``batch``'s losses as consumed (see :func:`check_not_stepped`)."""
     for source in batch.sources:
         if source.grad_fn is not None:
-            source.grad_fn.metadata[_STEPPED] = True
+            _metadata(source.grad_fn)[_STEPPED] = True
 
 
 def translate_graph_error(error: RuntimeError) -> StaleGraphError | None:

@@ -18,6 +18,7 @@ Nothing is written to a parameter or its ``.grad`` here: a refusal leaves everyt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -65,13 +66,22 @@ class RoutedUpdate(UpdateComputer):
         self.route = route
         self.base = base
 
+    # The wrapper's max_loss_dim and distributed are the base computer's (read and written).
     @property
-    def max_loss_dim(self) -> int:  # type: ignore[override]
+    def max_loss_dim(self) -> int:
         return self.base.max_loss_dim
 
+    @max_loss_dim.setter
+    def max_loss_dim(self, value: int) -> None:
+        self.base.max_loss_dim = value
+
     @property
-    def distributed(self) -> bool:  # type: ignore[override]
+    def distributed(self) -> bool:
         return self.base.distributed
+
+    @distributed.setter
+    def distributed(self, value: bool) -> None:
+        self.base.distributed = value
 
     def compute(
         self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
@@ -160,10 +170,22 @@ def prepare_method(
     return MethodStep(bind_inputs(aggregator, extra), step_computer)
 
 
+@runtime_checkable
+class _NamesLayerParams(Protocol):
+    """A method that names the parameters of the layer whose Gramian it needs."""
+
+    def layer_params(self) -> tuple[Tensor, ...]: ...
+
+
 def _layer_gramian(aggregator: Aggregator, batch: LossBatch) -> Tensor:
     """The Gramian of the losses over the parameters the method names (its ``layer_params``)."""
     weighting = getattr(aggregator, "weighting", aggregator)
-    params = list(weighting.layer_params())  # type: ignore[attr-defined]
+    if not isinstance(weighting, _NamesLayerParams):
+        raise TypeError(
+            f"{type(weighting).__name__} declares that it needs 'layer_gramian' but has no "
+            "layer_params() naming the parameters of its layer: define layer_params()."
+        )
+    params = list(weighting.layer_params())
     blocks = compute_jacobian(batch.vector, params, retain_graph=True)
     gramian = gramian_of_blocks(blocks).detach()
     ensure_finite(gramian, "Gramian over the method's layer")

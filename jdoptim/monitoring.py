@@ -85,7 +85,7 @@ def summarize(record: StepRecord) -> dict[str, Any]:
     if record.weights is not None:
         summary["weights"] = dict(zip(record.names, record.weights.tolist()))
     if record.gramian is not None:
-        summary["cosine_similarities"] = record.cosine_similarities.tolist()
+        summary["cosine_similarities"] = cosine_similarities(record.gramian).tolist()
         summary["conflicting_pairs"] = record.conflicting_pairs
     if record.update_norm is not None:
         summary["update_norm"] = float(record.update_norm)
@@ -122,7 +122,7 @@ class History:
             self.min_cosine.append(None)
         else:
             self.conflicting_pairs.append(record.conflicting_pairs)
-            cosines = record.cosine_similarities
+            cosines = cosine_similarities(record.gramian)
             m = cosines.shape[0]
             off = cosines[~torch.eye(m, dtype=torch.bool, device=cosines.device)]
             self.min_cosine.append(float(off.min()) if off.numel() else None)

@@ -187,8 +187,8 @@ class JDOptimizer(Optimizer):
         self._ddp_check_pending = process_group is None  # False: per-process JD, on purpose
         self._warned: set[str] = set()  # the warnings given once per optimizer
         self._batch_sizes = _BatchSizes()
-        if self._uses_engine and batch_dim is None:
-            self._batch_sizes.watch(modules, self)  # type: ignore[arg-type]
+        if modules is not None and self._uses_engine and batch_dim is None:
+            self._batch_sizes.watch(modules, self)
         self._update_computer: UpdateComputer = self._make_update_computer(
             modules, batch_dim, None if process_group is False else process_group
         )
@@ -218,7 +218,7 @@ class JDOptimizer(Optimizer):
     # -- the torch.optim surface, delegated to the wrapped optimizer --------------------------
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -226,7 +226,7 @@ class JDOptimizer(Optimizer):
         self.optimizer.param_groups = value
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> Any:
         return self.optimizer.state
 
     @state.setter
@@ -234,7 +234,7 @@ class JDOptimizer(Optimizer):
         self.optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
     @defaults.setter
@@ -310,6 +310,7 @@ class JDOptimizer(Optimizer):
     def _owned_parameters(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    # Not torch.optim's step(closure): JD steps on the losses, and returns their StepRecord.
     def step(  # type: ignore[override]
         self,
         losses: object = None,
@@ -406,14 +407,15 @@ class JDOptimizer(Optimizer):
     ) -> StepRecord:
         ctx = _StepContext(method=method)
         self._inputs(ctx, losses, grad_scaler, grad_was_on)
+        batch, record = ctx.parsed()
         if ctx.bad:
             return self._refuse(
-                ctx.record,
+                record,
                 f"Non-finite loss value in {', '.join(ctx.bad)}: nothing was updated. Check the "
                 "data and the learning rate, or pass nonfinite='skip' to skip such steps.",
             )
-        self._note_idle_losses(ctx.record, ctx.batch, ctx.plan)
-        self._warn_if_per_sample(ctx.batch)
+        self._note_idle_losses(record, batch, ctx.planned())
+        self._warn_if_per_sample(batch)
         return self._update(ctx)
 
     def _inputs(
@@ -449,13 +451,21 @@ class JDOptimizer(Optimizer):
         if not ctx.bad:
             ctx.plan = self._plan(batch, ctx.record, ctx.method.features)
 
+    @property
+    def _jd_aggregator(self) -> Aggregator:
+        """The aggregator of the Jacobian-descent step (a scalarizer never reaches it: it takes
+        its own step, see :mod:`jdoptim.scalarized_step`)."""
+        aggregator = self.aggregator
+        assert isinstance(aggregator, Aggregator), "a scalarizer takes the scalarized step"
+        return aggregator
+
     def _method_inputs(self, batch: LossBatch, ctx: _StepContext) -> LossBatch:
         """[methods] Parse ``extra_batches=`` and check ``features=`` against the method;
         returns the batch whose losses make the update (see :mod:`jdoptim.cross_batch`)."""
         method = ctx.method
-        method.cross = CrossBatches.parse(batch, method.extra_batches, self.aggregator)
+        method.cross = CrossBatches.parse(batch, method.extra_batches, self._jd_aggregator)
         check_method_step(
-            self.aggregator,
+            self._jd_aggregator,
             self._update_computer,
             features=method.features,
             cross=method.cross,
@@ -496,9 +506,9 @@ class JDOptimizer(Optimizer):
     def _update(self, ctx: _StepContext) -> StepRecord:
         """The compute, check and apply phases; the aggregator's state is restored when the
         step is refused or skipped."""
-        record = ctx.record
+        batch, record = ctx.parsed()
         ctx.snapshot = self._aggregator_snapshot()
-        for consumed in ctx.method.batches(ctx.batch):  # from here, the losses' graph is consumed
+        for consumed in ctx.method.batches(batch):  # from here, the losses' graph is consumed
             mark_stepped(consumed)
         try:
             result = self._compute(ctx)
@@ -514,7 +524,7 @@ class JDOptimizer(Optimizer):
             self._restore_aggregator(ctx.snapshot)
             raise
         _record_result(record, result)
-        problem = ctx.computer.check(result)
+        problem = ctx.stepping().check(result)
         if problem:
             self._restore_aggregator(ctx.snapshot)
             return self._refuse(
@@ -531,20 +541,20 @@ class JDOptimizer(Optimizer):
         ``features=`` / ``extra_batches=``, under the GradScaler's :class:`~jdoptim.amp.
         ScaledUpdate` when one is given) and its result; torch's graph-reuse errors become the
         library's."""
-        batch, method = ctx.batch, ctx.method
+        (batch, _), plan, method = ctx.parsed(), ctx.planned(), ctx.method
         try:
             with no_autocast(batch.vector.device.type):
                 prepared = prepare_method(  # [methods] bound inputs, W(J₁J₂ᵀ), features= route
-                    self.aggregator,
+                    self._jd_aggregator,
                     batch,
-                    ctx.plan,
+                    plan,
                     self._update_computer,
                     features=method.features,
                     cross=method.cross,
                     scaled=ctx.scaling is not None,
                 )
-                ctx.computer = scaled(prepared.computer, ctx.scaling)
-                return ctx.computer.compute(batch, ctx.plan, prepared.aggregator)
+                ctx.computer = computer = scaled(prepared.computer, ctx.scaling)
+                return computer.compute(batch, plan, prepared.aggregator)
         except RuntimeError as error:
             stale = translate_graph_error(error)
             if stale is None:
@@ -555,13 +565,13 @@ class JDOptimizer(Optimizer):
         """The apply phase: accumulate the update into ``.grad`` and run the wrapped optimizer's
         step through the step's computer (``grad_scaler.step`` under a GradScaler, which may
         skip it: the aggregator's state is then restored)."""
-        plan, record = ctx.plan, ctx.record
+        plan, (_, record) = ctx.planned(), ctx.parsed()
         self._accumulate(plan, result)
         if self.freeze_foreign:
             for leaf in plan.foreign:
                 leaf.requires_grad_(False)
         params = list(plan.shared) + [p for p, _ in plan.specific]
-        reason = ctx.computer.step_optimizer(self.optimizer, params)
+        reason = ctx.stepping().step_optimizer(self.optimizer, params)
         if reason is not None:
             self._restore_aggregator(ctx.snapshot)  # a skipped step leaves the aggregator as well
             record.skipped, record.reason = True, reason
@@ -713,12 +723,27 @@ class _StepContext:
 
     method: _MethodArgs
     scaling: LossScaling | None = None
-    batch: LossBatch = None  # type: ignore[assignment]
-    record: StepRecord = None  # type: ignore[assignment]
-    plan: ParameterPlan = None  # type: ignore[assignment]
+    batch: LossBatch | None = None
+    record: StepRecord | None = None
+    plan: ParameterPlan | None = None
     bad: list[str] = field(default_factory=list)
-    computer: UpdateComputer = None  # type: ignore[assignment]
+    computer: UpdateComputer | None = None
     snapshot: dict[str, Any] | None = None
+
+    def parsed(self) -> tuple[LossBatch, StepRecord]:
+        """The batch and the record (the parse phase sets them, or raises)."""
+        assert self.batch is not None and self.record is not None, "before the parse phase"
+        return self.batch, self.record
+
+    def planned(self) -> ParameterPlan:
+        """The parameter plan (the plan phase sets it when every loss is finite)."""
+        assert self.plan is not None, "before the plan phase, or with a non-finite loss"
+        return self.plan
+
+    def stepping(self) -> UpdateComputer:
+        """This step's update computer (the compute phase sets it)."""
+        assert self.computer is not None, "before the compute phase"
+        return self.computer
 
 
 def _record_result(record: StepRecord, result: UpdateResult) -> None:

@@ -283,7 +283,13 @@ class GramianStep:
         on every other step."""
         if self.backward_inputs:
             zeros = torch.zeros_like(losses)
-            torch.autograd.grad(losses, self.backward_inputs, zeros, allow_unused=True)
+            # torch's stub takes all tensors or all edges; autograd.grad takes a mix of both.
+            torch.autograd.grad(
+                losses,
+                self.backward_inputs,  # type: ignore[arg-type]
+                zeros,
+                allow_unused=True,
+            )
 
     def label(self, module: torch.nn.Module) -> str:
         """How messages name ``module``: its path in the model and its type."""

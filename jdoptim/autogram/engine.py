@@ -64,7 +64,7 @@ from torch.utils.hooks import RemovableHandle
 from ..linalg.gramian import generalize_gramian
 from ..linalg.user_frame import user_stacklevel
 from ._certify import EngineRouteWarning, Route, failing_modules, signature
-from ._graph import scan_graph
+from ._graph import GraphScan, scan_graph
 from ._records import RandomState, make_hook, make_pre_hook
 from ._selection import (
     batch_norms,
@@ -81,6 +81,9 @@ __all__ = ["Engine", "EngineRouteWarning", "gramian_dtype"]
 
 #: at most this many graph structures' routes are remembered (the oldest is dropped first)
 _MAX_ROUTES = 64
+#: What a step is built from: the losses, their graph scan, the shared and the specific
+#: parameters, and whether every loss is assumed to reach the parameters.
+_StepOptions = tuple[Tensor, GraphScan, list[Tensor], list[Tensor], bool]
 
 _COUNTER = itertools.count()
 
@@ -219,8 +222,11 @@ class Engine:
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("This engine is closed: its hooks were removed.")
-        if any(m.training or not m.track_running_stats for m in self._batch_norms):
-            problem = sample_mixing_problem(self.modules, self.batch_dim)  # type: ignore[arg-type]
+        batch_dim = self.batch_dim  # (batch norms are only watched with a batch_dim)
+        if batch_dim is not None and any(
+            m.training or not m.track_running_stats for m in self._batch_norms
+        ):
+            problem = sample_mixing_problem(self.modules, batch_dim)
             if problem:
                 raise ValueError(problem)
 
@@ -244,16 +250,17 @@ class Engine:
                 "The losses have no autograd graph (no grad_fn): compute them from the model's "
                 "output with gradients enabled."
             )
-        per_sample = per_sample and self.batch_dim is not None
+        batch_dim = self.batch_dim if per_sample else None
+        per_sample = batch_dim is not None
         scan = scan_graph([losses.grad_fn], self._key)
         if self._shared is not None:
             self._check_expansions(scan, losses)
-            if per_sample and losses.dim() > self.batch_dim:  # type: ignore[operator]
-                learn(self._shared, scan.calls, losses, losses.shape[self.batch_dim])
+            if batch_dim is not None and losses.dim() > batch_dim:
+                learn(self._shared, scan.calls, losses, losses.shape[batch_dim])
         params = {id(p) for p in shared} | {id(p) for p in specific}
         key = signature(scan, losses, per_sample, params)
         route = self._routes.get(key)
-        options = (losses, scan, shared, specific, assume_reached)
+        options: _StepOptions = (losses, scan, shared, specific, assume_reached)
         if route is not None:
             return self._make_step(*options, route, retain_graph)
         step, route = self._certified_step(options, per_sample)
@@ -264,7 +271,16 @@ class Engine:
         self._routes[key] = route
         return step
 
-    def _make_step(self, losses, scan, shared, specific, assume_reached, route, retain_graph):
+    def _make_step(
+        self,
+        losses: Tensor,
+        scan: GraphScan,
+        shared: list[Tensor],
+        specific: list[Tensor],
+        assume_reached: bool,
+        route: Route,
+        retain_graph: bool,
+    ) -> GramianStep:
         return GramianStep(
             losses,
             self._key,
@@ -280,7 +296,7 @@ class Engine:
             labels=self._labels,
         )
 
-    def _certified_step(self, options: tuple, per_sample: bool) -> tuple[GramianStep, Route]:
+    def _certified_step(self, options: _StepOptions, per_sample: bool) -> tuple[GramianStep, Route]:
         """The first step of a structure: the fast route if the check passes, else the next
         exact one (see :mod:`._certify`). Warns once the route is known, with its reason: a
         per-sample failure that one row per loss cures is the samples' dependence; one that
@@ -323,7 +339,7 @@ class Engine:
         warning is due."""
         return self._shared is not None and all(m in self._shared.expandable for m in modules)
 
-    def _check_expansions(self, scan, losses: Tensor) -> None:
+    def _check_expansions(self, scan: GraphScan, losses: Tensor) -> None:
         """Raises if an expanded sample-shared output (see :mod:`._shared`) has a consumer that
         does not broadcast it against the samples: the forward may then differ from the
         model's own, so the step is refused (the module is not expanded again)."""

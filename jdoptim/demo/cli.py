@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -212,7 +213,7 @@ def _run_seeds(
                 continue
             problem = multitask.MultiTaskProblem(seed=each_seed)
             runs[method].append(
-                multitask.train(problem, method, steps, on_step=lambda m=method: bar.update(1, m))
+                multitask.train(problem, method, steps, on_step=partial(bar.update, 1, method))
             )
     print(report.seeds_table(runs), file=out)
     print(
@@ -254,7 +255,7 @@ def _run_toy(chosen: Sequence[str], steps: int, out: TextIO) -> list[toy.ToyResu
     with ProgressBar(len(runnable) * len(toy.STARTS) * steps, "toy problem") as bar:
         for method in runnable:
             results.append(
-                toy.optimise(method, steps=steps, on_step=lambda m=method: bar.update(1, m))
+                toy.optimise(method, steps=steps, on_step=partial(bar.update, 1, method))
             )
     print(report.toy_table(results), file=out)
     print(

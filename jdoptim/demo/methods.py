@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .. import catalog
 from ..aggregation import Aggregator
+from ..scalarization import Scalarizer
 
 __all__ = [
     "BASELINE",
@@ -81,6 +82,7 @@ def runs_on_toy(name: str) -> bool:
     return entry.min_losses <= 2 and "losses" not in entry.needs
 
 
-def make_aggregator(name: str, m: int) -> Aggregator:
-    """A fresh aggregator for ``m`` losses (stateful ones must not be shared between runs)."""
+def make_aggregator(name: str, m: int) -> Aggregator | Scalarizer:
+    """A fresh aggregator (or, for a loss-only method, scalarizer) for ``m`` losses
+    (stateful ones must not be shared between runs)."""
     return catalog.by_name(name).build(m)

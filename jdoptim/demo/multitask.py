@@ -151,7 +151,8 @@ class _Run:
         self.adam.zero_grad()
         record = None
         if self.jd is None:
-            sum(losses.values()).backward()
+            values = list(losses.values())
+            sum(values[1:], values[0]).backward()  # (the order and result of sum(values))
             self.adam.step()
         else:
             record = self.jd.step(losses)

@@ -41,7 +41,9 @@ __all__ = [
 
 
 def make_distributed_update(
-    process_group: object, modules: object = None, batch_dim: int | None = None
+    process_group: object,
+    modules: nn.Module | Iterable[nn.Module] | None = None,
+    batch_dim: int | None = None,
 ) -> DistributedJacobianUpdate:
     """The update computer of ``JDOptimizer(..., process_group=...)``.
 
@@ -61,7 +63,7 @@ def make_distributed_update(
         )
     group = resolve_process_group(process_group)
     if modules is not None and batch_dim is not None:
-        module_list = [modules] if isinstance(modules, nn.Module) else list(modules)  # type: ignore[call-overload]
+        module_list = [modules] if isinstance(modules, nn.Module) else list(modules)
         return DistributedGramianUpdate(module_list, group)
     return DistributedJacobianUpdate(group, per_sample=batch_dim is not None)
 

@@ -22,11 +22,16 @@ module only adds two things around each call:
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+#: A picklable object broadcast from one rank (the same type on every rank).
+_Obj = TypeVar("_Obj")
 
 __all__ = ["CommStats", "DistributedStepError"]
 
@@ -105,7 +110,7 @@ class Communicator:
             f"process. Backend error: {error}"
         )
 
-    def _run(self, phase: str, launch) -> None:  # type: ignore[no-untyped-def]
+    def _run(self, phase: str, launch: Callable[[], dist.Work | None]) -> None:
         try:
             work = launch()
         except RuntimeError as error:
@@ -155,7 +160,7 @@ class Communicator:
         self._run(phase, lambda: dist.broadcast(tensor, src=src, group=self.group, async_op=True))
         return tensor
 
-    def broadcast_object(self, phase: str, obj: object, src_rank: int = 0) -> object:
+    def broadcast_object(self, phase: str, obj: _Obj, src_rank: int = 0) -> _Obj:
         """Rank ``src_rank``'s picklable ``obj``, on every rank (small, one-off objects)."""
         holder = [obj]
         src = dist.get_global_rank(self.group, src_rank) if self.group is not None else src_rank

@@ -128,7 +128,8 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         if not isinstance(aggregator, GramianWeightedAggregator):
             return super().compute(batch, plan, aggregator)  # needs all of J: explicit path
         shared = list(plan.shared)
-        step, error = None, _specific_per_sample(plan)
+        step: GramianStep | None = None
+        error: Exception | None = _specific_per_sample(plan)
         try:  # a local failure is reported to every process by the signature's all-gather
             if error is None:
                 step = self.engine.step(batch.vector, shared, [], per_sample=True)

@@ -225,7 +225,7 @@ class DistributedJacobianUpdate(UpdateComputer):
         if state:
             state = self.comm.broadcast_object("aggregator state", state)
             if self.rank != 0:
-                aggregator.load_state_dict(state)  # type: ignore[arg-type]
+                aggregator.load_state_dict(state)
         self._aggregator_synced = aggregator
 
     # -- the step -------------------------------------------------------------------------

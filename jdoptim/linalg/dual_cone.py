@@ -208,8 +208,8 @@ def solve_upgrad_weights(
         bounds = [[v if i == j else 0.0 for j in range(m)] for i, v in enumerate(entries)]
         tiny = _solve_tiny(gramian.tolist(), bounds, eps)
         if tiny is not None:
-            weights = [sum(column) for column in zip(*tiny, strict=True)]
-            result = torch.tensor(weights, dtype=gramian.dtype, device=gramian.device)
+            summed = [sum(column) for column in zip(*tiny, strict=True)]
+            result = torch.tensor(summed, dtype=gramian.dtype, device=gramian.device)
             return result, DualConeInfo(ridge=eps)
     if preference is not None and bool((preference < 0.0).any()):
         solutions, info = solve_dual_cone(gramian, torch.diag(preference), reg_eps)

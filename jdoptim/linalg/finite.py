@@ -46,6 +46,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
     tensors = [t for t in tensors if t.numel()]  # an empty gradient has nothing to check
     if not tensors:
         return True
+    norms: tuple[Tensor, ...] | list[Tensor]
     if len({(t.device, t.dtype) for t in tensors}) == 1 and hasattr(torch, "_foreach_norm"):
         norms = torch._foreach_norm(tensors, 2.0)
     else:

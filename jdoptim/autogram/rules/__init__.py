@@ -60,6 +60,9 @@ input, subclass :class:`LinearLikeRule` and set ``weight_layout`` (``"out_in"`` 
 subclasses :class:`LayerRule` with the contraction helpers (:func:`linear_rows`,
 :func:`bias_rows`, :func:`linear_kernel`, :func:`gramian_from_kernel`, :func:`linear_gramian`,
 :func:`rows_gramian`, :func:`full_precision`). See ``examples/custom_rule.py``.
+A rule parametrised by its module class, ``class MyRule(LayerRule[MyLayer])``, reads the module
+as ``self.module`` (or ``cls.module_of(call)`` in :meth:`~LayerRule.applies`) with that class's
+attribute types, for the type checker (``mypy jdoptim`` runs in CI).
 """
 
 from . import attention, conv, embedding, linear, norm  # noqa: F401  (registration)

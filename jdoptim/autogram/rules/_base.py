@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Generic, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +21,11 @@ from torch import Tensor, nn
 from ._call import Call
 from ._terms import GramianTerm, RowsTerm
 
+#: The module class a rule is written for (``nn.Module`` for a rule of any module).
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
-class LayerRule(ABC):
+
+class LayerRule(ABC, Generic[ModuleT]):
     r"""How to differentiate one call of a module type (see :mod:`._call` for the notation).
 
     A rule gives, for any subset ``params`` of its module's parameters:
@@ -38,6 +42,22 @@ class LayerRule(ABC):
 
     def __init__(self, call: Call) -> None:
         self.call = call
+
+    @property
+    def module(self) -> ModuleT:
+        """The called module, typed as the class the rule is written for."""
+        return self.module_of(self.call)
+
+    @classmethod
+    def module_of(cls, call: Call) -> ModuleT:
+        """``call.module`` typed as the class the rule is written for: a rule subclassing
+        ``LayerRule[nn.Embedding]`` reads ``nn.Embedding``'s typed attributes.
+
+        The registry only hands a rule the calls of modules of the classes it is registered
+        for (or their subclasses that keep their ``forward``), which is what makes this sound;
+        a rule registered by qualified class name is written for ``nn.Module``.
+        """
+        return cast(ModuleT, call.module)
 
     @classmethod
     def applies(cls, call: Call) -> bool:

@@ -72,6 +72,13 @@ class Call:
             return None
         return self.batch_dim if self.out_dims is None else self.out_dims[index]
 
+    def sample_out_dim(self, index: int) -> int:
+        """The dimension of tapped output ``index`` that indexes the samples (per-sample mode)."""
+        dim = self.out_dim(index)
+        if dim is None:
+            raise ValueError("Call.sample_out_dim needs a call recorded with a batch_dim.")
+        return dim
+
     @property
     def module(self) -> torch.nn.Module:
         """The called module."""

@@ -35,27 +35,30 @@ from ._contraction import bias_rows, linear_rows
 from ._terms import GramianTerm
 from .linear import PositionwiseLinearRule
 
+#: A convolution module this rule handles.
+_Conv = nn.Conv1d | nn.Conv2d
+#: A size as a convolution module stores it: one number for every spatial dimension, or one each.
+_Size = int | tuple[int, ...]
 
-def _pair(value: object, spatial: int, lead: int = 1) -> tuple[int, int]:
+
+def _pair(value: _Size, spatial: int, lead: int = 1) -> tuple[int, int]:
     """A 2-D size; a 1-D one gets ``lead`` (1, or 0 for padding) for the added height."""
     values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * spatial
-    return (lead, *values) if spatial == 1 else values  # type: ignore[return-value]
+    return (lead, values[0]) if spatial == 1 else (values[0], values[1])
 
 
-def _padded(module: nn.Module, x: Tensor, spatial: int) -> tuple[Tensor, object]:
+def _padded(module: _Conv, x: Tensor, spatial: int) -> tuple[Tensor, _Size]:
     """The module's input as ``[N, C_in, *spatial]``, with the padding that is not plain zeros
     given as numbers applied (as the module's forward does), and the padding still to apply."""
-    channels = module.in_channels  # type: ignore[union-attr]
-    images = x.reshape(-1, channels, *x.shape[-spatial:])
-    padding = module.padding  # type: ignore[union-attr]
-    if module.padding_mode != "zeros" or isinstance(padding, str):  # type: ignore[union-attr]
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode  # type: ignore
-        images = F.pad(images, module._reversed_padding_repeated_twice, mode=mode)  # type: ignore
-        padding = 0
+    images = x.reshape(-1, module.in_channels, *x.shape[-spatial:])
+    padding = module.padding
+    if module.padding_mode != "zeros" or isinstance(padding, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return F.pad(images, module._reversed_padding_repeated_twice, mode=mode), 0
     return images, padding
 
 
-def _columns(module: nn.Module, images: Tensor, padding: object, spatial: int) -> Tensor:
+def _columns(module: _Conv, images: Tensor, padding: _Size, spatial: int) -> Tensor:
     """im2col of the (padded) input as ``[N, C_in·∏k, L]``."""
     if spatial == 1:
         images = images.unsqueeze(2)
@@ -68,12 +71,12 @@ def _columns(module: nn.Module, images: Tensor, padding: object, spatial: int) -
     )
 
 
-def _sizes(value: object, spatial: int) -> list[int]:
-    return list(value) if isinstance(value, (tuple, list)) else [value] * spatial  # type: ignore
+def _sizes(value: _Size, spatial: int) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value] * spatial
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
-class ConvRule(PositionwiseLinearRule):
+class ConvRule(PositionwiseLinearRule[_Conv]):
     @classmethod
     def applies(cls, call: Call) -> bool:
         x = call.record.sole_input
@@ -84,26 +87,29 @@ class ConvRule(PositionwiseLinearRule):
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
-        module = call.module
+        module = self.module
         self.spatial = 1 if isinstance(module, nn.Conv1d) else 2
         x = full_precision(call.record.args[0].detach())
         self.images, self.padding = _padded(module, x, self.spatial)  # [N, C_in, *spatial]
-        self.groups: int = module.groups  # type: ignore[assignment]
+        self.groups = module.groups
 
     @cached_property
     def columns(self) -> Tensor:
         """im2col as ``[N, L, C_in·∏k]``."""
-        columns = _columns(self.call.module, self.images, self.padding, self.spatial)
+        columns = _columns(self.module, self.images, self.padding, self.spatial)
         return columns.transpose(1, 2)
 
+    def weight_of(self) -> Tensor:
+        return self.module.weight
+
     @cached_property
-    def inputs(self) -> Tensor:  # type: ignore[override]
+    def inputs(self) -> Tensor:
         return self.columns.reshape(self.call.b, -1, self.columns.shape[-1])
 
     @cached_property
-    def grads(self) -> Tensor:  # type: ignore[override]
+    def grads(self) -> Tensor:
         call = self.call
-        out = call.module.out_channels  # type: ignore[union-attr]
+        out = self.module.out_channels
         length = self.columns.shape[1]
         grads = call.grad_samples_first(0)  # [T, b, ..., C_out, *spatial_out]
         grads = grads.reshape(call.T, call.b, -1, out, length).transpose(3, 4)
@@ -140,9 +146,9 @@ class ConvRule(PositionwiseLinearRule):
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         """One call of the convolution's own weight-gradient kernel on the weighted output
         gradient ``Σ_k w_{·k} D[k]`` (no im2col)."""
-        module = self.call.module
+        module = self.module
         weight = self.weight_of()
-        out = module.out_channels  # type: ignore[union-attr]
+        out = module.out_channels
         dw = self.call.weighted_grad(0, weights)
         dw = dw.reshape(-1, out, *dw.shape[dw.dim() - self.spatial :])
         has_bias = any(p is not weight for p in params)
@@ -151,9 +157,9 @@ class ConvRule(PositionwiseLinearRule):
             self.images.to(dw.dtype),
             weight.detach().to(dw.dtype),
             [out] if has_bias else None,
-            _sizes(module.stride, self.spatial),  # type: ignore[union-attr]
+            _sizes(module.stride, self.spatial),
             _sizes(self.padding, self.spatial),
-            _sizes(module.dilation, self.spatial),  # type: ignore[union-attr]
+            _sizes(module.dilation, self.spatial),
             False,
             [0] * self.spatial,
             self.groups,

@@ -19,26 +19,26 @@ from ._terms import GramianTerm, IndexTerm
 
 
 @register_rule(nn.Embedding)
-class EmbeddingRule(LayerRule):
+class EmbeddingRule(LayerRule[nn.Embedding]):
     @classmethod
     def applies(cls, call: Call) -> bool:
-        module = call.module
+        module = cls.module_of(call)
         index = call.record.sole_input
         if index is None:
             return False
-        if module.max_norm is not None or module.scale_grad_by_freq:  # type: ignore[union-attr]
+        if module.max_norm is not None or module.scale_grad_by_freq:
             return False
         return call.batch_dim is None or call.batch_dim < index.dim()
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
-        module = call.module
-        self.size = module.num_embeddings  # type: ignore[union-attr]
+        module = self.module
+        self.size = module.num_embeddings
         index = call.record.args[0]
         self.index = call.samples_first(index).reshape(call.b, -1)  # [b, S]
-        padding = module.padding_idx  # type: ignore[union-attr]
-        self.valid = None if padding is None else self.index != padding
-        dim = module.embedding_dim  # type: ignore[union-attr]
+        padding = module.padding_idx
+        self.valid = None if padding is None else self.index.ne(padding)
+        dim = module.embedding_dim
         self.grads = call.grad_samples_first(0).reshape(call.T, call.b, -1, dim)
         if self.valid is not None:
             self.grads = self.grads * self.valid[None, :, :, None].to(self.grads.dtype)
@@ -59,12 +59,12 @@ class EmbeddingRule(LayerRule):
         return [IndexTerm(self.index, self.grads)]
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
-        module = self.call.module
+        module = self.module
         dw = self.call.weighted_grad(0, weights)
-        dim = module.embedding_dim  # type: ignore[union-attr]
+        dim = module.embedding_dim
         dw = dw.reshape(-1, dim)
         index = self.call.record.args[0].reshape(-1)
-        if module.padding_idx is not None:  # type: ignore[union-attr]
-            dw = dw * (index != module.padding_idx)[:, None].to(dw.dtype)  # type: ignore
+        if module.padding_idx is not None:
+            dw = dw * index.ne(module.padding_idx)[:, None].to(dw.dtype)
         grad = torch.zeros(self.size, dim, dtype=dw.dtype, device=dw.device)
         return [grad.index_add_(0, index, dw) for _ in params]

@@ -34,18 +34,29 @@ What makes a re-run the recorded call, exactly:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from ...linalg.vmap_fallback import vmap_or_loop
 from .._sample_dims import input_sample_dims
 from .._shared import replaying
 from ._base import LayerRule
 from ._call import Call
+
+#: Tensors by parameter or buffer name.
+_Named = dict[str, Tensor]
+#: The recorded call's positional and keyword arguments.
+_Args = tuple[Any, ...]
+_Kwargs = dict[str, Any]
+#: One tensor per tapped output (outputs, or their cotangents).
+_Outs = tuple[Tensor, ...]
+#: A sample-shared call as it was made: its arguments, output shape and sample dimension.
+_Unexpanded = tuple[_Args, _Kwargs, torch.Size, int]
 
 
 def _detach(tree: Any) -> Any:
@@ -60,7 +71,7 @@ class GenericRule(LayerRule):
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
-        names = {}
+        names: dict[Tensor, str] = {}
         for name, param in call.module.named_parameters():
             names.setdefault(param, name)
         self.names = names
@@ -99,7 +110,7 @@ class GenericRule(LayerRule):
             return self._masked_rows(primals, buffers, args, kwargs, grads)
         return self._sample_rows(primals, buffers, args, kwargs, grads)
 
-    def _outputs(self, primals: dict[str, Tensor], buffers: dict[str, Tensor], args, kwargs):
+    def _outputs(self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs) -> _Outs:
         amp = self.call.record.autocast
         autocast = contextlib.nullcontext() if amp is None else torch.autocast(amp[0], dtype=amp[1])
         with autocast, replaying():
@@ -107,7 +118,9 @@ class GenericRule(LayerRule):
         leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
         return tuple(leaves[t.leaf_index] for t in self.call.record.tapped)
 
-    def _shared_rows(self, primals, buffers, unexpanded, grad: Tensor) -> dict[str, Tensor]:
+    def _shared_rows(
+        self, primals: _Named, buffers: _Named, unexpanded: _Unexpanded, grad: Tensor
+    ) -> _Named:
         """Rows of a sample-shared call whose output ``Y`` the hook expanded along the batch
         (see :mod:`.._shared`): every sample's copy is ``Y``, so row ``(i, k)`` is the
         vector-Jacobian product of the call as it was made with ``D[k]`` at sample ``i``, and,
@@ -126,12 +139,14 @@ class GenericRule(LayerRule):
         rows = self._whole_rows(primals, buffers, args, kwargs, (cotangents,))
         return {n: r.reshape(b, t, *r.shape[1:]) for n, r in rows.items()}
 
-    def _pullback(self, primals, buffers, args, kwargs):
+    def _pullback(
+        self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs
+    ) -> Callable[[_Outs], tuple[_Named]]:
         """``vjp`` of the whole call, re-run with the recorded call's random draws (and in its
         autocast region, as every re-run)."""
         rng = self.call.record.rng
 
-        def f(p):
+        def f(p: _Named) -> _Outs:
             return self._outputs(p, buffers, args, kwargs)
 
         if rng is None:
@@ -140,7 +155,9 @@ class GenericRule(LayerRule):
             rng.restore()
             return vjp(f, primals)[1]
 
-    def _whole_rows(self, primals, buffers, args, kwargs, cotangents) -> dict[str, Tensor]:
+    def _whole_rows(
+        self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, cotangents: _Outs
+    ) -> _Named:
         """Rows ``[R, *θ]`` of the whole call for cotangents ``[R, *Y]`` (one per output)."""
         pullback = self._pullback(primals, buffers, args, kwargs)
 
@@ -151,7 +168,9 @@ class GenericRule(LayerRule):
 
         return vmap_or_loop(lambda _: vmap(pullback)(cotangents)[0], looped)
 
-    def _masked_rows(self, primals, buffers, args, kwargs, grads) -> dict[str, Tensor]:
+    def _masked_rows(
+        self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, grads: _Outs
+    ) -> _Named:
         """Per-sample rows from the whole call: row ``(i, k)`` is the vector-Jacobian product
         with ``D[k]`` kept on sample ``i`` and zero elsewhere, ``∂ℓ_{ik}/∂θ`` since loss
         ``(i, k)`` reaches this call through sample ``i``'s outputs only."""
@@ -167,17 +186,19 @@ class GenericRule(LayerRule):
         rows = self._whole_rows(primals, buffers, args, kwargs, tuple(cotangents))
         return {n: r.reshape(b, t, *r.shape[1:]) for n, r in rows.items()}
 
-    def _sample_rows(self, primals, buffers, args, kwargs, grads) -> dict[str, Tensor]:
+    def _sample_rows(
+        self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, grads: _Outs
+    ) -> _Named:
         call = self.call
         assert call.batch_dim is not None
         flat, spec = tree_flatten((args, kwargs))
         dims = input_sample_dims(call.module, flat, call.batch_dim, call.b)
-        out_dims = [call.out_dim(i) for i in range(len(grads))]
+        out_dims = [call.sample_out_dim(i) for i in range(len(grads))]
 
         def one(flat_one: list[Any], grads_one: tuple[Tensor, ...]) -> dict[str, Tensor]:
             restored = [t.unsqueeze(d) if d is not None else t for t, d in zip(flat_one, dims)]
             args_one, kwargs_one = tree_unflatten(restored, spec)
-            _, pullback = vjp(lambda p: self._outputs(p, buffers, args_one, kwargs_one), primals)
+            pullback = vjp(lambda p: self._outputs(p, buffers, args_one, kwargs_one), primals)[1]
             cotangents = tuple(g.unsqueeze(d + 1) for g, d in zip(grads_one, out_dims))
             return vmap(pullback)(cotangents)[0]
 
@@ -187,15 +208,24 @@ class GenericRule(LayerRule):
             lambda: self._sample_rows_by_loop(primals, buffers, flat, spec, dims, out_dims, grads),
         )
 
-    def _sample_rows_by_loop(self, primals, buffers, flat, spec, dims, out_dims, grads):
+    def _sample_rows_by_loop(
+        self,
+        primals: _Named,
+        buffers: _Named,
+        flat: list[Any],
+        spec: TreeSpec,
+        dims: list[int | None],
+        out_dims: list[int],
+        grads: _Outs,
+    ) -> _Named:
         call = self.call
         per_sample = []
         for i in range(call.b):
             sliced = [t.narrow(d, i, 1) if d is not None else t for t, d in zip(flat, dims)]
             args_one, kwargs_one = tree_unflatten(sliced, spec)
-            _, pullback = vjp(
+            pullback = vjp(
                 lambda p, a=args_one, k=kwargs_one: self._outputs(p, buffers, a, k), primals
-            )
+            )[1]
             rows = [
                 pullback(tuple(g[k].narrow(d, i, 1) for g, d in zip(grads, out_dims)))[0]
                 for k in range(call.T)

@@ -16,26 +16,35 @@ of its weight and bias attributes if they differ) and registers itself (examples
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from functools import cached_property
 from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
-from ._base import LayerRule, register_rule
+from ._base import LayerRule, ModuleT, register_rule
 from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows
 from ._terms import GramianTerm, KernelTerm
 
 
-class PositionwiseLinearRule(LayerRule):
-    """A layer ``Y_s = W a_s (+ β)`` at every position ``s``: subclasses set ``inputs``
+class PositionwiseLinearRule(LayerRule[ModuleT]):
+    """A layer ``Y_s = W a_s (+ β)`` at every position ``s``: subclasses give ``inputs``
     (``a``, ``[b, S, d]``) and ``grads`` (``D``, ``[T, b, S, o]``), and :meth:`weight_of`."""
 
-    inputs: Tensor
-    grads: Tensor
+    @property
+    @abstractmethod
+    def inputs(self) -> Tensor:
+        """``a``: the inputs at every position, ``[b, S, d]``."""
 
+    @property
+    @abstractmethod
+    def grads(self) -> Tensor:
+        """``D``: the output gradients at every position, ``[T, b, S, o]``."""
+
+    @abstractmethod
     def weight_of(self) -> Tensor:
-        return self.call.module.weight  # type: ignore[return-value]
+        """The weight ``W`` (the other differentiated parameter, if any, is the bias)."""
 
     def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
         """One :class:`~._terms.KernelTerm` of ``(a, D)`` for the weight and the bias."""
@@ -45,7 +54,7 @@ class PositionwiseLinearRule(LayerRule):
         return [KernelTerm(self.inputs, self.grads, has_weight, has_bias)]
 
 
-class LinearLikeRule(PositionwiseLinearRule):
+class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
     """Rule for a layer computing ``Y = X Wᵀ + β`` (``weight_layout = "out_in"``) or
     ``Y = X W + β`` (``"in_out"``) on the last dimension of its one tensor input ``X``.
 
@@ -92,11 +101,11 @@ class LinearLikeRule(PositionwiseLinearRule):
         return getattr(self.call.module, self.weight_name)
 
     @cached_property
-    def inputs(self) -> Tensor:  # type: ignore[override]
+    def inputs(self) -> Tensor:
         return self.call.samples_first(self.x).reshape(self.call.b, -1, self.x.shape[-1])
 
     @cached_property
-    def grads(self) -> Tensor:  # type: ignore[override]
+    def grads(self) -> Tensor:
         out = self.call.record.tapped[0].shape[-1]
         return self.call.grad_samples_first(0).reshape(self.call.T, self.call.b, -1, out)
 

@@ -17,6 +17,8 @@ the rows are exact in every dtype.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +36,21 @@ _LLAMA_NORMS = (
     "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
 )
 _T5_NORM = "transformers.models.t5.modeling_t5.T5LayerNorm"
+
+
+@runtime_checkable
+class _WeightOnlyRMSNorm(Protocol):
+    """What the rule reads of transformers' weight-only RMS norms (Llama's and T5's)."""
+
+    weight: Tensor
+    variance_epsilon: float
+
+
+@runtime_checkable
+class _ShapedNorm(Protocol):
+    """``LayerNorm`` and ``RMSNorm``: normalised over their last ``len(normalized_shape)`` dims."""
+
+    normalized_shape: tuple[int, ...]
 
 
 def _transformers_norm(module: nn.Module) -> str | None:
@@ -55,13 +72,14 @@ def _mean_square_root(x: Tensor, eps: float) -> Tensor:
 
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
     family = _transformers_norm(module)
-    if family == "llama":
-        scale = _mean_square_root(x, module.variance_epsilon)  # type: ignore[arg-type]
-        return (x.to(torch.float32) * scale).to(x.dtype)
-    if family == "t5":
-        normalised = x * _mean_square_root(x, module.variance_epsilon)  # type: ignore[arg-type]
-        half = module.weight.dtype in (torch.float16, torch.bfloat16)  # type: ignore[operator]
-        return normalised.to(module.weight.dtype) if half else normalised  # type: ignore[arg-type]
+    if family is not None:
+        assert isinstance(module, _WeightOnlyRMSNorm)  # (both families have these attributes)
+        scale = _mean_square_root(x, module.variance_epsilon)
+        if family == "llama":
+            return (x.to(torch.float32) * scale).to(x.dtype)
+        normalised = x * scale  # T5
+        half = module.weight.dtype in (torch.float16, torch.bfloat16)
+        return normalised.to(module.weight.dtype) if half else normalised
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     if isinstance(module, nn.GroupNorm):
@@ -71,14 +89,16 @@ def _normalised(module: nn.Module, x: Tensor) -> Tensor:
         mean = None if batch_stats else module.running_mean
         var = None if batch_stats else module.running_var
         return F.batch_norm(x, mean, var, None, None, batch_stats, 0.0, module.eps)
-    return F.rms_norm(x, module.normalized_shape, None, module.eps)  # type: ignore[arg-type]
+    assert isinstance(module, nn.RMSNorm)  # the last registered norm (torch >= 2.4)
+    return F.rms_norm(x, list(module.normalized_shape), None, module.eps)
 
 
 def _channel_dims(module: nn.Module, x: Tensor) -> list[int]:
     if _transformers_norm(module) is not None:
         return [x.dim() - 1]
-    if isinstance(module, (nn.LayerNorm,)) or type(module).__name__ == "RMSNorm":
-        count = len(module.normalized_shape)  # type: ignore[arg-type]
+    if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
+        assert isinstance(module, _ShapedNorm)
+        count = len(module.normalized_shape)
         return list(range(x.dim() - count, x.dim()))
     return [1]
 
