@@ -205,4 +205,6 @@ def leaf_reach_through(
                 if child is not None and child not in seen:
                     seen.add(child)
                     stack.append(child)
-    return [(node.variable, mask) for node, mask in masks.items()], heads
+    # Every node in `masks` is a leaf's node (its `variable` is set).
+    reach = [(leaf, mask) for node, mask in masks.items() if (leaf := _leaf_of(node)) is not None]
+    return reach, heads

@@ -19,6 +19,7 @@ neither under- nor overflows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
 
 from torch import Tensor, nn
 
@@ -85,7 +86,13 @@ def check_preference(preference: Tensor | None, m: int) -> None:
         raise ValueError("The preference vector contains NaN or infinite entries.")
 
 
-class Weighting(nn.Module, ABC):
+#: What ``forward`` receives: the Gramian (or Jacobian) ``Tensor``, or the ``MethodInputs`` of
+#: a method that needs more (:mod:`jdoptim.aggregation._inputs`); a bare ``Weighting`` or
+#: ``Aggregator`` leaves it open.
+InputT = TypeVar("InputT")
+
+
+class Weighting(nn.Module, ABC, Generic[InputT]):
     """Maps a Gramian ``G ∈ R^{m×m}`` to a vector of ``m`` weights, one per loss.
 
     Subclasses implement :meth:`forward`; ``__call__`` validates the input first.
@@ -102,7 +109,7 @@ class Weighting(nn.Module, ABC):
         return super().__call__(gramian)
 
     @abstractmethod
-    def forward(self, gramian: Tensor) -> Tensor:
+    def forward(self, gramian: InputT) -> Tensor:
         """Return the weights ``w ∈ R^m`` of the losses whose Gramian is ``gramian``."""
 
     def __repr__(self) -> str:
@@ -110,7 +117,7 @@ class Weighting(nn.Module, ABC):
         return f"{type(self).__name__}({extra})"
 
 
-class Aggregator(nn.Module, ABC):
+class Aggregator(nn.Module, ABC, Generic[InputT]):
     """Maps a Jacobian ``J ∈ R^{m×n}`` (one row per loss) to an update vector ``d ∈ R^n``.
 
     Subclasses implement :meth:`forward`; ``__call__`` validates the input first.
@@ -123,7 +130,7 @@ class Aggregator(nn.Module, ABC):
         return super().__call__(matrix)
 
     @abstractmethod
-    def forward(self, matrix: Tensor) -> Tensor:
+    def forward(self, matrix: InputT) -> Tensor:
         """Return the aggregated update ``d ∈ R^n`` of the Jacobian ``matrix ∈ R^{m×n}``."""
 
     def __repr__(self) -> str:

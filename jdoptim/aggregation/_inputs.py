@@ -96,7 +96,7 @@ def check_cross(cross: Tensor) -> None:
         raise ValueError("A = J₁ J₂ᵀ must be a finite floating-point matrix.")
 
 
-class InputWeighting(Weighting):
+class InputWeighting(Weighting[MethodInputs]):
     """A weighting that needs more than the Gramian: ``forward(inputs: MethodInputs) → w``.
 
     Subclasses set ``needs`` (a subset of ``{"gramian", "jacobian", "losses",
@@ -105,7 +105,7 @@ class InputWeighting(Weighting):
 
     needs: ClassVar[frozenset[str]] = frozenset({"gramian"})
 
-    def __call__(self, inputs: MethodInputs | Tensor) -> Tensor:  # type: ignore[override]
+    def __call__(self, inputs: MethodInputs | Tensor) -> Tensor:
         if isinstance(inputs, Tensor):
             inputs = MethodInputs(gramian=inputs)
         inputs.require(self, self.needs)
@@ -113,7 +113,7 @@ class InputWeighting(Weighting):
         return nn.Module.__call__(self, inputs)
 
     @abstractmethod
-    def forward(self, inputs: MethodInputs) -> Tensor:  # type: ignore[override]
+    def forward(self, inputs: MethodInputs) -> Tensor:
         """Return the weights ``w ∈ R^m``."""
 
 
@@ -126,7 +126,7 @@ class CrossBatchWeighting(InputWeighting):
 
     needs: ClassVar[frozenset[str]] = frozenset({"cross"})
 
-    def __call__(self, inputs: MethodInputs | Tensor) -> Tensor:  # type: ignore[override]
+    def __call__(self, inputs: MethodInputs | Tensor) -> Tensor:
         if isinstance(inputs, Tensor):
             inputs = MethodInputs(cross=inputs)
         return super().__call__(inputs)
@@ -155,12 +155,12 @@ class InputWeightedAggregator(GramianWeightedAggregator):
         return self.weighting(inputs) @ inputs.jacobian
 
 
-class InputAggregator(Aggregator):
+class InputAggregator(Aggregator[MethodInputs]):
     """An aggregator that needs more than the Jacobian: ``forward(inputs: MethodInputs) → d``."""
 
     needs: ClassVar[frozenset[str]] = frozenset({"jacobian"})
 
-    def __call__(self, inputs: MethodInputs | Tensor) -> Tensor:  # type: ignore[override]
+    def __call__(self, inputs: MethodInputs | Tensor) -> Tensor:
         if isinstance(inputs, Tensor):
             inputs = MethodInputs(jacobian=inputs)
         inputs.require(self, self.needs)
@@ -168,7 +168,7 @@ class InputAggregator(Aggregator):
         return nn.Module.__call__(self, inputs)
 
     @abstractmethod
-    def forward(self, inputs: MethodInputs) -> Tensor:  # type: ignore[override]
+    def forward(self, inputs: MethodInputs) -> Tensor:
         """Return the update ``d ∈ R^n``."""
 
 

@@ -164,6 +164,7 @@ class CAGradWeighting(_NonDifferentiable, DeclaredState, Weighting):
         self.rescale = rescale
         self.reg_eps = reg_eps
         self.declare_warning("_warned_ill_conditioned")  # set by warn_once_if_degraded
+        self._warned_bisection: bool
         self.declare_warning("_warned_bisection")
 
     scale_degree = 0.0

@@ -57,7 +57,7 @@ class CRMOGMWeighting(CheckpointedState, Stateful, InputWeighting):
         inner = weighting.needs if isinstance(weighting, InputWeighting) else {"gramian"}
         self.needs = frozenset(inner)  # type: ignore[misc]
 
-    def __call__(self, inputs: MethodInputs | Tensor) -> Tensor:  # type: ignore[override]
+    def __call__(self, inputs: MethodInputs | Tensor) -> Tensor:
         if isinstance(inputs, Tensor) and "cross" in self.needs:
             inputs = MethodInputs(cross=inputs)  # a bare tensor is what the wrapped method takes
         return super().__call__(inputs)

@@ -89,6 +89,7 @@ class NashMTLWeighting(_NonDifferentiable, CheckpointedState, Stateful, Weightin
         self.scale_degree = 0.0 if self.max_norm == 0.0 else None
         self._step: int
         self._weights: Tensor | None
+        self._warned_slow: bool
         self.declare_state("_step", 0, convert=int)
         self.declare_state("_weights", None, convert=_to_float64)
         self.declare_warning("_warned_slow")  # Newton needed more than optim_niter iterations
@@ -131,11 +132,11 @@ class NashMTLWeighting(_NonDifferentiable, CheckpointedState, Stateful, Weightin
         state), before clipping: on the CPU, in float64. They do not depend on the Gramian's
         scale, which :class:`NashMTL` uses to pass the Gramian of a normalised Jacobian."""
         m = gramian.shape[0]
-        stale = self._weights is None or len(self._weights) != m
-        if stale or self._step % self.update_weights_every == 0:
-            self._weights = self._solve(gramian)
+        weights = self._weights
+        if weights is None or len(weights) != m or self._step % self.update_weights_every == 0:
+            weights = self._weights = self._solve(gramian)
         self._step += 1
-        return self._weights.clone()
+        return weights.clone()
 
     def clip(self, weights: Tensor, norm: float) -> Tensor:
         """``α`` scaled down so that ``‖Jᵀα‖ ≤ max_norm``, given ``norm = ‖Jᵀα‖``."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from ._records import CallRecord
+from ._records import CallRecord, node_metadata
 
 
 @dataclass
@@ -46,7 +46,7 @@ def scan_graph(roots: list[Node], key: str) -> GraphScan:
         if variable is not None:
             leaf(variable)
             continue
-        entries = node.metadata.get(key)
+        entries = node_metadata(node).get(key)
         if entries:
             for record, out_index in entries:
                 edges = scan.calls.get(record)

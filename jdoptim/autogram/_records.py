@@ -19,11 +19,13 @@ masks as the recorded call (:class:`RandomState`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import Node
 from torch.utils._pytree import tree_flatten
 
 from ..introspection import iter_tensors
@@ -109,7 +111,15 @@ class RandomState:
             torch.cuda.set_rng_state(state, index)
 
 
-def make_pre_hook(pending: dict[int, list[RandomState]]):
+def node_metadata(node: Node) -> dict[Any, Any]:
+    """The ``metadata`` dict of an autograd node, where the hooks keep their records."""
+    # torch's Node stub declares `metadata` a method; at run time it is a dict attribute.
+    return node.metadata  # type: ignore[return-value]
+
+
+def make_pre_hook(
+    pending: dict[int, list[RandomState]],
+) -> Callable[[nn.Module, tuple, dict], None]:
     """The forward pre-hook of a module the generic rule re-runs: pushes the generators' states
     on ``pending[id(module)]`` (the forward hook pops them)."""
 
@@ -150,7 +160,7 @@ def make_hook(
     key: str,
     pending: dict[int, list[RandomState]] | None = None,
     shared: SharedCalls | None = None,
-):
+) -> Callable[[nn.Module, tuple, dict, Any], Any]:
     """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``;
     ``pending`` is the pre-hooks' stack of generator states (see the module docs); ``shared``,
     in per-sample mode, what the hooks know of sample-shared calls (see :mod:`._shared`): the
@@ -175,7 +185,7 @@ def make_hook(
                 return
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
             call = CallRecord(module, args, {}, [tapped], rng, amp)
-            node.metadata.setdefault(key, []).append((call, 0))
+            node_metadata(node).setdefault(key, []).append((call, 0))
             return None
         leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
         record: CallRecord | None = None
@@ -191,7 +201,7 @@ def make_hook(
             if record is None:
                 record = CallRecord(module, args, kwargs, [], rng, amp)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
-            node.metadata.setdefault(key, []).append((record, len(record.tapped) - 1))
+            node_metadata(node).setdefault(key, []).append((record, len(record.tapped) - 1))
         return None
 
     return hook
@@ -239,5 +249,7 @@ def _record_shared(
         output = expand_along(output, shared.batch_dim, b, new)
     tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
     call = CallRecord(module, args, kwargs, [tapped], rng, amp, shareable, expand, unexpanded)
-    output.grad_fn.metadata.setdefault(key, []).append((call, 0))
+    node = output.grad_fn
+    assert node is not None  # `output_is_shared` checked it; an expanded output has one too
+    node_metadata(node).setdefault(key, []).append((call, 0))
     return output if expand else None

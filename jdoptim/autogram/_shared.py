@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ from torch.autograd.graph import Node
 from torch.utils._pytree import tree_map
 
 from ..introspection import iter_tensors
+
+if TYPE_CHECKING:  # _records imports this module
+    from ._records import CallRecord
 
 #: consumers that broadcast their operands element-wise (their output has the broadcast shape)
 _BROADCASTING = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
@@ -85,7 +88,11 @@ def batch_of(args: tuple, kwargs: dict, batch_dim: int) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def make_root_hooks(state: SharedCalls):
+_PreHook = Callable[[nn.Module, tuple, dict], None]
+_Hook = Callable[[nn.Module, tuple, dict, Any], None]
+
+
+def make_root_hooks(state: SharedCalls) -> tuple[_PreHook, _Hook]:
     """A forward pre-hook and hook for the engine's modules: they keep :attr:`SharedCalls.sizes`."""
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -174,8 +181,14 @@ def _broadcasts(consumer: Node, position: int, full: torch.Size, batch_dim: int)
     return 0 <= aligned < len(other) and other[aligned] == full[batch_dim]
 
 
+def _roots(losses: Tensor) -> list[Node]:
+    """The losses' node, where the walks start (a step's losses are never leaves)."""
+    assert losses.grad_fn is not None
+    return [losses.grad_fn]
+
+
 def _safe(losses: Tensor, nodes: dict[Node, torch.Size], batch_dim: int) -> dict[Node, bool]:
-    consumers = _consumers([losses.grad_fn], set(nodes))
+    consumers = _consumers(_roots(losses), set(nodes))
     return {
         node: bool(consumers[node])
         and all(_broadcasts(c, pos, full, batch_dim) for c, pos in consumers[node])
@@ -183,7 +196,9 @@ def _safe(losses: Tensor, nodes: dict[Node, torch.Size], batch_dim: int) -> dict
     }
 
 
-def _modes(record, b: int, batch_dim: int) -> tuple[torch.Size | None, torch.Size | None]:
+def _modes(
+    record: CallRecord, b: int, batch_dim: int
+) -> tuple[torch.Size | None, torch.Size | None]:
     """The consumers' output shape that shows ``record``'s output shared by the samples: with
     ``b`` along its own dimension of size 1, and along a new leading dimension."""
     shape = record.tapped[0].shape
@@ -212,7 +227,7 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
         return
     modes = {id(r): _modes(r, b, state.batch_dim) for r, _ in fresh}
     usable = {id(r): n for r, n in fresh if len(r.tapped) == 1 and n is not None}
-    consumers = _consumers([losses.grad_fn], set(usable.values()))
+    consumers = _consumers(_roots(losses), set(usable.values()))
     found: dict[int, set[bool | None]] = {}
     for record, node in fresh:
         kinds = found.setdefault(id(record.module), set())

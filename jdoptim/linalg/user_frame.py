@@ -27,8 +27,8 @@ def user_stacklevel() -> int:
     """The ``stacklevel`` for ``warnings.warn`` called by the function that calls this one, such
     that the warning points at the first frame outside jdoptim and torch (1 if none is)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None:
-        if not _is_library(frame.f_code.co_filename):
-            return level
+    while _is_library(frame.f_code.co_filename):
+        if frame.f_back is None:
+            return 1
         frame, level = frame.f_back, level + 1
-    return 1
+    return level

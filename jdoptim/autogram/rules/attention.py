@@ -38,6 +38,7 @@ import contextlib
 import itertools
 import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,7 +140,13 @@ class _SwapAttention(TorchFunctionMode):
     """Runs :func:`_build_forward`'s copy where the module calls
     ``F.multi_head_attention_forward``; every other function as it is."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.multi_head_attention_forward:
             if not _FORWARD:
@@ -164,7 +171,7 @@ def _detach_keeping_identity(tree: Any) -> Any:
 
 
 @register_rule(nn.MultiheadAttention)
-class MultiheadAttentionRule(LayerRule):
+class MultiheadAttentionRule(LayerRule[nn.MultiheadAttention]):
     """``nn.MultiheadAttention`` by its projections (see the module docs)."""
 
     #: the rule re-runs the call: the engine records the generators' state before it
@@ -172,7 +179,7 @@ class MultiheadAttentionRule(LayerRule):
 
     @classmethod
     def applies(cls, call: Call) -> bool:
-        module = call.module
+        module = cls.module_of(call)
         if getattr(module, "bias_k", None) is not None or call.record.unexpanded is not None:
             return False
         handled = [getattr(module, n, None) for n in _PROJECTION_NAMES]
@@ -190,7 +197,7 @@ class MultiheadAttentionRule(LayerRule):
         self._products: list[tuple[_Product, Tensor, Tensor]] | None = None
 
     def _candidates(self) -> list[Tensor]:
-        module = self.call.module
+        module = self.module
         found = [getattr(module, n, None) for n in _PROJECTION_NAMES]
         found += [module.in_proj_bias, module.out_proj.weight, module.out_proj.bias]
         return [p for p in found if isinstance(p, Tensor)]
@@ -225,6 +232,7 @@ class MultiheadAttentionRule(LayerRule):
             return [torch.zeros((call.T, *y.shape), dtype=y.dtype, device=y.device) for y in leaves]
         outs = [outputs[i] for i in reached]
         cotangents = [call.grad(i).to(outputs[i].dtype) for i in reached]
+        grads: tuple[Tensor | None, ...]
         with torch.enable_grad():
             if call.T == 1:
                 grads = torch.autograd.grad(
@@ -238,7 +246,9 @@ class MultiheadAttentionRule(LayerRule):
             for g, y in zip(grads, leaves)
         ]
 
-    def _batched_grads(self, outs, leaves, cotangents) -> tuple[Tensor | None, ...]:
+    def _batched_grads(
+        self, outs: list[Tensor], leaves: list[Tensor], cotangents: list[Tensor]
+    ) -> tuple[Tensor | None, ...]:
         try:
             return torch.autograd.grad(
                 outs,
@@ -292,7 +302,8 @@ class MultiheadAttentionRule(LayerRule):
         blocks: dict[int, list[tuple[int, int]]] = {}
         total: Tensor | None = None
         for product, inputs, grads in self.products():
-            used = [t for t in (product.weight, product.bias) if _among(t, params)]
+            pair = (product.weight, product.bias)
+            used = [t for t in pair if t is not None and _among(t, params)]
             if not used:
                 continue
             o = grads.shape[-1]
@@ -304,8 +315,8 @@ class MultiheadAttentionRule(LayerRule):
         if not all(_disjoint(spans) for spans in blocks.values()):
             return super().gramian(params)  # blocks of rows used twice: from the rows
         if total is None:
-            b, t = self.call.b, self.call.T
-            return torch.zeros(b, t, b, t, dtype=params[0].dtype, device=params[0].device)
+            b, n = self.call.b, self.call.T
+            return torch.zeros(b, n, b, n, dtype=params[0].dtype, device=params[0].device)
         return total
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
