@@ -206,6 +206,7 @@ class FeaturesUpdate:
         if heads is None or heads.cut != (self.features.grad_fn, self.features.output_nr):
             roots = list(batch.separate) if batch.separate is not None else [batch.vector]
             heads = map_heads(roots, self.features)
+        specific_grads: list[Tensor]
         if batch.separate is None:  # one 1-D tensor of losses: every reached parameter is shared
             rows, specific_grads = feature_jacobian(batch.vector, self.features), []
         else:

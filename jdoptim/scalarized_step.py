@@ -250,7 +250,9 @@ class ScalarizedStep:
                 return scalar.detach(), torch.zeros_like(values), []
             grads = torch.autograd.grad(scalar, [leaf, *learned], allow_unused=True)
         weights = torch.zeros_like(values) if grads[0] is None else grads[0]
-        pairs = [(p, g) for p, g in zip(learned, grads[1:]) if g is not None]
+        pairs: list[tuple[Tensor, Tensor]] = [
+            (p, g) for p, g in zip(learned, grads[1:]) if g is not None
+        ]
         return scalar.detach(), weights, pairs
 
     def _apply(
