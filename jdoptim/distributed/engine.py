@@ -65,7 +65,7 @@ from ..autogram.engine import Engine, gramian_dtype
 from ..autogram.rules import GramianTerm, RowsTerm
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import UpdateResult, gramian_weights
+from ..updates.base import UpdateResult, gramian_weights
 from .update import DistributedJacobianUpdate, _specific_per_sample
 
 __all__ = ["DistributedGramianUpdate", "ExchangedTerm"]
