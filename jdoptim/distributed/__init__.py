@@ -42,7 +42,7 @@ __all__ = [
 
 def make_distributed_update(
     process_group: object, modules: object = None, batch_dim: int | None = None
-) -> DistributedJacobianUpdate:
+) -> DistributedJacobianUpdate | DistributedGramianUpdate:
     """The update computer of ``JDOptimizer(..., process_group=...)``.
 
     * ``batch_dim=0`` with ``modules``: :class:`DistributedGramianUpdate` (the engine with the
