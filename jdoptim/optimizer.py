@@ -170,7 +170,7 @@ class JDOptimizer(Optimizer):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
 
-        # -- scalarizers (jdoptim.scalarization): their own step, in scalarized_step.py --------
+        # -- scalarizers (jdoptim.scalarization): their own step, in updates/scalarized.py --
         self._scalarized: ScalarizedStep | None = make_scalarized_step(
             optimizer, aggregator, batch_dim, freeze_foreign, process_group
         )
@@ -354,7 +354,7 @@ class JDOptimizer(Optimizer):
         grad_was_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         check_method_arguments(self._scalarized, features, extra_batches)  # [methods]
         with torch.inference_mode(False), torch.enable_grad():
-            if self._scalarized is not None:  # a scalarizer: one backward (scalarized_step.py)
+            if self._scalarized is not None:  # a scalarizer: one backward (updates/scalarized.py)
                 return self._scalarized_step(losses, closure, grad_scaler, grad_was_on)
             if closure is not None:
                 if losses is not None:
@@ -395,7 +395,7 @@ class JDOptimizer(Optimizer):
     def end_epoch(self) -> None:
         """Close a training epoch, for methods that count epochs (:class:`~jdoptim.
         scalarization.DWA` rolls its loss history); a no-op for the others."""
-        if self._scalarized is not None:  # jdoptim.scalarization (scalarized_step.py)
+        if self._scalarized is not None:  # jdoptim.scalarization (updates/scalarized.py)
             self._scalarized.end_epoch()
 
     # The phases of a step, over one _StepContext: parse (and plan) → agree → compute → check →
