@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import GramianWeightedAggregator
-from jdoptim.update import weigh
+from jdoptim.updates.base import weigh
 
 Losses = Callable[[nn.Module], Tensor | list[Tensor]]
 

@@ -51,7 +51,7 @@ from benchmarks.test_bench_models import MODELS, THREADS, TINY, build, make_step
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad, UPGradWeighting
 from jdoptim.autogram.rules import linear_gramian, qualified_name
-from jdoptim.update import weigh
+from jdoptim.updates.base import weigh
 
 _CONV1D = "transformers.pytorch_utils.Conv1D"
 TASK_SETTINGS = ("2 tasks", "8 tasks")

@@ -13,10 +13,10 @@ what the earlier ones put there and adds its own, none reaches back:
    re-raises the held error, distributed it is the first collective, so that every process
    raises, skips or goes on together (a training loop that catches the error stays in
    lockstep). A non-finite loss anywhere refuses (or skips) the step here;
-3. **compute** (``_compute``): :func:`~jdoptim.method_step.prepare_method` picks the route (the
+3. **compute** (``_compute``): :func:`~jdoptim.updates.method.prepare_method` picks the route (the
    optimizer's own computer, or ``features=`` / ``extra_batches=``) and binds the method's
-   inputs; a ``GradScaler`` wraps that computer in :class:`~jdoptim.amp.ScaledUpdate`; the
-   result is an :class:`~jdoptim.update.UpdateResult` (gradients, weights, Gramian, typed
+   inputs; a ``GradScaler`` wraps that computer in :class:`~jdoptim.updates.scaled.ScaledUpdate`;
+   the result is an :class:`~jdoptim.updates.base.UpdateResult` (gradients, weights, Gramian, typed
    communication statistics). Nothing is written to a parameter before this phase ends;
 4. **check** (``computer.check``): a non-finite weight or gradient refuses the step (under a
    ``GradScaler``, nothing is refused: the scaler checks);
@@ -27,12 +27,12 @@ what the earlier ones put there and adds its own, none reaches back:
 A refusal or a skip at any phase restores the aggregator's state, so parameters, ``.grad`` (on a
 refusal), the wrapped optimizer's state and the aggregator's state are as they were.
 
-Everything that depends on the setting (one process or several, a ``GradScaler``, a method's
-route; later, sharded parameters) is a member of the update computer's declared interface
-(:class:`~jdoptim.update.UpdateComputer`) or a wrapper of it, never an attribute probed here or
-a branch in ``step``: a new setting is a new computer or wrapper, and the phases stay as they
+Everything that depends on the setting (one process or several, a ``GradScaler``, a method's route;
+later, sharded parameters) is a member of the update computer's declared interface
+(:class:`~jdoptim.updates.base.UpdateComputer`) or a wrapper of it, never an attribute probed here
+or a branch in ``step``: a new setting is a new computer or wrapper, and the phases stay as they
 are. The scalarizers (:mod:`jdoptim.scalarization`) need one backward and no Gramian: they have
-their own step (:mod:`jdoptim.scalarized_step`).
+their own step (:mod:`jdoptim.updates.scalarized`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from torch.optim import Optimizer
 
 from .aggregation import Aggregator, UPGrad, Weighting
 from .aggregation.state import holds_state
-from .amp import LossScaling, no_autocast, scaled
+from .amp import LossScaling, no_autocast
 from .grads import store_gradients
 from .linalg.user_frame import user_stacklevel
 from .losses import (
@@ -62,22 +62,23 @@ from .losses import (
     parse_losses,
     translate_graph_error,
 )
-from .method_step import (  # [methods] features=, extra_batches=
+from .parameter_plan import ParameterPlan, Scope, plan_parameters
+from .record import StepRecord
+from .scalarization import Scalarizer
+from .updates.base import (
+    NonFiniteJacobianError,
+    UpdateComputer,
+    UpdateResult,
+)
+from .updates.jacobian import JacobianUpdate
+from .updates.method import (  # [methods] features=, extra_batches=
     CrossBatches,
     check_method_arguments,
     check_method_step,
     prepare_method,
 )
-from .parameter_plan import ParameterPlan, Scope, plan_parameters
-from .record import StepRecord
-from .scalarization import Scalarizer
-from .scalarized_step import ScalarizedStep, make_scalarized_step
-from .update import (
-    JacobianUpdate,
-    NonFiniteJacobianError,
-    UpdateComputer,
-    UpdateResult,
-)
+from .updates.scalarized import ScalarizedStep, make_scalarized_step
+from .updates.scaled import scaled
 
 __all__ = ["JDOptimizer"]
 
@@ -114,7 +115,7 @@ class JDOptimizer(Optimizer):
         optimizer: the wrapped ``torch.optim.Optimizer``.
         aggregator: how the Jacobian is aggregated (default: :class:`~jdoptim.aggregation.UPGrad`),
             or a loss-only :class:`~jdoptim.scalarization.Scalarizer` (one backward of the
-            scalarized loss; see :mod:`jdoptim.scalarized_step`).
+            scalarized loss; see :mod:`jdoptim.updates.scalarized`).
         modules: modules to hook for the memory-efficient Gramian engine (see
             :mod:`jdoptim.autogram`); ``None`` computes the Jacobian with a batched backward.
         batch_dim: with ``modules``, the dimension of the losses and of the modules' tensors
@@ -169,7 +170,7 @@ class JDOptimizer(Optimizer):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
 
-        # -- scalarizers (jdoptim.scalarization): their own step, in scalarized_step.py --------
+        # -- scalarizers (jdoptim.scalarization): their own step, in updates/scalarized.py --
         self._scalarized: ScalarizedStep | None = make_scalarized_step(
             optimizer, aggregator, batch_dim, freeze_foreign, process_group
         )
@@ -210,7 +211,7 @@ class JDOptimizer(Optimizer):
             return make_distributed_update(process_group, modules, batch_dim)
         if modules is None:
             return JacobianUpdate()
-        from .autogram import GramianUpdate  # the engine is imported only when used
+        from .updates.gramian import GramianUpdate  # the engine is imported only when used
 
         module_list = [modules] if isinstance(modules, nn.Module) else list(modules)
         return GramianUpdate(module_list, batch_dim=batch_dim)
@@ -317,8 +318,8 @@ class JDOptimizer(Optimizer):
         closure: Callable[[], object] | None = None,
         *,
         grad_scaler: Any = None,
-        features: Tensor | None = None,  # [methods] see jdoptim.features_step
-        extra_batches: Sequence[object] | None = None,  # [methods] see jdoptim.cross_batch
+        features: Tensor | None = None,  # [methods] see jdoptim.updates.features
+        extra_batches: Sequence[object] | None = None,  # [methods] see jdoptim.updates.cross_batch
     ) -> StepRecord:
         """Perform one JD step on ``losses`` and return its :class:`~jdoptim.StepRecord`.
 
@@ -333,10 +334,10 @@ class JDOptimizer(Optimizer):
                 :mod:`jdoptim.amp`.
             features: the shared representation ``z`` the losses were computed from: the
                 weights come from the Gramian of ``∂ℓᵢ/∂z`` instead of the shared parameters'
-                gradients (representation-level JD, see :mod:`jdoptim.features_step`).
+                gradients (representation-level JD, see :mod:`jdoptim.updates.features`).
             extra_batches: for methods that weigh the losses by ``J₁J₂ᵀ`` (MoDo, SDMGrad): one
                 or two more batches of the same losses on independent data (see
-                :mod:`jdoptim.cross_batch`).
+                :mod:`jdoptim.updates.cross_batch`).
 
         On bad input (no losses, non-tensors, non-scalar entries, losses without a graph or on
         different devices or on ``meta``, losses reaching none of the optimizer's parameters,
@@ -354,7 +355,7 @@ class JDOptimizer(Optimizer):
         grad_was_on = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         check_method_arguments(self._scalarized, features, extra_batches)  # [methods]
         with torch.inference_mode(False), torch.enable_grad():
-            if self._scalarized is not None:  # a scalarizer: one backward (scalarized_step.py)
+            if self._scalarized is not None:  # a scalarizer: one backward (updates/scalarized.py)
                 return self._scalarized_step(losses, closure, grad_scaler, grad_was_on)
             if closure is not None:
                 if losses is not None:
@@ -378,7 +379,7 @@ class JDOptimizer(Optimizer):
         grad_scaler: Any,
         grad_was_on: bool,
     ) -> StepRecord:
-        """The step of a scalarizer (:mod:`jdoptim.scalarized_step`), with the same input
+        """The step of a scalarizer (:mod:`jdoptim.updates.scalarized`), with the same input
         parsing and DDP check as a JD step."""
         assert self._scalarized is not None
         if self._ddp_check_pending:
@@ -395,7 +396,7 @@ class JDOptimizer(Optimizer):
     def end_epoch(self) -> None:
         """Close a training epoch, for methods that count epochs (:class:`~jdoptim.
         scalarization.DWA` rolls its loss history); a no-op for the others."""
-        if self._scalarized is not None:  # jdoptim.scalarization (scalarized_step.py)
+        if self._scalarized is not None:  # jdoptim.scalarization (updates/scalarized.py)
             self._scalarized.end_epoch()
 
     # The phases of a step, over one _StepContext: parse (and plan) → agree → compute → check →
@@ -423,7 +424,7 @@ class JDOptimizer(Optimizer):
     ) -> None:
         """The parse, plan and agree phases: parse and check the losses and plan the
         parameters, then agree with the other processes (the update computer's
-        :meth:`~jdoptim.update.UpdateComputer.agree`), so that every process refuses a step
+        :meth:`~jdoptim.updates.base.UpdateComputer.agree`), so that every process refuses a step
         that one refuses (an error raised here on one process is raised there, and a
         ``DistributedStepError`` on the others): a training loop that catches it stays in
         lockstep. Locally, ``agree`` re-raises the error."""
@@ -461,7 +462,7 @@ class JDOptimizer(Optimizer):
 
     def _method_inputs(self, batch: LossBatch, ctx: _StepContext) -> LossBatch:
         """[methods] Parse ``extra_batches=`` and check ``features=`` against the method;
-        returns the batch whose losses make the update (see :mod:`jdoptim.cross_batch`)."""
+        returns the batch whose losses make the update (see :mod:`jdoptim.updates.cross_batch`)."""
         method = ctx.method
         method.cross = CrossBatches.parse(batch, method.extra_batches, self._jd_aggregator)
         check_method_step(
@@ -538,7 +539,7 @@ class JDOptimizer(Optimizer):
 
     def _compute(self, ctx: _StepContext) -> UpdateResult:
         """The compute phase: this step's update computer (the optimizer's own, or the route of
-        ``features=`` / ``extra_batches=``, under the GradScaler's :class:`~jdoptim.amp.
+        ``features=`` / ``extra_batches=``, under the GradScaler's :class:`~jdoptim.updates.scaled.
         ScaledUpdate` when one is given) and its result; torch's graph-reuse errors become the
         library's."""
         (batch, _), plan, method = ctx.parsed(), ctx.planned(), ctx.method
@@ -693,7 +694,7 @@ class JDOptimizer(Optimizer):
 
 @dataclass
 class _MethodArgs:
-    """[methods] A step's ``features=`` and ``extra_batches=`` (see :mod:`jdoptim.method_step`),
+    """[methods] A step's ``features=`` and ``extra_batches=`` (see :mod:`jdoptim.updates.method`),
     and the parsed batches of a cross-batch step."""
 
     features: Tensor | None = None

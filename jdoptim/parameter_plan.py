@@ -40,7 +40,7 @@ class ParameterPlan:
     #: Indices of the losses (given separately) that reach none of the owned parameters.
     idle_losses: tuple[int, ...] = ()
     #: With ``features=z``: the walk of the heads between the losses and ``z`` that gave the
-    #: plan, reused by :class:`~jdoptim.features_step.FeaturesUpdate`.
+    #: plan, reused by :class:`~jdoptim.updates.features.FeaturesUpdate`.
     heads: HeadsMap | None = field(default=None, compare=False)
 
 

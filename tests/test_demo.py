@@ -301,7 +301,7 @@ def _aggregator_classes() -> set[str]:
 def _needs(built: aggregation.Aggregator) -> str:
     """What a step must give ``built``, from its class and its declared inputs."""
     from jdoptim.aggregation._inputs import needs_of
-    from jdoptim.cross_batch import cross_weighting
+    from jdoptim.updates.cross_batch import cross_weighting
 
     if cross_weighting(built) is not None:
         return "J1 J2^T"

@@ -252,7 +252,7 @@ def test_shared_layer_after_features_and_stacked_losses(stacked):
 
 def test_which_route_computes_z(monkeypatch):
     """Separate heads take the one-pass route; heads sharing a layer take one pass per loss."""
-    import jdoptim.features_step as features_step
+    import jdoptim.updates.features as features_step
 
     calls: list[str] = []
     for name in ("one_heads_pass", "per_loss_pass"):

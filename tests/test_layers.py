@@ -18,9 +18,22 @@ import jdoptim
 
 _ROOT = Path(jdoptim.__file__).parent
 
-#: GramianUpdate (autogram/update.py) is an update computer living in autogram/ for now; its
-#: imports are one layer up (see .importlinter).
-_UPDATE_COMPUTER_IN_AUTOGRAM = "jdoptim.autogram.update"
+#: The old paths of the update computers, now re-exports of :mod:`jdoptim.updates` kept for user
+#: code: the library imports none of them (one exception below), and the walk of the import graph
+#: does not go through them (their one import is the new module, a layer up from autogram/).
+_SHIMS = frozenset(
+    {
+        "jdoptim.update",
+        "jdoptim.autogram.update",
+        "jdoptim.features_step",
+        "jdoptim.cross_batch",
+        "jdoptim.method_step",
+        "jdoptim.scalarized_step",
+    }
+)
+#: ``jdoptim.autogram.GramianUpdate`` (the old public name) goes through the old module, imported
+#: inside the package's ``__getattr__`` on first use only.
+_LAZY_SHIM_IMPORTS = frozenset({("jdoptim.autogram", "jdoptim.autogram.update")})
 
 
 def _module_name(path: Path) -> tuple[str, bool]:
@@ -74,7 +87,7 @@ def _reachable(graph: dict[str, set[str]], sources: list[str]) -> set[str]:
             if target in seen:
                 continue
             seen.add(target)
-            if target != _UPDATE_COMPUTER_IN_AUTOGRAM:  # its imports are one layer up
+            if target not in _SHIMS:  # a re-export of a module one layer up
                 stack.append(target)
     return seen
 
@@ -85,7 +98,7 @@ def _inside(module: str, package: str) -> bool:
 
 def _violations(sources: str, allowed: tuple[str, ...], forbidden: tuple[str, ...]) -> set[str]:
     graph = _graph()
-    start = [m for m in graph if _inside(m, sources) and m != _UPDATE_COMPUTER_IN_AUTOGRAM]
+    start = [m for m in graph if _inside(m, sources) and m not in _SHIMS]
     assert start, f"no module under {sources}"
     reached = _reachable(graph, start)
     if allowed:
@@ -125,6 +138,61 @@ def test_engine_imports_no_method_update_computer_or_optimizer() -> None:
         "jdoptim.scalarization",
         "jdoptim.distributed",
         "jdoptim.optimizer",
-        "jdoptim.update",
+        "jdoptim.updates",
+        *(_SHIMS - {"jdoptim.autogram.update"}),  # its own old path: see _LAZY_SHIM_IMPORTS
     )
     assert _violations("jdoptim.autogram", (), forbidden) == set()
+
+
+def test_jacobian_engine_imports_no_method_update_computer_or_optimizer() -> None:
+    allowed = ("jdoptim.autojac", "jdoptim.linalg")
+    assert _violations("jdoptim.autojac", allowed, ()) == set()
+
+
+def test_update_computers_import_no_optimizer_distributed_or_old_path() -> None:
+    """The update computers sit below the optimizer and the distributed computers (which build
+    on ``updates.base``), and use the new paths only."""
+    forbidden = ("jdoptim.optimizer", "jdoptim.distributed", "jdoptim.demo", *_SHIMS)
+    assert _violations("jdoptim.updates", (), forbidden) == set()
+
+
+def test_the_library_imports_no_old_path() -> None:
+    """Every module imports the update computers from :mod:`jdoptim.updates`; the old paths
+    exist for user code only."""
+    graph = _graph()
+    assert set(graph) >= _SHIMS, "a compatibility module is missing"
+    found = {
+        (module, target)
+        for module, targets in graph.items()
+        if module not in _SHIMS
+        for target in targets & _SHIMS
+    }
+    assert found == _LAZY_SHIM_IMPORTS
+
+
+def test_old_paths_re_export_the_same_objects() -> None:
+    """Each old module imports only from :mod:`jdoptim.updates`, and every name it exports is
+    the very object a module of :mod:`jdoptim.updates` holds (``from old import X`` still works
+    and gives the class the library uses)."""
+    import importlib
+
+    graph = _graph()
+    new_modules = sorted(m for m in graph if _inside(m, "jdoptim.updates"))
+    for old in sorted(_SHIMS):
+        assert graph[old] and all(_inside(t, "jdoptim.updates") for t in graph[old]), old
+        module = importlib.import_module(old)
+        assert module.__all__, old
+        for name in module.__all__:
+            holders = [
+                new
+                for new in new_modules
+                if getattr(importlib.import_module(new), name, None) is getattr(module, name)
+            ]
+            assert holders, f"{old}.{name} is not an object of jdoptim.updates"
+    import jdoptim.amp
+    import jdoptim.autogram
+    from jdoptim.updates.gramian import GramianUpdate
+    from jdoptim.updates.scaled import ScaledUpdate, scaled
+
+    assert jdoptim.autogram.GramianUpdate is GramianUpdate
+    assert (jdoptim.amp.ScaledUpdate, jdoptim.amp.scaled) == (ScaledUpdate, scaled)

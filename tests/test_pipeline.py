@@ -11,12 +11,14 @@ from torch import Tensor, nn
 
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import GradVac, GramianWeightedAggregator, UPGrad, Weighting
-from jdoptim.amp import LossScaling, ScaledUpdate, scaled
+from jdoptim.amp import LossScaling
 from jdoptim.losses import parse_losses
-from jdoptim.method_step import RoutedUpdate
 from jdoptim.parameter_plan import plan_parameters
 from jdoptim.record import CommunicationStats
-from jdoptim.update import JacobianUpdate, UpdateComputer, UpdateResult
+from jdoptim.updates.base import UpdateComputer, UpdateResult
+from jdoptim.updates.jacobian import JacobianUpdate
+from jdoptim.updates.method import RoutedUpdate
+from jdoptim.updates.scaled import ScaledUpdate, scaled
 from tests._snapshots import same, snapshot
 
 

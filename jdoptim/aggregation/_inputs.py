@@ -12,7 +12,8 @@ run through the same update computers as every other one, with no second code pa
   (:class:`InputWeightedAggregator`) is Gramian-weighted, ``d = wᵀ J``.
 * :class:`InputAggregator`: ``MethodInputs → d ∈ R^n`` for methods that need ``J`` itself.
 * :class:`CrossBatchWeighting`: an :class:`InputWeighting` of ``A = J₁ J₂ᵀ`` (square, not
-  symmetric): it needs ``opt.step(losses, extra_batches=[...])`` (see :mod:`jdoptim.cross_batch`).
+  symmetric): it needs ``opt.step(losses, extra_batches=[...])`` (see
+  :mod:`jdoptim.updates.cross_batch`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ or on a third batch (three batches, as in LibMTL). ``Π_Δ`` is the Euclidean pr
 simplex. Defaults ``γ = 0.1``, ``ρ = 0.1`` (TorchJD's).
 
 With :class:`jdoptim.JDOptimizer`: ``opt.step(losses_1, extra_batches=[losses_2])`` or
-``opt.step(losses_1, extra_batches=[losses_2, losses_3])`` (see :mod:`jdoptim.cross_batch`).
+``opt.step(losses_1, extra_batches=[losses_2, losses_3])`` (see :mod:`jdoptim.updates.cross_batch`).
 Standalone: ``MoDoWeighting()(J1 @ J2.T)``. **State**: ``λ`` (``state_dict``, :meth:`reset`).
 """
 

@@ -17,7 +17,7 @@ code, §6.1) and returns ``(w + λ w̃) / (1 + λ)``. Defaults ``η = 10``, ``μ
 ``n_iter = 20``, ``λ = 0.3`` (TorchJD's and LibMTL's).
 
 With :class:`jdoptim.JDOptimizer`: ``opt.step(losses_1, extra_batches=[losses_2, losses_3])``
-(the paper's ``ξ, ξ', ζ``; see :mod:`jdoptim.cross_batch`). Standalone:
+(the paper's ``ξ, ξ', ζ``; see :mod:`jdoptim.updates.cross_batch`). Standalone:
 ``SDMGradWeighting()(J1 @ J2.T)``. **State**: ``w`` (``state_dict``, :meth:`reset`).
 """
 

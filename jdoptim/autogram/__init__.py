@@ -10,14 +10,24 @@ Who may import what: the engine imports :mod:`jdoptim.linalg` (Gramian reshapes,
 vmap-or-loop fallback) and the core modules (introspection), never a method
 (:mod:`jdoptim.aggregation`, :mod:`jdoptim.scalarization`), an update computer,
 :mod:`jdoptim.distributed` or the optimizer: it computes a Gramian and applies weights, and
-does not know which method chose them. The one exception is ``update.py``
-(:class:`GramianUpdate`), an update computer that pairs the engine with an aggregator and lives
-here until the update computers share a package; its imports are one layer up. The contract is
-checked by ``lint-imports`` (``.importlinter``) and ``tests/test_layers.py``.
+does not know which method chose them. The update computer that pairs the engine with an
+aggregator, ``GramianUpdate``, lives one layer up in :mod:`jdoptim.updates.gramian`;
+``jdoptim.autogram.GramianUpdate`` and ``jdoptim.autogram.update`` still give it, imported on
+first use only (a re-export for user code, the one import ``.importlinter`` lets through). The
+contract is checked by ``lint-imports`` (``.importlinter``) and ``tests/test_layers.py``.
 """
 
 from .engine import Engine, EngineRouteWarning
 from .rules import LayerRule, register_rule
-from .update import GramianUpdate
 
 __all__ = ["Engine", "EngineRouteWarning", "GramianUpdate", "LayerRule", "register_rule"]
+
+
+def __getattr__(name: str) -> object:
+    """``GramianUpdate`` moved to :mod:`jdoptim.updates.gramian` (which imports this package):
+    re-exported here on first use, through the compatibility module ``update.py``."""
+    if name == "GramianUpdate":
+        from .update import GramianUpdate
+
+        return GramianUpdate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

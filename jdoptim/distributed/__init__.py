@@ -44,7 +44,7 @@ def make_distributed_update(
     process_group: object,
     modules: nn.Module | Iterable[nn.Module] | None = None,
     batch_dim: int | None = None,
-) -> DistributedJacobianUpdate:
+) -> DistributedJacobianUpdate | DistributedGramianUpdate:
     """The update computer of ``JDOptimizer(..., process_group=...)``.
 
     * ``batch_dim=0`` with ``modules``: :class:`DistributedGramianUpdate` (the engine with the

@@ -46,6 +46,14 @@ agreement collectives.
 Task losses (given separately) and aggregators that are not Gramian-weighted go to
 :class:`~jdoptim.distributed.update.DistributedJacobianUpdate` (task mode, resp. per-sample
 mode), which is exact too.
+
+**Design: composition, not inheritance.** :class:`DistributedGramianUpdate` owns two
+explicit-Jacobian computers on one communicator (one set of counters per step): the per-sample
+one (the route of an aggregator that needs all of ``J``, and the process-group machinery of the
+engine's route: agreement, signature and replica check, the aggregator's rank-0 state,
+statistics) and the task one (task losses). It implements the
+:class:`~jdoptim.updates.base.UpdateComputer` interface by delegating to them, so that a member
+of the interface reaches both (e.g. :meth:`~DistributedGramianUpdate.forget_aggregator_sync`).
 """
 
 from __future__ import annotations
@@ -65,7 +73,8 @@ from ..autogram.engine import Engine, gramian_dtype
 from ..autogram.rules import GramianTerm, RowsTerm
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import UpdateResult, gramian_weights
+from ..updates.base import UpdateComputer, UpdateResult, gramian_weights
+from ._comm import CommStats
 from .update import DistributedJacobianUpdate, _specific_per_sample
 
 __all__ = ["DistributedGramianUpdate", "ExchangedTerm"]
@@ -85,7 +94,7 @@ class ExchangedTerm:
 _TIED = "tied or explicit parameters"
 
 
-class DistributedGramianUpdate(DistributedJacobianUpdate):
+class DistributedGramianUpdate(UpdateComputer):
     """The exact distributed update of the Gramian engine for per-sample losses (module docs).
 
     Args:
@@ -100,6 +109,8 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
     sends its kernel factors rather than its per-sample rows.
     """
 
+    distributed = True
+
     def __init__(
         self,
         modules: Sequence[nn.Module],
@@ -108,25 +119,52 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
         timeout: datetime.timedelta | None = None,
         check_replicas: bool = True,
     ) -> None:
-        super().__init__(group, per_sample=True, timeout=timeout, check_replicas=check_replicas)
-        #: the terms gathered in the last per-sample step, in order
-        self.last_exchange: list[ExchangedTerm] = []
-        self.engine = Engine(*modules, batch_dim=0)
+        #: per-sample losses: the explicit route, and the process-group machinery of the engine's
+        self.sample_update = DistributedJacobianUpdate(
+            group, per_sample=True, timeout=timeout, check_replicas=check_replicas
+        )
+        #: task losses (given separately): the explicit route
         self.task_update = DistributedJacobianUpdate(
             group, per_sample=False, timeout=timeout, check_replicas=check_replicas
         )
+        self.comm = self.sample_update.comm
         self.task_update.comm = self.comm  # one set of counters for the step
+        #: the terms gathered in the last per-sample step, in order
+        self.last_exchange: list[ExchangedTerm] = []
+        self.last_stats: CommStats | None = None
+        self.last_plain_ddp_bytes: int | None = None
+        self.engine = Engine(*modules, batch_dim=0)
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def agree(
+        self, error: BaseException | None, nonfinite: bool, device: torch.device | None = None
+    ) -> bool:
+        """As :meth:`DistributedJacobianUpdate.agree` (the first collective of every step)."""
+        return self.sample_update.agree(error, nonfinite, device)
+
+    def any_process(self, flag: bool, device: torch.device | None = None) -> bool:
+        """``True`` if ``flag`` is true on any process."""
+        return self.sample_update.any_process(flag, device)
+
+    def forget_aggregator_sync(self) -> None:
+        """Copy rank 0's aggregator state again at the next step, on either route."""
+        self.sample_update.forget_aggregator_sync()
+        self.task_update.forget_aggregator_sync()
 
     def compute(
         self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
     ) -> UpdateResult:
         if batch.separate is not None:  # task losses: the explicit-Jacobian task path
-            result = self.task_update.compute(batch, plan, aggregator)
-            self.last_stats = self.task_update.last_stats
-            self.last_plain_ddp_bytes = self.task_update.last_plain_ddp_bytes
-            return result
-        if not isinstance(aggregator, GramianWeightedAggregator):
-            return super().compute(batch, plan, aggregator)  # needs all of J: explicit path
+            return self._explicit(self.task_update, batch, plan, aggregator)
+        if not isinstance(aggregator, GramianWeightedAggregator):  # needs all of J
+            return self._explicit(self.sample_update, batch, plan, aggregator)
         shared = list(plan.shared)
         step: GramianStep | None = None
         error: Exception | None = _specific_per_sample(plan)
@@ -135,9 +173,10 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
                 step = self.engine.step(batch.vector, shared, [], per_sample=True)
         except Exception as exc:
             error = exc
-        sizes = self._check_signature(batch.m, shared, [], error).tolist()
+        machinery = self.sample_update
+        sizes = machinery._check_signature(batch.m, shared, [], error).tolist()
         assert step is not None
-        self._sync_aggregator(aggregator)
+        machinery._sync_aggregator(aggregator)
         dtype = gramian_dtype(batch.vector.dtype, shared)  # at least the parameters' precision
         with torch.no_grad():
             gramian = self._global_gramian(step, sizes).to(dtype)
@@ -146,8 +185,23 @@ class DistributedGramianUpdate(DistributedJacobianUpdate):
             start = sum(sizes[: self.rank])
             local, _ = step.gradients(weights[start : start + sizes[self.rank]])
             shared_grads = self._sum_gradients(local)
-        extras = self._finish_stats(shared, dtype)
+        extras = machinery._finish_stats(shared, dtype)
+        self.last_stats = machinery.last_stats
+        self.last_plain_ddp_bytes = machinery.last_plain_ddp_bytes
         return UpdateResult(shared_grads, [], weights, gramian, extras)
+
+    def _explicit(
+        self,
+        computer: DistributedJacobianUpdate,
+        batch: LossBatch,
+        plan: ParameterPlan,
+        aggregator: Aggregator,
+    ) -> UpdateResult:
+        """The step on the explicit-Jacobian route of ``computer``, its statistics as ours."""
+        result = computer.compute(batch, plan, aggregator)
+        self.last_stats = computer.last_stats
+        self.last_plain_ddp_bytes = computer.last_plain_ddp_bytes
+        return result
 
     # -- the factor exchange ----------------------------------------------------------------
 

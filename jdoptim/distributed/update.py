@@ -2,7 +2,8 @@ r"""Exact distributed JD on the explicit-Jacobian path: :class:`DistributedJacob
 
 ``N`` processes each hold a shard of the global batch and compute their local losses. Let
 ``J⁽ʳ⁾`` be the Jacobian of process ``r``'s losses with respect to the shared parameters
-(``n`` entries), computed with one batched backward as in :class:`jdoptim.update.JacobianUpdate`.
+(``n`` entries), computed with one batched backward as in
+:class:`jdoptim.updates.jacobian.JacobianUpdate`.
 
 **Task losses** (``per_sample=False``): every process has the same ``m`` task losses, each a mean
 over its shard. The global task loss is the mean over processes of the local ones (DDP's own
@@ -42,12 +43,12 @@ Aggregators that are not Gramian-weighted need all of ``J``: it is all-gathered 
 (``m n (N-1)/N``, or ``B n (N-1)/N``), aggregated on every process, and rank 0's ``d`` is
 broadcast.
 
-**Interface** (:class:`jdoptim.update.UpdateComputer`): the agreement between processes is this
-computer's :meth:`~DistributedJacobianUpdate.agree`, the first collective of every step, which
+**Interface** (:class:`~jdoptim.updates.base.UpdateComputer`): the agreement between processes is
+this computer's :meth:`~DistributedJacobianUpdate.agree`, the first collective of every step, which
 ``JDOptimizer.step`` calls after each process checked its own input (so that all processes fail,
 skip or go on together); ``distributed`` is ``True``; the traffic of the step is returned as
 ``UpdateResult.stats`` (:class:`~jdoptim.record.CommunicationStats`). A ``GradScaler`` wraps
-this computer like a local one (:class:`jdoptim.amp.ScaledUpdate`).
+this computer like a local one (:class:`jdoptim.updates.scaled.ScaledUpdate`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ from ..autojac import JacobianComputer
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..record import CommunicationStats
-from ..update import UpdateComputer, UpdateResult, aggregate_jacobian, gramian_weights
+from ..updates.base import UpdateComputer, UpdateResult, aggregate_jacobian, gramian_weights
 from ._comm import CommStats, Communicator, DistributedStepError, plain_ddp_bytes
 
 __all__ = ["DistributedJacobianUpdate"]

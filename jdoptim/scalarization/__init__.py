@@ -5,7 +5,7 @@ Same names, constructor arguments and call convention as ``torchjd.scalarization
 :class:`jdoptim.JDOptimizer` takes a scalarizer in place of an aggregator,
 ``JDOptimizer(opt, UW(2))``, and then also runs each method's machinery (training the learnable
 log-scales, FAMO's logit update, DWA's epochs, STCH's warm-up) and reports each loss's effective
-weight ``∂s/∂ℓᵢ`` in the step record; see :mod:`jdoptim.scalarized_step`.
+weight ``∂s/∂ℓᵢ`` in the step record; see :mod:`jdoptim.updates.scalarized`.
 
 >>> import torch
 >>> from jdoptim.scalarization import Mean

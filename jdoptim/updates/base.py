@@ -3,12 +3,13 @@ r"""Turning the losses of one step into gradients: the seam between JDOptimizer 
 An :class:`UpdateComputer` receives the validated losses, the parameter plan and the aggregator,
 and returns the gradients to accumulate. Two local implementations exist:
 
-* :class:`JacobianUpdate` (this module): one batched backward gives the Jacobian blocks
+* :class:`~jdoptim.updates.jacobian.JacobianUpdate`: one batched backward gives the Jacobian blocks
   ``J_p = ∂losses/∂p`` of shape ``[m, *p.shape]`` for the shared and the specific parameters;
   the Gramian is ``G = Σ_p J_p J_pᵀ`` (never concatenating ``J``); a Gramian-weighted aggregator
   then gives ``w = W(G)`` and each shared parameter gets ``wᵀ J_p``; any other aggregator gets the
   concatenated ``J``. A specific parameter of loss ``i`` gets row ``i`` of its block.
-* :class:`jdoptim.autogram.GramianUpdate`: the hook-based engine of ``JDOptimizer(modules=...)``.
+* :class:`~jdoptim.updates.gramian.GramianUpdate`: the hook-based engine of
+  ``JDOptimizer(modules=...)``.
 
 **Design: the whole interface is declared here.** ``JDOptimizer.step`` is a sequence of phases
 (parse → agree → plan → compute → check → apply, see :mod:`jdoptim.optimizer`), and every
@@ -32,13 +33,13 @@ phase that depends on the setting asks the update computer through a method of
 =========================  ====================================================================
 
 What varies with the setting is a *wrapper* (a decorator) of an update computer, not a branch in
-``step``: :class:`jdoptim.amp.ScaledUpdate` (a ``GradScaler``: scale the losses, unscale what
-the aggregator sees, defer the finiteness check and the step to the scaler) wraps the local or
+``step``: :class:`~jdoptim.updates.scaled.ScaledUpdate` (a ``GradScaler``: scale the losses, unscale
+what the aggregator sees, defer the finiteness check and the step to the scaler) wraps the local or
 the distributed computers alike; the distributed computers (:mod:`jdoptim.distributed`) own the
 agreement between processes; the routes of ``features=`` and ``extra_batches=``
-(:mod:`jdoptim.method_step`) are computers of one step that borrow everything but ``compute``
-from the optimizer's own. A computer derives from :class:`UpdateComputer` and overrides what
-differs from the local defaults.
+(:mod:`jdoptim.updates.method`) are computers of one step that borrow everything but ``compute``
+from the optimizer's own. A computer derives from :class:`UpdateComputer` and overrides what differs
+from the local defaults.
 
 Typed statistics: a distributed computer returns its traffic as ``UpdateResult.stats``
 (:class:`~jdoptim.record.CommunicationStats`), which the step puts on
@@ -55,13 +56,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
-from .autojac import JacobianComputer
-from .linalg.finite import all_finite, is_finite
-from .linalg.gramian import gramian_of_blocks
-from .losses import LossBatch
-from .parameter_plan import ParameterPlan
-from .record import CommunicationStats
+from ..aggregation import Aggregator, GramianWeightedAggregator, Weighting
+from ..linalg.finite import all_finite, is_finite
+from ..losses import LossBatch
+from ..parameter_plan import ParameterPlan
+from ..record import CommunicationStats
 
 
 @dataclass
@@ -181,39 +180,3 @@ def nonfinite_part(result: UpdateResult) -> str | None:
     if grads and not all_finite(grads):
         return "aggregated gradient"
     return None
-
-
-class JacobianUpdate(UpdateComputer):
-    """The update from an explicit (batched-backward) Jacobian. See the module docstring."""
-
-    def __init__(self, use_vmap: bool = True) -> None:
-        self.jacobian_computer = JacobianComputer(use_vmap)
-
-    def compute(
-        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
-    ) -> UpdateResult:
-        shared = list(plan.shared)
-        inputs = shared + [param for param, _ in plan.specific]
-        blocks = self.jacobian_computer.compute(batch.vector, inputs)
-        shared_blocks, specific_blocks = blocks[: len(shared)], blocks[len(shared) :]
-        specific_grads = [block[index] for block, (_, index) in zip(specific_blocks, plan.specific)]
-        if not shared:
-            return UpdateResult([], specific_grads, None, None)
-
-        with torch.no_grad():
-            gramian = gramian_of_blocks(shared_blocks)
-            if isinstance(aggregator, GramianWeightedAggregator):
-                weights = gramian_weights(aggregator, gramian)
-                shared_grads = [
-                    torch.tensordot(weights.to(block.dtype), block, dims=1)
-                    for block in shared_blocks
-                ]
-            else:
-                weights = None
-                matrix = torch.cat([block.reshape(batch.m, -1) for block in shared_blocks], dim=1)
-                direction = aggregate_jacobian(aggregator, matrix)
-                sizes = [block[0].numel() for block in shared_blocks]
-                shared_grads = [
-                    piece.view_as(param) for piece, param in zip(direction.split(sizes), shared)
-                ]
-        return UpdateResult(shared_grads, specific_grads, weights, gramian)

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .aggregation import Aggregator, GramianWeightedAggregator, Weighting
-from .aggregation._inputs import InputWeighting, MethodInputs
-from .autojac import compute_jacobian
-from .losses import LossBatch, nonfinite_loss_names, parse_losses
-from .parameter_plan import ParameterPlan
-from .update import UpdateComputer, UpdateResult, ensure_finite
+from ..aggregation import Aggregator, GramianWeightedAggregator, Weighting
+from ..aggregation._inputs import InputWeighting, MethodInputs
+from ..autojac import compute_jacobian
+from ..losses import LossBatch, nonfinite_loss_names, parse_losses
+from ..parameter_plan import ParameterPlan
+from .base import UpdateComputer, UpdateResult, ensure_finite
 
 __all__ = ["CrossBatchUpdate", "CrossBatches"]
 
@@ -69,7 +69,7 @@ class CrossBatches:
                     f"{type(weighting).__name__} weighs the losses by J₁J₂ᵀ, the Jacobians of two "
                     "independent mini-batches: call opt.step(losses_1, extra_batches=[losses_2]) "
                     "or opt.step(losses_1, extra_batches=[losses_2, losses_3]) (see "
-                    "jdoptim.cross_batch)."
+                    "jdoptim.updates.cross_batch)."
                 )
             return None
         if weighting is None:

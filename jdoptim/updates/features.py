@@ -43,11 +43,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .aggregation import Aggregator, GramianWeightedAggregator
-from .introspection import HeadsMap, map_heads
-from .losses import LossBatch
-from .parameter_plan import ParameterPlan
-from .update import UpdateResult, ensure_finite, weigh
+from ..aggregation import Aggregator, GramianWeightedAggregator
+from ..introspection import HeadsMap, map_heads
+from ..losses import LossBatch
+from ..parameter_plan import ParameterPlan
+from .base import UpdateResult, ensure_finite, weigh
 
 __all__ = ["FeaturesUpdate", "HeadsMap", "check_features", "map_heads"]
 

@@ -10,7 +10,8 @@ For a :class:`~jdoptim.aggregation.GramianWeightedAggregator` with weighting ``W
 * a ``[batch, tasks]`` matrix: instance-wise multi-task learning, ``w = Flattening(W)(G)`` on the
   generalized Gramian ``[batch, tasks, tasks, batch]``.
 
-Any other aggregator needs the whole Jacobian: :class:`~jdoptim.update.JacobianUpdate` runs.
+Any other aggregator needs the whole Jacobian: :class:`~jdoptim.updates.jacobian.JacobianUpdate`
+runs.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from torch import Tensor, nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation.flattening import Flattening
+from ..autogram.engine import Engine, gramian_dtype
 from ..linalg.gramian import generalize_gramian
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from ..update import JacobianUpdate, UpdateComputer, UpdateResult, ensure_finite, weigh
-from .engine import Engine, gramian_dtype
+from .base import UpdateComputer, UpdateResult, ensure_finite, weigh
+from .jacobian import JacobianUpdate
 
 __all__ = ["GramianUpdate"]
 

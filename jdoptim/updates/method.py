@@ -5,12 +5,13 @@ before the update computer runs. It returns, for this step:
 
 * the aggregator, with the inputs it declared bound to it (:func:`~jdoptim.aggregation._inputs.
   bind_inputs`): the loss values, a chosen layer's Gramian (GradNorm);
-* the update computer: the optimizer's own, :class:`~jdoptim.features_step.FeaturesUpdate` for
-  ``features=``, or :class:`~jdoptim.cross_batch.CrossBatchUpdate` around the optimizer's own
-  for ``extra_batches=``. A route is only a ``compute``; :class:`RoutedUpdate` gives it the rest
-  of the :class:`~jdoptim.update.UpdateComputer` interface from the optimizer's own computer, so
-  that the step's later phases (and a ``GradScaler``'s :class:`~jdoptim.amp.ScaledUpdate`) treat
-  every route alike.
+* the update computer: the optimizer's own,
+  :class:`~jdoptim.updates.features.FeaturesUpdate` for ``features=``, or
+  :class:`~jdoptim.updates.cross_batch.CrossBatchUpdate` around the optimizer's own for
+  ``extra_batches=``. A route is only a ``compute``; :class:`RoutedUpdate` gives it the rest of
+  the :class:`~jdoptim.updates.base.UpdateComputer` interface from the optimizer's own computer,
+  so that the step's later phases (and a ``GradScaler``'s
+  :class:`~jdoptim.updates.scaled.ScaledUpdate`) treat every route alike.
 
 Nothing is written to a parameter or its ``.grad`` here: a refusal leaves everything unchanged.
 """
@@ -23,20 +24,20 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .aggregation import Aggregator
-from .aggregation._inputs import bind_inputs, needs_of
-from .autojac import compute_jacobian
-from .cross_batch import CrossBatches, CrossBatchUpdate
-from .features_step import FeaturesUpdate, check_features
-from .linalg.gramian import gramian_of_blocks
-from .losses import LossBatch
-from .parameter_plan import ParameterPlan
-from .update import (
+from ..aggregation import Aggregator
+from ..aggregation._inputs import bind_inputs, needs_of
+from ..autojac import compute_jacobian
+from ..linalg.gramian import gramian_of_blocks
+from ..losses import LossBatch
+from ..parameter_plan import ParameterPlan
+from .base import (
     UpdateComputer,
     UpdateResult,
     UpdateRoute,
     ensure_finite,
 )
+from .cross_batch import CrossBatches, CrossBatchUpdate
+from .features import FeaturesUpdate, check_features
 
 __all__ = [
     "CrossBatches",

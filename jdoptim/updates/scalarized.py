@@ -42,10 +42,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .amp import LossScaling, no_autocast, scaler_step
-from .grads import store_gradients
-from .linalg.finite import all_finite, is_finite
-from .losses import (
+from ..amp import LossScaling, no_autocast, scaler_step
+from ..grads import store_gradients
+from ..linalg.finite import all_finite, is_finite
+from ..losses import (
     LossBatch,
     check_not_stepped,
     mark_stepped,
@@ -53,8 +53,8 @@ from .losses import (
     parse_losses,
     translate_graph_error,
 )
-from .record import StepRecord
-from .scalarization import FAMO, Scalarizer
+from ..record import StepRecord
+from ..scalarization import FAMO, Scalarizer
 
 __all__ = ["ScalarizedStep", "attach_learnable_parameters", "make_scalarized_step"]
 

@@ -155,6 +155,46 @@ def check_routing(rank: int, world: int) -> None:
     compare_params(model.module, reference, "task losses with modules=")
 
 
+def check_task_route_resyncs_after_load(rank: int, world: int) -> None:
+    """Checkpoints that differ between ranks, loaded after the task route's first step: the next
+    task step takes rank 0's aggregator state on every rank again (the computer forgets the sync
+    on both of its routes), so the ranks' GradVac states are equal after it."""
+    torch.manual_seed(0)
+    model = DistributedDataParallel(NormMLP().double())
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), GradVac(beta=0.5),
+                      modules=model, batch_dim=0, process_group=model)  # fmt: skip
+    sizes = [4] * world
+    x, y = _norm_data(0, sum(sizes))
+    xs, ys = shard(x, sizes, rank), shard(y, sizes, rank)
+
+    def tasks(net: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+        errors = (net(inputs) - targets).pow(2)
+        return [errors[:, t].mean() for t in range(3)]
+
+    opt.step(tasks(model, xs, ys))  # the task route takes rank 0's state once
+    # Each rank loads a different checkpoint (another run's, on other data): rank 0's must win.
+    other = JDOptimizer(torch.optim.SGD(model.module.parameters(), lr=0.0), GradVac(beta=0.5),
+                        process_group=False)  # fmt: skip
+    other.step(tasks(model.module, *_norm_data(1 + rank, 6)))
+    opt.load_state_dict(other.state_dict())
+    opt.step(tasks(model, xs, ys))
+    states: list[object] = [None] * world
+    dist.all_gather_object(states, opt.aggregator.state_dict())
+    for other_rank, state in enumerate(states):
+        assert _same_state(state, states[0]), f"rank {other_rank}'s GradVac state is not rank 0's"
+
+
+def _same_state(a: object, b: object) -> bool:
+    """Equal state: tensors entry by entry, dicts and sequences item by item."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def run_engine(rank: int, world: int, port: int) -> None:
     init(rank, world, port)
     try:
@@ -169,6 +209,7 @@ def run_engine(rank: int, world: int, port: int) -> None:
         check_engine_per_sample(rank, world, [4] * world, SequenceModel, _sequence_data,
                                 _sequence_losses, UPGrad, use_ddp=False)  # fmt: skip
         check_routing(rank, world)
+        check_task_route_resyncs_after_load(rank, world)
     finally:
         dist.destroy_process_group()
     _leave_without_teardown()
