@@ -39,7 +39,14 @@ def store_gradients(
     """``param.grad += grad`` for each pair (``param.grad = grad`` when it is ``None``: the
     gradient itself when safe, else a copy; see the module docstring), cast to the parameter's
     dtype. ``reserved``: the tensors whose memory must never become a ``.grad``."""
-    taken = {t.untyped_storage().data_ptr() for t in reserved if t is not None}
+    held = [t for t in reserved if t is not None]
+    # Until the first view comes by, a gradient that is no view (``_base is None``) and is
+    # contiguous owns its memory unless it is a reserved tensor, the base of one, or was stored
+    # already: checked by identity, without reading storages (reading one costs a few µs per
+    # gradient, visible on small models). From the first view on, every stored gradient's
+    # storage address is remembered and checked, as the module docstring says.
+    seen = {id(t) for t in held} | {id(t._base) for t in held if t._base is not None}
+    taken: set[int] | None = None  # the storages' addresses, read only when a view comes by
     with torch.no_grad():
         for param, grad in pairs:
             if grad.dtype != param.dtype:
@@ -50,6 +57,18 @@ def store_gradients(
             if grad.layout is not torch.strided:  # e.g. a sparse embedding gradient
                 param.grad = grad
                 continue
+            fresh = taken is None and grad._base is None and id(grad) not in seen
+            if fresh and grad.is_contiguous():
+                seen.add(id(grad))
+                param.grad = grad
+                continue
+            if taken is None:  # from here on, every stored gradient's storage is remembered
+                taken = {t.untyped_storage().data_ptr() for t in held}
+                taken |= {
+                    p.grad.untyped_storage().data_ptr()
+                    for p, _ in pairs
+                    if p.grad is not None and p.grad.layout is torch.strided
+                }
             address = grad.untyped_storage().data_ptr()
             if address in taken or not _owns_exactly(grad):
                 grad = grad.clone(memory_format=torch.contiguous_format)

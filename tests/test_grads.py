@@ -109,3 +109,30 @@ def test_all_finite_with_norms_that_overflow():
     assert not all_finite([huge, torch.tensor([inf])])
     assert all_finite([huge.double(), torch.ones(2)])  # mixed dtypes: the per-tensor path
     assert not all_finite([huge.double(), torch.tensor([-inf])])
+
+
+def test_a_view_stored_after_its_base_does_not_share_memory() -> None:
+    """A contiguous gradient stored by identity, then a view of it for another parameter: the
+    view is copied (its storage is the first gradient's), so the two ``.grad`` stay apart."""
+    first, second = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2, 2))
+    grad = torch.ones(2, 2)
+    store_gradients([(first, grad), (second, grad.t())])
+    assert first.grad is grad
+    assert second.grad.untyped_storage().data_ptr() != grad.untyped_storage().data_ptr()
+    first.grad.add_(1.0)
+    assert torch.equal(second.grad, torch.ones(2, 2))
+
+
+def test_a_base_stored_after_its_view_does_not_share_memory() -> None:
+    """The other order: a view that owns its whole storage is stored first, then its base for
+    another parameter, which must be copied."""
+    first, second = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2, 2))
+    base = torch.ones(2, 2)
+    store_gradients([(first, base.t().contiguous().t()), (second, base)])
+    view_holder = torch.nn.Parameter(torch.zeros(4))
+    other = torch.nn.Parameter(torch.zeros(4))
+    flat = torch.ones(4)
+    store_gradients([(view_holder, flat.view(4)), (other, flat)])
+    assert view_holder.grad.untyped_storage().data_ptr() != other.grad.untyped_storage().data_ptr()
+    view_holder.grad.add_(1.0)
+    assert torch.equal(other.grad, torch.ones(4))
