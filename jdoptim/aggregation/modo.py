@@ -25,6 +25,7 @@ from torch import Tensor
 from ..linalg.simplex import project_onto_simplex
 from ._inputs import CrossBatchWeighting, InputWeightedAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
+from .arguments import kept_or_uniform
 from .state import CheckpointedState, DeclaredState
 
 
@@ -50,15 +51,7 @@ class MoDoWeighting(_NonDifferentiable, CheckpointedState, Stateful, CrossBatchW
     def forward(self, inputs: MethodInputs) -> Tensor:
         cross = inputs.cross
         assert cross is not None
-        m = cross.shape[0]
-        weights = self._weights
-        if weights is None:
-            weights = cross.new_full((m,), 1.0 / m)
-        elif weights.shape != (m,):
-            raise ValueError(
-                f"MoDo kept {weights.shape[0]} weights and now receives {m} losses: call reset()."
-            )
-        weights = weights.to(cross)
+        weights = kept_or_uniform(self._weights, cross, "MoDo")
         step = cross @ weights + self.rho * weights
         self._weights = project_onto_simplex(weights - self.gamma * step)
         return self._weights

@@ -26,9 +26,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..linalg.simplex import project_onto_simplex
-from ._bases import check_preference
 from ._inputs import CrossBatchWeighting, InputWeightedAggregator, MethodInputs
 from ._mixins import Stateful, _NonDifferentiable
+from .arguments import kept_or_uniform, preference_or_uniform
 from .state import CheckpointedState, DeclaredState
 
 
@@ -71,20 +71,8 @@ class SDMGradWeighting(_NonDifferentiable, CheckpointedState, Stateful, CrossBat
     def forward(self, inputs: MethodInputs) -> Tensor:
         cross = inputs.cross
         assert cross is not None
-        m = cross.shape[0]
-        check_preference(self.pref_vector, m)
-        preferred = cross.new_full((m,), 1.0 / m)
-        if self.pref_vector is not None:
-            preferred = self.pref_vector.to(cross)
-        weights = self._weights
-        if weights is None:
-            weights = cross.new_full((m,), 1.0 / m)
-        elif weights.shape != (m,):
-            raise ValueError(
-                f"SDMGrad kept {weights.shape[0]} weights and now receives {m} losses: call "
-                "reset()."
-            )
-        weights = weights.to(cross)
+        preferred = preference_or_uniform(self.pref_vector, cross)
+        weights = kept_or_uniform(self._weights, cross, "SDMGrad")
         scale = cross.diagonal().clamp(min=0.0).sqrt().mean()
         normalized = cross / (scale.square() + 1e-8)
         velocity = None
