@@ -592,7 +592,7 @@ class JDOptimizer(Optimizer):
         user's, and costs a copy of a few small tensors, only for stateful methods (none for
         UPGrad and the other stateless ones).
         """
-        if not _holds_state(self.aggregator):
+        if not holds_state(self.aggregator):
             return None
         return copy.deepcopy(self.aggregator.state_dict())
 
@@ -823,13 +823,6 @@ def _method_named(name: str) -> tuple[str | None, str]:
         if key in known:
             return known[key], module.__name__
     return None, "jdoptim.aggregation"
-
-
-def _holds_state(aggregator: nn.Module) -> bool:
-    """Whether the aggregator (or a submodule) may change state when called: a
-    :class:`~jdoptim.aggregation.Stateful` method, declared persistent state, extra state, or
-    buffers (:func:`jdoptim.aggregation.state.holds_state`)."""
-    return holds_state(aggregator)
 
 
 def _check_aggregator_state(aggregator: nn.Module, ours: object) -> None:
