@@ -36,3 +36,14 @@ def input_sample_dims(
         first = False
         dims.append(dim if t.dim() > dim and t.shape[dim] == count else None)
     return dims
+
+
+def samples_at_batch_dim(losses: Tensor, batch_dim: int | None) -> Tensor:
+    """A vector of per-sample losses ``[b]`` seen with its samples along ``batch_dim``
+    (``[1, …, 1, b]``), where the model's tensors index the samples along a later dimension (a
+    sequence-first model: ``batch_first=False`` attention, ``[s, b, d]`` activations); any other
+    losses as they are. A view: the same graph, rows and weights, and the same ``[b, b]``
+    Gramian once flattened."""
+    if batch_dim is None or losses.dim() != 1 or batch_dim == 0:
+        return losses
+    return losses.reshape((1,) * batch_dim + tuple(losses.shape))

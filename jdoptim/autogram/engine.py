@@ -66,6 +66,7 @@ from ..linalg.user_frame import user_stacklevel
 from ._certify import EngineRouteWarning, Route, failing_modules, signature
 from ._graph import GraphScan, scan_graph
 from ._records import RandomState, make_hook, make_pre_hook
+from ._sample_dims import samples_at_batch_dim
 from ._selection import (
     batch_norms,
     check_disjoint,
@@ -245,14 +246,17 @@ class Engine:
         autograd and, where it fails, takes an exact slower route (see :mod:`._certify`); that
         step keeps the losses' graph."""
         self._check_open()
+        batch_dim = self.batch_dim if per_sample else None
+        per_sample = batch_dim is not None
         if losses.grad_fn is None:
             raise ValueError(
                 "The losses have no autograd graph (no grad_fn): compute them from the model's "
                 "output with gradients enabled."
             )
-        batch_dim = self.batch_dim if per_sample else None
-        per_sample = batch_dim is not None
-        scan = scan_graph([losses.grad_fn], self._key)
+        losses = samples_at_batch_dim(losses, batch_dim)  # [b] of a sequence-first model
+        root = losses.grad_fn
+        assert root is not None  # a view of a tensor with a graph
+        scan = scan_graph([root], self._key)
         if self._shared is not None:
             self._check_expansions(scan, losses)
             if batch_dim is not None and losses.dim() > batch_dim:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation.flattening import Flattening
@@ -54,7 +54,7 @@ class GramianUpdate(UpdateComputer):
         shared = list(plan.shared)
         specific = [p for p, _ in plan.specific]
         step = self.engine.step(
-            _at_batch_dim(losses, self.engine.batch_dim) if per_sample else losses,
+            losses,
             shared,
             specific,
             per_sample=per_sample,
@@ -74,12 +74,3 @@ class GramianUpdate(UpdateComputer):
             shared_grads, specific_grads = step.gradients(weights)
         return UpdateResult(shared_grads, specific_grads, weights, gramian)
 
-
-def _at_batch_dim(losses: Tensor, batch_dim: int | None) -> Tensor:
-    """A vector of per-sample losses ``[b]`` seen with its samples along ``batch_dim``
-    (``[1, …, 1, b]``), where the model's tensors index the samples along a later dimension (a
-    sequence-first model: ``batch_first=False`` attention, ``[s, b, d]`` activations); any other
-    losses as they are. A view: the same graph, rows and weights."""
-    if batch_dim is None or losses.dim() != 1 or batch_dim == 0:
-        return losses
-    return losses.reshape((1,) * batch_dim + tuple(losses.shape))

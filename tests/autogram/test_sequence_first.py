@@ -10,6 +10,7 @@ from torch import nn
 
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad
+from jdoptim.autogram import Engine
 
 
 def _explicit_jacobian(losses: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -47,3 +48,23 @@ def test_sequence_first_encoder_layer_per_sample_losses(dropout: float) -> None:
         got = torch.cat([p.grad.reshape(-1) for p in params])
         torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
     assert record.weights.shape == (4,)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_engine_called_directly_takes_per_sample_vector_at_batch_dim_1(dropout: float) -> None:
+    """``Engine.compute_gramian`` on a ``[b]`` vector of per-sample losses of a sequence-first
+    model gives their ``[b, b]`` Gramian (it used to refuse them: "batch_dim=1 but the losses
+    have shape (4,)"), equal to the explicit Jacobian's on the same forward."""
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=dropout, dtype=torch.float64)
+    head = nn.Linear(16, 1, dtype=torch.float64)
+    model = nn.ModuleDict({"layer": layer, "head": head}).train()
+    params = list(model.parameters())
+    engine = Engine(model, batch_dim=1)
+    x = torch.randn(5, 4, 16, dtype=torch.float64)  # [s, b, d]
+    for _ in range(2):  # the first call certifies the route, the second takes it
+        losses = head(layer(x)).squeeze(-1).pow(2).mean(0)  # [b]
+        jacobian = _explicit_jacobian(losses, params)
+        gramian = engine.compute_gramian(losses)
+        assert gramian.shape == (4, 4)
+        torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-9, atol=1e-12)
