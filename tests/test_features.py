@@ -399,3 +399,20 @@ def _leaves(loss: Tensor) -> list[Tensor]:
     from jdoptim.introspection import collect_loss_leaves
 
     return list(collect_loss_leaves(loss))
+
+
+def test_rows_consistency_check_accepts_rounding_and_refuses_a_missed_row():
+    """The one-pass route's guard: rows summed in another order pass; a row missed, doubled or
+    non-finite fails (the step then takes one backward per loss). (A row below the rounding of
+    the sum, here rows[0] at 1e-6 of the largest, is beyond what any sum check can see.)"""
+    from jdoptim.updates.features import _rows_add_up
+
+    torch.manual_seed(0)
+    rows = torch.randn(32, 4096) * torch.logspace(-3, 3, 32)[:, None]  # float32, mixed scales
+    total = rows.flip(0).cumsum(0)[-1].reshape(64, 64)  # the same sum, another order
+    assert _rows_add_up(rows, total)
+    assert not _rows_add_up(rows, total - rows[16].reshape(64, 64))  # a row missed
+    assert not _rows_add_up(rows, total + rows[20].reshape(64, 64))  # a row counted twice
+    broken = rows.clone()
+    broken[3, 7] = float("nan")
+    assert not _rows_add_up(broken, total)
