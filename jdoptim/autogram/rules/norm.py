@@ -17,7 +17,7 @@ the rows are exact in every dtype.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,6 @@ _LLAMA_NORMS = (
 _T5_NORM = "transformers.models.t5.modeling_t5.T5LayerNorm"
 
 
-@runtime_checkable
 class _WeightOnlyRMSNorm(Protocol):
     """What the rule reads of transformers' weight-only RMS norms (Llama's and T5's)."""
 
@@ -46,7 +45,6 @@ class _WeightOnlyRMSNorm(Protocol):
     variance_epsilon: float
 
 
-@runtime_checkable
 class _ShapedNorm(Protocol):
     """``LayerNorm`` and ``RMSNorm``: normalised over their last ``len(normalized_shape)`` dims."""
 
@@ -73,13 +71,14 @@ def _mean_square_root(x: Tensor, eps: float) -> Tensor:
 def _normalised(module: nn.Module, x: Tensor) -> Tensor:
     family = _transformers_norm(module)
     if family is not None:
-        assert isinstance(module, _WeightOnlyRMSNorm)  # (both families have these attributes)
-        scale = _mean_square_root(x, module.variance_epsilon)
+        # (both families have these attributes; a cast, as isinstance on a Protocol costs ~40 µs)
+        rms = cast(_WeightOnlyRMSNorm, module)
+        scale = _mean_square_root(x, rms.variance_epsilon)
         if family == "llama":
             return (x.to(torch.float32) * scale).to(x.dtype)
         normalised = x * scale  # T5
-        half = module.weight.dtype in (torch.float16, torch.bfloat16)
-        return normalised.to(module.weight.dtype) if half else normalised
+        half = rms.weight.dtype in (torch.float16, torch.bfloat16)
+        return normalised.to(rms.weight.dtype) if half else normalised
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     if isinstance(module, nn.GroupNorm):
@@ -97,8 +96,7 @@ def _channel_dims(module: nn.Module, x: Tensor) -> list[int]:
     if _transformers_norm(module) is not None:
         return [x.dim() - 1]
     if isinstance(module, nn.LayerNorm) or type(module).__name__ == "RMSNorm":
-        assert isinstance(module, _ShapedNorm)
-        count = len(module.normalized_shape)
+        count = len(cast(_ShapedNorm, module).normalized_shape)  # (no isinstance on a Protocol)
         return list(range(x.dim() - count, x.dim()))
     return [1]
 
