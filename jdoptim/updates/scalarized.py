@@ -2,11 +2,10 @@ r"""The step of ``JDOptimizer(opt, scalarizer)``: loss-only methods at the cost 
 
 For a scalarizer ``S`` (:mod:`jdoptim.scalarization`) and the losses ``ℓ ∈ R^m``, the step
 
-1. evaluates ``s = S(ℓ)`` on the losses' own graph and runs one backward of ``s`` with
-   ``torch.autograd.grad``, at the cost of one plain backward: the gradients of the model's and
-   the method's learnable parameters, and, caught by a hook on ``ℓ`` on the way, the
-   *effective weights* ``wᵢ = ∂s/∂ℓᵢ`` (so the model's gradient is ``Σᵢ wᵢ ∇ℓᵢ``);
-2. writes nothing: ``.grad`` and every state are untouched until step 3;
+1. evaluates ``s = S(ℓ)`` on a detached copy of ``ℓ`` and takes, on that ``m``-sized graph, the
+   *effective weights* ``wᵢ = ∂s/∂ℓᵢ`` and the gradients of the method's learnable parameters;
+2. runs one backward of ``Σᵢ wᵢ ℓᵢ`` through the model, with ``torch.autograd.grad``: by the chain
+   rule this is exactly the gradient of ``s(ℓ(θ))``, at the cost of one plain backward;
 3. checks that the weights and the gradients are finite, then (and only then) changes state:
    the scalarizer records the call, the gradients accumulate into ``.grad`` and the wrapped
    optimizer steps. A refused step (bad input, non-finite values) changes nothing.
