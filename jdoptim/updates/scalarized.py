@@ -196,21 +196,8 @@ class ScalarizedStep:
     def _gradients(
         self, batch: LossBatch, record: StepRecord, scaling: LossScaling | None
     ) -> list[tuple[Tensor, Tensor]] | str:
-        """The (parameter, gradient) pairs of the step, or why it is refused; changes nothing
-        (``torch.autograd.grad`` leaves ``.grad`` alone)."""
-        factor = 1.0
-        if scaling is not None:  # the gradients of the scaled loss; the scaler unscales them
-            factor = float(scaling.grad_scaler.scale(torch.ones((), device=batch.vector.device)))
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        params = [p for p in params if p.requires_grad]
-        mark_stepped(batch)  # from here on, the losses' graph is consumed
-        try:
-            scalar, weights, model, learned = self._backward(batch.vector, params, factor)
-        except RuntimeError as error:  # torch's graph-reuse errors become the library's
-            stale = translate_graph_error(error)
-            if stale is None:
-                raise
-            raise stale from error
+        """The (parameter, gradient) pairs of the step, or why it is refused; changes nothing."""
+        scalar, weights, learned = self._effective_weights(record.losses)
         record.weights, record.extras["scalarized_loss"] = weights, scalar
         if not is_finite(torch.cat([weights.reshape(-1), scalar.reshape(1)])):  # one sync
             return (
@@ -218,14 +205,30 @@ class ScalarizedStep:
                 f" of losses {record.losses.tolist()}): nothing was updated. A loss may be at a "
                 "point where the method is undefined (e.g. 0 for GeometricMean)."
             )
-        pairs = [(p, g) for p, g in model if g is not None]
+        factor, outputs = 1.0, weights.to(batch.vector.dtype)
+        if scaling is not None:  # the gradients of the scaled loss; the scaler unscales them
+            factor = float(scaling.grad_scaler.scale(torch.ones((), device=weights.device)))
+            outputs = outputs * factor
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = [p for p in params if p.requires_grad]
+        mark_stepped(batch)  # from here on, the losses' graph is consumed
+        try:
+            model = torch.autograd.grad(
+                batch.vector, params, grad_outputs=outputs, allow_unused=True
+            )
+        except RuntimeError as error:  # torch's graph-reuse errors become the library's
+            stale = translate_graph_error(error)
+            if stale is None:
+                raise
+            raise stale from error
+        pairs = [(p, g) for p, g in zip(params, model) if g is not None]
         if not pairs:
             raise ValueError(
                 "The losses reach none of the wrapped optimizer's parameters: were they computed "
                 "from another model, or are its parameters frozen? Give the optimizer the "
                 "parameters the losses depend on."
             )
-        pairs += learned
+        pairs += [(p, g * factor if scaling is not None else g) for p, g in learned]
         if scaling is None and not all_finite([g for _, g in pairs]):
             return (
                 "Non-finite gradient of the scalarized loss (the losses were finite): nothing was "
@@ -234,39 +237,23 @@ class ScalarizedStep:
             )
         return pairs
 
-    def _backward(
-        self, vector: Tensor, params: list[Tensor], factor: float
-    ) -> tuple[
-        Tensor, Tensor, list[tuple[Tensor, Tensor | None]], list[tuple[Tensor, Tensor]]
-    ]:
-        """One backward of ``factor · s`` with ``s = S(ℓ)`` evaluated on the losses' own graph:
-        ``s``, the effective weights ``w = ∂s/∂ℓ`` (caught on their way through ``ℓ``, divided
-        by ``factor``), and the (parameter, gradient) pairs of the model and of the method's
-        learnable parameters. The scalarizer's evaluation has no side effect on its state."""
+    def _effective_weights(
+        self, values: Tensor
+    ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+        """``s = S(ℓ)``, ``w = ∂s/∂ℓ`` and the learnable parameters' gradients, from the
+        scalarizer's side effect-free evaluation on a detached copy of the losses."""
+        leaf = values.detach().requires_grad_()
         learned = self.scalarizer.learnable_parameters()
-        learned_ids = {id(p) for p in learned}  # the optimizer holds them too: counted once
-        params = [p for p in params if id(p) not in learned_ids]
-        with no_autocast(vector.device.type):
-            scalar = self.scalarizer._scalarize(vector)
-        if not scalar.requires_grad:  # a constant: zero weights, zero gradients
-            weights = torch.zeros_like(vector.detach())
-            zero = torch.autograd.grad(vector, params, weights, allow_unused=True)
-            return scalar.detach(), weights, list(zip(params, zero)), []
-        caught: list[Tensor] = []
-        handle = vector.register_hook(caught.append)
-        try:
-            output = torch.full_like(scalar, factor) if factor != 1.0 else None
-            grads = torch.autograd.grad(scalar, [*params, *learned], output, allow_unused=True)
-        finally:
-            handle.remove()
-        weights = caught[0] if caught else torch.zeros_like(vector.detach())
-        if factor != 1.0:
-            weights = weights / factor
-        model: list[tuple[Tensor, Tensor | None]] = list(zip(params, grads[: len(params)]))
+        with torch.enable_grad(), no_autocast(values.device.type):
+            scalar = self.scalarizer._scalarize(leaf)
+            if not scalar.requires_grad:
+                return scalar.detach(), torch.zeros_like(values), []
+            grads = torch.autograd.grad(scalar, [leaf, *learned], allow_unused=True)
+        weights = torch.zeros_like(values) if grads[0] is None else grads[0]
         pairs: list[tuple[Tensor, Tensor]] = [
-            (p, g) for p, g in zip(learned, grads[len(params) :]) if g is not None
+            (p, g) for p, g in zip(learned, grads[1:]) if g is not None
         ]
-        return scalar.detach(), weights.detach(), model, pairs
+        return scalar.detach(), weights, pairs
 
     def _apply(
         self, record: StepRecord, pairs: list[tuple[Tensor, Tensor]], grad_scaler: Any
