@@ -377,7 +377,10 @@ class Engine:
         output of shape ``[m₁, …, m_k]`` the generalized Gramian of shape
         ``[m₁, …, m_k, m_k, …, m₁]`` with ``G[a, reversed(c)] = ⟨∇y_a, ∇y_c⟩`` (see
         :class:`~jdoptim.aggregation.Flattening`). With ``batch_dim``, ``output``'s dimension
-        ``batch_dim`` indexes independent samples. Frees the graph unless ``retain_graph``.
+        ``batch_dim`` indexes independent samples; a vector ``[b]`` of per-sample losses of a
+        sequence-first model (``batch_dim=1``: the model's tensors index the samples along 1)
+        is taken as they are, and gives a ``b × b`` Gramian. Frees the graph unless
+        ``retain_graph``.
         """
         step = self.step(
             output,
