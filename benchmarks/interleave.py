@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def interleaved_ratio(
@@ -37,3 +37,20 @@ def interleaved_ratio(
         "baseline_ms": statistics.median(base_times) * 1e3,
         "candidate_ms": statistics.median(cand_times) * 1e3,
     }
+
+
+def ratio_row(cells: Sequence[object], result: dict[str, float]) -> str:
+    """A markdown table row: the given leading ``cells``, then the baseline's and the candidate's
+    median times (ms) and the median ratio of :func:`interleaved_ratio`'s ``result``."""
+    leading = " | ".join(str(cell) for cell in cells)
+    return (
+        f"| {leading} | {result['baseline_ms']:.2f} | {result['candidate_ms']:.2f} | "
+        f"{result['ratio_median']:.3f}× |"
+    )
+
+
+def int_option(argv: Sequence[str], name: str, default: int) -> int:
+    """The integer after ``name`` in ``argv`` (e.g. ``--batch 512``), else ``default``."""
+    if name in argv:
+        return int(argv[argv.index(name) + 1])
+    return default

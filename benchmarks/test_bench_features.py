@@ -25,7 +25,7 @@ from torch import Tensor
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.interleave import interleaved_ratio
+from benchmarks.interleave import int_option, interleaved_ratio, ratio_row
 from benchmarks.models import TrunkWithHeads, make_batch
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import MGDA, UPGrad
@@ -78,20 +78,19 @@ def test_features_step_vs_plain(benchmark, m, method):
     benchmark.pedantic(jd_step, rounds=10, warmup_rounds=1)
 
 
-def table(quick: bool) -> None:
+def table(quick: bool, batch: int = 128) -> None:
+    """Print the markdown table (``--batch N``: another batch size than the benchmark's 128)."""
     torch.set_num_threads(2)
-    batch, widths, rounds = (8, (16, 32, 16), 3) if quick else (128, (256, 512, 512, 256), 30)
+    widths, rounds = ((16, 32, 16), 3) if quick else ((256, 512, 512, 256), 30)
+    batch = 8 if quick else batch
     print(f"| method | m | plain (ms) | JD features= (ms) | ratio (target {TARGET}×) |")
     print("|---|---|---|---|---|")
     for m in (8, 32):
         for method in ("upgrad", "mgda"):
             jd_step, plain_step, _ = step_pair(method, m, batch, widths)
             r = interleaved_ratio(jd_step, plain_step, rounds=rounds)
-            print(
-                f"| {method} | {m} | {r['baseline_ms']:.2f} | {r['candidate_ms']:.2f} | "
-                f"{r['ratio_median']:.3f}× |"
-            )
+            print(ratio_row([method, m], r))
 
 
 if __name__ == "__main__":
-    table(quick="--quick" in sys.argv)
+    table(quick="--quick" in sys.argv, batch=int_option(sys.argv, "--batch", 128))
