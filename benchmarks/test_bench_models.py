@@ -57,6 +57,9 @@ LARGE = os.environ.get("BENCH_LARGE") == "1" or "--large" in sys.argv
 MODELS = ["gpt2-tiny", "llama-small", "vit", "resnet18-gn"] + (["gpt2-6x256"] if LARGE else [])
 SETTINGS = {"per-sample": 0, "2 tasks": 2, "8 tasks": 8}
 METHODS = ["jdoptim UPGrad", "torchjd autogram"]
+#: jdoptim without ``modules=`` (the explicit-Jacobian path): not in the default table; for the
+#: memory comparison, e.g. ``peak_extra_mb("resnet18-gn", "8 tasks", JACOBIAN_PATH)``.
+JACOBIAN_PATH = "jdoptim UPGrad, Jacobian path"
 VOCAB = 64 if TINY else 512
 
 Losses = Callable[[nn.Module], Tensor]  # model → per-sample [b] or task [tasks] losses
@@ -194,6 +197,14 @@ def make_step(model_name: str, setting: str, method: str) -> Callable[[], None]:
             opt.step(losses(model))
 
         return jd
+    if method == JACOBIAN_PATH:  # no modules=: the explicit Jacobian (T × P), no hooks
+        opt = JDOptimizer(adam, UPGrad())
+
+        def jacobian_path() -> None:
+            opt.zero_grad()
+            opt.step(losses(model))
+
+        return jacobian_path
     from torchjd.autogram import Engine as TjdEngine
 
     engine = TjdEngine(model, batch_dim=batch_dim)

@@ -338,3 +338,39 @@ def test_embedding_rows_by_definition(batch_dim: int | None) -> None:
         with torch.no_grad():
             (rows,) = parts.rule.jacobians([layer.weight])
     torch.testing.assert_close(rows.reshape(3, 6, 3), expected)
+
+
+@pytest.mark.parametrize("route", ["direct rows", "im2col rows", "im2col kernel"])
+@pytest.mark.parametrize("batch_dim", [None, 0])
+@pytest.mark.parametrize(
+    "make_layer, shape",
+    [
+        (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1), (4, 3, 9, 9)),
+        (lambda: nn.Conv2d(2, 4, (2, 3), padding=(1, 0), dilation=2), (3, 2, 8, 7)),
+        (lambda: nn.Conv1d(2, 3, 3, padding="same", padding_mode="replicate"), (5, 2, 11)),
+        (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False), (3, 4, 6, 6)),
+    ],
+)
+def test_conv_routes_match_the_explicit_jacobian(
+    make_layer, shape, batch_dim, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every route of the convolution rule, whichever the cost model would pick: the weight rows
+    from the convolution's own weight-gradient kernel (vmapped over the rows) or from the im2col
+    columns, and the kernel contraction of the columns (ungrouped only), per sample and per
+    task, against the Gram matrix of the explicit Jacobian of the same losses."""
+    from jdoptim.autogram.rules.conv import ConvRule
+
+    torch.manual_seed(0)
+    layer = make_layer().double()
+    if route == "im2col kernel" and layer.groups != 1:
+        pytest.skip("grouped convolutions always take the weight rows")
+    monkeypatch.setattr(ConvRule, "_rows_cheaper", lambda self: route != "im2col kernel")
+    monkeypatch.setattr(ConvRule, "_direct_rows", lambda self: route == "direct rows")
+    x = torch.randn(*shape, dtype=torch.float64)
+    with Engine(layer, batch_dim=batch_dim) as engine:
+        out = layer(x)
+        flat = out.reshape(out.shape[0], -1)
+        losses = flat.sin().sum(1) if batch_dim == 0 else flat[:, :3].cos().sum(0)
+        expected = explicit_gramian(losses, engine.parameters())
+        gramian = as_square(engine.compute_gramian(losses), losses.shape)
+    assert_gramian_close(gramian, expected)
