@@ -9,14 +9,15 @@ applied to the input first, exactly as the module's forward does. A ``Conv1d`` i
 ``Conv2d`` of height 1.
 
 With ``groups = 1``, the cost model of :func:`~._contraction.linear_gramian` picks between the
-weight rows and the kernel contraction of the columns. With ``g`` groups, group ``j`` is its own linear layer: outputs
-``j·C_out/g … (j+1)·C_out/g - 1`` see only the receptive field ``a^{(j)}`` of input channels
-``j·C_in/g …`` (``d' = C_in/g·∏k`` values, contiguous in im2col's channel-major order), so the
-weight rows are ``g_{ik}[j·o'+q, :] = Σ_s D_{k,is}[j·o'+q] a^{(j)}_{is}`` for all groups at once
-(one batched product); they are ``|W|`` wide (small for a depthwise convolution) and their Gram
-matrix is the Gramian. Task rows (one sample, ``T`` rows over the same images) on layers with many
-output positions come instead from the convolution's own weight-gradient kernel, vmapped over
-the rows: the same sums, without unfolding the input (``ConvRule._direct_rows``).
+weight rows and the kernel contraction of the columns. With ``g`` groups, group ``j`` is its own
+linear layer: outputs ``j·C_out/g … (j+1)·C_out/g - 1`` see only the receptive field
+``a^{(j)}`` of input channels ``j·C_in/g …`` (``d' = C_in/g·∏k`` values, contiguous in im2col's
+channel-major order), so the weight rows are
+``g_{ik}[j·o'+q, :] = Σ_s D_{k,is}[j·o'+q] a^{(j)}_{is}`` for all groups at once (one batched
+product); they are ``|W|`` wide (small for a depthwise convolution) and their Gram
+matrix is the Gramian. On layers with many output positions the rows come instead from the
+convolution's own weight-gradient kernel, vmapped over the rows: the same sums, without
+unfolding the input (``ConvRule._direct_rows``).
 
 The update ``Σ w_{ik} ∂ℓ_{ik}/∂W`` is the convolution's own weight gradient of the weighted
 output gradient ``Σ_k w_{·k} D[k]``: one call of its backward kernel
@@ -81,6 +82,8 @@ def _sizes(value: _Size, spatial: int) -> list[int]:
 #: Output positions per image from which task rows of the weight come from the convolution's
 #: weight-gradient kernel instead of im2col (see ``ConvRule._direct_rows``).
 DIRECT_FROM_POSITIONS = 128
+#: The same for per-sample rows (one image per row), where the crossover comes later.
+DIRECT_PER_SAMPLE_FROM_POSITIONS = 256
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
@@ -151,18 +154,17 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
 
     def _direct_rows(self) -> bool:
         """Whether the weight rows come from the convolution's own weight-gradient kernel
-        (:meth:`_weight_rows_direct`) rather than from the im2col columns: for task rows
-        (``b = 1``, every row over the same images) on layers of at least
-        :data:`DIRECT_FROM_POSITIONS` output positions per image. Measured on CPU (ResNet-18
-        shapes, batch 8, 2 / 8 rows): 1.0–2.3× faster than im2col from 16×16 positions up,
-        and it never unfolds the input (``∏k`` times its size); below, with many channels on
-        few positions, and for per-sample rows (one image each), im2col's one product is up to
-        3× faster."""
+        (:meth:`_weight_rows_direct`) rather than from the im2col columns: on layers of at
+        least :data:`DIRECT_FROM_POSITIONS` output positions per image for task rows (``b = 1``,
+        every row over the same images), :data:`DIRECT_PER_SAMPLE_FROM_POSITIONS` for
+        per-sample rows. Measured on CPU (ResNet-18 shapes, batch 8): task rows (2 / 8) 1.0–2.3×
+        faster than im2col from 16×16 positions up, per-sample rows 1.2–1.3× from 16×16 up; and
+        it never unfolds the input (``∏k`` times its size). Below, with many channels on few
+        positions, im2col's one product is up to 3× faster."""
         call = self.call
-        if call.b != 1:
-            return False
         spatial_out = call.grad_samples_first(0).shape[-self.spatial :]
-        return math.prod(spatial_out) >= DIRECT_FROM_POSITIONS
+        threshold = DIRECT_FROM_POSITIONS if call.b == 1 else DIRECT_PER_SAMPLE_FROM_POSITIONS
+        return math.prod(spatial_out) >= threshold
 
     def _weight_rows_im2col(self) -> Tensor:
         """``[b, T, C_out, d']`` (``d' = C_in/g·∏k``) from the im2col columns: group ``j``'s
