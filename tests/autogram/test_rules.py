@@ -340,15 +340,22 @@ def test_embedding_rows_by_definition(batch_dim: int | None) -> None:
     torch.testing.assert_close(rows.reshape(3, 6, 3), expected)
 
 
-@pytest.mark.parametrize("route", ["direct rows", "im2col rows", "im2col kernel"])
+_CONVS = [
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1), (4, 3, 9, 9), 1),
+    (lambda: nn.Conv2d(2, 4, (2, 3), padding=(1, 0), dilation=2), (3, 2, 8, 7), 1),
+    (lambda: nn.Conv1d(2, 3, 3, padding="same", padding_mode="replicate"), (5, 2, 11), 1),
+    (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False), (3, 4, 6, 6), 2),
+]
+
+
 @pytest.mark.parametrize("batch_dim", [None, 0])
 @pytest.mark.parametrize(
-    "make_layer, shape",
+    "make_layer, shape, route",
     [
-        (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1), (4, 3, 9, 9)),
-        (lambda: nn.Conv2d(2, 4, (2, 3), padding=(1, 0), dilation=2), (3, 2, 8, 7)),
-        (lambda: nn.Conv1d(2, 3, 3, padding="same", padding_mode="replicate"), (5, 2, 11)),
-        (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False), (3, 4, 6, 6)),
+        (make, shape, route)
+        for make, shape, groups in _CONVS
+        for route in ("direct rows", "im2col rows", "im2col kernel")
+        if groups == 1 or route != "im2col kernel"  # grouped: always the weight rows
     ],
 )
 def test_conv_routes_match_the_explicit_jacobian(
@@ -362,8 +369,6 @@ def test_conv_routes_match_the_explicit_jacobian(
 
     torch.manual_seed(0)
     layer = make_layer().double()
-    if route == "im2col kernel" and layer.groups != 1:
-        pytest.skip("grouped convolutions always take the weight rows")
     monkeypatch.setattr(ConvRule, "_rows_cheaper", lambda self: route != "im2col kernel")
     monkeypatch.setattr(ConvRule, "_direct_rows", lambda self: route == "direct rows")
     x = torch.randn(*shape, dtype=torch.float64)
