@@ -348,7 +348,7 @@ _CONVS = [
 ]
 
 
-@pytest.mark.parametrize("batch_dim", [None, 0])
+@pytest.mark.parametrize("layout", ["tasks", "per-sample", "batch x tasks"])
 @pytest.mark.parametrize(
     "make_layer, shape, route",
     [
@@ -359,7 +359,7 @@ _CONVS = [
     ],
 )
 def test_conv_routes_match_the_explicit_jacobian(
-    make_layer, shape, batch_dim, route: str, monkeypatch: pytest.MonkeyPatch
+    make_layer, shape, layout: str, route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every route of the convolution rule, whichever the cost model would pick: the weight rows
     from the convolution's own weight-gradient kernel (vmapped over the rows) or from the im2col
@@ -372,10 +372,15 @@ def test_conv_routes_match_the_explicit_jacobian(
     monkeypatch.setattr(ConvRule, "_rows_cheaper", lambda self: route != "im2col kernel")
     monkeypatch.setattr(ConvRule, "_direct_rows", lambda self: route == "direct rows")
     x = torch.randn(*shape, dtype=torch.float64)
-    with Engine(layer, batch_dim=batch_dim) as engine:
+    with Engine(layer, batch_dim=None if layout == "tasks" else 0) as engine:
         out = layer(x)
         flat = out.reshape(out.shape[0], -1)
-        losses = flat.sin().sum(1) if batch_dim == 0 else flat[:, :3].cos().sum(0)
+        if layout == "tasks":
+            losses = flat[:, :3].cos().sum(0)  # [3]
+        elif layout == "per-sample":
+            losses = flat.sin().sum(1)  # [b]
+        else:
+            losses = torch.stack([flat.sin().sum(1), flat[:, 1:].cos().sum(1)], dim=1)  # [b, 2]
         expected = explicit_gramian(losses, engine.parameters())
         gramian = as_square(engine.compute_gramian(losses), losses.shape)
     assert_gramian_close(gramian, expected)
