@@ -134,6 +134,50 @@ class UpdateComputer(ABC):
         return None
 
 
+class WrappedUpdate(UpdateComputer):
+    """An update computer around another one, ``inner``: every member is ``inner``'s
+    (``max_loss_dim`` and ``distributed`` read and written through) unless a subclass overrides
+    it. The ``features=`` / ``extra_batches=`` routes (:class:`~jdoptim.updates.method.
+    RoutedUpdate`) and the GradScaler (:class:`~jdoptim.updates.scaled.ScaledUpdate`) wrap the
+    optimizer's own computer this way."""
+
+    def __init__(self, inner: UpdateComputer) -> None:
+        self.inner = inner
+
+    @property
+    def max_loss_dim(self) -> int:
+        return self.inner.max_loss_dim
+
+    @max_loss_dim.setter
+    def max_loss_dim(self, value: int) -> None:
+        self.inner.max_loss_dim = value
+
+    @property
+    def distributed(self) -> bool:
+        return self.inner.distributed
+
+    @distributed.setter
+    def distributed(self, value: bool) -> None:
+        self.inner.distributed = value
+
+    def compute(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
+    ) -> UpdateResult:
+        return self.inner.compute(batch, plan, aggregator)
+
+    def agree(self, error: BaseException | None, nonfinite: bool) -> bool:
+        return self.inner.agree(error, nonfinite)
+
+    def check(self, result: UpdateResult) -> str | None:
+        return self.inner.check(result)
+
+    def step_optimizer(self, optimizer: Optimizer, params: list[Tensor]) -> str | None:
+        return self.inner.step_optimizer(optimizer, params)
+
+    def forget_aggregator_sync(self) -> None:
+        self.inner.forget_aggregator_sync()
+
+
 class NonFiniteJacobianError(FloatingPointError):
     """The losses are finite but their Jacobian (hence its Gramian) is not."""
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
-from torch.optim import Optimizer
 
 from ..aggregation import Aggregator
 from ..aggregation._inputs import bind_inputs, needs_of
@@ -34,6 +33,7 @@ from .base import (
     UpdateComputer,
     UpdateResult,
     UpdateRoute,
+    WrappedUpdate,
     ensure_finite,
 )
 from .cross_batch import CrossBatches, CrossBatchUpdate
@@ -59,47 +59,18 @@ class MethodStep:
     computer: UpdateComputer
 
 
-class RoutedUpdate(UpdateComputer):
+class RoutedUpdate(WrappedUpdate):
     """``route.compute`` with the rest of the interface (``agree``, ``check``,
     ``step_optimizer``, …) of ``base``, the optimizer's own computer."""
 
     def __init__(self, route: UpdateRoute, base: UpdateComputer) -> None:
+        super().__init__(base)
         self.route = route
-        self.base = base
-
-    # The wrapper's max_loss_dim and distributed are the base computer's (read and written).
-    @property
-    def max_loss_dim(self) -> int:
-        return self.base.max_loss_dim
-
-    @max_loss_dim.setter
-    def max_loss_dim(self, value: int) -> None:
-        self.base.max_loss_dim = value
-
-    @property
-    def distributed(self) -> bool:
-        return self.base.distributed
-
-    @distributed.setter
-    def distributed(self, value: bool) -> None:
-        self.base.distributed = value
 
     def compute(
         self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
     ) -> UpdateResult:
         return self.route.compute(batch, plan, aggregator)
-
-    def agree(self, error: BaseException | None, nonfinite: bool) -> bool:
-        return self.base.agree(error, nonfinite)
-
-    def check(self, result: UpdateResult) -> str | None:
-        return self.base.check(result)
-
-    def step_optimizer(self, optimizer: Optimizer, params: list[Tensor]) -> str | None:
-        return self.base.step_optimizer(optimizer, params)
-
-    def forget_aggregator_sync(self) -> None:
-        self.base.forget_aggregator_sync()
 
 
 def check_method_arguments(scalarizer: object, features: object, extra_batches: object) -> None:

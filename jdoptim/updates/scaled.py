@@ -7,7 +7,7 @@ module is the wrapper that applies them to any update computer.
 ``JDOptimizer.step`` builds one :class:`ScaledUpdate` per step around the step's update
 computer (the optimizer's own, local or distributed, or the route of ``features=``) when a scaler
 is given, and otherwise runs that computer as it is; no phase of the step branches on the
-scaler. The wrapper overrides three members of :class:`~jdoptim.updates.base.UpdateComputer`:
+scaler. The wrapper (a :class:`~jdoptim.updates.base.WrappedUpdate`) overrides three members:
 
 * ``compute`` scales the losses (:meth:`~jdoptim.amp.LossScaling.scale_batch`), gives the inner
   computer an aggregator that unscales its input (:meth:`~jdoptim.amp.LossScaling.wrap`), and
@@ -30,12 +30,12 @@ from ..aggregation import Aggregator
 from ..amp import LossScaling, scaler_step
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
-from .base import NonFiniteJacobianError, UpdateComputer, UpdateResult
+from .base import NonFiniteJacobianError, UpdateComputer, UpdateResult, WrappedUpdate
 
 __all__ = ["ScaledUpdate", "scaled"]
 
 
-class ScaledUpdate(UpdateComputer):
+class ScaledUpdate(WrappedUpdate):
     """An update computer under a ``GradScaler``, for one step (see the module docstring).
 
     Args:
@@ -44,32 +44,9 @@ class ScaledUpdate(UpdateComputer):
     """
 
     def __init__(self, inner: UpdateComputer, scaling: LossScaling) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.scaling = scaling
         self.overflow: str | None = None  # why the scaled backward gave no finite update
-
-    # The wrapper's max_loss_dim and distributed are the inner computer's (read and written).
-    @property
-    def max_loss_dim(self) -> int:
-        return self.inner.max_loss_dim
-
-    @max_loss_dim.setter
-    def max_loss_dim(self, value: int) -> None:
-        self.inner.max_loss_dim = value
-
-    @property
-    def distributed(self) -> bool:
-        return self.inner.distributed
-
-    @distributed.setter
-    def distributed(self, value: bool) -> None:
-        self.inner.distributed = value
-
-    def agree(self, error: BaseException | None, nonfinite: bool) -> bool:
-        return self.inner.agree(error, nonfinite)
-
-    def forget_aggregator_sync(self) -> None:
-        self.inner.forget_aggregator_sync()
 
     def compute(
         self, batch: LossBatch, plan: ParameterPlan, aggregator: Aggregator
