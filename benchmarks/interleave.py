@@ -11,6 +11,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+import torch
+
 
 def interleaved_ratio(
     candidate: Callable[[], object],
@@ -54,3 +56,17 @@ def int_option(argv: Sequence[str], name: str, default: int) -> int:
     if name in argv:
         return int(argv[argv.index(name) + 1])
     return default
+
+
+def start_table(
+    quick: bool, batch: int, step_column: str, bound: str
+) -> tuple[int, tuple[int, ...], int]:
+    """Set 2 threads, print the header of a :func:`ratio_row` table (``step_column`` names the
+    timed step, ``bound`` the ratio's budget) and return ``(batch, widths, rounds)`` of the
+    shared MLP of :mod:`benchmarks.models`: trunk 256-512-512-256 and 30 rounds, or with
+    ``quick`` tiny sizes and 3 rounds (a check that the table runs, not figures)."""
+    torch.set_num_threads(2)
+    widths, rounds = ((16, 32, 16), 3) if quick else ((256, 512, 512, 256), 30)
+    print(f"| method | m | plain (ms) | {step_column} (ms) | ratio ({bound}) |")
+    print("|---|---|---|---|---|")
+    return (8 if quick else batch), widths, rounds

@@ -25,7 +25,7 @@ from torch import Tensor
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.interleave import int_option, interleaved_ratio, ratio_row
+from benchmarks.interleave import int_option, interleaved_ratio, ratio_row, start_table
 from benchmarks.models import TrunkWithHeads, make_batch
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import MGDA, UPGrad
@@ -97,11 +97,7 @@ def test_features_step_vs_plain(benchmark, m, method):
 
 def table(quick: bool, batch: int = 128) -> None:
     """Print the markdown table (``--batch N``: another batch size than the benchmark's 128)."""
-    torch.set_num_threads(2)
-    widths, rounds = ((16, 32, 16), 3) if quick else ((256, 512, 512, 256), 30)
-    batch = 8 if quick else batch
-    print(f"| method | m | plain (ms) | JD features= (ms) | ratio (target {TARGET}×) |")
-    print("|---|---|---|---|---|")
+    batch, widths, rounds = start_table(quick, batch, "JD features=", f"target {TARGET}×")
     for m in (8, 32):
         r = interleaved_ratio(*arithmetic_floor_pair(m, batch, widths), rounds=rounds)
         print(ratio_row(["(floor: plain + Z Zᵀ)", m], r))

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jdoptim.scalarization as S
-from benchmarks.interleave import int_option, interleaved_ratio, ratio_row
+from benchmarks.interleave import int_option, interleaved_ratio, ratio_row, start_table
 from benchmarks.models import TrunkWithHeads, make_batch, task_losses
 from jdoptim import JDOptimizer
 from jdoptim.linalg.finite import all_finite
@@ -52,19 +53,29 @@ METHODS: dict[str, Callable[[int], S.Scalarizer]] = {
 }
 
 
-def step_pair(
-    name: str, m: int, batch: int, widths: tuple[int, ...]
-) -> tuple[Callable[[], None], Callable[[], None]]:
-    """The JD step of method ``name`` and the plain summed step, on identical models."""
+def _plain_setup(
+    m: int, batch: int, widths: tuple[int, ...]
+) -> tuple[Tensor, Tensor, TrunkWithHeads, Callable[[], None]]:
+    """The batch, a fresh model for the step under test, and the plain summed step on an
+    identical model of its own."""
     x, y = make_batch(m, batch=batch, d_in=widths[0])
-    plain_model, jd_model = TrunkWithHeads(m, widths), TrunkWithHeads(m, widths)
+    plain_model, model = TrunkWithHeads(m, widths), TrunkWithHeads(m, widths)
     plain = torch.optim.Adam(plain_model.parameters(), lr=1e-4)
-    jd = JDOptimizer(torch.optim.Adam(jd_model.parameters(), lr=1e-4), METHODS[name](m))
 
     def plain_step() -> None:
         plain.zero_grad()
         sum(task_losses(plain_model, x, y)).backward()
         plain.step()
+
+    return x, y, model, plain_step
+
+
+def step_pair(
+    name: str, m: int, batch: int, widths: tuple[int, ...]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The JD step of method ``name`` and the plain summed step, on identical models."""
+    x, y, jd_model, plain_step = _plain_setup(m, batch, widths)
+    jd = JDOptimizer(torch.optim.Adam(jd_model.parameters(), lr=1e-4), METHODS[name](m))
 
     def jd_step() -> None:
         jd.zero_grad()
@@ -83,17 +94,10 @@ def bare_step_pair(
     losses, one ``torch.autograd.grad``, the finiteness check of the gradients that a refused
     step needs (:func:`jdoptim.linalg.finite.all_finite`), store them, Adam; no parsing or
     checks of the losses, no effective weights, no record. And the plain summed step."""
-    x, y = make_batch(m, batch=batch, d_in=widths[0])
-    plain_model, bare_model = TrunkWithHeads(m, widths), TrunkWithHeads(m, widths)
-    plain = torch.optim.Adam(plain_model.parameters(), lr=1e-4)
+    x, y, bare_model, plain_step = _plain_setup(m, batch, widths)
     bare = torch.optim.Adam(bare_model.parameters(), lr=1e-4)
     params = list(bare_model.parameters())
     ones = torch.ones(m)
-
-    def plain_step() -> None:
-        plain.zero_grad()
-        sum(task_losses(plain_model, x, y)).backward()
-        plain.step()
 
     def bare_step() -> None:
         bare.zero_grad()
@@ -119,11 +123,7 @@ def test_scalarized_step_vs_plain(benchmark, name: str, m: int) -> None:
 
 def table(quick: bool, batch: int = 128) -> None:
     """Print the markdown table (``--batch N``: another batch size than the benchmark's 128)."""
-    torch.set_num_threads(2)
-    widths, rounds = ((16, 32, 16), 3) if quick else ((256, 512, 512, 256), 30)
-    batch = 8 if quick else batch
-    print(f"| method | m | plain (ms) | JD (ms) | ratio (budget {BUDGET}×) |")
-    print("|---|---|---|---|---|")
+    batch, widths, rounds = start_table(quick, batch, "JD", f"budget {BUDGET}×")
     for m in (2, 8):
         r = interleaved_ratio(*bare_step_pair(m, batch, widths), rounds=rounds)
         print(ratio_row(["(floor: bare step by hand)", m], r))
