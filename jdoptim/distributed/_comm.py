@@ -178,3 +178,18 @@ def _nbytes(tensor: Tensor) -> int:
 
 def device_of(tensors: list[Tensor]) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
+
+
+class OnCommunicator:
+    """What a distributed update computer reads of its :class:`Communicator` (``comm``): its
+    process group's size and this process's rank."""
+
+    comm: Communicator
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank

@@ -74,7 +74,7 @@ from ..autogram.rules import GramianTerm, RowsTerm
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..updates.base import UpdateComputer, UpdateResult, gramian_weights
-from ._comm import CommStats
+from ._comm import CommStats, OnCommunicator
 from .update import DistributedJacobianUpdate, _specific_per_sample
 
 __all__ = ["DistributedGramianUpdate", "ExchangedTerm"]
@@ -94,7 +94,7 @@ class ExchangedTerm:
 _TIED = "tied or explicit parameters"
 
 
-class DistributedGramianUpdate(UpdateComputer):
+class DistributedGramianUpdate(OnCommunicator, UpdateComputer):
     """The exact distributed update of the Gramian engine for per-sample losses (module docs).
 
     Args:
@@ -134,14 +134,6 @@ class DistributedGramianUpdate(UpdateComputer):
         self.last_stats: CommStats | None = None
         self.last_plain_ddp_bytes: int | None = None
         self.engine = Engine(*modules, batch_dim=0)
-
-    @property
-    def world_size(self) -> int:
-        return self.comm.world_size
-
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
 
     def agree(
         self, error: BaseException | None, nonfinite: bool, device: torch.device | None = None

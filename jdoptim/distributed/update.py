@@ -67,12 +67,12 @@ from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..record import CommunicationStats
 from ..updates.base import UpdateComputer, UpdateResult, aggregate_jacobian, gramian_weights
-from ._comm import CommStats, Communicator, DistributedStepError, plain_ddp_bytes
+from ._comm import CommStats, Communicator, DistributedStepError, OnCommunicator, plain_ddp_bytes
 
 __all__ = ["DistributedJacobianUpdate"]
 
 
-class DistributedJacobianUpdate(UpdateComputer):
+class DistributedJacobianUpdate(OnCommunicator, UpdateComputer):
     """The exact distributed JD update of the explicit-Jacobian path (module docstring).
 
     Args:
@@ -112,14 +112,6 @@ class DistributedJacobianUpdate(UpdateComputer):
         self.last_stats: CommStats | None = None
         self.last_plain_ddp_bytes: int | None = None
         self._aggregator_synced: Aggregator | None = None
-
-    @property
-    def world_size(self) -> int:
-        return self.comm.world_size
-
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
 
     # -- agreement between processes ------------------------------------------------------
 
