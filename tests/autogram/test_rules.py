@@ -369,7 +369,7 @@ def test_conv_routes_match_the_explicit_jacobian(
 
     torch.manual_seed(0)
     layer = make_layer().double()
-    monkeypatch.setattr(ConvRule, "_rows_cheaper", lambda self: route != "im2col kernel")
+    monkeypatch.setattr(ConvRule, "_rows_cheaper", lambda self, bias: route != "im2col kernel")
     monkeypatch.setattr(ConvRule, "_direct_rows", lambda self: route == "direct rows")
     x = torch.randn(*shape, dtype=torch.float64)
     with Engine(layer, batch_dim=None if layout == "tasks" else 0) as engine:

@@ -135,6 +135,12 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
             _sizes(module.dilation, self.spatial),
         )
 
+    @cached_property
+    def _positions(self) -> int:
+        """Output positions per image, from the recorded output's shape (``[..., *spatial]``)."""
+        return math.prod(self.call.record.tapped[0].shape[-self.spatial :])
+
+    @cached_property
     def _output_grads(self) -> Tensor:
         """``D`` as ``[T, b, n, C_out, *spatial_out]`` (``n`` images per sample)."""
         call = self.call
@@ -161,10 +167,9 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
         faster than im2col from 16×16 positions up, per-sample rows 1.2–1.3× from 16×16 up; and
         it never unfolds the input (``∏k`` times its size). Below, with many channels on few
         positions, im2col's one product is up to 3× faster."""
-        call = self.call
-        spatial_out = call.grad_samples_first(0).shape[-self.spatial :]
-        threshold = DIRECT_FROM_POSITIONS if call.b == 1 else DIRECT_PER_SAMPLE_FROM_POSITIONS
-        return math.prod(spatial_out) >= threshold
+        per_sample = self.call.b > 1
+        threshold = DIRECT_PER_SAMPLE_FROM_POSITIONS if per_sample else DIRECT_FROM_POSITIONS
+        return self._positions >= threshold
 
     def _weight_rows_im2col(self) -> Tensor:
         """``[b, T, C_out, d']`` (``d' = C_in/g·∏k``) from the im2col columns: group ``j``'s
@@ -184,7 +189,7 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
         gradient and sample ``i``'s images, all rows in one ``torch.vmap``: the same sums as
         im2col's ``Σ_s D_{k,is} a_{is}ᵀ`` without unfolding the input."""
         call = self.call
-        grads = self._output_grads()
+        grads = self._output_grads
         images = self.images.reshape(call.b, -1, *self.images.shape[1:])  # [b, n, C_in, ...]
         weight = self.weight_of().detach().to(images.dtype)
         stride, padding, dilation = self._conv_sizes()
@@ -211,18 +216,18 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
 
     def _bias_rows(self) -> Tensor:
         """``Σ`` of the output gradient over images and positions: ``[b, T, C_out]``."""
-        grads = self._output_grads()
+        grads = self._output_grads
         dims = [2, *range(4, grads.dim())]
         return grads.sum(dim=dims).transpose(0, 1)
 
-    def _rows_cheaper(self) -> bool:
-        """Whether the weight rows cost less than the kernel contraction of the im2col
-        columns (the cost model of :func:`~._contraction.linear_gramian`), from the shapes."""
+    def _rows_cheaper(self, with_bias: bool) -> bool:
+        """Whether the (ungrouped) weight rows cost less than the kernel contraction of the
+        im2col columns: the choice :func:`~._contraction.linear_gramian` makes on them, from
+        the shapes alone (without unfolding the input)."""
         call, module = self.call, self.module
-        spatial_out = call.grad_samples_first(0).shape[-self.spatial :]
-        positions = self.images.shape[0] // call.b * math.prod(spatial_out)
-        width = module.in_channels * math.prod(_sizes(module.kernel_size, self.spatial)) + 1
-        sizes = (call.b, positions, call.T, width, module.out_channels)
+        positions = self.images.shape[0] // call.b * self._positions
+        width = module.in_channels * math.prod(_sizes(module.kernel_size, self.spatial))
+        sizes = (call.b, positions, call.T, width + with_bias, module.out_channels)
         return explicit_cost(*sizes) < contraction_cost(*sizes)
 
     def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
@@ -230,7 +235,9 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
         model's choice, as for a Linear), and always with groups (each group sees its own
         channels, which one kernel over all the columns would mix); else the kernel term of
         the im2col columns."""
-        if self.groups == 1 and not self._rows_cheaper():
+        weight = self.weight_of()
+        with_bias = any(p is not weight for p in params)
+        if self.groups == 1 and not self._rows_cheaper(with_bias):
             return super().factorisation(params)
         return LayerRule.factorisation(self, params)
 
