@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,6 +84,60 @@ def arithmetic_floor_pair(
     return plain_and_gramian, plain_step
 
 
+def bare_step_pair(
+    method: str, m: int, batch: int = 128, widths: tuple[int, ...] = (256, 512, 512, 256)
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The ``features=`` step written by hand for this model, with none of the library's
+    parsing, planning, checks or record: the forward; one backward of ``Σᵢ ℓᵢ`` to ``z`` and the
+    heads, with a hook on each head's consumer of ``z`` that copies its gradient into row ``i``
+    of ``Z``; ``Z Zᵀ`` and the weights; one backward of ``z`` with ``Σᵢ wᵢ Zᵢ``; Adam. And the
+    plain summed step. Their ratio is the floor of an implementation that catches the rows
+    (what any exact one must do) and is only as safe as this model's structure is known."""
+    _, plain_step, _ = step_pair(method, m, batch, widths)
+    x, y = make_batch(m, batch=batch, d_in=widths[0])
+    model = TrunkWithHeads(m, widths)
+    bare = torch.optim.Adam(model.parameters(), lr=1e-4)
+    weighting = (UPGrad() if method == "upgrad" else MGDA()).weighting
+    trunk, heads = list(model.trunk.parameters()), list(model.heads.parameters())
+
+    def bare_step() -> None:
+        bare.zero_grad()
+        losses, z = _losses_and_features(model, x, y)
+        rows = z.new_empty((m, *z.shape))
+
+        def catcher(index: int) -> Callable:
+            def hook(grad_inputs: tuple[Tensor, ...], _: object) -> None:
+                rows[index].copy_(grad_inputs[1])  # addmm's input z
+
+            return hook
+
+        hooks = [node.register_hook(catcher(i)) for i, node in enumerate(_consumers(losses))]
+        head_grads = torch.autograd.grad(losses, [*heads, z], retain_graph=True)[:-1]
+        for hook in hooks:
+            hook.remove()
+        flat = rows.view(m, -1)
+        with torch.no_grad():
+            weights = weighting(flat @ flat.T)
+            trunk_grads = torch.autograd.grad(z, trunk, (weights @ flat).view_as(z))
+        for param, grad in zip(heads + trunk, list(head_grads) + list(trunk_grads)):
+            param.grad = grad
+        bare.step()
+
+    return bare_step, plain_step
+
+
+def _consumers(losses: list[Tensor]) -> list[Any]:
+    """The output of each head's ``addmm`` (the node that takes ``z``), found from its loss:
+    ``mean ← pow ← sub ← squeeze ← addmm`` in ``_losses_and_features``."""
+    found = []
+    for loss in losses:
+        node = loss.grad_fn
+        while type(node).__name__ != "AddmmBackward0":
+            node = node.next_functions[0][0]
+        found.append(node)
+    return found
+
+
 @pytest.mark.parametrize("method", ["upgrad", "mgda"])
 @pytest.mark.parametrize("m", [8, 32])
 def test_features_step_vs_plain(benchmark, m, method):
@@ -101,6 +156,8 @@ def table(quick: bool, batch: int = 128) -> None:
     for m in (8, 32):
         r = interleaved_ratio(*arithmetic_floor_pair(m, batch, widths), rounds=rounds)
         print(ratio_row(["(floor: plain + Z Zᵀ)", m], r))
+        r = interleaved_ratio(*bare_step_pair("upgrad", m, batch, widths), rounds=rounds)
+        print(ratio_row(["(floor: upgrad step by hand)", m], r))
         for method in ("upgrad", "mgda"):
             jd_step, plain_step, _ = step_pair(method, m, batch, widths)
             r = interleaved_ratio(jd_step, plain_step, rounds=rounds)
