@@ -416,3 +416,30 @@ def test_rows_consistency_check_accepts_rounding_and_refuses_a_missed_row():
     broken = rows.clone()
     broken[3, 7] = float("nan")
     assert not _rows_add_up(broken, total)
+
+
+def test_benchmark_floor_step_computes_the_library_update(monkeypatch):
+    """The ``features=`` benchmark's hand-written floor step (``bare_step_pair``) must be the
+    same computation as the library's step, or its ratio is no floor: same model, same ``.grad``."""
+    import copy
+
+    import benchmarks.test_bench_features as bench
+    from benchmarks.models import TrunkWithHeads
+
+    torch.manual_seed(0)
+    template = TrunkWithHeads(4, (8, 16, 8))
+    made: list[torch.nn.Module] = []
+
+    def same_model(n_tasks: int, widths: tuple[int, ...]) -> torch.nn.Module:
+        made.append(copy.deepcopy(template))
+        return made[-1]
+
+    monkeypatch.setattr(bench, "TrunkWithHeads", same_model)
+    bare_step, _ = bench.bare_step_pair("upgrad", 4, batch=16, widths=(8, 16, 8))
+    bare_model = made[-1]
+    library_step, _, _ = bench.step_pair("upgrad", 4, batch=16, widths=(8, 16, 8))
+    library_model = made[-1]
+    bare_step()
+    library_step()
+    for (name, p), q in zip(bare_model.named_parameters(), library_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
