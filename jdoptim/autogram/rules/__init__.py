@@ -14,6 +14,8 @@ any padding)                                product over the groups)
 ``T5LayerNorm``
 ``MultiheadAttention``                      its in/out projections as ``Linear`` products,
                                             from one re-run of the call (same dropout draws)
+transformers' ``ViTEmbeddings``             the patch projection as ``Linear`` on the
+                                            patches, class token and position embedding rows
 anything else                               :class:`GenericRule` (``torch.func.vjp`` + ``vmap``
                                             on a re-run of the call)
 =========================================  =============================================
@@ -65,7 +67,7 @@ as ``self.module`` (or ``cls.module_of(call)`` in :meth:`~LayerRule.applies`) wi
 attribute types, for the type checker (``mypy jdoptim`` runs in CI).
 """
 
-from . import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
+from . import attention, conv, embedding, linear, norm, vit  # noqa: F401  (registration)
 from ._base import LayerRule, qualified_name, register_rule, registered_rule
 from ._call import Call, full_precision
 from ._contraction import (
