@@ -26,7 +26,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._base import LayerRule, register_rule
 from ._call import Call, full_precision
-from ._terms import GramianTerm, RowsTerm
 
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, _BatchNorm)
 if hasattr(nn, "RMSNorm"):
@@ -125,8 +124,7 @@ class NormAffineRule(LayerRule):
 
     def _reduce(self, product: Tensor, leading: int) -> Tensor:
         """Sum ``product`` (``leading`` extra dims, then a module tensor) over every dimension but
-        the leading ones, the sample dimension and the channel dimensions; return ``[..., b, C]``
-        (``b = 1`` without a sample dimension).
+        the leading ones, the sample dimension and the channel dimensions; return ``[..., b, C]``.
         """
         call = self.call
         keep = [leading + c for c in self.channels]
@@ -145,32 +143,20 @@ class NormAffineRule(LayerRule):
     def _is_weight(self, p: Tensor) -> bool:
         return p is self.call.module.weight
 
-    def _products(self, grad: Tensor, params: list[Tensor]) -> Tensor:
-        """``[len(params), *grad.shape]``: ``grad ⊙ X̂`` for the weight, ``grad`` for the bias,
-        stacked so that one reduction serves both."""
-        parts = [grad * self.normalised if self._is_weight(p) else grad for p in params]
-        return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
-
-    def _stacked_rows(self, params: list[Tensor]) -> Tensor:
-        """The rows of every parameter in ``params`` as ``[P, T, b, C]``."""
-        return self._reduce(self._products(self.call.grad(0), params), 2)
-
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         call = self.call
-        stacked = self._stacked_rows(params)
-        return [
-            rows.transpose(0, 1).reshape(call.b, call.T, *p.shape)
-            for rows, p in zip(stacked, params)
-        ]
-
-    def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
-        """One :class:`~._terms.RowsTerm` of the weight's and the bias's rows side by side
-        (``[b, T, 2C]``: the Gram matrix of the concatenation is the sum of theirs)."""
-        call = self.call
-        stacked = self._stacked_rows(params)  # [P, T, b, C]
-        return [RowsTerm(stacked.permute(2, 1, 0, 3).reshape(call.b, call.T, -1))]
+        grads = call.grad(0)  # [T, *Y]
+        rows = []
+        for p in params:
+            product = grads * self.normalised if self._is_weight(p) else grads
+            reduced = self._reduce(product, 1)  # [T, b, C]
+            rows.append(reduced.transpose(0, 1).reshape(call.b, call.T, *p.shape))
+        return rows
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         dw = self.call.weighted_grad(0, weights)
-        summed = self._reduce(self._products(dw, params), 1).sum(1)  # [P, C]
-        return [grad.view_as(p) for grad, p in zip(summed, params)]
+        grads = []
+        for p in params:
+            product = dw * self.normalised if self._is_weight(p) else dw
+            grads.append(self._reduce(product, 0).sum(0).view_as(p))
+        return grads
