@@ -52,6 +52,24 @@ def _leaf_of(node: Node) -> Tensor | None:
     return getattr(node, "variable", None)
 
 
+def _leaves_below(root: Node) -> list[Tensor]:
+    """The leaves reachable from ``root``, in the order first met (one walk, no in-degrees)."""
+    stack = [root]
+    seen = {root}
+    met: list[Tensor] = []
+    while stack:
+        node = stack.pop()
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            met.append(leaf)
+            continue
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return met
+
+
 def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     """Return ``(leaf, mask)`` pairs; bit ``i`` of ``mask`` is set iff ``losses[i]`` reaches it.
 
@@ -63,6 +81,8 @@ def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     masks: dict[Node, int] = {}
     # Leaf tensors that are themselves losses (a loss that *is* a parameter) have no grad_fn.
     direct = [(loss, 1 << i) for i, loss in enumerate(losses) if loss.grad_fn is None]
+    if len(roots) == 1 and not direct:  # one root reaches every leaf met: no masks to propagate
+        return [(leaf, roots[0][1]) for leaf in _leaves_below(roots[0][0])]
 
     # Pass 1: every node reachable from a root, and the number of its parents in that subgraph.
     in_degree: dict[Node, int] = {}
@@ -70,19 +90,13 @@ def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     for node in stack:
         in_degree.setdefault(node, 0)
     seen = set(stack)
-    met: list[Tensor] = []  # the leaves, in the order first met
     while stack:
         node = stack.pop()
-        leaf = _leaf_of(node)
-        if leaf is not None:
-            met.append(leaf)
         for child in _children(node):
             in_degree[child] = in_degree.get(child, 0) + 1
             if child not in seen:
                 seen.add(child)
                 stack.append(child)
-    if len(roots) == 1 and not direct:  # one root reaches every leaf met: no masks to propagate
-        return [(leaf, roots[0][1]) for leaf in met]
 
     # Pass 2: propagate the loss bitmasks from parents to children in topological order.
     for node, bit in roots:
