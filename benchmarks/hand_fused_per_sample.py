@@ -2,13 +2,16 @@ r"""The analytic floor of a *per-sample* JD step on a real model: the engine's p
 
 :mod:`benchmarks.hand_fused_models` is the floor of a task-loss step. This is the same for
 per-sample losses ``ℓ_i`` (one per sample, ``batch_dim=0``), written for models whose every
-parameter sits in a ``Linear``, transformers' ``Conv1D``, an ``Embedding`` or a norm, none tied and
-none used by two calls (Llama small here; GPT-2's tied, sample-shared position embedding and
-ViT's class token would need the engine's own machinery). Forward hooks record every such call's
-input ``X`` and output ``Y``; then
+parameter sits in a ``Linear``, transformers' ``Conv1D``, a ``Conv2d``, an ``Embedding`` or a norm,
+none tied and none used by two calls (Llama small and ResNet-18 GN here; GPT-2's tied,
+sample-shared position embedding and ViT's class token would need the engine's own machinery).
+Forward hooks record every such call's input ``X`` and output ``Y``; then
 
 * one ordinary backward with all-ones output weights gives ``D = ∂(Σᵢ ℓᵢ)/∂Y``, whose sample-``i``
   slice is ``∂ℓᵢ/∂Y_i``;
+* a ``Conv2d`` contributes the Gram matrix of its per-sample rows, from its weight-gradient
+  kernel vmapped over the samples (from 256 output positions per image, as the library's rule),
+  else as a Linear-like layer on its im2col columns;
 * a Linear-like layer contributes ``G_ij = Σ_{s,r} (⟨a_{is}, a_{jr}⟩ + 1) ⟨D_{is}, D_{jr}⟩`` by the
   engine's public contraction helper (:func:`jdoptim.autogram.rules.linear_gramian`, kernel or
   explicit rows by cost, as the engine picks); an embedding ``Σ_{s,r} [idx_{is} = idx_{jr}]
@@ -31,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if __package__ in (None, ""):
@@ -45,7 +49,10 @@ from jdoptim.autogram.rules import linear_gramian
 from jdoptim.updates.base import weigh
 
 #: the models this floor covers (see the module docstring)
-PER_SAMPLE_MODELS = ("llama-small",)
+PER_SAMPLE_MODELS = ("llama-small", "resnet18-gn")
+#: per-sample convolution rows from the weight-gradient kernel from this many output positions per
+#: image up, below it im2col and the Linear contraction (the library's conv rule's threshold)
+DIRECT_CONV_POSITIONS = 256
 
 
 class HandFusedPerSampleStep:
@@ -59,7 +66,7 @@ class HandFusedPerSampleStep:
         for module in model.modules():
             kind = layer_kind(module)
             direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if kind is None or not direct or kind == "conv2d":
+            if kind is None or not direct:
                 continue
             module.register_forward_hook(self._recorder(kind))
             owned.update(id(p) for p in direct)
@@ -99,9 +106,47 @@ class HandFusedPerSampleStep:
         return gramian
 
 
+def _conv_weight_grad(call: Recorded, d: Tensor, x: Tensor) -> Tensor:
+    """A ``Conv2d``'s weight gradient for output gradient ``d`` and input ``x`` (its own
+    backward kernel, no im2col)."""
+    m = call.module
+    return torch.ops.aten.convolution_backward(
+        d,
+        x,
+        m.weight.detach(),
+        None,
+        list(m.stride),
+        list(m.padding),
+        list(m.dilation),
+        False,
+        [0, 0],
+        m.groups,
+        [False, True, False],
+    )[1]
+
+
+def _conv_gramian(call: Recorded, d: Tensor) -> Tensor:
+    """A ``Conv2d``'s per-sample Gramian: rows from its weight-gradient kernel vmapped over the
+    samples on large maps, else im2col and the Linear contraction (as the library's rule)."""
+    m, b = call.module, d.shape[0]
+    with_bias = m.bias is not None
+    if d.shape[-1] * d.shape[-2] >= DIRECT_CONV_POSITIONS or m.groups != 1:
+        rows = torch.vmap(lambda g, x: _conv_weight_grad(call, g[None], x[None]))(d, call.x)
+        flat = rows.reshape(b, -1)
+        if with_bias:
+            flat = torch.cat([flat, d.sum((2, 3))], dim=1)
+        return flat @ flat.T
+    cols = F.unfold(call.x, m.kernel_size, m.dilation, m.padding, m.stride)  # [b, Ckk, L]
+    a = cols.transpose(1, 2)
+    dd = d.flatten(2).transpose(1, 2).unsqueeze(0)  # [1, b, L, o]
+    return linear_gramian(a, dd, with_bias).reshape(b, b)
+
+
 def _call_gramian(call: Recorded, d: Tensor) -> Tensor:
     """The call's per-sample Gramian contribution ``[b, b]``."""
     m, b = call.module, d.shape[0]
+    if call.kind == "conv2d":
+        return _conv_gramian(call, d)
     if call.kind in ("linear", "conv1d"):
         a = call.x.reshape(b, -1, call.x.shape[-1])
         dd = d.reshape(1, b, -1, d.shape[-1])
@@ -113,11 +158,11 @@ def _call_gramian(call: Recorded, d: Tensor) -> Tensor:
         same = index[:, None] == index[None, :]
         products = (flat @ flat.T) * same.to(flat.dtype)
         return products.reshape(b, -1, b, products.shape[0] // b).sum((1, 3))
-    n, _ = _normalised(call)
-    channels = d.shape[-1]
-    rows = [(d * n).reshape(b, -1, channels).sum(1)]
+    n, dims = _normalised(call)
+    per_sample = tuple(k for k in dims if k != 0)  # the dimensions summed within a sample
+    rows = [(d * n).sum(per_sample).reshape(b, -1)]
     if getattr(m, "bias", None) is not None:
-        rows.append(d.reshape(b, -1, channels).sum(1))
+        rows.append(d.sum(per_sample).reshape(b, -1))
     flat = torch.cat(rows, dim=1)
     return flat @ flat.T
 
@@ -125,6 +170,11 @@ def _call_gramian(call: Recorded, d: Tensor) -> Tensor:
 def _set_update(call: Recorded, dw: Tensor) -> None:
     """``.grad`` of the call's parameters from the weighted output gradient ``Σᵢ wᵢ D_i``."""
     m = call.module
+    if call.kind == "conv2d":
+        m.weight.grad = _conv_weight_grad(call, dw, call.x)
+        if m.bias is not None:
+            m.bias.grad = dw.sum((0, 2, 3))
+        return
     if call.kind in ("linear", "conv1d"):
         flat, a = dw.reshape(-1, dw.shape[-1]), call.x.reshape(-1, call.x.shape[-1])
         m.weight.grad = a.T @ flat if call.kind == "conv1d" else flat.T @ a
