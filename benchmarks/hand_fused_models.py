@@ -130,49 +130,52 @@ def explicit_rows(call: Recorded, d: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def conv_weight_grad(call: Recorded, grad: Tensor, x: Tensor) -> Tensor:
+    """A ``Conv2d`` call's weight gradient for the output gradient ``grad`` and input ``x``, from
+    its own weight-gradient kernel (no im2col)."""
+    m = call.module
+    return torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        m.weight.detach(),
+        None,
+        list(m.stride),
+        list(m.padding),
+        list(m.dilation),
+        False,
+        [0, 0],
+        m.groups,
+        [False, True, False],
+    )[1]
+
+
 def _conv_rows_direct(call: Recorded, d: Tensor) -> dict[str, Tensor]:
     """A ``Conv2d``'s rows from its own weight-gradient kernel, vmapped over the ``T`` rows
     (no im2col): the faster products on layers with many output positions."""
-    m = call.module
-
-    def weight_grad(grad: Tensor) -> Tensor:
-        return torch.ops.aten.convolution_backward(
-            grad,
-            call.x,
-            m.weight.detach(),
-            None,
-            list(m.stride),
-            list(m.padding),
-            list(m.dilation),
-            False,
-            [0, 0],
-            1,
-            [False, True, False],
-        )[1]
-
-    out = {"weight": torch.vmap(weight_grad)(d)}
-    if getattr(m, "bias", None) is not None:
+    out = {"weight": torch.vmap(lambda grad: conv_weight_grad(call, grad, call.x))(d)}
+    if getattr(call.module, "bias", None) is not None:
         out["bias"] = d.sum((1, 3, 4))
     return out
 
 
-class HandFusedTaskStep:
-    """``step(losses)`` with ``losses`` a ``[T]`` vector of task losses; see the module docs."""
+class RecordingStep:
+    """What both floors share: forward hooks recording every call of a layer this floor knows
+    (:func:`layer_kind`) that has a trainable direct parameter, the optimizer, UPGrad's weighting,
+    and ``zero_grad``/``step`` around a subclass's :meth:`gradients`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.weighting = UPGradWeighting()
         self.calls: list[Recorded] = []
-        owned: set[int] = set()
+        #: how many recorded layers hold each parameter (by id)
+        self.owners: Counter[int] = Counter()
         for module in model.modules():
             kind = layer_kind(module)
             direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if kind is None or not direct:
                 continue
             module.register_forward_hook(self._recorder(kind))
-            owned.update(id(p) for p in direct)
-        params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
-        self.loose = [p for p in params if id(p) not in owned]
+            self.owners.update(id(p) for p in direct)
 
     def _recorder(self, kind: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -188,6 +191,19 @@ class HandFusedTaskStep:
     def step(self, losses: Tensor) -> None:
         self.gradients(losses)
         self.optimizer.step()
+
+    def gradients(self, losses: Tensor, retain_graph: bool = False) -> Tensor:
+        """Sets every parameter's ``.grad`` to ``Jᵀ w``; returns ``G``."""
+        raise NotImplementedError
+
+
+class HandFusedTaskStep(RecordingStep):
+    """``step(losses)`` with ``losses`` a ``[T]`` vector of task losses; see the module docs."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(model, optimizer)
+        params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
+        self.loose = [p for p in params if id(p) not in self.owners]
 
     def gradients(self, losses: Tensor, retain_graph: bool = False) -> Tensor:
         """Sets every parameter's ``.grad`` to ``Jᵀ w``; returns ``G``."""

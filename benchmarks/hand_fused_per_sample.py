@@ -30,7 +30,6 @@ run; ``BENCH_THREADS`` sets the threads, 2 by default).
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -40,11 +39,16 @@ from torch import Tensor, nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.hand_fused_models import Recorded, _normalised, layer_kind
+from benchmarks.hand_fused_models import (
+    Recorded,
+    RecordingStep,
+    _normalised,
+    conv_weight_grad,
+)
 from benchmarks.interleave import interleaved_ratio
 from benchmarks.test_bench_models import THREADS, TINY, build, make_step
 from jdoptim import JDOptimizer
-from jdoptim.aggregation import UPGrad, UPGradWeighting
+from jdoptim.aggregation import UPGrad
 from jdoptim.autogram.rules import linear_gramian
 from jdoptim.updates.base import weigh
 
@@ -55,39 +59,15 @@ PER_SAMPLE_MODELS = ("llama-small", "resnet18-gn")
 DIRECT_CONV_POSITIONS = 256
 
 
-class HandFusedPerSampleStep:
+class HandFusedPerSampleStep(RecordingStep):
     """``step(losses)`` with ``losses`` a ``[b]`` vector of per-sample losses."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self.weighting = UPGradWeighting()
-        self.calls: list[Recorded] = []
-        owned: Counter[int] = Counter()
-        for module in model.modules():
-            kind = layer_kind(module)
-            direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if kind is None or not direct:
-                continue
-            module.register_forward_hook(self._recorder(kind))
-            owned.update(id(p) for p in direct)
+        super().__init__(model, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
-        if any(id(p) not in owned for p in params) or any(n > 1 for n in owned.values()):
+        owners = self.owners
+        if any(id(p) not in owners for p in params) or any(n > 1 for n in owners.values()):
             raise ValueError("this floor needs every parameter in exactly one recorded layer")
-
-    def _recorder(self, kind: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if torch.is_grad_enabled():
-                self.calls.append(Recorded(module, kind, args[0].detach(), output))
-
-        return hook
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad()
-        self.calls.clear()
-
-    def step(self, losses: Tensor) -> None:
-        self.gradients(losses)
-        self.optimizer.step()
 
     def gradients(self, losses: Tensor, retain_graph: bool = False) -> Tensor:
         """Sets every parameter's ``.grad`` to ``Jᵀ w``; returns ``G``."""
@@ -106,32 +86,13 @@ class HandFusedPerSampleStep:
         return gramian
 
 
-def _conv_weight_grad(call: Recorded, d: Tensor, x: Tensor) -> Tensor:
-    """A ``Conv2d``'s weight gradient for output gradient ``d`` and input ``x`` (its own
-    backward kernel, no im2col)."""
-    m = call.module
-    return torch.ops.aten.convolution_backward(
-        d,
-        x,
-        m.weight.detach(),
-        None,
-        list(m.stride),
-        list(m.padding),
-        list(m.dilation),
-        False,
-        [0, 0],
-        m.groups,
-        [False, True, False],
-    )[1]
-
-
 def _conv_gramian(call: Recorded, d: Tensor) -> Tensor:
     """A ``Conv2d``'s per-sample Gramian: rows from its weight-gradient kernel vmapped over the
     samples on large maps, else im2col and the Linear contraction (as the library's rule)."""
     m, b = call.module, d.shape[0]
     with_bias = m.bias is not None
-    if d.shape[-1] * d.shape[-2] >= DIRECT_CONV_POSITIONS or m.groups != 1:
-        rows = torch.vmap(lambda g, x: _conv_weight_grad(call, g[None], x[None]))(d, call.x)
+    if d.shape[-1] * d.shape[-2] >= DIRECT_CONV_POSITIONS:  # (layer_kind: groups == 1)
+        rows = torch.vmap(lambda g, x: conv_weight_grad(call, g[None], x[None]))(d, call.x)
         flat = rows.reshape(b, -1)
         if with_bias:
             flat = torch.cat([flat, d.sum((2, 3))], dim=1)
@@ -171,7 +132,7 @@ def _set_update(call: Recorded, dw: Tensor) -> None:
     """``.grad`` of the call's parameters from the weighted output gradient ``Σᵢ wᵢ D_i``."""
     m = call.module
     if call.kind == "conv2d":
-        m.weight.grad = _conv_weight_grad(call, dw, call.x)
+        m.weight.grad = conv_weight_grad(call, dw, call.x)
         if m.bias is not None:
             m.bias.grad = dw.sum((0, 2, 3))
         return
