@@ -75,6 +75,15 @@ def _patch_projection(module: nn.Module) -> nn.Conv2d | None:
     return conv
 
 
+def _parameters(module: nn.Module, conv: nn.Conv2d) -> dict[str, Tensor | None]:
+    """The module's parameters by the rule's names (``None`` where absent)."""
+    found: dict[str, Tensor | None] = {"weight": conv.weight, "bias": conv.bias}
+    for name, attribute in (("cls", "cls_token"), ("position", "position_embeddings")):
+        value = getattr(module, attribute, None)
+        found[name] = value if isinstance(value, Tensor) else None
+    return found
+
+
 @register_rule(f"{_VIT}.ViTEmbeddings")
 class ViTEmbeddingsRule(LayerRule[nn.Module]):
     #: calls the rule does not apply to go through the generic rule, which re-runs them: the
@@ -86,25 +95,16 @@ class ViTEmbeddingsRule(LayerRule[nn.Module]):
         module = call.module
         if _pixel_values(call.record.args, call.record.kwargs) is None:
             return False
-        if _patch_projection(module) is None or len(call.record.tapped) != 1:
+        conv = _patch_projection(module)
+        if conv is None or len(call.record.tapped) != 1:
             return False
         dropout = getattr(module, "dropout", None)
         if not isinstance(dropout, nn.Dropout) or (dropout.training and dropout.p > 0):
             return False
         if call.batch_dim not in (None, 0):
             return False
-        known = {id(t) for t in cls._parameters(module).values() if t is not None}
+        known = {id(t) for t in _parameters(module, conv).values() if t is not None}
         return all(id(p) in known for p in call.params)
-
-    @staticmethod
-    def _parameters(module: nn.Module) -> dict[str, Tensor | None]:
-        conv = _patch_projection(module)
-        assert conv is not None
-        found: dict[str, Tensor | None] = {"weight": conv.weight, "bias": conv.bias}
-        for name, attribute in (("cls", "cls_token"), ("position", "position_embeddings")):
-            value = getattr(module, attribute, None)
-            found[name] = value if isinstance(value, Tensor) else None
-        return found
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
@@ -113,7 +113,7 @@ class ViTEmbeddingsRule(LayerRule[nn.Module]):
         pixels = _pixel_values(call.record.args, call.record.kwargs)
         assert pixels is not None
         self.conv = conv
-        self.names = {id(t): n for n, t in self._parameters(call.module).items() if t is not None}
+        self.names = {id(t): n for n, t in _parameters(call.module, conv).items() if t is not None}
         cols = F.unfold(full_precision(pixels), conv.kernel_size, stride=conv.stride)
         patches = cols.transpose(1, 2)  # [B, n, C·kh·kw], in the projection's output order
         self.patches = patches
