@@ -59,7 +59,7 @@ def _leaves_below(root: Node) -> list[Tensor]:
     met: list[Tensor] = []
     while stack:
         node = stack.pop()
-        leaf = getattr(node, "variable", None)
+        leaf = _leaf_of(node)
         if leaf is not None:
             met.append(leaf)
             continue
