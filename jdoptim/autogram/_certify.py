@@ -8,6 +8,10 @@ The fast paths rest on assumptions the engine cannot read off the model:
   permuted loss vector (``losses.flip(0)``), an operation that mixes samples after a hooked call
   (``h - h.mean(0)``) or a call whose output is shared by the samples but happens to have ``b``
   rows (``wpe(arange(t))`` with ``t = b``) all break it, silently;
+* **sample-major folding**: a call whose sample dimension holds ``k·b`` entries (``[b·s, d]``
+  token rows, frames or windows folded into the batch) is read as ``k`` consecutive entries per
+  sample (:attr:`.rules.Call.group`); rows folded another way (``[s·b, d]``) or a shared output
+  with ``k·b`` rows break it;
 * **faithful re-runs**: the generic rule re-runs a module's forward; one that depends on state it
   changes, or that cannot run under ``torch.func``, gives other rows.
 

@@ -111,16 +111,28 @@ class NotPerSample(Exception):
         self.modules = modules
 
 
-def _layout_problem(record: CallRecord, dims: list[int], count: int, label: str) -> str:
-    for tapped, dim in zip(record.tapped, dims):
-        if len(tapped.shape) <= dim or tapped.shape[dim] != count:
-            return (
-                f"{label} returned shape {tuple(tapped.shape)}, which does not index the {count} "
-                f"samples along dimension {dim}: its output is shared by the samples (as a "
-                "position embedding's is), so one output gradient per sample cannot be had "
-                "from one backward pass."
-            )
-    return ""
+def _sample_group(record: CallRecord, dims: list[int], count: int, label: str) -> int | str:
+    """How many consecutive entries of its sample dimension each sample owns in the call's
+    outputs (``1``: they index the ``count`` samples; ``k``: ``k·count`` entries, the samples
+    folded with another dimension, sample-major, as ``x.reshape(-1, d)`` over ``[b, s, d]``
+    gives; the engine's check proves that reading on the structure's first step), or why the
+    outputs cannot be split per sample."""
+    sizes = {
+        tapped.shape[dim] if len(tapped.shape) > dim else 0
+        for tapped, dim in zip(record.tapped, dims)
+    }
+    size = sizes.pop() if len(sizes) == 1 else 0
+    if size == count:
+        return 1
+    if size > count and size % count == 0 and not isinstance(record.module, torch.nn.RNNBase):
+        return size // count
+    shapes = ", ".join(str(tuple(t.shape)) for t in record.tapped)
+    return (
+        f"{label} returned shape {shapes}, whose dimension {dims[0]} does not hold the {count} "
+        "samples (nor a multiple of them, sample-major): its output is shared by the samples "
+        "(as a position embedding's is) or mixes them, so one output gradient per sample "
+        "cannot be had from one backward pass."
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -222,7 +234,7 @@ class GramianStep:
             )
         self.batch_dim = batch_dim
         grad_outputs = self._grad_outputs(losses, batch_dim)
-        out_dims_of = self._sample_layouts(records, call_params, batch_dim)
+        layouts = self._sample_layouts(records, call_params, batch_dim)
 
         edges = [(r, i, e) for r in records for i, e in enumerate(scan.calls[r]) if e is not None]
         inputs = [e for _, _, e in edges] + self.explicit
@@ -232,12 +244,33 @@ class GramianStep:
         grads = _backward(losses, inputs, grad_outputs, batched, retain_graph, state)
 
         per_record = self._sort_gradients(records, edges, grads, batched)
-        calls = [
-            Call(r, per_record[id(r)], ps, batch_dim, self.b, self.T, out_dims_of[id(r)], batched)
+        calls = self._calls(records, call_params, per_record, layouts, batched)
+        self._make_rules(calls, covered, whole_modules)
+
+    def _calls(
+        self,
+        records: list[CallRecord],
+        call_params: list[list[Tensor]],
+        per_record: dict[int, list[Tensor | None]],
+        layouts: dict[int, tuple[list[int] | None, int]],
+        batched: bool,
+    ) -> list[Call]:
+        """The calls that have parameters of this step, with their gradients and layouts."""
+        return [
+            Call(
+                r,
+                per_record[id(r)],
+                ps,
+                self.batch_dim,
+                self.b,
+                self.T,
+                out_dims=layouts[id(r)][0],
+                stacked=batched,
+                group=layouts[id(r)][1],
+            )
             for r, ps in zip(records, call_params)
             if ps
         ]
-        self._make_rules(calls, covered, whole_modules)
 
     def _sort_gradients(
         self, records: list[CallRecord], edges: list, grads: list, batched: bool
@@ -350,19 +383,21 @@ class GramianStep:
 
     def _sample_layouts(
         self, records: list[CallRecord], call_params: list[list[Tensor]], batch_dim: int | None
-    ) -> dict[int, list[int] | None]:
-        """Where each call's outputs index the samples (``None`` without ``batch_dim``);
-        raises :class:`NotPerSample` before the backward pass, when nothing is spent yet."""
-        found: dict[int, list[int] | None] = {}
+    ) -> dict[int, tuple[list[int] | None, int]]:
+        """Where each call's outputs index the samples (``None`` without ``batch_dim``), and
+        how many entries there each sample owns (:attr:`.rules.Call.group`); raises
+        :class:`NotPerSample` before the backward pass, when nothing is spent yet."""
+        found: dict[int, tuple[list[int] | None, int]] = {}
         problems: dict[int, str] = {}
         for record, params in zip(records, call_params):
-            found[id(record)] = None
+            found[id(record)] = (None, 1)
             if batch_dim is not None and params:
                 dims = output_sample_dims(record, batch_dim)
-                problem = _layout_problem(record, dims, self.b, self.label(record.module))
-                if problem:
-                    problems.setdefault(id(record.module), problem)
-                found[id(record)] = dims
+                group = _sample_group(record, dims, self.b, self.label(record.module))
+                if isinstance(group, str):
+                    problems.setdefault(id(record.module), group)
+                    continue
+                found[id(record)] = (dims, group)
         if problems:
             raise NotPerSample(next(iter(problems.values())), list(problems))
         return found

@@ -107,8 +107,11 @@ _TASK_MODE = (
 _MIXED = (
     "The per-sample losses are not each a function of their own sample only: a loss mixes "
     "samples (e.g. a contrastive loss), the loss vector is permuted, an operation after a hooked "
-    "module mixes samples (e.g. h - h.mean(0)), or a hooked module's output is shared by the "
-    "samples (e.g. a position embedding of shape [t, d] with t equal to the batch size)."
+    "module mixes samples (e.g. h - h.mean(0)), a hooked module's output is shared by the "
+    "samples (e.g. a position embedding of shape [t, d] with t equal to the batch size or a "
+    "multiple of it), or a hooked module folds the samples with another dimension other than "
+    "sample-major (e.g. [s·b, d] rows from sequence-first [s, b, d] activations; [b·s, d] from "
+    "[b, s, d] is fine)."
 )
 _WHOLE = (
     "Re-running these modules one sample at a time (the generic rule, for modules without a "

@@ -1,7 +1,8 @@
 """The Gramian engine on real model code, against the explicit Jacobian of the same losses.
 
 Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode), BERT
-(padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention), T5
+(padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention), OPT (its MLP on
+``[b·s, d]`` token rows, read as ``s`` rows per sample), T5
 (encoder–decoder, relative attention bias) and ViT (class token, position embedding), built
 from tiny random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its default
 dropout; a nanoGPT-style model and a ResNet-style CNN with GroupNorm (and a depthwise block)
@@ -42,7 +43,14 @@ from ._oracle import as_square, explicit_jacobian
 
 transformers = pytest.importorskip("transformers")
 #: models whose every layout is exact on the fast path (no EngineRouteWarning)
-NO_ROUTE_WARNING = {"gpt2", "bert", "nanogpt", "nanogpt_batch_is_seq", "transformer_encoder_layer"}
+NO_ROUTE_WARNING = {
+    "gpt2",
+    "bert",
+    "opt",
+    "nanogpt",
+    "nanogpt_batch_is_seq",
+    "transformer_encoder_layer",
+}
 _IGNORE_ROUTE = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
 
 VOCAB = 40
@@ -104,6 +112,22 @@ def _llama(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
     )
     model = transformers.LlamaForCausalLM(config)
     tokens = torch.randint(0, VOCAB, (batch, seq))
+    return model, lambda m: _lm_losses(m(tokens).logits, tokens)
+
+
+def _opt(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
+    """OPT runs its MLP on ``hidden.reshape(-1, d)``: ``b·s`` token rows, sample-major."""
+    config = transformers.OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=32,
+        max_position_embeddings=32,
+        word_embed_proj_dim=16,
+    )  # dropout: the default 0.1
+    model = transformers.OPTForCausalLM(config)
+    tokens = torch.randint(1, VOCAB, (batch, seq))
     return model, lambda m: _lm_losses(m(tokens).logits, tokens)
 
 
@@ -183,6 +207,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "gpt2": _gpt2,
     "bert": _bert,
     "llama": _llama,
+    "opt": _opt,
     "t5": _t5,
     "vit": _vit,
     "transformer_encoder_layer": _encoder_layer,
@@ -270,6 +295,26 @@ def test_position_embedding_expanded_per_sample(name: str) -> None:
             with torch.no_grad():
                 gramian = step.gramian()
             assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-9
+
+
+def test_opt_token_rows_stay_per_sample() -> None:
+    """OPT's MLP sees ``[b·s, d]`` token rows: read as ``s`` rows per sample, every step is on
+    the per-sample path (``b`` rows, one backward pass) and exact, with no route warning."""
+    torch.manual_seed(0)
+    model, run = _opt()
+    model = model.double().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with Engine(model, batch_dim=0) as engine:
+        for _ in range(2):
+            losses = run(model)[:, 0]
+            jacobian = explicit_jacobian(losses, params)
+            step = engine.step(losses, params, [], per_sample=True)
+            with torch.no_grad():
+                gramian = step.gramian()
+            assert step.b == 4
+            assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-9
+            groups = {parts.rule.call.group for parts in step.rule_parameters}
+            assert groups == {1, 8}  # the folded MLP rows and the [b, s, d] calls
 
 
 @_IGNORE_ROUTE

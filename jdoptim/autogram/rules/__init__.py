@@ -105,9 +105,12 @@ __all__ = [
     "rows_gramian",
 ]
 
+
 def make_rule(call: Call) -> LayerRule:
-    """The registered rule for the call's module if it applies to this call, else the generic."""
+    """The registered rule for the call's module if it applies to this call (and, for a call
+    whose samples are folded with another dimension, handles those: ``grouped_samples``), else
+    the generic."""
     rule = registered_rule(call.module)
-    if rule is not None and rule.applies(call):
+    if rule is not None and (call.group == 1 or rule.grouped_samples) and rule.applies(call):
         return rule(call)
     return GenericRule(call)

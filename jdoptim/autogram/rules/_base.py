@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Generic, TypeVar, cast
+from typing import ClassVar, Generic, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,15 @@ class LayerRule(ABC, Generic[ModuleT]):
     * :meth:`weighted`: ``Σ_{i,k} w_{ik} ∂ℓ_{ik}/∂p``, the update, from the same output
       gradients (no second backward).
     """
+
+    #: Whether the rule handles calls whose samples are folded with another dimension
+    #: (:attr:`~._call.Call.group` ``> 1``: ``b·k`` entries along the sample dimension, ``k``
+    #: consecutive ones per sample). A rule that reads the sample dimension only through
+    #: ``reshape(b, -1, …)`` of :meth:`~._call.Call.samples_first` /
+    #: :meth:`~._call.Call.grad_samples_first` and weighs through
+    #: :meth:`~._call.Call.weighted_grad` handles them; the others (the default) are not given
+    #: such calls, which then take the generic rule.
+    grouped_samples: ClassVar[bool] = False
 
     def __init__(self, call: Call) -> None:
         self.call = call

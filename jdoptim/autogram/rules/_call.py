@@ -56,6 +56,14 @@ class Call:
             ``batch_dim``).
         stacked: whether ``grads`` have their row dimension (with ``T = 1`` the engine passes
             them as autograd gave them, and :meth:`grad` adds it).
+        group: how many consecutive entries of the sample dimension each sample owns: ``1``
+            when the call's tensors index the samples there, ``k > 1`` when the samples are
+            folded together with another dimension, sample-major (``b·k`` entries, sample
+            ``i`` owning entries ``i·k … i·k + k − 1``: OPT's ``x.reshape(-1, d)`` over
+            ``[b, s, d]`` tokens, Swin's ``[b·windows, …]``). Rules reading the sample
+            dimension as ``reshape(b, -1, …)`` see each sample's ``k`` entries together; a
+            rule that does not declare :attr:`~._base.LayerRule.grouped_samples` is not given
+            such calls.
     """
 
     record: CallRecord
@@ -66,6 +74,7 @@ class Call:
     T: int
     out_dims: list[int] | None = None  # per tapped output, where it indexes the samples
     stacked: bool = True  # whether ``grads`` have their row dimension
+    group: int = 1  # entries of the sample dimension per sample (sample-major)
 
     def out_dim(self, index: int) -> int | None:
         if self.batch_dim is None:
@@ -121,15 +130,19 @@ class Call:
         return grad if dim == 0 else grad.movedim(dim + 1, 1)
 
     def weighted_grad(self, index: int, weights: Tensor) -> Tensor:
-        """``Σ_k w_{·k} D[k]`` in the layout of the output (``weights`` is ``[b, T]``)."""
+        """``Σ_k w_{·k} D[k]`` in the layout of the output (``weights`` is ``[b, T]``; with
+        :attr:`group` ``k > 1``, each sample's weight applies to its ``k`` entries)."""
         grad = self.grad(index)
         dim = self.out_dim(index)
         if dim is None:  # one sample: [1, T] @ [T, N]
             summed = torch.mm(weights.to(grad.dtype), grad.reshape(self.T, -1))
             return summed.view(grad.shape[1:])
+        entries = self.b * self.group
+        if self.group > 1:  # [b, T] → [b·k, T], sample-major
+            weights = weights.repeat_interleave(self.group, dim=0)
         if self.T == 1 and dim == 0:  # per-sample losses: w_i D_i
-            return grad[0] * weights.to(grad.dtype).view(self.b, *(1,) * (grad.dim() - 2))
-        moved = grad.movedim(dim + 1, 1)  # [T, b, ...]
-        shape = (self.T, self.b) + (1,) * (moved.dim() - 2)
+            return grad[0] * weights.to(grad.dtype).view(entries, *(1,) * (grad.dim() - 2))
+        moved = grad.movedim(dim + 1, 1)  # [T, b(·k), ...]
+        shape = (self.T, entries) + (1,) * (moved.dim() - 2)
         summed = (moved * weights.T.to(grad.dtype).reshape(shape)).sum(0)
         return summed.movedim(0, dim)

@@ -88,6 +88,8 @@ DIRECT_PER_SAMPLE_FROM_POSITIONS = 256
 
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(PositionwiseLinearRule[_Conv]):
+    grouped_samples = True  # images folded into the sample dimension: n images per sample
+
     @classmethod
     def applies(cls, call: Call) -> bool:
         x = call.record.sole_input

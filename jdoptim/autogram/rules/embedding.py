@@ -20,6 +20,8 @@ from ._terms import GramianTerm, IndexTerm
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule[nn.Embedding]):
+    grouped_samples = True  # positions folded into the sample dimension are more positions
+
     @classmethod
     def applies(cls, call: Call) -> bool:
         module = cls.module_of(call)

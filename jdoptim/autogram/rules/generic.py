@@ -64,6 +64,9 @@ def _detach(tree: Any) -> Any:
 
 
 class GenericRule(LayerRule):
+    #: a call whose samples are folded with another dimension (``Call.group = k``) is re-run
+    #: on each sample's ``k`` entries, its own layout with ``k`` entries instead of ``b·k``
+    grouped_samples = True
     #: how messages name the module (the engine sets its path in the model)
     label: str = ""
     #: per-sample rows from the whole call (masked output gradients), not from slices of it
@@ -181,7 +184,9 @@ class GenericRule(LayerRule):
             dim = call.out_dim(index)
             assert dim is not None
             eye = torch.eye(b, dtype=grad.dtype, device=grad.device)
-            mask = eye.reshape(b, 1, *(b if d == dim else 1 for d in range(grad.dim() - 1)))
+            eye = eye.repeat_interleave(call.group, dim=1)  # [b, b·k]: sample i's k entries
+            entries = b * call.group
+            mask = eye.reshape(b, 1, *(entries if d == dim else 1 for d in range(grad.dim() - 1)))
             cotangents.append((grad.unsqueeze(0) * mask).reshape(b * t, *grad.shape[1:]))
         rows = self._whole_rows(primals, buffers, args, kwargs, tuple(cotangents))
         return {n: r.reshape(b, t, *r.shape[1:]) for n, r in rows.items()}
@@ -192,14 +197,21 @@ class GenericRule(LayerRule):
         call = self.call
         assert call.batch_dim is not None
         flat, spec = tree_flatten((args, kwargs))
-        dims = input_sample_dims(call.module, flat, call.batch_dim, call.b)
+        k = call.group
+        dims = input_sample_dims(call.module, flat, call.batch_dim, call.b * k)
         out_dims = [call.sample_out_dim(i) for i in range(len(grads))]
+        if k > 1:  # [.., b·k, ..] → [.., b, k, ..]: vmap hands each sample its k entries
+            flat = [t if d is None else t.unflatten(d, (call.b, k)) for t, d in zip(flat, dims)]
+            grads = tuple(g.unflatten(d + 1, (call.b, k)) for g, d in zip(grads, out_dims))
 
         def one(flat_one: list[Any], grads_one: tuple[Tensor, ...]) -> dict[str, Tensor]:
-            restored = [t.unsqueeze(d) if d is not None else t for t, d in zip(flat_one, dims)]
+            restored = flat_one
+            cotangents = grads_one
+            if k == 1:  # one sample is a batch of one
+                restored = [t.unsqueeze(d) if d is not None else t for t, d in zip(flat_one, dims)]
+                cotangents = tuple(g.unsqueeze(d + 1) for g, d in zip(grads_one, out_dims))
             args_one, kwargs_one = tree_unflatten(restored, spec)
             pullback = vjp(lambda p: self._outputs(p, buffers, args_one, kwargs_one), primals)[1]
-            cotangents = tuple(g.unsqueeze(d + 1) for g, d in zip(grads_one, out_dims))
             return vmap(pullback)(cotangents)[0]
 
         in_dims = (dims, tuple(d + 1 for d in out_dims))
@@ -220,14 +232,18 @@ class GenericRule(LayerRule):
     ) -> _Named:
         call = self.call
         per_sample = []
+
+        def take(t: Tensor, d: int, i: int) -> Tensor:  # sample i (grouped: its k entries)
+            return t.narrow(d, i, 1) if call.group == 1 else t.select(d, i)
+
         for i in range(call.b):
-            sliced = [t.narrow(d, i, 1) if d is not None else t for t, d in zip(flat, dims)]
+            sliced = [take(t, d, i) if d is not None else t for t, d in zip(flat, dims)]
             args_one, kwargs_one = tree_unflatten(sliced, spec)
             pullback = vjp(
                 lambda p, a=args_one, k=kwargs_one: self._outputs(p, buffers, a, k), primals
             )[1]
             rows = [
-                pullback(tuple(g[k].narrow(d, i, 1) for g, d in zip(grads, out_dims)))[0]
+                pullback(tuple(take(g[k], d, i) for g, d in zip(grads, out_dims)))[0]
                 for k in range(call.T)
             ]
             per_sample.append({n: torch.stack([r[n] for r in rows]) for n in primals})

@@ -71,6 +71,7 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
     weight_layout: ClassVar[Literal["out_in", "in_out"]] = "out_in"
     weight_name: ClassVar[str] = "weight"
     bias_name: ClassVar[str] = "bias"
+    grouped_samples = True  # positions folded into the sample dimension are more positions
 
     @classmethod
     def applies(cls, call: Call) -> bool:
@@ -90,7 +91,7 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
         self.x = full_precision(call.record.args[0])  # the engine runs rules under no_grad
         #: ``(A, D)`` as ``b × d`` and ``b × o`` in the per-sample ``S = 1`` case, else ``None``.
         self.rows_2d: tuple[Tensor, Tensor] | None = None
-        if call.T == 1 and call.batch_dim == 0 and self.x.dim() == 2:
+        if call.T == 1 and call.batch_dim == 0 and self.x.dim() == 2 and call.group == 1:
             grad = call.grads[0]
             if grad is not None and not call.stacked:
                 self.rows_2d = (self.x, full_precision(grad))

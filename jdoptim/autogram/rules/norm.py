@@ -103,6 +103,8 @@ def _channel_dims(module: nn.Module, x: Tensor) -> list[int]:
 
 @register_rule(*_NORMS, *_LLAMA_NORMS, _T5_NORM)
 class NormAffineRule(LayerRule):
+    grouped_samples = True  # (the sample dimension is summed per sample in _reduce)
+
     @classmethod
     def applies(cls, call: Call) -> bool:
         args, kwargs = call.record.args, call.record.kwargs
@@ -136,6 +138,8 @@ class NormAffineRule(LayerRule):
         reduced = product.permute(*order, *rest)
         if rest:  # (an empty dim list would sum over everything)
             reduced = reduced.sum(dim=list(range(len(order), product.dim())))
+        if sample is not None and call.group > 1:  # b·k entries, k per sample: sum each k
+            reduced = reduced.unflatten(leading, (call.b, call.group)).sum(leading + 1)
         if sample is None:
             reduced = reduced.unsqueeze(leading)
         return reduced.reshape(*reduced.shape[: leading + 1], -1)
