@@ -3,7 +3,10 @@
 * The given modules must be disjoint: none may be a submodule of another.
 * Recursive hooking: a module with a direct trainable parameter is hooked, and differentiated
   with respect to all its parameters (``recurse=True``); its children are not hooked. A module
-  without one is descended into.
+  without one is descended into. A parametrized module (``torch.nn.utils.parametrize``:
+  ``weight_norm``, ``spectral_norm``, ``orthogonal``, …) counts its parametrizations' parameters as
+  its own: hooked whole, its call is the layer's (``[b, …]`` outputs), where its parametrization
+  list alone would be a call that returns the weight, shared by every sample.
 * With ``batch_dim``, a module that mixes samples would make per-sample losses depend on other
   samples, and the per-sample Gramian would be wrong; such modules are refused.
 """
@@ -14,6 +17,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 
 def check_disjoint(modules: Sequence[nn.Module]) -> None:
@@ -39,7 +43,11 @@ def hooked_modules(modules: Sequence[nn.Module]) -> list[nn.Module]:
         if id(module) in seen:
             return
         seen.add(id(module))
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
+        direct = list(module.parameters(recurse=False))
+        parametrizations = getattr(module, "parametrizations", None)
+        if parametrize.is_parametrized(module) and isinstance(parametrizations, nn.Module):
+            direct += list(parametrizations.parameters())
+        if any(p.requires_grad for p in direct):
             found.append(module)
             return
         for child in module.children():

@@ -3,7 +3,8 @@
 Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode), BERT
 (padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention), OPT (its MLP on
 ``[b·s, d]`` token rows, read as ``s`` rows per sample), T5
-(encoder–decoder, relative attention bias) and ViT (class token, position embedding), built
+(encoder–decoder, relative attention bias), ViT (class token, position embedding) and wav2vec2
+(convolutional feature encoder, weight-normed convolutional position embedding), built
 from tiny random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its default
 dropout; a nanoGPT-style model and a ResNet-style CNN with GroupNorm (and a depthwise block)
 from :mod:`tests.models`.
@@ -47,6 +48,7 @@ NO_ROUTE_WARNING = {
     "gpt2",
     "bert",
     "opt",
+    "wav2vec2",
     "nanogpt",
     "nanogpt_batch_is_seq",
     "transformer_encoder_layer",
@@ -174,6 +176,29 @@ def _vit(batch: int = 4) -> tuple[nn.Module, Run]:
     return model, lambda m: _class_losses(m(pixel_values=images).logits, labels)
 
 
+def _wav2vec2(batch: int = 4) -> tuple[nn.Module, Run]:
+    """wav2vec2: a convolutional feature encoder (GroupNorm) and a convolutional position
+    embedding under ``torch.nn.utils.weight_norm`` (its weight computed in the forward)."""
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=0.0,
+        classifier_proj_size=8,
+        num_labels=3,
+    )  # hidden, attention and feature-projection dropout: the default 0.1
+    model = transformers.Wav2Vec2ForSequenceClassification(config)
+    audio = torch.randn(batch, 400, dtype=torch.float64)
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(input_values=audio).logits, labels)
+
+
 class _EncoderClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -210,6 +235,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "opt": _opt,
     "t5": _t5,
     "vit": _vit,
+    "wav2vec2": _wav2vec2,
     "transformer_encoder_layer": _encoder_layer,
     "nanogpt": _nanogpt,
     "nanogpt_batch_is_seq": lambda: _nanogpt(batch=8, seq=8),

@@ -73,6 +73,17 @@ class LayerRule(ABC, Generic[ModuleT]):
         """Whether this call has the form the rule handles (else the generic rule is used)."""
         return True
 
+    @staticmethod
+    def differentiates_attributes(call: Call, *names: str) -> bool:
+        """Whether every parameter the call differentiates is the module's attribute of one of
+        ``names`` (``"weight"``, ``"bias"``): false for a parametrized module
+        (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``, the older
+        ``weight_norm``), whose ``weight`` is computed from other parameters in the forward, so
+        that a rule written for ``weight`` would differentiate the wrong tensors; such calls
+        take the generic rule, which re-runs the forward with the parametrization."""
+        owned = [getattr(call.module, name, None) for name in names]
+        return all(any(p is tensor for tensor in owned) for p in call.params)
+
     @abstractmethod
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         """Rows ``∂ℓ_{ik}/∂p``, one ``[b, T, *p.shape]`` tensor per parameter."""

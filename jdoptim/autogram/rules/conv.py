@@ -93,7 +93,7 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
     @classmethod
     def applies(cls, call: Call) -> bool:
         x = call.record.sole_input
-        if x is None:
+        if x is None or not cls.differentiates_attributes(call, "weight", "bias"):
             return False
         spatial = 1 if isinstance(call.module, nn.Conv1d) else 2
         return call.batch_dim is None or (call.batch_dim == 0 and x.dim() == spatial + 2)

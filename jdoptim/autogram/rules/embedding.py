@@ -30,6 +30,8 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
             return False
         if module.max_norm is not None or module.scale_grad_by_freq:
             return False
+        if not cls.differentiates_attributes(call, "weight"):
+            return False
         return call.batch_dim is None or call.batch_dim < index.dim()
 
     def __init__(self, call: Call) -> None:

@@ -110,6 +110,8 @@ class NormAffineRule(LayerRule):
         args, kwargs = call.record.args, call.record.kwargs
         if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
             return False
+        if not cls.differentiates_attributes(call, "weight", "bias"):
+            return False
         x = args[0]
         if isinstance(call.module, (nn.GroupNorm, _BatchNorm)) and x.dim() < 2:
             return False

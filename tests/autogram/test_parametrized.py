@@ -1,0 +1,109 @@
+"""Layers whose ``weight`` is computed from other parameters in the forward.
+
+``torch.nn.utils.parametrizations.weight_norm`` (and the older ``torch.nn.utils.weight_norm``,
+which wav2vec2 and HuBERT use on their convolutional position embedding) make a layer's
+``weight`` a function of ``weight_g``/``weight_v`` (or ``parametrizations.weight.original0/1``);
+a parametrization registered by hand does the same. The differentiated parameters are then not
+the module's ``weight``: the layer rules written for ``weight`` must not take such calls (they
+used to crash with a reshape error on a weight-normed convolution), and the generic rule, which
+re-runs the forward with its parametrization, gives their rows.
+
+Each model is checked against the explicit Jacobian of the same losses, in the per-sample,
+``[batch, tasks]`` and task-loss layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from jdoptim.autogram import Engine
+from jdoptim.autogram.rules import GenericRule
+
+from ._same_losses import check_gramian, check_step
+
+
+class _Exp(nn.Module):
+    """A hand-written parametrization: the weight is ``exp`` of the stored tensor."""
+
+    def forward(self, stored: Tensor) -> Tensor:
+        return stored.exp()
+
+
+def _weight_norm_conv(legacy: bool) -> nn.Module:
+    conv = nn.Conv1d(3, 4, 3, padding=1)
+    if legacy:
+        with pytest.warns(FutureWarning):
+            return nn.utils.weight_norm(conv)
+    return nn.utils.parametrizations.weight_norm(conv)
+
+
+class _Model(nn.Module):
+    """Embedding → (weight-normed) Conv1d → parametrized LayerNorm → weight-normed Linear."""
+
+    def __init__(self, legacy: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 3)
+        parametrize.register_parametrization(self.embed, "weight", _Exp())
+        self.conv = _weight_norm_conv(legacy)
+        self.norm = nn.LayerNorm(4)
+        parametrize.register_parametrization(self.norm, "weight", _Exp())
+        self.head = nn.utils.parametrizations.weight_norm(nn.Linear(4, 2))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens).transpose(1, 2)  # [b, 3, s]
+        h = torch.tanh(self.conv(h)).transpose(1, 2)  # [b, s, 4]
+        return self.head(self.norm(h).mean(1))  # [b, 2]
+
+
+def _losses_of(model: nn.Module, pick: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
+    tokens = torch.randint(0, 10, (4, 5))
+
+    def losses() -> Tensor:
+        out = model(tokens)
+        return pick(torch.stack([out[:, 0].pow(2), out.sin().sum(1)], dim=1))
+
+    return losses
+
+
+LAYOUTS: dict[str, tuple[Callable[[Tensor], Tensor], int | None]] = {
+    "per_sample": (lambda losses: losses[:, 0], 0),
+    "batch_tasks": (lambda losses: losses, 0),
+    "tasks": (lambda losses: losses.mean(0), None),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("legacy", [False, True], ids=["parametrizations", "legacy_weight_norm"])
+def test_parametrized_layers_exact(legacy: bool, layout: str) -> None:
+    torch.manual_seed(0)
+    model = _Model(legacy).double()
+    pick, batch_dim = LAYOUTS[layout]
+    check_gramian(model, _losses_of(model, pick), batch_dim, rtol=1e-9)
+    check_step(model, _losses_of(model, pick), batch_dim, rtol=1e-9)
+
+
+def test_parametrized_layers_take_the_generic_rule() -> None:
+    """Every parametrized layer's call takes the generic rule (the re-run); none takes the rule
+    written for its class's own ``weight``."""
+    torch.manual_seed(0)
+    model = _Model(legacy=False).double()
+    params = list(model.parameters())
+    with Engine(model, batch_dim=0) as engine:
+        losses = _losses_of(model, lambda losses: losses[:, 0])()
+        step = engine.step(losses, params, [], per_sample=True)
+        generic = {
+            type(parts.rule.call.module).__name__
+            for parts in step.rule_parameters
+            if isinstance(parts.rule, GenericRule)
+        }
+    assert generic == {
+        "ParametrizedEmbedding",
+        "ParametrizedConv1d",
+        "ParametrizedLayerNorm",
+        "ParametrizedLinear",
+    }
