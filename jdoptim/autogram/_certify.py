@@ -13,7 +13,9 @@ The fast paths rest on assumptions the engine cannot read off the model:
   sample (:attr:`.rules.Call.group`); rows folded another way (``[s·b, d]``) or a shared output
   with ``k·b`` rows break it;
 * **faithful re-runs**: the generic rule re-runs a module's forward; one that depends on state it
-  changes, or that cannot run under ``torch.func``, gives other rows.
+  changes, or that cannot run under ``torch.func``, gives other rows. (A call that changed its
+  module's buffers in place is not re-run at all: see :mod:`._records`. The check catches the
+  rest, to its tolerance.)
 
 **The check.** For a random ``v`` (a private generator: the user's random stream is untouched),
 the engine's ``Jᵀv``, assembled from the same output gradients and rules as the step
@@ -22,7 +24,8 @@ losses' own graph. If per-sample independence fails for some ``i ≠ j`` with
 ``∂ℓ_j/∂Y_i ≠ 0``, the two differ by ``Σᵢ Σ_{j≠i} (vᵢ - v_j) ∂ℓ_j/∂Y_i ∂Y_i/∂θ``, which is
 non-zero for almost every ``v``; the same holds for any rule whose rows are wrong. Its cost is one
 ordinary backward pass and one weighted update, on the first step of each graph *structure*
-(the hooked calls, their output shapes, whether they drew random numbers, the losses' shape):
+(the hooked calls, their output shapes, whether they drew random numbers or changed their
+buffers, the losses' shape):
 small next to the steps that follow.
 
 **The routes**, tried in this order until the check passes, and then remembered for the
@@ -67,11 +70,13 @@ class Route:
 
 def signature(scan: GraphScan, losses: Tensor, per_sample: bool, params: set[int]) -> tuple:
     """What the route depends on: the hooked calls, their outputs' shapes, whether they drew
-    random numbers, the step's parameters (ids in ``params``) used outside calls, and the
-    losses' shape. (Other leaves, such as an input with ``requires_grad``, are new tensors at
-    every step and must not make every step a new structure.)"""
+    random numbers or changed their buffers, the step's parameters (ids in ``params``) used
+    outside calls, and the losses' shape. (Other leaves, such as an input with
+    ``requires_grad``, are new tensors at every step and must not make every step a new
+    structure.)"""
     calls = tuple(
-        (id(r.module), tuple(t.shape for t in r.tapped), r.rng is not None) for r in scan.calls
+        (id(r.module), tuple(t.shape for t in r.tapped), r.rng is not None, bool(r.mutated))
+        for r in scan.calls
     )
     outside = tuple(id(t) for t in scan.outside_leaves if id(t) in params)
     return (per_sample, tuple(losses.shape), calls, outside)

@@ -15,6 +15,13 @@ Random draws. A module that the generic rule re-runs gets a forward *pre*-hook a
 CUDA device's) before the call. If the call drew random numbers (a generator's state moved), the
 record keeps the snapshot, and the re-run restores it first, so that it draws the same dropout
 masks as the recorded call (:class:`RandomState`).
+
+State changed in the forward. The same pre-hook notes the version counters of the module's
+buffers; a call that changed one in place (spectral normalisation's power-iteration vectors, a
+running statistic read back in the forward) is marked (:attr:`CallRecord.mutated`), because a
+re-run would read the changed values rather than the recorded call's: the generic rule refuses to
+re-run it, and the engine takes that module's rows straight from autograd. Batch-norm running
+statistics in training mode are not counted (the forward normalises with the batch's own).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import Node
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten
 
 from ..introspection import iter_tensors
@@ -69,6 +77,8 @@ class CallRecord:
     #: for an expanded call: the call's own ``(args, kwargs)``, output shape and the samples'
     #: dimension of the expanded output (the generic rule re-runs the call as it was made)
     unexpanded: tuple[tuple, dict, torch.Size, int] | None = None
+    #: the module's buffers the call changed in place (re-run modules only; see the module docs)
+    mutated: tuple[str, ...] = ()
 
     @property
     def sole_input(self) -> Tensor | None:
@@ -117,15 +127,37 @@ def node_metadata(node: Node) -> dict[Any, Any]:
     return node.metadata  # type: ignore[return-value]
 
 
+@dataclass(eq=False)
+class BeforeCall:
+    """What a re-run module's pre-hook notes before its call: the generators' states and the
+    version counter of each of its buffers that the forward may read."""
+
+    rng: RandomState
+    versions: list[tuple[str, Tensor, int]]
+
+
+def _watched_buffers(module: nn.Module) -> list[tuple[str, Tensor, int]]:
+    """``(name, buffer, version)`` of the module's buffers, less the running statistics of batch
+    norms in training mode (updated by every forward, read by none)."""
+    found = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, _BatchNorm) and sub.training:
+            continue
+        for name, buffer in sub.named_buffers(recurse=False):
+            found.append((f"{prefix}.{name}" if prefix else name, buffer, buffer._version))
+    return found
+
+
 def make_pre_hook(
-    pending: dict[int, list[RandomState]],
+    pending: dict[int, list[BeforeCall]],
 ) -> Callable[[nn.Module, tuple, dict], None]:
-    """The forward pre-hook of a module the generic rule re-runs: pushes the generators' states
-    on ``pending[id(module)]`` (the forward hook pops them)."""
+    """The forward pre-hook of a module the generic rule re-runs: pushes what it notes before
+    the call on ``pending[id(module)]`` (the forward hook pops it)."""
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
-            pending.setdefault(id(module), []).append(RandomState.capture())
+            before = BeforeCall(RandomState.capture(), _watched_buffers(module))
+            pending.setdefault(id(module), []).append(before)
 
     return pre_hook
 
@@ -138,15 +170,20 @@ def autocast_now() -> tuple[str, torch.dtype] | None:
     return None
 
 
-def _drawn(pending: dict[int, list[RandomState]] | None, module: nn.Module) -> RandomState | None:
-    """The state before this call if the call drew random numbers, else ``None``."""
+def _drawn(
+    pending: dict[int, list[BeforeCall]] | None, module: nn.Module
+) -> tuple[RandomState | None, tuple[str, ...]]:
+    """The generators' state before this call if the call drew random numbers (else ``None``),
+    and the buffers the call changed in place."""
     if pending is None:
-        return None
+        return None, ()
     stack = pending.get(id(module))
     if not stack:
-        return None
+        return None, ()
     before = stack.pop()
-    return None if before.same_as(RandomState.capture()) else before
+    mutated = tuple(name for name, buffer, version in before.versions if buffer._version != version)
+    rng = None if before.rng.same_as(RandomState.capture()) else before.rng
+    return rng, mutated
 
 
 def sole_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
@@ -158,7 +195,7 @@ def sole_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
 
 def make_hook(
     key: str,
-    pending: dict[int, list[RandomState]] | None = None,
+    pending: dict[int, list[BeforeCall]] | None = None,
     shared: SharedCalls | None = None,
 ) -> Callable[[nn.Module, tuple, dict, Any], Any]:
     """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``;
@@ -174,17 +211,17 @@ def make_hook(
         if not torch.is_grad_enabled():
             return None
         replayed = pending is not None and id(module) in pending  # a module the rules re-run
-        rng = _drawn(pending, module)
+        rng, mutated = _drawn(pending, module)
         amp = autocast_now() if replayed else None
         if shared is not None and output_is_shared(shared, module, args, kwargs, output):
-            return _record_shared(key, shared, module, args, kwargs, output, (rng, amp))
+            return _record_shared(key, shared, module, args, kwargs, output, (rng, amp, mutated))
         sole = sole_tensor(args, kwargs)
         if isinstance(output, Tensor) and sole is not None:  # a layer on one tensor: no pytrees
             node = output.grad_fn
             if node is None or node is sole.grad_fn:
                 return
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
-            call = CallRecord(module, args, {}, [tapped], rng, amp)
+            call = CallRecord(module, args, {}, [tapped], rng, amp, mutated=mutated)
             node_metadata(node).setdefault(key, []).append((call, 0))
             return None
         leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
@@ -199,7 +236,7 @@ def make_hook(
             if node in input_nodes:  # an input handed back unchanged: not computed here
                 continue
             if record is None:
-                record = CallRecord(module, args, kwargs, [], rng, amp)
+                record = CallRecord(module, args, kwargs, [], rng, amp, mutated=mutated)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
             node_metadata(node).setdefault(key, []).append((record, len(record.tapped) - 1))
         return None
@@ -236,7 +273,7 @@ def _record_shared(
     """Records a sample-shared call: as it is (for :func:`._shared.learn`) or, for an
     expandable module, with output and inputs expanded to the forward's ``b`` samples,
     returning the expanded output (which replaces the call's)."""
-    rng, amp = state
+    rng, amp, mutated = state
     new = shared.expandable.get(id(module))
     expand = new is not None
     shareable = is_shared(args, kwargs, output, shared.batch_dim)
@@ -248,7 +285,9 @@ def _record_shared(
         args, kwargs = expand_inputs(args, kwargs, shared.batch_dim, b, new)
         output = expand_along(output, shared.batch_dim, b, new)
     tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
-    call = CallRecord(module, args, kwargs, [tapped], rng, amp, shareable, expand, unexpanded)
+    call = CallRecord(
+        module, args, kwargs, [tapped], rng, amp, shareable, expand, unexpanded, mutated
+    )
     node = output.grad_fn
     assert node is not None  # `output_is_shared` checked it; an expanded output has one too
     node_metadata(node).setdefault(key, []).append((call, 0))

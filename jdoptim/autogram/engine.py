@@ -59,13 +59,14 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from ..linalg.gramian import generalize_gramian
 from ..linalg.user_frame import user_stacklevel
 from ._certify import EngineRouteWarning, Route, failing_modules, signature
 from ._graph import GraphScan, scan_graph
-from ._records import RandomState, make_hook, make_pre_hook
+from ._records import BeforeCall, make_hook, make_pre_hook
 from ._sample_dims import samples_at_batch_dim
 from ._selection import (
     batch_norms,
@@ -181,7 +182,7 @@ class Engine:
         self._key = f"jdoptim.autogram.{next(_COUNTER)}"
         self._hooked = hooked_modules(flat)
         self._labels = module_labels(flat)
-        pending: dict[int, list[RandomState]] = {}
+        pending: dict[int, list[BeforeCall]] = {}
         self._shared = None if batch_dim is None else SharedCalls(batch_dim)
         hook = make_hook(self._key, pending, self._shared)
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._hooked]
@@ -196,7 +197,9 @@ class Engine:
         handles += [  # modules whose calls a rule re-runs: their random draws are recorded
             m.register_forward_pre_hook(pre_hook, with_kwargs=True)
             for m in self._hooked
-            if (rule := registered_rule(m)) is None or getattr(rule, "replays", False)
+            if (rule := registered_rule(m)) is None
+            or getattr(rule, "replays", False)
+            or parametrize.is_parametrized(m)  # (the generic rule takes them)
         ]
         self._finalizer = weakref.finalize(self, _remove_all, handles)
         self._vmap = VmapState()

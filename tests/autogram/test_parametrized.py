@@ -1,4 +1,5 @@
-"""Layers whose ``weight`` is computed from other parameters in the forward.
+"""Layers whose ``weight`` is computed from other parameters in the forward, and forwards that
+change their module's buffers.
 
 ``torch.nn.utils.parametrizations.weight_norm`` (and the older ``torch.nn.utils.weight_norm``,
 which wav2vec2 and HuBERT use on their convolutional position embedding) make a layer's
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from jdoptim.autogram import Engine
+from jdoptim.autogram import Engine, EngineRouteWarning
+from jdoptim.autogram._records import _watched_buffers
 from jdoptim.autogram.rules import GenericRule
 
 from ._same_losses import check_gramian, check_step
@@ -107,3 +109,85 @@ def test_parametrized_layers_take_the_generic_rule() -> None:
         "ParametrizedLayerNorm",
         "ParametrizedLinear",
     }
+
+
+# -- state changed in the forward -------------------------------------------------------------
+
+
+class _SpectralHead(nn.Module):
+    """``spectral_norm``: each training forward runs a power-iteration step that updates the
+    buffers ``_u``, ``_v`` in place and then uses them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.utils.parametrizations.spectral_norm(nn.Linear(5, 6))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.lin(x)))
+
+
+class _DriftingScale(nn.Module):
+    """A forward that changes a buffer it reads by a relative ``1e-9``: a re-run after the call
+    computes a function off by that much, below the engine's check's tolerance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 2))
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.scale.mul_(1.0 + 1e-9)
+        return torch.tanh(x @ self.weight) * self.scale
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("make", [_SpectralHead, _DriftingScale], ids=["spectral", "drift"])
+def test_forward_that_changes_its_buffers_is_not_re_run(
+    make: Callable[[], nn.Module], layout: str
+) -> None:
+    """The call changed buffers it reads, so a re-run would differentiate another function (by
+    1e-10 relative for ``spectral_norm``, which the check's tolerance cannot see): the engine
+    does not re-run it, warns naming the module and the buffers, and takes the module's rows
+    from autograd. Exact to rounding, on the first step and after."""
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    pick, batch_dim = LAYOUTS[layout]
+
+    def losses() -> Tensor:
+        out = model(x)
+        return pick(torch.stack([out[:, 0].pow(2), out.sin().sum(1)], dim=1))
+
+    buffers = "_u" if make is _SpectralHead else "scale"
+    with pytest.warns(EngineRouteWarning, match=f"changed its buffers .*{buffers}"):
+        check_gramian(model, losses, batch_dim, rtol=1e-13)
+    with pytest.warns(EngineRouteWarning):
+        check_step(model, losses, batch_dim, rtol=1e-13)
+
+
+class _BlockWithBatchNorm(nn.Module):
+    """A rule-less block (a direct parameter) holding a ``BatchNorm1d`` in training mode: its
+    running statistics change at every forward but the forward does not read them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.rand(6) + 0.5)
+        self.lin = nn.Linear(5, 6)
+        self.norm = nn.BatchNorm1d(6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.norm(self.lin(x))) * self.gain
+
+
+def test_batch_norm_statistics_are_not_watched() -> None:
+    """Training-mode batch-norm running statistics change at every forward, which does not read
+    them: they do not count as a change of state (in evaluation mode the forward reads them, and
+    they do)."""
+    block = _BlockWithBatchNorm()
+    assert [name for name, _, _ in _watched_buffers(block.train())] == []
+    assert [name for name, _, _ in _watched_buffers(block.eval())] == [
+        "norm.running_mean",
+        "norm.running_var",
+        "norm.num_batches_tracked",
+    ]

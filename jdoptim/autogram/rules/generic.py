@@ -100,6 +100,11 @@ class GenericRule(LayerRule):
 
     def _compute_rows(self) -> dict[str, Tensor]:
         call = self.call
+        if call.record.mutated:
+            raise RuntimeError(
+                f"its forward changed its buffers {', '.join(call.record.mutated)} in place, so "
+                "a re-run would read the changed values, not the recorded call's"
+            )
         primals = {self.names[p]: p.detach() for p in call.params}
         buffers = {n: b.clone() for n, b in call.module.named_buffers()}
         args, kwargs = _detach(call.record.args), _detach(call.record.kwargs)
