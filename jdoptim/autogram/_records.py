@@ -79,6 +79,9 @@ class CallRecord:
     unexpanded: tuple[tuple, dict, torch.Size, int] | None = None
     #: the module's buffers the call changed in place (re-run modules only; see the module docs)
     mutated: tuple[str, ...] = ()
+    #: for an expanded call: whether every tensor argument here is expanded too (else only the
+    #: generic rule, which re-runs the call as it was made, takes it)
+    inputs_expanded: bool = True
 
     @property
     def sole_input(self) -> Tensor | None:
@@ -278,15 +281,16 @@ def _record_shared(
     expand = new is not None
     shareable = is_shared(args, kwargs, output, shared.batch_dim)
     unexpanded = None
+    complete = True
     if new is not None:
         b = shared.batch_size()
         assert b is not None
         unexpanded = (args, kwargs, output.shape, shared.batch_dim)
-        args, kwargs = expand_inputs(args, kwargs, shared.batch_dim, b, new)
+        args, kwargs, complete = expand_inputs(args, kwargs, shared.batch_dim, b, new)
         output = expand_along(output, shared.batch_dim, b, new)
     tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
     call = CallRecord(
-        module, args, kwargs, [tapped], rng, amp, shareable, expand, unexpanded, mutated
+        module, args, kwargs, [tapped], rng, amp, shareable, expand, unexpanded, mutated, complete
     )
     node = output.grad_fn
     assert node is not None  # `output_is_shared` checked it; an expanded output has one too

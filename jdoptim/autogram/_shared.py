@@ -1,9 +1,10 @@
 r"""Calls shared by the samples, expanded along the batch so that per-sample mode stays exact.
 
-In per-sample mode (``batch_dim``) a hooked call whose tensor inputs all have size 1 along
-``batch_dim`` while the forward's batch has ``b > 1`` samples (GPT-2's and BERT's position
-embedding ``wpe(arange(s)[None])`` of shape ``[1, s, d]``) is *sample-shared*: no input carries
-the batch, so its output ``Y`` is the same for every sample, and one backward pass gives only
+In per-sample mode (``batch_dim``) a hooked call whose output has size 1 along ``batch_dim``
+while the forward's batch has ``b > 1`` samples (GPT-2's and BERT's position embedding
+``wpe(arange(s)[None])`` of shape ``[1, s, d]``; BART's decoder position embedding, which takes
+the batch's token ids for their shape only) is *sample-shared*: its output ``Y`` is the same for
+every sample, and one backward pass gives only
 ``Σᵢ ∂ℓᵢ/∂Y``. If the forward hook returns ``E = Y.expand(b, …)`` instead, and every consumer
 of ``Y`` broadcasts it against an operand that has the ``b`` samples along that dimension
 (``tok + pos``), the forward computes the same values in the same shapes, and the backward to
@@ -106,12 +107,14 @@ def make_root_hooks(state: SharedCalls) -> tuple[_PreHook, _Hook]:
 
 
 def is_shared(args: tuple, kwargs: dict, output: Any, batch_dim: int) -> bool:
-    """A call whose output is one tensor with size 1 along ``batch_dim``, and whose tensor
-    inputs all have size 1 there: nothing in it carries the batch."""
-    if not isinstance(output, Tensor) or output.dim() <= batch_dim or output.shape[batch_dim] != 1:
-        return False
-    inputs = iter_tensors((args, kwargs))
-    return all(t.dim() > batch_dim and t.shape[batch_dim] == 1 for t in inputs)
+    """A call whose output is one tensor with size 1 along ``batch_dim`` (in a forward of
+    ``b > 1`` samples): one value for every sample, whatever its inputs (BART's decoder position
+    embedding takes the ``[b, s]`` token ids for their shape and returns ``[1, s, d]``). Whether
+    its consumers broadcast it against the samples is read from the graph (:func:`learn`); an
+    output that summarises the batch (a mean over the samples) makes the other modules' losses
+    depend on every sample, which the engine's check finds."""
+    del args, kwargs  # (the inputs do not decide it)
+    return isinstance(output, Tensor) and output.dim() > batch_dim and output.shape[batch_dim] == 1
 
 
 def expand_along(tensor: Tensor, batch_dim: int, b: int, new: bool) -> Tensor:
@@ -126,13 +129,24 @@ def expand_along(tensor: Tensor, batch_dim: int, b: int, new: bool) -> Tensor:
 
 def expand_inputs(
     args: tuple, kwargs: dict, batch_dim: int, b: int, new: bool
-) -> tuple[tuple, dict]:
-    """The call's tensor arguments expanded as its output is (views, no copy)."""
+) -> tuple[tuple, dict, bool]:
+    """The call's tensor arguments expanded as its output is (views, no copy), and whether all
+    of them were: along a new leading dimension every tensor is; along its own dimension only
+    those of size 1 there (BART's decoder position embedding also takes the ``[b, s]`` token
+    ids, for their shape, and a ``[s]`` vector of positions: those stay as they are)."""
+    complete = True
 
     def grow(x: Any) -> Any:
-        return expand_along(x, batch_dim, b, new) if isinstance(x, Tensor) else x
+        nonlocal complete
+        if not isinstance(x, Tensor):
+            return x
+        if new or (x.dim() > batch_dim and x.shape[batch_dim] == 1):
+            return expand_along(x, batch_dim, b, new)
+        complete = False
+        return x
 
-    return tree_map(grow, args), tree_map(grow, kwargs)
+    grown_args, grown_kwargs = tree_map(grow, args), tree_map(grow, kwargs)
+    return grown_args, grown_kwargs, complete
 
 
 def _consumers(roots: list[Node], targets: set[Node]) -> dict[Node, list[tuple[Node, int]]]:

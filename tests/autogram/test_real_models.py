@@ -2,7 +2,8 @@
 
 Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode), BERT
 (padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention), OPT (its MLP on
-``[b·s, d]`` token rows, read as ``s`` rows per sample), T5
+``[b·s, d]`` token rows, read as ``s`` rows per sample), BART (a decoder position embedding
+``[1, s, d]`` computed from the batch's token ids), T5
 (encoder–decoder, relative attention bias), ViT (class token, position embedding) and wav2vec2
 (convolutional feature encoder, weight-normed convolutional position embedding), built
 from tiny random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its default
@@ -48,6 +49,7 @@ NO_ROUTE_WARNING = {
     "gpt2",
     "bert",
     "opt",
+    "bart",
     "wav2vec2",
     "nanogpt",
     "nanogpt_batch_is_seq",
@@ -131,6 +133,31 @@ def _opt(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
     model = transformers.OPTForCausalLM(config)
     tokens = torch.randint(1, VOCAB, (batch, seq))
     return model, lambda m: _lm_losses(m(tokens).logits, tokens)
+
+
+def _bart(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
+    """BART: its decoder position embedding takes the ``[b, s]`` token ids (for their shape) and
+    returns ``[1, s, d]``, shared by the samples."""
+    config = transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        num_labels=3,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+    )  # dropout: the default 0.1
+    model = transformers.BartForSequenceClassification(config)
+    tokens = torch.randint(3, VOCAB, (batch, seq))
+    tokens[:, -1] = 2  # the classification head reads the eos position
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(input_ids=tokens).logits, labels)
 
 
 def _t5(batch: int = 4, seq: int = 6) -> tuple[nn.Module, Run]:
@@ -233,6 +260,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "bert": _bert,
     "llama": _llama,
     "opt": _opt,
+    "bart": _bart,
     "t5": _t5,
     "vit": _vit,
     "wav2vec2": _wav2vec2,
@@ -303,9 +331,10 @@ def test_real_model(name: str, layout: str) -> None:
     check_model(name, layout)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "nanogpt"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "nanogpt", "bart"])
 def test_position_embedding_expanded_per_sample(name: str) -> None:
-    """GPT-2's and BERT's ``[1, s, d]`` and nanoGPT's ``[t, d]`` position embedding: after a
+    """GPT-2's, BERT's and BART's decoder's ``[1, s, d]`` (BART's from the ``[b, s]`` token ids,
+    read for their shape) and nanoGPT's ``[t, d]`` position embedding: after a
     first step that sees it, the engine's steps are per-sample (``b`` = batch size, one backward
     pass) and exact."""
     torch.manual_seed(0)

@@ -108,9 +108,15 @@ __all__ = [
 
 def make_rule(call: Call) -> LayerRule:
     """The registered rule for the call's module if it applies to this call (and, for a call
-    whose samples are folded with another dimension, handles those: ``grouped_samples``), else
-    the generic."""
+    whose samples are folded with another dimension, handles those: ``grouped_samples``; and,
+    for a sample-shared call expanded along the batch, sees its inputs expanded too), else the
+    generic."""
     rule = registered_rule(call.module)
-    if rule is not None and (call.group == 1 or rule.grouped_samples) and rule.applies(call):
+    if (
+        rule is not None
+        and (call.group == 1 or rule.grouped_samples)
+        and call.record.inputs_expanded
+        and rule.applies(call)
+    ):
         return rule(call)
     return GenericRule(call)
