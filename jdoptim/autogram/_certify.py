@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ._graph import GraphScan
 from ._step import GramianStep
+from .rules import GenericRule
 
 
 class EngineRouteWarning(UserWarning):
@@ -104,7 +105,7 @@ def failing_modules(
     v = v.to(dtype=losses.dtype, device=losses.device)
     with torch.enable_grad():
         expected = torch.autograd.grad(losses, params, v, retain_graph=True, allow_unused=True)
-    failed: dict[nn.Module, str] = {}
+    failed = dependent_outputs(step)
     users: dict[int, list[nn.Module]] = {}
     for parts in step.rule_parameters:
         for p in [*parts.shared, *parts.specific]:
@@ -131,6 +132,44 @@ def failing_modules(
             for module in users.get(id(p), []):
                 failed.setdefault(module, f"relative difference {error / max(norm, 1e-30):.2g}")
     return failed
+
+
+def dependent_outputs(step: GramianStep) -> dict[nn.Module, str]:
+    """Re-run calls with an output computed from another of their outputs (a model returning
+    its hidden states and the logits computed from them): the backward's gradient at the first
+    already holds what flows through the second, so the generic rule's vector-Jacobian product
+    over both counts that path twice; off by as little as that path's share of the gradient,
+    which may be below the check's tolerance. Such modules take their rows from autograd. One
+    walk of each such call's part of the graph, on the first step of a structure."""
+    found: dict[nn.Module, str] = {}
+    for parts in step.rule_parameters:
+        record = parts.rule.call.record
+        edges = step.edges.get(id(record), [])
+        if not isinstance(parts.rule, GenericRule) or len(edges) < 2:
+            continue
+        tapped = {(edge.node, edge.output_nr) for edge in edges}
+        stop = {t.grad_fn for t in record.input_tensors() if t.grad_fn is not None}
+        if _reaches_another(edges, tapped, stop):
+            found[record.module] = "one of its outputs is computed from another of them"
+    return found
+
+
+def _reaches_another(edges: list, tapped: set, stop: set) -> bool:
+    """Whether the graph below some tapped output's node reaches another tapped output."""
+    for edge in edges:
+        seen = {edge.node}
+        stack = [edge.node]
+        while stack:
+            node = stack.pop()
+            for child, nr in node.next_functions:
+                if child is None or child in stop:
+                    continue
+                if (child, nr) in tapped:
+                    return True
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+    return False
 
 
 def _raising_module(step: GramianStep, v: Tensor) -> nn.Module | None:

@@ -355,6 +355,46 @@ def test_re_run_does_not_repeat_side_effects(batch_dim: int | None) -> None:
     assert model.calls == 2 and model.seen.item() == 2.0
 
 
+class _HiddenAndLogits(nn.Module):
+    """A re-run module returning its hidden state and the logits computed from it: the
+    backward's gradient at the hidden state already holds what flows through the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = torch.tanh(x @ self.weight)
+        return hidden, self.head(hidden)
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+@pytest.mark.parametrize("share", [1.0, 1e-8])
+def test_outputs_computed_from_one_another(batch_dim: int | None, share: float) -> None:
+    """The generic rule's product over both outputs would count the path through the logits
+    twice; with the logits' share of the losses at ``1e-8`` that is a ``1e-9`` error, below the
+    check's tolerance. The engine sees the dependence in the graph instead, warns, and takes
+    the module's rows from autograd: exact to rounding."""
+    torch.manual_seed(0)
+    model = _HiddenAndLogits().double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+
+    def losses() -> Tensor:
+        hidden, logits = model(x)
+        per_sample = hidden.pow(2).sum(1) + share * logits.sin().sum(1)
+        return (
+            per_sample
+            if batch_dim == 0
+            else torch.stack([per_sample[:3].sum(), per_sample[3:].sum()])
+        )
+
+    with pytest.warns(EngineRouteWarning, match="computed from another of them"):
+        check_gramian(model, losses, batch_dim, rtol=1e-13)
+    with pytest.warns(EngineRouteWarning):
+        check_step(model, losses, batch_dim, rtol=1e-13)
+
+
 class _AttentionWithoutRule(nn.MultiheadAttention):
     """``MultiheadAttention`` with a ``forward`` of its own (the same computation): a registered
     rule applies only to its class's own ``forward``, so the generic rule re-runs this one."""
