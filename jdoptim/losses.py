@@ -191,17 +191,29 @@ def mark_stepped(batch: LossBatch) -> None:
             _metadata(source.grad_fn)[_STEPPED] = True
 
 
-def translate_graph_error(error: RuntimeError) -> StaleGraphError | None:
-    """The library's own error for torch's graph-reuse errors, or ``None`` for other errors.
+def translate_graph_error(error: RuntimeError) -> RuntimeError | None:
+    """The library's own error for torch's graph errors, or ``None`` for other errors.
 
     * "backward through the graph a second time": the saved tensors were freed, by
       ``loss.backward()`` before ``opt.step(losses)`` (torch's advice, ``retain_graph=True``,
       would add the summed gradient to the JD one in ``.grad``) or by an earlier step;
     * "modified by an inplace operation": a tensor the backward needs changed after the
       forward pass, typically the parameters, by an optimizer step since the losses were
-      computed.
+      computed;
+    * "When use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()": reentrant
+      activation checkpointing (older transformers' default) cannot run the partial backward
+      passes that a JD step needs.
     """
     text = str(error)
+    if "use_reentrant=True" in text and "checkpoint" in text:
+        return RuntimeError(
+            "The model uses activation checkpointing with use_reentrant=True, which torch cannot "
+            "differentiate with torch.autograd.grad (the per-loss and per-layer backward passes "
+            "of a JD step). Use the non-reentrant form: "
+            "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or for a transformers "
+            "model model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}). Nothing was updated."
+        )
     if "backward through the graph a second time" in text:
         return StaleGraphError(
             "The losses' autograd graph was already freed: by loss.backward() (opt.step(losses) "

@@ -410,3 +410,36 @@ def test_no_hook_is_left_behind_by_dropped_optimizers():
     del opt
     gc.collect()
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("engine", [False, True], ids=["jacobian", "engine"])
+def test_reentrant_checkpointing_gets_the_library_error(engine):
+    """transformers' Llama with reentrant activation checkpointing: torch cannot take the JD
+    step's partial backward passes through it; the error says to use the non-reentrant form
+    (and how, for a transformers model), and nothing changes."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config).train()
+    with warnings.catch_warnings():  # (transformers 5 renames it activation_checkpointing_enable)
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    opt = JDOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), UPGrad(), modules=model if engine else None
+    )
+    tokens = torch.randint(0, 40, (4, 8))
+    logits = model(input_ids=tokens).logits
+    losses = [logits[:, :4].pow(2).mean(), logits[:, 4:].sin().mean()]
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="use_reentrant': False"):
+        opt.step(losses)
+    assert_unchanged(model, opt, before)
