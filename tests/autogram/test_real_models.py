@@ -1,7 +1,7 @@
 """The Gramian engine on real model code, against the explicit Jacobian of the same losses.
 
 Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode), BERT
-(padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention), OPT (its MLP on
+(padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention; also with activation checkpointing), OPT (its MLP on
 ``[b·s, d]`` token rows, read as ``s`` rows per sample), BART (a decoder position embedding
 ``[1, s, d]`` computed from the batch's token ids), T5
 (encoder–decoder, relative attention bias), ViT (class token, position embedding) and wav2vec2
@@ -29,6 +29,7 @@ checked).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -117,6 +118,16 @@ def _llama(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
     model = transformers.LlamaForCausalLM(config)
     tokens = torch.randint(0, VOCAB, (batch, seq))
     return model, lambda m: _lm_losses(m(tokens).logits, tokens)
+
+
+def _llama_checkpointed() -> tuple[nn.Module, Run]:
+    """Llama with (non-reentrant) activation checkpointing: its layers' forward runs again in
+    the backward."""
+    model, run = _llama()
+    with warnings.catch_warnings():  # (transformers 5 renames it activation_checkpointing_enable)
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, run
 
 
 def _opt(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
@@ -259,6 +270,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "gpt2": _gpt2,
     "bert": _bert,
     "llama": _llama,
+    "llama_checkpointed": _llama_checkpointed,
     "opt": _opt,
     "bart": _bart,
     "t5": _t5,
