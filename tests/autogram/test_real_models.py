@@ -1,13 +1,13 @@
 """The Gramian engine on real model code, against the explicit Jacobian of the same losses.
 
 Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode), BERT
-(padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention; also with activation checkpointing), OPT (its MLP on
-``[b·s, d]`` token rows, read as ``s`` rows per sample), BART (a decoder position embedding
-``[1, s, d]`` computed from the batch's token ids), T5
-(encoder–decoder, relative attention bias), ViT (class token, position embedding) and wav2vec2
-(convolutional feature encoder, weight-normed convolutional position embedding), built
-from tiny random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its default
-dropout; a nanoGPT-style model and a ResNet-style CNN with GroupNorm (and a depthwise block)
+(padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention; also with
+activation checkpointing), OPT (its MLP on ``[b·s, d]`` token rows, read as ``s`` rows per
+sample), BART (a decoder position embedding ``[1, s, d]`` computed from the batch's token ids),
+T5 (encoder–decoder, relative attention bias), ViT (class token, position embedding) and wav2vec2
+(convolutional feature encoder, weight-normed convolutional position embedding), built from tiny
+random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its default dropout; a
+nanoGPT-style model and a ResNet-style CNN with GroupNorm (and a depthwise block)
 from :mod:`tests.models`.
 
 Each model gives two losses per sample, ``[b, 2]``; from one forward (train mode, dropout
