@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from ..introspection import leaf_reach
 from ..linalg.gramian import generalize_gramian
 from ..linalg.user_frame import user_stacklevel
 from ._certify import EngineRouteWarning, Route, failing_modules, signature
@@ -389,13 +390,17 @@ class Engine:
         is taken as they are, and gives a ``b × b`` Gramian. Frees the graph unless
         ``retain_graph``.
         """
+        # The parameters the output reaches, from one walk of its whole graph: a parameter
+        # used only inside another hooked module's call (peft's DoRA calls the LoRA layers
+        # inside its magnitude module) is covered by no call the engine's scan sees, and must
+        # still be differentiated (straight from autograd), not taken as unreached.
+        reached = {id(leaf) for leaf, _ in leaf_reach([output])} if output.grad_fn else set()
         step = self.step(
             output,
-            self.parameters(),
+            [p for p in self.parameters() if id(p) in reached],
             [],
             per_sample=self.batch_dim is not None,
             retain_graph=retain_graph,
-            assume_reached=False,
         )
         with torch.no_grad():
             gramian = step.gramian().to(gramian_dtype(output.dtype, self.parameters()))
