@@ -1,10 +1,11 @@
 """The Gramian engine on real model code, against the explicit Jacobian of the same losses.
 
-Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode), BERT
-(padding mask, default dropout), Llama (RMSNorm, rotary, grouped-query attention; also with
-activation checkpointing), OPT (its MLP on ``[b·s, d]`` token rows, read as ``s`` rows per
-sample), BART (a decoder position embedding ``[1, s, d]`` computed from the batch's token ids),
-T5 (encoder–decoder, relative attention bias), ViT (class token, position embedding) and wav2vec2
+Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode; also with
+peft's LoRA on its ``Conv1D`` projections), BERT (padding mask, default dropout), Llama (RMSNorm,
+rotary, grouped-query attention; also with activation checkpointing, and with peft's LoRA and
+DoRA adapters), OPT (its MLP on ``[b·s, d]`` token rows, read as ``s`` rows per sample), BART (a
+decoder position embedding ``[1, s, d]`` computed from the batch's token ids), T5
+(encoder–decoder, relative attention bias), ViT (class token, position embedding) and wav2vec2
 (convolutional feature encoder, weight-normed convolutional position embedding), built from tiny
 random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its default dropout; a
 nanoGPT-style model and a ResNet-style CNN with GroupNorm (and a depthwise block)
@@ -128,6 +129,40 @@ def _llama_checkpointed() -> tuple[nn.Module, Run]:
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, run
+
+
+def _peft(base: Callable[[], tuple[nn.Module, Run]], **lora: object) -> tuple[nn.Module, Run]:
+    """``base`` with peft adapters: only the adapters' parameters train. LoRA's ``B`` starts at
+    zero, which leaves ``A`` without gradient: it is drawn at random here, so that every
+    adapter parameter has rows to check."""
+    peft = pytest.importorskip("peft")
+    model, run = base()
+    with warnings.catch_warnings():  # (transformers 5 deprecations peft still calls)
+        warnings.simplefilter("ignore", FutureWarning)
+        adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, **lora))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.3)
+    return adapted, run
+
+
+def _llama_lora() -> tuple[nn.Module, Run]:
+    """LoRA (dropout 0.1) on Llama's attention and MLP projections: each adapter is a pair of
+    ``Linear`` layers beside the frozen one."""
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    return _peft(_llama, target_modules=targets, lora_dropout=0.1)
+
+
+def _llama_dora() -> tuple[nn.Module, Run]:
+    """DoRA: a magnitude module whose forward calls the LoRA layers (handed to it, not its
+    children) and reads their weights directly."""
+    return _peft(_llama, target_modules=["q_proj", "v_proj"], lora_dropout=0.1, use_dora=True)
+
+
+def _gpt2_lora() -> tuple[nn.Module, Run]:
+    """LoRA on GPT-2's ``Conv1D`` projections (weights stored ``[in, out]``)."""
+    targets = ["c_attn", "c_proj"]
+    return _peft(_gpt2, target_modules=targets, lora_dropout=0.1, fan_in_fan_out=True)
 
 
 def _opt(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
@@ -271,6 +306,9 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "bert": _bert,
     "llama": _llama,
     "llama_checkpointed": _llama_checkpointed,
+    "llama_lora": _llama_lora,
+    "llama_dora": _llama_dora,
+    "gpt2_lora": _gpt2_lora,
     "opt": _opt,
     "bart": _bart,
     "t5": _t5,
