@@ -15,6 +15,7 @@ Each model is checked against the explicit Jacobian of the same losses, in the p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -191,3 +192,24 @@ def test_batch_norm_statistics_are_not_watched() -> None:
         "norm.running_var",
         "norm.num_batches_tracked",
     ]
+
+
+def test_batch_norm_in_a_re_run_block_is_re_run() -> None:
+    """Task losses through a rule-less block holding a training-mode ``BatchNorm1d``: re-run
+    by the generic rule (its running statistics frozen for the re-run, where ``torch.func``
+    refused their in-place update and the block's rows came from autograd), exact, no route
+    warning; the running statistics move once per user forward."""
+    torch.manual_seed(0)
+    model = _BlockWithBatchNorm().double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def losses() -> Tensor:
+        out = model(x)
+        return torch.stack([out[:, 0].pow(2).mean(), out.sin().mean()])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
+        check_gramian(model, losses, None, rtol=1e-12)
+        check_step(model, losses, None, rtol=1e-12)
+    assert model.norm.num_batches_tracked.item() == 2  # the two user forwards only
+    assert model.norm.track_running_stats

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import functional_call, vjp, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from ...linalg.vmap_fallback import vmap_or_loop
@@ -85,6 +86,7 @@ class GenericRule(LayerRule):
             # The engine runs rules under no_grad; the re-run must still take the module's
             # training code path (an LSTM's inference kernel, for one, cannot be differentiated).
             saved = _attributes(self.call.module)
+            _freeze_running_statistics(self.call.module)
             try:
                 with torch.enable_grad():
                     self._rows = self._compute_rows()
@@ -272,6 +274,16 @@ _MISSING = object()
 def _attributes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
     """A shallow copy of every submodule's attribute dict (see :func:`_restore`)."""
     return [(m, dict(m.__dict__)) for m in module.modules()]
+
+
+def _freeze_running_statistics(module: torch.nn.Module) -> None:
+    """Batch norms in training mode normalise with the batch's own statistics and update their
+    running ones in place, which ``torch.func`` refuses in a re-run (and which must happen once
+    per user forward anyway): for the re-run, they stop tracking (the same output, no update;
+    :func:`_restore` puts the flag back)."""
+    for sub in module.modules():
+        if isinstance(sub, _BatchNorm) and sub.training and sub.track_running_stats:
+            sub.track_running_stats = False
 
 
 def _restore(saved: list[tuple[torch.nn.Module, dict[str, Any]]]) -> None:
