@@ -417,26 +417,16 @@ def test_reentrant_checkpointing_gets_the_library_error(engine):
     """transformers' Llama with reentrant activation checkpointing: torch cannot take the JD
     step's partial backward passes through it; the error says to use the non-reentrant form
     (and how, for a transformers model), and nothing changes."""
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
+    pytest.importorskip("transformers")
+    from tests.autogram.test_real_models import _llama_checkpointed
+
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(config).train()
-    with warnings.catch_warnings():  # (transformers 5 renames it activation_checkpointing_enable)
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model, _ = _llama_checkpointed(reentrant=True)
+    model.train()
     opt = JDOptimizer(
         torch.optim.Adam(model.parameters(), lr=1e-2), UPGrad(), modules=model if engine else None
     )
-    tokens = torch.randint(0, 40, (4, 8))
+    tokens = torch.randint(0, 40, (4, 8))  # (the vocabulary of test_real_models)
     logits = model(input_ids=tokens).logits
     losses = [logits[:, :4].pow(2).mean(), logits[:, 4:].sin().mean()]
     before = snapshot(model, opt)

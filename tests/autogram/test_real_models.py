@@ -121,13 +121,14 @@ def _llama(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
     return model, lambda m: _lm_losses(m(tokens).logits, tokens)
 
 
-def _llama_checkpointed() -> tuple[nn.Module, Run]:
-    """Llama with (non-reentrant) activation checkpointing: its layers' forward runs again in
-    the backward."""
+def _llama_checkpointed(reentrant: bool = False) -> tuple[nn.Module, Run]:
+    """Llama with activation checkpointing: its layers' forward runs again in the backward
+    (``reentrant``: torch's older form, which ``autograd.grad`` cannot go through)."""
     model, run = _llama()
+    kwargs = {"use_reentrant": reentrant}
     with warnings.catch_warnings():  # (transformers 5 renames it activation_checkpointing_enable)
         warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model, run
 
 
