@@ -20,6 +20,7 @@ from jdoptim import JDOptimizer
 from tests._snapshots import assert_unchanged, snapshot
 from tests.distributed._workers import (
     GLOBAL_BATCH,
+    _leave_without_teardown,
     close,
     compare_params,
     global_data,
@@ -110,6 +111,7 @@ def run_scalarizer_checks(rank: int, world: int, port: int) -> None:
         check_documented_ddp_way(rank, world)
     finally:
         dist.destroy_process_group()
+    _leave_without_teardown()  # (torch 2.13's gloo aborts a few percent of exits: see there)
 
 
 __all__ = ["run_scalarizer_checks"]
