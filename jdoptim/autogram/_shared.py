@@ -20,6 +20,13 @@ broadcasts it against a batched operand (one walk of the graph, about 0.15 ms fo
 a consumer that does not (the code took another path) gets a clear error before anything is
 changed, and the module is not expanded again.
 
+A shared output added to activations that fold the samples with another dimension (Swin's
+relative position bias ``[1, heads, N, N]`` on the scores of ``b·windows`` windows) cannot be
+expanded to match them without knowing the window count at the call. It is read at the addition
+instead (:func:`tap_additions`): the sum's gradient, ``k`` consecutive entries per sample, summed
+per sample, is each sample's ``∂ℓᵢ/∂Y``; nothing in the forward changes, so this holds from the
+first step, and the engine's check proves it.
+
 The batch size ``b`` of a forward is read by a forward pre-hook on the modules given to the
 engine: the size along ``batch_dim`` of their tensor inputs, when they all agree. A call made
 outside such a forward (or one with no tensor argument of batch size) is not expanded.
@@ -30,12 +37,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import Node
+from torch.autograd.graph import GradientEdge, Node
 from torch.utils._pytree import tree_map
 
 from ..introspection import iter_tensors
@@ -77,6 +84,11 @@ class SharedCalls:
     expandable: dict[int, bool] = field(default_factory=dict)
     #: ids of the modules :func:`learn` has looked at (each is looked at once)
     decided: set[int] = field(default_factory=set)
+    #: ids of the modules whose sample-shared output is added to folded activations (``k·b``
+    #: entries along the batch dimension: Swin's relative position bias on the scores of
+    #: ``b·windows`` windows): their per-sample gradient is read at that addition
+    #: (:func:`tap_additions`), the forward is not changed
+    added_to_folded: set[int] = field(default_factory=set)
 
     def batch_size(self) -> int | None:
         return self.sizes[0] if self.sizes else None
@@ -242,7 +254,7 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
     modes = {id(r): _modes(r, b, state.batch_dim) for r, _ in fresh}
     usable = {id(r): n for r, n in fresh if len(r.tapped) == 1 and n is not None}
     consumers = _consumers(_roots(losses), set(usable.values()))
-    found: dict[int, set[bool | None]] = {}
+    found: dict[int, set[bool | str | None]] = {}
     for record, node in fresh:
         kinds = found.setdefault(id(record.module), set())
         if node is None or id(record) not in usable:
@@ -250,7 +262,7 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
             continue
         used = consumers[node]
         own, new = modes[id(record)]
-        kind = None
+        kind: bool | str | None = None
         for flag, full in ((False, own), (True, new)):
             if (
                 full is not None
@@ -258,11 +270,79 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
                 and all(_broadcasts(c, pos, full, state.batch_dim) for c, pos in used)
             ):
                 kind = flag
+        if kind is None and record.shareable and len(used) == 1:
+            consumer, position = used[0]
+            if _folded_sum_shape(consumer, position, record.tapped[0].shape, b, state.batch_dim):
+                kind = "added"
         kinds.add(kind)
     for module_id, kinds in found.items():
         state.decided.add(module_id)
-        if len(kinds) == 1 and None not in kinds:
+        if kinds == {"added"}:
+            state.added_to_folded.add(module_id)
+        elif len(kinds) == 1 and None not in kinds:
             state.expandable[module_id] = kinds.pop()  # type: ignore[assignment]
+
+
+def _folded_sum_shape(
+    consumer: Node, position: int, shape: torch.Size, b: int, batch_dim: int
+) -> torch.Size | None:
+    """The shape of ``consumer``'s output when it is ``Y + Z`` (plain addition, either order)
+    of a sample-shared output ``Y`` of ``shape`` (size 1 along ``batch_dim``) and activations
+    ``Z`` of that shape but ``k·b`` entries along ``batch_dim`` (``k ≥ 2``): then
+    ``∂ℓ/∂Y = Σ`` of the sum's gradient over that dimension, and sample ``i``'s part is the sum
+    over its own ``k`` entries (sample-major, as the engine reads folded calls; its check proves
+    it). Else ``None``."""
+    if type(consumer).__name__ != "AddBackward0" or len(consumer.next_functions) != 2:
+        return None
+    if getattr(consumer, "_saved_alpha", 1) != 1:
+        return None
+    out = consumer._input_metadata[0].shape
+    if len(out) != len(shape) or _operand_shape(consumer, 1 - position) != out:
+        return None
+    same = all(o == s for d, (o, s) in enumerate(zip(out, shape)) if d != batch_dim)
+    folded = out[batch_dim] > b and out[batch_dim] % b == 0
+    return torch.Size(out) if same and folded else None
+
+
+def tap_additions(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
+    """For each call of :attr:`SharedCalls.added_to_folded` in this step, record it as seen
+    through its addition: its tapped output becomes the sum ``Y + Z`` (``k·b`` entries along the
+    batch dimension, sample-major), whose gradient the backward gives per sample, and the call
+    is marked expanded with its own arguments kept (``unexpanded``), so that the generic rule
+    sums each sample's ``k`` entries and re-runs the call as it was made. A call whose output is
+    not added that way in this forward is left as it is (one backward row per loss, exact).
+    Rewrites ``scan_calls`` in place; one walk of the graph when there is such a call."""
+    nodes = {
+        edges[0].node: record
+        for record, edges in scan_calls.items()
+        if id(record.module) in state.added_to_folded
+        and record.shareable
+        and not record.expanded
+        and len(edges) == 1
+        and edges[0] is not None
+    }
+    if not nodes or b <= 1:
+        return
+    consumers = _consumers(_roots(losses), set(nodes))
+    for node, record in nodes.items():
+        used = consumers[node]
+        if len(used) != 1:
+            continue
+        consumer, position = used[0]
+        shape = record.tapped[0].shape
+        out = _folded_sum_shape(consumer, position, shape, b, state.batch_dim)
+        if out is None:
+            continue
+        tapped = record.tapped[0]
+        seen = replace(
+            record,
+            tapped=[tapped._replace(shape=out, output_nr=0)],
+            expanded=True,
+            unexpanded=(record.args, record.kwargs, shape, state.batch_dim),
+            inputs_expanded=False,
+        )
+        del scan_calls[record]
+        scan_calls[seen] = [GradientEdge(consumer, 0)]
 
 
 def unsafe_expansions(state: SharedCalls, scan_calls: dict, losses: Tensor) -> list[nn.Module]:

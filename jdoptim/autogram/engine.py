@@ -76,7 +76,7 @@ from ._selection import (
     module_labels,
     sample_mixing_problem,
 )
-from ._shared import SharedCalls, learn, make_root_hooks, unsafe_expansions
+from ._shared import SharedCalls, learn, make_root_hooks, tap_additions, unsafe_expansions
 from ._step import GramianStep, NotPerSample, VmapState
 from .rules._base import registered_rule
 
@@ -269,6 +269,7 @@ class Engine:
             self._check_expansions(scan, losses)
             if batch_dim is not None and losses.dim() > batch_dim:
                 learn(self._shared, scan.calls, losses, losses.shape[batch_dim])
+                tap_additions(self._shared, scan.calls, losses, losses.shape[batch_dim])
         params = {id(p) for p in shared} | {id(p) for p in specific}
         key = signature(scan, losses, per_sample, params)
         route = self._routes.get(key)
@@ -349,7 +350,10 @@ class Engine:
         """The modules (ids) are all expandable sample-shared calls: this step, which saw them
         unexpanded, is exact by rows per loss, and the next forwards expand them, so no route
         warning is due."""
-        return self._shared is not None and all(m in self._shared.expandable for m in modules)
+        shared = self._shared
+        return shared is not None and all(
+            m in shared.expandable or m in shared.added_to_folded for m in modules
+        )
 
     def _check_expansions(self, scan: GraphScan, losses: Tensor) -> None:
         """Raises if an expanded sample-shared output (see :mod:`._shared`) has a consumer that

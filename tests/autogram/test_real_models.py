@@ -5,7 +5,8 @@ peft's LoRA on its ``Conv1D`` projections), BERT (padding mask, default dropout)
 rotary, grouped-query attention; also with activation checkpointing, and with peft's LoRA and
 DoRA adapters), OPT (its MLP on ``[b·s, d]`` token rows, read as ``s`` rows per sample), BART (a
 decoder position embedding ``[1, s, d]`` computed from the batch's token ids), T5
-(encoder–decoder, relative attention bias), ViT (class token, position embedding) and wav2vec2
+(encoder–decoder, relative attention bias), ViT (class token, position embedding), Swin (window
+attention, a relative position bias added to the windows' scores) and wav2vec2
 (convolutional feature encoder, weight-normed convolutional position embedding), built from tiny
 random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its default dropout; a
 nanoGPT-style model and a ResNet-style CNN with GroupNorm (and a depthwise block)
@@ -52,6 +53,7 @@ NO_ROUTE_WARNING = {
     "bert",
     "opt",
     "bart",
+    "swin",
     "wav2vec2",
     "nanogpt",
     "nanogpt_batch_is_seq",
@@ -273,6 +275,25 @@ def _wav2vec2(batch: int = 4) -> tuple[nn.Module, Run]:
     return model, lambda m: _class_losses(m(input_values=audio).logits, labels)
 
 
+def _swin(batch: int = 4) -> tuple[nn.Module, Run]:
+    """Swin: window attention on ``[b·windows, …]`` (the samples folded with their windows) and
+    a relative position bias ``[1, heads, N, N]``, shared by the samples, added to the scores of
+    every window."""
+    config = transformers.SwinConfig(
+        image_size=16,
+        patch_size=2,
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        num_labels=3,
+    )  # (drop path, attention and hidden dropout: the default 0.0 / 0.1)
+    model = transformers.SwinForImageClassification(config)
+    images = torch.randn(batch, 3, 16, 16, dtype=torch.float64)
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(pixel_values=images).logits, labels)
+
+
 class _EncoderClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -314,6 +335,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "bart": _bart,
     "t5": _t5,
     "vit": _vit,
+    "swin": _swin,
     "wav2vec2": _wav2vec2,
     "transformer_encoder_layer": _encoder_layer,
     "nanogpt": _nanogpt,
@@ -382,10 +404,11 @@ def test_real_model(name: str, layout: str) -> None:
     check_model(name, layout)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "nanogpt", "bart"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "nanogpt", "bart", "swin"])
 def test_position_embedding_expanded_per_sample(name: str) -> None:
     """GPT-2's, BERT's and BART's decoder's ``[1, s, d]`` (BART's from the ``[b, s]`` token ids,
-    read for their shape) and nanoGPT's ``[t, d]`` position embedding: after a
+    read for their shape) and nanoGPT's ``[t, d]`` position embedding, and Swin's relative
+    position bias (added to the ``[b·windows, …]`` scores, read at that addition): after a
     first step that sees it, the engine's steps are per-sample (``b`` = batch size, one backward
     pass) and exact."""
     torch.manual_seed(0)

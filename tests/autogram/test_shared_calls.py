@@ -291,3 +291,83 @@ def test_jdoptimizer_refusal_changes_nothing() -> None:
         assert all(torch.equal(s, adam.state[p]["step"]) for s, p in zip(steps, params))
     finally:
         opt._update_computer.engine.close()  # type: ignore[attr-defined]
+
+
+# -- a shared output added to folded activations (Swin's relative position bias) --------------
+
+
+class _WindowBias(nn.Module):
+    """A learned bias ``[1, heads, n, n]`` computed from a table, shared by every window."""
+
+    def __init__(self, heads: int, n: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * n - 1, heads) * 0.5)
+        index = torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1
+        self.register_buffer("index", index)
+
+    def forward(self) -> Tensor:
+        return self.table[self.index].permute(2, 0, 1).unsqueeze(0)  # [1, heads, n, n]
+
+
+class _Windows(nn.Module):
+    """Attention inside windows of ``n`` tokens: the ``[b, w·n, d]`` tokens are folded into
+    ``[b·w, n, d]`` (sample-major; ``sequence_first`` folds them window-major instead) and the
+    shared bias is added to the scores (``alpha``: ``torch.add``'s multiplier)."""
+
+    def __init__(self, sequence_first: bool = False, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.n, self.heads, self.sequence_first, self.alpha = 3, 2, sequence_first, alpha
+        self.qk = nn.Linear(4, 2 * self.heads * 2)
+        self.bias = _WindowBias(self.heads, self.n)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [b, w·n, 4]
+        b, length, d = x.shape
+        w = length // self.n
+        if self.sequence_first:
+            windows = x.view(b, w, self.n, d).transpose(0, 1).reshape(w * b, self.n, d)
+        else:
+            windows = x.reshape(b * w, self.n, d)
+        q, k = self.qk(windows).view(b * w, self.n, 2, self.heads, 2).unbind(2)
+        scores = torch.einsum("wihc,wjhc->whij", q, k)  # [b·w, heads, n, n]
+        scores = torch.add(scores, self.bias(), alpha=self.alpha)
+        mixed = torch.einsum("whij,wjd->wid", scores.softmax(-1), windows)  # [b·w, n, 4]
+        if self.sequence_first:
+            mixed = mixed.view(w, b, self.n, d).transpose(0, 1)
+        return self.head(mixed.reshape(b, length, d)).squeeze(-1).pow(2).mean(1)  # [b]
+
+
+def _window_steps(model: nn.Module, steps: int = 3) -> list[int]:
+    """``b`` of each engine step, each Gramian checked against the explicit Jacobian."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 6, 4, dtype=torch.float64)  # 4 samples, 2 windows of 3 tokens
+    params = list(model.parameters())
+    found = []
+    with Engine(model, batch_dim=0) as engine:
+        for _ in range(steps):
+            losses = model(x)
+            jacobian = explicit_jacobian(losses, params)
+            step = engine.step(losses, params, [], per_sample=True)
+            with torch.no_grad():
+                assert_gramian_close(step.gramian(), jacobian @ jacobian.T, rtol=1e-10)
+            found.append(step.b)
+    return found
+
+
+def test_shared_bias_added_to_folded_windows_takes_the_per_sample_path() -> None:
+    """The bias's per-sample gradient is read at its addition to the ``[b·w, …]`` scores (each
+    sample's windows summed), from the first step on (nothing in the forward changes):
+    per-sample steps, exact, no warning."""
+    torch.manual_seed(0)
+    assert _window_steps(_Windows().double()) == [4, 4, 4]  # (warnings are errors here)
+
+
+@pytest.mark.parametrize(
+    "model", [_Windows(sequence_first=True), _Windows(alpha=2.0)], ids=["window-major", "alpha"]
+)
+def test_shared_bias_added_otherwise_stays_exact(model: nn.Module) -> None:
+    """Windows folded window-major (the sample-major reading is wrong, which the engine's check
+    sees) or a scaled addition (not read at all): exact by one backward row per loss, warned."""
+    torch.manual_seed(0)
+    with pytest.warns(EngineRouteWarning):
+        assert _window_steps(model.double()) == [1, 1, 1]

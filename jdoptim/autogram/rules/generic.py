@@ -139,6 +139,8 @@ class GenericRule(LayerRule):
         args, kwargs = _detach(args), _detach(kwargs)
         t = grad.shape[0]
         moved = grad.movedim(dim + 1, 1)  # [T, b, ...]
+        if self.call.group > 1:  # read at a sum with folded activations: each sample's k entries
+            moved = moved.unflatten(1, (self.call.b, self.call.group)).sum(2)
         if self.call.batch_dim is None:
             rows = self._whole_rows(
                 primals, buffers, args, kwargs, (moved.sum(1).reshape(t, *shape),)
