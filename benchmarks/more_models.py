@@ -7,7 +7,10 @@
   is row-per-loss, the next ones per-sample);
 * wav2vec2's convolutional position embedding is weight-normed (its weight computed in the
   forward): it crashed before (a reshape error in the convolution rule), and now takes the
-  generic rule.
+  generic rule;
+* Swin adds its relative position bias ``[1, heads, N, N]`` to the scores of ``b·windows``
+  windows: read at that addition since the same session, where every per-sample step was one
+  backward row per loss.
 
 Each row: ``JDOptimizer(Adam, UPGrad(), modules=model, batch_dim=0)`` on per-sample losses
 against ``losses.mean().backward(); adam.step()`` on the same model and batch, timed alternately
@@ -113,7 +116,32 @@ def wav2vec2() -> Built:
     return t.Wav2Vec2ForSequenceClassification(config), losses
 
 
-MODELS: dict[str, Callable[[], Built]] = {"opt": opt, "bart": bart, "wav2vec2": wav2vec2}
+def swin() -> Built:
+    t = _transformers()
+    config = t.SwinConfig(
+        image_size=32,
+        patch_size=2,
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        num_labels=10,
+    )
+    images = torch.randn(BATCH, 3, 32, 32)
+    labels = torch.randint(0, 10, (BATCH,))
+
+    def losses(m: nn.Module) -> Tensor:
+        return F.cross_entropy(m(pixel_values=images).logits, labels, reduction="none")
+
+    return t.SwinForImageClassification(config), losses
+
+
+MODELS: dict[str, Callable[[], Built]] = {
+    "opt": opt,
+    "bart": bart,
+    "wav2vec2": wav2vec2,
+    "swin": swin,
+}
 
 
 def step_pair(name: str) -> tuple[Callable[[], None], Callable[[], None]]:

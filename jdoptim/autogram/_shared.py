@@ -287,8 +287,9 @@ def _folded_sum_shape(
     consumer: Node, position: int, shape: torch.Size, b: int, batch_dim: int
 ) -> torch.Size | None:
     """The shape of ``consumer``'s output when it is ``Y + Z`` (plain addition, either order)
-    of a sample-shared output ``Y`` of ``shape`` (size 1 along ``batch_dim``) and activations
-    ``Z`` of that shape but ``k·b`` entries along ``batch_dim`` (``k ≥ 2``): then
+    of a sample-shared output ``Y`` of ``shape`` (size 1 along ``batch_dim``) and a ``Z`` that
+    makes the sum ``Y``'s shape but with ``k·b`` entries along ``batch_dim`` (``k ≥ 2``; Swin's
+    scores, or its constant shifted-window mask): then
     ``∂ℓ/∂Y = Σ`` of the sum's gradient over that dimension, and sample ``i``'s part is the sum
     over its own ``k`` entries (sample-major, as the engine reads folded calls; its check proves
     it). Else ``None``."""
@@ -297,7 +298,7 @@ def _folded_sum_shape(
     if getattr(consumer, "_saved_alpha", 1) != 1:
         return None
     out = consumer._input_metadata[0].shape
-    if len(out) != len(shape) or _operand_shape(consumer, 1 - position) != out:
+    if len(out) != len(shape):  # (the other operand may broadcast, or be a constant mask)
         return None
     same = all(o == s for d, (o, s) in enumerate(zip(out, shape)) if d != batch_dim)
     folded = out[batch_dim] > b and out[batch_dim] % b == 0

@@ -314,9 +314,10 @@ class _Windows(nn.Module):
     ``[b·w, n, d]`` (sample-major; ``sequence_first`` folds them window-major instead) and the
     shared bias is added to the scores (``alpha``: ``torch.add``'s multiplier)."""
 
-    def __init__(self, sequence_first: bool = False, alpha: float = 1.0) -> None:
+    def __init__(self, sequence_first: bool = False, alpha: float = 1.0, masked: bool = False):
         super().__init__()
         self.n, self.heads, self.sequence_first, self.alpha = 3, 2, sequence_first, alpha
+        self.masked = masked  # Swin's shifted windows: bias + a constant [b·w, 1, n, n] mask
         self.qk = nn.Linear(4, 2 * self.heads * 2)
         self.bias = _WindowBias(self.heads, self.n)
         self.head = nn.Linear(4, 1)
@@ -330,7 +331,12 @@ class _Windows(nn.Module):
             windows = x.reshape(b * w, self.n, d)
         q, k = self.qk(windows).view(b * w, self.n, 2, self.heads, 2).unbind(2)
         scores = torch.einsum("wihc,wjhc->whij", q, k)  # [b·w, heads, n, n]
-        scores = torch.add(scores, self.bias(), alpha=self.alpha)
+        bias = self.bias()
+        if self.masked:
+            mask = torch.zeros(b * w, 1, self.n, self.n, dtype=x.dtype)
+            mask[1::2, :, 0, 1:] = -100.0  # every second window hides some keys from one query
+            bias = bias + mask  # [b·w, heads, n, n]: the sum is read, as for the scores
+        scores = torch.add(scores, bias, alpha=self.alpha)
         mixed = torch.einsum("whij,wjd->wid", scores.softmax(-1), windows)  # [b·w, n, 4]
         if self.sequence_first:
             mixed = mixed.view(w, b, self.n, d).transpose(0, 1)
@@ -354,12 +360,14 @@ def _window_steps(model: nn.Module, steps: int = 3) -> list[int]:
     return found
 
 
-def test_shared_bias_added_to_folded_windows_takes_the_per_sample_path() -> None:
-    """The bias's per-sample gradient is read at its addition to the ``[b·w, …]`` scores (each
-    sample's windows summed), from the first step on (nothing in the forward changes):
-    per-sample steps, exact, no warning."""
+@pytest.mark.parametrize("masked", [False, True], ids=["scores", "mask"])
+def test_shared_bias_added_to_folded_windows_takes_the_per_sample_path(masked: bool) -> None:
+    """The bias's per-sample gradient is read at its addition to the ``[b·w, …]`` scores, or to
+    a constant mask of that many windows (each sample's windows summed), from the first step on
+    (nothing in the forward changes): per-sample steps, exact, no warning."""
     torch.manual_seed(0)
-    assert _window_steps(_Windows().double()) == [4, 4, 4]  # (warnings are errors here)
+    model = _Windows(masked=masked).double()
+    assert _window_steps(model) == [4, 4, 4]  # (warnings are errors here)
 
 
 @pytest.mark.parametrize(
