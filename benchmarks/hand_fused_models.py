@@ -293,11 +293,14 @@ def check_against_library(model_name: str, setting: str) -> float:
     return error
 
 
-def make_floor_step(model_name: str, setting: str):
-    """A closure running one floor step (Adam), as :func:`make_step` does for the others."""
+def make_floor_step(model_name: str, setting: str, step_class: type[RecordingStep] | None = None):
+    """A closure running one floor step (Adam), as :func:`make_step` does for the others;
+    ``step_class``: the hand-written step (default :class:`HandFusedTaskStep`; the per-sample
+    floor passes its own)."""
     model, losses = build(model_name, setting)
     model.train()
-    fused = HandFusedTaskStep(model, torch.optim.Adam(model.parameters(), lr=1e-4))
+    step_class = step_class or HandFusedTaskStep
+    fused = step_class(model, torch.optim.Adam(model.parameters(), lr=1e-4))
 
     def floor() -> None:
         fused.zero_grad()

@@ -44,6 +44,7 @@ from benchmarks.hand_fused_models import (
     RecordingStep,
     _normalised,
     conv_weight_grad,
+    make_floor_step,
 )
 from benchmarks.interleave import interleaved_ratio
 from benchmarks.test_bench_models import THREADS, TINY, build, make_step
@@ -179,17 +180,9 @@ def check_against_library(model_name: str) -> float:
     return error
 
 
-def make_floor_step(model_name: str):
+def make_per_sample_floor_step(model_name: str):
     """A closure running one per-sample floor step (Adam)."""
-    model, losses = build(model_name, "per-sample")
-    model.train()
-    fused = HandFusedPerSampleStep(model, torch.optim.Adam(model.parameters(), lr=1e-4))
-
-    def floor() -> None:
-        fused.zero_grad()
-        fused.step(losses(model))
-
-    return floor
+    return make_floor_step(model_name, "per-sample", HandFusedPerSampleStep)
 
 
 def main() -> None:
@@ -199,7 +192,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for model_name in PER_SAMPLE_MODELS:
         error = check_against_library(model_name)
-        floor = make_floor_step(model_name)
+        floor = make_per_sample_floor_step(model_name)
         plain = make_step(model_name, "per-sample", "plain")
         library = make_step(model_name, "per-sample", "jdoptim UPGrad")
         floor_ratio = interleaved_ratio(floor, plain, rounds)["ratio_median"]
