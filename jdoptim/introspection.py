@@ -63,8 +63,8 @@ def _leaves_below(root: Node) -> list[Tensor]:
         if leaf is not None:
             met.append(leaf)
             continue
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
+        for child in _children(node):
+            if child not in seen:
                 seen.add(child)
                 stack.append(child)
     return met

@@ -142,9 +142,12 @@ def dependent_outputs(step: GramianStep) -> dict[nn.Module, str]:
     which may be below the check's tolerance. Such modules take their rows from autograd. One
     walk of each such call's part of the graph, on the first step of a structure."""
     found: dict[nn.Module, str] = {}
+    edges_of: dict[int, list] = {}
+    for record, _, edge in step.call_edges:
+        edges_of.setdefault(id(record), []).append(edge)
     for parts in step.rule_parameters:
         record = parts.rule.call.record
-        edges = step.edges.get(id(record), [])
+        edges = edges_of.get(id(record), [])
         if not isinstance(parts.rule, GenericRule) or len(edges) < 2:
             continue
         tapped = {(edge.node, edge.output_nr) for edge in edges}

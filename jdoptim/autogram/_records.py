@@ -251,15 +251,14 @@ def output_is_shared(
     shared: SharedCalls, module: nn.Module, args: tuple, kwargs: dict, output: Any
 ) -> bool:
     """The call is sample-shared in a forward of ``b > 1`` samples (see :mod:`._shared`): its
-    module is expandable along a new leading dimension, or nothing in it carries the batch."""
+    module is expandable along a new leading dimension, or its output has size 1 along the
+    batch dimension (and is not one of its inputs handed back)."""
     b = shared.batch_size()
     if b is None or b <= 1 or not isinstance(output, Tensor) or output.grad_fn is None:
         return False
     if is_replaying():
         return False
-    if not shared.expandable.get(id(module)) and not is_shared(
-        args, kwargs, output, shared.batch_dim
-    ):
+    if not shared.expandable.get(id(module)) and not is_shared(output, shared.batch_dim):
         return False
     return all(t.grad_fn is not output.grad_fn for t in iter_tensors((args, kwargs)))
 
@@ -279,7 +278,7 @@ def _record_shared(
     rng, amp, mutated = state
     new = shared.expandable.get(id(module))
     expand = new is not None
-    shareable = is_shared(args, kwargs, output, shared.batch_dim)
+    shareable = is_shared(output, shared.batch_dim)
     unexpanded = None
     complete = True
     if new is not None:

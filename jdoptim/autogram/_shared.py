@@ -118,14 +118,13 @@ def make_root_hooks(state: SharedCalls) -> tuple[_PreHook, _Hook]:
     return pre_hook, hook
 
 
-def is_shared(args: tuple, kwargs: dict, output: Any, batch_dim: int) -> bool:
+def is_shared(output: Any, batch_dim: int) -> bool:
     """A call whose output is one tensor with size 1 along ``batch_dim`` (in a forward of
     ``b > 1`` samples): one value for every sample, whatever its inputs (BART's decoder position
     embedding takes the ``[b, s]`` token ids for their shape and returns ``[1, s, d]``). Whether
     its consumers broadcast it against the samples is read from the graph (:func:`learn`); an
     output that summarises the batch (a mean over the samples) makes the other modules' losses
     depend on every sample, which the engine's check finds."""
-    del args, kwargs  # (the inputs do not decide it)
     return isinstance(output, Tensor) and output.dim() > batch_dim and output.shape[batch_dim] == 1
 
 
@@ -313,6 +312,8 @@ def tap_additions(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) 
     sums each sample's ``k`` entries and re-runs the call as it was made. A call whose output is
     not added that way in this forward is left as it is (one backward row per loss, exact).
     Rewrites ``scan_calls`` in place; one walk of the graph when there is such a call."""
+    if not state.added_to_folded or b <= 1:
+        return
     nodes = {
         edges[0].node: record
         for record, edges in scan_calls.items()
@@ -322,7 +323,7 @@ def tap_additions(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) 
         and len(edges) == 1
         and edges[0] is not None
     }
-    if not nodes or b <= 1:
+    if not nodes:
         return
     consumers = _consumers(_roots(losses), set(nodes))
     for node, record in nodes.items():

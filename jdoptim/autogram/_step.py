@@ -238,10 +238,8 @@ class GramianStep:
         layouts = self._sample_layouts(records, call_params, batch_dim)
 
         edges = [(r, i, e) for r in records for i, e in enumerate(scan.calls[r]) if e is not None]
-        #: the backward's edges (each tapped output's node and ``output_nr``) by call
-        self.edges: dict[int, list[GradientEdge]] = {}
-        for record, _, edge in edges:
-            self.edges.setdefault(id(record), []).append(edge)
+        #: ``(call, tapped index, edge)`` of each output the backward reaches
+        self.call_edges: list[tuple[CallRecord, int, GradientEdge]] = edges
         inputs = [e for _, _, e in edges] + self.explicit
         self.backward_inputs = inputs
         state = vmap_state if vmap_state is not None else VmapState()

@@ -79,10 +79,9 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
         if x is None or x.dim() < 1:
             return False
         weight = getattr(call.module, cls.weight_name, None)
-        bias = getattr(call.module, cls.bias_name, None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             return False
-        if any(p is not weight and p is not bias for p in call.params):
+        if not cls.differentiates_attributes(call, cls.weight_name, cls.bias_name):
             return False
         return call.batch_dim is None or call.batch_dim < x.dim() - 1
 
