@@ -53,21 +53,22 @@ def _plain_and_jd_counts(jd_step: Callable[[], None], plain_step: Callable[[], N
 
 
 # Loss-only methods (issue 17: at most 1.15x a plain step): most operations a scalarizer's step
-# may add to the plain summed step, at m = 8 tasks (counts of 2026-12-06, torch 2.13; each is
-# the same at m = 2 except FAMO+closure, whose recomputed forward grows with m).
+# may add to the plain summed step, at m = 8 tasks (counts of 2026-12-07, torch 2.13, after the
+# effective weights joined the model's backward; each is the same at m = 2 except FAMO+closure,
+# whose recomputed forward grows with m).
 SCALARIZER_BUDGETS = {
-    "Sum": 17,
-    "Mean": 18,
-    "Constant": 19,
-    "GeometricMean": 28,
-    "COSMOS": 54,
-    "PBI": 42,
-    "Random": 22,
-    "STCH": 37,
-    "UW": 41,
-    "IMTLL": 36,
-    "DWA": 19,
-    "FAMO": 75,
+    "Sum": 14,
+    "Mean": 15,
+    "Constant": 16,
+    "GeometricMean": 25,
+    "COSMOS": 51,
+    "PBI": 39,
+    "Random": 19,
+    "STCH": 34,
+    "UW": 38,
+    "IMTLL": 33,
+    "DWA": 16,
+    "FAMO": 70,
 }
 
 

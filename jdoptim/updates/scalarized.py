@@ -2,11 +2,13 @@ r"""The step of ``JDOptimizer(opt, scalarizer)``: loss-only methods at the cost 
 
 For a scalarizer ``S`` (:mod:`jdoptim.scalarization`) and the losses ``ℓ ∈ R^m``, the step
 
-1. evaluates ``s = S(ℓ)`` on a detached copy of ``ℓ`` and takes, on that ``m``-sized graph, the
-   *effective weights* ``wᵢ = ∂s/∂ℓᵢ`` and the gradients of the method's learnable parameters;
-2. runs one backward of ``Σᵢ wᵢ ℓᵢ`` through the model, with ``torch.autograd.grad``: by the chain
-   rule this is exactly the gradient of ``s(ℓ(θ))``, at the cost of one plain backward;
-3. checks that the weights and the gradients are finite, then (and only then) changes state:
+1. evaluates ``s = S(ℓ)`` on the losses and runs one backward of ``s`` through the model (with
+   ``torch.autograd.grad``, at the cost of one plain backward), which gives the model's gradient,
+   the learnable parameters' gradients and, caught at ``ℓ`` on the way, the *effective weights*
+   ``wᵢ = ∂s/∂ℓᵢ``: by the chain rule the model's gradient is ``Σᵢ wᵢ ∂ℓᵢ/∂θ``. (Under loss
+   scaling, ``w`` is computed first on a detached copy of ``ℓ``, and the backward of
+   ``Σᵢ wᵢ ℓᵢ`` takes it scaled, so that an overflow reaches the grad scaler.);
+2. checks that the weights and the gradients are finite, then (and only then) changes state:
    the scalarizer records the call, the gradients accumulate into ``.grad`` and the wrapped
    optimizer steps. A refused step (bad input, non-finite values) changes nothing.
 
@@ -35,11 +37,11 @@ The methods' machinery:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..amp import LossScaling, no_autocast, scaler_step
@@ -196,46 +198,97 @@ class ScalarizedStep:
     def _gradients(
         self, batch: LossBatch, record: StepRecord, scaling: LossScaling | None
     ) -> list[tuple[Tensor, Tensor]] | str:
-        """The (parameter, gradient) pairs of the step, or why it is refused; changes nothing."""
-        scalar, weights, learned = self._effective_weights(record.losses)
+        """The (parameter, gradient) pairs of the step, or why it is refused; changes nothing.
+
+        Without loss scaling this is one backward of ``s = S(ℓ)`` through the model, which also
+        yields ``w = ∂s/∂ℓ`` (``ℓ``'s gradient, caught on the way) and the learnable parameters'
+        gradients; the chain rule makes the model's part ``Σᵢ wᵢ ∂ℓᵢ/∂θ``. Under loss scaling
+        the weights are computed first, on a detached copy of the losses, and the model's
+        backward takes them scaled (a scaled weight may overflow in the losses' dtype, which the
+        grad scaler, not this step, must see)."""
+        learned = self.scalarizer.learnable_parameters()
+        own = {id(p) for p in learned}  # the optimizer may hold them too: one gradient each
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = [p for p in params if p.requires_grad and id(p) not in own]
+        if scaling is not None:  # the gradients of the scaled loss; the scaler unscales them
+            factor = float(scaling.grad_scaler.scale(torch.ones((), device=batch.vector.device)))
+            return self._gradients_of_weights(batch, record, params, learned, factor)
+        with torch.enable_grad(), no_autocast(batch.vector.device.type):
+            scalar = self.scalarizer._scalarize(batch.vector)
+        if not scalar.requires_grad:  # s ignores the losses: a zero step, as the other route
+            return self._gradients_of_weights(batch, record, params, learned, 1.0)
+        mark_stepped(batch)  # from here on, the losses' graph is consumed
+        grads = _grad(scalar, [batch.vector, *params, *learned], None)
+        weights = torch.zeros_like(record.losses) if grads[0] is None else grads[0]
+        record.weights, record.extras["scalarized_loss"] = weights, scalar.detach()
+        model, learned_grads = grads[1 : 1 + len(params)], grads[1 + len(params) :]
+        return self._checked_pairs(
+            record, (weights, scalar.detach()), zip(params, model), zip(learned, learned_grads)
+        )
+
+    def _gradients_of_weights(
+        self,
+        batch: LossBatch,
+        record: StepRecord,
+        params: list[Tensor],
+        learned: list[nn.Parameter],
+        factor: float,
+    ) -> list[tuple[Tensor, Tensor]] | str:
+        """The two-pass route: ``w`` from the scalarizer on a detached copy of the losses, then
+        the model's backward of ``Σᵢ factor·wᵢ ℓᵢ``."""
+        scalar, weights, learned_pairs = self._effective_weights(record.losses)
         record.weights, record.extras["scalarized_loss"] = weights, scalar
         if not is_finite(torch.cat([weights.reshape(-1), scalar.reshape(1)])):  # one sync
-            return (
-                f"Non-finite effective weight or scalarized loss ({type(self.scalarizer).__name__}"
-                f" of losses {record.losses.tolist()}): nothing was updated. A loss may be at a "
-                "point where the method is undefined (e.g. 0 for GeometricMean)."
-            )
-        factor, outputs = 1.0, weights.to(batch.vector.dtype)
-        if scaling is not None:  # the gradients of the scaled loss; the scaler unscales them
-            factor = float(scaling.grad_scaler.scale(torch.ones((), device=weights.device)))
+            return self._nonfinite_weights_message(record)
+        outputs = weights.to(batch.vector.dtype)
+        if factor != 1.0:
             outputs = outputs * factor
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        params = [p for p in params if p.requires_grad]
         mark_stepped(batch)  # from here on, the losses' graph is consumed
-        try:
-            model = torch.autograd.grad(
-                batch.vector, params, grad_outputs=outputs, allow_unused=True
-            )
-        except RuntimeError as error:  # torch's graph-reuse errors become the library's
-            stale = translate_graph_error(error)
-            if stale is None:
-                raise
-            raise stale from error
-        pairs = [(p, g) for p, g in zip(params, model) if g is not None]
+        model = _grad(batch.vector, params, outputs)
+        held = {id(p): g for p, g in learned_pairs}
+        learned_grads = [held.get(id(p)) for p in learned]
+        if factor != 1.0:
+            learned_grads = [None if g is None else g * factor for g in learned_grads]
+        checked = (weights, scalar) if factor == 1.0 else None  # else the grad scaler checks
+        return self._checked_pairs(record, checked, zip(params, model), zip(learned, learned_grads))
+
+    def _checked_pairs(
+        self,
+        record: StepRecord,
+        checked: tuple[Tensor, Tensor] | None,
+        model: Iterable[tuple[Tensor, Tensor | None]],
+        learned: Iterable[tuple[Tensor, Tensor | None]],
+    ) -> list[tuple[Tensor, Tensor]] | str:
+        """The (parameter, gradient) pairs, refused when no model parameter was reached or when
+        the ``checked`` weights and scalarized loss, or a gradient, are not finite (one
+        synchronisation for all)."""
+        pairs = [(p, g) for p, g in model if g is not None]
         if not pairs:
             raise ValueError(
                 "The losses reach none of the wrapped optimizer's parameters: were they computed "
                 "from another model, or are its parameters frozen? Give the optimizer the "
                 "parameters the losses depend on."
             )
-        pairs += [(p, g * factor if scaling is not None else g) for p, g in learned]
-        if scaling is None and not all_finite([g for _, g in pairs]):
-            return (
-                "Non-finite gradient of the scalarized loss (the losses were finite): nothing was "
-                "updated. This usually means an infinite derivative (e.g. sqrt or log at 0) or "
-                "overflow; fix the loss, or pass nonfinite='skip' to skip such steps."
-            )
-        return pairs
+        pairs += [(p, g) for p, g in learned if g is not None]
+        if checked is None:
+            return pairs
+        weights, scalar = checked[0].reshape(-1), checked[1].reshape(1)
+        if all_finite([weights, scalar, *(g for _, g in pairs)]):
+            return pairs
+        if not is_finite(torch.cat([weights, scalar])):
+            return self._nonfinite_weights_message(record)
+        return (
+            "Non-finite gradient of the scalarized loss (the losses were finite): nothing was "
+            "updated. This usually means an infinite derivative (e.g. sqrt or log at 0) or "
+            "overflow; fix the loss, or pass nonfinite='skip' to skip such steps."
+        )
+
+    def _nonfinite_weights_message(self, record: StepRecord) -> str:
+        return (
+            f"Non-finite effective weight or scalarized loss ({type(self.scalarizer).__name__}"
+            f" of losses {record.losses.tolist()}): nothing was updated. A loss may be at a "
+            "point where the method is undefined (e.g. 0 for GeometricMean)."
+        )
 
     def _effective_weights(
         self, values: Tensor
@@ -297,6 +350,20 @@ class ScalarizedStep:
         if nonfinite == "raise":
             raise FloatingPointError(message)
         record.extras["famo_update"] = message
+
+
+def _grad(
+    output: Tensor, inputs: list[Tensor], grad_output: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` (unused inputs give ``None``), with torch's graph-reuse errors
+    turned into the library's."""
+    try:
+        return torch.autograd.grad(output, inputs, grad_outputs=grad_output, allow_unused=True)
+    except RuntimeError as error:
+        stale = translate_graph_error(error)
+        if stale is None:
+            raise
+        raise stale from error
 
 
 def _refuse(record: StepRecord, message: str, nonfinite: str) -> StepRecord:
