@@ -235,3 +235,31 @@ def test_recompiled_model_with_a_new_batch_size(fresh_dynamo):
         opt.step(_losses(compiled, x, y))
         for p, e in zip(model.parameters(), expected):
             torch.testing.assert_close(p.detach(), e)
+
+
+@pytest.mark.slow
+def test_compiled_deep_model_per_sample_is_exact_and_compiles_the_hooks_once(
+    fresh_dynamo, caplog
+):
+    # The engine's hooks read autograd nodes and generator states: under torch.compile they run
+    # eagerly, as graph breaks. Traced instead, dynamo guards each on the module it is
+    # registered on and recompiles it per module until its recompile limit (8), which it
+    # reports as a warning; 12 hooked layers pass that limit.
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(12):
+        layers += [nn.Linear(6, 6), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(6, 2)).double()
+    compiled = torch.compile(model, backend="aot_eager")
+    params = list(model.parameters())
+    opt = JDOptimizer(torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, batch_dim=0)
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        for _ in range(2):
+            x = torch.randn(5, 6, dtype=torch.float64)
+            losses = compiled(x).pow(2).sum(1)
+            rows = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
+            jacobian = torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in rows])
+            opt.zero_grad()
+            record = opt.step(losses)
+            torch.testing.assert_close(record.gramian, jacobian @ jacobian.T)
+    assert not [r for r in caplog.records if "recompile" in r.getMessage()]

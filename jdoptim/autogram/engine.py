@@ -52,10 +52,12 @@ Exactness, whatever the model does (details in :mod:`._certify` and :mod:`.rules
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +81,8 @@ from ._selection import (
 from ._shared import SharedCalls, learn, make_root_hooks, tap_additions, unsafe_expansions
 from ._step import GramianStep, NotPerSample, VmapState
 from .rules._base import registered_rule
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 __all__ = ["Engine", "EngineRouteWarning", "gramian_dtype"]
 
@@ -128,6 +132,21 @@ _RERUN = (
     "changes, that torch.func cannot run, or that returns an output computed from another of "
     "its outputs does this; a layer rule avoids the re-run:"
 )
+
+
+def eager(function: _F) -> _F:
+    """``function`` kept out of ``torch.compile``'s tracing: met while compiling, it becomes a
+    graph break and runs as Python; outside compilation it costs one ``is_compiling`` check
+    (``torch.compiler.disable`` alone would cost a microsecond per call)."""
+    disabled = torch.compiler.disable(function)
+
+    @functools.wraps(function)
+    def wrapper(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return disabled(*args)
+        return function(*args)
+
+    return cast(_F, wrapper)
 
 
 def _remove_all(handles: list[RemovableHandle]) -> None:
@@ -186,16 +205,20 @@ class Engine:
         self._labels = module_labels(flat)
         pending: dict[int, list[BeforeCall]] = {}
         self._shared = None if batch_dim is None else SharedCalls(batch_dim)
-        hook = make_hook(self._key, pending, self._shared)
+        # Under torch.compile the hooks run eagerly, each a graph break: they read autograd
+        # nodes and generator states, which a traced graph does not have, and dynamo would
+        # otherwise recompile them for every module they are registered on.
+        hook = eager(make_hook(self._key, pending, self._shared))
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._hooked]
         if self._shared is not None:  # the forward's batch size, for sample-shared calls
             root_pre, root_post = make_root_hooks(self._shared)
+            root_pre, root_post = eager(root_pre), eager(root_post)
             handles += [m.register_forward_pre_hook(root_pre, with_kwargs=True) for m in flat]
             handles += [
                 m.register_forward_hook(root_post, with_kwargs=True, always_call=True)
                 for m in flat
             ]
-        pre_hook = make_pre_hook(pending)
+        pre_hook = eager(make_pre_hook(pending))
         handles += [  # modules whose calls a rule re-runs: their random draws are recorded
             m.register_forward_pre_hook(pre_hook, with_kwargs=True)
             for m in self._hooked
