@@ -285,7 +285,10 @@ class GramianStep:
         }
         for (record, index, _), grad in zip(edges, grads):
             per_record[id(record)][index] = grad
-        explicit_grads = grads[len(edges) :]
+        explicit_grads = [  # a sparse gradient (a sparse lookup outside any call) as dense rows
+            g if g is None or g.layout is torch.strided else g.to_dense()
+            for g in grads[len(edges) :]
+        ]
         if not batched:
             explicit_grads = [None if g is None else g.unsqueeze(0) for g in explicit_grads]
         self.explicit_rows = [

@@ -43,6 +43,8 @@ def all_finite(tensors: list[Tensor]) -> bool:
     2-norm, not the max-norm that cannot overflow: on CPU ``torch._foreach_norm`` with ``inf``
     costs about nine times as much, ~1.8 ms against ~0.2 ms on a 0.5M-parameter model.)
     """
+    # A sparse COO tensor (a sparse embedding's gradient) is finite when its stored values are.
+    tensors = [t._values() if t.layout is torch.sparse_coo else t for t in tensors]
     tensors = [t for t in tensors if t.numel()]  # an empty gradient has nothing to check
     if not tensors:
         return True

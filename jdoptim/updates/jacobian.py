@@ -11,10 +11,12 @@ concatenated ``J`` and its direction is split back per parameter. A specific par
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..autojac import JacobianComputer
 from ..linalg.gramian import gramian_of_blocks
+from ..linalg.sparse_rows import CompactRows, compact_rows
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from .base import UpdateComputer, UpdateResult, aggregate_jacobian, gramian_weights
@@ -33,9 +35,23 @@ class JacobianUpdate(UpdateComputer):
     ) -> UpdateResult:
         shared = list(plan.shared)
         inputs = shared + [param for param, _ in plan.specific]
-        blocks = self.jacobian_computer.compute(batch.vector, inputs)
+        raw = self.jacobian_computer.compute(batch.vector, inputs)
+        # A sparse block (a sparse embedding's) is computed on its looked-up rows only, and its
+        # gradient given back sparse, as backward() gives it (jdoptim.linalg.sparse_rows).
+        compact = [None if b.layout is torch.strided else compact_rows(b) for b in raw]
+        blocks = [
+            b
+            if c is None and b.layout is torch.strided
+            else (b.to_dense() if c is None else c.block)
+            for b, c in zip(raw, compact)
+        ]
         shared_blocks, specific_blocks = blocks[: len(shared)], blocks[len(shared) :]
-        specific_grads = [block[index] for block, (_, index) in zip(specific_blocks, plan.specific)]
+        specific_grads = [
+            _gradient(block[index], rows)
+            for block, (_, index), rows in zip(
+                specific_blocks, plan.specific, compact[len(shared) :]
+            )
+        ]
         if not shared:
             return UpdateResult([], specific_grads, None, None)
 
@@ -53,6 +69,13 @@ class JacobianUpdate(UpdateComputer):
                 direction = aggregate_jacobian(aggregator, matrix)
                 sizes = [block[0].numel() for block in shared_blocks]
                 shared_grads = [
-                    piece.view_as(param) for piece, param in zip(direction.split(sizes), shared)
+                    piece.view(block.shape[1:])
+                    for piece, block in zip(direction.split(sizes), shared_blocks)
                 ]
+            shared_grads = [_gradient(g, rows) for g, rows in zip(shared_grads, compact)]
         return UpdateResult(shared_grads, specific_grads, weights, gramian)
+
+
+def _gradient(grad: Tensor, rows: CompactRows | None) -> Tensor:
+    """A parameter's gradient from its (compact, if ``rows``) block's arithmetic."""
+    return grad if rows is None else rows.expand(grad)

@@ -5,7 +5,8 @@ An embedding is a ``Linear`` layer on one-hot inputs, so ``K[i,s,j,r] = [idx_{is
 :mod:`._contraction` (one :class:`~._terms.IndexTerm`, which the distributed engine exchanges as
 indices and output gradients) without ever forming a ``[V, e]`` gradient per row. Rows (needed
 only when the weight is tied into another call) and the update scatter the output gradients into
-the looked-up rows.
+the looked-up rows; for ``sparse=True`` the update is a sparse tensor of the looked-up rows, as
+``backward()`` gives it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         dim = module.embedding_dim
         dw = dw.reshape(-1, dim)
         index = self.call.record.args[0].reshape(-1)
+        if module.sparse:  # as autograd gives it: the looked-up rows, padding left out
+            if module.padding_idx is not None:
+                kept = index.ne(module.padding_idx)
+                index, dw = index[kept], dw[kept]
+            shape = (self.size, dim)
+            return [
+                torch.sparse_coo_tensor(index[None], dw, shape, check_invariants=False)
+                for _ in params
+            ]
         if module.padding_idx is not None:
             dw = dw * index.ne(module.padding_idx)[:, None].to(dw.dtype)
         grad = torch.zeros(self.size, dim, dtype=dw.dtype, device=dw.device)

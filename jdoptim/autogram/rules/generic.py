@@ -89,7 +89,11 @@ class GenericRule(LayerRule):
             _freeze_running_statistics(self.call.module)
             try:
                 with torch.enable_grad():
-                    self._rows = self._compute_rows()
+                    rows = self._compute_rows()
+                # a sparse gradient (F.embedding(..., sparse=True)) becomes dense rows here
+                self._rows = {
+                    n: r if r.layout is torch.strided else r.to_dense() for n, r in rows.items()
+                }
             except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
                 name = self.label or type(self.call.module).__name__
                 raise RuntimeError(
