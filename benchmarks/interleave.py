@@ -7,6 +7,7 @@ cancels most of that drift.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -63,10 +64,12 @@ def start_table(
 ) -> tuple[int, tuple[int, ...], int]:
     """Set 2 threads, print the header of a :func:`ratio_row` table (``step_column`` names the
     timed step, ``bound`` the ratio's budget) and return ``(batch, widths, rounds)`` of the
-    shared MLP of :mod:`benchmarks.models`: trunk 256-512-512-256 and 30 rounds, or with
-    ``quick`` tiny sizes and 3 rounds (a check that the table runs, not figures)."""
+    shared MLP of :mod:`benchmarks.models`: trunk 256-512-512-256 and 30 rounds
+    (``BENCH_ROUNDS`` sets another count), or with ``quick`` tiny sizes and 3 rounds (a check that
+    the table runs, not figures)."""
     torch.set_num_threads(2)
-    widths, rounds = ((16, 32, 16), 3) if quick else ((256, 512, 512, 256), 30)
+    rounds = int(os.environ.get("BENCH_ROUNDS", "30"))
+    widths, rounds = ((16, 32, 16), 3) if quick else ((256, 512, 512, 256), rounds)
     print(f"| method | m | plain (ms) | {step_column} (ms) | ratio ({bound}) |")
     print("|---|---|---|---|---|")
     return (8 if quick else batch), widths, rounds

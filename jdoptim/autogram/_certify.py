@@ -150,6 +150,8 @@ def dependent_outputs(step: GramianStep) -> dict[nn.Module, str]:
         edges = edges_of.get(id(record), [])
         if not isinstance(parts.rule, GenericRule) or len(edges) < 2:
             continue
+        if record.paths:  # its outputs are the additions it is read at, each from Y alone
+            continue
         tapped = {(edge.node, edge.output_nr) for edge in edges}
         stop = {t.grad_fn for t in record.input_tensors() if t.grad_fn is not None}
         if _reaches_another(edges, tapped, stop):

@@ -82,6 +82,10 @@ class CallRecord:
     #: for an expanded call: whether every tensor argument here is expanded too (else only the
     #: generic rule, which re-runs the call as it was made, takes it)
     inputs_expanded: bool = True
+    #: for a call read at the additions that give its output to the samples (see
+    #: :func:`._shared.tap_additions`): per tapped addition, the shape operations from the
+    #: call's output to the added operand, and that operand's shape
+    paths: tuple[tuple[tuple[Callable[[Tensor], Tensor], ...], torch.Size], ...] = ()
 
     @property
     def sole_input(self) -> Tensor | None:

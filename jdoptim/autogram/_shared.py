@@ -20,12 +20,13 @@ broadcasts it against a batched operand (one walk of the graph, about 0.15 ms fo
 a consumer that does not (the code took another path) gets a clear error before anything is
 changed, and the module is not expanded again.
 
-A shared output added to activations that fold the samples with another dimension (Swin's
-relative position bias ``[1, heads, N, N]`` on the scores of ``b·windows`` windows) cannot be
-expanded to match them without knowing the window count at the call. It is read at the addition
-instead (:func:`tap_additions`): the sum's gradient, ``k`` consecutive entries per sample, summed
-per sample, is each sample's ``∂ℓᵢ/∂Y``; nothing in the forward changes, so this holds from the
-first step, and the engine's check proves it.
+A shared output that cannot be expanded is read at the additions that give it to the samples
+instead (:func:`tap_additions`, :mod:`._additions`): Swin's relative position bias
+``[1, heads, N, N]`` added to the scores of ``b·windows`` windows (expanding it would need the
+window count at the call), T5's ``[q, k, heads]`` bias permuted to ``[1, heads, q, k]`` and added
+to every layer's scores (its consumers need its own shape). Each sum's gradient, summed over
+each sample's entries, is that sample's gradient of the added operand; nothing in the forward
+changes, so this holds from the first step, and the engine's check proves it.
 
 The batch size ``b`` of a forward is read by a forward pre-hook on the modules given to the
 engine: the size along ``batch_dim`` of their tensor inputs, when they all agree. A call made
@@ -46,6 +47,7 @@ from torch.autograd.graph import GradientEdge, Node
 from torch.utils._pytree import tree_map
 
 from ..introspection import iter_tensors
+from ._additions import AdditionPath, addition_paths, consumer_map
 
 if TYPE_CHECKING:  # _records imports this module
     from ._records import CallRecord
@@ -84,11 +86,11 @@ class SharedCalls:
     expandable: dict[int, bool] = field(default_factory=dict)
     #: ids of the modules :func:`learn` has looked at (each is looked at once)
     decided: set[int] = field(default_factory=set)
-    #: ids of the modules whose sample-shared output is added to folded activations (``k·b``
-    #: entries along the batch dimension: Swin's relative position bias on the scores of
-    #: ``b·windows`` windows): their per-sample gradient is read at that addition
-    #: (:func:`tap_additions`), the forward is not changed
-    added_to_folded: set[int] = field(default_factory=set)
+    #: ids of the modules whose sample-shared output reaches the samples through additions only
+    #: (Swin's relative position bias on the scores of ``b·windows`` windows, T5's permuted
+    #: relative bias on every layer's scores): their per-sample gradient is read at those
+    #: additions (:func:`tap_additions`), the forward is not changed
+    read_at_additions: set[int] = field(default_factory=set)
 
     def batch_size(self) -> int | None:
         return self.sizes[0] if self.sizes else None
@@ -252,14 +254,14 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
         return
     modes = {id(r): _modes(r, b, state.batch_dim) for r, _ in fresh}
     usable = {id(r): n for r, n in fresh if len(r.tapped) == 1 and n is not None}
-    consumers = _consumers(_roots(losses), set(usable.values()))
+    consumers = consumer_map(_roots(losses))
     found: dict[int, set[bool | str | None]] = {}
     for record, node in fresh:
         kinds = found.setdefault(id(record.module), set())
         if node is None or id(record) not in usable:
             kinds.add(None)
             continue
-        used = consumers[node]
+        used = consumers.get(node, [])
         own, new = modes[id(record)]
         kind: bool | str | None = None
         for flag, full in ((False, own), (True, new)):
@@ -269,82 +271,65 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
                 and all(_broadcasts(c, pos, full, state.batch_dim) for c, pos in used)
             ):
                 kind = flag
-        if kind is None and record.shareable and len(used) == 1:
-            consumer, position = used[0]
-            if _folded_sum_shape(consumer, position, record.tapped[0].shape, b, state.batch_dim):
-                kind = "added"
+        if kind is None and _read_at_additions(record, node, consumers, b, state.batch_dim):
+            kind = "added"
         kinds.add(kind)
     for module_id, kinds in found.items():
         state.decided.add(module_id)
         if kinds == {"added"}:
-            state.added_to_folded.add(module_id)
+            state.read_at_additions.add(module_id)
         elif len(kinds) == 1 and None not in kinds:
             state.expandable[module_id] = kinds.pop()  # type: ignore[assignment]
 
 
-def _folded_sum_shape(
-    consumer: Node, position: int, shape: torch.Size, b: int, batch_dim: int
-) -> torch.Size | None:
-    """The shape of ``consumer``'s output when it is ``Y + Z`` (plain addition, either order)
-    of a sample-shared output ``Y`` of ``shape`` (size 1 along ``batch_dim``) and a ``Z`` that
-    makes the sum ``Y``'s shape but with ``k·b`` entries along ``batch_dim`` (``k ≥ 2``; Swin's
-    scores, or its constant shifted-window mask): then
-    ``∂ℓ/∂Y = Σ`` of the sum's gradient over that dimension, and sample ``i``'s part is the sum
-    over its own ``k`` entries (sample-major, as the engine reads folded calls; its check proves
-    it). Else ``None``."""
-    if type(consumer).__name__ != "AddBackward0" or len(consumer.next_functions) != 2:
+def _read_at_additions(
+    record: CallRecord, node: Node, consumers: dict, b: int, batch_dim: int
+) -> list[AdditionPath] | None:
+    """The paths from the call's one output to the additions that give it to the ``b`` samples
+    (:mod:`._additions`), when every use of the output is one, else ``None``."""
+    if len(record.tapped) != 1 or len(node._input_metadata) != 1:  # (one output per node)
         return None
-    if getattr(consumer, "_saved_alpha", 1) != 1:
-        return None
-    out = consumer._input_metadata[0].shape
-    if len(out) != len(shape):  # (the other operand may broadcast, or be a constant mask)
-        return None
-    same = all(o == s for d, (o, s) in enumerate(zip(out, shape)) if d != batch_dim)
-    folded = out[batch_dim] > b and out[batch_dim] % b == 0
-    return torch.Size(out) if same and folded else None
+    return addition_paths(node, record.tapped[0].shape, consumers, b, batch_dim)
 
 
 def tap_additions(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
-    """For each call of :attr:`SharedCalls.added_to_folded` in this step, record it as seen
-    through its addition: its tapped output becomes the sum ``Y + Z`` (``k·b`` entries along the
-    batch dimension, sample-major), whose gradient the backward gives per sample, and the call
-    is marked expanded with its own arguments kept (``unexpanded``), so that the generic rule
-    sums each sample's ``k`` entries and re-runs the call as it was made. A call whose output is
-    not added that way in this forward is left as it is (one backward row per loss, exact).
-    Rewrites ``scan_calls`` in place; one walk of the graph when there is such a call."""
-    if not state.added_to_folded or b <= 1:
+    """For each call of :attr:`SharedCalls.read_at_additions` in this step, record it as seen
+    through the additions that give its output to the samples (:mod:`._additions`): its tapped
+    outputs become the sums (``b``, or ``w·b`` sample-major, entries along the batch dimension),
+    whose gradients the backward gives per sample, with the shape operations of each path
+    (:attr:`CallRecord.paths`); the call is marked expanded with its own arguments kept
+    (``unexpanded``), so that the generic rule re-runs it as it was made, replays each path and
+    sums each sample's entries. A call whose output is not used that way in this forward is left
+    as it is (one backward row per loss, exact). Rewrites ``scan_calls`` in place; one walk of
+    the graph when there is such a call."""
+    if not state.read_at_additions or b <= 1:
         return
     nodes = {
         edges[0].node: record
         for record, edges in scan_calls.items()
-        if id(record.module) in state.added_to_folded
-        and record.shareable
+        if id(record.module) in state.read_at_additions
         and not record.expanded
         and len(edges) == 1
         and edges[0] is not None
     }
     if not nodes:
         return
-    consumers = _consumers(_roots(losses), set(nodes))
+    consumers = consumer_map(_roots(losses))
     for node, record in nodes.items():
-        used = consumers[node]
-        if len(used) != 1:
-            continue
-        consumer, position = used[0]
-        shape = record.tapped[0].shape
-        out = _folded_sum_shape(consumer, position, shape, b, state.batch_dim)
-        if out is None:
+        paths = _read_at_additions(record, node, consumers, b, state.batch_dim)
+        if not paths:
             continue
         tapped = record.tapped[0]
         seen = replace(
             record,
-            tapped=[tapped._replace(shape=out, output_nr=0)],
+            tapped=[tapped._replace(shape=path.summed, output_nr=0) for path in paths],
             expanded=True,
-            unexpanded=(record.args, record.kwargs, shape, state.batch_dim),
+            unexpanded=(record.args, record.kwargs, tapped.shape, state.batch_dim),
             inputs_expanded=False,
+            paths=tuple((path.ops, path.shape) for path in paths),
         )
         del scan_calls[record]
-        scan_calls[seen] = [GradientEdge(consumer, 0)]
+        scan_calls[seen] = [GradientEdge(path.addition, 0) for path in paths]
 
 
 def unsafe_expansions(state: SharedCalls, scan_calls: dict, losses: Tensor) -> list[nn.Module]:

@@ -215,8 +215,7 @@ class Engine:
             root_pre, root_post = eager(root_pre), eager(root_post)
             handles += [m.register_forward_pre_hook(root_pre, with_kwargs=True) for m in flat]
             handles += [
-                m.register_forward_hook(root_post, with_kwargs=True, always_call=True)
-                for m in flat
+                m.register_forward_hook(root_post, with_kwargs=True, always_call=True) for m in flat
             ]
         pre_hook = eager(make_pre_hook(pending))
         handles += [  # modules whose calls a rule re-runs: their random draws are recorded
@@ -375,7 +374,7 @@ class Engine:
         warning is due."""
         shared = self._shared
         return shared is not None and all(
-            m in shared.expandable or m in shared.added_to_folded for m in modules
+            m in shared.expandable or m in shared.read_at_additions for m in modules
         )
 
     def _check_expansions(self, scan: GraphScan, losses: Tensor) -> None:

@@ -21,12 +21,12 @@ For each: the engine's Gramian equals ``J Jᵀ`` of the explicit Jacobian ``J`` 
 of that explicit Gramian.
 
 GPT-2's and BERT's position embeddings (``[1, s, d]``) and nanoGPT's (``[t, d]``), shared by the
-samples, are expanded along the batch by the engine, so these models raise no
-``EngineRouteWarning`` (an error in the suite); nor does ``nn.TransformerEncoderLayer`` with its
-default dropout, whose attention goes through the ``MultiheadAttention`` rule. T5's relative
-bias (permuted before it is added) takes the engine's row-per-loss route in per-sample mode,
-with an ``EngineRouteWarning`` (ignored for the other models: the results are what is
-checked).
+samples, are expanded along the batch by the engine, and T5's relative attention bias and
+Swin's relative position bias are read at the additions that give them to the samples, so these
+models raise no ``EngineRouteWarning`` (an error in the suite); nor does
+``nn.TransformerEncoderLayer`` with its default dropout, whose attention goes through the
+``MultiheadAttention`` rule. (For the other models the warning is ignored: the results are what
+is checked.)
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ NO_ROUTE_WARNING = {
     "opt",
     "bart",
     "swin",
+    "t5",
     "wav2vec2",
     "nanogpt",
     "nanogpt_batch_is_seq",
@@ -404,23 +405,27 @@ def test_real_model(name: str, layout: str) -> None:
     check_model(name, layout)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "nanogpt", "bart", "swin"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "nanogpt", "bart", "swin", "t5"])
 def test_position_embedding_expanded_per_sample(name: str) -> None:
     """GPT-2's, BERT's and BART's decoder's ``[1, s, d]`` (BART's from the ``[b, s]`` token ids,
-    read for their shape) and nanoGPT's ``[t, d]`` position embedding, and Swin's relative
-    position bias (added to the ``[b·windows, …]`` scores, read at that addition): after a
-    first step that sees it, the engine's steps are per-sample (``b`` = batch size, one backward
-    pass) and exact."""
+    read for their shape) and nanoGPT's ``[t, d]`` position embedding, Swin's relative
+    position bias (added to the ``[b·windows, …]`` scores, read at that addition) and T5's
+    relative attention bias (``[q, k, heads]``, permuted and added to every layer's scores, read
+    at those additions): after a first step that sees it, the engine's steps are per-sample
+    (``b`` = batch size, one backward pass) and exact."""
     torch.manual_seed(0)
     model, run = MODELS[name]()
     model = model.double().train()
     params = [p for p in model.parameters() if p.requires_grad]
+    # T5's only shared call is read at its additions, which changes nothing in the forward, so
+    # from the first step; the others wait for a step that sees their calls to expand them.
+    first = 4 if name == "t5" else 1
     with Engine(model, batch_dim=0) as engine:
         for k in range(3):
             losses = run(model)[:, 0]
             jacobian = explicit_jacobian(losses, params)
             step = engine.step(losses, params, [], per_sample=True)
-            assert step.b == (1 if k == 0 else 4)
+            assert step.b == (first if k == 0 else 4)
             with torch.no_grad():
                 gramian = step.gramian()
             assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-9

@@ -361,7 +361,7 @@ def _window_steps(model: nn.Module, steps: int = 3) -> list[int]:
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["scores", "mask"])
-def test_shared_bias_added_to_folded_windows_takes_the_per_sample_path(masked: bool) -> None:
+def test_shared_bias_read_at_additions_windows_takes_the_per_sample_path(masked: bool) -> None:
     """The bias's per-sample gradient is read at its addition to the ``[b·w, …]`` scores, or to
     a constant mask of that many windows (each sample's windows summed), from the first step on
     (nothing in the forward changes): per-sample steps, exact, no warning."""
@@ -379,3 +379,109 @@ def test_shared_bias_added_otherwise_stays_exact(model: nn.Module) -> None:
     torch.manual_seed(0)
     with pytest.warns(EngineRouteWarning):
         assert _window_steps(model.double()) == [1, 1, 1]
+
+
+# -- a shared output reaching the samples through shape operations (T5's relative bias) --------
+
+
+class _RelativeAttention(nn.Module):
+    """Two attention layers sharing one relative position bias, as T5 computes it: an embedding
+    of bucket indices ``[q, k]`` (from ``arange``, not from the batch) gives ``[q, k, heads]``,
+    permuted and unsqueezed to ``[1, heads, q, k]``, then given to every layer's ``[b, heads, q,
+    k]`` scores by
+
+    * ``"eager"``: an addition to the scores;
+    * ``"sdpa"``: a ``clone`` and an addition to the padding mask ``[b, 1, 1, k]``, used as
+      ``scaled_dot_product_attention``'s ``attn_mask``;
+    * ``"causal"``: a ``where`` with the causal mask, then as ``"sdpa"``;
+    * ``"scaled"``: ``2 * bias`` first (not a shape operation: not read at the additions);
+    * ``"batched_where"``: a ``where`` whose condition has the batch (the broadcast happens there:
+      not followed)."""
+
+    def __init__(self, mode: str, heads: int = 2, buckets: int = 5) -> None:
+        super().__init__()
+        self.mode, self.heads = mode, heads
+        self.bias = nn.Embedding(buckets, heads)
+        self.qkv = nn.ModuleList([nn.Linear(4, 3 * 4) for _ in range(2)])
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [b, s, 4]
+        b, s, _ = x.shape
+        relative = torch.arange(s)[None, :] - torch.arange(s)[:, None]
+        buckets = relative.clamp(-2, 2) + 2  # [q, k]
+        bias = self.bias(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, q, k]
+        padding = torch.zeros(b, 1, 1, s, dtype=x.dtype)
+        padding[0, :, :, -1] = -50.0  # sample 0's last token is padding
+        if self.mode == "causal":
+            causal = torch.ones(s, s, dtype=torch.bool).tril()
+            bias = torch.where(causal, bias, 0.0)  # (0, not -inf: the masked entries matter)
+        if self.mode == "scaled":
+            bias = 2 * bias
+        if self.mode == "batched_where":
+            keep = torch.rand(b, 1, s, s) > 0.2
+            bias = torch.where(keep, bias, -50.0)  # [b, heads, q, k]
+        h = x
+        for qkv in self.qkv:
+            q, k, v = qkv(h).view(b, s, 3, self.heads, 2).permute(2, 0, 3, 1, 4)
+            if self.mode in ("sdpa", "causal"):
+                mask = bias.clone() + padding
+                out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                scores = q @ k.transpose(-1, -2) + bias
+                out = (scores + padding).softmax(-1) @ v
+            h = h + out.transpose(1, 2).reshape(b, s, 4)
+        return self.head(h).squeeze(-1).pow(2).mean(1)  # [b]
+
+
+def _relative_steps(model: nn.Module, batch: int, s: int, steps: int = 3) -> list[int]:
+    torch.manual_seed(1)
+    params = list(model.parameters())
+    found = []
+    with Engine(model, batch_dim=0) as engine:
+        for _ in range(steps):
+            losses = model(torch.randn(batch, s, 4, dtype=torch.float64))
+            jacobian = explicit_jacobian(losses, params)
+            step = engine.step(losses, params, [], per_sample=True)
+            with torch.no_grad():
+                assert_gramian_close(step.gramian(), jacobian @ jacobian.T, rtol=1e-10)
+            found.append(step.b)
+    return found
+
+
+@pytest.mark.parametrize("mode", ["eager", "sdpa", "causal"])
+@pytest.mark.parametrize("batch,s", [(3, 6), (4, 5)], ids=["q=2b", "q!=b"])
+def test_relative_bias_is_read_at_its_additions(mode: str, batch: int, s: int) -> None:
+    """The bias reaches every layer's scores through shape operations and is read at those
+    additions, from the first step (the forward is unchanged): per-sample steps, exact, no
+    warning; ``q = 2b``, which the sample-major reading of folded rows would take for two rows
+    per sample, included."""
+    torch.manual_seed(0)
+    model = _RelativeAttention(mode).double()
+    assert _relative_steps(model, batch, s) == [batch] * 3  # (warnings are errors here)
+
+
+@pytest.mark.parametrize("mode", ["eager", "causal"])
+@pytest.mark.parametrize("batch_dim", [0, None], ids=["per-sample", "tasks"])
+def test_relative_bias_jdoptimizer_grad(mode: str, batch_dim: int | None) -> None:
+    torch.manual_seed(0)
+    model = _RelativeAttention(mode).double()
+    params = list(model.parameters())
+    opt = JDOptimizer(torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, batch_dim=batch_dim)
+    for _ in range(2):
+        out = model(torch.randn(3, 6, 4, dtype=torch.float64))
+        losses = out if batch_dim == 0 else torch.stack([out[:2].mean(), out[2:].mean()])
+        jacobian = explicit_jacobian(losses, params)
+        opt.zero_grad()
+        record = opt.step(losses)
+        torch.testing.assert_close(record.gramian, jacobian @ jacobian.T)
+        grad = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.testing.assert_close(grad, jacobian.T @ record.weights)
+
+
+@pytest.mark.parametrize("mode", ["scaled", "batched_where"])
+def test_relative_bias_used_otherwise_stays_exact(mode: str) -> None:
+    """A product before the addition, or a ``where`` that broadcasts the bias to the samples
+    itself: not read at additions, exact by one backward row per loss, warned."""
+    torch.manual_seed(0)
+    with pytest.warns(EngineRouteWarning):
+        assert _relative_steps(_RelativeAttention(mode).double(), 3, 5) == [1, 1, 1]

@@ -188,4 +188,3 @@ class IndexTerm(GramianTerm):
     def from_factors(self, factors: list[Tensor]) -> IndexTerm:
         index, grads = factors
         return IndexTerm(index, grads.transpose(0, 1))
-

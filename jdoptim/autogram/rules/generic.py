@@ -44,6 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from ...linalg.vmap_fallback import vmap_or_loop
+from .._additions import replay
 from .._sample_dims import input_sample_dims
 from .._shared import replaying
 from ._base import LayerRule
@@ -116,7 +117,7 @@ class GenericRule(LayerRule):
         args, kwargs = _detach(call.record.args), _detach(call.record.kwargs)
         grads = tuple(call.grad(i) for i in range(len(call.record.tapped)))
         if call.record.unexpanded is not None:
-            return self._shared_rows(primals, buffers, call.record.unexpanded, grads[0])
+            return self._shared_rows(primals, buffers, call.record.unexpanded, grads)
         if call.batch_dim is None:
             rows = self._whole_rows(primals, buffers, args, kwargs, grads)
             return {n: r.unsqueeze(0) for n, r in rows.items()}
@@ -130,29 +131,35 @@ class GenericRule(LayerRule):
         with autocast, replaying():
             out = functional_call(self.call.module, {**primals, **buffers}, args, kwargs)
         leaves = [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
-        return tuple(leaves[t.leaf_index] for t in self.call.record.tapped)
+        record = self.call.record
+        if record.paths:  # read at its additions: its output through each path's operations
+            own = leaves[record.tapped[0].leaf_index]
+            return tuple(replay(ops, own) for ops, _ in record.paths)
+        return tuple(leaves[t.leaf_index] for t in record.tapped)
 
     def _shared_rows(
-        self, primals: _Named, buffers: _Named, unexpanded: _Unexpanded, grad: Tensor
+        self, primals: _Named, buffers: _Named, unexpanded: _Unexpanded, grads: _Outs
     ) -> _Named:
-        """Rows of a sample-shared call whose output ``Y`` the hook expanded along the batch
-        (see :mod:`.._shared`): every sample's copy is ``Y``, so row ``(i, k)`` is the
-        vector-Jacobian product of the call as it was made with ``D[k]`` at sample ``i``, and,
-        in task mode, row ``k`` the one with ``Σᵢ D[k]`` at sample ``i``."""
+        """Rows of a sample-shared call whose output ``Y`` the hook expanded along the batch, or
+        that is read at the additions that give it to the samples (see :mod:`.._shared` and
+        :mod:`.._additions`): every sample's copy is ``Y``, so row ``(i, k)`` is the
+        vector-Jacobian product of the call as it was made (through each path's shape
+        operations) with ``D[k]`` at sample ``i`` (each sample's ``w`` entries summed, for folded
+        activations), and, in task mode, row ``k`` the one with ``Σᵢ D[k]`` at sample ``i``."""
         args, kwargs, shape, dim = unexpanded
         args, kwargs = _detach(args), _detach(kwargs)
-        t = grad.shape[0]
-        moved = grad.movedim(dim + 1, 1)  # [T, b, ...]
-        if self.call.group > 1:  # read at a sum with folded activations: each sample's k entries
-            moved = moved.unflatten(1, (self.call.b, self.call.group)).sum(2)
+        shapes = [path_shape for _, path_shape in self.call.record.paths] or [shape]
+        t = grads[0].shape[0]
+        moved = [grad.movedim(dim + 1, 1) for grad in grads]  # [T, b(·w), ...]
+        if self.call.group > 1:  # each sample's w entries
+            moved = [m.unflatten(1, (self.call.b, self.call.group)).sum(2) for m in moved]
         if self.call.batch_dim is None:
-            rows = self._whole_rows(
-                primals, buffers, args, kwargs, (moved.sum(1).reshape(t, *shape),)
-            )
+            summed = tuple(m.sum(1).reshape(t, *s) for m, s in zip(moved, shapes))
+            rows = self._whole_rows(primals, buffers, args, kwargs, summed)
             return {n: r.unsqueeze(0) for n, r in rows.items()}
-        b = moved.shape[1]
-        cotangents = moved.transpose(0, 1).reshape(b * t, *shape)
-        rows = self._whole_rows(primals, buffers, args, kwargs, (cotangents,))
+        b = moved[0].shape[1]
+        cotangents = tuple(m.transpose(0, 1).reshape(b * t, *s) for m, s in zip(moved, shapes))
+        rows = self._whole_rows(primals, buffers, args, kwargs, cotangents)
         return {n: r.reshape(b, t, *r.shape[1:]) for n, r in rows.items()}
 
     def _pullback(
