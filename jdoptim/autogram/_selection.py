@@ -84,6 +84,17 @@ def module_labels(modules: Sequence[nn.Module]) -> dict[int, str]:
     return labels
 
 
+def parameter_labels(modules: Sequence[nn.Module]) -> dict[int, str]:
+    """How messages name each parameter: its path in the model (``'h.0.attn.c_attn.weight'``), as
+    :func:`module_labels` names the modules."""
+    labels: dict[int, str] = {}
+    for index, module in enumerate(modules):
+        prefix = f"modules[{index}]." if len(modules) > 1 else ""
+        for name, param in module.named_parameters():
+            labels.setdefault(id(param), f"'{prefix}{name}'")
+    return labels
+
+
 def batch_norms(modules: Sequence[nn.Module]) -> list[nn.Module]:
     """The batch-norm layers among the modules (their mode can change after construction)."""
     return [m for _, m in _named(modules) if isinstance(m, _BatchNorm)]

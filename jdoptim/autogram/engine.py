@@ -45,7 +45,8 @@ Exactness, whatever the model does (details in :mod:`._certify` and :mod:`.rules
   times the backward passes) and warns once (:class:`EngineRouteWarning`), naming the modules
   by their path in the model;
 * with explicit parameters (used outside hooked calls) the backward needs one row per loss, so
-  per-sample losses then cost ``b`` backward rows instead of one (still exact);
+  per-sample losses then cost ``b`` backward rows instead of one (still exact), and the engine
+  warns once, naming them;
 * the Gramian is returned in the losses' dtype promoted with the parameters' (half-precision
   losses of a float32 model get a float32 Gramian).
 """
@@ -76,6 +77,7 @@ from ._selection import (
     check_disjoint,
     hooked_modules,
     module_labels,
+    parameter_labels,
     sample_mixing_problem,
 )
 from ._shared import SharedCalls, learn, make_root_hooks, tap_additions, unsafe_expansions
@@ -124,6 +126,13 @@ _WHOLE = (
     "layer rule) did not reproduce autograd's per-sample gradients (an input of batch size that "
     "does not index the samples, such as a [b, b] mask, is sliced as if it did): they are "
     "re-run on the whole batch instead (exact; b times their vector-Jacobian products):"
+)
+_EXPLICIT = (
+    "These parameters are used outside the hooked modules' calls (in a parent's forward that is "
+    "not hooked, or inside another module's call that receives them, as peft's DoRA does with "
+    "its LoRA layers), so their per-sample rows need one backward row per loss: the engine "
+    "computes this structure's per-sample steps exactly, with b times the backward passes. "
+    "Hooking the module that uses them (modules=model) keeps the single backward pass:"
 )
 _RERUN = (
     "Re-running these modules' forward (the generic rule, for modules without a layer rule) did "
@@ -203,6 +212,7 @@ class Engine:
         self._key = f"jdoptim.autogram.{next(_COUNTER)}"
         self._hooked = hooked_modules(flat)
         self._labels = module_labels(flat)
+        self._parameter_labels = parameter_labels(flat)
         pending: dict[int, list[BeforeCall]] = {}
         self._shared = None if batch_dim is None else SharedCalls(batch_dim)
         # Under torch.compile the hooks run eagerly, each a graph break: they read autograd
@@ -349,7 +359,9 @@ class Engine:
                 continue
             failed = failing_modules(step, losses, self._generator)
             if not failed:
-                if route.per_sample and route.whole:
+                if route.per_sample and step.batch_dim is None and step.explicit:
+                    self._warn(f"{_EXPLICIT} {self._parameter_names(step.explicit)}.")
+                elif route.per_sample and route.whole:
                     self._warn(f"{_WHOLE} {whole_names}.")
                 elif mixed and not route.explicit:
                     self._warn(f"{_MIXED} Where it shows: {mixed}. {_TASK_MODE}")
@@ -398,6 +410,11 @@ class Engine:
         named = [f"{labels.get(id(m), type(m).__name__)} ({why})" for m, why in failed.items()]
         more = f"; and {len(named) - most} more" if len(named) > most else ""
         return "; ".join(named[:most]) + more
+
+    def _parameter_names(self, params: list[Tensor], most: int = 6) -> str:
+        named = [self._parameter_labels.get(id(p), f"a {tuple(p.shape)} tensor") for p in params]
+        more = f"; and {len(named) - most} more" if len(named) > most else ""
+        return ", ".join(named[:most]) + more
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:

@@ -161,7 +161,10 @@ def _check(model: Attender, layout: str, rule: type = MultiheadAttentionRule) ->
         losses = pick(model(*inputs))
         jacobian = explicit_jacobian(losses, params)
         expected = jacobian @ jacobian.T
-        step = engine.step(losses, params, [], per_sample=per_sample, retain_graph=True)
+        # (unused projections among params: assume_reached=False takes them as unreached)
+        step = engine.step(
+            losses, params, [], per_sample=per_sample, retain_graph=True, assume_reached=False
+        )
         with torch.no_grad():
             gramian = _square(step.gramian(), losses.shape)
         kinds = {type(r.rule) for r in step.rule_parameters if r.rule.call.module is model.attn}
@@ -229,7 +232,9 @@ def test_user_random_stream_untouched() -> None:
         losses = model(*inputs)[:, 0]
         before = torch.get_rng_state()
         with torch.no_grad():
-            engine.step(losses, list(model.parameters()), [], per_sample=True).gramian()
+            engine.step(
+                losses, list(model.parameters()), [], per_sample=True, assume_reached=False
+            ).gramian()
         assert torch.equal(torch.get_rng_state(), before)
 
 
