@@ -138,8 +138,10 @@ _RERUN = (
     "Re-running these modules' forward (the generic rule, for modules without a layer rule) did "
     "not reproduce autograd's gradients, so their parameters take their rows straight from "
     "autograd (one backward row per loss) from now on. A forward that depends on state it "
-    "changes, that torch.func cannot run, or that returns an output computed from another of "
-    "its outputs does this; a layer rule avoids the re-run:"
+    "changes, that draws random numbers from numpy or Python's random (only torch's generators "
+    "are replayed; transformers' SpecAugment masks in wav2vec2-style models do), that "
+    "torch.func cannot run, or that returns an output computed from another of its outputs "
+    "does this; a layer rule avoids the re-run:"
 )
 
 
