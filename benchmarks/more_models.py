@@ -10,6 +10,9 @@
   generic rule;
 * Swin adds its relative position bias ``[1, heads, N, N]`` to the scores of ``b·windows``
   windows: read at that addition since the same session, where every per-sample step was one
+  backward row per loss;
+* T5 permutes its relative attention bias ``[q, k, heads]`` and adds it to every layer's scores:
+  read at those additions since the twelfth session, where every per-sample step was one
   backward row per loss.
 
 Each row: ``JDOptimizer(Adam, UPGrad(), modules=model, batch_dim=0)`` on per-sample losses
@@ -17,7 +20,8 @@ against ``losses.mean().backward(); adam.step()`` on the same model and batch, t
 (median of the per-round ratios; :mod:`benchmarks.interleave`), float32, train mode with the
 models' default dropout, batch 8.
 
-Run: ``PYTHONPATH=$PWD BENCH_THREADS=2 python benchmarks/more_models.py`` (markdown table).
+Run: ``PYTHONPATH=$PWD BENCH_THREADS=2 python benchmarks/more_models.py [MODEL ...]`` (markdown
+table; all models by default).
 """
 
 from __future__ import annotations
@@ -136,11 +140,36 @@ def swin() -> Built:
     return t.SwinForImageClassification(config), losses
 
 
+def t5() -> Built:
+    t = _transformers()
+    config = t.T5Config(
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=32,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=16,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    source = torch.randint(1, VOCAB, (BATCH, SEQ))
+    target = torch.randint(1, VOCAB, (BATCH, SEQ // 2))
+
+    def losses(m: nn.Module) -> Tensor:
+        logits = m(input_ids=source, labels=target).logits
+        return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(1)
+
+    return t.T5ForConditionalGeneration(config), losses
+
+
 MODELS: dict[str, Callable[[], Built]] = {
     "opt": opt,
     "bart": bart,
     "wav2vec2": wav2vec2,
     "swin": swin,
+    "t5": t5,
 }
 
 
@@ -177,7 +206,8 @@ def main() -> None:
     rounds = 3 if "--quick" in sys.argv else 15
     print("| model | plain step (ms) | JD step (ms) | per-sample JD / plain |")
     print("|---|---|---|---|")
-    for name in MODELS:
+    chosen = [name for name in sys.argv[1:] if name in MODELS] or list(MODELS)
+    for name in chosen:
         jd, plain = step_pair(name)
         result = interleaved_ratio(jd, plain, rounds)
         print(
