@@ -303,9 +303,12 @@ class DistributedJacobianUpdate(OnCommunicator, UpdateComputer):
         """This process's Jacobian blocks, or the error its backward raised (reported to the
         other processes by the signature's all-gather before it is raised)."""
         try:
-            return self.jacobian_computer.compute(batch.vector, inputs), None
+            blocks = self.jacobian_computer.compute(batch.vector, inputs)
         except Exception as error:
             return [], error
+        # A sparse block (a sparse embedding's) is made dense: the processes exchange slices of
+        # the whole Jacobian, whose looked-up rows differ from one process to another.
+        return [b if b.layout is torch.strided else b.to_dense() for b in blocks], None
 
     def _chunk_size(self, numel: int) -> int:
         return max(1, math.ceil(numel / self.world_size))

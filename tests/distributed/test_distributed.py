@@ -6,7 +6,8 @@ seeded order), PCGrad (randomised, differently seeded per process), GradDrop (ra
 non-Gramian) and TrimmedMean (non-Gramian); per-sample losses with equal and unequal shards; all
 processes skipping together on a non-finite loss; mismatched steps and diverged replicas refused;
 the typed communication statistics against the bytes derived by hand; a GradScaler around the
-distributed computer (the scaled step equals the unscaled one; an overflow skips everywhere);
+distributed computer (the scaled step equals the unscaled one; an overflow skips everywhere); a
+sparse embedding table (its blocks made dense);
 a checkpoint saved on rank 0 of 2 processes resumed on 3. Also: a stuck process and a crashed
 one give a DistributedStepError instead of a hang, with every state unchanged (``_workers.py``);
 a local error on one rank fails every rank's step and keeps them in lockstep, mismatched numbers
