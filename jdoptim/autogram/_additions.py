@@ -58,10 +58,15 @@ class AdditionPath:
     summed: torch.Size
 
 
-def consumer_map(roots: list[Node]) -> dict[Node, list[tuple[Node, int]]]:
-    """For every node under ``roots``, the nodes that take its output as an input, with the
-    input's position (one walk of the graph)."""
+def consumer_map(
+    roots: list[Node], targets: set[Node] | None = None
+) -> dict[Node, list[tuple[Node, int]]]:
+    """For every node under ``roots`` (or only for ``targets``, each listed even when unused),
+    the nodes that take its output as an input, with the input's position (one walk of the
+    graph)."""
     found: dict[Node, list[tuple[Node, int]]] = {}
+    if targets is not None:
+        found = {t: [] for t in targets}
     seen = set(roots)
     stack = list(roots)
     while stack:
@@ -69,7 +74,10 @@ def consumer_map(roots: list[Node]) -> dict[Node, list[tuple[Node, int]]]:
         for position, (child, _) in enumerate(node.next_functions):
             if child is None:
                 continue
-            found.setdefault(child, []).append((node, position))
+            if targets is None:
+                found.setdefault(child, []).append((node, position))
+            elif child in targets:
+                found[child].append((node, position))
             if child not in seen:
                 seen.add(child)
                 stack.append(child)

@@ -162,25 +162,6 @@ def expand_inputs(
     return grown_args, grown_kwargs, complete
 
 
-def _consumers(roots: list[Node], targets: set[Node]) -> dict[Node, list[tuple[Node, int]]]:
-    """For each target node, the nodes of the graph under ``roots`` that take its output as an
-    input, with the input's position (one walk of the whole graph)."""
-    found: dict[Node, list[tuple[Node, int]]] = {t: [] for t in targets}
-    seen = set(roots)
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        for position, (child, _) in enumerate(node.next_functions):
-            if child is None:
-                continue
-            if child in targets:
-                found[child].append((node, position))
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return found
-
-
 def _operand_shape(consumer: Node, position: int) -> torch.Size | None:
     child, nr = consumer.next_functions[position]
     if child is None:
@@ -215,7 +196,7 @@ def _roots(losses: Tensor) -> list[Node]:
 
 
 def _safe(losses: Tensor, nodes: dict[Node, torch.Size], batch_dim: int) -> dict[Node, bool]:
-    consumers = _consumers(_roots(losses), set(nodes))
+    consumers = consumer_map(_roots(losses), set(nodes))
     return {
         node: bool(consumers[node])
         and all(_broadcasts(c, pos, full, batch_dim) for c, pos in consumers[node])

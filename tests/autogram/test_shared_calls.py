@@ -343,21 +343,25 @@ class _Windows(nn.Module):
         return self.head(mixed.reshape(b, length, d)).squeeze(-1).pow(2).mean(1)  # [b]
 
 
-def _window_steps(model: nn.Module, steps: int = 3) -> list[int]:
-    """``b`` of each engine step, each Gramian checked against the explicit Jacobian."""
+def _per_sample_steps(model: nn.Module, shape: tuple[int, ...], steps: int = 3) -> list[int]:
+    """``b`` of each engine step on inputs of ``shape`` (new ones each step), each Gramian
+    checked against the explicit Jacobian."""
     torch.manual_seed(1)
-    x = torch.randn(4, 6, 4, dtype=torch.float64)  # 4 samples, 2 windows of 3 tokens
     params = list(model.parameters())
     found = []
     with Engine(model, batch_dim=0) as engine:
         for _ in range(steps):
-            losses = model(x)
+            losses = model(torch.randn(shape, dtype=torch.float64))
             jacobian = explicit_jacobian(losses, params)
             step = engine.step(losses, params, [], per_sample=True)
             with torch.no_grad():
                 assert_gramian_close(step.gramian(), jacobian @ jacobian.T, rtol=1e-10)
             found.append(step.b)
     return found
+
+
+def _window_steps(model: nn.Module) -> list[int]:
+    return _per_sample_steps(model, (4, 6, 4))  # 4 samples, 2 windows of 3 tokens
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["scores", "mask"])
@@ -433,21 +437,6 @@ class _RelativeAttention(nn.Module):
         return self.head(h).squeeze(-1).pow(2).mean(1)  # [b]
 
 
-def _relative_steps(model: nn.Module, batch: int, s: int, steps: int = 3) -> list[int]:
-    torch.manual_seed(1)
-    params = list(model.parameters())
-    found = []
-    with Engine(model, batch_dim=0) as engine:
-        for _ in range(steps):
-            losses = model(torch.randn(batch, s, 4, dtype=torch.float64))
-            jacobian = explicit_jacobian(losses, params)
-            step = engine.step(losses, params, [], per_sample=True)
-            with torch.no_grad():
-                assert_gramian_close(step.gramian(), jacobian @ jacobian.T, rtol=1e-10)
-            found.append(step.b)
-    return found
-
-
 @pytest.mark.parametrize("mode", ["eager", "sdpa", "causal"])
 @pytest.mark.parametrize("batch,s", [(3, 6), (4, 5)], ids=["q=2b", "q!=b"])
 def test_relative_bias_is_read_at_its_additions(mode: str, batch: int, s: int) -> None:
@@ -457,7 +446,7 @@ def test_relative_bias_is_read_at_its_additions(mode: str, batch: int, s: int) -
     per sample, included."""
     torch.manual_seed(0)
     model = _RelativeAttention(mode).double()
-    assert _relative_steps(model, batch, s) == [batch] * 3  # (warnings are errors here)
+    assert _per_sample_steps(model, (batch, s, 4)) == [batch] * 3  # (warnings are errors here)
 
 
 @pytest.mark.parametrize("mode", ["eager", "causal"])
@@ -484,4 +473,4 @@ def test_relative_bias_used_otherwise_stays_exact(mode: str) -> None:
     itself: not read at additions, exact by one backward row per loss, warned."""
     torch.manual_seed(0)
     with pytest.warns(EngineRouteWarning):
-        assert _relative_steps(_RelativeAttention(mode).double(), 3, 5) == [1, 1, 1]
+        assert _per_sample_steps(_RelativeAttention(mode).double(), (3, 5, 4)) == [1, 1, 1]
