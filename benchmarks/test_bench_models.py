@@ -20,10 +20,13 @@ autogram engine (``Engine`` + ``compute_gramian`` + ``losses.backward(weights)``
 jdoptim's ``UPGradWeighting``, so that the engines are what differs; TorchJD's own UPGrad needs
 ``qpsolvers``) beside it where it runs. :func:`gramian_errors` checks, on one forward, each
 engine's Gramian against the explicit Jacobian's; peak extra memory is ``VmHWM`` over five steps
-in a fresh process minus the resident size before them.
+in a fresh process minus the resident size before them, and (``--memory``) the peak of the
+tensors one step allocates after three warm-up steps (:func:`peak_tensor_mb`, the measure that
+scales with the model; the resident size of these small models is mostly one-time costs).
 
 Run: ``python benchmarks/test_bench_models.py`` (markdown tables; ``--large`` adds the 6-layer
-GPT-2; ``BENCH_TINY=1`` shrinks every model for a smoke run), or
+GPT-2; ``BENCH_TINY=1`` shrinks every model for a smoke run; ``--memory`` prints the tensor
+memory table only), or
 ``python -m pytest benchmarks/test_bench_models.py --benchmark-only -q``.
 """
 
@@ -33,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -287,6 +291,50 @@ def peak_extra_mb(model_name: str, setting: str, method: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def peak_tensor_mb(model_name: str, setting: str, method: str, warmup: int = 3) -> float:
+    """The peak of the tensor memory a step allocates on top of what exists before it (forward
+    included), after ``warmup`` steps: the running sum of the allocation and free events that
+    ``torch.profiler`` records (``profile_memory=True``) during one step, at its highest.
+
+    Unlike :func:`peak_extra_mb` (the process's resident size), this counts tensors only, so the
+    one-time costs of a first step (libraries' buffers, allocator arenas that stay mapped) and
+    memory that the C allocator keeps after a free do not blur it: after a few steps the
+    resident size grows by nothing on either step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step(model_name, setting, method)
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    assert prof.profiler is not None
+    events = prof.profiler.kineto_results.events()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def memory_tables() -> None:
+    """The peak-memory rows: tensors allocated by a step (:func:`peak_tensor_mb`) and the
+    resident size (:func:`peak_extra_mb`), plain step and each method."""
+    print("| peak step tensors (MB) | setting | plain | " + " | ".join(METHODS) + " |")
+    print("|---|---|---|" + "---|" * len(METHODS))
+    for model_name in MODELS:
+        for setting in SETTINGS:
+            row = []
+            plain = peak_tensor_mb(model_name, setting, "plain")
+            for method in METHODS:
+                if _runs(method, model_name, setting):
+                    row.append("-")
+                    continue
+                peak = peak_tensor_mb(model_name, setting, method)
+                row.append(f"{peak:.1f} ({peak / plain:.2f}×)")
+            print(f"| {model_name} | {setting} | {plain:.1f} | " + " | ".join(row) + " |")
+
+
 def _runs(method: str, model_name: str, setting: str) -> str | None:
     """``None`` if ``method`` runs a step on this case, else why not."""
     try:
@@ -333,6 +381,10 @@ def test_task_floor_matches_library(model_name: str, setting: str) -> None:
 
 def main() -> None:
     torch.set_num_threads(THREADS)
+    if "--memory" in sys.argv:
+        warnings.simplefilter("ignore")  # (torch's profiler and vmap notes)
+        memory_tables()
+        return
     rounds = 3 if TINY else 30
     print("| model | setting | plain step (ms) | " + " | ".join(METHODS) + " |")
     print("|---|---|---|" + "---|" * len(METHODS))
