@@ -12,6 +12,7 @@ in the commit (``python benchmarks/op_count.py --where CASE`` lists them by line
 from __future__ import annotations
 
 import cProfile
+import gc
 import pstats
 from collections.abc import Callable
 
@@ -112,10 +113,17 @@ FEATURES_CALL_BUDGETS[("mgda", 32)] = 4370
 
 
 def _python_calls(step: Callable[[], None]) -> int:
-    profile = cProfile.Profile()
-    profile.enable()
-    step()
-    profile.disable()
+    """The step's Python function calls, with the garbage collector held off: a collection during
+    the step would count the finalisers of other tests' objects (engines removing their hooks)."""
+    gc.collect()
+    gc.disable()
+    try:
+        profile = cProfile.Profile()
+        profile.enable()
+        step()
+        profile.disable()
+    finally:
+        gc.enable()
     return pstats.Stats(profile).total_calls  # type: ignore[attr-defined]
 
 

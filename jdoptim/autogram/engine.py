@@ -129,10 +129,12 @@ _WHOLE = (
 )
 _EXPLICIT = (
     "These parameters are used outside the hooked modules' calls (in a parent's forward that is "
-    "not hooked, or inside another module's call that receives them, as peft's DoRA does with "
-    "its LoRA layers), so their per-sample rows need one backward row per loss: the engine "
-    "computes this structure's per-sample steps exactly, with b times the backward passes. "
-    "Hooking the module that uses them (modules=model) keeps the single backward pass:"
+    "not hooked, inside another module's call that receives them, as peft's DoRA does with its "
+    "LoRA layers, or in a forward run before the engine's hooks existed, e.g. before "
+    "JDOptimizer(modules=...) was built), so their per-sample rows need one backward row per "
+    "loss: the engine computes this structure's per-sample steps exactly, with b times the "
+    "backward passes. Hooking the module that uses them (modules=model) keeps the single "
+    "backward pass:"
 )
 _RERUN = (
     "Re-running these modules' forward (the generic rule, for modules without a layer rule) did "
@@ -361,7 +363,7 @@ class Engine:
                 continue
             failed = failing_modules(step, losses, self._generator)
             if not failed:
-                if route.per_sample and step.batch_dim is None and step.explicit:
+                if route.per_sample and step.batch_dim is None and step.explicit and step.T > 1:
                     self._warn(f"{_EXPLICIT} {self._parameter_names(step.explicit)}.")
                 elif route.per_sample and route.whole:
                     self._warn(f"{_WHOLE} {whole_names}.")
