@@ -2,7 +2,10 @@ r"""One walk of the losses' autograd graph: which recorded calls, which leaves o
 
 From the losses' ``grad_fn`` nodes, the walk follows ``next_functions``; at a node that carries a
 :class:`~jdoptim.autogram._records.CallRecord` it does not enter the call (its inner nodes are the
-business of the layer rule) but jumps to the ``grad_fn`` of the call's input tensors. So it sees
+business of the layer rule) but jumps to the ``grad_fn`` of the call's input tensors, unless
+hooked calls were made inside it (``CallRecord.nested``: peft's DoRA calls the LoRA layers it is
+handed inside its magnitude module's call): then it walks into the call as well, to find them,
+and the call's own parameters met there are its rule's. So it sees
 
 * every call whose outputs the losses reach, with a :class:`GradientEdge` per reached output;
 * every leaf reached *outside* a call (a parameter used directly in a parent's ``forward``, a
@@ -40,14 +43,17 @@ def scan_graph(roots: list[Node], key: str) -> GraphScan:
             outside_ids.add(id(tensor))
             scan.outside_leaves.append(tensor)
 
+    own: set[int] = set()  # the parameters of calls walked into: their rules cover them
     while stack:
         node = stack.pop()
         variable = getattr(node, "variable", None)
         if variable is not None:
-            leaf(variable)
+            if id(variable) not in own:
+                leaf(variable)
             continue
         entries = node_metadata(node).get(key)
         if entries:
+            enter = False
             for record, out_index in entries:
                 edges = scan.calls.get(record)
                 if edges is None:
@@ -60,7 +66,11 @@ def scan_graph(roots: list[Node], key: str) -> GraphScan:
                         elif tensor.requires_grad:
                             leaf(tensor)
                 edges[out_index] = GradientEdge(node, record.tapped[out_index].output_nr)
-            continue
+                if record.nested:  # hooked calls made inside it: walk into the call
+                    enter = True
+                    own.update(id(p) for p in record.module.parameters())
+            if not enter:
+                continue
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 seen.add(child)

@@ -27,7 +27,7 @@ statistics in training mode are not counted (the forward normalises with the bat
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -86,6 +86,10 @@ class CallRecord:
     #: :func:`._shared.tap_additions`): per tapped addition, the shape operations from the
     #: call's output to the added operand, and that operand's shape
     paths: tuple[tuple[tuple[Callable[[Tensor], Tensor], ...], torch.Size], ...] = ()
+    #: the hooked calls made inside this one (re-run modules only), as peft's DoRA calls the
+    #: LoRA layers it is handed inside its magnitude module's call: the scan of the graph finds
+    #: them inside this call's part of the graph (:func:`._graph.scan_graph`)
+    nested: tuple[CallRecord, ...] = ()
 
     @property
     def sole_input(self) -> Tensor | None:
@@ -137,10 +141,23 @@ def node_metadata(node: Node) -> dict[Any, Any]:
 @dataclass(eq=False)
 class BeforeCall:
     """What a re-run module's pre-hook notes before its call: the generators' states and the
-    version counter of each of its buffers that the forward may read."""
+    version counter of each of its buffers that the forward may read; and, filled during the
+    call, the records of the hooked calls made inside it (modules handed to it as arguments, as
+    peft's DoRA hands its LoRA layers to its magnitude module)."""
 
     rng: RandomState
     versions: list[tuple[str, Tensor, int]]
+    inner: list[CallRecord] = field(default_factory=list)
+
+
+class PendingCalls(dict[int, list[BeforeCall]]):
+    """The re-run modules' calls in progress: what each pre-hook noted, by module (a stack per
+    module, for a module called inside its own call), and all of them in the order they began
+    (:attr:`open`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[BeforeCall] = []
 
 
 def _watched_buffers(module: nn.Module) -> list[tuple[str, Tensor, int]]:
@@ -156,7 +173,7 @@ def _watched_buffers(module: nn.Module) -> list[tuple[str, Tensor, int]]:
 
 
 def make_pre_hook(
-    pending: dict[int, list[BeforeCall]],
+    pending: PendingCalls,
 ) -> Callable[[nn.Module, tuple, dict], None]:
     """The forward pre-hook of a module the generic rule re-runs: pushes what it notes before
     the call on ``pending[id(module)]`` (the forward hook pops it)."""
@@ -165,6 +182,7 @@ def make_pre_hook(
         if torch.is_grad_enabled():
             before = BeforeCall(RandomState.capture(), _watched_buffers(module))
             pending.setdefault(id(module), []).append(before)
+            pending.open.append(before)
 
     return pre_hook
 
@@ -178,19 +196,28 @@ def autocast_now() -> tuple[str, torch.dtype] | None:
 
 
 def _drawn(
-    pending: dict[int, list[BeforeCall]] | None, module: nn.Module
-) -> tuple[RandomState | None, tuple[str, ...]]:
+    pending: PendingCalls | None, module: nn.Module
+) -> tuple[RandomState | None, tuple[str, ...], tuple[CallRecord, ...]]:
     """The generators' state before this call if the call drew random numbers (else ``None``),
-    and the buffers the call changed in place."""
+    the buffers the call changed in place, and the records of the calls made inside it."""
     if pending is None:
-        return None, ()
+        return None, (), ()
     stack = pending.get(id(module))
     if not stack:
-        return None, ()
+        return None, (), ()
     before = stack.pop()
+    if before in pending.open:
+        pending.open.remove(before)
     mutated = tuple(name for name, buffer, version in before.versions if buffer._version != version)
     rng = None if before.rng.same_as(RandomState.capture()) else before.rng
-    return rng, mutated
+    return rng, mutated, tuple(before.inner)
+
+
+def _inside(pending: PendingCalls | None, record: CallRecord) -> None:
+    """Note ``record`` in every re-run call in progress (it was made inside them)."""
+    if pending is not None:
+        for before in pending.open:
+            before.inner.append(record)
 
 
 def sole_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
@@ -202,7 +229,7 @@ def sole_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
 
 def make_hook(
     key: str,
-    pending: dict[int, list[BeforeCall]] | None = None,
+    pending: PendingCalls | None = None,
     shared: SharedCalls | None = None,
 ) -> Callable[[nn.Module, tuple, dict, Any], Any]:
     """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``;
@@ -218,18 +245,20 @@ def make_hook(
         if not torch.is_grad_enabled():
             return None
         replayed = pending is not None and id(module) in pending  # a module the rules re-run
-        rng, mutated = _drawn(pending, module)
+        rng, mutated, inner = _drawn(pending, module)
         amp = autocast_now() if replayed else None
         if shared is not None and output_is_shared(shared, module, args, kwargs, output):
-            return _record_shared(key, shared, module, args, kwargs, output, (rng, amp, mutated))
+            state = (rng, amp, mutated)
+            return _record_shared(key, shared, module, args, kwargs, output, state, pending)
         sole = sole_tensor(args, kwargs)
         if isinstance(output, Tensor) and sole is not None:  # a layer on one tensor: no pytrees
             node = output.grad_fn
             if node is None or node is sole.grad_fn:
                 return
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
-            call = CallRecord(module, args, {}, [tapped], rng, amp, mutated=mutated)
+            call = CallRecord(module, args, {}, [tapped], rng, amp, mutated=mutated, nested=inner)
             node_metadata(node).setdefault(key, []).append((call, 0))
+            _inside(pending, call)
             return None
         leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
         record: CallRecord | None = None
@@ -244,6 +273,8 @@ def make_hook(
                 continue
             if record is None:
                 record = CallRecord(module, args, kwargs, [], rng, amp, mutated=mutated)
+                record.nested = inner
+                _inside(pending, record)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
             node_metadata(node).setdefault(key, []).append((record, len(record.tapped) - 1))
         return None
@@ -275,6 +306,7 @@ def _record_shared(
     kwargs: dict,
     output: Tensor,
     state: tuple,
+    pending: PendingCalls | None = None,
 ) -> Tensor | None:
     """Records a sample-shared call: as it is (for :func:`._shared.learn`) or, for an
     expandable module, with output and inputs expanded to the forward's ``b`` samples,
@@ -298,4 +330,5 @@ def _record_shared(
     node = output.grad_fn
     assert node is not None  # `output_is_shared` checked it; an expanded output has one too
     node_metadata(node).setdefault(key, []).append((call, 0))
+    _inside(pending, call)
     return output if expand else None

@@ -70,7 +70,7 @@ from ..linalg.gramian import generalize_gramian
 from ..linalg.user_frame import user_stacklevel
 from ._certify import EngineRouteWarning, Route, failing_modules, signature
 from ._graph import GraphScan, scan_graph
-from ._records import BeforeCall, make_hook, make_pre_hook
+from ._records import PendingCalls, make_hook, make_pre_hook
 from ._sample_dims import samples_at_batch_dim
 from ._selection import (
     batch_norms,
@@ -217,7 +217,7 @@ class Engine:
         self._hooked = hooked_modules(flat)
         self._labels = module_labels(flat)
         self._parameter_labels = parameter_labels(flat)
-        pending: dict[int, list[BeforeCall]] = {}
+        pending = PendingCalls()
         self._shared = None if batch_dim is None else SharedCalls(batch_dim)
         # Under torch.compile the hooks run eagerly, each a graph break: they read autograd
         # nodes and generator states, which a traced graph does not have, and dynamo would

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jdoptim.autogram import Engine
 from jdoptim.autogram._certify import EngineRouteWarning
 
 from ._same_losses import check_gramian, check_step
@@ -213,10 +214,12 @@ class _CallsInside(nn.Module):
 
 @pytest.mark.parametrize("batch_dim", [None, 0])
 def test_hooked_module_called_inside_another_call(batch_dim: int | None) -> None:
-    """``inner``'s call happens inside ``magnitude``'s, so the engine's scan of the graph (which
-    steps over recorded calls) does not meet it: its parameters are reached all the same, and
-    ``compute_gramian`` and the optimizer's step both differentiate them (they were dropped
-    from ``compute_gramian`` as unreached: a Gramian 87% off on peft's DoRA)."""
+    """``inner``'s call happens inside ``magnitude``'s: the engine's scan of the graph (which
+    steps over recorded calls) walks into a call inside which other hooked calls were made, and
+    finds it there, so ``inner`` keeps its own rule and per-sample steps their one backward pass
+    (they took one backward row per loss before, with ``inner``'s parameters straight from
+    autograd); ``compute_gramian`` and the optimizer's step both differentiate them (they were
+    once dropped from ``compute_gramian`` as unreached: a Gramian 87% off on peft's DoRA)."""
     torch.manual_seed(0)
     model = _CallsInside().double()
     x = torch.randn(5, 3, dtype=torch.float64)
@@ -230,10 +233,11 @@ def test_hooked_module_called_inside_another_call(batch_dim: int | None) -> None
             else torch.stack([out[:, 0].pow(2).mean(), out[:, 1].sin().mean()])
         )
 
-    # Per-sample, inner's parameters need one backward row per loss, which the engine says.
-    for check in (check_gramian, check_step):
-        if batch_dim is None:
-            check(model, losses, batch_dim, rtol=1e-12)
-            continue
-        with pytest.warns(EngineRouteWarning, match=r"used outside .*'inner.weight'"):
-            check(model, losses, batch_dim, rtol=1e-12)
+    check_gramian(model, losses, batch_dim, rtol=1e-12)
+    check_step(model, losses, batch_dim, rtol=1e-12)  # (route warnings are errors here)
+    if batch_dim == 0:  # inner's call is found inside magnitude's: the per-sample path
+        with Engine(model, batch_dim=0) as engine:
+            step = engine.step(losses(), list(model.parameters()), [], per_sample=True)
+        assert step.b == 5
+        kinds = {type(parts.rule).__name__ for parts in step.rule_parameters}
+        assert kinds == {"LinearRule", "GenericRule"}

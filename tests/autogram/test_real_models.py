@@ -55,6 +55,7 @@ NO_ROUTE_WARNING = {
     "bart",
     "swin",
     "t5",
+    "llama_dora",
     "wav2vec2",
     "nanogpt",
     "nanogpt_batch_is_seq",
