@@ -223,7 +223,12 @@ class Engine:
         # nodes and generator states, which a traced graph does not have, and dynamo would
         # otherwise recompile them for every module they are registered on.
         hook = eager(make_hook(self._key, pending, self._shared))
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in self._hooked]
+        # always_call: a forward that raises still closes its call's entry in `pending`, which
+        # would otherwise collect every later record as made inside it
+        handles = [
+            m.register_forward_hook(hook, with_kwargs=True, always_call=True) for m in self._hooked
+        ]
+        self._pending = pending  # (for inspection; the hooks hold no reference to the engine)
         if self._shared is not None:  # the forward's batch size, for sample-shared calls
             root_pre, root_post = make_root_hooks(self._shared)
             root_pre, root_post = eager(root_pre), eager(root_post)

@@ -241,3 +241,49 @@ def test_hooked_module_called_inside_another_call(batch_dim: int | None) -> None
         assert step.b == 5
         kinds = {type(parts.rule).__name__ for parts in step.rule_parameters}
         assert kinds == {"LinearRule", "GenericRule"}
+
+
+class _Flaky(nn.Module):
+    """A re-run module (a parameter of its own and a child) whose forward can raise midway,
+    after its child's call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+        self.inner = nn.Linear(3, 4)
+        self.fail = False
+
+    def forward(self, x: Tensor, *, other: nn.Module) -> Tensor:
+        h = other(x)
+        if self.fail:
+            raise RuntimeError("a forward that raises")
+        return self.scale * torch.tanh(self.inner(x) + h)
+
+
+class _WithFlaky(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.other = nn.Linear(3, 4)
+        self.flaky = _Flaky()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.flaky(x, other=self.other))
+
+
+def test_a_forward_that_raises_leaves_no_open_call() -> None:
+    """The hooks note the calls made inside a re-run module's call until its forward hook; a
+    forward that raises still runs it (``always_call``), so no call stays open to collect every
+    later record, and the next steps are exact."""
+    torch.manual_seed(0)
+    model = _WithFlaky().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with Engine(model, batch_dim=0) as engine:
+        model.flaky.fail = True
+        with pytest.raises(RuntimeError, match="a forward that raises"):
+            model(x)
+        model.flaky.fail = False
+        assert not engine._pending.open and not any(engine._pending.values())
+    losses = lambda: model(x).pow(2).sum(1)  # noqa: E731
+    check_gramian(model, losses, 0, rtol=1e-12)
+    check_step(model, losses, 0, rtol=1e-12)
