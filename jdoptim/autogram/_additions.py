@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["AdditionPath", "addition_paths", "consumer_map", "replay"]
+__all__ = ["AdditionPath", "addition_paths", "all_additions", "consumer_map", "replay"]
 
 #: the longest chain of shape operations followed from a call's output to an addition
 _MAX_OPS = 8
@@ -134,6 +134,12 @@ def _addition(node: Node, shape: torch.Size, b: int, batch_dim: int) -> torch.Si
     same = all(o == s for d, (o, s) in enumerate(zip(out, shape)) if d != batch_dim)
     samples = out[batch_dim] >= b and out[batch_dim] % b == 0
     return torch.Size(out) if same and samples else None
+
+
+def all_additions(users: list[tuple[Node, int]], shape: torch.Size, b: int, batch_dim: int) -> bool:
+    """Whether every one of ``users`` adds an operand of ``shape`` to the samples directly (no
+    shape operation between): the consumers of that one node are then all the walk needs."""
+    return bool(users) and all(_addition(user, shape, b, batch_dim) for user, _ in users)
 
 
 def addition_paths(

@@ -47,7 +47,7 @@ from torch.autograd.graph import GradientEdge, Node
 from torch.utils._pytree import tree_map
 
 from ..introspection import iter_tensors
-from ._additions import AdditionPath, addition_paths, consumer_map
+from ._additions import AdditionPath, addition_paths, all_additions, consumer_map
 
 if TYPE_CHECKING:  # _records imports this module
     from ._records import CallRecord
@@ -91,6 +91,9 @@ class SharedCalls:
     #: relative bias on every layer's scores): their per-sample gradient is read at those
     #: additions (:func:`tap_additions`), the forward is not changed
     read_at_additions: set[int] = field(default_factory=set)
+    #: those of them whose paths to the additions had shape operations (T5's permuted bias): the
+    #: walk then needs every node's consumers, not only the calls'
+    through_shape_ops: set[int] = field(default_factory=set)
 
     def batch_size(self) -> int | None:
         return self.sizes[0] if self.sizes else None
@@ -295,11 +298,21 @@ def tap_additions(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) 
     }
     if not nodes:
         return
-    consumers = consumer_map(_roots(losses))
+    # The consumers of the calls' nodes; of every node only when some path has shape operations
+    # (Swin's bias is added directly; T5's is permuted first).
+    if any(id(record.module) in state.through_shape_ops for record in nodes.values()):
+        consumers = consumer_map(_roots(losses))
+    else:
+        consumers = consumer_map(_roots(losses), set(nodes))
+        shapes = {node: record.tapped[0].shape for node, record in nodes.items()}
+        if not all(all_additions(consumers[n], shapes[n], b, state.batch_dim) for n in nodes):
+            consumers = consumer_map(_roots(losses))
     for node, record in nodes.items():
         paths = _read_at_additions(record, node, consumers, b, state.batch_dim)
         if not paths:
             continue
+        if any(path.ops for path in paths):
+            state.through_shape_ops.add(id(record.module))
         tapped = record.tapped[0]
         seen = replace(
             record,
