@@ -206,8 +206,7 @@ def _drawn(
     if not stack:
         return None, (), ()
     before = stack.pop()
-    if before in pending.open:
-        pending.open.remove(before)
+    pending.open.remove(before)  # (the pre-hook pushes it on both)
     mutated = tuple(name for name, buffer, version in before.versions if buffer._version != version)
     rng = None if before.rng.same_as(RandomState.capture()) else before.rng
     return rng, mutated, tuple(before.inner)
@@ -272,8 +271,9 @@ def make_hook(
             if node in input_nodes:  # an input handed back unchanged: not computed here
                 continue
             if record is None:
-                record = CallRecord(module, args, kwargs, [], rng, amp, mutated=mutated)
-                record.nested = inner
+                record = CallRecord(
+                    module, args, kwargs, [], rng, amp, mutated=mutated, nested=inner
+                )
                 _inside(pending, record)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
             node_metadata(node).setdefault(key, []).append((record, len(record.tapped) - 1))

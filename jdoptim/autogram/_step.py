@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from ..linalg.sparse_rows import dense
 from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
 from ._records import CallRecord
@@ -286,8 +287,7 @@ class GramianStep:
         for (record, index, _), grad in zip(edges, grads):
             per_record[id(record)][index] = grad
         explicit_grads = [  # a sparse gradient (a sparse lookup outside any call) as dense rows
-            g if g is None or g.layout is torch.strided else g.to_dense()
-            for g in grads[len(edges) :]
+            None if g is None else dense(g) for g in grads[len(edges) :]
         ]
         if not batched:
             explicit_grads = [None if g is None else g.unsqueeze(0) for g in explicit_grads]

@@ -162,6 +162,12 @@ def eager(function: _F) -> _F:
     return cast(_F, wrapper)
 
 
+def _at_most(named: list[str], separator: str, most: int = 6) -> str:
+    """The first ``most`` names joined, and how many more there are."""
+    more = f"; and {len(named) - most} more" if len(named) > most else ""
+    return separator.join(named[:most]) + more
+
+
 def _remove_all(handles: list[RemovableHandle]) -> None:
     for handle in handles:
         handle.remove()
@@ -414,16 +420,14 @@ class Engine:
                 "forward again: this module's output is no longer expanded (exact, slower)."
             )
 
-    def _names(self, failed: dict[nn.Module, str], most: int = 6) -> str:
+    def _names(self, failed: dict[nn.Module, str]) -> str:
         labels = self._labels
         named = [f"{labels.get(id(m), type(m).__name__)} ({why})" for m, why in failed.items()]
-        more = f"; and {len(named) - most} more" if len(named) > most else ""
-        return "; ".join(named[:most]) + more
+        return _at_most(named, "; ")
 
-    def _parameter_names(self, params: list[Tensor], most: int = 6) -> str:
+    def _parameter_names(self, params: list[Tensor]) -> str:
         named = [self._parameter_labels.get(id(p), f"a {tuple(p.shape)} tensor") for p in params]
-        more = f"; and {len(named) - most} more" if len(named) > most else ""
-        return ", ".join(named[:most]) + more
+        return _at_most(named, ", ")
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
@@ -443,9 +447,10 @@ class Engine:
         ``retain_graph``.
         """
         # The parameters the output reaches, from one walk of its whole graph: a parameter
-        # used only inside another hooked module's call (peft's DoRA calls the LoRA layers
-        # inside its magnitude module) is covered by no call the engine's scan sees, and must
-        # still be differentiated (straight from autograd), not taken as unreached.
+        # used only inside a hooked call that the engine's scan does not walk into (it walks
+        # into a re-run module's call only where hooked calls were made inside it) is covered
+        # by no call the scan sees, and must still be differentiated (straight from autograd),
+        # not taken as unreached.
         reached = {id(leaf) for leaf, _ in leaf_reach([output])} if output.grad_fn else set()
         step = self.step(
             output,

@@ -63,6 +63,7 @@ from torch import Tensor
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation.state import broadcast_state_dict
 from ..autojac import JacobianComputer
+from ..linalg.sparse_rows import dense
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from ..record import CommunicationStats
@@ -308,7 +309,7 @@ class DistributedJacobianUpdate(OnCommunicator, UpdateComputer):
             return [], error
         # A sparse block (a sparse embedding's) is made dense: the processes exchange slices of
         # the whole Jacobian, whose looked-up rows differ from one process to another.
-        return [b if b.layout is torch.strided else b.to_dense() for b in blocks], None
+        return [dense(b) for b in blocks], None
 
     def _chunk_size(self, numel: int) -> int:
         return max(1, math.ceil(numel / self.world_size))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["CompactRows", "compact_rows"]
+__all__ = ["CompactRows", "compact_rows", "dense"]
 
 
 class CompactRows:
@@ -36,6 +36,13 @@ class CompactRows:
         return torch.sparse_coo_tensor(
             self.rows.unsqueeze(0), compact, self.shape, is_coalesced=True, check_invariants=False
         )
+
+
+def dense(tensor: Tensor) -> Tensor:
+    """``tensor`` itself if it is strided, else its dense copy (where the sparse layout cannot be
+    kept: a whole Jacobian exchanged between processes, autograd's rows of a parameter used
+    outside the hooked calls, a re-run module's rows)."""
+    return tensor if tensor.layout is torch.strided else tensor.to_dense()
 
 
 def compact_rows(block: Tensor) -> CompactRows | None:

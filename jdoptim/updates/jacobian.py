@@ -16,7 +16,7 @@ from torch import Tensor
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..autojac import JacobianComputer
 from ..linalg.gramian import gramian_of_blocks
-from ..linalg.sparse_rows import CompactRows, compact_rows
+from ..linalg.sparse_rows import CompactRows, compact_rows, dense
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from .base import UpdateComputer, UpdateResult, aggregate_jacobian, gramian_weights
@@ -39,12 +39,7 @@ class JacobianUpdate(UpdateComputer):
         # A sparse block (a sparse embedding's) is computed on its looked-up rows only, and its
         # gradient given back sparse, as backward() gives it (jdoptim.linalg.sparse_rows).
         compact = [None if b.layout is torch.strided else compact_rows(b) for b in raw]
-        blocks = [
-            b
-            if c is None and b.layout is torch.strided
-            else (b.to_dense() if c is None else c.block)
-            for b, c in zip(raw, compact)
-        ]
+        blocks = [dense(b) if c is None else c.block for b, c in zip(raw, compact)]
         shared_blocks, specific_blocks = blocks[: len(shared)], blocks[len(shared) :]
         specific_grads = [
             _gradient(block[index], rows)

@@ -43,6 +43,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
+from ...linalg.sparse_rows import dense
 from ...linalg.vmap_fallback import vmap_or_loop
 from .._additions import replay
 from .._sample_dims import input_sample_dims
@@ -92,9 +93,7 @@ class GenericRule(LayerRule):
                 with torch.enable_grad():
                     rows = self._compute_rows()
                 # a sparse gradient (F.embedding(..., sparse=True)) becomes dense rows here
-                self._rows = {
-                    n: r if r.layout is torch.strided else r.to_dense() for n, r in rows.items()
-                }
+                self._rows = {n: dense(r) for n, r in rows.items()}
             except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
                 name = self.label or type(self.call.module).__name__
                 raise RuntimeError(
