@@ -22,6 +22,7 @@ r"""One Gramian step: find the calls, one backward to their outputs, then Gramia
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -138,6 +139,30 @@ def _sample_group(record: CallRecord, dims: list[int], count: int, label: str) -
 
 
 @dataclass(frozen=True, eq=False)
+class StepPlan:
+    """What a step's backward pass is set up from, before it runs.
+
+    Attributes:
+        scan: the walk of the losses' graph.
+        records: the calls the losses reach.
+        call_params: per call, its parameters that take rows from its rule.
+        covered: how many calls cover each such parameter (by id).
+        layouts: per call (by id), where its outputs index the samples and how many entries
+            each sample owns there (see :meth:`GramianStep._sample_layouts`).
+        grad_outputs: the backward's ``grad_outputs`` (see :meth:`GramianStep._grad_outputs`).
+        whole_modules: ids of modules the generic rule re-runs on the whole batch.
+    """
+
+    scan: GraphScan
+    records: list[CallRecord]
+    call_params: list[list[Tensor]]
+    covered: dict[int, int]
+    layouts: dict[int, tuple[list[int] | None, int]]
+    grad_outputs: Tensor
+    whole_modules: frozenset[int]
+
+
+@dataclass(frozen=True, eq=False)
 class RuleParameters:
     """A call's rule and its parameters, sorted once per step.
 
@@ -235,46 +260,56 @@ class GramianStep:
                 f"batch_dim={batch_dim} but the losses have shape {tuple(losses.shape)}."
             )
         self.batch_dim = batch_dim
-        grad_outputs = self._grad_outputs(losses, batch_dim)
+        grad_outputs = self._grad_outputs(losses, batch_dim)  # (sets b and T)
         layouts = self._sample_layouts(records, call_params, batch_dim)
+        plan = StepPlan(scan, records, call_params, covered, layouts, grad_outputs, whole_modules)
+        state = vmap_state if vmap_state is not None else VmapState()
+        self._differentiate(losses, plan, retain_graph, state)
 
+    def _differentiate(
+        self, losses: Tensor, plan: StepPlan, retain_graph: bool, state: VmapState
+    ) -> None:
+        """The backward pass to the calls' outputs and the explicit parameters, and each
+        call's rule (:attr:`rule_parameters`), which holds the call's output gradients until
+        the update."""
+        scan, records = plan.scan, plan.records
         edges = [(r, i, e) for r in records for i, e in enumerate(scan.calls[r]) if e is not None]
         #: ``(call, tapped index, edge)`` of each output the backward reaches
         self.call_edges: list[tuple[CallRecord, int, GradientEdge]] = edges
         inputs = [e for _, _, e in edges] + self.explicit
         self.backward_inputs = inputs
-        state = vmap_state if vmap_state is not None else VmapState()
         batched = self.T > 1
-        grads = _backward(losses, inputs, grad_outputs, batched, retain_graph, state)
+        grads = _backward(losses, inputs, plan.grad_outputs, batched, retain_graph, state)
 
         per_record = self._sort_gradients(records, edges, grads, batched)
-        calls = self._calls(records, call_params, per_record, layouts, batched)
-        self._make_rules(calls, covered, whole_modules)
+        self.rule_parameters: list[RuleParameters] = []
+        self.generic_modules: set[int] = set()
+        for r, ps in zip(records, plan.call_params):
+            if ps:
+                call = self._call(r, per_record[id(r)], ps, plan.layouts, batched)
+                self.rule_parameters.append(self._rule_parameters(call, plan))
 
-    def _calls(
+    def _call(
         self,
-        records: list[CallRecord],
-        call_params: list[list[Tensor]],
-        per_record: dict[int, list[Tensor | None]],
+        record: CallRecord,
+        grads: list[Tensor | None],
+        params: list[Tensor],
         layouts: dict[int, tuple[list[int] | None, int]],
         batched: bool,
-    ) -> list[Call]:
-        """The calls that have parameters of this step, with their gradients and layouts."""
-        return [
-            Call(
-                r,
-                per_record[id(r)],
-                ps,
-                self.batch_dim,
-                self.b,
-                self.T,
-                out_dims=layouts[id(r)][0],
-                stacked=batched,
-                group=layouts[id(r)][1],
-            )
-            for r, ps in zip(records, call_params)
-            if ps
-        ]
+    ) -> Call:
+        """A call that has parameters of this step, with its gradients and layout."""
+        dims, group = layouts[id(record)]
+        return Call(
+            record,
+            grads,
+            params,
+            self.batch_dim,
+            self.b,
+            self.T,
+            out_dims=dims,
+            stacked=batched,
+            group=group,
+        )
 
     def _sort_gradients(
         self, records: list[CallRecord], edges: list, grads: list, batched: bool
@@ -297,23 +332,16 @@ class GramianStep:
         ]
         return per_record
 
-    def _make_rules(
-        self, calls: list[Call], covered: dict[int, int], whole_modules: frozenset[int]
-    ) -> None:
-        """Each call's rule with its parameters sorted (:attr:`rule_parameters`), and the ids
-        of the modules the generic rule re-runs (:attr:`generic_modules`)."""
-        self.rule_parameters: list[RuleParameters] = []
-        self.generic_modules: set[int] = set()
-        for call in calls:
-            rule = make_rule(call)
-            module = call.record.module
-            if isinstance(rule, GenericRule):
-                rule.label = self.label(module)
-                rule.whole = id(module) in whole_modules
-                self.generic_modules.add(id(module))
-            self.rule_parameters.append(
-                RuleParameters.of(rule, call.params, self.shared_ids, covered)
-            )
+    def _rule_parameters(self, call: Call, plan: StepPlan) -> RuleParameters:
+        """The call's rule with its parameters sorted; notes the modules the generic rule
+        re-runs (:attr:`generic_modules`)."""
+        rule = make_rule(call)
+        module = call.record.module
+        if isinstance(rule, GenericRule):
+            rule.label = self.label(module)
+            rule.whole = id(module) in plan.whole_modules
+            self.generic_modules.add(id(module))
+        return RuleParameters.of(rule, call.params, self.shared_ids, plan.covered)
 
     def release_graph(self, losses: Tensor) -> None:
         """Free the part of the losses' graph a non-retaining step frees (from the losses to the
@@ -432,19 +460,17 @@ class GramianStep:
 
     def gramian(self) -> Tensor:
         """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order."""
-        b, t = self.b, self.T
+        alone = (parts.rule.gramian(parts.alone) for parts in self.rule_parameters if parts.alone)
+        tied = (rows_gramian(rows) for rows in self.shared_rows())
+        return self._sum_terms(itertools.chain(alone, tied))
+
+    def _sum_terms(self, terms: Iterable[Tensor]) -> Tensor:
+        """The Gramian from its ``[b, T, b, T]`` terms (summed as they come, so that one is
+        held at a time), ``[m, m]`` in the losses' order."""
+        n = self.b * self.T
         total: Tensor | None = None
-
-        def add(term: Tensor) -> None:
-            nonlocal total
+        for term in terms:
             total = term if total is None else total + term
-
-        for parts in self.rule_parameters:
-            if parts.alone:
-                add(parts.rule.gramian(parts.alone))
-        for rows in self.shared_rows():
-            add(rows_gramian(rows))
-        n = b * t
         if total is None:
             return torch.zeros(n, n, device=self.device)
         return self._to_original(total.reshape(n, n))
