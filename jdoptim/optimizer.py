@@ -141,6 +141,13 @@ class JDOptimizer(Optimizer):
             process would step alone and the replicas would drift apart): pass
             ``process_group=ddp_model``, or ``process_group=False`` to run JD on each process
             alone on purpose.
+        low_memory: with ``modules``, the engine takes each layer's Gramian term during the
+            backward pass and holds no output gradient, then runs a second backward pass of
+            ``Σ wᵢ ℓᵢ`` for the update (:mod:`jdoptim.autogram._streaming`): less memory (the
+            step's extra memory drops from about the activations once more, ``T`` times with
+            ``T`` task rows, to the backward's own rows) for one more backward pass. The first
+            step of each new graph structure is an ordinary one. A scalarizer holds nothing
+            and ignores it.
     """
 
     def __init__(
@@ -154,6 +161,7 @@ class JDOptimizer(Optimizer):
         nonfinite: Literal["raise", "skip"] = "raise",
         freeze_foreign: bool = False,
         process_group: object = None,
+        low_memory: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -169,6 +177,13 @@ class JDOptimizer(Optimizer):
             raise ValueError(f"scope must be 'shared' or 'all', got {scope!r}.")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
+        not_engine = modules is None or process_group not in (None, False)
+        if low_memory and not_engine and not isinstance(aggregator, Scalarizer):
+            raise ValueError(
+                "low_memory=True is a mode of the single-process Gramian engine: pass "
+                "modules=model (and no process_group). Without modules the step holds the "
+                "Jacobian itself; see the README's memory section for what each path holds."
+            )
 
         # -- scalarizers (jdoptim.scalarization): their own step, in updates/scalarized.py --
         self._scalarized: ScalarizedStep | None = make_scalarized_step(
@@ -191,7 +206,7 @@ class JDOptimizer(Optimizer):
         if modules is not None and self._uses_engine and batch_dim is None:
             self._batch_sizes.watch(modules, self)
         self._update_computer: UpdateComputer = self._make_update_computer(
-            modules, batch_dim, None if process_group is False else process_group
+            modules, batch_dim, None if process_group is False else process_group, low_memory
         )
 
         # What Optimizer.__init__ sets up, minus the parameters (they are the wrapped optimizer's).
@@ -204,6 +219,7 @@ class JDOptimizer(Optimizer):
         modules: nn.Module | Iterable[nn.Module] | None,
         batch_dim: int | None,
         process_group: object = None,
+        low_memory: bool = False,
     ) -> UpdateComputer:
         if process_group is not None:
             from .distributed import make_distributed_update  # imported only when used
@@ -214,7 +230,7 @@ class JDOptimizer(Optimizer):
         from .updates.gramian import GramianUpdate  # the engine is imported only when used
 
         module_list = [modules] if isinstance(modules, nn.Module) else list(modules)
-        return GramianUpdate(module_list, batch_dim=batch_dim)
+        return GramianUpdate(module_list, batch_dim=batch_dim, low_memory=low_memory)
 
     # -- the torch.optim surface, delegated to the wrapped optimizer --------------------------
 

@@ -82,6 +82,7 @@ from ._selection import (
 )
 from ._shared import SharedCalls, learn, make_root_hooks, tap_additions, unsafe_expansions
 from ._step import GramianStep, NotPerSample, VmapState
+from ._streaming import StreamingStep
 from .rules._base import registered_rule
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -147,6 +148,13 @@ _RERUN = (
 )
 
 
+_STREAMING = (
+    "low_memory: the low-memory step could not run on this model (its batched backward under "
+    "torch.func.vmap, or a layer rule during the backward, failed), so the engine takes the "
+    "ordinary exact step, which holds the output gradients until the update"
+)
+
+
 def eager(function: _F) -> _F:
     """``function`` kept out of ``torch.compile``'s tracing: met while compiling, it becomes a
     graph break and runs as Python; outside compilation it costs one ``is_compiling`` check
@@ -190,6 +198,13 @@ class Engine:
             be expanded, are found by the engine's check and computed exactly on a slower route
             (:class:`EngineRouteWarning`).
 
+        low_memory: take each call's Gramian term during the backward pass and let its output
+            gradient go, then give the update by a second backward pass (:mod:`._streaming`):
+            the step's extra memory falls from about the activations once more (``T`` times
+            with ``T`` losses per sample) to the backward's own rows, for one more backward
+            pass. The first step of each graph structure, which the engine checks, is an
+            ordinary one.
+
     Messages name modules by their path in the model (``'encoder.1' (BatchNorm1d)``); with
     several modules given, by ``modules[i].path``.
 
@@ -197,7 +212,12 @@ class Engine:
     engine removes them too.
     """
 
-    def __init__(self, *modules: nn.Module | Iterable[nn.Module], batch_dim: int | None = None):
+    def __init__(
+        self,
+        *modules: nn.Module | Iterable[nn.Module],
+        batch_dim: int | None = None,
+        low_memory: bool = False,
+    ):
         flat: list[nn.Module] = []
         for item in modules:
             if isinstance(item, nn.Module):
@@ -218,6 +238,7 @@ class Engine:
                 raise ValueError(problem)
         self.modules = tuple(flat)
         self.batch_dim = batch_dim
+        self.low_memory = bool(low_memory)
         self._batch_norms = batch_norms(flat) if batch_dim is not None else []
         self._key = f"jdoptim.autogram.{next(_COUNTER)}"
         self._hooked = hooked_modules(flat)
@@ -252,6 +273,7 @@ class Engine:
         ]
         self._finalizer = weakref.finalize(self, _remove_all, handles)
         self._vmap = VmapState()
+        self._streaming = VmapState()  # whether the low-memory backward runs on this model
         self._routes: dict[tuple, Route] = {}
         self._warned: set[str] = set()
         self._generator = torch.Generator().manual_seed(0)
@@ -322,6 +344,8 @@ class Engine:
         route = self._routes.get(key)
         options: _StepOptions = (losses, scan, shared, specific, assume_reached)
         if route is not None:
+            if self.low_memory:
+                return self._streaming_step(options, route, retain_graph)
             return self._make_step(*options, route, retain_graph)
         step, route = self._certified_step(options, per_sample)
         if not retain_graph:
@@ -329,6 +353,25 @@ class Engine:
         if len(self._routes) >= _MAX_ROUTES:
             del self._routes[next(iter(self._routes))]
         self._routes[key] = route
+        return step
+
+    def _streaming_step(
+        self, options: _StepOptions, route: Route, retain_graph: bool
+    ) -> GramianStep:
+        """A low-memory step (:mod:`._streaming`), or an ordinary one where ``torch.func.vmap``
+        cannot run the batched backward (found on the first try, remembered, and warned)."""
+        if self._streaming.works is False:
+            return self._make_step(*options, route, retain_graph)
+        try:
+            step = self._make_step(*options, route, retain_graph, StreamingStep)
+        except (RuntimeError, NotImplementedError) as err:
+            if self._streaming.works is not None:
+                raise
+            self._streaming.works = False
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self._warn(f"{_STREAMING} ({first})")
+            return self._make_step(*options, route, retain_graph)
+        self._streaming.works = True
         return step
 
     def _make_step(
@@ -340,8 +383,9 @@ class Engine:
         assume_reached: bool,
         route: Route,
         retain_graph: bool,
+        kind: type[GramianStep] = GramianStep,
     ) -> GramianStep:
-        return GramianStep(
+        return kind(
             losses,
             self._key,
             shared,
@@ -461,4 +505,6 @@ class Engine:
         )
         with torch.no_grad():
             gramian = step.gramian().to(gramian_dtype(output.dtype, self.parameters()))
+        if isinstance(step, StreamingStep):  # it kept the graph for an update: not asked for
+            step.release_graph(output)
         return generalize_gramian(gramian, tuple(output.shape))

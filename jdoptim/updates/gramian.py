@@ -39,8 +39,10 @@ class GramianUpdate(UpdateComputer):
     #: ``JDOptimizer.step`` accepts loss tensors of up to this many dimensions with this computer.
     max_loss_dim = 2
 
-    def __init__(self, modules: Sequence[nn.Module], batch_dim: int | None = None) -> None:
-        self.engine = Engine(*modules, batch_dim=batch_dim)
+    def __init__(
+        self, modules: Sequence[nn.Module], batch_dim: int | None = None, low_memory: bool = False
+    ) -> None:
+        self.engine = Engine(*modules, batch_dim=batch_dim, low_memory=low_memory)
         self.fallback = JacobianUpdate()
 
     def compute(
@@ -73,4 +75,3 @@ class GramianUpdate(UpdateComputer):
                 weights = weigh(aggregator.weighting, gramian)
             shared_grads, specific_grads = step.gradients(weights)
         return UpdateResult(shared_grads, specific_grads, weights, gramian)
-

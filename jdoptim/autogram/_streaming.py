@@ -1,0 +1,276 @@
+r"""The low-memory step: each call's Gramian term taken during the backward pass, then a second
+backward pass for the update.
+
+The ordinary step (:class:`~._step.GramianStep`) keeps every hooked call's output gradient
+``D`` (``T`` rows of it) from its one backward pass until the weights are known, and then gives
+the update from the same ``D`` with no second backward pass. At the end of that backward it
+holds about the activations twice over (``T + 1`` times with ``T`` rows). This step holds
+none of them:
+
+1. **One backward pass to the lowest outputs.** The backward asks autograd only for the
+   outputs below which no other hooked output (nor a parameter whose rows come from autograd)
+   lies; every other call's output node runs anyway on the way down, and a pre-hook on it
+   receives the output gradient as autograd accumulated it (the same ``D`` the ordinary step
+   reads). ``T`` rows run as one ``torch.func.vmap`` of ``torch.autograd.grad``; the pre-hook
+   reaches the rows unbatched through a ``torch.autograd.Function`` whose ``vmap`` rule is the
+   call's work.
+2. **The call's work, at once.** As soon as a call's outputs have all had their gradients, its
+   rule gives its Gramian term (parameters used by this call alone) or its rows (parameters
+   used by several calls, summed over the calls and squared at the end, so that the cross
+   terms are there); the gradients are then let go, and the backward frees them as it moves
+   on. The sum is the ordinary step's Gramian term for term.
+3. **The update by a second backward pass** of ``Σᵢ wᵢ ℓᵢ``: autograd's own gradient of the
+   weighted losses, exact by construction (the first pass kept the graph for it). The specific
+   parameters' ``Σᵢ ∇ℓᵢ`` come from the first pass (they are captured there, ``T`` rows of
+   each).
+
+Memory: the activations, the rows of the backward pass's frontier (``T`` times an ordinary
+backward's) and the lowest outputs' gradients, instead of every output's; time: one more
+backward pass (about a plain step's backward). The engine's check of a new graph structure
+(:mod:`._certify`) reads the held gradients, so that step is an ordinary one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+
+from ..linalg.sparse_rows import dense
+from ..linalg.vmap_fallback import VmapState
+from ._records import CallRecord
+from ._step import GramianStep, RuleParameters, StepPlan
+from .rules import rows_gramian
+
+__all__ = ["StreamingStep"]
+
+#: what a pre-hook hands over: the gradients of its node's tapped outputs, and per gradient the
+#: dimension that holds the rows (``None``: the same for every row, or no rows)
+_Sink = Callable[[tuple[Tensor | None, ...], tuple[int | None, ...] | None], None]
+
+
+class _Unbatched(torch.autograd.Function):
+    """Identity-free escape from ``torch.func.vmap``: its ``vmap`` rule gets the rows' real
+    tensors (with the dimension that holds the rows) and hands them to a sink; outside vmap it
+    hands them over as they are."""
+
+    @staticmethod
+    def forward(sink: _Sink, *grads: Tensor | None) -> Tensor:
+        sink(grads, None)
+        return torch.zeros(())
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple, sink: _Sink, *grads: Tensor | None
+    ) -> tuple[Tensor, None]:
+        sink(grads, tuple(in_dims[1:]))
+        return torch.zeros(()), None
+
+
+def _with_targets_below(roots: list[Node], targets: set[Node], of: set[Node]) -> set[Node]:
+    """The nodes of ``of`` below which (strictly) a node of ``targets`` lies; one walk of the
+    graph, each node's answer remembered."""
+    reaches: dict[Node, bool] = {}
+    stack: list[tuple[Node, bool]] = [(root, False) for root in roots]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            reaches[node] = node in targets or any(
+                reaches[child] for child, _ in node.next_functions if child is not None
+            )
+        elif node not in reaches:
+            stack.append((node, True))
+            stack.extend(
+                (child, False)
+                for child, _ in node.next_functions
+                if child is not None and child not in reaches
+            )
+    return {
+        node
+        for node in of
+        if any(reaches.get(child, False) for child, _ in node.next_functions if child is not None)
+    }
+
+
+class StreamingStep(GramianStep):
+    """:class:`~._step.GramianStep` that holds no output gradient; see the module docstring.
+
+    Its :meth:`gradients` run the second backward pass (which frees the graph unless the step
+    was made with ``retain_graph``): call it once, under ``torch.no_grad()`` or not."""
+
+    def _differentiate(
+        self, losses: Tensor, plan: StepPlan, retain_graph: bool, state: VmapState
+    ) -> None:
+        self._losses = losses
+        self._retain = retain_graph
+        self.rule_parameters = []  # nothing held: the rules run during the backward
+        self.generic_modules = set()
+        self.call_edges = []
+        self._alone: Tensor | None = None  # the sum of the calls' own Gramian terms
+        self._tied: dict[int, Tensor] = {}  # rows of parameters used by several calls
+        batched = self.T > 1
+
+        # the calls that have parameters of this step, and the gradients still to come
+        wanted = [(r, ps) for r, ps in zip(plan.records, plan.call_params) if ps]
+        received: dict[int, list[Tensor | None]] = {
+            id(r): [None] * len(r.tapped) for r, _ in wanted
+        }
+        missing = {id(r): sum(e is not None for e in plan.scan.calls[r]) for r, _ in wanted}
+        by_node: dict[Node, list[tuple[CallRecord, list[Tensor], int, int]]] = {}
+        for r, ps in wanted:
+            for index, edge in enumerate(plan.scan.calls[r]):
+                if edge is not None:
+                    by_node.setdefault(edge.node, []).append((r, ps, index, edge.output_nr))
+
+        def finish(record: CallRecord, params: list[Tensor]) -> None:
+            call = self._call(record, received.pop(id(record)), params, plan.layouts, batched)
+            parts = self._rule_parameters(call, plan)
+            with torch.no_grad():
+                self._take_terms(parts)
+
+        def receive(entries: list, grads: tuple, dims: tuple | None) -> None:
+            for (record, params, index, _), grad, dim in zip(
+                entries, grads, dims or (None,) * len(grads)
+            ):
+                if grad is not None and batched:
+                    grad = (
+                        grad.unsqueeze(0).expand(self.T, *grad.shape)
+                        if dim is None
+                        else (grad.movedim(dim, 0))
+                    )
+                received[id(record)][index] = grad
+                missing[id(record)] -= 1
+                if missing[id(record)] == 0:
+                    finish(record, params)
+
+        # autograd's rows: the explicit parameters', and the specific ones' (summed)
+        explicit_ids = {id(p) for p in self.explicit}
+        self._captured = self.explicit + [p for p in self.specific if id(p) not in explicit_ids]
+        leaf_nodes = {get_gradient_edge(p).node for p in self._captured}
+        root = losses.grad_fn
+        assert root is not None
+        running = _with_targets_below([root], set(by_node) | leaf_nodes, set(by_node))
+        handles = []
+        for node in running:
+            entries = by_node[node]
+
+            def prehook(grad_outputs: tuple, entries: list = entries) -> None:
+                grads = tuple(grad_outputs[nr] for *_, nr in entries)
+                sink: _Sink = lambda g, d: receive(entries, g, d)  # noqa: E731
+                if batched:
+                    _Unbatched.apply(sink, *grads)
+                else:
+                    sink(grads, None)
+
+            handles.append(node.register_prehook(prehook))
+        lowest = [(node, entries) for node, entries in by_node.items() if node not in running]
+        edges = {(e[3], node): GradientEdge(node, e[3]) for node, es in lowest for e in es}
+        inputs: list = [*edges.values(), *self._captured]
+        try:
+            grads = self._first_backward(losses, inputs, plan.grad_outputs, batched)
+        finally:
+            for handle in handles:
+                handle.remove()
+        found = dict(zip(edges, grads))
+        for node, entries in lowest:
+            receive(entries, tuple(found[(e[3], node)] for e in entries), (0,) * len(entries))
+        if received:
+            names = ", ".join(self.label(r.module) for r, _ in wanted if id(r) in received)
+            raise RuntimeError(
+                f"The low-memory step missed the output gradients of {names} (a bug: report it)."
+            )
+        self._take_captured(grads[len(edges) :], batched)
+
+    def _first_backward(
+        self, losses: Tensor, inputs: list, grad_outputs: Tensor, batched: bool
+    ) -> list[Tensor | None]:
+        """One backward pass (``T`` rows: one ``torch.func.vmap`` of it) that keeps the graph;
+        unused inputs give ``None``. Batched results have their rows first."""
+        if not batched:
+            return list(
+                torch.autograd.grad(
+                    losses, inputs, grad_outputs, retain_graph=True, allow_unused=True
+                )
+            )
+        unused: list[bool] = []
+
+        def rows(row: Tensor) -> tuple[Tensor, ...]:
+            grads = torch.autograd.grad(losses, inputs, row, retain_graph=True, allow_unused=True)
+            unused[:] = [g is None for g in grads]
+            return tuple(g for g in grads if g is not None)
+
+        # randomness="same": a draw during the backward (a checkpointed segment's dropout,
+        # recomputed under its saved generator state) is one draw for every row, as in the
+        # forward it recomputes
+        found = iter(torch.func.vmap(rows, randomness="same")(grad_outputs))
+        return [None if gone else next(found) for gone in unused]
+
+    def _take_terms(self, parts: RuleParameters) -> None:
+        """A call's Gramian term (its parameters used by it alone) and rows (those used by
+        several calls), then nothing of it is kept."""
+        if parts.alone:
+            term = parts.rule.gramian(parts.alone)
+            self._alone = term if self._alone is None else self._alone + term
+        if parts.several:
+            for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
+                self._tied[id(p)] = rows if id(p) not in self._tied else self._tied[id(p)] + rows
+
+    def _take_captured(self, grads: list[Tensor | None], batched: bool) -> None:
+        """The explicit parameters' rows ``[T, *p.shape]`` and the specific ones' sums."""
+        rows = [None if g is None else dense(g) for g in grads]
+        if not batched:
+            rows = [None if g is None else g.unsqueeze(0) for g in rows]
+        by_param = dict(zip(map(id, self._captured), rows))
+        self.explicit_rows = []
+        for p in self.explicit:
+            found = by_param[id(p)]
+            if found is None:  # unreached
+                found = torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device)
+            self.explicit_rows.append(found)
+        self._specific_sums = [
+            torch.zeros_like(p) if (r := by_param[id(p)]) is None else r.sum(0)
+            for p in self.specific
+        ]
+
+    def shared_rows(self) -> list[Tensor]:
+        explicit = [
+            rows.unsqueeze(0)
+            for p, rows in zip(self.explicit, self.explicit_rows)
+            if id(p) in self.shared_ids
+        ]
+        return [*self._tied.values(), *explicit]
+
+    def gramian(self) -> Tensor:
+        alone = [] if self._alone is None else [self._alone]
+        return self._sum_terms([*alone, *(rows_gramian(rows) for rows in self.shared_rows())])
+
+    def gradients(
+        self, weights: Tensor | None, weigh_specific: bool = False
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        params = [*self.shared, *(self.specific if weigh_specific else [])]
+        if not params:
+            self.release_graph(self._losses)
+            return [], list(self._specific_sums)
+        assert weights is not None
+        losses = self._losses
+        grad_outputs = weights.reshape(losses.shape).to(losses.dtype)
+        grads = torch.autograd.grad(
+            losses, params, grad_outputs, retain_graph=self._retain, allow_unused=True
+        )
+        found = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        shared = found[: len(self.shared)]
+        return shared, found[len(self.shared) :] if weigh_specific else list(self._specific_sums)
+
+    def release_graph(self, losses: Tensor) -> None:
+        """Free the graph the first backward pass kept, unless the step was made with
+        ``retain_graph``: one backward of zeros to the parameters."""
+        params = [*self.shared, *self.specific]
+        if not self._retain and params:
+            torch.autograd.grad(losses, params, torch.zeros_like(losses), allow_unused=True)

@@ -1,0 +1,306 @@
+"""The engine's low-memory step (``low_memory=True``, :mod:`jdoptim.autogram._streaming`)
+against the explicit Jacobian of the same losses.
+
+The low-memory step takes each call's Gramian term during the backward pass and gives the
+update by a second backward pass; the first step of each graph structure is an ordinary one
+(the engine checks it). So every check here first runs warm-up steps (on other forwards) until
+the structure is known, then checks a step that a spy confirms was a low-memory one: the
+engine's Gramian equals ``J Jᵀ``, and ``JDOptimizer``'s ``.grad`` equals ``Jᵀ w`` with ``w``
+the UPGrad weights of that explicit Gramian (and each task head's own gradient with
+``scope="shared"``). Models: every real model of :mod:`tests.autogram.test_real_models` in its
+three loss layouts (tied heads, re-run modules with dropout, position embeddings expanded along
+the batch, biases read at their additions, calls nested in DoRA's), plus small models for
+parameters used outside the hooked calls, parameters used by several calls, task heads, graph
+release and the fallback where ``torch.func.vmap`` cannot run the backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from jdoptim import JDOptimizer, StaleGraphError
+from jdoptim.aggregation import UPGrad, UPGradWeighting
+from jdoptim.autogram import Engine, EngineRouteWarning
+from jdoptim.autogram._streaming import StreamingStep
+
+from ._oracle import as_square, explicit_jacobian
+from .test_real_models import LAYOUTS, MODELS, _cases, _relative_error
+
+WARM_UP = 2  # forwards before the checked one: the first may change the structure (expansion)
+
+
+@contextmanager
+def streamed_steps() -> Iterator[list[int]]:
+    """Counts the low-memory steps made inside the block (a spy: the step runs unchanged)."""
+    count = [0]
+    original = StreamingStep._differentiate
+
+    def counting(self: StreamingStep, *args: object) -> None:
+        count[0] += 1
+        original(self, *args)  # type: ignore[arg-type]
+
+    StreamingStep._differentiate = counting  # type: ignore[method-assign]
+    try:
+        yield count
+    finally:
+        StreamingStep._differentiate = original  # type: ignore[method-assign]
+
+
+def _flat_grads(params: list[Tensor]) -> Tensor:
+    return torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+    )
+
+
+#: models with float32 parts in float64 (transformers' RMSNorm and T5's norm compute their
+#: variance in float32): autograd's gradient of ``Σ wᵢ ℓᵢ`` and ``Jᵀ w`` from autograd's rows
+#: round those parts differently, by about float32's epsilon relative to the largest entry
+FLOAT32_PARTS = {"llama", "llama_checkpointed", "llama_lora", "llama_dora", "t5"}
+
+
+def check_low_memory(
+    model: nn.Module,
+    run: Callable[[nn.Module], Tensor],
+    batch_dim: int | None,
+    grad_tolerance: float = 1e-9,
+) -> None:
+    """Warm-up steps, then one checked low-memory step of JDOptimizer: its Gramian, weights and
+    ``.grad`` against the explicit Jacobian of the same losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = JDOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        UPGrad(),
+        modules=model,
+        batch_dim=batch_dim,
+        scope="all",
+        low_memory=True,
+    )
+    for _ in range(WARM_UP):
+        opt.step(run(model))
+    with streamed_steps() as streamed:
+        losses = run(model)
+        jacobian = explicit_jacobian(losses, params)
+        expected = jacobian @ jacobian.T
+        opt.zero_grad()
+        record = opt.step(losses)
+    assert streamed[0] == 1, "the checked step was a low-memory one"
+    assert record.gramian is not None and record.weights is not None
+    assert _relative_error(record.gramian, expected) < 1e-9, "JDOptimizer's Gramian"
+    weights = UPGradWeighting()(expected)
+    torch.testing.assert_close(record.weights.reshape(-1).double(), weights, atol=1e-6, rtol=1e-6)
+    expected_grads = jacobian.T @ record.weights.reshape(-1).double()
+    assert _relative_error(_flat_grads(params), expected_grads) < grad_tolerance, ".grad"
+
+
+def check_engine_low_memory(
+    model: nn.Module, run: Callable[[nn.Module], Tensor], batch_dim: int | None
+) -> None:
+    """Warm-up steps, then one checked low-memory ``Engine.compute_gramian``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with Engine(model, batch_dim=batch_dim, low_memory=True) as engine:
+        for _ in range(WARM_UP):
+            engine.compute_gramian(run(model))
+        with streamed_steps() as streamed:
+            losses = run(model)
+            jacobian = explicit_jacobian(losses, params)
+            gramian = engine.compute_gramian(losses)
+    assert streamed[0] == 1, "the checked step was a low-memory one"
+    expected = jacobian @ jacobian.T
+    assert _relative_error(as_square(gramian, losses.shape), expected) < 1e-9, "engine Gramian"
+
+
+@pytest.mark.parametrize("name, layout", _cases())
+def test_real_model_low_memory(name: str, layout: str) -> None:
+    torch.manual_seed(0)
+    model, run = MODELS[name]()
+    model = model.double().train()
+    pick, batch_dim = LAYOUTS[layout]
+    tolerance = 1e-6 if name in FLOAT32_PARTS else 1e-9
+    check_low_memory(model, lambda m: pick(run(m)), batch_dim, tolerance)
+
+
+class _Trunk(nn.Module):
+    """A trunk that uses ``a.weight`` in its own forward too (outside ``a``'s call: rows from
+    autograd), calls ``b`` twice (parameters used by several calls) and has two task heads. It
+    has no direct parameter, so its layers are hooked, not itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.heads = nn.ModuleList([nn.Linear(6, 1), nn.Linear(6, 1)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat(self.outputs(x), dim=1)  # [b, 2]
+
+    def outputs(self, x: Tensor) -> list[Tensor]:
+        """Each head's output ``[b, 1]`` (separate tensors: each loss reaches its head only)."""
+        h = torch.tanh(self.a(x)) + 0.5 * F.linear(x, self.a.weight)
+        h = torch.tanh(self.b(torch.tanh(self.b(h))))
+        return [head(h) for head in self.heads]
+
+
+def _trunk_run(x: Tensor, y: Tensor) -> Callable[[nn.Module], Tensor]:
+    return lambda m: (m(x) - y).pow(2)
+
+
+#: per-sample steps with parameters used outside hooked calls warn of their route (as intended)
+_EXPLICIT_ROUTE = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
+
+
+@_EXPLICIT_ROUTE
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_explicit_and_several_calls_low_memory(layout: str) -> None:
+    torch.manual_seed(0)
+    model = _Trunk().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    pick, batch_dim = LAYOUTS[layout]
+    run = _trunk_run(x, y)
+    check_low_memory(model, lambda m: pick(run(m)), batch_dim)
+    check_engine_low_memory(model, lambda m: pick(run(m)), batch_dim)
+
+
+def test_task_heads_get_their_own_gradient() -> None:
+    """``scope="shared"``: the trunk gets ``Jᵀ w`` over the trunk's parameters, each head the
+    gradient of its own loss (unweighted), as on the ordinary route."""
+    torch.manual_seed(0)
+    model = _Trunk().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    trunk = [*model.a.parameters(), *model.b.parameters()]
+    heads = [list(h.parameters()) for h in model.heads]
+    opt = JDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), UPGrad(), modules=model, low_memory=True
+    )
+
+    def run() -> list[Tensor]:
+        return [(out - y[:, k : k + 1]).pow(2).mean() for k, out in enumerate(model.outputs(x))]
+
+    for _ in range(WARM_UP):
+        opt.step(run())
+    with streamed_steps() as streamed:
+        losses = run()
+        jacobian = explicit_jacobian(torch.stack(losses), trunk)
+        head_grads = [torch.autograd.grad(losses[k], heads[k], retain_graph=True) for k in (0, 1)]
+        opt.zero_grad()
+        record = opt.step(losses)
+    assert streamed[0] == 1
+    assert len(record.specific) == 4
+    weights = UPGradWeighting()(jacobian @ jacobian.T)
+    assert record.weights is not None
+    torch.testing.assert_close(record.weights.double(), weights, atol=1e-6, rtol=1e-6)
+    expected = jacobian.T @ record.weights.double()
+    assert _relative_error(_flat_grads(trunk), expected) < 1e-10
+    for k in (0, 1):
+        for p, g in zip(heads[k], head_grads[k]):
+            torch.testing.assert_close(p.grad, g, atol=1e-12, rtol=1e-10)
+
+
+@_EXPLICIT_ROUTE
+def test_stepping_twice_on_the_same_losses_is_refused() -> None:
+    """The second backward pass frees the graph as the ordinary step's one backward does; a
+    Gramian alone (``compute_gramian``) frees it too, unless ``retain_graph``."""
+    torch.manual_seed(0)
+    model = _Trunk()
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    run = _trunk_run(x, y)
+    opt = JDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), modules=model, batch_dim=0, low_memory=True
+    )
+    for _ in range(WARM_UP):
+        opt.step(run(model)[:, 0])
+    with streamed_steps() as streamed:
+        losses = run(model)[:, 0]
+        opt.step(losses)
+        with pytest.raises(StaleGraphError):
+            opt.step(losses)
+    assert streamed[0] == 1
+    with Engine(model, batch_dim=0, low_memory=True) as engine:
+        for _ in range(WARM_UP):
+            engine.compute_gramian(run(model)[:, 0])
+        losses = run(model)[:, 0]
+        kept = engine.compute_gramian(losses, retain_graph=True)
+        torch.testing.assert_close(engine.compute_gramian(losses), kept)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            losses.sum().backward()
+
+
+class _SquareSkippingZeros(torch.autograd.Function):
+    """``x²``, whose backward skips the work for a zero gradient: a test on the gradient's
+    values, which no vmap can batch (the ordinary step's batched backward falls back to a loop
+    of rows there; the low-memory step cannot)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        if not grad.any():
+            return torch.zeros_like(x)
+        return 2 * x * grad
+
+
+def test_falls_back_where_vmap_cannot_run_the_backward() -> None:
+    """Task rows need ``torch.func.vmap`` of the backward; where it fails, the engine warns once
+    and takes the ordinary step, exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def run(m: nn.Module) -> Tensor:
+        return _SquareSkippingZeros.apply(m[1](_SquareSkippingZeros.apply(m[0](x)))).mean(0)
+
+    params = list(model.parameters())
+    with Engine(model, low_memory=True) as engine:
+        engine.compute_gramian(run(model))  # the check's (ordinary) step
+        with pytest.warns(EngineRouteWarning, match="low_memory"):
+            engine.compute_gramian(run(model))
+        losses = run(model)
+        jacobian = explicit_jacobian(losses, params)
+        gramian = engine.compute_gramian(losses)
+    assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-12
+
+
+class _Checkpointed(nn.Module):
+    """Two blocks with dropout under activation checkpointing: their backward recomputes the
+    blocks, drawing the dropout masks again from the saved generator state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Dropout(0.3)) for _ in range(2)]
+        )
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_checkpointed_dropout_low_memory(layout: str) -> None:
+    """Dropout recomputed inside the backward: one draw for every row (``randomness="same"``),
+    the forward's masks, so the step is exact."""
+    torch.manual_seed(0)
+    model = _Checkpointed().double().train()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    pick, batch_dim = LAYOUTS[layout]
+    check_low_memory(model, lambda m: pick((m(x) - y).pow(2)), batch_dim)
+
+
+def test_refused_without_the_engine() -> None:
+    model = nn.Linear(3, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="modules=model"):
+        JDOptimizer(sgd, UPGrad(), low_memory=True)
