@@ -26,7 +26,8 @@ scales with the model; the resident size of these small models is mostly one-tim
 
 Run: ``python benchmarks/test_bench_models.py`` (markdown tables; ``--large`` adds the 6-layer
 GPT-2; ``BENCH_TINY=1`` shrinks every model for a smoke run; ``--memory`` prints the tensor
-memory table only), or
+memory table only, with the low-memory step beside the ordinary one; ``--low-memory`` times the
+low-memory step too), or
 ``python -m pytest benchmarks/test_bench_models.py --benchmark-only -q``.
 """
 
@@ -61,6 +62,9 @@ LARGE = os.environ.get("BENCH_LARGE") == "1" or "--large" in sys.argv
 MODELS = ["gpt2-tiny", "llama-small", "vit", "resnet18-gn"] + (["gpt2-6x256"] if LARGE else [])
 SETTINGS = {"per-sample": 0, "2 tasks": 2, "8 tasks": 8}
 METHODS = ["jdoptim UPGrad", "torchjd autogram"]
+#: the engine's low-memory step (``low_memory=True``): in the memory table, and timed with
+#: ``--low-memory`` (it adds a column to the time table)
+LOW_MEMORY = "jdoptim UPGrad, low memory"
 #: jdoptim without ``modules=`` (the explicit-Jacobian path): not in the default table; for the
 #: memory comparison, e.g. ``peak_extra_mb("resnet18-gn", "8 tasks", JACOBIAN_PATH)``.
 JACOBIAN_PATH = "jdoptim UPGrad, Jacobian path"
@@ -193,8 +197,9 @@ def make_step(model_name: str, setting: str, method: str) -> Callable[[], None]:
             adam.step()
 
         return plain
-    if method == "jdoptim UPGrad":
-        opt = JDOptimizer(adam, UPGrad(), modules=model, batch_dim=batch_dim)
+    if method in ("jdoptim UPGrad", LOW_MEMORY):
+        low = method == LOW_MEMORY
+        opt = JDOptimizer(adam, UPGrad(), modules=model, batch_dim=batch_dim, low_memory=low)
 
         def jd() -> None:
             opt.zero_grad()
@@ -320,13 +325,14 @@ def peak_tensor_mb(model_name: str, setting: str, method: str, warmup: int = 3) 
 def memory_tables() -> None:
     """The peak-memory rows: tensors allocated by a step (:func:`peak_tensor_mb`) and the
     resident size (:func:`peak_extra_mb`), plain step and each method."""
-    print("| peak step tensors (MB) | setting | plain | " + " | ".join(METHODS) + " |")
-    print("|---|---|---|" + "---|" * len(METHODS))
+    methods = [METHODS[0], LOW_MEMORY, *METHODS[1:]]
+    print("| peak step tensors (MB) | setting | plain | " + " | ".join(methods) + " |")
+    print("|---|---|---|" + "---|" * len(methods))
     for model_name in MODELS:
         for setting in SETTINGS:
             row = []
             plain = peak_tensor_mb(model_name, setting, "plain")
-            for method in METHODS:
+            for method in methods:
                 if _runs(method, model_name, setting):
                     row.append("-")
                     continue
@@ -386,12 +392,13 @@ def main() -> None:
         memory_tables()
         return
     rounds = 3 if TINY else 30
-    print("| model | setting | plain step (ms) | " + " | ".join(METHODS) + " |")
-    print("|---|---|---|" + "---|" * len(METHODS))
+    timed = [*METHODS, *([LOW_MEMORY] if "--low-memory" in sys.argv else [])]
+    print("| model | setting | plain step (ms) | " + " | ".join(timed) + " |")
+    print("|---|---|---|" + "---|" * len(timed))
     for model_name in MODELS:
         for setting in SETTINGS:
             cells, plain = [], []
-            for method in METHODS:
+            for method in timed:
                 problem = _runs(method, model_name, setting)
                 if problem:
                     cells.append(f"fails ({problem.split(':')[0]})")

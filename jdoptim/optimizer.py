@@ -163,20 +163,9 @@ class JDOptimizer(Optimizer):
         process_group: object = None,
         low_memory: bool = False,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"JDOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}: "
-                "e.g. JDOptimizer(torch.optim.Adam(model.parameters()), UPGrad())."
-            )
-        if isinstance(optimizer, JDOptimizer):
-            raise TypeError("This optimizer is already a JDOptimizer: do not wrap it twice.")
         if aggregator is None:
             aggregator = UPGrad()
-        _check_aggregator(aggregator)
-        if scope not in ("shared", "all"):
-            raise ValueError(f"scope must be 'shared' or 'all', got {scope!r}.")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
+        _check_options(optimizer, aggregator, scope, nonfinite)
         not_engine = modules is None or process_group not in (None, False)
         if low_memory and not_engine and not isinstance(aggregator, Scalarizer):
             raise ValueError(
@@ -793,6 +782,22 @@ class _BatchSizes:
 def _remove_handles(handles: list[Any]) -> None:
     for handle in handles:
         handle.remove()
+
+
+def _check_options(optimizer: object, aggregator: object, scope: object, nonfinite: object) -> None:
+    """Raises on a ``JDOptimizer`` argument it cannot take (before anything is built)."""
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"JDOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}: "
+            "e.g. JDOptimizer(torch.optim.Adam(model.parameters()), UPGrad())."
+        )
+    if isinstance(optimizer, JDOptimizer):
+        raise TypeError("This optimizer is already a JDOptimizer: do not wrap it twice.")
+    _check_aggregator(aggregator)
+    if scope not in ("shared", "all"):
+        raise ValueError(f"scope must be 'shared' or 'all', got {scope!r}.")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}.")
 
 
 def _check_aggregator(aggregator: object) -> None:

@@ -84,4 +84,3 @@ class IMTL(_NonDifferentiable, DeclaredState, Stateful, InputWeightedAggregator)
 
     def __init__(self, lr: float = 1e-2) -> None:
         super().__init__(IMTLWeighting(lr))
-

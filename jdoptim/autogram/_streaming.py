@@ -67,9 +67,7 @@ class _Unbatched(torch.autograd.Function):
         pass
 
     @staticmethod
-    def vmap(
-        info: Any, in_dims: tuple, sink: _Sink, *grads: Tensor | None
-    ) -> tuple[Tensor, None]:
+    def vmap(info: Any, in_dims: tuple, sink: _Sink, *grads: Tensor | None) -> tuple[Tensor, None]:
         sink(grads, tuple(in_dims[1:]))
         return torch.zeros(()), None
 
@@ -99,6 +97,63 @@ def _with_targets_below(roots: list[Node], targets: set[Node], of: set[Node]) ->
     }
 
 
+#: one tapped output of a call at a node: the call, its parameters of this step, the output's
+#: index among the call's tapped outputs, and its output number at the node
+_Entry = tuple[CallRecord, list[Tensor], int, int]
+
+
+class _Inbox:
+    """The calls' output gradients as the backward delivers them: when a call has all of its
+    reached outputs' gradients, ``finish(record, params, grads)`` runs and the inbox lets them
+    go. Batched gradients are put rows first (``T`` rows; one the same for every row is
+    expanded)."""
+
+    def __init__(
+        self,
+        plan: StepPlan,
+        wanted: list[tuple[CallRecord, list[Tensor]]],
+        rows: int | None,
+        finish: Callable[[CallRecord, list[Tensor], list[Tensor | None]], None],
+    ) -> None:
+        self.waiting: dict[int, list[Tensor | None]] = {
+            id(r): [None] * len(r.tapped) for r, _ in wanted
+        }
+        self.missing = {id(r): sum(e is not None for e in plan.scan.calls[r]) for r, _ in wanted}
+        self.rows = rows
+        self.finish = finish
+
+    def receive(self, entries: list[_Entry], grads: tuple, dims: tuple | None) -> None:
+        for (record, params, index, _), grad, dim in zip(
+            entries, grads, dims or (None,) * len(grads)
+        ):
+            if grad is not None and self.rows is not None:
+                if dim is None:
+                    grad = grad.unsqueeze(0).expand(self.rows, *grad.shape)
+                else:
+                    grad = grad.movedim(dim, 0)
+            self.waiting[id(record)][index] = grad
+            self.missing[id(record)] -= 1
+            if self.missing[id(record)] == 0:
+                self.finish(record, params, self.waiting.pop(id(record)))
+
+
+def _prehook(entries: list[_Entry], inbox: _Inbox) -> Callable[[tuple], None]:
+    """The pre-hook of a node that runs in the backward: hands the gradients of its tapped
+    outputs to ``inbox`` (through :class:`_Unbatched` when the rows are batched)."""
+
+    def sink(grads: tuple, dims: tuple | None) -> None:
+        inbox.receive(entries, grads, dims)
+
+    def prehook(grad_outputs: tuple) -> None:
+        grads = tuple(grad_outputs[nr] for *_, nr in entries)
+        if inbox.rows is not None:
+            _Unbatched.apply(sink, *grads)
+        else:
+            sink(grads, None)
+
+    return prehook
+
+
 class StreamingStep(GramianStep):
     """:class:`~._step.GramianStep` that holds no output gradient; see the module docstring.
 
@@ -117,72 +172,38 @@ class StreamingStep(GramianStep):
         self._tied: dict[int, Tensor] = {}  # rows of parameters used by several calls
         batched = self.T > 1
 
-        # the calls that have parameters of this step, and the gradients still to come
+        def finish(record: CallRecord, params: list[Tensor], grads: list[Tensor | None]) -> None:
+            call = self._call(record, grads, params, plan.layouts, batched)
+            with torch.no_grad():
+                self._take_terms(self._rule_parameters(call, plan))
+
         wanted = [(r, ps) for r, ps in zip(plan.records, plan.call_params) if ps]
-        received: dict[int, list[Tensor | None]] = {
-            id(r): [None] * len(r.tapped) for r, _ in wanted
-        }
-        missing = {id(r): sum(e is not None for e in plan.scan.calls[r]) for r, _ in wanted}
-        by_node: dict[Node, list[tuple[CallRecord, list[Tensor], int, int]]] = {}
+        inbox = _Inbox(plan, wanted, self.T if batched else None, finish)
+        by_node: dict[Node, list[_Entry]] = {}
         for r, ps in wanted:
             for index, edge in enumerate(plan.scan.calls[r]):
                 if edge is not None:
                     by_node.setdefault(edge.node, []).append((r, ps, index, edge.output_nr))
-
-        def finish(record: CallRecord, params: list[Tensor]) -> None:
-            call = self._call(record, received.pop(id(record)), params, plan.layouts, batched)
-            parts = self._rule_parameters(call, plan)
-            with torch.no_grad():
-                self._take_terms(parts)
-
-        def receive(entries: list, grads: tuple, dims: tuple | None) -> None:
-            for (record, params, index, _), grad, dim in zip(
-                entries, grads, dims or (None,) * len(grads)
-            ):
-                if grad is not None and batched:
-                    grad = (
-                        grad.unsqueeze(0).expand(self.T, *grad.shape)
-                        if dim is None
-                        else (grad.movedim(dim, 0))
-                    )
-                received[id(record)][index] = grad
-                missing[id(record)] -= 1
-                if missing[id(record)] == 0:
-                    finish(record, params)
-
         # autograd's rows: the explicit parameters', and the specific ones' (summed)
         explicit_ids = {id(p) for p in self.explicit}
         self._captured = self.explicit + [p for p in self.specific if id(p) not in explicit_ids]
         leaf_nodes = {get_gradient_edge(p).node for p in self._captured}
-        root = losses.grad_fn
-        assert root is not None
-        running = _with_targets_below([root], set(by_node) | leaf_nodes, set(by_node))
-        handles = []
-        for node in running:
-            entries = by_node[node]
-
-            def prehook(grad_outputs: tuple, entries: list = entries) -> None:
-                grads = tuple(grad_outputs[nr] for *_, nr in entries)
-                sink: _Sink = lambda g, d: receive(entries, g, d)  # noqa: E731
-                if batched:
-                    _Unbatched.apply(sink, *grads)
-                else:
-                    sink(grads, None)
-
-            handles.append(node.register_prehook(prehook))
+        assert losses.grad_fn is not None
+        running = _with_targets_below([losses.grad_fn], set(by_node) | leaf_nodes, set(by_node))
+        handles = [node.register_prehook(_prehook(by_node[node], inbox)) for node in running]
         lowest = [(node, entries) for node, entries in by_node.items() if node not in running]
         edges = {(e[3], node): GradientEdge(node, e[3]) for node, es in lowest for e in es}
-        inputs: list = [*edges.values(), *self._captured]
         try:
+            inputs: list = [*edges.values(), *self._captured]
             grads = self._first_backward(losses, inputs, plan.grad_outputs, batched)
         finally:
             for handle in handles:
                 handle.remove()
         found = dict(zip(edges, grads))
         for node, entries in lowest:
-            receive(entries, tuple(found[(e[3], node)] for e in entries), (0,) * len(entries))
-        if received:
-            names = ", ".join(self.label(r.module) for r, _ in wanted if id(r) in received)
+            inbox.receive(entries, tuple(found[(e[3], node)] for e in entries), (0,) * len(entries))
+        if inbox.waiting:
+            names = ", ".join(self.label(r.module) for r, _ in wanted if id(r) in inbox.waiting)
             raise RuntimeError(
                 f"The low-memory step missed the output gradients of {names} (a bug: report it)."
             )

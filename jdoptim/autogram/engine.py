@@ -176,6 +176,31 @@ def _at_most(named: list[str], separator: str, most: int = 6) -> str:
     return separator.join(named[:most]) + more
 
 
+def _checked_modules(
+    modules: tuple[nn.Module | Iterable[nn.Module], ...], batch_dim: int | None
+) -> list[nn.Module]:
+    """The engine's modules, flattened; raises on anything it cannot hook exactly."""
+    flat: list[nn.Module] = []
+    for item in modules:
+        if isinstance(item, nn.Module):
+            flat.append(item)
+        else:
+            flat.extend(item)
+    if not flat:
+        raise ValueError("Engine needs at least one module.")
+    for module in flat:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"Engine takes nn.Module objects, got {type(module).__name__}.")
+    if batch_dim is not None and (not isinstance(batch_dim, int) or batch_dim < 0):
+        raise ValueError(f"batch_dim must be a non-negative int or None, got {batch_dim!r}.")
+    check_disjoint(flat)
+    if batch_dim is not None:
+        problem = sample_mixing_problem(flat, batch_dim)
+        if problem:
+            raise ValueError(problem)
+    return flat
+
+
 def _remove_all(handles: list[RemovableHandle]) -> None:
     for handle in handles:
         handle.remove()
@@ -218,24 +243,7 @@ class Engine:
         batch_dim: int | None = None,
         low_memory: bool = False,
     ):
-        flat: list[nn.Module] = []
-        for item in modules:
-            if isinstance(item, nn.Module):
-                flat.append(item)
-            else:
-                flat.extend(item)
-        if not flat:
-            raise ValueError("Engine needs at least one module.")
-        for module in flat:
-            if not isinstance(module, nn.Module):
-                raise TypeError(f"Engine takes nn.Module objects, got {type(module).__name__}.")
-        if batch_dim is not None and (not isinstance(batch_dim, int) or batch_dim < 0):
-            raise ValueError(f"batch_dim must be a non-negative int or None, got {batch_dim!r}.")
-        check_disjoint(flat)
-        if batch_dim is not None:
-            problem = sample_mixing_problem(flat, batch_dim)
-            if problem:
-                raise ValueError(problem)
+        flat = _checked_modules(modules, batch_dim)
         self.modules = tuple(flat)
         self.batch_dim = batch_dim
         self.low_memory = bool(low_memory)

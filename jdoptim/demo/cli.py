@@ -225,6 +225,7 @@ def _run_seeds(
 
 def _seeds_reading(runs: dict[str, list[multitask.MultiTaskResult]]) -> str:
     """UPGrad's median final losses against the summed loss's, task by task."""
+
     def medians(method: str) -> torch.Tensor:
         return torch.stack([r.final for r in runs[method]]).median(dim=0).values
 

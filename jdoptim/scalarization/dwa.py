@@ -79,7 +79,7 @@ class DWA(CheckpointedState, Stateful, Scalarizer):
                 f"{tuple(known.shape)}; call reset() before changing the number of losses."
             )
         if self.window is not None and self._count + 1 == self.window and self._averages:
-            average = (values.detach() if self._sum is None else self._sum + values.detach())
+            average = values.detach() if self._sum is None else self._sum + values.detach()
             _lambdas(self._averages[-1], average / self.window, self.temperature)
 
     def _scalarize(self, values: Tensor) -> Tensor:
