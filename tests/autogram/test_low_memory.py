@@ -232,6 +232,20 @@ def test_stepping_twice_on_the_same_losses_is_refused() -> None:
             losses.sum().backward()
 
 
+@_EXPLICIT_ROUTE
+@pytest.mark.parametrize("layout", ["batch_tasks", "tasks"])
+def test_public_way_out_of_vmap(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without functorch's primitives for leaving a vmap level, the rows reach the rules
+    through a ``torch.autograd.Function``'s vmap rule: the same results."""
+    monkeypatch.delattr(torch._C._functorch, "pop_dynamic_layer_stack")
+    torch.manual_seed(0)
+    model = _Trunk().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    pick, batch_dim = LAYOUTS[layout]
+    run = _trunk_run(x, y)
+    check_low_memory(model, lambda m: pick(run(m)), batch_dim)
+
+
 class _SquareSkippingZeros(torch.autograd.Function):
     """``x²``, whose backward skips the work for a zero gradient: a test on the gradient's
     values, which no vmap can batch (the ordinary step's batched backward falls back to a loop
