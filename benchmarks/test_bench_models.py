@@ -391,7 +391,7 @@ def main() -> None:
         warnings.simplefilter("ignore")  # (torch's profiler and vmap notes)
         memory_tables()
         return
-    rounds = 3 if TINY else 30
+    rounds = 3 if TINY else int(os.environ.get("BENCH_ROUNDS", "30"))
     timed = [*METHODS, *([LOW_MEMORY] if "--low-memory" in sys.argv else [])]
     print("| model | setting | plain step (ms) | " + " | ".join(timed) + " |")
     print("|---|---|---|" + "---|" * len(timed))
