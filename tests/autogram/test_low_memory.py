@@ -318,3 +318,69 @@ def test_refused_without_the_engine() -> None:
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="modules=model"):
         JDOptimizer(sgd, UPGrad(), low_memory=True)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["tasks", "per-sample"])
+def test_sparse_embedding_low_memory(per_sample: bool) -> None:
+    """A sparse table: its Gramian rows are compact during the backward, and the second
+    backward gives its ``.grad`` sparse, on the looked-up rows, as ``backward()`` does."""
+    from tests.test_sparse_embedding import Recommender, _batch, _flat, _jacobian, _looked_up
+
+    torch.manual_seed(0)
+    model = Recommender().double()
+    items, users = _batch()
+    params = list(model.parameters())
+    opt = JDOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        UPGrad(),
+        modules=model,
+        batch_dim=0 if per_sample else None,
+        scope="all",
+        low_memory=True,
+    )
+
+    def run() -> Tensor:
+        out = model(items, users)
+        return out[:, 0] if per_sample else out.pow(2).mean(0)
+
+    for _ in range(WARM_UP):
+        opt.step(run())
+    with streamed_steps() as streamed:
+        losses = run()
+        jacobian = _jacobian(losses, params)
+        opt.zero_grad()
+        record = opt.step(losses)
+    assert streamed[0] == 1
+    assert record.weights is not None
+    torch.testing.assert_close(record.gramian, jacobian @ jacobian.T)
+    torch.testing.assert_close(_flat(params), jacobian.T @ record.weights)
+    grad = model.items.weight.grad
+    assert grad is not None and grad.layout is torch.sparse_coo
+    assert set(grad.coalesce().indices()[0].tolist()) == _looked_up(items, 0)
+
+
+def test_grad_scaler_low_memory() -> None:
+    """Under a ``GradScaler`` the scaled losses go through both backward passes; the step
+    leaves the unscaled ``Jᵀ w`` in ``.grad``."""
+    torch.manual_seed(0)
+    model = _Trunk()
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    params = list(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = JDOptimizer(
+        torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, scope="all", low_memory=True
+    )
+    for _ in range(WARM_UP):
+        opt.step(list(_trunk_run(x, y)(model).mean(0)), grad_scaler=scaler)
+        scaler.update()
+    with streamed_steps() as streamed:
+        losses = _trunk_run(x, y)(model).mean(0)
+        jacobian = explicit_jacobian(losses, params).double()
+        opt.zero_grad()
+        record = opt.step(list(losses), grad_scaler=scaler)
+    assert streamed[0] == 1 and not record.skipped
+    assert record.weights is not None
+    weights = UPGradWeighting()(jacobian @ jacobian.T)
+    torch.testing.assert_close(record.weights.double(), weights, rtol=1e-4, atol=1e-5)
+    expected = jacobian.T @ record.weights.double()
+    assert _relative_error(_flat_grads(params), expected) < 1e-5
