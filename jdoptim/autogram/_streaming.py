@@ -12,8 +12,8 @@ none of them:
    lies; every other call's output node runs anyway on the way down, and a pre-hook on it
    receives the output gradient as autograd accumulated it (the same ``D`` the ordinary step
    reads). ``T`` rows run as one ``torch.func.vmap`` of ``torch.autograd.grad``; the pre-hook
-   reaches the rows unbatched through a ``torch.autograd.Function`` whose ``vmap`` rule is the
-   call's work.
+   hands the rows' real tensors to the call's work outside that vmap level (:func:`_unbatched`),
+   as a custom function's vmap rule is run.
 2. **The call's work, at once.** As soon as a call's outputs have all had their gradients, its
    rule gives its Gramian term (parameters used by this call alone) or its rows (parameters
    used by several calls, summed over the calls and squared at the end, so that the cross
@@ -53,9 +53,9 @@ _Sink = Callable[[tuple[Tensor | None, ...], tuple[int | None, ...] | None], Non
 
 
 class _Unbatched(torch.autograd.Function):
-    """Identity-free escape from ``torch.func.vmap``: its ``vmap`` rule gets the rows' real
-    tensors (with the dimension that holds the rows) and hands them to a sink; outside vmap it
-    hands them over as they are."""
+    """The public way out of ``torch.func.vmap``: its ``vmap`` rule gets the rows' real tensors
+    (with the dimension that holds the rows) and hands them to a sink; outside vmap it hands
+    them over as they are. Its output is a dummy scalar."""
 
     @staticmethod
     def forward(sink: _Sink, *grads: Tensor | None) -> Tensor:
@@ -173,7 +173,7 @@ class _Inbox:
 
 def _prehook(entries: list[_Entry], inbox: _Inbox) -> Callable[[tuple], None]:
     """The pre-hook of a node that runs in the backward: hands the gradients of its tapped
-    outputs to ``inbox`` (through :class:`_Unbatched` when the rows are batched)."""
+    outputs to ``inbox`` (out of the backward's vmap level when the rows are batched)."""
 
     def sink(grads: tuple, dims: tuple | None) -> None:
         inbox.receive(entries, grads, dims)
@@ -309,6 +309,8 @@ class StreamingStep(GramianStep):
     def gradients(
         self, weights: Tensor | None, weigh_specific: bool = False
     ) -> tuple[list[Tensor], list[Tensor]]:
+        """As :meth:`GramianStep.gradients`, by the second backward pass (``Σ wᵢ ℓᵢ``); the
+        specific parameters' sums come from the first pass."""
         params = [*self.shared, *(self.specific if weigh_specific else [])]
         if not params:
             self.release_graph(self._losses)
