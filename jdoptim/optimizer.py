@@ -145,9 +145,8 @@ class JDOptimizer(Optimizer):
             backward pass and holds no output gradient, then runs a second backward pass of
             ``Σ wᵢ ℓᵢ`` for the update (:mod:`jdoptim.autogram._streaming`): less memory (the
             step's extra memory drops from about the activations once more, ``T`` times with
-            ``T`` task rows, to the backward's own rows) for one more backward pass. The first
-            step of each new graph structure is an ordinary one. A scalarizer holds nothing
-            and ignores it.
+            ``T`` task rows, to the backward's own rows) for one more backward pass. A
+            scalarizer holds nothing and ignores it.
     """
 
     def __init__(

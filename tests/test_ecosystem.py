@@ -238,9 +238,7 @@ def test_recompiled_model_with_a_new_batch_size(fresh_dynamo):
 
 
 @pytest.mark.slow
-def test_compiled_deep_model_per_sample_is_exact_and_compiles_the_hooks_once(
-    fresh_dynamo, caplog
-):
+def test_compiled_deep_model_per_sample_is_exact_and_compiles_the_hooks_once(fresh_dynamo, caplog):
     # The engine's hooks read autograd nodes and generator states: under torch.compile they run
     # eagerly, as graph breaks. Traced instead, dynamo guards each on the module it is
     # registered on and recompiles it per module until its recompile limit (8), which it

@@ -139,8 +139,9 @@ def _bad_inputs(t: Trial) -> dict[str, Callable[[], object]]:
         "nan loss": with_entry(lambda loss: loss * float("nan")),
         "inf loss": with_entry(lambda loss: loss * float("inf")),
         "integer loss": lambda: [torch.tensor(1), torch.tensor(2)],
-        "3-d tensor": lambda: torch.stack(good() if isinstance(good(), list) else [good()])
-        .reshape(1, 1, -1),  # type: ignore[arg-type]
+        "3-d tensor": lambda: torch.stack(good() if isinstance(good(), list) else [good()]).reshape(
+            1, 1, -1
+        ),  # type: ignore[arg-type]
         "foreign parameters only": lambda: [nn.Linear(6, 1).to(t.x.dtype)(t.x).sum()] * 2,
         "meta losses": lambda: [torch.zeros((), device="meta", requires_grad=True) * 2] * 2,
         "infinite shared gradient": with_entry(

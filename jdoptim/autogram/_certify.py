@@ -83,30 +83,31 @@ def signature(scan: GraphScan, losses: Tensor, per_sample: bool, params: set[int
     return (per_sample, tuple(losses.shape), calls, outside)
 
 
-def tolerance(step: GramianStep, losses: Tensor) -> float:
-    """Tolerance of the check, relative to the largest parameter gradient: 1000 units in the last
-    place of the least precise dtype the step computes in (``1.2e-4`` in float32), between
-    ``1e-6`` and ``5e-2``. The floor of ``1e-6`` leaves room for the float32 parts of float64
-    models (transformers' RMSNorm and T5 norm compute their variance in float32)."""
-    dtypes = {losses.dtype, *(p.dtype for p in [*step.shared, *step.specific])}
-    for parts in step.rule_parameters:
-        dtypes.update(t.dtype for t in parts.rule.call.record.tapped)
-    eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
-    return min(5e-2, max(1e-6, 1000 * eps))
+@dataclass
+class Probe:
+    """What the check compares with autograd, for a random ``v``: the step's own ``Jᵀv`` per
+    parameter (``step.shared`` then ``step.specific``), the modules whose rules give each
+    parameter's rows (by parameter id), the dtypes the step computed in, and the modules already
+    known to fail, with why (a re-run that raised, an output computed from another)."""
+
+    grads: list[Tensor]
+    users: dict[int, list[nn.Module]]
+    dtypes: set[torch.dtype]
+    failed: dict[nn.Module, str]
 
 
-def failing_modules(
-    step: GramianStep, losses: Tensor, generator: torch.Generator
-) -> dict[nn.Module, str]:
-    """The modules whose parameters' ``Jᵀv`` from the step differs from autograd's, with why
-    (an empty dict when the step is exact). Keeps the losses' graph."""
-    params = [*step.shared, *step.specific]
+def draw_probe_weights(losses: Tensor, generator: torch.Generator) -> Tensor:
+    """The check's random ``v``, from the engine's private generator (the user's random stream
+    is untouched)."""
     v = torch.randn(losses.shape, generator=generator, dtype=torch.float64)
-    v = v.to(dtype=losses.dtype, device=losses.device)
-    with torch.enable_grad():
-        expected = torch.autograd.grad(losses, params, v, retain_graph=True, allow_unused=True)
+    return v.to(dtype=losses.dtype, device=losses.device)
+
+
+def held_probe(step: GramianStep, v: Tensor) -> Probe:
+    """The probe of an ordinary step, from the output gradients it holds."""
     failed = dependent_outputs(step)
     users: dict[int, list[nn.Module]] = {}
+    dtypes = {t.dtype for parts in step.rule_parameters for t in parts.rule.call.record.tapped}
     for parts in step.rule_parameters:
         for p in [*parts.shared, *parts.specific]:
             users.setdefault(id(p), []).append(parts.rule.call.module)
@@ -118,18 +119,42 @@ def failing_modules(
         if module is None:
             raise
         failed[module] = str(err).splitlines()[0]
+        return Probe([], users, dtypes, failed)
+    return Probe([*shared, *specific], users, dtypes, failed)
+
+
+def tolerance(step: GramianStep, losses: Tensor, probe: Probe) -> float:
+    """Tolerance of the check, relative to the largest parameter gradient: 1000 units in the last
+    place of the least precise dtype the step computes in (``1.2e-4`` in float32), between
+    ``1e-6`` and ``5e-2``. The floor of ``1e-6`` leaves room for the float32 parts of float64
+    models (transformers' RMSNorm and T5 norm compute their variance in float32)."""
+    dtypes = {losses.dtype, *(p.dtype for p in [*step.shared, *step.specific]), *probe.dtypes}
+    eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+    return min(5e-2, max(1e-6, 1000 * eps))
+
+
+def failing_modules(
+    step: GramianStep, losses: Tensor, v: Tensor, probe: Probe
+) -> dict[nn.Module, str]:
+    """The modules whose parameters' ``Jᵀv`` from the step (``probe``) differs from autograd's,
+    with why (an empty dict when the step is exact). Keeps the losses' graph."""
+    params = [*step.shared, *step.specific]
+    with torch.enable_grad():
+        expected = torch.autograd.grad(losses, params, v, retain_graph=True, allow_unused=True)
+    failed = dict(probe.failed)
+    if not probe.grads:  # a rule raised: the modules named are the failure
         return failed
-    tol = tolerance(step, losses)
+    tol = tolerance(step, losses, probe)
     norms = [0.0 if e is None else e.double().norm().item() for e in expected]
     # Errors are measured against the largest gradient: a block whose gradient cancels to
     # nearly nothing (upstream of a LayerNorm under a scale-invariant loss) carries rounding
     # noise of the size of the others' rounding, on both sides.
     floor = max(norms, default=0.0)
-    for p, actual, wanted, norm in zip(params, [*shared, *specific], expected, norms):
+    for p, actual, wanted, norm in zip(params, probe.grads, expected, norms):
         wanted = torch.zeros_like(p) if wanted is None else wanted
         error = (actual.double() - wanted.double()).norm().item()
         if error > tol * max(norm, actual.double().norm().item(), floor, 1e-30):
-            for module in users.get(id(p), []):
+            for module in probe.users.get(id(p), []):
                 failed.setdefault(module, f"relative difference {error / max(norm, 1e-30):.2g}")
     return failed
 
@@ -147,16 +172,26 @@ def dependent_outputs(step: GramianStep) -> dict[nn.Module, str]:
         edges_of.setdefault(id(record), []).append(edge)
     for parts in step.rule_parameters:
         record = parts.rule.call.record
-        edges = edges_of.get(id(record), [])
-        if not isinstance(parts.rule, GenericRule) or len(edges) < 2:
-            continue
-        if record.paths:  # its outputs are the additions it is read at, each from Y alone
-            continue
-        tapped = {(edge.node, edge.output_nr) for edge in edges}
-        stop = {t.grad_fn for t in record.input_tensors() if t.grad_fn is not None}
-        if _reaches_another(edges, tapped, stop):
-            found[record.module] = "one of its outputs is computed from another of them"
+        if computes_one_output_from_another(parts.rule, edges_of.get(id(record), [])):
+            found[record.module] = ONE_FROM_ANOTHER
     return found
+
+
+#: why :func:`computes_one_output_from_another` fails a module
+ONE_FROM_ANOTHER = "one of its outputs is computed from another of them"
+
+
+def computes_one_output_from_another(rule: object, edges: list) -> bool:
+    """Whether a re-run call (``rule`` generic) has a reached output computed from another of
+    its reached outputs (``edges``); see :func:`dependent_outputs`."""
+    if not isinstance(rule, GenericRule) or len(edges) < 2:
+        return False
+    record = rule.call.record
+    if record.paths:  # its outputs are the additions it is read at, each from Y alone
+        return False
+    tapped = {(edge.node, edge.output_nr) for edge in edges}
+    stop = {t.grad_fn for t in record.input_tensors() if t.grad_fn is not None}
+    return _reaches_another(edges, tapped, stop)
 
 
 def _reaches_another(edges: list, tapped: set, stop: set) -> bool:

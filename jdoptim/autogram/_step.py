@@ -343,6 +343,12 @@ class GramianStep:
             self.generic_modules.add(id(module))
         return RuleParameters.of(rule, call.params, self.shared_ids, plan.covered)
 
+    def checked(self, losses: Tensor, retain_graph: bool) -> None:
+        """The engine's check, made on a kept graph, is over: free the graph as a step without
+        ``retain_graph`` does (the update needs nothing more from it)."""
+        if not retain_graph:
+            self.release_graph(losses)
+
     def release_graph(self, losses: Tensor) -> None:
         """Free the part of the losses' graph a non-retaining step frees (from the losses to the
         calls' outputs and the explicit parameters), after a step that kept it: one backward

@@ -27,7 +27,9 @@ none of them:
 Memory: the activations, the rows of the backward pass's frontier (``T`` times an ordinary
 backward's) and the lowest outputs' gradients, instead of every output's; time: one more
 backward pass (about a plain step's backward). The engine's check of a new graph structure
-(:mod:`._certify`) reads the held gradients, so that step is an ordinary one.
+(:mod:`._certify`) runs on this step too: made with ``probe=v``, each call's rule also gives
+its ``Jᵀv`` during the backward (:class:`_Probing`, parameter-sized sums), which the check
+compares with autograd's ``∂(vᵀℓ)/∂θ``.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from ..linalg.sparse_rows import dense
 from ..linalg.vmap_fallback import VmapState
+from ._certify import ONE_FROM_ANOTHER, Probe, computes_one_output_from_another
 from ._records import CallRecord
 from ._step import GramianStep, RuleParameters, StepPlan
 from .rules import rows_gramian
@@ -188,11 +191,67 @@ def _prehook(entries: list[_Entry], inbox: _Inbox) -> Callable[[tuple], None]:
     return prehook
 
 
+class _Probing:
+    """The check's data, gathered call by call during a probed step's backward: each rule's
+    ``Jᵀv`` (``weights``: ``v`` as the rules' ``[b, T]``), who uses each parameter, the dtypes,
+    and the modules that fail outright."""
+
+    def __init__(self, weights: Tensor) -> None:
+        self.weights = weights
+        self.found: dict[int, Tensor] = {}
+        self.users: dict[int, list[nn.Module]] = {}
+        self.dtypes: set[torch.dtype] = set()
+        self.failed: dict[nn.Module, str] = {}
+        self.raised = False
+
+    def _add(self, p: Tensor, grad: Tensor) -> None:
+        grad = grad if grad.shape == p.shape else grad.reshape(p.shape)
+        self.found[id(p)] = grad if id(p) not in self.found else self.found[id(p)] + grad
+
+    def take(self, parts: RuleParameters, edges: list, take_terms: Callable[[], None]) -> None:
+        """A call's terms (``take_terms``) and its ``Jᵀv``; a rule that raises (a re-run that
+        failed) fails its module instead of the step."""
+        module = parts.rule.call.module
+        params = [*parts.shared, *parts.specific]
+        for p in params:
+            self.users.setdefault(id(p), []).append(module)
+        self.dtypes.update(t.dtype for t in parts.rule.call.record.tapped)
+        if computes_one_output_from_another(parts.rule, edges):
+            self.failed[module] = ONE_FROM_ANOTHER
+        try:
+            take_terms()
+            for p, grad in zip(params, parts.rule.weighted(params, self.weights)):
+                self._add(p, grad)
+        except RuntimeError as err:
+            self.raised = True
+            self.failed.setdefault(module, str(err).splitlines()[0])
+
+    def probe(self, explicit: list[Tensor], rows: list[Tensor], params: list[Tensor]) -> Probe:
+        """The probe, with the explicit parameters' ``Jᵀv`` from their autograd rows."""
+        if self.raised:
+            return Probe([], self.users, self.dtypes, self.failed)
+        flat = self.weights.reshape(-1)
+        for p, p_rows in zip(explicit, rows):
+            self._add(p, torch.tensordot(flat.to(p_rows.dtype), p_rows, dims=1))
+        grads = [self.found.get(id(p), torch.zeros_like(p)) for p in params]
+        return Probe(grads, self.users, self.dtypes, self.failed)
+
+
 class StreamingStep(GramianStep):
     """:class:`~._step.GramianStep` that holds no output gradient; see the module docstring.
 
     Its :meth:`gradients` run the second backward pass (which frees the graph unless the step
-    was made with ``retain_graph``): call it once, under ``torch.no_grad()`` or not."""
+    was made with ``retain_graph``): call it once, under ``torch.no_grad()`` or not.
+
+    With ``probe=v`` (the engine's check of a new graph structure, :mod:`._certify`), each
+    call's rule also gives its ``Jᵀv`` during the backward (parameter-sized sums), and
+    :attr:`probe` holds what the check compares with autograd's."""
+
+    def __init__(self, *args: Any, probe: Tensor | None = None, **kwargs: Any) -> None:
+        self._probe_weights = probe
+        #: the check's comparison data (with ``probe=v``), else ``None``
+        self.probe: Probe | None = None
+        super().__init__(*args, **kwargs)
 
     def _differentiate(
         self, losses: Tensor, plan: StepPlan, retain_graph: bool, state: VmapState
@@ -206,10 +265,17 @@ class StreamingStep(GramianStep):
         self._tied: dict[int, Tensor] = {}  # rows of parameters used by several calls
         batched = self.T > 1
 
+        probing = None if self._probe_weights is None else _Probing(self.moved(self._probe_weights))
+
         def finish(record: CallRecord, params: list[Tensor], grads: list[Tensor | None]) -> None:
             call = self._call(record, grads, params, plan.layouts, batched)
+            parts = self._rule_parameters(call, plan)
             with torch.no_grad():
-                self._take_terms(self._rule_parameters(call, plan))
+                if probing is None:
+                    self._take_terms(parts)
+                else:
+                    edges = [e for e in plan.scan.calls[record] if e is not None]
+                    probing.take(parts, edges, lambda: self._take_terms(parts))
 
         wanted = [(r, ps) for r, ps in zip(plan.records, plan.call_params) if ps]
         inbox = _Inbox(plan, wanted, self.T if batched else None, finish)
@@ -242,6 +308,10 @@ class StreamingStep(GramianStep):
                 f"The low-memory step missed the output gradients of {names} (a bug: report it)."
             )
         self._take_captured(grads[len(edges) :], batched)
+        if probing is not None:
+            self.probe = probing.probe(
+                self.explicit, self.explicit_rows, self.shared + self.specific
+            )
 
     def _first_backward(
         self, losses: Tensor, inputs: list, grad_outputs: Tensor, batched: bool
@@ -324,6 +394,11 @@ class StreamingStep(GramianStep):
         found = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         shared = found[: len(self.shared)]
         return shared, found[len(self.shared) :] if weigh_specific else list(self._specific_sums)
+
+    def checked(self, losses: Tensor, retain_graph: bool) -> None:
+        """The check is over: the update's backward pass keeps the graph only if the caller
+        asked for it."""
+        self._retain = retain_graph
 
     def release_graph(self, losses: Tensor) -> None:
         """Free the graph the first backward pass kept, unless the step was made with

@@ -68,7 +68,14 @@ from torch.utils.hooks import RemovableHandle
 from ..introspection import leaf_reach
 from ..linalg.gramian import generalize_gramian
 from ..linalg.user_frame import user_stacklevel
-from ._certify import EngineRouteWarning, Route, failing_modules, signature
+from ._certify import (
+    EngineRouteWarning,
+    Route,
+    draw_probe_weights,
+    failing_modules,
+    held_probe,
+    signature,
+)
 from ._graph import GraphScan, scan_graph
 from ._records import PendingCalls, make_hook, make_pre_hook
 from ._sample_dims import samples_at_batch_dim
@@ -227,8 +234,8 @@ class Engine:
             gradient go, then give the update by a second backward pass (:mod:`._streaming`):
             the step's extra memory falls from about the activations once more (``T`` times
             with ``T`` losses per sample) to the backward's own rows, for one more backward
-            pass. The first step of each graph structure, which the engine checks, is an
-            ordinary one.
+            pass. The first step of each graph structure, which the engine checks, streams
+            too (the check's ``Jᵀv`` is gathered during the backward).
 
     Messages name modules by their path in the model (``'encoder.1' (BatchNorm1d)``); with
     several modules given, by ``modules[i].path``.
@@ -356,22 +363,23 @@ class Engine:
                 return self._streaming_step(options, route, retain_graph)
             return self._make_step(*options, route, retain_graph)
         step, route = self._certified_step(options, per_sample)
-        if not retain_graph:
-            step.release_graph(losses)
+        step.checked(losses, retain_graph)
         if len(self._routes) >= _MAX_ROUTES:
             del self._routes[next(iter(self._routes))]
         self._routes[key] = route
         return step
 
     def _streaming_step(
-        self, options: _StepOptions, route: Route, retain_graph: bool
+        self, options: _StepOptions, route: Route, retain_graph: bool, probe: Tensor | None = None
     ) -> GramianStep:
-        """A low-memory step (:mod:`._streaming`), or an ordinary one where ``torch.func.vmap``
-        cannot run the batched backward (found on the first try, remembered, and warned)."""
+        """A low-memory step (:mod:`._streaming`; with ``probe``, the check's ``Jᵀv`` gathered
+        during its backward), or an ordinary one where ``torch.func.vmap`` cannot run the
+        batched backward (found on the first try, remembered, and warned)."""
         if self._streaming.works is False:
             return self._make_step(*options, route, retain_graph)
         try:
-            step = self._make_step(*options, route, retain_graph, StreamingStep)
+            kind = functools.partial(StreamingStep, probe=probe)
+            step = self._make_step(*options, route, retain_graph, kind)
         except (RuntimeError, NotImplementedError) as err:
             if self._streaming.works is not None:
                 raise
@@ -391,7 +399,7 @@ class Engine:
         assume_reached: bool,
         route: Route,
         retain_graph: bool,
-        kind: type[GramianStep] = GramianStep,
+        kind: Callable[..., GramianStep] = GramianStep,
     ) -> GramianStep:
         return kind(
             losses,
@@ -417,14 +425,19 @@ class Engine:
         route = Route(per_sample=per_sample)
         mixed = whole_names = ""
         for _ in range(5):
+            v = draw_probe_weights(losses, self._generator)
             try:
-                step = self._make_step(*options, route, True)
+                if self.low_memory:
+                    step = self._streaming_step(options, route, True, probe=v)
+                else:
+                    step = self._make_step(*options, route, True)
             except NotPerSample as err:
                 if not self._expanded_next(err.modules):
                     self._warn(f"{err} {_TASK_MODE}")
                 route = Route(per_sample=False, explicit=route.explicit)
                 continue
-            failed = failing_modules(step, losses, self._generator)
+            probe = step.probe if isinstance(step, StreamingStep) else None
+            failed = failing_modules(step, losses, v, probe or held_probe(step, v))
             if not failed:
                 if route.per_sample and step.batch_dim is None and step.explicit and step.T > 1:
                     self._warn(f"{_EXPLICIT} {self._parameter_names(step.explicit)}.")

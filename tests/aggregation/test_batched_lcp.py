@@ -123,9 +123,7 @@ def test_unfinished_problems_are_reported_uncertified(monkeypatch):
     monkeypatch.setattr(module, "_FACTORED_PIVOTS", 0)
     matrix = _random_pd(12, 3)
     linear = -np.abs(np.random.default_rng(3).standard_normal((4, 12)))  # z = 0 is infeasible
-    _, certified = solve_lcp_batched(
-        torch.from_numpy(matrix), torch.from_numpy(linear), max_iter=0
-    )
+    _, certified = solve_lcp_batched(torch.from_numpy(matrix), torch.from_numpy(linear), max_iter=0)
     assert not certified.any()
 
 

@@ -229,8 +229,10 @@ OLD_FORMAT: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable[[A
                 "target_similarities": _t(0, 0.5, 0.5, 0),
             }
         },
-        lambda m: _same_stream(m.weighting._generator, 5)
-        and torch.equal(m.weighting.target_similarities, _t(0, 0.5, 0.5, 0)),
+        lambda m: (
+            _same_stream(m.weighting._generator, 5)
+            and torch.equal(m.weighting.target_similarities, _t(0, 0.5, 0.5, 0))
+        ),
     ),
     "pcd": (
         PCD,
@@ -250,8 +252,10 @@ OLD_FORMAT: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable[[A
     "gradnorm": (
         GradNorm,
         {"weighting._extra_state": {"loss_weights": _t(1.5, 0.5), "initial_losses": _t(2, 3)}},
-        lambda m: torch.equal(m.weighting.loss_weights, _t(1.5, 0.5))
-        and torch.equal(m.weighting.initial_losses, _t(2, 3)),
+        lambda m: (
+            torch.equal(m.weighting.loss_weights, _t(1.5, 0.5))
+            and torch.equal(m.weighting.initial_losses, _t(2, 3))
+        ),
     ),
     "dbmtl": (
         DBMTL,
@@ -291,8 +295,11 @@ OLD_FORMAT: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable[[A
     "dwa": (
         lambda: S.DWA(temperature=2.0),
         {"_extra_state": {"sum": _t(1, 1), "count": 1, "averages": [_t(2, 4), _t(1, 3)]}},
-        lambda m: m._count == 1 and torch.allclose(
-            m.current_weights(), _dwa_lambdas(_t(2, 4), _t(1, 3), 2.0), rtol=1e-12
+        lambda m: (
+            m._count == 1
+            and torch.allclose(
+                m.current_weights(), _dwa_lambdas(_t(2, 4), _t(1, 3), 2.0), rtol=1e-12
+            )
         ),
     ),
     "famo": (
@@ -302,10 +309,13 @@ OLD_FORMAT: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], Callable[[A
             "min_losses": torch.zeros(2),
             "_extra_state": {"adam": _adam_state(), "previous": torch.tensor([1.0, 2.0])},
         },
-        lambda m: torch.equal(
-            m._optimizer.state[m.logits]["exp_avg"], _adam_state()["state"][0]["exp_avg"]
-        )
-        and m.pending_update and torch.equal(m.logits.detach(), torch.tensor([0.1, -0.1])),
+        lambda m: (
+            torch.equal(
+                m._optimizer.state[m.logits]["exp_avg"], _adam_state()["state"][0]["exp_avg"]
+            )
+            and m.pending_update
+            and torch.equal(m.logits.detach(), torch.tensor([0.1, -0.1]))
+        ),
     ),
     "stch": (
         lambda: S.STCH(0.5, warmup_steps=3),

@@ -26,10 +26,14 @@ def trainable(model: nn.Module) -> list[Tensor]:
 
 
 def check_gramian(
-    model: nn.Module, losses_of: Callable[[], Tensor], batch_dim: int | None, rtol: float = 1e-5
+    model: nn.Module,
+    losses_of: Callable[[], Tensor],
+    batch_dim: int | None,
+    rtol: float = 1e-5,
+    low_memory: bool = False,
 ) -> Tensor:
     """The Engine's Gramian of ``losses_of()`` equals ``J Jᵀ`` of the same losses; returns it."""
-    with Engine(model, batch_dim=batch_dim) as engine:
+    with Engine(model, batch_dim=batch_dim, low_memory=low_memory) as engine:
         losses = losses_of()
         jacobian = explicit_jacobian(losses, trainable(model)).double().cpu()
         gramian = engine.compute_gramian(losses).cpu()
@@ -40,14 +44,23 @@ def check_gramian(
 
 
 def check_step(
-    model: nn.Module, losses_of: Callable[[], Tensor], batch_dim: int | None, rtol: float = 1e-4
+    model: nn.Module,
+    losses_of: Callable[[], Tensor],
+    batch_dim: int | None,
+    rtol: float = 1e-4,
+    low_memory: bool = False,
 ) -> None:
     """``JDOptimizer(modules=model)``'s ``.grad`` equals ``Jᵀ w`` of the same losses, with ``w``
     UPGrad's weights on the explicit Gramian (``scope="all"``: every parameter is aggregated)."""
     params = trainable(model)
     model.zero_grad(set_to_none=True)
     opt = JDOptimizer(
-        torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, batch_dim=batch_dim, scope="all"
+        torch.optim.SGD(params, lr=0.0),
+        UPGrad(),
+        modules=model,
+        batch_dim=batch_dim,
+        scope="all",
+        low_memory=low_memory,
     )
     try:
         losses = losses_of()

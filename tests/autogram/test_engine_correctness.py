@@ -277,8 +277,9 @@ def _contrastive(model: nn.Module, x: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, torch.arange(x.shape[0]), reduction="none")
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
 @pytest.mark.parametrize("case", ["contrastive", "flipped", "centred"])
-def test_losses_or_forwards_that_mix_samples(case: str) -> None:
+def test_losses_or_forwards_that_mix_samples(case: str, low_memory: bool) -> None:
     """Per-sample losses that are not each a function of their own sample (a contrastive loss:
     17% off before; a flipped loss vector: 55%; ``h - h.mean(0)`` in the forward): detected by
     the engine's check, warned about, and computed exactly with one backward row per loss."""
@@ -295,9 +296,9 @@ def test_losses_or_forwards_that_mix_samples(case: str) -> None:
         return out.flip(0) if case == "flipped" else out
 
     with pytest.warns(EngineRouteWarning, match="not each a function of their own sample"):
-        check_gramian(model, losses, 0, rtol=1e-10)
+        check_gramian(model, losses, 0, rtol=1e-10, low_memory=low_memory)
     with pytest.warns(EngineRouteWarning):
-        check_step(model, losses, 0, rtol=1e-8)
+        check_step(model, losses, 0, rtol=1e-8, low_memory=low_memory)
 
 
 def test_independent_per_sample_losses_keep_the_fast_path() -> None:
@@ -334,8 +335,9 @@ class _Counting(nn.Module):
         return self.head(torch.tanh(x @ self.weight) * (1.0 + 0.1 * self.calls))
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
 @pytest.mark.parametrize("batch_dim", [None, 0])
-def test_re_run_does_not_repeat_side_effects(batch_dim: int | None) -> None:
+def test_re_run_does_not_repeat_side_effects(batch_dim: int | None, low_memory: bool) -> None:
     """The buffer and the counter move once per user forward, never in the engine's re-runs;
     the re-run that reads the counter is found unfaithful by the check, warned about by path,
     and its module's rows are taken from autograd: exact."""
@@ -348,10 +350,10 @@ def test_re_run_does_not_repeat_side_effects(batch_dim: int | None) -> None:
         return out.sum(1) if batch_dim == 0 else out.mean(0)
 
     with pytest.warns(EngineRouteWarning, match="the model itself \\(_Counting\\)"):
-        check_gramian(model, losses, batch_dim, rtol=1e-10)
+        check_gramian(model, losses, batch_dim, rtol=1e-10, low_memory=low_memory)
     assert model.calls == 1 and model.seen.item() == 1.0
     with pytest.warns(EngineRouteWarning):
-        check_step(model, losses, batch_dim, rtol=1e-8)
+        check_step(model, losses, batch_dim, rtol=1e-8, low_memory=low_memory)
     assert model.calls == 2 and model.seen.item() == 2.0
 
 
@@ -369,9 +371,12 @@ class _HiddenAndLogits(nn.Module):
         return hidden, self.head(hidden)
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
 @pytest.mark.parametrize("batch_dim", [None, 0])
 @pytest.mark.parametrize("share", [1.0, 1e-8])
-def test_outputs_computed_from_one_another(batch_dim: int | None, share: float) -> None:
+def test_outputs_computed_from_one_another(
+    batch_dim: int | None, share: float, low_memory: bool
+) -> None:
     """The generic rule's product over both outputs would count the path through the logits
     twice; with the logits' share of the losses at ``1e-8`` that is a ``1e-9`` error, below the
     check's tolerance. The engine sees the dependence in the graph instead, warns, and takes
@@ -390,9 +395,9 @@ def test_outputs_computed_from_one_another(batch_dim: int | None, share: float) 
         )
 
     with pytest.warns(EngineRouteWarning, match="computed from another of them"):
-        check_gramian(model, losses, batch_dim, rtol=1e-13)
+        check_gramian(model, losses, batch_dim, rtol=1e-13, low_memory=low_memory)
     with pytest.warns(EngineRouteWarning):
-        check_step(model, losses, batch_dim, rtol=1e-13)
+        check_step(model, losses, batch_dim, rtol=1e-13, low_memory=low_memory)
 
 
 class _AttentionWithoutRule(nn.MultiheadAttention):
@@ -403,7 +408,8 @@ class _AttentionWithoutRule(nn.MultiheadAttention):
         return super().forward(*args, **kwargs)
 
 
-def test_shared_input_of_batch_size_given_to_a_re_run_module() -> None:
+@pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
+def test_shared_input_of_batch_size_given_to_a_re_run_module(low_memory: bool) -> None:
     """A causal mask ``[L, L]`` with ``L`` equal to the batch size, given to a re-run module
     (an attention without a layer rule): the per-sample re-run would slice it as if it indexed
     the samples (it crashed before). The engine's check finds it and re-runs that module on the
@@ -419,9 +425,9 @@ def test_shared_input_of_batch_size_given_to_a_re_run_module() -> None:
 
     expected_warning = r"one sample at a time.*model itself \(_AttentionWithoutRule"
     with pytest.warns(EngineRouteWarning, match=expected_warning):
-        check_gramian(attention, losses, 0, rtol=1e-10)
+        check_gramian(attention, losses, 0, rtol=1e-10, low_memory=low_memory)
     with pytest.warns(EngineRouteWarning):
-        check_step(attention, losses, 0, rtol=1e-8)
+        check_step(attention, losses, 0, rtol=1e-8, low_memory=low_memory)
     with pytest.warns(EngineRouteWarning, match="whole batch"), Engine(attention, batch_dim=0) as e:
         step = e.step(losses(), trainable(attention), [], per_sample=True)
     assert (step.batch_dim, step.b, step.T) == (0, 4, 1)

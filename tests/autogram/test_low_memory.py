@@ -2,9 +2,10 @@
 against the explicit Jacobian of the same losses.
 
 The low-memory step takes each call's Gramian term during the backward pass and gives the
-update by a second backward pass; the first step of each graph structure is an ordinary one
-(the engine checks it). So every check here first runs warm-up steps (on other forwards) until
-the structure is known, then checks a step that a spy confirms was a low-memory one: the
+update by a second backward pass; the first step of each graph structure (which the engine
+checks) streams too. Most checks here first run warm-up steps (on other forwards), as a
+structure may change on the first steps (a position embedding expanded along the batch), then
+check a step that a spy confirms was a low-memory one: the
 engine's Gramian equals ``J Jᵀ``, and ``JDOptimizer``'s ``.grad`` equals ``Jᵀ w`` with ``w``
 the UPGrad weights of that explicit Gramian (and each task head's own gradient with
 ``scope="shared"``). Models: every real model of :mod:`tests.autogram.test_real_models` in its
@@ -276,7 +277,6 @@ def test_falls_back_where_vmap_cannot_run_the_backward() -> None:
 
     params = list(model.parameters())
     with Engine(model, low_memory=True) as engine:
-        engine.compute_gramian(run(model))  # the check's (ordinary) step
         with pytest.warns(EngineRouteWarning, match="low_memory"):
             engine.compute_gramian(run(model))
         losses = run(model)
@@ -384,3 +384,32 @@ def test_grad_scaler_low_memory() -> None:
     torch.testing.assert_close(record.weights.double(), weights, rtol=1e-4, atol=1e-5)
     expected = jacobian.T @ record.weights.double()
     assert _relative_error(_flat_grads(params), expected) < 1e-5
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_checked_first_step_streams_too(layout: str) -> None:
+    """The engine's check of a new graph structure runs on a low-memory step as well (each
+    rule's ``Jᵀv`` gathered during the backward): the first step holds no output gradient and
+    is exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    pick, batch_dim = LAYOUTS[layout]
+    params = list(model.parameters())
+    opt = JDOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        UPGrad(),
+        modules=model,
+        batch_dim=batch_dim,
+        scope="all",
+        low_memory=True,
+    )
+    with streamed_steps() as streamed:
+        losses = pick((model(x) - y).pow(2))
+        jacobian = explicit_jacobian(losses, params)
+        record = opt.step(losses)
+    assert streamed[0] == 1
+    assert record.weights is not None
+    weights = UPGradWeighting()(jacobian @ jacobian.T)
+    torch.testing.assert_close(record.weights.reshape(-1).double(), weights, atol=1e-6, rtol=1e-6)
+    assert _relative_error(_flat_grads(params), jacobian.T @ weights) < 1e-6

@@ -73,9 +73,7 @@ LAYERS |= {
         lambda: torch.randn(3, 5),
     ),
     "hf_llama_rmsnorm": (
-        lambda: _transformers_layer(
-            "transformers.models.llama.modeling_llama", "LlamaRMSNorm", 5
-        ),
+        lambda: _transformers_layer("transformers.models.llama.modeling_llama", "LlamaRMSNorm", 5),
         lambda: torch.randn(3, 4, 5) * 2,
     ),
     "hf_mistral_rmsnorm": (
