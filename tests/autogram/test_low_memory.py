@@ -67,6 +67,20 @@ def _flat_grads(params: list[Tensor]) -> Tensor:
 FLOAT32_PARTS = {"llama", "llama_checkpointed", "llama_lora", "llama_dora", "t5"}
 
 
+def low_memory_optimizer(model: nn.Module, batch_dim: int | None) -> JDOptimizer:
+    """``JDOptimizer`` with UPGrad on the low-memory engine, every parameter aggregated, SGD at
+    ``lr=0`` (steps leave the parameters as they are)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return JDOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        UPGrad(),
+        modules=model,
+        batch_dim=batch_dim,
+        scope="all",
+        low_memory=True,
+    )
+
+
 def check_low_memory(
     model: nn.Module,
     run: Callable[[nn.Module], Tensor],
@@ -76,14 +90,7 @@ def check_low_memory(
     """Warm-up steps, then one checked low-memory step of JDOptimizer: its Gramian, weights and
     ``.grad`` against the explicit Jacobian of the same losses."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = JDOptimizer(
-        torch.optim.SGD(params, lr=0.0),
-        UPGrad(),
-        modules=model,
-        batch_dim=batch_dim,
-        scope="all",
-        low_memory=True,
-    )
+    opt = low_memory_optimizer(model, batch_dim)
     for _ in range(WARM_UP):
         opt.step(run(model))
     with streamed_steps() as streamed:
@@ -153,6 +160,16 @@ def _trunk_run(x: Tensor, y: Tensor) -> Callable[[nn.Module], Tensor]:
     return lambda m: (m(x) - y).pow(2)
 
 
+def _trunk_case(layout: str) -> tuple[nn.Module, Callable[[nn.Module], Tensor], int | None]:
+    """A float64 :class:`_Trunk`, its losses in ``layout`` and their ``batch_dim``."""
+    torch.manual_seed(0)
+    model = _Trunk().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    pick, batch_dim = LAYOUTS[layout]
+    run = _trunk_run(x, y)
+    return model, lambda m: pick(run(m)), batch_dim
+
+
 #: per-sample steps with parameters used outside hooked calls warn of their route (as intended)
 _EXPLICIT_ROUTE = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
 
@@ -160,13 +177,9 @@ _EXPLICIT_ROUTE = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRou
 @_EXPLICIT_ROUTE
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_explicit_and_several_calls_low_memory(layout: str) -> None:
-    torch.manual_seed(0)
-    model = _Trunk().double()
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    pick, batch_dim = LAYOUTS[layout]
-    run = _trunk_run(x, y)
-    check_low_memory(model, lambda m: pick(run(m)), batch_dim)
-    check_engine_low_memory(model, lambda m: pick(run(m)), batch_dim)
+    model, losses_of, batch_dim = _trunk_case(layout)
+    check_low_memory(model, losses_of, batch_dim)
+    check_engine_low_memory(model, losses_of, batch_dim)
 
 
 def test_task_heads_get_their_own_gradient() -> None:
@@ -239,12 +252,7 @@ def test_public_way_out_of_vmap(layout: str, monkeypatch: pytest.MonkeyPatch) ->
     """Without functorch's primitives for leaving a vmap level, the rows reach the rules
     through a ``torch.autograd.Function``'s vmap rule: the same results."""
     monkeypatch.delattr(torch._C._functorch, "pop_dynamic_layer_stack")
-    torch.manual_seed(0)
-    model = _Trunk().double()
-    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    pick, batch_dim = LAYOUTS[layout]
-    run = _trunk_run(x, y)
-    check_low_memory(model, lambda m: pick(run(m)), batch_dim)
+    check_low_memory(*_trunk_case(layout))
 
 
 class _SquareSkippingZeros(torch.autograd.Function):
@@ -330,14 +338,7 @@ def test_sparse_embedding_low_memory(per_sample: bool) -> None:
     model = Recommender().double()
     items, users = _batch()
     params = list(model.parameters())
-    opt = JDOptimizer(
-        torch.optim.SGD(params, lr=0.0),
-        UPGrad(),
-        modules=model,
-        batch_dim=0 if per_sample else None,
-        scope="all",
-        low_memory=True,
-    )
+    opt = low_memory_optimizer(model, 0 if per_sample else None)
 
     def run() -> Tensor:
         out = model(items, users)
@@ -396,14 +397,7 @@ def test_the_checked_first_step_streams_too(layout: str) -> None:
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     pick, batch_dim = LAYOUTS[layout]
     params = list(model.parameters())
-    opt = JDOptimizer(
-        torch.optim.SGD(params, lr=0.0),
-        UPGrad(),
-        modules=model,
-        batch_dim=batch_dim,
-        scope="all",
-        low_memory=True,
-    )
+    opt = low_memory_optimizer(model, batch_dim)
     with streamed_steps() as streamed:
         losses = pick((model(x) - y).pow(2))
         jacobian = explicit_jacobian(losses, params)
