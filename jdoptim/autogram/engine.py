@@ -374,7 +374,9 @@ class Engine:
     ) -> GramianStep:
         """A low-memory step (:mod:`._streaming`; with ``probe``, the check's ``Jᵀv`` gathered
         during its backward), or an ordinary one where ``torch.func.vmap`` cannot run the
-        batched backward (found on the first try, remembered, and warned)."""
+        batched backward (found on the first try, remembered, and warned). An error that the
+        ordinary step raises as well is the step's, not the low-memory mode's: it propagates,
+        and the next step tries the low-memory one again."""
         if self._streaming.works is False:
             return self._make_step(*options, route, retain_graph)
         try:
@@ -383,10 +385,11 @@ class Engine:
         except (RuntimeError, NotImplementedError) as err:
             if self._streaming.works is not None:
                 raise
+            step = self._make_step(*options, route, retain_graph)  # raises if it is the step's
             self._streaming.works = False
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             self._warn(f"{_STREAMING} ({first})")
-            return self._make_step(*options, route, retain_graph)
+            return step
         self._streaming.works = True
         return step
 

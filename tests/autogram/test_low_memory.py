@@ -17,6 +17,7 @@ release and the fallback where ``torch.func.vmap`` cannot run the backward.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -407,3 +408,29 @@ def test_the_checked_first_step_streams_too(layout: str) -> None:
     weights = UPGradWeighting()(jacobian @ jacobian.T)
     torch.testing.assert_close(record.weights.reshape(-1).double(), weights, atol=1e-6, rtol=1e-6)
     assert _relative_error(_flat_grads(params), jacobian.T @ weights) < 1e-6
+
+
+def test_an_error_of_the_step_itself_leaves_the_mode_on() -> None:
+    """A backward that fails for the step's own reason (a tensor the graph needs was changed in
+    place) fails the ordinary step as well: the error propagates, nothing is blamed on the
+    low-memory mode, and the next, valid step is a low-memory one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def broken() -> Tensor:
+        h = torch.sigmoid(model[0](x))
+        losses = model[1](h).pow(2).mean(0)
+        h.add_(1.0)  # sigmoid's backward needs its output as it was
+        return losses
+
+    with warnings.catch_warnings(), Engine(model, low_memory=True) as engine:
+        warnings.simplefilter("error", EngineRouteWarning)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            engine.compute_gramian(broken())
+        with streamed_steps() as streamed:
+            losses = model(x).pow(2).mean(0)
+            jacobian = explicit_jacobian(losses, list(model.parameters()))
+            gramian = engine.compute_gramian(losses)
+    assert streamed[0] == 1
+    assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-12
