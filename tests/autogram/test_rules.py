@@ -125,9 +125,11 @@ def test_rule_matches_fallback_and_oracle(
     assert_gramian_close(with_rule, expected)
 
 
-@pytest.mark.parametrize("b,s,t", [(1, 5, 3), (4, 1, 2), (3, 4, 2), (2, 3, 1)])
+@pytest.mark.parametrize("b,s,t", [(1, 5, 3), (4, 1, 2), (3, 4, 2), (2, 3, 1), (3, 2, 2)])
 def test_contraction_equals_rows(b: int, s: int, t: int) -> None:
-    """Both branches of the cost model: the kernel contraction and the explicit rows."""
+    """Both branches of the cost model: the kernel contraction and the explicit rows; the
+    contraction with positions by ``K ⊙ ⟨D, D⟩`` (``T·S ≤ o``: ``(2, 3, 1)``, ``(3, 2, 2)``) and by
+    ``⟨D, K D⟩`` (``(3, 4, 2)``)."""
     inputs = torch.randn(b, s, 6, dtype=torch.float64)
     grads = torch.randn(t, b, s, 5, dtype=torch.float64)
     rows = torch.stack(
