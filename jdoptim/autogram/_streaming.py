@@ -83,10 +83,12 @@ def _unbatched(sink: _Sink, grads: tuple[Tensor | None, ...]) -> None:
     The fast way unwraps them with functorch's own primitives (``get_unwrapped``,
     ``maybe_get_bdim``) and pops the vmap level around the call, as a custom function's vmap
     rule is run: about 0.4 ms per hooked output less than :class:`_Unbatched`, the public way,
-    taken where those primitives are missing or the gradients are not batched at the current
-    level alone (a step run inside another transform)."""
+    taken where those primitives are missing, where the gradients are not batched at the
+    current level alone (a step run inside another transform), and off the CPU (a device's
+    backward runs in autograd's worker threads; the public way is the one made for them)."""
     functorch = torch._C._functorch
-    pop = getattr(functorch, "pop_dynamic_layer_stack", None)
+    on_cpu = all(g is None or g.device.type == "cpu" for g in grads)
+    pop = getattr(functorch, "pop_dynamic_layer_stack", None) if on_cpu else None
     level = functorch.maybe_current_level() if pop is not None else None
     dims: list[int | None] = []
     plain: list[Tensor | None] = []
