@@ -434,3 +434,15 @@ def test_an_error_of_the_step_itself_leaves_the_mode_on() -> None:
             gramian = engine.compute_gramian(losses)
     assert streamed[0] == 1
     assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-12
+
+
+def test_the_low_memory_step_allocates_less() -> None:
+    """The example's CNN with 4 task losses: the peak of one step's tensors (torch.profiler's
+    allocation events, deterministic on the CPU) is lower with ``low_memory=True`` (measured
+    20 MB against 30 MB; a plain summed step: 6 MB), and both runs take the same steps."""
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "low_memory.py"
+    peaks = runpy.run_path(str(example))["main"]()
+    assert peaks["low_memory"] < 0.8 * peaks["default"]
