@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..linalg.torch_errors import OutOfMemoryError
 from ._graph import GraphScan
 from ._step import GramianStep
 from .rules import GenericRule
@@ -115,6 +116,8 @@ def held_probe(step: GramianStep, v: Tensor) -> Probe:
         with torch.no_grad():
             shared, specific = step.gradients(v, weigh_specific=True)
     except RuntimeError as err:  # a re-run that failed: GenericRule names its module
+        if isinstance(err, OutOfMemoryError):
+            raise
         module = _raising_module(step, v)
         if module is None:
             raise

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from ..linalg.sparse_rows import dense
+from ..linalg.torch_errors import OutOfMemoryError
 from ..linalg.vmap_fallback import VmapState
 from ._certify import ONE_FROM_ANOTHER, Probe, computes_one_output_from_another
 from ._records import CallRecord
@@ -225,6 +226,8 @@ class _Probing:
             for p, grad in zip(params, parts.rule.weighted(params, self.weights)):
                 self._add(p, grad)
         except RuntimeError as err:
+            if isinstance(err, OutOfMemoryError):
+                raise
             self.raised = True
             self.failed.setdefault(module, str(err).splitlines()[0])
 

@@ -67,6 +67,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..introspection import leaf_reach
 from ..linalg.gramian import generalize_gramian
+from ..linalg.torch_errors import OutOfMemoryError
 from ..linalg.user_frame import user_stacklevel
 from ._certify import (
     EngineRouteWarning,
@@ -383,7 +384,7 @@ class Engine:
             kind = functools.partial(StreamingStep, probe=probe)
             step = self._make_step(*options, route, retain_graph, kind)
         except (RuntimeError, NotImplementedError) as err:
-            if self._streaming.works is not None:
+            if self._streaming.works is not None or isinstance(err, OutOfMemoryError):
                 raise
             step = self._make_step(*options, route, retain_graph)  # raises if it is the step's
             self._streaming.works = False

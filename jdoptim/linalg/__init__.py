@@ -17,6 +17,9 @@ What lives here (one job per module):
 * :mod:`.finite` — finiteness checks at the cost of one reduction and one synchronisation.
 * :mod:`.vmap_fallback` — one batched backward by ``vmap``, or a loop where ``vmap`` cannot
   run, remembering which worked.
+* :mod:`.sparse_rows` — compact rows of sparse (embedding) gradients, and making them dense.
+* :mod:`.torch_errors` — torch's error types the library tells apart, across torch versions.
+* :mod:`.user_frame` — the stack level of the user's code, for warnings.
 
 Who may import what: ``jdoptim.linalg`` imports nothing else from jdoptim (only torch, numpy
 and, where a solver needs it, quadprog). Everything above it — ``jdoptim.aggregation``

@@ -25,12 +25,21 @@ from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..aggregation.flattening import Flattening
 from ..autogram.engine import Engine, gramian_dtype
 from ..linalg.gramian import generalize_gramian
+from ..linalg.torch_errors import OutOfMemoryError
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from .base import UpdateComputer, UpdateResult, ensure_finite, weigh
 from .jacobian import JacobianUpdate
 
 __all__ = ["GramianUpdate"]
+
+_OUT_OF_MEMORY = (
+    "jdoptim: out of memory in the Gramian engine's step, which holds every hooked layer's "
+    "output gradients (one row per task loss, or per loss of a sample) until the weights are "
+    "known. JDOptimizer(..., modules=model, low_memory=True) takes each layer's Gramian term "
+    "during the backward pass and lets them go, for one more backward pass (README: 'Low "
+    "memory'); fewer task losses per step or a smaller batch also reduce it."
+)
 
 
 class GramianUpdate(UpdateComputer):
@@ -50,6 +59,16 @@ class GramianUpdate(UpdateComputer):
     ) -> UpdateResult:
         if not isinstance(aggregator, GramianWeightedAggregator):
             return self.fallback.compute(batch, plan, aggregator)
+        try:
+            return self._engine_step(batch, plan, aggregator)
+        except OutOfMemoryError as err:
+            if self.engine.low_memory:
+                raise
+            raise type(err)(f"{err}\n\n{_OUT_OF_MEMORY}") from err
+
+    def _engine_step(
+        self, batch: LossBatch, plan: ParameterPlan, aggregator: GramianWeightedAggregator
+    ) -> UpdateResult:
         shape = getattr(batch, "shape", None)
         losses = batch.vector if shape is None else batch.vector.reshape(shape)
         per_sample = batch.separate is None and self.engine.batch_dim is not None

@@ -446,3 +446,34 @@ def test_the_low_memory_step_allocates_less() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "low_memory.py"
     peaks = runpy.run_path(str(example))["main"]()
     assert peaks["low_memory"] < 0.8 * peaks["default"]
+
+
+def test_out_of_memory_in_the_engine_step_names_low_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An allocator failure during the default engine step (injected here: no machine runs out
+    of memory on cue) keeps its type and gains the advice to use ``low_memory=True``; with the
+    mode on, it is passed on as it is. Nothing is updated."""
+    from jdoptim.autogram.rules._base import LayerRule
+
+    def exhausted(self: object, params: object) -> Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    # (in the low-memory step the rules run inside the backward: an allocator failure there is
+    # neither a failed re-run for the engine's check nor a backward that vmap cannot run)
+    monkeypatch.setattr(LayerRule, "gramian", exhausted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    x = torch.randn(5, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    for low_memory in (False, True):
+        opt = JDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), modules=model, low_memory=low_memory
+        )
+        with warnings.catch_warnings(), pytest.raises(torch.OutOfMemoryError) as caught:
+            warnings.simplefilter("error", EngineRouteWarning)
+            opt.step(list(model(x).pow(2).mean(0)))
+        assert ("low_memory=True" in str(caught.value)) is not low_memory
+        assert "Tried to allocate 2.00 GiB" in str(caught.value)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
