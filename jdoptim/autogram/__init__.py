@@ -3,8 +3,11 @@
 What lives here: the engine only. :class:`Engine` hooks the modules, records their calls on the
 graph (``_records.py``, ``_graph.py``, ``_shared.py``), and one backward per step
 (``_step.py``) gives the Gramian ``G = J Jᵀ`` layer by layer, never the full Jacobian, and then
-the weighted update ``Σ wᵢ ∇ℓᵢ`` from the same output gradients; per-layer rules (``rules/``)
-say how each layer type gives its Gramian and update, the generic rule covering the rest.
+the weighted update ``Σ wᵢ ∇ℓᵢ`` from the same output gradients (``low_memory=True``:
+``_streaming.py`` takes each layer's term during the backward and gives the update by a second
+backward pass); per-layer rules (``rules/``) say how each layer type gives its Gramian and
+update, the generic rule covering the rest; ``_certify.py`` checks a new graph structure's
+first step against autograd.
 
 Who may import what: the engine imports :mod:`jdoptim.linalg` (Gramian reshapes, the
 vmap-or-loop fallback) and the core modules (introspection), never a method
