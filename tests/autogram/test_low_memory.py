@@ -477,3 +477,18 @@ def test_out_of_memory_in_the_engine_step_names_low_memory(
         assert "Tried to allocate 2.00 GiB" in str(caught.value)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_sequence_first_task_rows_low_memory() -> None:
+    """``batch_dim=1`` and ``[tasks, batch]`` losses: the rows are not in the losses' row-major
+    order, so the check's ``v`` and the update's weights are reordered; both exact."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, dtype=torch.float64)
+    heads = nn.Linear(8, 2, dtype=torch.float64)
+    model = nn.ModuleDict({"layer": layer, "heads": heads}).train()
+    x = torch.randn(5, 4, 8, dtype=torch.float64)  # [s, b, d]
+
+    def run(m: nn.Module) -> Tensor:
+        return m["heads"](m["layer"](x)).pow(2).mean(0).T  # [tasks, b]
+
+    check_low_memory(model, run, 1)

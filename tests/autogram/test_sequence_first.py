@@ -28,14 +28,21 @@ def _explicit_jacobian(losses: torch.Tensor, params: list[torch.Tensor]) -> torc
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_sequence_first_encoder_layer_per_sample_losses(dropout: float) -> None:
+def test_sequence_first_encoder_layer_per_sample_losses(dropout: float, low_memory: bool) -> None:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=dropout, dtype=torch.float64)
     head = nn.Linear(16, 1, dtype=torch.float64)
     model = nn.ModuleDict({"layer": layer, "head": head}).train()
     params = list(model.parameters())
-    opt = JDOptimizer(torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, batch_dim=1)
+    opt = JDOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        UPGrad(),
+        modules=model,
+        batch_dim=1,
+        low_memory=low_memory,
+    )
     x = torch.randn(5, 4, 16, dtype=torch.float64)  # [s, b, d]
     for _ in range(2):  # the first step certifies the route, the second takes it
         opt.zero_grad()
@@ -50,8 +57,11 @@ def test_sequence_first_encoder_layer_per_sample_losses(dropout: float) -> None:
     assert record.weights.shape == (4,)
 
 
+@pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_engine_called_directly_takes_per_sample_vector_at_batch_dim_1(dropout: float) -> None:
+def test_engine_called_directly_takes_per_sample_vector_at_batch_dim_1(
+    dropout: float, low_memory: bool
+) -> None:
     """``Engine.compute_gramian`` on a ``[b]`` vector of per-sample losses of a sequence-first
     model gives their ``[b, b]`` Gramian (it used to refuse them: "batch_dim=1 but the losses
     have shape (4,)"), equal to the explicit Jacobian's on the same forward."""
@@ -60,7 +70,7 @@ def test_engine_called_directly_takes_per_sample_vector_at_batch_dim_1(dropout: 
     head = nn.Linear(16, 1, dtype=torch.float64)
     model = nn.ModuleDict({"layer": layer, "head": head}).train()
     params = list(model.parameters())
-    engine = Engine(model, batch_dim=1)
+    engine = Engine(model, batch_dim=1, low_memory=low_memory)
     x = torch.randn(5, 4, 16, dtype=torch.float64)  # [s, b, d]
     for _ in range(2):  # the first call certifies the route, the second takes it
         losses = head(layer(x)).squeeze(-1).pow(2).mean(0)  # [b]
