@@ -492,3 +492,25 @@ def test_sequence_first_task_rows_low_memory() -> None:
         return m["heads"](m["layer"](x)).pow(2).mean(0).T  # [tasks, b]
 
     check_low_memory(model, run, 1)
+
+
+#: CUDA too where a device is present: its backward runs in autograd's worker threads, where the
+#: rows reach the rules by the public autograd.Function route, and dropout draws from its own
+#: generator
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_memory_on_each_device(device: str, layout: str) -> None:
+    """A transformer encoder layer with dropout in training mode and a head, on each device."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+    model = nn.ModuleDict({"layer": layer, "head": nn.Linear(8, 2)}).double().train().to(device)
+    x = torch.randn(4, 5, 8, dtype=torch.float64, device=device)
+    pick, batch_dim = LAYOUTS[layout]
+
+    def run(m: nn.Module) -> Tensor:
+        return pick(m["head"](m["layer"](x)).pow(2).mean(1))  # [b, 2] before the layout
+
+    check_low_memory(model, run, batch_dim)
