@@ -337,7 +337,9 @@ class Engine:
 
         On the first step of each graph structure the engine checks its fast path against
         autograd and, where it fails, takes an exact slower route (see :mod:`._certify`); that
-        step keeps the losses' graph."""
+        step keeps the losses' graph. With ``low_memory`` the step keeps the graph for the
+        update's second backward pass, run by its ``gradients``; a caller that wants only the
+        Gramian frees it with ``step.release_graph(losses)`` (as :meth:`compute_gramian` does)."""
         self._check_open()
         batch_dim = self.batch_dim if per_sample else None
         per_sample = batch_dim is not None
