@@ -350,7 +350,8 @@ class StreamingStep(GramianStep):
             self._alone = term if self._alone is None else self._alone + term
         if parts.several:
             for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
-                self._tied[id(p)] = rows if id(p) not in self._tied else self._tied[id(p)] + rows
+                held = self._tied.get(id(p))
+                self._tied[id(p)] = rows.clone() if held is None else held.add_(rows)
 
     def _take_captured(self, grads: list[Tensor | None], batched: bool) -> None:
         """The explicit parameters' rows ``[T, *p.shape]`` and the specific ones' sums."""
