@@ -48,6 +48,7 @@ from ._certify import ONE_FROM_ANOTHER, Probe, computes_one_output_from_another
 from ._records import CallRecord
 from ._step import GramianStep, RuleParameters, StepPlan
 from .rules import rows_gramian
+from .rules._contraction import fewest_entries
 
 __all__ = ["StreamingStep"]
 
@@ -275,7 +276,7 @@ class StreamingStep(GramianStep):
         def finish(record: CallRecord, params: list[Tensor], grads: list[Tensor | None]) -> None:
             call = self._call(record, grads, params, plan.layouts, batched)
             parts = self._rule_parameters(call, plan)
-            with torch.no_grad():
+            with torch.no_grad(), fewest_entries():  # the activations are alive meanwhile
                 if probing is None:
                     self._take_terms(parts)
                 else:

@@ -11,9 +11,11 @@ from jdoptim.autogram import Engine
 from jdoptim.autogram.rules._contraction import (
     contraction_cost,
     explicit_cost,
+    fewest_entries,
     gramian_from_kernel,
     linear_kernel,
     linear_rows,
+    takes_contraction,
     weight_and_bias_gramian,
 )
 
@@ -147,7 +149,9 @@ def test_contraction_equals_rows(b: int, s: int, t: int) -> None:
 
 
 @pytest.mark.parametrize("which", ["weight", "bias", "both"])
-@pytest.mark.parametrize("b,s,t", [(1, 5, 3), (4, 1, 2), (3, 4, 2), (5, 1, 1), (1, 7, 1)])
+@pytest.mark.parametrize(
+    "b,s,t", [(1, 5, 3), (4, 1, 2), (3, 4, 2), (5, 1, 1), (1, 7, 1), (4, 3, 1)]
+)
 def test_weight_and_bias_gramian_by_definition(b: int, s: int, t: int, which: str) -> None:
     """The bias folded into the kernel (``K + 1``) or added as rows, on both branches of the cost
     model, equals the Gram matrix of the per-row gradients ``[vec(Σ_s D aᵀ), Σ_s D]``."""
@@ -163,6 +167,39 @@ def test_weight_and_bias_gramian_by_definition(b: int, s: int, t: int, which: st
     rows = torch.cat(pieces, dim=2).reshape(b * t, -1)
     expected = (rows @ rows.T).view(b, t, b, t)
     torch.testing.assert_close(weight_and_bias_gramian(inputs, grads, params, weight), expected)
+
+
+def test_the_low_memory_step_picks_the_method_of_fewest_entries() -> None:
+    """A ViT MLP layer per sample (``b = 16``, 17 positions, ``64 → 256``): the explicit rows
+    take fewer flops, the contraction forms fewer entries (``K`` and ``P``, 148 k against the
+    rows' 262 k); inside :func:`fewest_entries` the contraction is taken, and both choices
+    give the Gramian of the rows by definition."""
+    b, s, t, d, o = 16, 17, 1, 64 + 1, 256
+    assert not takes_contraction(b, s, t, d, o)
+    with fewest_entries():
+        assert takes_contraction(b, s, t, d, o)
+    assert not takes_contraction(b, s, t, d, o)  # the block's choice does not leak
+    # a smaller shape where the two choices differ too: both give the Gramian by definition
+    b, s, d, o = 8, 8, 32, 32
+    assert not takes_contraction(b, s, 1, d + 1, o)
+    with fewest_entries():
+        assert takes_contraction(b, s, 1, d + 1, o)
+    inputs = torch.randn(b, s, d, dtype=torch.float64)
+    grads = torch.randn(1, b, s, o, dtype=torch.float64)
+    weight, bias = torch.empty(o, d), torch.empty(o)
+    rows = torch.cat(
+        [
+            torch.einsum("kiso,isd->ikod", grads, inputs).reshape(b, 1, -1),
+            grads.sum(2).transpose(0, 1),
+        ],
+        dim=2,
+    ).reshape(b, -1)
+    expected = (rows @ rows.T).view(b, 1, b, 1)
+    by_flops = weight_and_bias_gramian(inputs, grads, [weight, bias], weight)
+    with fewest_entries():
+        by_entries = weight_and_bias_gramian(inputs, grads, [weight, bias], weight)
+    torch.testing.assert_close(by_flops, expected)
+    torch.testing.assert_close(by_entries, expected)
 
 
 @pytest.mark.parametrize("b,s,t", [(1, 5, 3), (5, 1, 1), (3, 4, 2)])

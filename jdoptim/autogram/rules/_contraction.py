@@ -22,7 +22,8 @@ Two ways to compute it, with ``b`` samples, ``S`` positions per sample, ``T`` ro
   positions ``s, r``: three operations instead of two 5-index contractions, 3–12× faster and
   3–25× more accurate in float32 (measured), with ``P`` no larger than ``M``.
 
-:func:`linear_gramian` takes the cheaper one by these flop counts.
+:func:`linear_gramian` takes the cheaper one by these flop counts, or, inside
+:func:`fewest_entries` (the engine's low-memory step), the one that forms fewer entries.
 
 A bias added at every position is a weight on a constant input ``1``: appending that input to
 ``a`` adds ``1`` to every entry of ``K``, so the weight and bias together cost one kernel
@@ -30,6 +31,10 @@ A bias added at every position is a weight on a constant input ``1``: appending 
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -45,6 +50,45 @@ def contraction_cost(b: int, s: int, t: int, d: int, o: int) -> int:
 
 def explicit_cost(b: int, s: int, t: int, d: int, o: int) -> int:
     return b * t * s * o * d + (b * t) ** 2 * o * d
+
+
+def contraction_memory(b: int, s: int, t: int, o: int) -> int:
+    """Entries the contraction forms: the kernel, then ``P`` (``T S ≤ o``) or ``M``."""
+    if s == 1:
+        return b * b + (b * t) ** 2
+    if b == 1:
+        return s * s + t * s * o
+    return (b * s) ** 2 + ((b * s * t) ** 2 if t * s <= o else b * b * s * t * o)
+
+
+def explicit_memory(b: int, t: int, d: int, o: int) -> int:
+    """Entries the explicit method forms: the ``b T`` rows of ``o d``."""
+    return b * t * o * d
+
+
+#: whether :func:`linear_gramian` takes the method that forms fewer entries, not the one of
+#: fewer flops (set by the engine's low-memory step around its rules, see :func:`fewest_entries`)
+_FEWEST_ENTRIES: ContextVar[bool] = ContextVar("fewest_entries", default=False)
+
+
+@contextmanager
+def fewest_entries() -> Iterator[None]:
+    """Inside the block, :func:`linear_gramian` picks by memory: the low-memory step computes
+    each layer's term during the backward pass, while the activations are alive, where the
+    explicit rows (``b T o d`` entries, ``b`` times a weight gradient) may set the step's peak."""
+    token = _FEWEST_ENTRIES.set(True)
+    try:
+        yield
+    finally:
+        _FEWEST_ENTRIES.reset(token)
+
+
+def takes_contraction(b: int, s: int, t: int, d: int, o: int) -> bool:
+    """Whether :func:`linear_gramian` contracts (else it forms the explicit rows): by flops, or
+    inside :func:`fewest_entries` by the entries each method forms."""
+    if _FEWEST_ENTRIES.get():
+        return contraction_memory(b, s, t, o) <= explicit_memory(b, t, d, o)
+    return contraction_cost(b, s, t, d, o) <= explicit_cost(b, s, t, d, o)
 
 
 def gramian_from_kernel(kernel: Tensor, grads: Tensor) -> Tensor:
@@ -95,10 +139,10 @@ def linear_rows(inputs: Tensor, grads: Tensor) -> Tensor:
 
 def linear_gramian(inputs: Tensor, grads: Tensor, with_bias: bool = False) -> Tensor:
     """The weight's (and with ``with_bias``, also the bias's) Gramian contribution
-    ``[b, T, b, T]``, by the cheaper method."""
+    ``[b, T, b, T]``, by the cheaper method (:func:`takes_contraction`)."""
     t, b, s, o = grads.shape
     d = inputs.shape[-1]
-    if contraction_cost(b, s, t, d + with_bias, o) <= explicit_cost(b, s, t, d + with_bias, o):
+    if takes_contraction(b, s, t, d + with_bias, o):
         if s == 1 and t == 1:
             return per_sample_gramian(inputs.reshape(b, d), grads.reshape(b, o), with_bias)
         kernel = linear_kernel(inputs)
