@@ -321,16 +321,22 @@ class GramianStep:
         }
         for (record, index, _), grad in zip(edges, grads):
             per_record[id(record)][index] = grad
-        explicit_grads = [  # a sparse gradient (a sparse lookup outside any call) as dense rows
-            None if g is None else dense(g) for g in grads[len(edges) :]
-        ]
-        if not batched:
-            explicit_grads = [None if g is None else g.unsqueeze(0) for g in explicit_grads]
-        self.explicit_rows = [
-            torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
-            for p, g in zip(self.explicit, explicit_grads)
-        ]
+        self.explicit_rows = self._autograd_rows(self.explicit, grads[len(edges) :], batched)
         return per_record
+
+    def _autograd_rows(
+        self, params: list[Tensor], grads: list[Tensor | None], batched: bool
+    ) -> list[Tensor]:
+        """Rows ``[T, *p.shape]`` of parameters differentiated by the backward itself: a
+        sparse gradient (a sparse lookup outside any call) made dense, one row given its row
+        dimension, zeros where unreached."""
+        rows = []
+        for p, grad in zip(params, grads):
+            if grad is None:
+                rows.append(torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device))
+            else:
+                rows.append(dense(grad) if batched else dense(grad).unsqueeze(0))
+        return rows
 
     def _rule_parameters(self, call: Call, plan: StepPlan) -> RuleParameters:
         """The call's rule with its parameters sorted; notes the modules the generic rule
@@ -452,23 +458,30 @@ class GramianStep:
         """The rows ``[b, T, *p.shape]`` of the shared parameters that no single rule's
         Gramian covers: those used by several calls (rows summed over the calls, so that the
         cross terms are there) and the explicit ones (straight from autograd)."""
-        tied: dict[int, Tensor] = {}
-        for parts in self.rule_parameters:
-            if parts.several:
-                for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
-                    tied[id(p)] = rows if id(p) not in tied else tied[id(p)] + rows
         explicit = [
             rows.unsqueeze(0)
             for p, rows in zip(self.explicit, self.explicit_rows)
             if id(p) in self.shared_ids
         ]
-        return [*tied.values(), *explicit]
+        return [*self._tied_rows(), *explicit]
+
+    def _tied_rows(self) -> list[Tensor]:
+        """The rows of each shared parameter used by several calls, summed over the calls."""
+        tied: dict[int, Tensor] = {}
+        for parts in self.rule_parameters:
+            if parts.several:
+                for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
+                    tied[id(p)] = rows if id(p) not in tied else tied[id(p)] + rows
+        return list(tied.values())
+
+    def _alone_terms(self) -> Iterable[Tensor]:
+        """The Gramian terms of the shared parameters used by one call each, from its rule."""
+        return (parts.rule.gramian(parts.alone) for parts in self.rule_parameters if parts.alone)
 
     def gramian(self) -> Tensor:
         """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order."""
-        alone = (parts.rule.gramian(parts.alone) for parts in self.rule_parameters if parts.alone)
         tied = (rows_gramian(rows) for rows in self.shared_rows())
-        return self._sum_terms(itertools.chain(alone, tied))
+        return self._sum_terms(itertools.chain(self._alone_terms(), tied))
 
     def _sum_terms(self, terms: Iterable[Tensor]) -> Tensor:
         """The Gramian from its ``[b, T, b, T]`` terms (summed as they come, so that one is

@@ -34,20 +34,18 @@ compares with autograd's ``∂(vᵀℓ)/∂θ``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-from ..linalg.sparse_rows import dense
 from ..linalg.torch_errors import OutOfMemoryError
 from ..linalg.vmap_fallback import VmapState
 from ._certify import ONE_FROM_ANOTHER, Probe, computes_one_output_from_another
 from ._records import CallRecord
 from ._step import GramianStep, RuleParameters, StepPlan
-from .rules import rows_gramian
 from .rules._contraction import fewest_entries
 
 __all__ = ["StreamingStep"]
@@ -356,32 +354,16 @@ class StreamingStep(GramianStep):
 
     def _take_captured(self, grads: list[Tensor | None], batched: bool) -> None:
         """The explicit parameters' rows ``[T, *p.shape]`` and the specific ones' sums."""
-        rows = [None if g is None else dense(g) for g in grads]
-        if not batched:
-            rows = [None if g is None else g.unsqueeze(0) for g in rows]
+        rows = self._autograd_rows(self._captured, grads, batched)
+        self.explicit_rows = rows[: len(self.explicit)]  # (the captured start with them)
         by_param = dict(zip(map(id, self._captured), rows))
-        self.explicit_rows = []
-        for p in self.explicit:
-            found = by_param[id(p)]
-            if found is None:  # unreached
-                found = torch.zeros((self.T, *p.shape), dtype=p.dtype, device=p.device)
-            self.explicit_rows.append(found)
-        self._specific_sums = [
-            torch.zeros_like(p) if (r := by_param[id(p)]) is None else r.sum(0)
-            for p in self.specific
-        ]
+        self._specific_sums = [by_param[id(p)].sum(0) for p in self.specific]
 
-    def shared_rows(self) -> list[Tensor]:
-        explicit = [
-            rows.unsqueeze(0)
-            for p, rows in zip(self.explicit, self.explicit_rows)
-            if id(p) in self.shared_ids
-        ]
-        return [*self._tied.values(), *explicit]
+    def _tied_rows(self) -> list[Tensor]:
+        return list(self._tied.values())
 
-    def gramian(self) -> Tensor:
-        alone = [] if self._alone is None else [self._alone]
-        return self._sum_terms([*alone, *(rows_gramian(rows) for rows in self.shared_rows())])
+    def _alone_terms(self) -> Iterable[Tensor]:
+        return [] if self._alone is None else [self._alone]
 
     def gradients(
         self, weights: Tensor | None, weigh_specific: bool = False
