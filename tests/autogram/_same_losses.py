@@ -25,6 +25,21 @@ def trainable(model: nn.Module) -> list[Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def all_aggregated_optimizer(
+    model: nn.Module, batch_dim: int | None, low_memory: bool = False
+) -> JDOptimizer:
+    """``JDOptimizer`` with UPGrad on the engine, every parameter aggregated (``scope="all"``),
+    SGD at ``lr=0`` (steps leave the parameters as they are)."""
+    return JDOptimizer(
+        torch.optim.SGD(trainable(model), lr=0.0),
+        UPGrad(),
+        modules=model,
+        batch_dim=batch_dim,
+        scope="all",
+        low_memory=low_memory,
+    )
+
+
 def check_gramian(
     model: nn.Module,
     losses_of: Callable[[], Tensor],
@@ -54,14 +69,7 @@ def check_step(
     UPGrad's weights on the explicit Gramian (``scope="all"``: every parameter is aggregated)."""
     params = trainable(model)
     model.zero_grad(set_to_none=True)
-    opt = JDOptimizer(
-        torch.optim.SGD(params, lr=0.0),
-        UPGrad(),
-        modules=model,
-        batch_dim=batch_dim,
-        scope="all",
-        low_memory=low_memory,
-    )
+    opt = all_aggregated_optimizer(model, batch_dim, low_memory)
     try:
         losses = losses_of()
         jacobian = explicit_jacobian(losses, params).double()

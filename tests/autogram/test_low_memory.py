@@ -34,6 +34,7 @@ from jdoptim.autogram import Engine, EngineRouteWarning
 from jdoptim.autogram._streaming import StreamingStep
 
 from ._oracle import as_square, explicit_jacobian
+from ._same_losses import all_aggregated_optimizer, trainable
 from .test_real_models import LAYOUTS, MODELS, _cases, _relative_error
 
 WARM_UP = 2  # forwards before the checked one: the first may change the structure (expansion)
@@ -68,20 +69,6 @@ def _flat_grads(params: list[Tensor]) -> Tensor:
 FLOAT32_PARTS = {"llama", "llama_checkpointed", "llama_lora", "llama_dora", "t5"}
 
 
-def low_memory_optimizer(model: nn.Module, batch_dim: int | None) -> JDOptimizer:
-    """``JDOptimizer`` with UPGrad on the low-memory engine, every parameter aggregated, SGD at
-    ``lr=0`` (steps leave the parameters as they are)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return JDOptimizer(
-        torch.optim.SGD(params, lr=0.0),
-        UPGrad(),
-        modules=model,
-        batch_dim=batch_dim,
-        scope="all",
-        low_memory=True,
-    )
-
-
 def check_low_memory(
     model: nn.Module,
     run: Callable[[nn.Module], Tensor],
@@ -90,8 +77,8 @@ def check_low_memory(
 ) -> None:
     """Warm-up steps, then one checked low-memory step of JDOptimizer: its Gramian, weights and
     ``.grad`` against the explicit Jacobian of the same losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = low_memory_optimizer(model, batch_dim)
+    params = trainable(model)
+    opt = all_aggregated_optimizer(model, batch_dim, low_memory=True)
     for _ in range(WARM_UP):
         opt.step(run(model))
     with streamed_steps() as streamed:
@@ -113,7 +100,7 @@ def check_engine_low_memory(
     model: nn.Module, run: Callable[[nn.Module], Tensor], batch_dim: int | None
 ) -> None:
     """Warm-up steps, then one checked low-memory ``Engine.compute_gramian``."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable(model)
     with Engine(model, batch_dim=batch_dim, low_memory=True) as engine:
         for _ in range(WARM_UP):
             engine.compute_gramian(run(model))
@@ -339,7 +326,7 @@ def test_sparse_embedding_low_memory(per_sample: bool) -> None:
     model = Recommender().double()
     items, users = _batch()
     params = list(model.parameters())
-    opt = low_memory_optimizer(model, 0 if per_sample else None)
+    opt = all_aggregated_optimizer(model, 0 if per_sample else None, low_memory=True)
 
     def run() -> Tensor:
         out = model(items, users)
@@ -398,7 +385,7 @@ def test_the_checked_first_step_streams_too(layout: str) -> None:
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     pick, batch_dim = LAYOUTS[layout]
     params = list(model.parameters())
-    opt = low_memory_optimizer(model, batch_dim)
+    opt = all_aggregated_optimizer(model, batch_dim, low_memory=True)
     with streamed_steps() as streamed:
         losses = pick((model(x) - y).pow(2))
         jacobian = explicit_jacobian(losses, params)

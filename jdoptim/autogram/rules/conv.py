@@ -224,8 +224,11 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
 
     def _rows_cheaper(self, with_bias: bool) -> bool:
         """Whether the (ungrouped) weight rows cost less than the kernel contraction of the
-        im2col columns: the choice :func:`~._contraction.linear_gramian` makes on them, from
-        the shapes alone (without unfolding the input)."""
+        im2col columns: the choice :func:`~._contraction.linear_gramian` makes on them by flops,
+        from the shapes alone (without unfolding the input). By flops in the low-memory step
+        too, where a ``Linear`` is chosen by the entries each method forms
+        (:func:`~._contraction.fewest_entries`): for a convolution that count would have to
+        include the unfolded columns (``b·P·C_in·k²``), which it leaves out."""
         call, module = self.call, self.module
         positions = self.images.shape[0] // call.b * self._positions
         width = module.in_channels * math.prod(_sizes(module.kernel_size, self.spatial))
