@@ -4,9 +4,11 @@ computation (``backward()``'s own gradients, hand-built tensors)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+import jdoptim.linalg.finite as finite_module
 from jdoptim import JDOptimizer
 from jdoptim.finite import all_finite
 from jdoptim.grads import store_gradients
@@ -109,6 +111,26 @@ def test_all_finite_with_norms_that_overflow():
     assert not all_finite([huge, torch.tensor([inf])])
     assert all_finite([huge.double(), torch.ones(2)])  # mixed dtypes: the per-tensor path
     assert not all_finite([huge.double(), torch.tensor([-inf])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_all_finite_on_large_tensors_which_cpu_sums(dtype) -> None:
+    """Tensors above ``_OWN_SUM_ABOVE`` entries are summed on CPU: a NaN, a lone ``±inf`` and an
+    ``inf`` cancelling a ``-inf`` are found; a sum that overflows on finite entries is not taken
+    for a non-finite entry; small tensors beside them are still checked."""
+    n = finite_module._OWN_SUM_ABOVE + 1
+    ones, small = torch.ones(n, dtype=dtype), torch.ones(3, dtype=dtype)
+    assert all_finite([ones, small, ones.reshape(1, n)])
+    top = torch.finfo(dtype).max
+    assert all_finite([torch.full((n,), top, dtype=dtype), small])  # the sum overflows
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = ones.clone()
+        broken[n // 2] = bad
+        assert not all_finite([broken, small])
+        assert not all_finite([ones, small, torch.tensor([1.0, bad], dtype=dtype)])
+    cancelling = ones.clone()
+    cancelling[:2] = torch.tensor([float("inf"), -float("inf")])
+    assert not all_finite([cancelling])
 
 
 def test_a_view_stored_after_its_base_does_not_share_memory() -> None:

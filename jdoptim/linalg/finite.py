@@ -34,25 +34,45 @@ def is_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+#: Tensors with more entries than this are reduced by their own sum on CPU (see all_finite).
+_OWN_SUM_ABOVE = 2048
+
+
 def all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, from one fused 2-norm per tensor and one
+    """Whether every entry of every tensor is finite, from one reduction per tensor and one
     synchronisation when they are.
 
-    ``NaN`` and ``±inf`` propagate through ``‖x‖₂``, so finite norms prove finite entries. A norm
-    can also overflow on huge finite entries: only then are the tensors tested entry-wise. (The
-    2-norm, not the max-norm that cannot overflow: on CPU ``torch._foreach_norm`` with ``inf``
-    costs about nine times as much, ~1.8 ms against ~0.2 ms on a 0.5M-parameter model.)
+    ``NaN`` and ``±inf`` propagate through a sum and a 2-norm, so a finite result proves finite
+    entries; either can also overflow on huge finite entries, and only then are the tensors
+    tested entry-wise. The 2-norms come from one fused ``torch._foreach_norm``. On CPU, where
+    that call loops over the tensors, a tensor of more than ``_OWN_SUM_ABOVE`` entries is summed
+    instead: the sum reads it at about twice the speed of the norm (a 0.5M-parameter MLP's
+    gradients: 0.1 ms less per step, 1.5% of its plain step; 50 matrices of 768 × 768: 4.1 ms
+    against 6.6 ms), while for small tensors one fused call beats one call each. (The max-norm,
+    which cannot overflow, costs about nine times the 2-norm on CPU.)
     """
-    # A sparse COO tensor (a sparse embedding's gradient) is finite when its stored values are.
-    tensors = [t._values() if t.layout is torch.sparse_coo else t for t in tensors]
-    tensors = [t for t in tensors if t.numel()]  # an empty gradient has nothing to check
+    summed: list[Tensor] = []  # (on CPU) the large tensors
+    normed: list[Tensor] = []  # the others
+    sum_above = _OWN_SUM_ABOVE if tensors and tensors[0].device.type == "cpu" else None
+    for tensor in tensors:
+        if tensor.layout is torch.sparse_coo:  # finite when its stored values are
+            tensor = tensor._values()
+        size = tensor.numel()
+        if size:  # an empty gradient has nothing to check
+            (summed if sum_above is not None and size > sum_above else normed).append(tensor)
+    if not summed and not normed:
+        return True
+    with torch.no_grad():
+        reductions = [t.sum() for t in summed] + list(_norms(normed))
+    if is_finite(torch.stack(reductions)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in summed + normed)  # NaN/inf, or overflow
+
+
+def _norms(tensors: list[Tensor]) -> tuple[Tensor, ...] | list[Tensor]:
+    """The 2-norms of ``tensors``: one fused call where they share a device and dtype."""
     if not tensors:
-        return True
-    norms: tuple[Tensor, ...] | list[Tensor]
+        return []
     if len({(t.device, t.dtype) for t in tensors}) == 1 and hasattr(torch, "_foreach_norm"):
-        norms = torch._foreach_norm(tensors, 2.0)
-    else:
-        norms = [torch.linalg.vector_norm(t).float() for t in tensors]
-    if is_finite(torch.stack(norms)):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)  # NaN/inf, or an overflowed norm
+        return torch._foreach_norm(tensors, 2.0)
+    return [torch.linalg.vector_norm(t).float() for t in tensors]
