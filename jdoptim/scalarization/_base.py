@@ -72,6 +72,14 @@ class Scalarizer(nn.Module, ABC):
         """The scalarization of ``values``: differentiable, and without side effects on the
         method's state (except a random method's draw)."""
 
+    def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``s`` and the effective weights ``w = ∂s/∂ℓ`` in closed form, computed without
+        autograd (a method without learnable parameters whose weights have a simple formula, as
+        FAMO's), or ``None``: then ``w`` comes from differentiating :meth:`_scalarize`.
+        :class:`jdoptim.JDOptimizer` then runs one backward of ``Σᵢ wᵢ ℓᵢ``, with no autograd
+        node of the method's own."""
+        return None
+
     def _observe(self, values: Tensor) -> None:
         """Record a call on the (detached) ``values`` in the method's state."""
 

@@ -210,9 +210,12 @@ class ScalarizedStep:
         own = {id(p) for p in learned}  # the optimizer may hold them too: one gradient each
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         params = [p for p in params if p.requires_grad and id(p) not in own]
+        closed = None if learned else self.scalarizer._value_and_weights(record.losses)
         if scaling is not None:  # the gradients of the scaled loss; the scaler unscales them
             factor = float(scaling.grad_scaler.scale(torch.ones((), device=batch.vector.device)))
-            return self._gradients_of_weights(batch, record, params, learned, factor)
+            return self._gradients_of_weights(batch, record, params, learned, factor, closed)
+        if closed is not None:  # w in closed form: one backward of Σ wᵢ ℓᵢ, no method nodes
+            return self._gradients_of_weights(batch, record, params, learned, 1.0, closed)
         with torch.enable_grad(), no_autocast(batch.vector.device.type):
             scalar = self.scalarizer._scalarize(batch.vector)
         if not scalar.requires_grad:  # s ignores the losses: a zero step, as the other route
@@ -233,10 +236,15 @@ class ScalarizedStep:
         params: list[Tensor],
         learned: list[nn.Parameter],
         factor: float,
+        closed: tuple[Tensor, Tensor] | None = None,
     ) -> list[tuple[Tensor, Tensor]] | str:
-        """The two-pass route: ``w`` from the scalarizer on a detached copy of the losses, then
-        the model's backward of ``Σᵢ factor·wᵢ ℓᵢ``."""
-        scalar, weights, learned_pairs = self._effective_weights(record.losses)
+        """The two-pass route: ``w`` from the scalarizer on a detached copy of the losses (or
+        ``closed``, the method's closed form ``(s, w)``), then the model's backward of
+        ``Σᵢ factor·wᵢ ℓᵢ``."""
+        if closed is not None:
+            (scalar, weights), learned_pairs = closed, []
+        else:
+            scalar, weights, learned_pairs = self._effective_weights(record.losses)
         record.weights, record.extras["scalarized_loss"] = weights, scalar
         if not is_finite(torch.cat([weights.reshape(-1), scalar.reshape(1)])):  # one sync
             return self._nonfinite_weights_message(record)
@@ -328,9 +336,7 @@ class ScalarizedStep:
         famo = self.scalarizer
         if not isinstance(famo, FAMO) or not famo.pending_update:
             return lambda: None
-        snapshot = famo._snapshot()
-        famo._apply_update(values)  # the values passed famo._check
-        return lambda: famo._restore(snapshot)
+        return famo._apply_update(values)  # the values passed famo._check
 
     def _famo_same_batch_update(
         self, closure: Callable[[], object], record: StepRecord, nonfinite: str

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import jdoptim.scalarization.famo as famo_module
 from jdoptim.scalarization import (
     COSMOS,
     DWA,
@@ -136,6 +137,46 @@ def test_famo_value_weights_and_update() -> None:
         famo.update(torch.tensor([0.5, 4.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_famo_undone_update_restores_its_state_bit_for_bit(dtype, famo_update_path) -> None:
+    """The undo that a refused step runs after FAMO's deferred update: logits, Adam's moments
+    and step count, and the pending losses are exactly as before, after a first update (no
+    Adam state yet) and after later ones."""
+    famo = FAMO(3).to(dtype)
+    for step in range(3):
+        famo(torch.rand(3, dtype=dtype) + 0.5)
+        logits = famo.logits.detach().clone()
+        adam = {k: v.clone() for k, v in famo._optimizer.state.get(famo.logits, {}).items()}
+        pending = famo._previous
+        undo = famo._apply_update(torch.rand(3, dtype=dtype) + 0.5)
+        assert not torch.equal(famo.logits.detach(), logits)
+        undo()
+        assert torch.equal(famo.logits.detach(), logits) and famo._previous is pending
+        restored = famo._optimizer.state.get(famo.logits, {})
+        assert restored.keys() == adam.keys(), step
+        assert all(
+            torch.equal(restored[k], v) and restored[k].dtype == v.dtype for k, v in adam.items()
+        )
+        famo.update(torch.rand(3, dtype=dtype) + 0.5)
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 2)])
+def test_famo_closed_form_weights_are_the_gradient_of_its_scalarization(shape) -> None:
+    """``_value_and_weights`` (the optimizer's route: no autograd) against autograd of
+    ``_scalarize`` on the same values, with trained logits and lower bounds."""
+    torch.manual_seed(1)
+    famo = FAMO(shape, min_losses=-torch.rand(shape)).double()
+    with torch.no_grad():
+        famo.logits.copy_(torch.randn(shape))
+    values = (torch.rand(shape, dtype=D) + 0.1).requires_grad_()
+    expected = famo._scalarize(values)
+    (expected_weights,) = torch.autograd.grad(expected, values)
+    value, weights = famo._value_and_weights(values)
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(weights, expected_weights)
+    assert not value.requires_grad and not weights.requires_grad
+
+
 def test_dwa_epochs_by_step_and_by_window() -> None:
     lam = [2 * math.exp(0.5) / (math.exp(0.5) + math.exp(0.25))]
     lam.append(2.0 - lam[0])
@@ -243,20 +284,30 @@ def test_dwa_window_refuses_an_undefined_rate_before_the_call_changes_anything()
     assert len(after["averages"]) == 1 and torch.equal(after["averages"][0], state["averages"][0])
 
 
+@pytest.fixture(params=["floats", "tensors"])
+def famo_update_path(request, monkeypatch) -> str:
+    """Both implementations of FAMO's logit update: in Python floats (up to
+    ``FLOAT_UPDATE_LIMIT`` logits) and in tensor operations (beyond)."""
+    if request.param == "tensors":
+        monkeypatch.setattr(famo_module, "FLOAT_UPDATE_LIMIT", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3)])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-3])
-def test_famo_logit_update_is_torch_adam(weight_decay: float) -> None:
+def test_famo_logit_update_is_torch_adam(weight_decay: float, shape, famo_update_path) -> None:
     """FAMO's hand-written Adam step on the logits equals ``torch.optim.Adam`` on the same
-    gradients (``∇ = z ⊙ (δ − zᵀδ)``, ``δ = log ℓ − log ℓ'``), over several updates, and leaves
-    its state in the Adam's ``state_dict`` format."""
+    gradients (``∇ = z ⊙ (δ − zᵀδ)``, ``δ = log ℓ − log ℓ'``, ``z`` the softmax over all the
+    logits), over several updates, and leaves its state in the Adam's ``state_dict`` format."""
     torch.manual_seed(0)
-    famo = FAMO(4, lr=0.05, weight_decay=weight_decay)
-    logits = torch.zeros(4, requires_grad=True)
+    famo = FAMO(shape, lr=0.05, weight_decay=weight_decay)
+    logits = torch.zeros(shape, requires_grad=True)
     reference = torch.optim.Adam([logits], lr=0.05, weight_decay=weight_decay)
     for _ in range(6):
-        before, after = torch.rand(4) + 0.5, torch.rand(4) + 0.5
+        before, after = torch.rand(shape) + 0.5, torch.rand(shape) + 0.5
         famo(before)
         famo.update(after)
-        z = logits.detach().softmax(0)
+        z = logits.detach().reshape(-1).softmax(0).reshape(shape)
         delta = before.log() - after.log()
         logits.grad = z * (delta - (z * delta).sum())
         reference.step()
