@@ -31,6 +31,7 @@ batch) as ``ℓ'`` — no extra forward, but ``δ`` then also holds the change b
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -125,13 +126,23 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """``s`` and its effective weights ``c zᵢ / (ℓᵢ − bᵢ + ε)`` (``z`` and ``c`` constants
-        of the gradient), with no autograd graph."""
-        with torch.no_grad():
-            z = self.task_weights().to(dtype=values.dtype, device=values.device)
-            shifted = values.detach() - self.min_losses + _EPSILON
-            ratios = z / shifted
-            normaliser = ratios.sum()
-            return (z * shifted.log()).sum() / normaliser, ratios / normaliser
+        of the gradient), with no autograd graph; in Python floats up to
+        :data:`FLOAT_UPDATE_LIMIT` values, as :meth:`_apply_update`."""
+        if values.numel() > FLOAT_UPDATE_LIMIT:
+            with torch.no_grad():
+                z = self.task_weights().to(dtype=values.dtype, device=values.device)
+                shifted = values.detach() - self.min_losses + _EPSILON
+                ratios = z / shifted
+                normaliser = ratios.sum()
+                return (z * shifted.log()).sum() / normaliser, ratios / normaliser
+        now, bounds, logits = map(_floats, (values.detach(), self.min_losses, self.logits.detach()))
+        z = _softmax(logits)
+        shifted = [n - b + _EPSILON for n, b in zip(now, bounds)]
+        ratios = [zi / si for zi, si in zip(z, shifted)]
+        normaliser = math.fsum(ratios)
+        value = math.fsum(zi * math.log(si) for zi, si in zip(z, shifted)) / normaliser
+        packed = _tensor_of([value, *(r / normaliser for r in ratios)], values)
+        return packed[0], packed[1:].view(values.shape)
 
     def _observe(self, values: Tensor) -> None:
         self._previous = values.clone()
@@ -245,7 +256,7 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
         """Set the logits (in place) and Adam's moments and step count (new tensors: views of
         one buffer, which cost one operation to make)."""
         param = self.logits
-        rows = torch.tensor([*logits, *first, *second], dtype=param.dtype, device=param.device)
+        rows = _tensor_of([*logits, *first, *second], param)
         new_logits, exp_avg, exp_avg_sq = rows.view(3, *param.shape).unbind(0)
         with torch.no_grad():
             param.copy_(new_logits)
@@ -284,6 +295,16 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.logits.shape)}, lr={self.lr}, weight_decay={self.weight_decay}"
+
+
+def _tensor_of(numbers: list[float], like: Tensor) -> Tensor:
+    """A 1-D tensor of ``numbers`` in ``like``'s dtype and device: made from an ``array`` buffer
+    for float32 and float64 (about a quarter of ``torch.tensor``'s time from a list)."""
+    code = {torch.float32: "f", torch.float64: "d"}.get(like.dtype)
+    if code is None:
+        return torch.tensor(numbers, dtype=like.dtype, device=like.device)
+    tensor = torch.frombuffer(array.array(code, numbers), dtype=like.dtype)
+    return tensor if like.device.type == "cpu" else tensor.to(like.device)
 
 
 def _floats(tensor: Tensor) -> list[float]:

@@ -161,9 +161,11 @@ def test_famo_undone_update_restores_its_state_bit_for_bit(dtype, famo_update_pa
 
 
 @pytest.mark.parametrize("shape", [(3,), (2, 2)])
-def test_famo_closed_form_weights_are_the_gradient_of_its_scalarization(shape) -> None:
-    """``_value_and_weights`` (the optimizer's route: no autograd) against autograd of
-    ``_scalarize`` on the same values, with trained logits and lower bounds."""
+def test_famo_closed_form_weights_are_the_gradient_of_its_scalarization(
+    shape, famo_update_path
+) -> None:
+    """``_value_and_weights`` (the optimizer's route: no autograd; in floats or in tensors)
+    against autograd of ``_scalarize`` on the same values, with trained logits and bounds."""
     torch.manual_seed(1)
     famo = FAMO(shape, min_losses=-torch.rand(shape)).double()
     with torch.no_grad():
@@ -175,6 +177,7 @@ def test_famo_closed_form_weights_are_the_gradient_of_its_scalarization(shape) -
     torch.testing.assert_close(value, expected.detach())
     torch.testing.assert_close(weights, expected_weights)
     assert not value.requires_grad and not weights.requires_grad
+    assert value.dtype == weights.dtype == D and weights.shape == values.shape
 
 
 def test_dwa_epochs_by_step_and_by_window() -> None:
