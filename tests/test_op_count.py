@@ -56,7 +56,7 @@ def _plain_and_jd_counts(jd_step: Callable[[], None], plain_step: Callable[[], N
 # Loss-only methods (issue 17: at most 1.15x a plain step): most operations a scalarizer's step
 # may add to the plain summed step, at m = 8 tasks (counts of 2026-12-07, torch 2.13, after the
 # effective weights joined the model's backward; each is the same at m = 2 except FAMO+closure,
-# whose recomputed forward grows with m; FAMO's from 70 to 41 when its logit update moved to
+# whose recomputed forward grows with m; FAMO's from 70 to 31 when its logit update moved to
 # Python floats and its effective weights to their closed form).
 SCALARIZER_BUDGETS = {
     "Sum": 14,
@@ -70,7 +70,7 @@ SCALARIZER_BUDGETS = {
     "UW": 38,
     "IMTLL": 33,
     "DWA": 16,
-    "FAMO": 41,
+    "FAMO": 31,
 }
 
 

@@ -31,7 +31,6 @@ batch) as ``ℓ'`` — no extra forward, but ``δ`` then also holds the change b
 
 from __future__ import annotations
 
-import array
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,12 +41,11 @@ from torch.optim import Adam
 
 from ..aggregation._mixins import Stateful
 from ..aggregation.state import CheckpointedState
+from . import _floats
 from ._base import Scalarizer, check_values
+from ._floats import floats, softmax, tensor_of
 
 _EPSILON = 1e-8
-
-#: Up to this many logits, :meth:`FAMO.update` computes in Python floats (see its docstring).
-FLOAT_UPDATE_LIMIT = 64
 
 
 class FAMO(CheckpointedState, Stateful, Scalarizer):
@@ -127,21 +125,21 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """``s`` and its effective weights ``c zᵢ / (ℓᵢ − bᵢ + ε)`` (``z`` and ``c`` constants
         of the gradient), with no autograd graph; in Python floats up to
-        :data:`FLOAT_UPDATE_LIMIT` values, as :meth:`_apply_update`."""
-        if values.numel() > FLOAT_UPDATE_LIMIT:
+        :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values, as :meth:`_apply_update`."""
+        if values.numel() > _floats.FLOAT_LIMIT:
             with torch.no_grad():
                 z = self.task_weights().to(dtype=values.dtype, device=values.device)
                 shifted = values.detach() - self.min_losses + _EPSILON
                 ratios = z / shifted
                 normaliser = ratios.sum()
                 return (z * shifted.log()).sum() / normaliser, ratios / normaliser
-        now, bounds, logits = map(_floats, (values.detach(), self.min_losses, self.logits.detach()))
-        z = _softmax(logits)
+        now, bounds, logits = map(floats, (values.detach(), self.min_losses, self.logits.detach()))
+        z = softmax(logits)
         shifted = [n - b + _EPSILON for n, b in zip(now, bounds)]
         ratios = [zi / si for zi, si in zip(z, shifted)]
         normaliser = math.fsum(ratios)
         value = math.fsum(zi * math.log(si) for zi, si in zip(z, shifted)) / normaliser
-        packed = _tensor_of([value, *(r / normaliser for r in ratios)], values)
+        packed = tensor_of([value, *(r / normaliser for r in ratios)], values)
         return packed[0], packed[1:].view(values.shape)
 
     def _observe(self, values: Tensor) -> None:
@@ -163,12 +161,13 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
         """:meth:`update` on values already checked (shape, device, above the bounds); returns
         how to undo it (for a step refused after the update).
 
-        Up to :data:`FLOAT_UPDATE_LIMIT` logits, the update runs on Python floats (in double
-        precision): its twenty-odd operations on ``m`` numbers then cost a few microseconds
-        instead of one tensor operation each, about 0.2 ms of a loss-only step on CPU."""
+        Up to :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` logits, the update runs on
+        Python floats (in double precision, see :mod:`jdoptim.scalarization._floats`): its
+        twenty-odd operations on ``m`` numbers then cost a few microseconds instead of one
+        tensor operation each."""
         pending = self._previous
         assert pending is not None
-        if self.logits.numel() <= FLOAT_UPDATE_LIMIT:
+        if self.logits.numel() <= _floats.FLOAT_LIMIT:
             undo_state = self._update_in_floats(values)
         else:
             undo_state = self._update_in_tensors(values)
@@ -201,14 +200,14 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
         fresh = not state  # Adam's state is created by this first update
         if state:
             tensors += [state["exp_avg"], state["exp_avg_sq"]]
-        previous, now, bounds, logits, *moments = map(_floats, tensors)
+        previous, now, bounds, logits, *moments = map(floats, tensors)
         first, second = moments or ([0.0] * len(logits), [0.0] * len(logits))
         step = float(state["step"]) if state else 0.0
         delta = [
             math.log(p - b + _EPSILON) - math.log(n - b + _EPSILON)
             for p, n, b in zip(previous, now, bounds)
         ]
-        z = _softmax(logits)
+        z = softmax(logits)
         mean_delta = math.fsum(zi * di for zi, di in zip(z, delta))
         grad = [zi * (di - mean_delta) for zi, di in zip(z, delta)]
         group = self._optimizer.param_groups[0]
@@ -256,7 +255,7 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
         """Set the logits (in place) and Adam's moments and step count (new tensors: views of
         one buffer, which cost one operation to make)."""
         param = self.logits
-        rows = _tensor_of([*logits, *first, *second], param)
+        rows = tensor_of([*logits, *first, *second], param)
         new_logits, exp_avg, exp_avg_sq = rows.view(3, *param.shape).unbind(0)
         with torch.no_grad():
             param.copy_(new_logits)
@@ -295,29 +294,6 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.logits.shape)}, lr={self.lr}, weight_decay={self.weight_decay}"
-
-
-def _tensor_of(numbers: list[float], like: Tensor) -> Tensor:
-    """A 1-D tensor of ``numbers`` in ``like``'s dtype and device: made from an ``array`` buffer
-    for float32 and float64 (about a quarter of ``torch.tensor``'s time from a list)."""
-    code = {torch.float32: "f", torch.float64: "d"}.get(like.dtype)
-    if code is None:
-        return torch.tensor(numbers, dtype=like.dtype, device=like.device)
-    tensor = torch.frombuffer(array.array(code, numbers), dtype=like.dtype)
-    return tensor if like.device.type == "cpu" else tensor.to(like.device)
-
-
-def _floats(tensor: Tensor) -> list[float]:
-    """The entries of ``tensor`` as a flat list of floats."""
-    return (tensor if tensor.dim() == 1 else tensor.reshape(-1)).tolist()
-
-
-def _softmax(logits: list[float]) -> list[float]:
-    """``softmax`` of a list of floats (shifted by the largest, so no ``exp`` overflows)."""
-    top = max(logits)
-    exps = [math.exp(w - top) for w in logits]
-    total = math.fsum(exps)
-    return [e / total for e in exps]
 
 
 def _adam_in_floats(

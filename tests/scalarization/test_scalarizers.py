@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-import jdoptim.scalarization.famo as famo_module
+import jdoptim.scalarization._floats as floats_module
 from jdoptim.scalarization import (
     COSMOS,
     DWA,
@@ -290,9 +290,9 @@ def test_dwa_window_refuses_an_undefined_rate_before_the_call_changes_anything()
 @pytest.fixture(params=["floats", "tensors"])
 def famo_update_path(request, monkeypatch) -> str:
     """Both implementations of FAMO's logit update: in Python floats (up to
-    ``FLOAT_UPDATE_LIMIT`` logits) and in tensor operations (beyond)."""
+    ``FLOAT_LIMIT`` logits) and in tensor operations (beyond)."""
     if request.param == "tensors":
-        monkeypatch.setattr(famo_module, "FLOAT_UPDATE_LIMIT", 0)
+        monkeypatch.setattr(floats_module, "FLOAT_LIMIT", 0)
     return request.param
 
 
