@@ -24,12 +24,16 @@ scalarizes ``log(ℓᵢ / nadirᵢ)``; that variant is not this one. The warm-up
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..aggregation._mixins import Stateful
 from ..aggregation.state import CheckpointedState
+from . import _floats
 from ._base import Scalarizer, check_same_shape
+from ._floats import floats, tensor_of
 
 
 class STCH(CheckpointedState, Stateful, Scalarizer):
@@ -98,6 +102,28 @@ class STCH(CheckpointedState, Stateful, Scalarizer):
         y = weights * (values if ideal is None else values - ideal)
         top = y.detach().max()
         return self.mu * torch.logsumexp(((y - top) / self.mu).reshape(-1), dim=0) + top
+
+    def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``s`` and ``w = λ ⊙ softmax(y/μ)`` (``λ`` during the warm-up), in floats (up to
+        :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values; else ``None``: autograd)."""
+        if values.numel() > _floats.FLOAT_LIMIT:
+            return None
+        losses = floats(values.detach())
+        m = len(losses)
+        preference = [1.0 / m] * m if self.weights is None else floats(self.weights)
+        if self.warming_up:
+            value = math.fsum(p * v for p, v in zip(preference, losses))
+            packed = tensor_of([value, *preference], values)
+            return packed[0], packed[1:].view(values.shape)
+        ideal = self.ideal_point()
+        shifted = losses if ideal is None else [v - z for v, z in zip(losses, floats(ideal))]
+        y = [p * f for p, f in zip(preference, shifted)]
+        top = max(y)
+        exps = [math.exp((yi - top) / self.mu) for yi in y]
+        total = math.fsum(exps)
+        weights = [p * e / total for p, e in zip(preference, exps)]
+        packed = tensor_of([self.mu * math.log(total) + top, *weights], values)
+        return packed[0], packed[1:].view(values.shape)
 
     def _observe(self, values: Tensor) -> None:
         if not self.warming_up:

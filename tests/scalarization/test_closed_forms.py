@@ -1,0 +1,137 @@
+"""The scalarizers' closed-form value and effective weights (``_value_and_weights``, the
+optimizer's route: no autograd node of the method) against autograd of ``_scalarize`` on the
+same values and state, in both of its routes (Python floats up to ``FLOAT_LIMIT`` values, and
+beyond), and through ``JDOptimizer`` against a step that differentiates ``_scalarize``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+import jdoptim.scalarization as S
+import jdoptim.scalarization._floats as floats_module
+from jdoptim import JDOptimizer
+
+D = torch.float64
+
+
+def _values(shape: tuple[int, ...], seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g, dtype=D) * 3.0 + 0.05
+
+
+def _preference(shape: tuple[int, ...], seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.rand(shape, generator=g, dtype=D) + 0.05
+
+
+def _trained_famo(shape: tuple[int, ...], seed: int) -> S.FAMO:
+    famo = S.FAMO(shape, min_losses=-_preference(shape, seed)).double()
+    with torch.no_grad():
+        famo.logits.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+    return famo
+
+
+def _stch_after_warmup(shape: tuple[int, ...], seed: int) -> S.STCH:
+    stch = S.STCH(0.3, _preference(shape, seed), warmup_steps=2)
+    for k in range(2):
+        stch(_values(shape, 50 + k))
+    return stch
+
+
+FACTORIES: dict[str, Callable[[tuple[int, ...], int], S.Scalarizer]] = {
+    "FAMO": _trained_famo,
+    "COSMOS": lambda shape, seed: S.COSMOS(0.7, _preference(shape, seed)),
+    "COSMOS lambda 0": lambda shape, seed: S.COSMOS(0.0, _preference(shape, seed)),
+    "STCH": lambda shape, seed: S.STCH(0.2),
+    "STCH weights and reference": lambda shape, seed: S.STCH(
+        0.05, _preference(shape, seed), -_preference(shape, seed + 1)
+    ),
+    "STCH warming up": lambda shape, seed: S.STCH(0.3, warmup_steps=3),
+    "STCH after warm-up": _stch_after_warmup,
+}
+
+
+@pytest.fixture(params=["floats", "tensors"])
+def route(request, monkeypatch) -> str:
+    if request.param == "tensors":  # no float route: tensor operations, or autograd (None)
+        monkeypatch.setattr(floats_module, "FLOAT_LIMIT", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (2, 3)])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_closed_form_is_the_gradient_of_the_scalarization(name, seed, shape, route) -> None:
+    scalarizer = FACTORIES[name](shape, seed)
+    values = _values(shape, seed).requires_grad_()
+    expected = scalarizer._scalarize(values)
+    (expected_weights,) = torch.autograd.grad(expected, values)
+    closed = scalarizer._value_and_weights(values)
+    if closed is None:  # the method leaves this case to autograd: only beyond the float route
+        assert route == "tensors" and not isinstance(scalarizer, S.FAMO)
+        return
+    value, weights = closed
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+    assert value.dtype == weights.dtype == D and weights.shape == values.shape
+    assert value.dim() == 0 and not weights.requires_grad
+
+
+def test_cosmos_near_zero_norm_is_left_to_autograd() -> None:
+    """Below a norm of 1e-6 the cosine's clamping decides the gradient: no closed form."""
+    cosmos = S.COSMOS(0.5, torch.tensor([1.0, 2.0], dtype=D))
+    assert cosmos._value_and_weights(torch.tensor([1e-9, 0.0], dtype=D)) is None
+    assert S.COSMOS(0.5, torch.zeros(2, dtype=D))._value_and_weights(torch.ones(2, dtype=D)) is None
+
+
+class _Heads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Linear(4, 5)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(5, 1) for _ in range(3))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        z = torch.tanh(self.trunk(x))
+        return [head(z).pow(2).mean() + 0.1 for head in self.heads]
+
+
+class _AutogradOnly(S.Scalarizer):
+    """``scalarizer`` without its closed form: the step differentiates ``_scalarize``."""
+
+    def __init__(self, scalarizer: S.Scalarizer) -> None:
+        super().__init__()
+        self.inner = scalarizer
+
+    def _check(self, values: Tensor) -> None:
+        self.inner._check(values)
+
+    def _scalarize(self, values: Tensor) -> Tensor:
+        return self.inner._scalarize(values)
+
+    def _observe(self, values: Tensor) -> None:
+        self.inner._observe(values)
+
+
+@pytest.mark.parametrize("name", ["COSMOS", "STCH after warm-up", "STCH warming up"])
+def test_step_with_the_closed_form_is_the_step_that_differentiates(name) -> None:
+    """Three steps of ``JDOptimizer(SGD, method)``: parameters, ``.grad`` and the recorded
+    weights equal those of the same method stepped through autograd."""
+    torch.manual_seed(0)
+    models = [_Heads().double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    methods = [FACTORIES[name]((3,), 0), _AutogradOnly(FACTORIES[name]((3,), 0))]
+    optimizers = [
+        JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method)
+        for model, method in zip(models, methods)
+    ]
+    for step in range(3):
+        x = torch.randn(8, 4, dtype=D, generator=torch.Generator().manual_seed(step))
+        records = [opt.step(model(x)) for model, opt in zip(models, optimizers)]
+        torch.testing.assert_close(records[0].weights, records[1].weights)
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q)
+            torch.testing.assert_close(p.grad, q.grad)
