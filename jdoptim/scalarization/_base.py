@@ -74,10 +74,16 @@ class Scalarizer(nn.Module, ABC):
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
         """``s`` and the effective weights ``w = ∂s/∂ℓ`` in closed form, computed without
-        autograd (a method without learnable parameters whose weights have a simple formula, as
-        FAMO's), or ``None``: then ``w`` comes from differentiating :meth:`_scalarize`.
-        :class:`jdoptim.JDOptimizer` then runs one backward of ``Σᵢ wᵢ ℓᵢ``, with no autograd
-        node of the method's own."""
+        autograd (for methods whose weights have a simple formula, as FAMO's), or ``None``: then
+        ``w`` comes from differentiating :meth:`_scalarize`. :class:`jdoptim.JDOptimizer` then
+        runs one backward of ``Σᵢ wᵢ ℓᵢ``, with no autograd node of the method's own. A method
+        with learnable parameters also gives :meth:`_learned_gradients`."""
+        return None
+
+    def _learned_gradients(self, values: Tensor) -> list[Tensor] | None:
+        """``∂s/∂φ`` for each of :meth:`learnable_parameters` ``φ`` in closed form (with
+        :meth:`_value_and_weights`), or ``None``: then autograd differentiates
+        :meth:`_scalarize`."""
         return None
 
     def _observe(self, values: Tensor) -> None:

@@ -60,6 +60,9 @@ from ..scalarization import FAMO, Scalarizer
 
 __all__ = ["ScalarizedStep", "attach_learnable_parameters", "make_scalarized_step"]
 
+#: ``s``, ``w = ∂s/∂ℓ`` and the (learnable parameter, gradient) pairs of a step.
+_ClosedForm = tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]
+
 
 def make_scalarized_step(
     optimizer: Optimizer,
@@ -210,7 +213,7 @@ class ScalarizedStep:
         own = {id(p) for p in learned}  # the optimizer may hold them too: one gradient each
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         params = [p for p in params if p.requires_grad and id(p) not in own]
-        closed = None if learned else self.scalarizer._value_and_weights(record.losses)
+        closed = self._closed_form(record.losses, learned)
         if scaling is not None:  # the gradients of the scaled loss; the scaler unscales them
             factor = float(scaling.grad_scaler.scale(torch.ones((), device=batch.vector.device)))
             return self._gradients_of_weights(batch, record, params, learned, factor, closed)
@@ -236,17 +239,21 @@ class ScalarizedStep:
         params: list[Tensor],
         learned: list[nn.Parameter],
         factor: float,
-        closed: tuple[Tensor, Tensor] | None = None,
+        closed: _ClosedForm | None = None,
     ) -> list[tuple[Tensor, Tensor]] | str:
         """The two-pass route: ``w`` from the scalarizer on a detached copy of the losses (or
-        ``closed``, the method's closed form ``(s, w)``), then the model's backward of
+        ``closed``, the method's closed form), then the model's backward of
         ``Σᵢ factor·wᵢ ℓᵢ``."""
         if closed is not None:
-            (scalar, weights), learned_pairs = closed, []
+            scalar, weights, learned_pairs = closed
         else:
             scalar, weights, learned_pairs = self._effective_weights(record.losses)
         record.weights, record.extras["scalarized_loss"] = weights, scalar
-        if not is_finite(torch.cat([weights.reshape(-1), scalar.reshape(1)])):  # one sync
+        # Autograd's weights, and any under loss scaling, are checked before the backward that
+        # needs them; an unscaled closed form's with the gradients (as on the one-backward
+        # route: a refused step then has consumed the losses' graph, and changed nothing else).
+        early = closed is None or factor != 1.0
+        if early and not is_finite(torch.cat([weights.reshape(-1), scalar.reshape(1)])):
             return self._nonfinite_weights_message(record)
         outputs = weights.to(batch.vector.dtype)
         if factor != 1.0:
@@ -297,6 +304,21 @@ class ScalarizedStep:
             f" of losses {record.losses.tolist()}): nothing was updated. A loss may be at a "
             "point where the method is undefined (e.g. 0 for GeometricMean)."
         )
+
+    def _closed_form(self, values: Tensor, learned: list[nn.Parameter]) -> _ClosedForm | None:
+        """``s``, ``w`` and the learnable parameters' gradients from the method's closed forms
+        (:meth:`~jdoptim.scalarization.Scalarizer._value_and_weights`,
+        :meth:`~jdoptim.scalarization.Scalarizer._learned_gradients`), or ``None`` (no closed
+        form, or one whose Python floats overflowed: autograd's route then gives the IEEE
+        result, whose infinite weights are refused by name)."""
+        try:
+            closed = self.scalarizer._value_and_weights(values)
+            grads = self.scalarizer._learned_gradients(values) if closed and learned else []
+        except ArithmeticError:  # a float overflow (e.g. exp): autograd's IEEE inf, refused
+            return None
+        if closed is None or grads is None:
+            return None
+        return closed[0], closed[1], list(zip(learned, grads))
 
     def _effective_weights(
         self, values: Tensor

@@ -42,7 +42,19 @@ def _stch_after_warmup(shape: tuple[int, ...], seed: int) -> S.STCH:
     return stch
 
 
+def _trained(scalarizer: S.Scalarizer, seed: int) -> S.Scalarizer:
+    """``scalarizer`` with random (trained-looking) learnable parameters."""
+    with torch.no_grad():
+        for parameter in scalarizer.learnable_parameters():
+            g = torch.Generator().manual_seed(seed)
+            parameter.copy_(torch.randn(parameter.shape, generator=g))
+    return scalarizer
+
+
 FACTORIES: dict[str, Callable[[tuple[int, ...], int], S.Scalarizer]] = {
+    "UW": lambda shape, seed: _trained(S.UW(shape).double(), seed),
+    "UW in float32": lambda shape, seed: _trained(S.UW(shape), seed),
+    "IMTLL": lambda shape, seed: _trained(S.IMTLL(shape).double(), seed),
     "FAMO": _trained_famo,
     "COSMOS": lambda shape, seed: S.COSMOS(0.7, _preference(shape, seed)),
     "COSMOS lambda 0": lambda shape, seed: S.COSMOS(0.0, _preference(shape, seed)),
@@ -68,17 +80,26 @@ def route(request, monkeypatch) -> str:
 def test_closed_form_is_the_gradient_of_the_scalarization(name, seed, shape, route) -> None:
     scalarizer = FACTORIES[name](shape, seed)
     values = _values(shape, seed).requires_grad_()
+    learned = scalarizer.learnable_parameters()
     expected = scalarizer._scalarize(values)
-    (expected_weights,) = torch.autograd.grad(expected, values)
+    expected_weights, *expected_learned = torch.autograd.grad(expected, [values, *learned])
     closed = scalarizer._value_and_weights(values)
     if closed is None:  # the method leaves this case to autograd: only beyond the float route
         assert route == "tensors" and not isinstance(scalarizer, S.FAMO)
         return
     value, weights = closed
-    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+    # A float32 parameter's exp is rounded in float32 by autograd's route, not by the floats'
+    single = any(p.dtype == torch.float32 for p in learned)
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if single else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(value, expected.detach(), **tolerance)
+    torch.testing.assert_close(weights, expected_weights, **tolerance)
     assert value.dtype == weights.dtype == D and weights.shape == values.shape
     assert value.dim() == 0 and not weights.requires_grad
+    grads = scalarizer._learned_gradients(values) if learned else []
+    assert grads is not None and len(grads) == len(learned)
+    for grad, reference, parameter in zip(grads, expected_learned, learned):
+        assert grad.dtype == parameter.dtype and grad.shape == parameter.shape
+        torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_cosmos_near_zero_norm_is_left_to_autograd() -> None:
@@ -115,11 +136,17 @@ class _AutogradOnly(S.Scalarizer):
     def _observe(self, values: Tensor) -> None:
         self.inner._observe(values)
 
+    def learnable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.inner.learnable_parameters()
 
-@pytest.mark.parametrize("name", ["COSMOS", "STCH after warm-up", "STCH warming up"])
+
+@pytest.mark.parametrize(
+    "name", ["COSMOS", "STCH after warm-up", "STCH warming up", "UW", "IMTLL"]
+)  # (FAMO's step, with its logit updates, is checked against TorchJD's in test_scalarized_step)
 def test_step_with_the_closed_form_is_the_step_that_differentiates(name) -> None:
-    """Three steps of ``JDOptimizer(SGD, method)``: parameters, ``.grad`` and the recorded
-    weights equal those of the same method stepped through autograd."""
+    """Three steps of ``JDOptimizer(SGD, method)``: parameters (the method's learnable ones
+    included), ``.grad`` and the recorded weights equal those of the same method stepped
+    through autograd."""
     torch.manual_seed(0)
     models = [_Heads().double() for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
@@ -135,3 +162,25 @@ def test_step_with_the_closed_form_is_the_step_that_differentiates(name) -> None
         for p, q in zip(models[0].parameters(), models[1].parameters()):
             torch.testing.assert_close(p, q)
             torch.testing.assert_close(p.grad, q.grad)
+        for p, q in zip(methods[0].learnable_parameters(), methods[1].learnable_parameters()):
+            torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize(
+    ("make", "huge"),
+    [(lambda: S.UW(3).double(), -1000.0), (lambda: S.IMTLL(3).double(), 1000.0)],
+)
+def test_weights_that_overflow_are_refused_and_change_nothing(make, huge) -> None:
+    """A learnable log-scale whose exp overflows: ``math.exp`` raises where ``torch.exp`` gives
+    ``inf``; the step takes autograd's route and refuses the infinite weight by name."""
+    torch.manual_seed(0)
+    model, method = _Heads().double(), make()
+    opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method)
+    with torch.no_grad():
+        method.learnable_parameters()[0].fill_(huge)
+    before = [p.detach().clone() for p in [*model.parameters(), *method.parameters()]]
+    with pytest.raises(FloatingPointError, match="Non-finite effective weight"):
+        opt.step(model(torch.randn(8, 4, dtype=D)))
+    after = [*model.parameters(), *method.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(before, after))
+    assert all(p.grad is None for p in model.parameters())
