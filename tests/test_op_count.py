@@ -58,14 +58,14 @@ def _plain_and_jd_counts(jd_step: Callable[[], None], plain_step: Callable[[], N
 # effective weights joined the model's backward; each is the same at m = 2 except FAMO+closure,
 # whose recomputed forward grows with m; with their closed forms in Python floats, FAMO's from
 # 70 to 26 (its logit update too), COSMOS's from 51 to 14, STCH's from 34 to 13, UW's from 38
-# to 26 and IMTLL's from 33 to 26).
+# to 26, IMTLL's from 33 to 26, GeometricMean's from 25 to 17, PBI's from 39 to 13).
 SCALARIZER_BUDGETS = {
     "Sum": 14,
     "Mean": 15,
     "Constant": 16,
-    "GeometricMean": 25,
+    "GeometricMean": 17,
     "COSMOS": 14,
-    "PBI": 39,
+    "PBI": 13,
     "Random": 19,
     "STCH": 13,
     "UW": 26,

@@ -11,9 +11,13 @@ Stateless.
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
+from . import _floats
 from ._base import Scalarizer
+from ._floats import floats, tensor_of
 
 
 class GeometricMean(Scalarizer):
@@ -28,3 +32,17 @@ class GeometricMean(Scalarizer):
 
     def _scalarize(self, values: Tensor) -> Tensor:
         return values.log().mean().exp()
+
+    def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``s`` and ``wᵢ = s / (m ℓᵢ)``, in floats (up to
+        :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` positive values; a zero value, whose
+        weight is undefined, is left to autograd, and refused)."""
+        if values.numel() > _floats.FLOAT_LIMIT:
+            return None
+        losses = floats(values.detach())
+        if not min(losses) > 0.0:
+            return None
+        m = len(losses)
+        value = math.exp(math.fsum(math.log(v) for v in losses) / m)
+        packed = tensor_of([value, *(value / (m * v) for v in losses)], values)
+        return packed[0], packed[1:].view(values.shape)

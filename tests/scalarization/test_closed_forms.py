@@ -52,6 +52,11 @@ def _trained(scalarizer: S.Scalarizer, seed: int) -> S.Scalarizer:
 
 
 FACTORIES: dict[str, Callable[[tuple[int, ...], int], S.Scalarizer]] = {
+    "GeometricMean": lambda shape, seed: S.GeometricMean(),
+    "PBI": lambda shape, seed: S.PBI(5.0, _preference(shape, seed)),
+    "PBI with reference": lambda shape, seed: S.PBI(
+        0.5, _preference(shape, seed), -_preference(shape, seed + 1)
+    ),
     "UW": lambda shape, seed: _trained(S.UW(shape).double(), seed),
     "UW in float32": lambda shape, seed: _trained(S.UW(shape), seed),
     "IMTLL": lambda shape, seed: _trained(S.IMTLL(shape).double(), seed),
@@ -102,6 +107,13 @@ def test_closed_form_is_the_gradient_of_the_scalarization(name, seed, shape, rou
         torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-6)
 
 
+def test_undefined_closed_forms_are_left_to_autograd() -> None:
+    """A zero loss in GeometricMean (undefined weight) and a zero PBI preference: ``None``."""
+    assert S.GeometricMean()._value_and_weights(torch.tensor([0.0, 2.0], dtype=D)) is None
+    pbi = S.PBI(1.0, torch.zeros(2, dtype=D))
+    assert pbi._value_and_weights(torch.ones(2, dtype=D)) is None
+
+
 def test_cosmos_near_zero_norm_is_left_to_autograd() -> None:
     """Below a norm of 1e-6 the cosine's clamping decides the gradient: no closed form."""
     cosmos = S.COSMOS(0.5, torch.tensor([1.0, 2.0], dtype=D))
@@ -141,7 +153,8 @@ class _AutogradOnly(S.Scalarizer):
 
 
 @pytest.mark.parametrize(
-    "name", ["COSMOS", "STCH after warm-up", "STCH warming up", "UW", "IMTLL"]
+    "name",
+    ["COSMOS", "STCH after warm-up", "STCH warming up", "UW", "IMTLL", "PBI", "GeometricMean"],
 )  # (FAMO's step, with its logit updates, is checked against TorchJD's in test_scalarized_step)
 def test_step_with_the_closed_form_is_the_step_that_differentiates(name) -> None:
     """Three steps of ``JDOptimizer(SGD, method)``: parameters (the method's learnable ones
