@@ -64,7 +64,7 @@ def _check_one(loss: object, name: str) -> Tensor:
             f"{name} has shape {tuple(loss.shape)}, but each loss in a list or mapping must be a "
             "scalar: reduce it (e.g. `.mean()`), or pass a 1-D tensor of per-sample losses alone."
         )
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())  # (a view costs one operation)
 
 
 def _check_common(losses: Sequence[Tensor], names: Sequence[str]) -> None:
