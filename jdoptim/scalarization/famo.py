@@ -109,7 +109,7 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
                 f"FAMO's logits are on {self.logits.device} but the values on {values.device}: "
                 "move it with .to(device) before the first call."
             )
-        if float((values.detach() - self.min_losses).min()) <= -_EPSILON:
+        if _lowest_margin(values.detach(), self.min_losses) <= -_EPSILON:
             raise ValueError(
                 "FAMO takes log(loss - min_losses): every loss must stay above its lower bound "
                 "`min_losses` (zeros by default, i.e. positive losses); pass lower bounds that "
@@ -294,6 +294,14 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.logits.shape)}, lr={self.lr}, weight_decay={self.weight_decay}"
+
+
+def _lowest_margin(values: Tensor, bounds: Tensor) -> float:
+    """``min(values − bounds)``, in floats up to :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT`
+    values (a NaN value is no violation here: the finiteness checks refuse it)."""
+    if values.numel() > _floats.FLOAT_LIMIT:
+        return float((values - bounds).min())
+    return min(v - b for v, b in zip(floats(values), floats(bounds)))
 
 
 def _adam_in_floats(

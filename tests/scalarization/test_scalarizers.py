@@ -137,6 +137,18 @@ def test_famo_value_weights_and_update() -> None:
         famo.update(torch.tensor([0.5, 4.0]))
 
 
+@pytest.mark.parametrize("shape", [(3,), (2, 2)])
+def test_famo_refuses_values_at_or_below_their_bounds(shape, famo_update_path) -> None:
+    bounds = torch.full(shape, -1.0)
+    famo = FAMO(shape, min_losses=bounds)
+    famo(torch.full(shape, -0.5))  # above the bounds: fine
+    low = torch.full(shape, -0.5)
+    low.view(-1)[-1] = -1.0  # one value at its bound: log(0 + ε) is allowed only above it
+    with pytest.raises(ValueError, match="lower bound"):
+        famo(low - 1e-7)
+    assert famo.pending_update  # the refused call left the first call's losses in place
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_famo_undone_update_restores_its_state_bit_for_bit(dtype, famo_update_path) -> None:
     """The undo that a refused step runs after FAMO's deferred update: logits, Adam's moments
