@@ -7,7 +7,12 @@ For a scalarizer ``S`` (:mod:`jdoptim.scalarization`) and the losses ``ℓ ∈ R
    the learnable parameters' gradients and, caught at ``ℓ`` on the way, the *effective weights*
    ``wᵢ = ∂s/∂ℓᵢ``: by the chain rule the model's gradient is ``Σᵢ wᵢ ∂ℓᵢ/∂θ``. (Under loss
    scaling, ``w`` is computed first on a detached copy of ``ℓ``, and the backward of
-   ``Σᵢ wᵢ ℓᵢ`` takes it scaled, so that an overflow reaches the grad scaler.);
+   ``Σᵢ wᵢ ℓᵢ`` takes it scaled, so that an overflow reaches the grad scaler.) A method with a
+   closed form (:meth:`~jdoptim.scalarization.Scalarizer._value_and_weights`: FAMO, COSMOS,
+   STCH, PBI, GeometricMean, UW, IMTLL) gives ``s``, ``w`` and its learnable parameters'
+   gradients directly, computed in Python floats for up to 64 losses, and the backward is that
+   of ``Σᵢ wᵢ ℓᵢ``: the method adds no autograd node, and its few operations on ``m`` numbers no
+   tensor operation each (see ``benchmarks/RESULTS.md``, loss-only methods);
 2. checks that the weights and the gradients are finite, then (and only then) changes state:
    the scalarizer records the call, the gradients accumulate into ``.grad`` and the wrapped
    optimizer steps. A refused step (bad input, non-finite values) changes nothing.
