@@ -398,11 +398,25 @@ def test_modules_are_accepted_and_not_hooked() -> None:
     torch.testing.assert_close(record.weights, torch.ones(3, dtype=D))
 
 
-def test_grad_scaler_gives_the_unscaled_step() -> None:
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: S.UW(3).double(),
+        lambda: S.IMTLL(3).double(),
+        lambda: S.FAMO(3).double(),
+        lambda: S.COSMOS(0.5, torch.tensor([0.2, 0.3, 0.5], dtype=D)),
+        lambda: S.STCH(0.5, warmup_steps=1),
+        lambda: S.GeometricMean(),
+    ],
+)
+def test_grad_scaler_gives_the_unscaled_step(make) -> None:
+    """Under a GradScaler the weights (closed form or autograd) are scaled into the backward
+    and the learnable parameters' gradients scaled with them; unscaled, the same trajectory."""
     a, b = Net().double(), Net().double()
+    b.load_state_dict(a.state_dict())
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    jd_a = JDOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), S.UW(3).double())
-    jd_b = JDOptimizer(torch.optim.SGD(b.parameters(), lr=0.1), S.UW(3).double())
+    jd_a = JDOptimizer(torch.optim.SGD(a.parameters(), lr=0.1), make())
+    jd_b = JDOptimizer(torch.optim.SGD(b.parameters(), lr=0.1), make())
     for step in range(3):
         jd_a.zero_grad()
         jd_b.zero_grad()
