@@ -98,9 +98,7 @@ def run(
 ) -> list[str]:
     """Measure every (family, method, m) and return the markdown table's lines."""
     lines = [
-        "| family | method | "
-        + " | ".join(f"m = {m}" for m in sizes)
-        + " | growth exponent |",
+        "| family | method | " + " | ".join(f"m = {m}" for m in sizes) + " | growth exponent |",
         "|---|---|" + "---|" * (len(sizes) + 1),
     ]
     for family in families:

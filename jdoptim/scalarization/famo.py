@@ -127,12 +127,7 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
         of the gradient), with no autograd graph; in Python floats up to
         :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values, as :meth:`_apply_update`."""
         if values.numel() > _floats.FLOAT_LIMIT:
-            with torch.no_grad():
-                z = self.task_weights().to(dtype=values.dtype, device=values.device)
-                shifted = values.detach() - self.min_losses + _EPSILON
-                ratios = z / shifted
-                normaliser = ratios.sum()
-                return (z * shifted.log()).sum() / normaliser, ratios / normaliser
+            return self._value_and_weights_in_tensors(values)
         now, bounds, logits = map(floats, (values.detach(), self.min_losses, self.logits.detach()))
         z = softmax(logits)
         shifted = [n - b + _EPSILON for n, b in zip(now, bounds)]
@@ -141,6 +136,14 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
         value = math.fsum(zi * math.log(si) for zi, si in zip(z, shifted)) / normaliser
         packed = tensor_of([value, *(r / normaliser for r in ratios)], values)
         return packed[0], packed[1:].view(values.shape)
+
+    def _value_and_weights_in_tensors(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            z = self.task_weights().to(dtype=values.dtype, device=values.device)
+            shifted = values.detach() - self.min_losses + _EPSILON
+            ratios = z / shifted
+            normaliser = ratios.sum()
+            return (z * shifted.log()).sum() / normaliser, ratios / normaliser
 
     def _observe(self, values: Tensor) -> None:
         self._previous = values.clone()
