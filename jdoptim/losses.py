@@ -64,7 +64,10 @@ def _check_one(loss: object, name: str) -> Tensor:
             f"{name} has shape {tuple(loss.shape)}, but each loss in a list or mapping must be a "
             "scalar: reduce it (e.g. `.mean()`), or pass a 1-D tensor of per-sample losses alone."
         )
-    return loss if loss.dim() == 0 else loss.reshape(())  # (a view costs one operation)
+    # Always a new view, even of a 0-d loss: each loss is then its own node of the graph, which
+    # the graph walks (introspection, the engine's scan) take as one root per loss. Losses that
+    # are outputs of one node (``list(vector)``, ``torch.unbind``) would otherwise share it.
+    return loss.reshape(())
 
 
 def _check_common(losses: Sequence[Tensor], names: Sequence[str]) -> None:

@@ -63,6 +63,28 @@ def test_update_equals_upgrad_built_by_hand_from_the_explicit_jacobian(n_tasks):
             torch.testing.assert_close(p.detach(), old - g, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("modules", [False, True])
+@pytest.mark.parametrize("split", ["list", "unbind"])
+def test_losses_split_from_one_tensor_are_separate_losses(split, modules):
+    """``list(vector)`` and ``torch.unbind``: the losses are outputs of one graph node; each is
+    still its own loss, on the Jacobian path and in the engine. (Every head is reached by every
+    loss through the stack, so every parameter is shared: the update is UPGrad's on the explicit
+    Jacobian over all of them, zeros included.)"""
+    model = MultiTaskMLP(n_tasks=3)
+    x, y = _data(3)
+    params = list(model.parameters())
+    opt = JDOptimizer(torch.optim.SGD(params, lr=1.0), UPGrad(), modules=model if modules else None)
+    vector = torch.stack(task_losses(model, x, y))
+    losses = list(vector) if split == "list" else list(torch.unbind(vector))
+    jacobian = explicit_jacobian(losses, params)
+    weights = upgrad_weights(jacobian.double()).float()
+    record = opt.step(losses)
+    assert len(record.shared) == len(params)
+    torch.testing.assert_close(record.weights, weights, atol=1e-5, rtol=1e-4)
+    for p, g in zip(params, split_like(weights @ jacobian, params)):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
 def test_upgrad_update_does_not_conflict_with_any_loss():
     # Two tasks pulling the same output in opposite directions: the mean gradient conflicts.
     model = nn.Linear(4, 1)
