@@ -85,8 +85,10 @@ def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
         return [(leaf, roots[0][1]) for leaf in _leaves_below(roots[0][0])]
 
     # Pass 1: every node reachable from a root, and the number of its parents in that subgraph.
+    # Losses can share a root node (``list(vector)``, ``torch.unbind``: outputs of one node):
+    # each node is walked once, or its children would count it as a parent twice.
     in_degree: dict[Node, int] = {}
-    stack = [node for node, _ in roots]
+    stack = list(dict.fromkeys(node for node, _ in roots))
     for node in stack:
         in_degree.setdefault(node, 0)
     seen = set(stack)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -80,3 +81,14 @@ def test_nodes_are_keyed_by_node_objects_so_many_graphs_in_a_row_stay_correct():
         losses = [(p * 2).sum(), (q.exp() + p).sum()]
         masks = {id(leaf): mask for leaf, mask in leaf_reach(losses)}
         assert masks == {id(p): 0b11, id(q): 0b10}
+
+
+@pytest.mark.parametrize("split", [list, torch.unbind])
+def test_losses_that_share_their_node_reach_what_it_reaches(split) -> None:
+    """``list(vector)`` and ``torch.unbind(vector)``: the losses are outputs of one node (the
+    graph does not say which output leads where, so each reaches every leaf below the node)."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    losses = split(torch.stack([a.sum(), (b * 2).sum()]))
+    assert _ids(collect_loss_leaves(losses)) == _ids([a, b])
+    masks = {id(leaf): mask for leaf, mask in leaf_reach(list(losses))}
+    assert masks == {id(a): 0b11, id(b): 0b11}
