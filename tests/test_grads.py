@@ -133,6 +133,15 @@ def test_all_finite_on_large_tensors_which_cpu_sums(dtype) -> None:
     assert not all_finite([cancelling])
 
 
+def test_all_finite_on_large_complex_tensors() -> None:
+    """Complex gradients (normed, as their sum is complex) beside real ones."""
+    n = finite_module._OWN_SUM_ABOVE + 1
+    z = torch.ones(n, dtype=torch.complex64)
+    assert all_finite([torch.ones(n), z])
+    z[3] = complex(0.0, float("inf"))
+    assert not all_finite([torch.ones(n), z])
+
+
 def test_a_view_stored_after_its_base_does_not_share_memory() -> None:
     """A contiguous gradient stored by identity, then a view of it for another parameter: the
     view is copied (its storage is the first gradient's), so the two ``.grad`` stay apart."""

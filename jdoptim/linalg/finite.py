@@ -58,8 +58,9 @@ def all_finite(tensors: list[Tensor]) -> bool:
         if tensor.layout is torch.sparse_coo:  # finite when its stored values are
             tensor = tensor._values()
         size = tensor.numel()
-        if size:  # an empty gradient has nothing to check
-            (summed if sum_above is not None and size > sum_above else normed).append(tensor)
+        if size:  # an empty gradient has nothing to check (a complex one is normed: real)
+            large = sum_above is not None and size > sum_above and not tensor.is_complex()
+            (summed if large else normed).append(tensor)
     if not summed and not normed:
         return True
     with torch.no_grad():
