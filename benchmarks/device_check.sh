@@ -7,11 +7,13 @@
 #
 # 1. the engine's exactness tests parametrized over devices (dropout's CUDA draws replayed by
 #    re-runs; the low-memory step, whose backward runs in autograd's worker threads there);
-# 2. the low-memory example: the peak allocated memory of a plain, a default and a low-memory
+# 2. the loss-only methods' closed forms (made on the CPU from floats, then moved to the device);
+# 3. the low-memory example: the peak allocated memory of a plain, a default and a low-memory
 #    step (torch.cuda.max_memory_allocated) on a small CNN, and the same steps both ways.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 python -m pytest -q -p no:randomly -k cuda \
-    tests/autogram/test_engine_correctness.py tests/autogram/test_low_memory.py
+    tests/autogram/test_engine_correctness.py tests/autogram/test_low_memory.py \
+    tests/scalarization/test_closed_forms.py
 python examples/low_memory.py

@@ -197,3 +197,25 @@ def test_weights_that_overflow_are_refused_and_change_nothing(make, huge) -> Non
     after = [*model.parameters(), *method.parameters()]
     assert all(torch.equal(p, q) for p, q in zip(before, after))
     assert all(p.grad is None for p in model.parameters())
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["FAMO", "UW", "STCH after warm-up", "COSMOS"])
+def test_closed_forms_on_each_device(name, device) -> None:
+    """The closed form's tensors (made on the CPU from floats, then moved) land on the values'
+    device, and equal autograd's weights there; on CUDA, run by benchmarks/device_check.sh."""
+    scalarizer = FACTORIES[name]((3,), 0).to(device)
+    values = _values((3,), 0).to(device).requires_grad_()
+    (expected,) = torch.autograd.grad(scalarizer._scalarize(values), values)
+    closed = scalarizer._value_and_weights(values)
+    assert closed is not None
+    value, weights = closed
+    assert value.device == weights.device == values.device
+    torch.testing.assert_close(weights, expected, rtol=1e-12, atol=1e-12)
+    for grad, parameter in zip(
+        scalarizer._learned_gradients(values) or [], scalarizer.learnable_parameters()
+    ):
+        assert grad.device == parameter.device
