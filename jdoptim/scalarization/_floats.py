@@ -5,20 +5,23 @@ logits or preferences). As tensor operations, each costs a dispatch of several m
 inside a training step (caches cold after the model's backward) 10–20 µs: 0.2–0.5 ms of a step
 that budgets 1 ms. In Python floats (double precision) the same arithmetic takes a few
 microseconds; one read per tensor (``tolist``) and one tensor made at the end replace it. The
-methods use it up to :data:`FLOAT_LIMIT` numbers and tensor operations beyond.
+closed forms (``Scalarizer._value_and_weights``) are taken up to :data:`FLOAT_LIMIT` losses
+(``jdoptim.updates.scalarized`` checks it), FAMO's logit update up to that many logits.
 """
 
 from __future__ import annotations
 
 import array
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["FLOAT_LIMIT", "floats", "softmax", "tensor_of"]
+__all__ = ["FLOAT_LIMIT", "floats", "softmax", "tensor_of", "value_and_weights"]
 
-#: Up to this many values, the scalarizers' closed forms and FAMO's update run on floats.
+#: Up to this many losses, the step takes the scalarizers' closed forms (and FAMO updates its
+#: logits) in floats; beyond, autograd (and FAMO's tensor operations).
 FLOAT_LIMIT = 64
 
 
@@ -43,3 +46,12 @@ def softmax(logits: list[float]) -> list[float]:
     exps = [math.exp(w - top) for w in logits]
     total = math.fsum(exps)
     return [e / total for e in exps]
+
+
+def value_and_weights(
+    value: float, weights: Iterable[float], like: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``s`` (0-d) and ``w`` (in ``like``'s shape), in ``like``'s dtype and device, from one
+    tensor made of both."""
+    packed = tensor_of([value, *weights], like)
+    return packed[0], packed[1:].view(like.shape)

@@ -21,9 +21,8 @@ import math
 from torch import Tensor
 from torch.nn.functional import cosine_similarity
 
-from . import _floats
 from ._base import Scalarizer, check_same_shape
-from ._floats import floats, tensor_of
+from ._floats import floats, value_and_weights
 
 #: Below this norm of ``r`` or ``ℓ``, the closed form leaves the weights to autograd (the
 #: cosine's clamping of the norms at ``1e-8`` then decides them).
@@ -55,10 +54,7 @@ class COSMOS(Scalarizer):
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
         r"""``s`` and ``w = r − λ ∂cos/∂ℓ``, ``∂cos/∂ℓ = r/(‖r‖‖ℓ‖) − cos · ℓ/‖ℓ‖²``, in floats
-        (up to :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values and for norms of at
-        least ``1e-6``; else ``None``: autograd)."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return None
+        (for norms of at least ``1e-6``; else ``None``: autograd)."""
         losses, preference = floats(values.detach()), floats(self.weights.detach())
         preference_norm, loss_norm = math.hypot(*preference), math.hypot(*losses)
         if not min(preference_norm, loss_norm) >= _SMALLEST_CLOSED_FORM_NORM:
@@ -71,8 +67,7 @@ class COSMOS(Scalarizer):
             r - self.lambda_ * (r / norms - cosine * v / squared)
             for r, v in zip(preference, losses)
         ]
-        packed = tensor_of([linear - self.lambda_ * cosine, *weights], values)
-        return packed[0], packed[1:].view(values.shape)
+        return value_and_weights(linear - self.lambda_ * cosine, weights, values)
 
     def extra_repr(self) -> str:
         return f"lambda_={self.lambda_}, weights={self.weights!r}"

@@ -43,7 +43,7 @@ from ..aggregation._mixins import Stateful
 from ..aggregation.state import CheckpointedState
 from . import _floats
 from ._base import Scalarizer, check_values
-from ._floats import floats, softmax, tensor_of
+from ._floats import floats, softmax, tensor_of, value_and_weights
 
 _EPSILON = 1e-8
 
@@ -124,26 +124,14 @@ class FAMO(CheckpointedState, Stateful, Scalarizer):
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """``s`` and its effective weights ``c zᵢ / (ℓᵢ − bᵢ + ε)`` (``z`` and ``c`` constants
-        of the gradient), with no autograd graph; in Python floats up to
-        :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values, as :meth:`_apply_update`."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return self._value_and_weights_in_tensors(values)
+        of the gradient), in floats, with no autograd graph."""
         now, bounds, logits = map(floats, (values.detach(), self.min_losses, self.logits.detach()))
         z = softmax(logits)
         shifted = [n - b + _EPSILON for n, b in zip(now, bounds)]
         ratios = [zi / si for zi, si in zip(z, shifted)]
         normaliser = math.fsum(ratios)
         value = math.fsum(zi * math.log(si) for zi, si in zip(z, shifted)) / normaliser
-        packed = tensor_of([value, *(r / normaliser for r in ratios)], values)
-        return packed[0], packed[1:].view(values.shape)
-
-    def _value_and_weights_in_tensors(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
-            z = self.task_weights().to(dtype=values.dtype, device=values.device)
-            shifted = values.detach() - self.min_losses + _EPSILON
-            ratios = z / shifted
-            normaliser = ratios.sum()
-            return (z * shifted.log()).sum() / normaliser, ratios / normaliser
+        return value_and_weights(value, (r / normaliser for r in ratios), values)
 
     def _observe(self, values: Tensor) -> None:
         self._previous = values.clone()

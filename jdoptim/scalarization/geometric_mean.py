@@ -15,9 +15,8 @@ import math
 
 from torch import Tensor
 
-from . import _floats
 from ._base import Scalarizer
-from ._floats import floats, tensor_of
+from ._floats import floats, value_and_weights
 
 
 class GeometricMean(Scalarizer):
@@ -34,15 +33,11 @@ class GeometricMean(Scalarizer):
         return values.log().mean().exp()
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``s`` and ``wᵢ = s / (m ℓᵢ)``, in floats (up to
-        :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` positive values; a zero value, whose
+        """``s`` and ``wᵢ = s / (m ℓᵢ)``, in floats (for positive values; a zero value, whose
         weight is undefined, is left to autograd, and refused)."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return None
         losses = floats(values.detach())
         if not min(losses) > 0.0:
             return None
         m = len(losses)
         value = math.exp(math.fsum(math.log(v) for v in losses) / m)
-        packed = tensor_of([value, *(value / (m * v) for v in losses)], values)
-        return packed[0], packed[1:].view(values.shape)
+        return value_and_weights(value, (value / (m * v) for v in losses), values)

@@ -25,9 +25,8 @@ from torch import Tensor, nn
 
 from ..aggregation._mixins import Stateful
 from ..aggregation.state import DeclaredState
-from . import _floats
 from ._base import Scalarizer
-from ._floats import floats, tensor_of
+from ._floats import floats, tensor_of, value_and_weights
 from .uw import check_learned_shape
 
 
@@ -50,20 +49,14 @@ class IMTLL(DeclaredState, Stateful, Scalarizer):
         return (torch.exp(self.log_scale) * values - self.log_scale).sum()
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``s`` and ``wᵢ = e^{sᵢ}``, in floats (up to
-        :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values; else ``None``: autograd)."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return None
+        """``s`` and ``wᵢ = e^{sᵢ}``, in floats."""
         losses, scales = floats(values.detach()), floats(self.log_scale.detach())
         weights = [math.exp(s) for s in scales]
         value = math.fsum(w * v - s for w, v, s in zip(weights, losses, scales))
-        packed = tensor_of([value, *weights], values)
-        return packed[0], packed[1:].view(values.shape)
+        return value_and_weights(value, weights, values)
 
     def _learned_gradients(self, values: Tensor) -> list[Tensor] | None:
         """``∂s/∂sᵢ = e^{sᵢ} ℓᵢ − 1`` (with :meth:`_value_and_weights`)."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return None
         losses, scales = floats(values.detach()), floats(self.log_scale.detach())
         grads = [math.exp(s) * v - 1.0 for v, s in zip(losses, scales)]
         return [tensor_of(grads, self.log_scale).view(self.log_scale.shape)]

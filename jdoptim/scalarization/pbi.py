@@ -21,9 +21,8 @@ import math
 
 from torch import Tensor
 
-from . import _floats
 from ._base import Scalarizer, check_same_shape
-from ._floats import floats, tensor_of
+from ._floats import floats, value_and_weights
 
 _SQUARED_NORM_FLOOR = 1e-12
 
@@ -61,10 +60,7 @@ class PBI(Scalarizer):
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
         """``s`` and ``w = ŵ + θ (f − d₁ŵ)/d₂`` (the residual is orthogonal to ``ŵ``), in floats
-        (up to :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values and a non-zero
-        preference; else ``None``: autograd)."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return None
+        (for a non-zero preference; else ``None``: autograd)."""
         f = floats(values.detach())
         if self.reference is not None:
             f = [v - z for v, z in zip(f, floats(self.reference))]
@@ -77,8 +73,7 @@ class PBI(Scalarizer):
         residual = [v - d1 * d for v, d in zip(f, direction)]
         d2 = math.sqrt(math.fsum(r * r for r in residual) + _SQUARED_NORM_FLOOR)
         weights = [d + self.theta * r / d2 for d, r in zip(direction, residual)]
-        packed = tensor_of([d1 + self.theta * d2, *weights], values)
-        return packed[0], packed[1:].view(values.shape)
+        return value_and_weights(d1 + self.theta * d2, weights, values)
 
     def extra_repr(self) -> str:
         return f"theta={self.theta}, weights={self.weights!r}, reference={self.reference!r}"

@@ -31,9 +31,8 @@ from torch import Tensor
 
 from ..aggregation._mixins import Stateful
 from ..aggregation.state import CheckpointedState
-from . import _floats
 from ._base import Scalarizer, check_same_shape
-from ._floats import floats, tensor_of
+from ._floats import floats, value_and_weights
 
 
 class STCH(CheckpointedState, Stateful, Scalarizer):
@@ -104,17 +103,13 @@ class STCH(CheckpointedState, Stateful, Scalarizer):
         return self.mu * torch.logsumexp(((y - top) / self.mu).reshape(-1), dim=0) + top
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``s`` and ``w = λ ⊙ softmax(y/μ)`` (``λ`` during the warm-up), in floats (up to
-        :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values; else ``None``: autograd)."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return None
+        """``s`` and ``w = λ ⊙ softmax(y/μ)`` (``λ`` during the warm-up), in floats."""
         losses = floats(values.detach())
         m = len(losses)
         preference = [1.0 / m] * m if self.weights is None else floats(self.weights)
         if self.warming_up:
             value = math.fsum(p * v for p, v in zip(preference, losses))
-            packed = tensor_of([value, *preference], values)
-            return packed[0], packed[1:].view(values.shape)
+            return value_and_weights(value, preference, values)
         ideal = self.ideal_point()
         shifted = losses if ideal is None else [v - z for v, z in zip(losses, floats(ideal))]
         y = [p * f for p, f in zip(preference, shifted)]
@@ -122,8 +117,7 @@ class STCH(CheckpointedState, Stateful, Scalarizer):
         exps = [math.exp((yi - top) / self.mu) for yi in y]
         total = math.fsum(exps)
         weights = [p * e / total for p, e in zip(preference, exps)]
-        packed = tensor_of([self.mu * math.log(total) + top, *weights], values)
-        return packed[0], packed[1:].view(values.shape)
+        return value_and_weights(self.mu * math.log(total) + top, weights, values)
 
     def _observe(self, values: Tensor) -> None:
         if not self.warming_up:

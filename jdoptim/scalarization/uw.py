@@ -26,9 +26,8 @@ from torch import Tensor, nn
 
 from ..aggregation._mixins import Stateful
 from ..aggregation.state import DeclaredState
-from . import _floats
 from ._base import Scalarizer
-from ._floats import floats, tensor_of
+from ._floats import floats, tensor_of, value_and_weights
 
 
 def check_learned_shape(parameter: Tensor, values: Tensor, owner: str) -> None:
@@ -64,20 +63,14 @@ class UW(DeclaredState, Stateful, Scalarizer):
         return (0.5 * torch.exp(-self.log_var) * values + 0.5 * self.log_var).sum()
 
     def _value_and_weights(self, values: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``s`` and ``wᵢ = ½e^{-sᵢ}``, in floats (up to
-        :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` values; else ``None``: autograd)."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return None
+        """``s`` and ``wᵢ = ½e^{-sᵢ}``, in floats."""
         losses, scales = floats(values.detach()), floats(self.log_var.detach())
         weights = [0.5 * math.exp(-s) for s in scales]
         value = math.fsum(w * v + 0.5 * s for w, v, s in zip(weights, losses, scales))
-        packed = tensor_of([value, *weights], values)
-        return packed[0], packed[1:].view(values.shape)
+        return value_and_weights(value, weights, values)
 
     def _learned_gradients(self, values: Tensor) -> list[Tensor] | None:
         """``∂s/∂sᵢ = ½ − ½e^{-sᵢ} ℓᵢ`` (with :meth:`_value_and_weights`)."""
-        if values.numel() > _floats.FLOAT_LIMIT:
-            return None
         losses, scales = floats(values.detach()), floats(self.log_var.detach())
         grads = [0.5 - 0.5 * math.exp(-s) * v for v, s in zip(losses, scales)]
         return [tensor_of(grads, self.log_var).view(self.log_var.shape)]

@@ -61,7 +61,7 @@ from ..losses import (
     translate_graph_error,
 )
 from ..record import StepRecord
-from ..scalarization import FAMO, Scalarizer
+from ..scalarization import FAMO, Scalarizer, _floats
 
 __all__ = ["ScalarizedStep", "attach_learnable_parameters", "make_scalarized_step"]
 
@@ -314,8 +314,12 @@ class ScalarizedStep:
         """``s``, ``w`` and the learnable parameters' gradients from the method's closed forms
         (:meth:`~jdoptim.scalarization.Scalarizer._value_and_weights`,
         :meth:`~jdoptim.scalarization.Scalarizer._learned_gradients`), or ``None`` (no closed
-        form, or one whose Python floats overflowed: autograd's route then gives the IEEE
-        result, whose infinite weights are refused by name)."""
+        form, more than :data:`~jdoptim.scalarization._floats.FLOAT_LIMIT` losses, for which
+        its arithmetic in Python floats would cost more than autograd's, or one whose floats
+        overflowed: autograd's route then gives the IEEE result, whose infinite weights are
+        refused by name)."""
+        if values.numel() > _floats.FLOAT_LIMIT:
+            return None
         try:
             closed = self.scalarizer._value_and_weights(values)
             grads = self.scalarizer._learned_gradients(values) if closed and learned else []

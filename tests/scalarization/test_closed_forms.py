@@ -72,26 +72,17 @@ FACTORIES: dict[str, Callable[[tuple[int, ...], int], S.Scalarizer]] = {
 }
 
 
-@pytest.fixture(params=["floats", "tensors"])
-def route(request, monkeypatch) -> str:
-    if request.param == "tensors":  # no float route: tensor operations, or autograd (None)
-        monkeypatch.setattr(floats_module, "FLOAT_LIMIT", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("shape", [(1,), (3,), (2, 3)])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_closed_form_is_the_gradient_of_the_scalarization(name, seed, shape, route) -> None:
+def test_closed_form_is_the_gradient_of_the_scalarization(name, seed, shape) -> None:
     scalarizer = FACTORIES[name](shape, seed)
     values = _values(shape, seed).requires_grad_()
     learned = scalarizer.learnable_parameters()
     expected = scalarizer._scalarize(values)
     expected_weights, *expected_learned = torch.autograd.grad(expected, [values, *learned])
     closed = scalarizer._value_and_weights(values)
-    if closed is None:  # the method leaves this case to autograd: only beyond the float route
-        assert route == "tensors" and not isinstance(scalarizer, S.FAMO)
-        return
+    assert closed is not None  # (None only where a formula is undefined: tested below)
     value, weights = closed
     # A float32 parameter's exp is rounded in float32 by autograd's route, not by the floats'
     single = any(p.dtype == torch.float32 for p in learned)
@@ -177,6 +168,26 @@ def test_step_with_the_closed_form_is_the_step_that_differentiates(name) -> None
             torch.testing.assert_close(p.grad, q.grad)
         for p, q in zip(methods[0].learnable_parameters(), methods[1].learnable_parameters()):
             torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("name", ["COSMOS", "UW", "FAMO"])
+def test_above_the_float_limit_the_step_takes_autograd(name, monkeypatch) -> None:
+    """More losses than ``FLOAT_LIMIT``: no closed form (the step differentiates
+    ``_scalarize``), and the same update as through the closed form."""
+    grads = []
+    for limit in (floats_module.FLOAT_LIMIT, 2):
+        monkeypatch.setattr(floats_module, "FLOAT_LIMIT", limit)
+        torch.manual_seed(0)
+        model, method = _Heads().double(), FACTORIES[name]((3,), 0)
+        opt = JDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), method)
+        losses = torch.stack(model(torch.randn(8, 4, dtype=D)))
+        closed = opt._scalarized._closed_form(losses.detach(), method.learnable_parameters())
+        assert (closed is None) == (limit == 2)
+        record = opt.step(list(losses))
+        grads.append((record.weights, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for p, q in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(p, q)
 
 
 @pytest.mark.parametrize(

@@ -173,11 +173,9 @@ def test_famo_undone_update_restores_its_state_bit_for_bit(dtype, famo_update_pa
 
 
 @pytest.mark.parametrize("shape", [(3,), (2, 2)])
-def test_famo_closed_form_weights_are_the_gradient_of_its_scalarization(
-    shape, famo_update_path
-) -> None:
-    """``_value_and_weights`` (the optimizer's route: no autograd; in floats or in tensors)
-    against autograd of ``_scalarize`` on the same values, with trained logits and bounds."""
+def test_famo_closed_form_weights_are_the_gradient_of_its_scalarization(shape) -> None:
+    """``_value_and_weights`` (the optimizer's route: no autograd, in floats) against autograd
+    of ``_scalarize`` on the same values, with trained logits and bounds."""
     torch.manual_seed(1)
     famo = FAMO(shape, min_losses=-torch.rand(shape)).double()
     with torch.no_grad():
