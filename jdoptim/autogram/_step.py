@@ -33,6 +33,7 @@ from torch.autograd.graph import GradientEdge
 from ..linalg.sparse_rows import dense
 from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
+from ._held_rows import HeldRows, held_rows_budget
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule, rows_gramian
@@ -247,6 +248,8 @@ class GramianStep:
         self.specific = list(specific)
         self.shared_ids = {id(p) for p in self.shared}
         self.labels = labels or {}
+        #: the rows :meth:`gramian` holds for :meth:`gradients` (:mod:`._held_rows`)
+        self.held: HeldRows | None = None
         if scan is None:
             scan = scan_graph([losses.grad_fn], key)
         records = list(scan.calls)
@@ -458,30 +461,84 @@ class GramianStep:
         """The rows ``[b, T, *p.shape]`` of the shared parameters that no single rule's
         Gramian covers: those used by several calls (rows summed over the calls, so that the
         cross terms are there) and the explicit ones (straight from autograd)."""
+        return [rows for _, rows in self._shared_rows_by_parameter()]
+
+    def _shared_rows_by_parameter(self) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`shared_rows` with their parameters, as ``(parameter, rows)``."""
         explicit = [
-            rows.unsqueeze(0)
+            (p, rows.unsqueeze(0))
             for p, rows in zip(self.explicit, self.explicit_rows)
             if id(p) in self.shared_ids
         ]
         return [*self._tied_rows(), *explicit]
 
-    def _tied_rows(self) -> list[Tensor]:
+    def _tied_rows(self) -> list[tuple[Tensor, Tensor]]:
         """The rows of each shared parameter used by several calls, summed over the calls."""
-        tied: dict[int, Tensor] = {}
+        tied: dict[int, tuple[Tensor, Tensor]] = {}
         for parts in self.rule_parameters:
             if parts.several:
                 for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
-                    tied[id(p)] = rows if id(p) not in tied else tied[id(p)] + rows
+                    tied[id(p)] = (p, rows if id(p) not in tied else tied[id(p)][1] + rows)
         return list(tied.values())
 
-    def _alone_terms(self) -> Iterable[Tensor]:
-        """The Gramian terms of the shared parameters used by one call each, from its rule."""
-        return (parts.rule.gramian(parts.alone) for parts in self.rule_parameters if parts.alone)
+    def _alone_terms(self, formed: set[int]) -> Iterable[Tensor]:
+        """The Gramian terms of the shared parameters used by one call each, from its rule
+        (but those of the calls whose rows are ``formed``: ids of their :class:`RuleParameters`)."""
+        return (
+            parts.rule.gramian(parts.alone)
+            for parts in self.rule_parameters
+            if parts.alone and id(parts) not in formed
+        )
+
+    def _held_rows_budget(self) -> int:
+        """Bytes of rows :meth:`gramian` may hold (:func:`._held_rows.held_rows_budget` of the
+        output gradients the step holds)."""
+        grads = [g for parts in self.rule_parameters for g in parts.rule.call.grads]
+        return held_rows_budget(sum(g.numel() * g.element_size() for g in grads if g is not None))
+
+    def _hold_rows(self) -> tuple[HeldRows, list[Tensor], set[int]]:
+        """The rows held until the update (:mod:`._held_rows`), up to the budget: first the
+        rows of the tied and explicit parameters (formed anyway) whose update is dense, then
+        those of the calls whose rules form them for their Gramian. Also the rows formed but
+        not held, and the ids of the calls' :class:`RuleParameters` whose rows were formed."""
+        held = HeldRows(self._held_rows_budget())
+        sparse = {
+            id(p)
+            for parts in self.rule_parameters
+            if parts.rule.sparse_gradients
+            for p in parts.shared
+        }
+        rest = [
+            rows
+            for p, rows in self._shared_rows_by_parameter()
+            if id(p) in sparse or not held.take(p, rows)
+        ]
+        formed: set[int] = set()
+        count = self.b * self.T
+        for parts in self.rule_parameters:
+            alone = parts.alone
+            if not alone or not held.room(count * sum(p.numel() * p.element_size() for p in alone)):
+                continue
+            if parts.rule.forms_rows(alone):
+                formed.add(id(parts))
+                jacobians = parts.rule.jacobians(alone)
+                rest.extend(rows for p, rows in zip(alone, jacobians) if not held.take(p, rows))
+        held.seal()
+        return held, rest, formed
 
     def gramian(self) -> Tensor:
-        """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order."""
-        tied = (rows_gramian(rows) for rows in self.shared_rows())
-        return self._sum_terms(itertools.chain(self._alone_terms(), tied))
+        """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order.
+
+        The rows it forms anyway are held for :meth:`gradients` (:attr:`held`)."""
+        held, rest, formed = self._hold_rows()
+        self.held = held
+        rows = held.gramian()
+        terms = itertools.chain(
+            [] if rows is None else [rows.reshape(self.b, self.T, self.b, self.T)],
+            self._alone_terms(formed),
+            (rows_gramian(r) for r in rest),
+        )
+        return self._sum_terms(terms)
 
     def _sum_terms(self, terms: Iterable[Tensor]) -> Tensor:
         """The Gramian from its ``[b, T, b, T]`` terms (summed as they come, so that one is
@@ -510,13 +567,18 @@ class GramianStep:
         b, t = self.b, self.T
         moved = None if weights is None else self.moved(weights)
         ones: Tensor | None = moved if weigh_specific else None
+        held = self.held if moved is not None else None
         found: dict[int, Tensor] = {}
+        skip: set[int] = set()
+        if held is not None and moved is not None:
+            found, skip = held.updates(moved), held.ids
 
         def add(p: Tensor, grad: Tensor) -> None:
             found[id(p)] = grad if id(p) not in found else found[id(p)] + grad
 
         for parts in self.rule_parameters:
-            rule, shared, specific = parts.rule, parts.shared, parts.specific
+            rule, specific = parts.rule, parts.specific
+            shared = [p for p in parts.shared if id(p) not in skip] if skip else parts.shared
             if shared:
                 assert moved is not None
                 for p, g in zip(shared, rule.weighted(shared, moved)):
@@ -527,6 +589,8 @@ class GramianStep:
                 for p, g in zip(specific, rule.weighted(specific, ones)):
                     add(p, g)
         for p, rows in zip(self.explicit, self.explicit_rows):
+            if id(p) in skip:
+                continue
             if id(p) in self.shared_ids or weigh_specific:
                 assert moved is not None
                 add(p, torch.tensordot(moved.reshape(-1).to(rows.dtype), rows, dims=1))

@@ -266,7 +266,8 @@ class StreamingStep(GramianStep):
         self.generic_modules = set()
         self.call_edges = []
         self._alone: Tensor | None = None  # the sum of the calls' own Gramian terms
-        self._tied: dict[int, Tensor] = {}  # rows of parameters used by several calls
+        # rows of parameters used by several calls, by id: (parameter, rows)
+        self._tied: dict[int, tuple[Tensor, Tensor]] = {}
         batched = self.T > 1
 
         probing = None if self._probe_weights is None else _Probing(self.moved(self._probe_weights))
@@ -350,7 +351,7 @@ class StreamingStep(GramianStep):
         if parts.several:
             for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
                 held = self._tied.get(id(p))
-                self._tied[id(p)] = rows.clone() if held is None else held.add_(rows)
+                self._tied[id(p)] = (p, rows.clone() if held is None else held[1].add_(rows))
 
     def _take_captured(self, grads: list[Tensor | None], batched: bool) -> None:
         """The explicit parameters' rows ``[T, *p.shape]`` and the specific ones' sums."""
@@ -359,11 +360,15 @@ class StreamingStep(GramianStep):
         by_param = dict(zip(map(id, self._captured), rows))
         self._specific_sums = [by_param[id(p)].sum(0) for p in self.specific]
 
-    def _tied_rows(self) -> list[Tensor]:
+    def _tied_rows(self) -> list[tuple[Tensor, Tensor]]:
         return list(self._tied.values())
 
-    def _alone_terms(self) -> Iterable[Tensor]:
+    def _alone_terms(self, formed: set[int]) -> Iterable[Tensor]:
         return [] if self._alone is None else [self._alone]
+
+    def _held_rows_budget(self) -> int:
+        """None: the update is a second backward pass, which needs no rows."""
+        return 0
 
     def gradients(
         self, weights: Tensor | None, weigh_specific: bool = False

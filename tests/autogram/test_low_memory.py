@@ -442,13 +442,16 @@ def test_out_of_memory_in_the_engine_step_names_low_memory(
     of memory on cue) keeps its type and gains the advice to use ``low_memory=True``; with the
     mode on, it is passed on as it is. Nothing is updated."""
     from jdoptim.autogram.rules._base import LayerRule
+    from jdoptim.autogram.rules.linear import LinearLikeRule
 
     def exhausted(self: object, params: object) -> Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     # (in the low-memory step the rules run inside the backward: an allocator failure there is
-    # neither a failed re-run for the engine's check nor a backward that vmap cannot run)
+    # neither a failed re-run for the engine's check nor a backward that vmap cannot run; the
+    # default step forms the rows of layers whose Gramian takes them, and holds them)
     monkeypatch.setattr(LayerRule, "gramian", exhausted)
+    monkeypatch.setattr(LinearLikeRule, "jacobians", exhausted)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
     x = torch.randn(5, 4)

@@ -93,6 +93,23 @@ class LayerRule(ABC, Generic[ModuleT]):
         :class:`~._terms.RowsTerm` per parameter (its rows from :meth:`jacobians`)."""
         return [RowsTerm(rows) for rows in self.jacobians(params)]
 
+    def forms_rows(self, params: list[Tensor]) -> bool:
+        """Whether :meth:`gramian` over ``params`` is computed from their explicit rows (the
+        step then takes :meth:`jacobians` instead and holds them for the update, see
+        :mod:`jdoptim.autogram._held_rows`): always for the default :meth:`factorisation`,
+        else when every term of the factorisation is (:meth:`~._terms.GramianTerm.forms_rows`).
+        A rule that overrides :meth:`factorisation` with a costly one should override this
+        too."""
+        if type(self).factorisation is LayerRule.factorisation:
+            return True
+        return all(term.forms_rows() for term in self.factorisation(params))
+
+    @property
+    def sparse_gradients(self) -> bool:
+        """Whether :meth:`weighted` gives sparse gradients (a sparse lookup table's), which
+        an update from the explicit rows would make dense."""
+        return False
+
     def gramian(self, params: list[Tensor]) -> Tensor:
         """``Σ_p J_p J_pᵀ`` over ``params`` as ``[b, T, b, T]``: the sum of the
         :meth:`factorisation`'s terms. (Override :meth:`factorisation`, not this, so that the

@@ -41,6 +41,7 @@ from ._contraction import (
     linear_rows,
     per_sample_gramian,
     rows_gramian,
+    takes_contraction,
 )
 
 __all__ = ["GramianTerm", "IndexTerm", "KernelTerm", "RowsTerm"]
@@ -70,6 +71,10 @@ class GramianTerm(ABC):
         numbers per sample); by default the term itself."""
         return [self]
 
+    def forms_rows(self) -> bool:
+        """Whether :meth:`gramian` forms the explicit rows of the parameters it covers."""
+        return False
+
 
 @dataclass(eq=False)
 class RowsTerm(GramianTerm):
@@ -87,6 +92,9 @@ class RowsTerm(GramianTerm):
 
     def gramian(self) -> Tensor:
         return rows_gramian(self.rows)
+
+    def forms_rows(self) -> bool:
+        return True
 
     def factors(self) -> list[Tensor]:
         return [self.rows]
@@ -128,6 +136,17 @@ class KernelTerm(GramianTerm):
 
     def _bias_rows(self) -> Tensor:
         return self.grads.unsqueeze(1) if self.flat else bias_rows(self.grads)
+
+    def forms_rows(self) -> bool:
+        """For the bias alone, or when :func:`~._contraction.linear_gramian` takes the
+        explicit rows (never in the one-position layout, whose three ``b × b`` products form
+        no row)."""
+        if not self.weight:
+            return True
+        if self.flat:
+            return False
+        t, b, s, o = self.grads.shape
+        return not takes_contraction(b, s, t, self.inputs.shape[-1] + self.bias, o)
 
     def rows(self) -> list[Tensor]:
         """The explicit rows ``[b, T, o, d]`` of the weight and ``[b, T, o]`` of the bias (those

@@ -246,6 +246,13 @@ class ConvRule(PositionwiseLinearRule[_Conv]):
             return super().factorisation(params)
         return LayerRule.factorisation(self, params)
 
+    def forms_rows(self, params: list[Tensor]) -> bool:
+        """As :meth:`factorisation` chooses, from the shapes alone (no im2col)."""
+        weight = self.weight_of()
+        if all(p is not weight for p in params):  # the bias: its summed rows
+            return True
+        return self.groups != 1 or self._rows_cheaper(any(p is not weight for p in params))
+
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         weight = self.weight_of()
         return [self._weight_rows() if p is weight else self._bias_rows() for p in params]

@@ -59,6 +59,10 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         rows.index_add_(0, target, self.grads.transpose(0, 1).reshape(-1, e))
         return [rows.view(b, t, self.size, e) for _ in params]
 
+    @property
+    def sparse_gradients(self) -> bool:
+        return self.module.sparse
+
     def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
         """One :class:`~._terms.IndexTerm` of the indices and the (padding-masked) ``D``."""
         return [IndexTerm(self.index, self.grads)]

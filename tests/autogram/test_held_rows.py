@@ -1,0 +1,205 @@
+"""Rows held from the Gramian to the update (``jdoptim/autogram/_held_rows.py``): the step's
+Gramian and its weighted update equal the explicit Jacobian's, whatever part of the rows the
+budget lets it hold, with tied, explicit, sparse and mixed-precision parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import jdoptim.autogram._step as step_module
+from jdoptim.autogram import Engine
+from jdoptim.autogram._held_rows import HeldRows
+
+from ._oracle import explicit_jacobian
+
+
+class TiedLM(nn.Module):
+    """Embedding tied with the head, a LayerNorm, two Linear layers on 6 positions, and a free
+    parameter used outside the layers' calls (the engine hooks the layers, not this module:
+    the free parameter's rows come straight from autograd, one backward row per loss)."""
+
+    def __init__(self, sparse: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8, sparse=sparse)
+        self.norm = nn.LayerNorm(8)
+        self.up = nn.Linear(8, 12)
+        self.down = nn.Linear(12, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.embed.weight
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.norm(self.embed(tokens)) * self.scale
+        h = h + self.down(torch.tanh(self.up(h)))
+        return self.head(h)
+
+
+def _model(sparse: bool = False, dtype: torch.dtype = torch.float64) -> TiedLM:
+    torch.manual_seed(0)
+    return TiedLM(sparse).to(dtype)
+
+
+def _losses(model: nn.Module, per_sample: bool) -> Tensor:
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 11, (4, 6))
+    logits = model(tokens)
+    per_position = logits.logsumexp(-1) - logits[..., 0]
+    return per_position.mean(1) if per_sample else per_position.mean(0)[:3]
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.children())
+
+
+def _engine_results(model: nn.Module, per_sample: bool) -> tuple[Tensor, list[Tensor], HeldRows]:
+    """The step's Gramian, its update for weights ``w = 1, 2, …`` and what it held."""
+    params = list(model.parameters())
+    if per_sample:  # (per-sample rows of a free parameter need a row per loss: see above)
+        params.remove(model.scale)
+    with Engine(_layers(model), batch_dim=0 if per_sample else None) as engine:
+        losses = _losses(model, per_sample)
+        step = engine.step(losses, params, [], per_sample=per_sample)
+        with torch.no_grad():
+            gramian = step.gramian()
+            weights = torch.arange(1.0, losses.numel() + 1, dtype=losses.dtype)
+            grads, _ = step.gradients(weights)
+    assert step.held is not None
+    return gramian, grads, step.held
+
+
+def _expected(model: nn.Module, per_sample: bool) -> tuple[Tensor, Tensor]:
+    params = [p for p in model.parameters() if not (per_sample and p is model.scale)]
+    losses = _losses(model, per_sample)
+    jacobian = explicit_jacobian(losses, params).double()
+    weights = torch.arange(1.0, losses.numel() + 1, dtype=torch.float64)
+    return jacobian @ jacobian.T, weights @ jacobian
+
+
+def _assert_exact(model: nn.Module, per_sample: bool) -> HeldRows:
+    gramian, grads, held = _engine_results(model, per_sample)
+    expected_gramian, expected_update = _expected(model, per_sample)
+    update = torch.cat([g.to_dense().reshape(-1) for g in grads]).double()
+    scale = expected_gramian.abs().max()
+    assert (gramian.double() - expected_gramian).abs().max() / scale < 1e-12
+    scale = expected_update.abs().max()
+    assert (update - expected_update).abs().max() / scale < 1e-12
+    return held
+
+
+def _with_budget(monkeypatch: pytest.MonkeyPatch, budget: Callable[[int], int]) -> None:
+    monkeypatch.setattr(step_module, "held_rows_budget", budget)
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "tasks"])
+def test_rows_are_held_and_exact(per_sample: bool) -> None:
+    """With the default budget every rows-forming parameter is held: the tied weight (summed
+    over the lookup and the head), the free scale (task losses), the norm's affine, the Linear
+    layers that take explicit rows."""
+    model = _model()
+    held = _assert_exact(model, per_sample)
+    expected = {model.embed.weight, model.norm.weight, model.norm.bias}
+    assert {id(p) for p in expected} <= held.ids
+    assert (id(model.scale) in held.ids) is not per_sample
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "tasks"])
+@pytest.mark.parametrize("budget", [0, 700, 3000, 10**9])
+def test_any_budget_gives_the_same_step(
+    monkeypatch: pytest.MonkeyPatch, per_sample: bool, budget: int
+) -> None:
+    """Nothing held, part of the rows held (the rest through the rules, as before), all held:
+    the same Gramian and update, each against the explicit Jacobian."""
+    _with_budget(monkeypatch, lambda _: budget)
+    held = _assert_exact(_model(), per_sample)
+    assert held.used <= budget
+    if budget == 0:
+        assert not held.params and held.matrix is None
+    if budget == 700:
+        assert held.params, "a budget between nothing and everything holds some rows"
+
+
+def test_a_sparse_tied_lookup_is_not_held() -> None:
+    """A sparse Embedding tied with the head: its rows are not held (an update from them is
+    dense, where a sparse table called twice keeps its sparse gradient); the step is exact."""
+    model = _model(sparse=True)
+    held = _assert_exact(model, per_sample=True)
+    assert id(model.embed.weight) not in held.ids
+    assert held.params  # (the other parameters' rows are held)
+
+
+def test_a_sparse_lookup_called_twice_keeps_its_sparse_gradient() -> None:
+    """The same sparse table on two inputs: its rows are summed over the calls for the
+    Gramian, its update stays the rules' sparse one, equal to the explicit Jacobian's."""
+    torch.manual_seed(0)
+    table = nn.Embedding(9, 4, sparse=True).double()
+    first, second = torch.randint(0, 9, (3, 5)), torch.randint(0, 9, (3, 5))
+
+    def losses(lookup: nn.Module = table) -> Tensor:
+        return (lookup(first) * lookup(second).tanh()).sum((1, 2))
+
+    with Engine(table, batch_dim=0) as engine:
+        step = engine.step(losses(), [table.weight], [], per_sample=True)
+        with torch.no_grad():
+            step.gramian()
+            (grad,), _ = step.gradients(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    assert grad.layout is torch.sparse_coo
+    dense = nn.Embedding(9, 4).double()  # (the oracle: the same table, dense gradients)
+    dense.load_state_dict(table.state_dict())
+    jacobian = explicit_jacobian(losses(dense), [dense.weight])
+    expected = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) @ jacobian
+    assert torch.allclose(grad.to_dense().reshape(-1), expected, atol=1e-12)
+
+
+def test_rows_of_another_dtype_take_the_rules() -> None:
+    """A float32 layer in a float64 model: its rows are not put beside the float64 ones (one
+    matrix has one dtype); its Gramian comes from the rows it formed, its update from its rule."""
+    model = _model()
+    model.up.float()
+    params = list(model.parameters())
+    params.remove(model.scale)
+    with Engine(_layers(model), batch_dim=0) as engine:
+        tokens = torch.randint(0, 11, (4, 6))
+
+        def forward() -> Tensor:
+            h = model.norm(model.embed(tokens))
+            h = h + model.down(torch.tanh(model.up(h.float())).double())
+            logits = model.head(h)
+            return (logits.logsumexp(-1) - logits[..., 0]).mean(1)
+
+        losses = forward()
+        step = engine.step(losses, params, [], per_sample=True)
+        with torch.no_grad():
+            gramian = step.gramian()
+            grads, _ = step.gradients(torch.ones(4, dtype=torch.float64))
+    assert step.held is not None and step.held.params
+    assert id(model.up.weight) not in step.held.ids
+    jacobian = explicit_jacobian(forward(), params).double()
+    scale = (jacobian @ jacobian.T).abs().max()
+    assert (gramian.double() - jacobian @ jacobian.T).abs().max() / scale < 1e-6
+    update = torch.cat([g.reshape(-1) for g in grads]).double()
+    assert torch.allclose(update, jacobian.sum(0), rtol=1e-6, atol=1e-9)
+
+
+def test_held_rows_split_one_product() -> None:
+    """``HeldRows`` by hand: the budget and dtype refusals, ``R Rᵀ`` and ``wᵀ R`` split by
+    parameter, against the rows themselves."""
+    torch.manual_seed(0)
+    a, b = torch.zeros(2, 3), torch.zeros(5)
+    rows_a, rows_b = torch.randn(4, 1, 2, 3), torch.randn(4, 1, 5)
+    held = HeldRows(budget=rows_a.numel() * 4 + rows_b.numel() * 4)
+    assert held.take(a, rows_a) and held.take(b, rows_b)
+    assert not held.take(torch.zeros(1), torch.randn(4, 1, 1))  # over the budget
+    held.seal()
+    flat = torch.cat([rows_a.reshape(4, -1), rows_b.reshape(4, -1)], 1)
+    gramian = held.gramian()
+    assert gramian is not None and torch.allclose(gramian, flat @ flat.T)
+    weights = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    updates = held.updates(weights)
+    assert torch.allclose(updates[id(a)], torch.einsum("i,iab->ab", weights[:, 0], rows_a[:, 0]))
+    assert torch.allclose(updates[id(b)], weights[:, 0] @ rows_b[:, 0])
+    mixed = HeldRows(budget=10**6)
+    assert mixed.take(a, rows_a) and not mixed.take(b, rows_b.double())
