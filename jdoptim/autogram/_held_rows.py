@@ -10,16 +10,20 @@ instead, side by side in one matrix ``R = [R_{p₁} … R_{p_n}]`` (``[bT, Σ n_
 .. math::  Σ_p R_p R_pᵀ = R Rᵀ, \qquad (wᵀ R_p)_p = \mathrm{split}(wᵀ R),
 
 one product for the Gramian of all of them and one ``[1, bT] × [bT, Σ n_p]`` product for all
-their updates, where each layer paid a few small operations for each. On the small
-transformers of ``benchmarks/`` (a dozen layers, a few tensor operations of 10–20 µs each per
-layer and step) this is about a tenth of a per-sample step.
+their updates, where each layer paid a few small operations for each.
 
-The rows cost memory until the weights are known (``bT`` times the parameters they cover), so
-the step holds them up to a budget (:func:`held_rows_budget`) and takes the others as before.
+**Memory.** The rows live until the weights are known (``bT`` times the parameters they cover),
+so a step holds them up to a budget (:func:`held_rows_budget`) and takes the others as before.
+Each layer's rows are copied into ``R`` as they are formed (one layer's rows at a time beside
+``R``), and ``R`` is one matrix that the engine reuses from step to step
+(:class:`RowsBuffer`): on CPU, a fresh matrix of a few MB per step would be fresh pages from the
+system each time (the C allocator returns large freed blocks), whose first writes cost more
+than the products themselves on the small models this is for.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -36,49 +40,66 @@ def held_rows_budget(held_gradients_bytes: int) -> int:
     return max(held_gradients_bytes, HELD_ROWS_FLOOR_BYTES)
 
 
-@dataclass(eq=False)
-class HeldRows:
-    """Rows ``[b, T, *p.shape]`` of some parameters, collected up to a budget of bytes, then
-    held as one matrix ``R`` (``[bT, Σ n_p]``, :meth:`seal`).
+def rows_bytes(count: int, param: Tensor) -> int:
+    """The bytes of ``count`` rows of ``param``, as the rules form them: in at least float32
+    (:func:`~.rules._call.full_precision`)."""
+    return count * param.numel() * max(param.element_size(), 4)
 
-    Rows are taken (:meth:`take`) while they fit the budget and have the first rows' dtype
-    and device.
+
+class RowsBuffer:
+    """The engine's matrix for the held rows, lent to one step at a time.
+
+    :meth:`lend` gives a ``[count, width]`` view of the kept buffer when no living step holds
+    it and it is large enough in the right dtype and device; otherwise a fresh matrix (which
+    becomes the kept buffer when the buffer is free). A step gives it back with :meth:`give_back`
+    once its update is computed; a step dropped before that (a refused step) frees it too, since
+    the buffer only holds a weak reference to its borrower. The kept buffer is as large as the
+    largest ``R`` a step held (at most the held-rows budget).
     """
 
-    budget: int
+    def __init__(self) -> None:
+        self._flat: Tensor | None = None
+        self._borrower: weakref.ref | None = None
+
+    def _free(self) -> bool:
+        return self._borrower is None or self._borrower() is None
+
+    def lend(self, borrower: object, count: int, width: int, like: Tensor) -> Tensor:
+        """A ``[count, width]`` matrix in ``like``'s dtype and device, for ``borrower``."""
+        numel = count * width
+        flat = self._flat
+        free = self._free()
+        fits = (
+            flat is not None
+            and (flat.dtype, flat.device) == (like.dtype, like.device)
+            and flat.numel() >= numel
+        )
+        if free and fits:
+            assert flat is not None
+            self._borrower = weakref.ref(borrower)
+            return flat[:numel].view(count, width)
+        fresh = torch.empty(numel, dtype=like.dtype, device=like.device)
+        if free:
+            self._flat, self._borrower = fresh, weakref.ref(borrower)
+        return fresh.view(count, width)
+
+    def give_back(self, borrower: object) -> None:
+        """``borrower`` no longer reads what it was lent."""
+        if self._borrower is not None and self._borrower() is borrower:
+            self._borrower = None
+
+
+@dataclass(eq=False)
+class HeldRows:
+    """The held rows ``R`` (``[bT, Σ n_p]``) of :attr:`params`, in that order."""
+
     params: list[Tensor] = field(default_factory=list)
-    rows: list[Tensor] = field(default_factory=list)
-    used: int = 0
     matrix: Tensor | None = None
-
-    def room(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` more fit the budget."""
-        return self.used + nbytes <= self.budget
-
-    def take(self, param: Tensor, rows: Tensor) -> bool:
-        """Hold ``rows`` (``[b, T, *param.shape]``) for ``param`` if they fit the budget and
-        have the held rows' dtype and device; whether they are held."""
-        nbytes = rows.numel() * rows.element_size()
-        if not self.room(nbytes):
-            return False
-        if self.rows and (rows.dtype, rows.device) != (self.rows[0].dtype, self.rows[0].device):
-            return False
-        self.used += nbytes
-        self.params.append(param)
-        self.rows.append(rows)
-        return True
 
     @property
     def ids(self) -> set[int]:
         """The ids of the parameters held."""
         return {id(p) for p in self.params}
-
-    def seal(self) -> None:
-        """Put the rows side by side in ``R`` (the separate rows are dropped)."""
-        if self.rows:
-            count = self.rows[0].shape[0] * self.rows[0].shape[1]
-            self.matrix = torch.cat([rows.reshape(count, -1) for rows in self.rows], dim=1)
-        self.rows = []
 
     def gramian(self) -> Tensor | None:
         """``R Rᵀ`` (``[bT, bT]``), or ``None`` when nothing is held."""
@@ -93,3 +114,48 @@ class HeldRows:
         sizes = [p.numel() for p in self.params]
         parts = torch.split(flat[0], sizes)
         return {id(p): part.view(p.shape) for p, part in zip(self.params, parts)}
+
+
+class HeldRowsWriter:
+    """Fills ``R`` (``[count, width]``, from ``buffer`` for ``borrower``) with rows as they are
+    formed; :meth:`held` gives the result.
+
+    ``width`` is the columns of every parameter the step means to hold; rows that cannot join
+    ``R`` (another dtype or device than the first rows') are refused by :meth:`put`, and ``R``
+    is then narrowed to the columns filled.
+    """
+
+    def __init__(self, buffer: RowsBuffer | None, borrower: object, count: int, width: int):
+        self.buffer = buffer
+        self.borrower = borrower
+        self.count = count
+        self.width = width
+        self.filled = 0
+        self.params: list[Tensor] = []
+        self.matrix: Tensor | None = None
+
+    def put(self, param: Tensor, rows: Tensor) -> bool:
+        """Copy ``rows`` (``[b, T, *param.shape]``) into ``R``; whether they joined it."""
+        if self.matrix is None:
+            if self.buffer is None:
+                self.matrix = rows.new_empty(self.count, self.width)
+            else:
+                self.matrix = self.buffer.lend(self.borrower, self.count, self.width, rows)
+        elif (rows.dtype, rows.device) != (self.matrix.dtype, self.matrix.device):
+            return False
+        n = param.numel()
+        target = self.matrix[:, self.filled : self.filled + n]
+        target.view(self.count, *param.shape).copy_(rows.reshape(self.count, *param.shape))
+        self.filled += n
+        self.params.append(param)
+        return True
+
+    def held(self) -> HeldRows:
+        """The rows put, as :class:`HeldRows`."""
+        if not self.params:
+            if self.buffer is not None:
+                self.buffer.give_back(self.borrower)
+            return HeldRows()
+        assert self.matrix is not None
+        matrix = self.matrix if self.filled == self.width else self.matrix[:, : self.filled]
+        return HeldRows(self.params, matrix)

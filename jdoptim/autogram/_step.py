@@ -33,7 +33,7 @@ from torch.autograd.graph import GradientEdge
 from ..linalg.sparse_rows import dense
 from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
-from ._held_rows import HeldRows, held_rows_budget
+from ._held_rows import HeldRows, HeldRowsWriter, RowsBuffer, held_rows_budget, rows_bytes
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule, rows_gramian
@@ -214,6 +214,8 @@ class GramianStep:
         whole_modules: ids of modules the generic rule re-runs on the whole batch (not one
             sample at a time) in per-sample mode.
         labels: how messages name each module (its path in the model), by id.
+        rows_buffer: the engine's reusable matrix for the rows held from :meth:`gramian` to
+            :meth:`gradients` (:mod:`._held_rows`); without it, a fresh one per step.
 
     Raises :class:`NotPerSample` when, with ``batch_dim``, a hooked call's output does not index
     the samples.
@@ -236,6 +238,7 @@ class GramianStep:
         explicit_modules: frozenset[int] = frozenset(),
         whole_modules: frozenset[int] = frozenset(),
         labels: dict[int, str] | None = None,
+        rows_buffer: RowsBuffer | None = None,
     ) -> None:
         if losses.grad_fn is None:
             raise ValueError(
@@ -248,8 +251,10 @@ class GramianStep:
         self.specific = list(specific)
         self.shared_ids = {id(p) for p in self.shared}
         self.labels = labels or {}
-        #: the rows :meth:`gramian` holds for :meth:`gradients` (:mod:`._held_rows`)
+        #: the rows :meth:`gramian` holds for :meth:`gradients` (:mod:`._held_rows`), and the
+        #: engine's matrix they are held in
         self.held: HeldRows | None = None
+        self.rows_buffer = rows_buffer
         if scan is None:
             scan = scan_graph([losses.grad_fn], key)
         records = list(scan.calls)
@@ -501,30 +506,35 @@ class GramianStep:
         rows of the tied and explicit parameters (formed anyway) whose update is dense, then
         those of the calls whose rules form them for their Gramian. Also the rows formed but
         not held, and the ids of the calls' :class:`RuleParameters` whose rows were formed."""
-        held = HeldRows(self._held_rows_budget())
+        budget, count = self._held_rows_budget(), self.b * self.T
         sparse = {
             id(p)
             for parts in self.rule_parameters
             if parts.rule.sparse_gradients
             for p in parts.shared
         }
-        rest = [
-            rows
-            for p, rows in self._shared_rows_by_parameter()
-            if id(p) in sparse or not held.take(p, rows)
-        ]
-        formed: set[int] = set()
-        count = self.b * self.T
+        loose, rest = [], []
+        for p, rows in self._shared_rows_by_parameter():
+            size = rows.numel() * rows.element_size()
+            if id(p) not in sparse and size <= budget:
+                budget -= size
+                loose.append((p, rows))
+            else:
+                rest.append(rows)
+        chosen = []
         for parts in self.rule_parameters:
-            alone = parts.alone
-            if not alone or not held.room(count * sum(p.numel() * p.element_size() for p in alone)):
-                continue
-            if parts.rule.forms_rows(alone):
-                formed.add(id(parts))
-                jacobians = parts.rule.jacobians(alone)
-                rest.extend(rows for p, rows in zip(alone, jacobians) if not held.take(p, rows))
-        held.seal()
-        return held, rest, formed
+            size = sum(rows_bytes(count, p) for p in parts.alone)
+            if parts.alone and size <= budget and parts.rule.forms_rows(parts.alone):
+                budget -= size
+                chosen.append(parts)
+        width = sum(p.numel() for p, _ in loose)
+        width += sum(p.numel() for parts in chosen for p in parts.alone)
+        writer = HeldRowsWriter(self.rows_buffer, self, count, width)
+        rest += [rows for p, rows in loose if not writer.put(p, rows)]
+        for parts in chosen:
+            jacobians = parts.rule.jacobians(parts.alone)
+            rest += [rows for p, rows in zip(parts.alone, jacobians) if not writer.put(p, rows)]
+        return writer.held(), rest, {id(parts) for parts in chosen}
 
     def gramian(self) -> Tensor:
         """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order.
@@ -539,6 +549,13 @@ class GramianStep:
             (rows_gramian(r) for r in rest),
         )
         return self._sum_terms(terms)
+
+    def _give_back_rows(self) -> None:
+        """The update from the held rows is computed: the engine's matrix may serve the next
+        step (a later :meth:`gradients` takes every update from the rules)."""
+        self.held = None
+        if self.rows_buffer is not None:
+            self.rows_buffer.give_back(self)
 
     def _sum_terms(self, terms: Iterable[Tensor]) -> Tensor:
         """The Gramian from its ``[b, T, b, T]`` terms (summed as they come, so that one is
@@ -572,6 +589,7 @@ class GramianStep:
         skip: set[int] = set()
         if held is not None and moved is not None:
             found, skip = held.updates(moved), held.ids
+            self._give_back_rows()
 
         def add(p: Tensor, grad: Tensor) -> None:
             found[id(p)] = grad if id(p) not in found else found[id(p)] + grad

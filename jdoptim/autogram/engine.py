@@ -78,6 +78,7 @@ from ._certify import (
     signature,
 )
 from ._graph import GraphScan, scan_graph
+from ._held_rows import RowsBuffer
 from ._records import PendingCalls, make_hook, make_pre_hook
 from ._sample_dims import samples_at_batch_dim
 from ._selection import (
@@ -289,6 +290,7 @@ class Engine:
         ]
         self._finalizer = weakref.finalize(self, _remove_all, handles)
         self._vmap = VmapState()
+        self._rows_buffer = RowsBuffer()  # (the held rows' matrix, reused: see ._held_rows)
         self._streaming = VmapState()  # whether the low-memory backward runs on this model
         self._routes: dict[tuple, Route] = {}
         self._warned: set[str] = set()
@@ -420,6 +422,7 @@ class Engine:
             explicit_modules=route.explicit,
             whole_modules=route.whole,
             labels=self._labels,
+            rows_buffer=self._rows_buffer,
         )
 
     def _certified_step(self, options: _StepOptions, per_sample: bool) -> tuple[GramianStep, Route]:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import jdoptim.autogram._step as step_module
 from jdoptim.autogram import Engine
-from jdoptim.autogram._held_rows import HeldRows
+from jdoptim.autogram._held_rows import HeldRows, HeldRowsWriter, RowsBuffer
 
 from ._oracle import explicit_jacobian
 
@@ -65,10 +65,11 @@ def _engine_results(model: nn.Module, per_sample: bool) -> tuple[Tensor, list[Te
         step = engine.step(losses, params, [], per_sample=per_sample)
         with torch.no_grad():
             gramian = step.gramian()
+            held = step.held
             weights = torch.arange(1.0, losses.numel() + 1, dtype=losses.dtype)
             grads, _ = step.gradients(weights)
-    assert step.held is not None
-    return gramian, grads, step.held
+    assert held is not None
+    return gramian, grads, held
 
 
 def _expected(model: nn.Module, per_sample: bool) -> tuple[Tensor, Tensor]:
@@ -115,7 +116,8 @@ def test_any_budget_gives_the_same_step(
     the same Gramian and update, each against the explicit Jacobian."""
     _with_budget(monkeypatch, lambda _: budget)
     held = _assert_exact(_model(), per_sample)
-    assert held.used <= budget
+    held_bytes = 0 if held.matrix is None else held.matrix.numel() * held.matrix.element_size()
+    assert held_bytes <= budget
     if budget == 0:
         assert not held.params and held.matrix is None
     if budget == 700:
@@ -174,9 +176,10 @@ def test_rows_of_another_dtype_take_the_rules() -> None:
         step = engine.step(losses, params, [], per_sample=True)
         with torch.no_grad():
             gramian = step.gramian()
+            held = step.held
             grads, _ = step.gradients(torch.ones(4, dtype=torch.float64))
-    assert step.held is not None and step.held.params
-    assert id(model.up.weight) not in step.held.ids
+    assert held is not None and held.params
+    assert id(model.up.weight) not in held.ids
     jacobian = explicit_jacobian(forward(), params).double()
     scale = (jacobian @ jacobian.T).abs().max()
     assert (gramian.double() - jacobian @ jacobian.T).abs().max() / scale < 1e-6
@@ -185,15 +188,16 @@ def test_rows_of_another_dtype_take_the_rules() -> None:
 
 
 def test_held_rows_split_one_product() -> None:
-    """``HeldRows`` by hand: the budget and dtype refusals, ``R Rᵀ`` and ``wᵀ R`` split by
-    parameter, against the rows themselves."""
+    """The writer and ``HeldRows`` by hand: rows of another dtype refused, ``R Rᵀ`` and
+    ``wᵀ R`` split by parameter, against the rows themselves (non-contiguous rows included)."""
     torch.manual_seed(0)
-    a, b = torch.zeros(2, 3), torch.zeros(5)
-    rows_a, rows_b = torch.randn(4, 1, 2, 3), torch.randn(4, 1, 5)
-    held = HeldRows(budget=rows_a.numel() * 4 + rows_b.numel() * 4)
-    assert held.take(a, rows_a) and held.take(b, rows_b)
-    assert not held.take(torch.zeros(1), torch.randn(4, 1, 1))  # over the budget
-    held.seal()
+    a, b, c = torch.zeros(2, 3), torch.zeros(5), torch.zeros(())
+    rows_a, rows_b = torch.randn(4, 1, 3, 2).transpose(2, 3), torch.randn(4, 1, 5)
+    writer = HeldRowsWriter(None, object(), count=4, width=12)
+    assert writer.put(a, rows_a) and writer.put(b, rows_b)
+    assert not writer.put(c, torch.randn(4, 1, dtype=torch.float64))  # another dtype
+    held = writer.held()
+    assert held.matrix is not None and held.matrix.shape == (4, 11)  # (narrowed to the filled)
     flat = torch.cat([rows_a.reshape(4, -1), rows_b.reshape(4, -1)], 1)
     gramian = held.gramian()
     assert gramian is not None and torch.allclose(gramian, flat @ flat.T)
@@ -201,5 +205,64 @@ def test_held_rows_split_one_product() -> None:
     updates = held.updates(weights)
     assert torch.allclose(updates[id(a)], torch.einsum("i,iab->ab", weights[:, 0], rows_a[:, 0]))
     assert torch.allclose(updates[id(b)], weights[:, 0] @ rows_b[:, 0])
-    mixed = HeldRows(budget=10**6)
-    assert mixed.take(a, rows_a) and not mixed.take(b, rows_b.double())
+
+
+class _Borrower:
+    pass
+
+
+def test_the_rows_buffer_is_lent_to_one_step_at_a_time() -> None:
+    """The engine's matrix is reused once given back, or once its borrower is gone; while a
+    step holds it, another gets a fresh matrix (never the same memory)."""
+    buffer = RowsBuffer()
+    like = torch.zeros(1)
+    first, second = _Borrower(), _Borrower()
+    kept = buffer.lend(first, 4, 10, like)
+    other = buffer.lend(second, 4, 10, like)
+    assert other.data_ptr() != kept.data_ptr()
+    buffer.give_back(second)  # (not the borrower: changes nothing)
+    assert buffer.lend(second, 2, 5, like).data_ptr() != kept.data_ptr()
+    buffer.give_back(first)
+    assert buffer.lend(second, 2, 5, like).data_ptr() == kept.data_ptr()
+    del second
+    third = _Borrower()
+    assert buffer.lend(third, 4, 10, like).data_ptr() == kept.data_ptr()  # (borrower gone)
+    buffer.give_back(third)
+    assert buffer.lend(third, 4, 10, like.double()).data_ptr() != kept.data_ptr()  # (dtype)
+
+
+def test_consecutive_steps_reuse_the_matrix_and_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps on one engine: the second reuses the first's matrix once its update is computed,
+    a step whose Gramian is taken while another's update is pending gets its own, and a
+    step's update read twice takes the rules the second time: all equal to the oracle."""
+    model = _model()
+    params = [p for p in model.parameters() if p is not model.scale]
+    expected_gramian, expected_update = _expected(model, per_sample=True)
+    weights = torch.arange(1.0, 5.0, dtype=torch.float64)
+
+    def check(gramian: Tensor, grads: list[Tensor]) -> None:
+        update = torch.cat([g.reshape(-1) for g in grads])
+        assert torch.allclose(gramian, expected_gramian, rtol=1e-12, atol=0)
+        assert torch.allclose(update, expected_update, rtol=1e-12, atol=1e-14)
+
+    with Engine(_layers(model), batch_dim=0) as engine:
+        one = engine.step(_losses(model, True), params, [], per_sample=True)
+        two = engine.step(_losses(model, True), params, [], per_sample=True)
+        with torch.no_grad():
+            g_one, g_two = one.gramian(), two.gramian()  # (both pending)
+            first, second = _matrix_address(one), _matrix_address(two)
+            assert first != second
+            check(g_one, one.gradients(weights)[0])
+            check(g_two, two.gradients(weights)[0])
+            check(g_two, two.gradients(weights)[0])  # (read twice: from the rules)
+        three = engine.step(_losses(model, True), params, [], per_sample=True)
+        with torch.no_grad():
+            g_three = three.gramian()
+            assert _matrix_address(three) == first  # (given back by the first step)
+            check(g_three, three.gradients(weights)[0])
+
+
+def _matrix_address(step: object) -> int:
+    held = getattr(step, "held", None)
+    assert held is not None and held.matrix is not None
+    return held.matrix.data_ptr()
