@@ -13,14 +13,15 @@ embedding) are *loose*. With ``T`` task losses:
   ``∂ℓ_k/∂θ`` for the loose parameters;
 * a Linear-like layer (``Linear``, ``Conv1D``, ``Conv2d`` after im2col) with inputs ``a_s`` and
   output gradients ``D_{k,s}`` over its positions ``s`` contributes
-  ``G_kl = Σ_{s,r} (⟨a_s, a_r⟩ + 1) ⟨D_{k,s}, D_{l,r}⟩`` by the engine's public contraction
-  helper (:func:`jdoptim.autogram.rules.linear_gramian`, which picks the kernel contraction or
-  explicit rows by cost, as the engine does); its update is ``(Σ_k w_k D_k)ᵀ A``;
+  ``G_kl = Σ_{s,r} (⟨a_s, a_r⟩ + 1) ⟨D_{k,s}, D_{l,r}⟩`` by the kernel contraction
+  (:func:`jdoptim.autogram.rules.linear_gramian`) where the engine's cost model picks it, with
+  the update ``(Σ_k w_k D_k)ᵀ A``; elsewhere by its explicit rows, as below;
 * an embedding's rows are its output gradients summed by token (``index_add``); a norm's affine
   rows are ``Σ_s D_{k,s} ⊙ n(x)_s`` and ``Σ_s D_{k,s}`` (``n(x)`` the normalised input,
   recomputed from ``X``); loose parameters' rows come from the backward; a parameter used by
-  several calls (GPT-2's tied ``wte``/``lm_head``) sums its calls' explicit rows; these rows give
-  ``G = R Rᵀ`` and the update ``Rᵀ w``;
+  several calls (GPT-2's tied ``wte``/``lm_head``) sums its calls' explicit rows; these rows,
+  side by side in one matrix ``R`` that the step reuses (:class:`RowsMatrix`, as the engine
+  holds them), give ``G = R Rᵀ`` and the update ``Rᵀ w``, one product each;
 * ``w = W(G)`` by UPGrad's weighting, then the optimizer's step.
 
 :func:`check_against_library` gives the losses of one float64 forward to this step and to the
@@ -51,6 +52,7 @@ from benchmarks.test_bench_models import MODELS, THREADS, TINY, build, make_step
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad, UPGradWeighting
 from jdoptim.autogram.rules import linear_gramian, qualified_name
+from jdoptim.autogram.rules._contraction import takes_contraction
 from jdoptim.updates.base import weigh
 
 _CONV1D = "transformers.pytorch_utils.Conv1D"
@@ -158,6 +160,35 @@ def _conv_rows_direct(call: Recorded, d: Tensor) -> dict[str, Tensor]:
     return out
 
 
+class RowsMatrix:
+    """Explicit rows of several parameters side by side in one matrix ``R`` (``[rows, Σ n_p]``),
+    kept from step to step (a fresh one per step would be fresh pages from the system on CPU),
+    for ``G = R Rᵀ`` and the update ``Rᵀ w`` in one product each."""
+
+    def __init__(self) -> None:
+        self.flat: Tensor | None = None
+
+    def fill(self, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """``R`` from ``(parameter, rows [count, n_p])`` pairs."""
+        count, dtype = pairs[0][1].shape[0], pairs[0][1].dtype
+        width = sum(p.numel() for p, _ in pairs)
+        if self.flat is None or self.flat.numel() < count * width or self.flat.dtype != dtype:
+            self.flat = torch.empty(count * width, dtype=dtype)
+        matrix = self.flat[: count * width].view(count, width)
+        start = 0
+        for p, rows in pairs:
+            matrix[:, start : start + p.numel()].copy_(rows)
+            start += p.numel()
+        return matrix
+
+    @staticmethod
+    def apply(weights: Tensor, params: list[Tensor], matrix: Tensor) -> None:
+        """``.grad`` of each parameter from ``wᵀ R``."""
+        update = weights.reshape(1, -1).to(matrix.dtype) @ matrix
+        for p, part in zip(params, torch.split(update[0], [p.numel() for p in params])):
+            p.grad = part.view_as(p).to(p.dtype)
+
+
 class RecordingStep:
     """What both floors share: forward hooks recording every call of a layer this floor knows
     (:func:`layer_kind`) that has a trainable direct parameter, the optimizer, UPGrad's weighting,
@@ -166,6 +197,7 @@ class RecordingStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.weighting = UPGradWeighting()
+        self.held = RowsMatrix()
         self.calls: list[Recorded] = []
         #: how many recorded layers hold each parameter (by id)
         self.owners: Counter[int] = Counter()
@@ -224,12 +256,19 @@ class HandFusedTaskStep(RecordingStep):
         ]
         with torch.no_grad():
             gramian, rows, fused = self._gramian(grads, t)
+            params = [p for p, _ in rows.values()]
+            matrix = self.held.fill(list(rows.values())) if rows else None
+            if matrix is not None:
+                gramian += matrix @ matrix.T
             weights = weigh(self.weighting, gramian).to(losses.dtype)
-            self._apply(weights, rows, fused)
+            if matrix is not None:
+                self.held.apply(weights, params, matrix)
+            self._apply(weights, fused)
         return gramian
 
     def _gramian(self, grads: list[Tensor], t: int):
-        """``G``, the explicit rows by parameter, and the kernel-contracted Linear-like calls."""
+        """``G`` of the kernel-contracted Linear-like calls, the explicit rows by parameter
+        (their Gram matrix not yet added), and those calls."""
         rows: dict[int, tuple[Tensor, Tensor]] = {}  # id(p) → (p, rows [T, n])
         fused: list[tuple[nn.Module, str, Tensor, Tensor]] = []
         gramian = torch.zeros(t, t, dtype=grads[0].dtype if grads else torch.float32)
@@ -241,23 +280,21 @@ class HandFusedTaskStep(RecordingStep):
             if linear_like and not any(id(p) in tied for p in direct.values()):
                 a, dd = _linear_factors(call, d)
                 with_bias = getattr(call.module, "bias", None) is not None
-                gramian += linear_gramian(a[None], dd[:, None], with_bias).reshape(t, t)
-                fused.append((call.module, call.kind, a, dd))
-                continue
+                (s_, width), o = a.shape, dd.shape[-1]
+                if takes_contraction(1, s_, t, width + with_bias, o):
+                    gramian += linear_gramian(a[None], dd[:, None], with_bias).reshape(t, t)
+                    fused.append((call.module, call.kind, a, dd))
+                    continue
             for name, r in explicit_rows(call, d).items():
                 p = direct[name]
                 old = rows.get(id(p))
                 rows[id(p)] = (p, r.reshape(t, -1) + (0 if old is None else old[1]))
         for p, g in zip(self.loose, grads[len(self.calls) :]):
             rows[id(p)] = (p, g.reshape(t, -1))
-        for _, r in rows.values():
-            gramian += r @ r.T
         return gramian, rows, fused
 
     @staticmethod
-    def _apply(weights: Tensor, rows: dict, fused: list) -> None:
-        for p, r in rows.values():
-            p.grad = (weights @ r).view_as(p).to(p.dtype)
+    def _apply(weights: Tensor, fused: list) -> None:
         for module, kind, a, dd in fused:
             dw = torch.tensordot(weights, dd, dims=1)  # [S, o]
             grad = a.T @ dw if kind == "conv1d" else dw.T @ a

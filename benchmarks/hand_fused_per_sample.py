@@ -9,16 +9,18 @@ Forward hooks record every such call's input ``X`` and output ``Y``; then
 
 * one ordinary backward with all-ones output weights gives ``D = ∂(Σᵢ ℓᵢ)/∂Y``, whose sample-``i``
   slice is ``∂ℓᵢ/∂Y_i``;
-* a ``Conv2d`` contributes the Gram matrix of its per-sample rows, from its weight-gradient
-  kernel vmapped over the samples (from 256 output positions per image, as the library's rule),
-  else as a Linear-like layer on its im2col columns;
+* a ``Conv2d``'s per-sample rows come from its weight-gradient kernel vmapped over the samples
+  (from 256 output positions per image, as the library's rule), else it is a Linear-like layer
+  on its im2col columns;
 * a Linear-like layer contributes ``G_ij = Σ_{s,r} (⟨a_{is}, a_{jr}⟩ + 1) ⟨D_{is}, D_{jr}⟩`` by the
-  engine's public contraction helper (:func:`jdoptim.autogram.rules.linear_gramian`, kernel or
-  explicit rows by cost, as the engine picks); an embedding ``Σ_{s,r} [idx_{is} = idx_{jr}]
-  ⟨D_{is}, D_{jr}⟩``; a norm's affine parameters their rows ``Σ_s D_{is} ⊙ n(x)_{is}`` and
-  ``Σ_s D_{is}``;
+  kernel contraction (:func:`jdoptim.autogram.rules.linear_gramian`) where the engine's cost
+  model picks it, else by its explicit rows ``Σ_s D_{is} a_{is}ᵀ``; an embedding
+  ``Σ_{s,r} [idx_{is} = idx_{jr}] ⟨D_{is}, D_{jr}⟩``; a norm's affine parameters their rows
+  ``Σ_s D_{is} ⊙ n(x)_{is}`` and ``Σ_s D_{is}``;
+* every explicit row side by side in one reused matrix ``R``, as the engine holds them: their
+  Gramian ``R Rᵀ`` and update ``Rᵀ w`` in one product each;
 * ``w = W(G)`` by UPGrad's weighting on the ``b × b`` Gramian;
-* the update from the weighted ``D`` (``Σᵢ wᵢ D_i``), layer by layer, then the optimizer's step.
+* the other layers' update from the weighted ``D`` (``Σᵢ wᵢ D_i``), then the optimizer's step.
 
 :func:`check_against_library` gives one float64 forward's losses to this step and to
 ``JDOptimizer(modules=model, batch_dim=0)`` and asserts that the Gramians and the ``.grad`` agree.
@@ -51,6 +53,7 @@ from benchmarks.test_bench_models import THREADS, TINY, build, make_step
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad
 from jdoptim.autogram.rules import linear_gramian
+from jdoptim.autogram.rules._contraction import linear_rows, takes_contraction
 from jdoptim.updates.base import weigh
 
 #: the models this floor covers (see the module docstring)
@@ -79,54 +82,82 @@ class HandFusedPerSampleStep(RecordingStep):
         grads = torch.autograd.grad(losses, outputs, torch.ones_like(losses), retain_graph)
         with torch.no_grad():
             gramian = torch.zeros(b, b, dtype=grads[0].dtype)
+            rows: list[tuple[Tensor, Tensor]] = []
+            others = []
             for call, d in zip(self.calls, grads):
-                gramian += _call_gramian(call, d)
+                found = _call_rows(call, d)
+                if found is None:
+                    gramian += _call_gramian(call, d)
+                    others.append((call, d))
+                else:
+                    rows += found
+            matrix = self.held.fill(rows) if rows else None
+            if matrix is not None:
+                gramian += matrix @ matrix.T
             weights = weigh(self.weighting, gramian).to(losses.dtype)
-            for call, d in zip(self.calls, grads):
+            if matrix is not None:
+                self.held.apply(weights, [p for p, _ in rows], matrix)
+            for call, d in others:
                 _set_update(call, d * weights.view(b, *(1,) * (d.dim() - 1)))
         return gramian
 
 
-def _conv_gramian(call: Recorded, d: Tensor) -> Tensor:
-    """A ``Conv2d``'s per-sample Gramian: rows from its weight-gradient kernel vmapped over the
-    samples on large maps, else im2col and the Linear contraction (as the library's rule)."""
+def _linear_like(call: Recorded, d: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """``A`` ``[b, S, d]``, ``D`` ``[1, b, S, o]`` and whether there is a bias (``Conv2d`` by
+    im2col)."""
     m, b = call.module, d.shape[0]
-    with_bias = m.bias is not None
-    if d.shape[-1] * d.shape[-2] >= DIRECT_CONV_POSITIONS:  # (layer_kind: groups == 1)
-        rows = torch.vmap(lambda g, x: conv_weight_grad(call, g[None], x[None]))(d, call.x)
-        flat = rows.reshape(b, -1)
-        if with_bias:
-            flat = torch.cat([flat, d.sum((2, 3))], dim=1)
-        return flat @ flat.T
-    cols = F.unfold(call.x, m.kernel_size, m.dilation, m.padding, m.stride)  # [b, Ckk, L]
-    a = cols.transpose(1, 2)
-    dd = d.flatten(2).transpose(1, 2).unsqueeze(0)  # [1, b, L, o]
-    return linear_gramian(a, dd, with_bias).reshape(b, b)
+    with_bias = getattr(m, "bias", None) is not None
+    if call.kind == "conv2d":
+        cols = F.unfold(call.x, m.kernel_size, m.dilation, m.padding, m.stride)  # [b, Ckk, L]
+        return cols.transpose(1, 2), d.flatten(2).transpose(1, 2).unsqueeze(0), with_bias
+    a = call.x.reshape(b, -1, call.x.shape[-1])
+    return a, d.reshape(1, b, -1, d.shape[-1]), with_bias
+
+
+def _call_rows(call: Recorded, d: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+    """The call's per-sample rows ``(parameter, [b, n])`` where the engine forms them (a norm,
+    a convolution on large maps, a Linear-like layer whose rows are cheaper than its kernel),
+    else ``None``."""
+    m, b = call.module, d.shape[0]
+    if call.kind == "embedding":
+        return None
+    if call.kind == "norm":
+        n, dims = _normalised(call)
+        per_sample = tuple(k for k in dims if k != 0)  # the dimensions summed within a sample
+        found = [(m.weight, (d * n).sum(per_sample).reshape(b, -1))]
+        if getattr(m, "bias", None) is not None:
+            found.append((m.bias, d.sum(per_sample).reshape(b, -1)))
+        return found
+    if call.kind == "conv2d" and d.shape[-1] * d.shape[-2] >= DIRECT_CONV_POSITIONS:
+        weight = torch.vmap(lambda g, x: conv_weight_grad(call, g[None], x[None]))(d, call.x)
+        found = [(m.weight, weight.reshape(b, -1))]
+        if m.bias is not None:
+            found.append((m.bias, d.sum((2, 3))))
+        return found
+    a, dd, with_bias = _linear_like(call, d)
+    if takes_contraction(b, a.shape[1], 1, a.shape[2] + with_bias, dd.shape[-1]):
+        return None
+    weight = linear_rows(a, dd)[:, 0]  # [b, o, d]
+    if call.kind == "conv1d":
+        weight = weight.transpose(1, 2)
+    found = [(m.weight, weight.reshape(b, -1))]
+    if with_bias:
+        found.append((m.bias, dd[0].sum(1)))
+    return found
 
 
 def _call_gramian(call: Recorded, d: Tensor) -> Tensor:
-    """The call's per-sample Gramian contribution ``[b, b]``."""
-    m, b = call.module, d.shape[0]
-    if call.kind == "conv2d":
-        return _conv_gramian(call, d)
-    if call.kind in ("linear", "conv1d"):
-        a = call.x.reshape(b, -1, call.x.shape[-1])
-        dd = d.reshape(1, b, -1, d.shape[-1])
-        with_bias = getattr(m, "bias", None) is not None
-        return linear_gramian(a, dd, with_bias).reshape(b, b)
+    """The per-sample Gramian ``[b, b]`` of a call whose rows are not formed (:func:`_call_rows`):
+    an embedding's by its index kernel, a Linear-like layer's by the kernel contraction."""
+    b = d.shape[0]
     if call.kind == "embedding":
         index = call.x.reshape(-1)
         flat = d.reshape(index.shape[0], -1)
         same = index[:, None] == index[None, :]
         products = (flat @ flat.T) * same.to(flat.dtype)
         return products.reshape(b, -1, b, products.shape[0] // b).sum((1, 3))
-    n, dims = _normalised(call)
-    per_sample = tuple(k for k in dims if k != 0)  # the dimensions summed within a sample
-    rows = [(d * n).sum(per_sample).reshape(b, -1)]
-    if getattr(m, "bias", None) is not None:
-        rows.append(d.sum(per_sample).reshape(b, -1))
-    flat = torch.cat(rows, dim=1)
-    return flat @ flat.T
+    a, dd, with_bias = _linear_like(call, d)
+    return linear_gramian(a, dd, with_bias).reshape(b, b)
 
 
 def _set_update(call: Recorded, dw: Tensor) -> None:
