@@ -53,6 +53,7 @@ from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad, UPGradWeighting
 from jdoptim.autogram.rules import linear_gramian, qualified_name
 from jdoptim.autogram.rules._contraction import takes_contraction
+from jdoptim.linalg.gramian import gram_matrix
 from jdoptim.updates.base import weigh
 
 _CONV1D = "transformers.pytorch_utils.Conv1D"
@@ -259,7 +260,7 @@ class HandFusedTaskStep(RecordingStep):
             params = [p for p, _ in rows.values()]
             matrix = self.held.fill(list(rows.values())) if rows else None
             if matrix is not None:
-                gramian += matrix @ matrix.T
+                gramian += gram_matrix(matrix)
             weights = weigh(self.weighting, gramian).to(losses.dtype)
             if matrix is not None:
                 self.held.apply(weights, params, matrix)

@@ -54,6 +54,7 @@ from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad
 from jdoptim.autogram.rules import linear_gramian
 from jdoptim.autogram.rules._contraction import linear_rows, takes_contraction
+from jdoptim.linalg.gramian import gram_matrix
 from jdoptim.updates.base import weigh
 
 #: the models this floor covers (see the module docstring)
@@ -93,7 +94,7 @@ class HandFusedPerSampleStep(RecordingStep):
                     rows += found
             matrix = self.held.fill(rows) if rows else None
             if matrix is not None:
-                gramian += matrix @ matrix.T
+                gramian += gram_matrix(matrix)
             weights = weigh(self.weighting, gramian).to(losses.dtype)
             if matrix is not None:
                 self.held.apply(weights, [p for p, _ in rows], matrix)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..linalg.gramian import gram_matrix
+
 #: The budget's floor: rows up to this size are held whatever the step holds otherwise.
 HELD_ROWS_FLOOR_BYTES = 8 * 2**20
 
@@ -103,7 +105,7 @@ class HeldRows:
 
     def gramian(self) -> Tensor | None:
         """``R Rᵀ`` (``[bT, bT]``), or ``None`` when nothing is held."""
-        return None if self.matrix is None else self.matrix @ self.matrix.T
+        return None if self.matrix is None else gram_matrix(self.matrix)
 
     def updates(self, weights: Tensor) -> dict[int, Tensor]:
         """``wᵀ R_p`` for each held parameter (by id), shaped as the parameter (views of one
