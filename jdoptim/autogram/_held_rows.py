@@ -63,6 +63,11 @@ class RowsBuffer:
         self._flat: Tensor | None = None
         self._borrower: weakref.ref | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """The size of the kept buffer."""
+        return 0 if self._flat is None else self._flat.numel() * self._flat.element_size()
+
     def _free(self) -> bool:
         return self._borrower is None or self._borrower() is None
 

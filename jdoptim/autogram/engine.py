@@ -297,6 +297,13 @@ class Engine:
         self._generator = torch.Generator().manual_seed(0)
 
     @property
+    def held_rows_bytes(self) -> int:
+        """Bytes the engine keeps allocated between steps for the explicit rows a step holds
+        from its Gramian to its update (one reused matrix, at most the held-rows budget; see
+        :mod:`._held_rows`); 0 with ``low_memory=True``."""
+        return self._rows_buffer.nbytes
+
+    @property
     def closed(self) -> bool:
         return not self._finalizer.alive
 

@@ -266,3 +266,23 @@ def _matrix_address(step: object) -> int:
     held = getattr(step, "held", None)
     assert held is not None and held.matrix is not None
     return held.matrix.data_ptr()
+
+
+def test_the_engine_reports_the_matrix_it_keeps() -> None:
+    """``Engine.held_rows_bytes``: the held rows' size after a step (``bT`` rows of the held
+    parameters, in the rows' dtype), none before and none in the low-memory mode."""
+    model = _model()
+    params = [p for p in model.parameters() if p is not model.scale]
+    for low_memory in (False, True):
+        with Engine(_layers(model), batch_dim=0, low_memory=low_memory) as engine:
+            assert engine.held_rows_bytes == 0
+            step = engine.step(_losses(model, True), params, [], per_sample=True)
+            with torch.no_grad():
+                step.gramian()
+                held = step.held
+                step.gradients(torch.ones(4, dtype=torch.float64))
+            if low_memory:
+                assert engine.held_rows_bytes == 0
+            else:
+                assert held is not None and held.params
+                assert engine.held_rows_bytes == 4 * sum(p.numel() for p in held.params) * 8
