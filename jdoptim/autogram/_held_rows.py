@@ -24,12 +24,17 @@ than the products themselves on the small models this is for.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..linalg.gramian import gram_matrix
+
+if TYPE_CHECKING:
+    from ._step import RuleParameters
 
 #: The budget's floor: rows up to this size are held whatever the step holds otherwise.
 HELD_ROWS_FLOOR_BYTES = 8 * 2**20
@@ -127,12 +132,12 @@ class HeldRowsWriter:
     """Fills ``R`` (``[count, width]``, from ``buffer`` for ``borrower``) with rows as they are
     formed; :meth:`held` gives the result.
 
-    ``width`` is the columns of every parameter the step means to hold; rows that cannot join
-    ``R`` (another dtype or device than the first rows') are refused by :meth:`put`, and ``R``
-    is then narrowed to the columns filled.
+    ``width`` (set before the first :meth:`put`) is the columns of every parameter the step
+    means to hold; rows that cannot join ``R`` (another dtype or device than the first rows')
+    are refused by :meth:`put`, and ``R`` is then narrowed to the columns filled.
     """
 
-    def __init__(self, buffer: RowsBuffer | None, borrower: object, count: int, width: int):
+    def __init__(self, buffer: RowsBuffer | None, borrower: object, count: int, width: int = 0):
         self.buffer = buffer
         self.borrower = borrower
         self.count = count
@@ -166,3 +171,44 @@ class HeldRowsWriter:
         assert self.matrix is not None
         matrix = self.matrix if self.filled == self.width else self.matrix[:, : self.filled]
         return HeldRows(self.params, matrix)
+
+
+def hold_rows(
+    calls: Sequence[RuleParameters],
+    loose: list[tuple[Tensor, Tensor]],
+    budget: int,
+    writer: HeldRowsWriter,
+) -> tuple[HeldRows, list[Tensor], set[int]]:
+    """The rows a step holds until its update, up to ``budget`` bytes: first the ``loose`` rows
+    (``(parameter, [b, T, *p.shape])`` of tied and explicit parameters, formed anyway) whose
+    update is dense, then those of the ``calls`` whose rules form their parameters' rows for
+    the Gramian (:meth:`~.rules.LayerRule.forms_rows`; each call's parameters used by it alone,
+    all or none).
+
+    Returns the held rows, the rows formed but not held (their Gram matrices are still the
+    Gramian's), and the ids of the ``calls`` whose rows were formed (their rules' Gramian terms
+    are not to be taken again).
+    """
+    count = writer.count
+    sparse = {id(p) for parts in calls if parts.rule.sparse_gradients for p in parts.shared}
+    taken, rest = [], []
+    for p, rows in loose:
+        size = rows.numel() * rows.element_size()
+        if id(p) not in sparse and size <= budget:
+            budget -= size
+            taken.append((p, rows))
+        else:
+            rest.append(rows)
+    chosen = []
+    for parts in calls:
+        size = sum(rows_bytes(count, p) for p in parts.alone)
+        if parts.alone and size <= budget and parts.rule.forms_rows(parts.alone):
+            budget -= size
+            chosen.append(parts)
+    writer.width = sum(p.numel() for p, _ in taken)
+    writer.width += sum(p.numel() for parts in chosen for p in parts.alone)
+    rest += [rows for p, rows in taken if not writer.put(p, rows)]
+    for parts in chosen:
+        jacobians = parts.rule.jacobians(parts.alone)
+        rest += [rows for p, rows in zip(parts.alone, jacobians) if not writer.put(p, rows)]
+    return writer.held(), rest, {id(parts) for parts in chosen}

@@ -33,7 +33,7 @@ from torch.autograd.graph import GradientEdge
 from ..linalg.sparse_rows import dense
 from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
-from ._held_rows import HeldRows, HeldRowsWriter, RowsBuffer, held_rows_budget, rows_bytes
+from ._held_rows import HeldRows, HeldRowsWriter, RowsBuffer, held_rows_budget, hold_rows
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule, rows_gramian
@@ -501,46 +501,16 @@ class GramianStep:
         grads = [g for parts in self.rule_parameters for g in parts.rule.call.grads]
         return held_rows_budget(sum(g.numel() * g.element_size() for g in grads if g is not None))
 
-    def _hold_rows(self) -> tuple[HeldRows, list[Tensor], set[int]]:
-        """The rows held until the update (:mod:`._held_rows`), up to the budget: first the
-        rows of the tied and explicit parameters (formed anyway) whose update is dense, then
-        those of the calls whose rules form them for their Gramian. Also the rows formed but
-        not held, and the ids of the calls' :class:`RuleParameters` whose rows were formed."""
-        budget, count = self._held_rows_budget(), self.b * self.T
-        sparse = {
-            id(p)
-            for parts in self.rule_parameters
-            if parts.rule.sparse_gradients
-            for p in parts.shared
-        }
-        loose, rest = [], []
-        for p, rows in self._shared_rows_by_parameter():
-            size = rows.numel() * rows.element_size()
-            if id(p) not in sparse and size <= budget:
-                budget -= size
-                loose.append((p, rows))
-            else:
-                rest.append(rows)
-        chosen = []
-        for parts in self.rule_parameters:
-            size = sum(rows_bytes(count, p) for p in parts.alone)
-            if parts.alone and size <= budget and parts.rule.forms_rows(parts.alone):
-                budget -= size
-                chosen.append(parts)
-        width = sum(p.numel() for p, _ in loose)
-        width += sum(p.numel() for parts in chosen for p in parts.alone)
-        writer = HeldRowsWriter(self.rows_buffer, self, count, width)
-        rest += [rows for p, rows in loose if not writer.put(p, rows)]
-        for parts in chosen:
-            jacobians = parts.rule.jacobians(parts.alone)
-            rest += [rows for p, rows in zip(parts.alone, jacobians) if not writer.put(p, rows)]
-        return writer.held(), rest, {id(parts) for parts in chosen}
-
     def gramian(self) -> Tensor:
         """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order.
 
         The rows it forms anyway are held for :meth:`gradients` (:attr:`held`)."""
-        held, rest, formed = self._hold_rows()
+        held, rest, formed = hold_rows(
+            self.rule_parameters,
+            self._shared_rows_by_parameter(),
+            self._held_rows_budget(),
+            HeldRowsWriter(self.rows_buffer, self, self.b * self.T),
+        )
         self.held = held
         rows = held.gramian()
         terms = itertools.chain(
