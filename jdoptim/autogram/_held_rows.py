@@ -132,12 +132,12 @@ class HeldRowsWriter:
     """Fills ``R`` (``[count, width]``, from ``buffer`` for ``borrower``) with rows as they are
     formed; :meth:`held` gives the result.
 
-    ``width`` (set before the first :meth:`put`) is the columns of every parameter the step
-    means to hold; rows that cannot join ``R`` (another dtype or device than the first rows')
-    are refused by :meth:`put`, and ``R`` is then narrowed to the columns filled.
+    ``width`` is the columns of every parameter the step means to hold; rows that cannot join
+    ``R`` (another dtype or device than the first rows') are refused by :meth:`put`, and ``R``
+    is then narrowed to the columns filled.
     """
 
-    def __init__(self, buffer: RowsBuffer | None, borrower: object, count: int, width: int = 0):
+    def __init__(self, buffer: RowsBuffer | None, borrower: object, count: int, width: int):
         self.buffer = buffer
         self.borrower = borrower
         self.count = count
@@ -177,19 +177,20 @@ def hold_rows(
     calls: Sequence[RuleParameters],
     loose: list[tuple[Tensor, Tensor]],
     budget: int,
-    writer: HeldRowsWriter,
+    count: int,
+    lender: tuple[RowsBuffer | None, object],
 ) -> tuple[HeldRows, list[Tensor], set[int]]:
-    """The rows a step holds until its update, up to ``budget`` bytes: first the ``loose`` rows
-    (``(parameter, [b, T, *p.shape])`` of tied and explicit parameters, formed anyway) whose
-    update is dense, then those of the ``calls`` whose rules form their parameters' rows for
-    the Gramian (:meth:`~.rules.LayerRule.forms_rows`; each call's parameters used by it alone,
-    all or none).
+    """The ``count`` (``bT``) rows a step holds until its update, up to ``budget`` bytes: first
+    the ``loose`` rows (``(parameter, [b, T, *p.shape])`` of tied and explicit parameters,
+    formed anyway) whose update is dense, then those of the ``calls`` whose rules form their
+    parameters' rows for the Gramian (:meth:`~.rules.LayerRule.forms_rows`; each call's
+    parameters used by it alone, all or none). ``R`` comes from ``lender``: the engine's buffer
+    (or ``None`` for a fresh matrix) and the step that borrows it.
 
     Returns the held rows, the rows formed but not held (their Gram matrices are still the
     Gramian's), and the ids of the ``calls`` whose rows were formed (their rules' Gramian terms
     are not to be taken again).
     """
-    count = writer.count
     sparse = {id(p) for parts in calls if parts.rule.sparse_gradients for p in parts.shared}
     taken, rest = [], []
     for p, rows in loose:
@@ -205,8 +206,9 @@ def hold_rows(
         if parts.alone and size <= budget and parts.rule.forms_rows(parts.alone):
             budget -= size
             chosen.append(parts)
-    writer.width = sum(p.numel() for p, _ in taken)
-    writer.width += sum(p.numel() for parts in chosen for p in parts.alone)
+    width = sum(p.numel() for p, _ in taken)
+    width += sum(p.numel() for parts in chosen for p in parts.alone)
+    writer = HeldRowsWriter(*lender, count, width)
     rest += [rows for p, rows in taken if not writer.put(p, rows)]
     for parts in chosen:
         jacobians = parts.rule.jacobians(parts.alone)

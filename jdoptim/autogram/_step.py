@@ -33,7 +33,7 @@ from torch.autograd.graph import GradientEdge
 from ..linalg.sparse_rows import dense
 from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
-from ._held_rows import HeldRows, HeldRowsWriter, RowsBuffer, held_rows_budget, hold_rows
+from ._held_rows import HeldRows, RowsBuffer, held_rows_budget, hold_rows
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule, rows_gramian
@@ -509,7 +509,8 @@ class GramianStep:
             self.rule_parameters,
             self._shared_rows_by_parameter(),
             self._held_rows_budget(),
-            HeldRowsWriter(self.rows_buffer, self, self.b * self.T),
+            self.b * self.T,
+            (self.rows_buffer, self),
         )
         self.held = held
         rows = held.gramian()
@@ -554,11 +555,10 @@ class GramianStep:
         b, t = self.b, self.T
         moved = None if weights is None else self.moved(weights)
         ones: Tensor | None = moved if weigh_specific else None
-        held = self.held if moved is not None else None
         found: dict[int, Tensor] = {}
         skip: set[int] = set()
-        if held is not None and moved is not None:
-            found, skip = held.updates(moved), held.ids
+        if self.held is not None and moved is not None:
+            found, skip = self.held.updates(moved), self.held.ids
             self._give_back_rows()
 
         def add(p: Tensor, grad: Tensor) -> None:

@@ -367,7 +367,7 @@ class StreamingStep(GramianStep):
         return [] if self._alone is None else [self._alone]
 
     def _held_rows_budget(self) -> int:
-        """None: the update is a second backward pass, which needs no rows."""
+        """Nothing is held: the update is a second backward pass, which needs no rows."""
         return 0
 
     def gradients(
