@@ -147,8 +147,7 @@ def linear_gramian(inputs: Tensor, grads: Tensor, with_bias: bool = False) -> Te
             return per_sample_gramian(inputs.reshape(b, d), grads.reshape(b, o), with_bias)
         kernel = linear_kernel(inputs)
         return gramian_from_kernel(kernel.add_(1.0) if with_bias else kernel, grads)
-    rows = linear_rows(inputs, grads).reshape(b * t, o * d)
-    gramian = (rows @ rows.T).reshape(b, t, b, t)
+    gramian = rows_gramian(linear_rows(inputs, grads))  # (summed by column blocks: gram_matrix)
     return gramian + rows_gramian(bias_rows(grads)) if with_bias else gramian
 
 
