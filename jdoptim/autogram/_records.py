@@ -90,6 +90,9 @@ class CallRecord:
     #: LoRA layers it is handed inside its magnitude module's call: the scan of the graph finds
     #: them inside this call's part of the graph (:func:`._graph.scan_graph`)
     nested: tuple[CallRecord, ...] = ()
+    #: what the call's rule read from its output's autograd node before the step's backward pass
+    #: freed the node's saved tensors (:meth:`~.rules.LayerRule.read_graph`), else ``None``
+    graph_read: Any = None
 
     @property
     def sole_input(self) -> Tensor | None:

@@ -36,7 +36,7 @@ from ._graph import GraphScan, scan_graph
 from ._held_rows import HeldRows, RowsBuffer, held_rows_budget, hold_rows
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
-from .rules import Call, GenericRule, LayerRule, make_rule, rows_gramian
+from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule, rows_gramian
 
 
 def _backward(
@@ -94,6 +94,21 @@ def _looped_backward(
 def _stack_rows(rows: list[Tensor | None]) -> Tensor:
     like = next(r for r in rows if r is not None)
     return torch.stack([torch.zeros_like(like) if r is None else r for r in rows])
+
+
+def _read_graphs(scan: GraphScan, records: list[CallRecord], call_params: list) -> None:
+    """Let the rules that read their calls' autograd nodes (:attr:`LayerRule.reads_graph`) take
+    what they need (into ``record.graph_read``) before the backward pass frees the nodes' saved
+    tensors."""
+    for record, params in zip(records, call_params):
+        if not params or record.graph_read is not None:
+            continue
+        rule = registered_rule(record.module)
+        if rule is None or not rule.reads_graph:
+            continue
+        edge = scan.calls[record][0]
+        if edge is not None:
+            record.graph_read = rule.read_graph(record.module, edge.node)
 
 
 def _parameters_of(module: torch.nn.Module) -> Iterable[Tensor]:
@@ -272,6 +287,7 @@ class GramianStep:
         layouts = self._sample_layouts(records, call_params, batch_dim)
         plan = StepPlan(scan, records, call_params, covered, layouts, grad_outputs, whole_modules)
         state = vmap_state if vmap_state is not None else VmapState()
+        _read_graphs(scan, records, call_params)
         self._differentiate(losses, plan, retain_graph, state)
 
     def _differentiate(

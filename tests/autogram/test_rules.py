@@ -421,3 +421,43 @@ def test_conv_routes_match_the_explicit_jacobian(
         expected = explicit_gramian(losses, engine.parameters())
         gramian = as_square(engine.compute_gramian(losses), losses.shape)
     assert_gramian_close(gramian, expected)
+
+
+@pytest.mark.parametrize("name", ["hf_llama_rmsnorm", "hf_t5_layernorm", "layernorm"])
+def test_weight_only_norms_read_their_normalised_input_from_the_graph(name: str) -> None:
+    """transformers' weight-only RMS norms end with ``γ ⊙ X̂``: the rule takes ``X̂`` from that
+    product's autograd node (bitwise what a recompute gives); torch's fused norms leave nothing
+    to read, and their rule recomputes it."""
+    from jdoptim.autogram.rules.norm import _normalised
+
+    make_layer, make_input = LAYERS[name]
+    layer, x = make_layer(), make_input()
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.3)
+    with Engine(layer, batch_dim=0) as engine:
+        out = layer(x)
+        read = rules.registered_rule(layer).read_graph(layer, out.grad_fn)
+        if name == "layernorm":
+            assert read is None
+        else:
+            assert torch.equal(read, _normalised(layer, x))
+        losses = out.sin().reshape(out.shape[0], -1).sum(1)
+        expected = explicit_gramian(losses, engine.parameters())
+        assert_gramian_close(engine.compute_gramian(losses), expected)
+
+
+def test_a_product_of_the_weight_with_itself_is_not_read_as_normalised() -> None:
+    """The read needs the very weight times one other tensor; a freed node gives nothing."""
+    from jdoptim.autogram.rules.norm import _multiplied_by
+
+    weight = nn.Parameter(torch.randn(5))
+    other = torch.randn(3, 5)
+    assert torch.equal(_multiplied_by((weight * other).grad_fn, weight), other)
+    assert torch.equal(_multiplied_by((other * weight).grad_fn, weight), other)
+    assert _multiplied_by((weight * weight).grad_fn, weight) is None
+    twin = weight.detach().clone().requires_grad_()
+    assert _multiplied_by((twin * other).grad_fn, weight) is None
+    assert _multiplied_by((weight + other).grad_fn, weight) is None
+    product = weight * other
+    product.sum().backward()
+    assert _multiplied_by(product.grad_fn, weight) is None

@@ -49,6 +49,10 @@ class LayerRule(ABC, Generic[ModuleT]):
     #: such calls, which then take the generic rule.
     grouped_samples: ClassVar[bool] = False
 
+    #: Whether the rule reads something from the autograd graph of its calls
+    #: (:meth:`read_graph`), which the step then does before its backward pass.
+    reads_graph: ClassVar[bool] = False
+
     def __init__(self, call: Call) -> None:
         self.call = call
 
@@ -72,6 +76,14 @@ class LayerRule(ABC, Generic[ModuleT]):
     def applies(cls, call: Call) -> bool:
         """Whether this call has the form the rule handles (else the generic rule is used)."""
         return True
+
+    @classmethod
+    def read_graph(cls, module: nn.Module, node: torch.autograd.graph.Node) -> object:
+        """For a rule that sets :attr:`reads_graph`: what it takes from ``node`` (the autograd
+        node of the call's first tapped output) while its saved tensors are still there, before
+        the step's backward pass frees them; ``None`` when there is nothing to take. The step
+        keeps it as the record's ``graph_read``, for the rule to use instead of recomputing."""
+        return None
 
     @staticmethod
     def differentiates_attributes(call: Call, *names: str) -> bool:

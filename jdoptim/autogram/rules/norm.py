@@ -12,7 +12,11 @@ wide, so they are always formed explicitly.
 transformers' norms compute ``X̂`` in their own precision: Llama's casts ``X`` to float32,
 normalises and casts back to the input's dtype; T5's takes the mean square in float32 and
 multiplies the input by its inverse root. The rule recomputes ``X̂`` by the same operations, so
-the rows are exact in every dtype.
+the rows are exact in every dtype. Both families end their forward with the product ``γ ⊙ X̂``,
+whose autograd node saved ``X̂`` for ``γ``'s gradient: the step reads it there before its backward
+pass frees it (:meth:`NormAffineRule.read_graph`), so that these norms cost no recompute (about
+80 µs per call inside a CPU step of a small Llama); where the product is not found, the rule
+recomputes.
 """
 
 from __future__ import annotations
@@ -101,9 +105,37 @@ def _channel_dims(module: nn.Module, x: Tensor) -> list[int]:
     return [1]
 
 
+def _multiplied_by(node: torch.autograd.graph.Node, weight: Tensor) -> Tensor | None:
+    """``X̂`` when ``node`` is the product ``γ ⊙ X̂`` of the leaf ``weight`` (``γ``, found by the
+    node's input edge into it) by another tensor, which the node saved for ``γ``'s gradient;
+    else ``None``."""
+    if type(node).__name__ != "MulBackward0":
+        return None
+    edges = node.next_functions
+    sides = [getattr(child, "variable", None) is weight for child, _ in edges]
+    if sides != [True, False] and sides != [False, True]:
+        return None
+    try:  # the other operand's value (saved because γ requires its gradient)
+        saved = node._saved_other if sides[0] else node._saved_self  # type: ignore[attr-defined]
+    except RuntimeError:  # (already freed: a graph run backward through)
+        return None
+    return saved if isinstance(saved, Tensor) else None
+
+
 @register_rule(*_NORMS, *_LLAMA_NORMS, _T5_NORM)
 class NormAffineRule(LayerRule):
     grouped_samples = True  # (the sample dimension is summed per sample in _reduce)
+    reads_graph = True  # (transformers' weight-only norms: X̂ as their forward computed it)
+
+    @classmethod
+    def read_graph(cls, module: nn.Module, node: torch.autograd.graph.Node) -> Tensor | None:
+        """transformers' weight-only RMS norms end their forward with ``γ ⊙ X̂``: that product's
+        autograd node holds ``X̂`` exactly as the forward computed it, so the rule reads it
+        instead of recomputing it (five operations fewer per call). Nothing for the other
+        norms, whose fused kernels save no ``X̂``."""
+        if _transformers_norm(module) is None:
+            return None
+        return _multiplied_by(node, cast(_WeightOnlyRMSNorm, module).weight)
 
     @classmethod
     def applies(cls, call: Call) -> bool:
@@ -122,8 +154,12 @@ class NormAffineRule(LayerRule):
         x = call.record.args[0].detach()
         if _transformers_norm(call.module) is None:
             x = full_precision(x)  # (transformers' norms fix their own precision)
-        with torch.no_grad():
-            self.normalised = full_precision(_normalised(call.module, x))
+        read = call.record.graph_read
+        if isinstance(read, Tensor) and read.shape == x.shape:
+            self.normalised = full_precision(read.detach())
+        else:
+            with torch.no_grad():
+                self.normalised = full_precision(_normalised(call.module, x))
         self.channels = _channel_dims(call.module, x)
 
     def _reduce(self, product: Tensor, leading: int) -> Tensor:
