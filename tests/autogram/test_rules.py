@@ -19,7 +19,7 @@ from jdoptim.autogram.rules._contraction import (
     weight_and_bias_gramian,
 )
 
-from ._oracle import as_square, assert_gramian_close, explicit_gramian
+from ._oracle import as_square, assert_gramian_close, explicit_gramian, explicit_jacobian
 
 LAYERS = {
     "linear": (lambda: nn.Linear(5, 4), lambda: torch.randn(3, 5)),
@@ -375,6 +375,32 @@ def test_embedding_rows_by_definition(batch_dim: int | None) -> None:
         with torch.no_grad():
             (rows,) = parts.rule.jacobians([layer.weight])
     torch.testing.assert_close(rows.reshape(3, 6, 3), expected)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("size, rows", [(6, True), (400, False)])
+def test_embedding_gramian_and_update_by_rows_or_by_kernel(
+    size: int, rows: bool, per_sample: bool
+) -> None:
+    """A small table read at many positions takes the explicit rows (held for the update), a
+    vocabulary the index kernel; both give the explicit Jacobian's Gramian and update."""
+    torch.manual_seed(0)
+    layer = nn.Embedding(size, 3, padding_idx=2).double()
+    index = torch.randint(0, 6, (3, 5))
+    with Engine(layer, batch_dim=0 if per_sample else None) as engine:
+        out = layer(index).sin()
+        losses = out.sum((1, 2)) if per_sample else out.sum((0, 1))
+        jacobian = explicit_jacobian(losses, [layer.weight])
+        step = engine.step(losses, [layer.weight], [], per_sample=per_sample)
+        (parts,) = step.rule_parameters
+        assert parts.rule.rows_are_cheaper() is rows
+        weights = torch.randn(losses.numel(), dtype=torch.float64)
+        with torch.no_grad():
+            gramian = step.gramian()
+            assert (step.held.matrix is not None) is rows
+            (update,), _ = step.gradients(weights)
+    assert_gramian_close(gramian, jacobian @ jacobian.T, rtol=1e-12)
+    torch.testing.assert_close(update.reshape(-1), weights @ jacobian)
 
 
 _CONVS = [

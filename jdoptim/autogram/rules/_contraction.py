@@ -83,6 +83,12 @@ def fewest_entries() -> Iterator[None]:
         _FEWEST_ENTRIES.reset(token)
 
 
+def fewest_entries_wanted() -> bool:
+    """Whether the rules choose their methods by the entries they form (inside
+    :func:`fewest_entries`) rather than by flops."""
+    return _FEWEST_ENTRIES.get()
+
+
 def takes_contraction(b: int, s: int, t: int, d: int, o: int) -> bool:
     """Whether :func:`linear_gramian` contracts (else it forms the explicit rows): by flops, or
     inside :func:`fewest_entries` by the entries each method forms."""

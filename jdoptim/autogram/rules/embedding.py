@@ -3,10 +3,13 @@ r"""``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``).
 An embedding is a ``Linear`` layer on one-hot inputs, so ``K[i,s,j,r] = [idx_{is} = idx_{jr}]``
 (zero at ``padding_idx``, whose row gets no gradient), and the Gramian is the kernel contraction of
 :mod:`._contraction` (one :class:`~._terms.IndexTerm`, which the distributed engine exchanges as
-indices and output gradients) without ever forming a ``[V, e]`` gradient per row. Rows (needed
-only when the weight is tied into another call) and the update scatter the output gradients into
-the looked-up rows; for ``sparse=True`` the update is a sparse tensor of the looked-up rows, as
-``backward()`` gives it.
+indices and output gradients) without ever forming a ``[V, e]`` gradient per row. A small table
+read at many positions (a position embedding, ``V = S``) has cheaper explicit rows than that
+contraction (:meth:`EmbeddingRule.rows_are_cheaper`): its Gramian then takes the rows, which the
+step holds for the update (:mod:`jdoptim.autogram._held_rows`). Rows (also needed when the
+weight is tied into another call) and the update scatter the output gradients into the looked-up
+rows; for ``sparse=True`` the update is a sparse tensor of the looked-up rows, as ``backward()``
+gives it, and the Gramian always contracts.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from torch import Tensor, nn
 
 from ._base import LayerRule, register_rule
 from ._call import Call
-from ._terms import GramianTerm, IndexTerm
+from ._contraction import (
+    contraction_cost,
+    contraction_memory,
+    explicit_memory,
+    fewest_entries_wanted,
+)
+from ._terms import GramianTerm, IndexTerm, RowsTerm
 
 
 @register_rule(nn.Embedding)
@@ -64,8 +73,32 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         return self.module.sparse
 
     def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
-        """One :class:`~._terms.IndexTerm` of the indices and the (padding-masked) ``D``."""
+        """One :class:`~._terms.IndexTerm` of the indices and the (padding-masked) ``D``; or,
+        where they cost less (:meth:`rows_are_cheaper`), the explicit rows."""
+        if self.rows_are_cheaper():
+            return [RowsTerm(rows) for rows in self.jacobians(params)]
         return [IndexTerm(self.index, self.grads)]
+
+    def forms_rows(self, params: list[Tensor]) -> bool:
+        return self.rows_are_cheaper()  # (without forming them, as the factorisation would)
+
+    def rows_are_cheaper(self) -> bool:
+        r"""Whether the ``b T`` explicit rows of ``V e`` entries cost fewer flops than the index
+        kernel's contraction over the ``b S`` positions (or, inside
+        :func:`~._contraction.fewest_entries`, form fewer entries), for a dense gradient.
+
+        Rows: zero ``b T V e`` entries, scatter ``b T S e``, their Gram matrix
+        ``(b T)² V e``. Kernel: :func:`~._contraction.contraction_cost` with a one-entry input
+        (the index comparison). A small table read at every position of every sample (a
+        position embedding: ``V = S``) takes the rows, a vocabulary the kernel.
+        """
+        if self.module.sparse:  # (its update is sparse: rows would make it dense)
+            return False
+        t, b, s, e = self.grads.shape
+        if fewest_entries_wanted():
+            return explicit_memory(b, t, self.size, e) < contraction_memory(b, s, t, e)
+        rows = b * t * (s + self.size) * e + (b * t) ** 2 * self.size * e
+        return rows < contraction_cost(b, s, t, 1, e)
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         module = self.module

@@ -20,6 +20,7 @@ from abc import abstractmethod
 from functools import cached_property
 from typing import ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
 from ._base import LayerRule, ModuleT, register_rule
@@ -123,13 +124,20 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
         rows = []
         for p in params:
             if p is weight:
-                weight_rows = linear_rows(self.inputs, self.grads)  # [b, T, o, d]
-                if self.weight_layout == "in_out":
-                    weight_rows = weight_rows.transpose(2, 3)
-                rows.append(weight_rows)
+                rows.append(self._weight_rows())
             else:
                 rows.append(bias_rows(self.grads))
         return rows
+
+    def _weight_rows(self) -> Tensor:
+        """The weight's rows ``[b, T, *weight.shape]``; contiguous with one loss per sample
+        (``[in, out]`` rows taken as ``Xᵀ D`` directly, not as a transposed ``Dᵀ X``)."""
+        if self.weight_layout == "out_in":
+            return linear_rows(self.inputs, self.grads)  # [b, T, o, d]
+        grads = self.grads
+        if grads.shape[0] == 1:
+            return torch.bmm(self.inputs.transpose(1, 2), grads[0]).unsqueeze(1)
+        return linear_rows(self.inputs, grads).transpose(2, 3)
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         weight = self.weight_of()
