@@ -59,12 +59,12 @@ def _leaves_below(root: Node) -> list[Tensor]:
     met: list[Tensor] = []
     while stack:
         node = stack.pop()
-        leaf = _leaf_of(node)
+        leaf = getattr(node, "variable", None)
         if leaf is not None:
             met.append(leaf)
             continue
-        for child in _children(node):
-            if child not in seen:
+        for child, _ in node.next_functions:  # (inlined: the walk visits every node)
+            if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
     return met
