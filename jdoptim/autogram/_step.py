@@ -202,10 +202,16 @@ class RuleParameters:
     def of(
         cls, rule: LayerRule, params: list[Tensor], shared_ids: set[int], uses: dict[int, int]
     ) -> RuleParameters:
-        shared = [p for p in params if id(p) in shared_ids]
-        specific = [p for p in params if id(p) not in shared_ids]
-        alone = [p for p in shared if uses[id(p)] == 1]
-        several = [p for p in shared if uses[id(p)] > 1]
+        shared: list[Tensor] = []
+        specific: list[Tensor] = []
+        alone: list[Tensor] = []
+        several: list[Tensor] = []
+        for p in params:  # (one pass: this runs for every call of every step)
+            if id(p) not in shared_ids:
+                specific.append(p)
+                continue
+            shared.append(p)
+            (alone if uses[id(p)] == 1 else several).append(p)
         return cls(rule, shared, specific, alone, several)
 
 

@@ -93,8 +93,11 @@ class LayerRule(ABC, Generic[ModuleT]):
         ``weight_norm``), whose ``weight`` is computed from other parameters in the forward, so
         that a rule written for ``weight`` would differentiate the wrong tensors; such calls
         take the generic rule, which re-runs the forward with the parametrization."""
-        owned = [getattr(call.module, name, None) for name in names]
-        return all(any(p is tensor for tensor in owned) for p in call.params)
+        # (read from ``_parameters``, where a parametrized module has no ``weight``: its
+        # computed weight is no parameter of the call either)
+        registered = call.module._parameters
+        owned = {id(t) for name in names if (t := registered.get(name)) is not None}
+        return all(id(p) in owned for p in call.params)
 
     @abstractmethod
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
