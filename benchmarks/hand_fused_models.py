@@ -176,8 +176,11 @@ class RowsMatrix:
         if self.flat is None or self.flat.numel() < count * width or self.flat.dtype != dtype:
             self.flat = torch.empty(count * width, dtype=dtype)
         matrix = self.flat[: count * width].view(count, width)
-        # one concatenation, as the engine joins its held rows (jdoptim.autogram._held_rows)
-        return torch.cat([rows.reshape(count, -1) for _, rows in pairs], dim=1, out=matrix)
+        start = 0
+        for p, rows in pairs:
+            matrix[:, start : start + p.numel()].copy_(rows)
+            start += p.numel()
+        return matrix
 
     @staticmethod
     def apply(weights: Tensor, params: list[Tensor], matrix: Tensor) -> None:

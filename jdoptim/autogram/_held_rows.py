@@ -14,12 +14,11 @@ their updates, where each layer paid a few small operations for each.
 
 **Memory.** The rows live until the weights are known (``bT`` times the parameters they cover),
 so a step holds them up to a budget (:func:`held_rows_budget`) and takes the others as before.
-Layers' rows are copied into ``R`` as they are formed, a few MB at a time by one concatenation
-(:class:`HeldRowsWriter`: at most that much beside ``R``), and ``R`` is one matrix that the
-engine reuses from step to step (:class:`RowsBuffer`): on CPU, a fresh matrix of a few MB per
-step would be fresh pages from the system each time (the C allocator returns large freed
-blocks), whose first writes cost more than the products themselves on the small models this
-is for.
+Each layer's rows are copied into ``R`` as they are formed (one layer's rows at a time beside
+``R``), and ``R`` is one matrix that the engine reuses from step to step
+(:class:`RowsBuffer`): on CPU, a fresh matrix of a few MB per step would be fresh pages from the
+system each time (the C allocator returns large freed blocks), whose first writes cost more
+than the products themselves on the small models this is for.
 """
 
 from __future__ import annotations
@@ -135,29 +134,20 @@ class HeldRowsWriter:
 
     ``width`` is the columns of every parameter the step means to hold; rows that cannot join
     ``R`` (another dtype or device than the first rows') are refused by :meth:`put`, and ``R``
-    is then narrowed to the columns filled. Contiguous rows wait, up to :data:`PENDING_BYTES`,
-    and are copied into ``R`` by one concatenation (each copy of its own costs a few
-    operations: about a third of the step's time in holding the rows of a small transformer);
-    other rows are copied at once.
+    is then narrowed to the columns filled.
     """
-
-    #: Bytes of rows that may wait beside ``R`` for one concatenation into it.
-    PENDING_BYTES = 4 * 2**20
 
     def __init__(self, buffer: RowsBuffer | None, borrower: object, count: int, width: int):
         self.buffer = buffer
         self.borrower = borrower
         self.count = count
         self.width = width
-        self.filled = 0  # columns given to the rows put
-        self.written = 0  # columns copied into R
-        self.pending: list[Tensor] = []  # rows put, not yet copied: [count, n] each
-        self.pending_bytes = 0
+        self.filled = 0
         self.params: list[Tensor] = []
         self.matrix: Tensor | None = None
 
     def put(self, param: Tensor, rows: Tensor) -> bool:
-        """Take ``rows`` (``[b, T, *param.shape]``) into ``R``; whether they joined it."""
+        """Copy ``rows`` (``[b, T, *param.shape]``) into ``R``; whether they joined it."""
         if self.matrix is None:
             if self.buffer is None:
                 self.matrix = rows.new_empty(self.count, self.width)
@@ -166,31 +156,11 @@ class HeldRowsWriter:
         elif (rows.dtype, rows.device) != (self.matrix.dtype, self.matrix.device):
             return False
         n = param.numel()
-        if rows.is_contiguous():
-            self.pending.append(rows.view(self.count, n))
-            self.pending_bytes += rows.numel() * rows.element_size()
-            self.filled += n
-            if self.pending_bytes >= self.PENDING_BYTES:
-                self._flush()
-        else:
-            self._flush()
-            target = self.matrix[:, self.filled : self.filled + n]
-            target.view(self.count, *param.shape).copy_(rows.reshape(self.count, *param.shape))
-            self.filled = self.written = self.filled + n
+        target = self.matrix[:, self.filled : self.filled + n]
+        target.view(self.count, *param.shape).copy_(rows.reshape(self.count, *param.shape))
+        self.filled += n
         self.params.append(param)
         return True
-
-    def _flush(self) -> None:
-        """Copy the waiting rows into their columns of ``R``."""
-        if not self.pending:
-            return
-        assert self.matrix is not None
-        target = self.matrix[:, self.written : self.filled]
-        if len(self.pending) == 1:
-            target.copy_(self.pending[0])
-        else:
-            torch.cat(self.pending, dim=1, out=target)
-        self.pending, self.pending_bytes, self.written = [], 0, self.filled
 
     def held(self) -> HeldRows:
         """The rows put, as :class:`HeldRows`."""
@@ -198,7 +168,6 @@ class HeldRowsWriter:
             if self.buffer is not None:
                 self.buffer.give_back(self.borrower)
             return HeldRows()
-        self._flush()
         assert self.matrix is not None
         matrix = self.matrix if self.filled == self.width else self.matrix[:, : self.filled]
         return HeldRows(self.params, matrix)

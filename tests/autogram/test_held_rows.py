@@ -207,30 +207,6 @@ def test_held_rows_split_one_product() -> None:
     assert torch.allclose(updates[id(b)], weights[:, 0] @ rows_b[:, 0])
 
 
-@pytest.mark.parametrize("pending_bytes", [1, 40, 2**20])
-def test_rows_wait_and_join_by_one_concatenation(
-    pending_bytes: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Contiguous rows wait (up to ``PENDING_BYTES``) and are copied together, non-contiguous
-    ones at once: every mix of the two gives each parameter its own columns, in order."""
-    torch.manual_seed(0)
-    monkeypatch.setattr(HeldRowsWriter, "PENDING_BYTES", pending_bytes)
-    params = [torch.zeros(2, 3), torch.zeros(5), torch.zeros(3, 2), torch.zeros(4), torch.zeros(1)]
-    rows = [
-        torch.randn(2, 1, 2, 3),
-        torch.randn(2, 1, 5),
-        torch.randn(2, 1, 2, 3).transpose(2, 3),  # non-contiguous: copied at once
-        torch.randn(2, 1, 4),
-        torch.randn(2, 1, 1),
-    ]
-    writer = HeldRowsWriter(None, object(), count=2, width=22)
-    assert all(writer.put(p, r) for p, r in zip(params, rows))
-    held = writer.held()
-    expected = torch.cat([r.reshape(2, -1) for r in rows], 1)
-    assert held.matrix is not None and torch.equal(held.matrix, expected)
-    assert held.params == params
-
-
 class _Borrower:
     pass
 
