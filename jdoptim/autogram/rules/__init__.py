@@ -45,7 +45,10 @@ pass gives: the call's recorded inputs and the output gradients ``D[k] = ∂(Σ�
   gradients (the call's vector-Jacobian product with ``Σ_k w_{·k} D[k]``), so a step needs no
   second backward;
 * optionally :meth:`LayerRule.applies`: whether a call has the form the rule handles (others go
-  through :class:`GenericRule`).
+  through :class:`GenericRule`);
+* optionally :meth:`LayerRule.read_graph` (with :attr:`LayerRule.reads_graph`): a tensor the
+  call's autograd graph saved and the rule would otherwise recompute (the normalised input a
+  weight-only RMS norm multiplied by its weight), taken before the backward pass frees it.
 
 The engine checks each rule's update against autograd on the first step of each graph
 structure (:mod:`jdoptim.autogram._certify`) and gives a module whose update differs autograd's
