@@ -99,9 +99,10 @@ def _stack_rows(rows: list[Tensor | None]) -> Tensor:
 def _read_graphs(scan: GraphScan, records: list[CallRecord], call_params: list) -> None:
     """Let the rules that read their calls' autograd nodes (:attr:`LayerRule.reads_graph`) take
     what they need (into ``record.graph_read``) before the backward pass frees the nodes' saved
-    tensors."""
+    tensors; not where saved-tensor hooks packed them (activation checkpointing), whose unpack
+    would recompute the region."""
     for record, params in zip(records, call_params):
-        if not params or record.graph_read is not None:
+        if not params or record.graph_read is not None or record.saved_packed:
             continue
         rule = registered_rule(record.module)
         if rule is None or not rule.reads_graph:

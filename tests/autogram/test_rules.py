@@ -487,3 +487,50 @@ def test_a_product_of_the_weight_with_itself_is_not_read_as_normalised() -> None
     product = weight * other
     product.sum().backward()
     assert _multiplied_by(product.grad_fn, weight) is None
+
+
+class _CheckpointedNorm(nn.Module):
+    """A Linear and transformers' Llama norm inside one non-reentrant checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 5)
+        llama = "transformers.models.llama.modeling_llama"
+        self.norm = _transformers_layer(llama, "LlamaRMSNorm", 5)
+        self.calls = 0  # runs of the checkpointed function: the forward and its recomputations
+
+    def _inner(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.norm(self.linear(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.utils.checkpoint.checkpoint(self._inner, x, use_reentrant=False)
+
+
+def _checkpointed_step(model: _CheckpointedNorm, x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """The checkpointed function's runs during one Engine step, its Gramian and the explicit
+    one."""
+    with Engine(model, batch_dim=0) as engine:
+        losses = model(x).sin().sum((1, 2))
+        before = model.calls
+        gramian = engine.compute_gramian(losses)
+        calls = model.calls - before
+        again = model(x).sin().sum((1, 2))  # (the same losses: no randomness in the model)
+        return calls, gramian, explicit_gramian(again, engine.parameters())
+
+
+def test_a_checkpointed_norm_is_not_read_from_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under activation checkpointing the checkpoint's hooks pack what autograd saves: reading
+    the norm's ``X̂`` there would re-run the checkpointed forward, so the rule recomputes it.
+    The forward runs as often as with the reading switched off, and the Gramian is exact."""
+    from jdoptim.autogram._records import saved_tensors_packed
+
+    assert not saved_tensors_packed()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert saved_tensors_packed()
+    torch.manual_seed(0)
+    model, x = _CheckpointedNorm().double(), torch.randn(4, 3, 5, dtype=torch.float64)
+    calls, gramian, expected = _checkpointed_step(model, x)
+    assert_gramian_close(gramian, expected, rtol=1e-12)
+    monkeypatch.setattr(rules.norm.NormAffineRule, "reads_graph", False)
+    assert _checkpointed_step(model, x)[0] == calls >= 1
