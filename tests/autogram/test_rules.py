@@ -534,3 +534,21 @@ def test_a_checkpointed_norm_is_not_read_from_the_graph(monkeypatch: pytest.Monk
     assert_gramian_close(gramian, expected, rtol=1e-12)
     monkeypatch.setattr(rules.norm.NormAffineRule, "reads_graph", False)
     assert _checkpointed_step(model, x)[0] == calls >= 1
+
+
+@pytest.mark.parametrize("batch_dim, rows", [(0, 1), (0, 3), (None, 3)])
+def test_conv1d_rows_are_contiguous_and_exact(batch_dim: int | None, rows: int) -> None:
+    """transformers' ``Conv1D`` (weight ``[in, out]``) forms its rows as ``Xᵀ D``: contiguous
+    (copied straight into the held rows) and equal to autograd's gradient of each loss."""
+    torch.manual_seed(0)
+    layer = _transformers_layer("transformers.pytorch_utils", "Conv1D", 4, 5).double()
+    with Engine(layer, batch_dim=batch_dim) as engine:
+        out = layer(torch.randn(3, 6, 5, dtype=torch.float64)).sin()
+        losses = out[..., :rows].sum(1)  # [3, rows]: rows losses per sample, or 3·rows tasks
+        expected = explicit_jacobian(losses, [layer.weight]).reshape(3, rows, 5, 4)
+        step = engine.step(losses, [layer.weight], [], per_sample=batch_dim is not None)
+        (parts,) = step.rule_parameters
+        with torch.no_grad():
+            (found,) = parts.rule.jacobians([layer.weight])
+    assert found.is_contiguous()
+    torch.testing.assert_close(found.reshape(3, rows, 5, 4), expected)

