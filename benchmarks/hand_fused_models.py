@@ -18,12 +18,12 @@ embedding) are *loose*. With ``T`` task losses:
   the update ``(Σ_k w_k D_k)ᵀ A``; elsewhere by its explicit rows, as below;
 * an embedding's rows are its output gradients summed by token (``index_add``); a norm's affine
   rows are ``Σ_s D_{k,s} ⊙ n(x)_s`` and ``Σ_s D_{k,s}`` (``n(x)`` the normalised input,
-  recomputed from ``X``, or for an RMS norm ending with ``γ ⊙ n(x)`` read from that product's
-  autograd node in the hook, as the engine does); loose parameters' rows come from the
-  backward; a parameter used by several calls (GPT-2's tied ``wte``/``lm_head``) sums its
-  calls' explicit rows; these rows, side by side in one matrix ``R`` that the step reuses
-  (:class:`RowsMatrix`, as the engine holds them), give ``G = R Rᵀ`` and the update ``Rᵀ w``,
-  one product each;
+  from what the norm's autograd node saved, read in the hook as the engine does: a LayerNorm's
+  or GroupNorm's ``μ, 1/σ``, an RMS norm's ``n(x)`` from its last product ``γ ⊙ n(x)``);
+  loose parameters' rows come from the backward; a parameter used by several calls (GPT-2's
+  tied ``wte``/``lm_head``) sums its calls' explicit rows; these rows, side by side in one
+  matrix ``R`` that the step reuses (:class:`RowsMatrix`, as the engine holds them), give
+  ``G = R Rᵀ`` and the update ``Rᵀ w``, one product each;
 * ``w = W(G)`` by UPGrad's weighting, then the optimizer's step.
 
 :func:`check_against_library` gives the losses of one float64 forward to this step and to the
@@ -84,14 +84,18 @@ class Recorded:
     kind: str
     x: Tensor
     y: Tensor
-    #: an RMS norm's ``n(x)``, as its last product ``γ ⊙ n(x)`` saved it (else ``None``)
-    normalised: Tensor | None = None
+    #: what the norm's autograd node saved: an RMS norm's ``n(x)`` (its last product
+    #: ``γ ⊙ n(x)``), or a LayerNorm's or GroupNorm's ``(μ, 1/σ)`` (else ``None``)
+    saved: Tensor | tuple[Tensor, Tensor] | None = None
 
 
-def _saved_normalised(module: nn.Module, output: Tensor) -> Tensor | None:
-    """``n(x)`` of an RMS norm whose output is ``γ ⊙ n(x)``, read from the product's node."""
+def _saved_normalisation(module: nn.Module, output: Tensor) -> Tensor | tuple | None:
+    """What the norm's node saved that gives ``n(x)`` without recomputing the norm."""
     node = output.grad_fn
-    if not hasattr(module, "variance_epsilon") or type(node).__name__ != "MulBackward0":
+    name = type(node).__name__
+    if name in ("NativeLayerNormBackward0", "NativeGroupNormBackward0"):
+        return node._saved_result1, node._saved_result2
+    if not hasattr(module, "variance_epsilon") or name != "MulBackward0":
         return None
     first = getattr(node.next_functions[0][0], "variable", None)
     return node._saved_other if first is module.weight else node._saved_self
@@ -111,8 +115,15 @@ def _linear_factors(call: Recorded, d: Tensor) -> tuple[Tensor, Tensor]:
 def _normalised(call: Recorded) -> tuple[Tensor, tuple[int, ...]]:
     """``n(x)`` of a norm call and the dimensions its affine rows sum over."""
     m, x = call.module, call.x
-    if call.normalised is not None:
-        return call.normalised, tuple(range(x.dim() - 1))
+    if isinstance(call.saved, Tensor):
+        return call.saved, tuple(range(x.dim() - 1))
+    if call.saved is not None:  # (μ, 1/σ) of each group
+        mean, rstd = call.saved
+        if isinstance(m, nn.GroupNorm):
+            grouped = x.reshape(x.shape[0], m.num_groups, -1)
+            n = ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
+            return n, (0, *range(2, x.dim()))
+        return (x - mean) * rstd, tuple(range(x.dim() - len(m.normalized_shape)))
     if isinstance(m, nn.GroupNorm):
         return F.group_norm(x, m.num_groups, eps=m.eps), (0, *range(2, x.dim()))
     if isinstance(m, nn.LayerNorm):
@@ -228,7 +239,7 @@ class RecordingStep:
     def _recorder(self, kind: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             if torch.is_grad_enabled():
-                saved = _saved_normalised(module, output) if kind == "norm" else None
+                saved = _saved_normalisation(module, output) if kind == "norm" else None
                 self.calls.append(Recorded(module, kind, args[0].detach(), output, saved))
 
         return hook

@@ -449,27 +449,34 @@ def test_conv_routes_match_the_explicit_jacobian(
     assert_gramian_close(gramian, expected)
 
 
-@pytest.mark.parametrize("name", ["hf_llama_rmsnorm", "hf_t5_layernorm", "layernorm"])
-def test_weight_only_norms_read_their_normalised_input_from_the_graph(name: str) -> None:
-    """transformers' weight-only RMS norms end with ``γ ⊙ X̂``: the rule takes ``X̂`` from that
-    product's autograd node (bitwise what a recompute gives); torch's fused norms leave nothing
-    to read, and their rule recomputes it."""
-    from jdoptim.autogram.rules.norm import _normalised
+_READ_NORMS = ["hf_llama_rmsnorm", "hf_t5_layernorm", "layernorm", "groupnorm", "batchnorm_eval"]
+
+
+@pytest.mark.parametrize("name", _READ_NORMS + (["rmsnorm"] if "rmsnorm" in LAYERS else []))
+def test_norms_read_their_normalised_input_from_the_graph(name: str) -> None:
+    """RMS norms end with ``γ ⊙ X̂``: the rule takes ``X̂`` from that product's autograd node
+    (bitwise what a recompute gives); LayerNorm's and GroupNorm's kernels saved ``μ, 1/σ``,
+    from which ``X̂`` is two operations; BatchNorm leaves nothing, and its rule recomputes."""
+    from jdoptim.autogram.rules.norm import _normalised, _Statistics
 
     make_layer, make_input = LAYERS[name]
-    layer, x = make_layer(), make_input()
+    layer, x = make_layer().double(), make_input().double()
     with torch.no_grad():
         layer.weight.add_(torch.randn_like(layer.weight) * 0.3)
     with Engine(layer, batch_dim=0) as engine:
         out = layer(x)
         read = rules.registered_rule(layer).read_graph(layer, out.grad_fn)
-        if name == "layernorm":
+        expected_normalised = _normalised(layer, x)
+        if name == "batchnorm_eval":
             assert read is None
+        elif isinstance(read, _Statistics):
+            assert name in ("layernorm", "groupnorm")
+            torch.testing.assert_close(read.normalised(x, layer), expected_normalised)
         else:
-            assert torch.equal(read, _normalised(layer, x))
+            assert torch.equal(read, expected_normalised)
         losses = out.sin().reshape(out.shape[0], -1).sum(1)
         expected = explicit_gramian(losses, engine.parameters())
-        assert_gramian_close(engine.compute_gramian(losses), expected)
+        assert_gramian_close(engine.compute_gramian(losses), expected, rtol=1e-12)
 
 
 def test_a_product_of_the_weight_with_itself_is_not_read_as_normalised() -> None:
