@@ -559,3 +559,26 @@ def test_conv1d_rows_are_contiguous_and_exact(batch_dim: int | None, rows: int) 
             (found,) = parts.rule.jacobians([layer.weight])
     assert found.is_contiguous()
     torch.testing.assert_close(found.reshape(3, rows, 5, 4), expected)
+
+
+@pytest.mark.parametrize(
+    "make_layer, shape", [(nn.BatchNorm2d, (4, 3, 5, 5)), (nn.BatchNorm1d, (6, 3))]
+)
+def test_a_training_batch_norm_reads_its_batch_statistics(make_layer, shape: tuple) -> None:
+    """In training mode a batch norm's kernel saved the batch's ``μ, 1/σ``: ``X̂`` comes from
+    them (task losses: the batch is one sample), and the Gramian is exact."""
+    from jdoptim.autogram.rules.norm import _normalised, _Statistics
+
+    torch.manual_seed(0)
+    layer = make_layer(3).double().train()
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight) * 0.3)
+    x = torch.randn(*shape, dtype=torch.float64)
+    with Engine(layer) as engine:
+        out = layer(x)
+        read = rules.registered_rule(layer).read_graph(layer, out.grad_fn)
+        assert isinstance(read, _Statistics)
+        torch.testing.assert_close(read.normalised(x, layer), _normalised(layer, x))
+        losses = torch.stack([out.sin().sum(), (out * out).mean()])
+        expected = explicit_gramian(losses, engine.parameters())
+        assert_gramian_close(engine.compute_gramian(losses), expected, rtol=1e-12)

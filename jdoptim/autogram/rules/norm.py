@@ -5,13 +5,13 @@ Llama (also Mistral's and Qwen2's copies) and T5, recognised by qualified class 
 Each computes ``Y = X̂ ⊙ γ + β`` where ``X̂`` (the normalised input) does not depend on ``γ, β``.
 So ``∂ℓ_{ik}/∂γ_c = Σ D[k]_{i,·,c,·} X̂_{i,·,c,·}`` and ``∂ℓ_{ik}/∂β_c = Σ D[k]_{i,·,c,·}``:
 sums over every dimension but the sample and the channel dimensions. ``X̂`` comes from the
-call's autograd graph where it is there (:meth:`NormAffineRule.read_graph`: ``LayerNorm``'s and
-``GroupNorm``'s kernels saved each group's ``μ`` and ``1/σ``, so ``X̂ = (X − μ)/σ`` is two
-elementwise operations; an RMS norm's last product ``γ ⊙ X̂`` saved ``X̂`` itself); elsewhere
-(``BatchNorm``, a checkpointed forward) it is recomputed once, without affine and without
-touching running statistics (in training mode a ``BatchNorm`` normalises with the batch's
-statistics, exactly as its forward did). The rows are only ``C`` wide, so they are always
-formed explicitly.
+call's autograd graph where it is there (:meth:`NormAffineRule.read_graph`): ``LayerNorm``'s and
+``GroupNorm``'s kernels, and ``BatchNorm``'s in training mode, saved each group's ``μ`` and
+``1/σ``, so ``X̂ = (X − μ)/σ`` is two elementwise operations; an RMS norm's last product
+``γ ⊙ X̂`` saved ``X̂`` itself. Elsewhere (``BatchNorm`` in eval mode, a checkpointed forward) it
+is recomputed once, without affine and without touching running statistics (in training mode a
+``BatchNorm`` normalises with the batch's statistics, exactly as its forward did). The rows are
+only ``C`` wide, so they are always formed explicitly.
 
 transformers' norms compute ``X̂`` in their own precision: Llama's casts ``X`` to float32,
 normalises and casts back to the input's dtype; T5's takes the mean square in float32 and
@@ -25,7 +25,7 @@ small Llama); where the product is not found, the rule recomputes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +127,12 @@ def _multiplied_by(node: torch.autograd.graph.Node, weight: Tensor) -> Tensor | 
 
 
 #: torch's fused norm kernels, whose autograd nodes save the statistics ``μ, 1/σ`` of each group
-_STATISTICS_NODES = ("NativeLayerNormBackward0", "NativeGroupNormBackward0")
+#: (a batch norm's only in training mode, from the batch)
+_STATISTICS_NODES = (
+    "NativeLayerNormBackward0",
+    "NativeGroupNormBackward0",
+    "NativeBatchNormBackward0",
+)
 
 
 @dataclass(frozen=True)
@@ -145,16 +150,23 @@ class _Statistics:
             grouped = x.reshape(x.shape[0], module.num_groups, -1)
             centred = grouped - self.mean.unsqueeze(-1)
             return centred.mul_(self.rstd.unsqueeze(-1)).reshape(x.shape)
+        if isinstance(module, _BatchNorm):  # statistics [C], over the batch
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return (x - self.mean.view(shape)).mul_(self.rstd.view(shape))
         return (x - self.mean).mul_(self.rstd)  # (LayerNorm: statistics [..., 1, …, 1])
 
 
 def _statistics(node: torch.autograd.graph.Node) -> _Statistics | None:
     if type(node).__name__ not in _STATISTICS_NODES:
         return None
+    saved: Any = node
     try:
-        return _Statistics(node._saved_result1, node._saved_result2)  # type: ignore[attr-defined]
+        mean, rstd = saved._saved_result1, saved._saved_result2
     except RuntimeError:  # (already freed: a graph run backward through)
         return None
+    if mean.numel() == 0:  # (a batch norm in eval mode: its running statistics, not saved here)
+        return None
+    return _Statistics(mean, rstd)
 
 
 @register_rule(*_NORMS, *_LLAMA_NORMS, _T5_NORM)
@@ -169,9 +181,11 @@ class NormAffineRule(LayerRule):
         """What spares the rule its recompute of ``X̂``: transformers' weight-only RMS norms
         and torch's ``RMSNorm`` end their forward with ``γ ⊙ X̂``, whose autograd node holds
         ``X̂`` exactly as the forward computed it; ``LayerNorm``'s and ``GroupNorm``'s fused
-        kernels save each group's ``μ`` and ``1/σ`` (:class:`_Statistics`). Nothing for
-        ``BatchNorm``, or where the node is another (a compiled or checkpointed forward)."""
-        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        kernels save each group's ``μ`` and ``1/σ`` (:class:`_Statistics`), and a
+        ``BatchNorm``'s in training mode (the batch's). Nothing for a ``BatchNorm`` in eval mode
+        (one operation recomputes it from the running statistics), or where the node is another
+        (a compiled forward, cuDNN's batch norm)."""
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm, _BatchNorm)):
             return _statistics(node)
         if _transformers_norm(module) is not None or type(module).__name__ == "RMSNorm":
             return _multiplied_by(node, cast(_WeightOnlyRMSNorm, module).weight)
