@@ -57,6 +57,8 @@ LAYERS |= {
         lambda: torch.randn(3, 4, 6),
     ),
     "layernorm_no_bias": (lambda: nn.LayerNorm(5, bias=False), lambda: torch.randn(3, 4, 5)),
+    "conv2d_patchify": (lambda: nn.Conv2d(2, 3, 2, stride=2), lambda: torch.randn(3, 2, 7, 6)),
+    "conv1d_patchify": (lambda: nn.Conv1d(2, 3, 3, stride=3), lambda: torch.randn(3, 2, 9)),
 }
 
 
@@ -582,3 +584,24 @@ def test_a_training_batch_norm_reads_its_batch_statistics(make_layer, shape: tup
         losses = torch.stack([out.sin().sum(), (out * out).mean()])
         expected = explicit_gramian(losses, engine.parameters())
         assert_gramian_close(engine.compute_gramian(losses), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [
+        ((2, 3, 8, 8), (4, 4), None, (0, 0), (1, 1)),  # tiles: a reshape
+        ((2, 3, 9, 7), (2, 3), None, (0, 0), (1, 1)),  # tiles, ragged edges dropped
+        ((2, 1, 1, 10), (1, 5), None, (0, 0), (1, 1)),  # a Conv1d's height-1 image
+        ((2, 3, 8, 8), (3, 3), (2, 2), (1, 1), (1, 1)),  # overlapping: F.unfold itself
+        ((2, 3, 8, 8), (2, 2), None, (1, 1), (1, 1)),
+        ((2, 3, 8, 8), (2, 2), None, (0, 0), (2, 2)),
+    ],
+)
+def test_patch_columns_equal_unfold(shape, kernel, stride, padding, dilation) -> None:
+    """The columns of tiling patches by a reshape are ``F.unfold``'s, bit for bit."""
+    from jdoptim.autogram.rules._patches import unfold
+
+    images = torch.randn(*shape)
+    step = kernel if stride is None else stride
+    expected = torch.nn.functional.unfold(images, kernel, dilation, padding, step)
+    assert torch.equal(unfold(images, kernel, dilation, padding, stride), expected)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ._base import LayerRule, register_rule
 from ._call import Call, full_precision
 from ._contraction import contraction_cost, explicit_cost, linear_rows
+from ._patches import unfold
 from ._terms import GramianTerm
 from .linear import PositionwiseLinearRule
 
@@ -66,9 +67,9 @@ def _columns(module: _Conv, images: Tensor, padding: _Size, spatial: int) -> Ten
     """im2col of the (padded) input as ``[N, C_in·∏k, L]``."""
     if spatial == 1:
         images = images.unsqueeze(2)
-    return F.unfold(
+    return unfold(
         images,
-        kernel_size=_pair(module.kernel_size, spatial),
+        _pair(module.kernel_size, spatial),
         dilation=_pair(module.dilation, spatial),
         padding=_pair(padding, spatial, 0),
         stride=_pair(module.stride, spatial),

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import LayerRule, qualified_name, register_rule
 from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows
+from ._patches import unfold
 from ._terms import GramianTerm, KernelTerm, RowsTerm
 
 _VIT = "transformers.models.vit.modeling_vit"
@@ -114,7 +114,8 @@ class ViTEmbeddingsRule(LayerRule[nn.Module]):
         assert pixels is not None
         self.conv = conv
         self.names = {id(t): n for n, t in _parameters(call.module, conv).items() if t is not None}
-        cols = F.unfold(full_precision(pixels), conv.kernel_size, stride=conv.stride)
+        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+        cols = unfold(full_precision(pixels), (kh, kw), stride=(sh, sw))
         patches = cols.transpose(1, 2)  # [B, n, C·kh·kw], in the projection's output order
         self.patches = patches
         b, t = call.b, call.T
