@@ -605,3 +605,36 @@ def test_patch_columns_equal_unfold(shape, kernel, stride, padding, dilation) ->
     step = kernel if stride is None else stride
     expected = torch.nn.functional.unfold(images, kernel, dilation, padding, step)
     assert torch.equal(unfold(images, kernel, dilation, padding, stride), expected)
+
+
+_FREED_NORMS = {
+    "layernorm": lambda: nn.LayerNorm(6),
+    "groupnorm": lambda: nn.GroupNorm(2, 6),
+    "batchnorm_train": lambda: nn.BatchNorm1d(6),
+    "llama_rmsnorm": lambda: _transformers_layer(
+        "transformers.models.llama.modeling_llama", "LlamaRMSNorm", 6
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_FREED_NORMS))
+def test_what_a_norm_reads_from_the_graph_does_not_keep_the_graph(name: str) -> None:
+    """A saved output comes back with its node as ``grad_fn`` (GroupNorm's statistics do), and
+    the record is in that node's metadata: kept as it is, it would make a cycle through C++
+    that keeps every step's graph alive. What the rules read is detached: after a step, the
+    graph and the tensors it saved are gone."""
+    import gc
+    import weakref
+
+    linear, norm = nn.Linear(4, 6), _FREED_NORMS[name]()
+    per_sample = name != "batchnorm_train"  # (a training batch norm mixes the samples)
+    with Engine(linear, norm, batch_dim=0 if per_sample else None) as engine:
+        for _ in range(2):
+            hidden = linear(torch.randn(5, 4))
+            alive = weakref.ref(hidden)
+            out = norm(hidden).sin()
+            losses = out.sum(1) if per_sample else torch.stack([out.sum(), out.pow(2).sum()])
+            engine.compute_gramian(losses)
+            del hidden, out, losses
+            gc.collect()
+            assert alive() is None

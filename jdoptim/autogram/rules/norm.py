@@ -123,7 +123,7 @@ def _multiplied_by(node: torch.autograd.graph.Node, weight: Tensor) -> Tensor | 
         saved = node._saved_other if sides[0] else node._saved_self  # type: ignore[attr-defined]
     except RuntimeError:  # (already freed: a graph run backward through)
         return None
-    return saved if isinstance(saved, Tensor) else None
+    return saved.detach() if isinstance(saved, Tensor) else None  # (no graph held: see below)
 
 
 #: torch's fused norm kernels, whose autograd nodes save the statistics ``μ, 1/σ`` of each group
@@ -166,7 +166,10 @@ def _statistics(node: torch.autograd.graph.Node) -> _Statistics | None:
         return None
     if mean.numel() == 0:  # (a batch norm in eval mode: its running statistics, not saved here)
         return None
-    return _Statistics(mean, rstd)
+    # detached: a saved output comes back with the node as its grad_fn (GroupNorm's statistics
+    # do), and the record holding it is in that node's metadata, a cycle through C++ that no
+    # garbage collection breaks: every step's graph would stay alive
+    return _Statistics(mean.detach(), rstd.detach())
 
 
 @register_rule(*_NORMS, *_LLAMA_NORMS, _T5_NORM)
