@@ -82,7 +82,12 @@ class LayerRule(ABC, Generic[ModuleT]):
         """For a rule that sets :attr:`reads_graph`: what it takes from ``node`` (the autograd
         node of the call's first tapped output) while its saved tensors are still there, before
         the step's backward pass frees them; ``None`` when there is nothing to take. The step
-        keeps it as the record's ``graph_read``, for the rule to use instead of recomputing."""
+        keeps it as the record's ``graph_read``, for the rule to use instead of recomputing.
+
+        Return tensors detached: a saved output can come back with ``node`` itself as its
+        ``grad_fn``, and the record lives in that node's metadata, so keeping it undetached
+        would make a cycle through autograd's C++ objects that keeps every step's graph alive.
+        A call made under saved-tensor hooks (activation checkpointing) is never read."""
         return None
 
     @staticmethod
