@@ -51,6 +51,22 @@ class Tapped(NamedTuple):
     output_nr: int
 
 
+_TOP_SAVED_TENSORS_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def saved_tensors_packed() -> bool:
+    """Whether saved-tensor hooks pack what autograd saves now (``torch.utils.checkpoint``'s
+    non-reentrant form, ``torch.autograd.graph.save_on_cpu``): a saved tensor read later then
+    runs the hook's unpack, a checkpointed region's recomputation. True where torch does not
+    say (a private query, absent from some versions): the rules then recompute instead."""
+    if _TOP_SAVED_TENSORS_HOOKS is None:
+        return True
+    try:
+        return _TOP_SAVED_TENSORS_HOOKS(True) is not None
+    except (RuntimeError, TypeError):  # (another signature in another version: say yes)
+        return True
+
+
 @dataclass(eq=False)
 class CallRecord:
     """One call of a hooked module.
@@ -95,7 +111,8 @@ class CallRecord:
     graph_read: Any = None
     #: saved-tensor hooks packed what autograd saved during the call (activation checkpointing,
     #: CPU offload): reading it would run their unpack (a recomputation), so no rule reads it
-    saved_packed: bool = False
+    #: (asked when the record is made, in the call's forward hook)
+    saved_packed: bool = field(default_factory=saved_tensors_packed)
 
     @property
     def sole_input(self) -> Tensor | None:
@@ -136,22 +153,6 @@ class RandomState:
         torch.set_rng_state(self.cpu)
         for index, state in enumerate(self.cuda):
             torch.cuda.set_rng_state(state, index)
-
-
-_TOP_SAVED_TENSORS_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-
-
-def saved_tensors_packed() -> bool:
-    """Whether saved-tensor hooks pack what autograd saves now (``torch.utils.checkpoint``'s
-    non-reentrant form, ``torch.autograd.graph.save_on_cpu``): a saved tensor read later then
-    runs the hook's unpack, a checkpointed region's recomputation. True where torch does not
-    say (a private query, absent from some versions): the rules then recompute instead."""
-    if _TOP_SAVED_TENSORS_HOOKS is None:
-        return True
-    try:
-        return _TOP_SAVED_TENSORS_HOOKS(True) is not None
-    except (RuntimeError, TypeError):  # (another signature in another version: say yes)
-        return True
 
 
 def node_metadata(node: Node) -> dict[Any, Any]:
@@ -278,7 +279,6 @@ def make_hook(
                 return
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
             call = CallRecord(module, args, {}, [tapped], rng, amp, mutated=mutated, nested=inner)
-            call.saved_packed = saved_tensors_packed()
             node_metadata(node).setdefault(key, []).append((call, 0))
             _inside(pending, call)
             return None
@@ -297,7 +297,6 @@ def make_hook(
                 record = CallRecord(
                     module, args, kwargs, [], rng, amp, mutated=mutated, nested=inner
                 )
-                record.saved_packed = saved_tensors_packed()
                 _inside(pending, record)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))
             node_metadata(node).setdefault(key, []).append((record, len(record.tapped) - 1))
@@ -351,7 +350,6 @@ def _record_shared(
     call = CallRecord(
         module, args, kwargs, [tapped], rng, amp, shareable, expand, unexpanded, mutated, complete
     )
-    call.saved_packed = saved_tensors_packed()
     node = output.grad_fn
     assert node is not None  # `output_is_shared` checked it; an expanded output has one too
     node_metadata(node).setdefault(key, []).append((call, 0))

@@ -137,7 +137,8 @@ _STATISTICS_NODES = (
 
 @dataclass(frozen=True)
 class _Statistics:
-    """``μ`` and ``1/σ`` as a ``LayerNorm``'s or ``GroupNorm``'s fused kernel saved them."""
+    """``μ`` and ``1/σ`` as a ``LayerNorm``'s, ``GroupNorm``'s or training ``BatchNorm``'s fused
+    kernel saved them."""
 
     mean: Tensor
     rstd: Tensor
@@ -175,7 +176,7 @@ def _statistics(node: torch.autograd.graph.Node) -> _Statistics | None:
 @register_rule(*_NORMS, *_LLAMA_NORMS, _T5_NORM)
 class NormAffineRule(LayerRule):
     grouped_samples = True  # (the sample dimension is summed per sample in _reduce)
-    reads_graph = True  # (transformers' weight-only norms: X̂ as their forward computed it)
+    reads_graph = True  # (X̂, or the statistics that give it, as the forward computed them)
 
     @classmethod
     def read_graph(
@@ -212,8 +213,8 @@ class NormAffineRule(LayerRule):
         if _transformers_norm(call.module) is None:
             x = full_precision(x)  # (transformers' norms fix their own precision)
         read = call.record.graph_read
-        if isinstance(read, Tensor) and read.shape == x.shape:
-            self.normalised = full_precision(read.detach())
+        if isinstance(read, Tensor) and read.shape == x.shape:  # (read detached)
+            self.normalised = full_precision(read)
         elif isinstance(read, _Statistics):
             with torch.no_grad():
                 self.normalised = read.normalised(x, call.module)
