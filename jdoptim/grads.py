@@ -14,6 +14,14 @@ gradient is copied instead when storing it would be unsafe:
   gradient can pass through unchanged (the output gradient given to ``autograd.grad``, e.g. the
   weights kept in the ``StepRecord``, reach a parameter as they are through ``clone``): two
   holders of the same memory would see each other's in-place updates.
+
+One exception to the first point: the contiguous views of a tensor the caller names as
+*partitioned* (a fresh product that no one else holds, whose views given here do not overlap,
+such as the engine's one product ``wᵀ R`` split into the held parameters' updates) are stored as
+they are. Their ``.grad`` then share that tensor's memory without overlapping, as DDP's
+``gradient_as_bucket_view`` gradients do: in-place updates of one ``.grad`` (clipping,
+accumulation, ``zero_()``) touch no other, and the memory is the gradients' own. This saves one
+copy per such parameter (28 on GPT-2 tiny, about 4 µs each inside a step).
 """
 
 from __future__ import annotations
@@ -34,12 +42,17 @@ def _owns_exactly(grad: Tensor) -> bool:
 
 
 def store_gradients(
-    pairs: Sequence[tuple[Tensor, Tensor]], reserved: Sequence[Tensor | None] = ()
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    reserved: Sequence[Tensor | None] = (),
+    partitioned: Sequence[Tensor] = (),
 ) -> None:
     """``param.grad += grad`` for each pair (``param.grad = grad`` when it is ``None``: the
     gradient itself when safe, else a copy; see the module docstring), cast to the parameter's
-    dtype. ``reserved``: the tensors whose memory must never become a ``.grad``."""
+    dtype. ``reserved``: the tensors whose memory must never become a ``.grad``;
+    ``partitioned``: fresh tensors of the caller's whose views among the gradients do not
+    overlap and may be stored as they are (see the module docstring)."""
     held = [t for t in reserved if t is not None]
+    parts_of = {id(t) for t in partitioned}
     # Until the first view comes by, a gradient that is no view (``_base is None``) and is
     # contiguous owns its memory unless it is a reserved tensor, the base of one, or was stored
     # already: checked by identity, without reading storages (reading one costs a few µs per
@@ -56,6 +69,10 @@ def store_gradients(
                 continue
             if grad.layout is not torch.strided:  # e.g. a sparse embedding gradient
                 param.grad = grad
+                continue
+            base = grad._base
+            if parts_of and base is not None and id(base) in parts_of and grad.is_contiguous():
+                param.grad = grad  # a part of a partitioned tensor: no copy
                 continue
             fresh = taken is None and grad._base is None and id(grad) not in seen
             if fresh and grad.is_contiguous():

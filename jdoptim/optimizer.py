@@ -693,7 +693,9 @@ class JDOptimizer(Optimizer):
         params = list(plan.shared) + [p for p, _ in plan.specific]
         grads = result.shared_grads + result.specific_grads
         # Stored without a copy where safe (jdoptim/grads.py): not a row of a Jacobian block.
-        store_gradients(list(zip(params, grads)), reserved=(result.weights,))
+        store_gradients(
+            list(zip(params, grads)), reserved=(result.weights,), partitioned=result.partitioned
+        )
 
 
 @dataclass

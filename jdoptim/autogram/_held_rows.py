@@ -117,15 +117,16 @@ class HeldRows:
         """``R Rᵀ`` (``[bT, bT]``), or ``None`` when nothing is held."""
         return None if self.matrix is None else gram_matrix(self.matrix)
 
-    def updates(self, weights: Tensor) -> dict[int, Tensor]:
-        """``wᵀ R_p`` for each held parameter (by id), shaped as the parameter (views of one
-        product); ``weights`` is ``[b, T]``."""
+    def updates(self, weights: Tensor) -> tuple[dict[int, Tensor], Tensor | None]:
+        """``wᵀ R_p`` for each held parameter (by id), shaped as the parameter: disjoint
+        views of one fresh product, which is returned too (``None`` when nothing is held);
+        ``weights`` is ``[b, T]``."""
         if self.matrix is None:
-            return {}
+            return {}, None
         flat = weights.reshape(1, -1).to(self.matrix.dtype) @ self.matrix
         sizes = [p.numel() for p in self.params]
         parts = torch.split(flat[0], sizes)
-        return {id(p): part.view(p.shape) for p, part in zip(self.params, parts)}
+        return {id(p): part.view(p.shape) for p, part in zip(self.params, parts)}, flat
 
 
 class HeldRowsWriter:

@@ -276,6 +276,9 @@ class GramianStep:
         #: the rows :meth:`gramian` holds for :meth:`gradients` (:mod:`._held_rows`), and the
         #: engine's matrix they are held in
         self.held: HeldRows | None = None
+        #: the fresh products of which :meth:`gradients`' results include disjoint views (the
+        #: held rows' ``wᵀ R``): stored in ``.grad`` without a copy
+        self.partitioned: list[Tensor] = []
         self.rows_buffer = rows_buffer
         if scan is None:
             scan = scan_graph([losses.grad_fn], key)
@@ -580,8 +583,12 @@ class GramianStep:
         ones: Tensor | None = moved if weigh_specific else None
         found: dict[int, Tensor] = {}
         skip: set[int] = set()
+        self.partitioned = []
         if self.held is not None and moved is not None:
-            found, skip = self.held.updates(moved), self.held.ids
+            found, product = self.held.updates(moved)
+            skip = self.held.ids
+            if product is not None:
+                self.partitioned.append(product)
             self._give_back_rows()
 
         def add(p: Tensor, grad: Tensor) -> None:

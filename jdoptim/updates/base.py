@@ -68,7 +68,9 @@ class UpdateResult:
     """Gradients for ``plan.shared`` and ``plan.specific`` (same order), weights and Gramian.
 
     ``stats`` is the step's traffic (distributed computers only; ``StepRecord.communication``);
-    ``extras`` what a method adds about itself (copied into ``StepRecord.extras``).
+    ``extras`` what a method adds about itself (copied into ``StepRecord.extras``);
+    ``partitioned`` the computer's fresh tensors of which some gradients are disjoint views,
+    stored in ``.grad`` without a copy (:func:`jdoptim.grads.store_gradients`).
     """
 
     shared_grads: list[Tensor]
@@ -77,6 +79,7 @@ class UpdateResult:
     gramian: Tensor | None
     stats: CommunicationStats | None = None
     extras: dict[str, object] = field(default_factory=dict)
+    partitioned: tuple[Tensor, ...] = ()
 
     def __post_init__(self) -> None:
         if self.stats is not None and not isinstance(self.stats, CommunicationStats):

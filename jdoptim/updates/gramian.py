@@ -93,4 +93,5 @@ class GramianUpdate(UpdateComputer):
             else:
                 weights = weigh(aggregator.weighting, gramian)
             shared_grads, specific_grads = step.gradients(weights)
-        return UpdateResult(shared_grads, specific_grads, weights, gramian)
+        parts = tuple(step.partitioned)
+        return UpdateResult(shared_grads, specific_grads, weights, gramian, partitioned=parts)

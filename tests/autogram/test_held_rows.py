@@ -202,9 +202,10 @@ def test_held_rows_split_one_product() -> None:
     gramian = held.gramian()
     assert gramian is not None and torch.allclose(gramian, flat @ flat.T)
     weights = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
-    updates = held.updates(weights)
+    updates, product = held.updates(weights)
     assert torch.allclose(updates[id(a)], torch.einsum("i,iab->ab", weights[:, 0], rows_a[:, 0]))
     assert torch.allclose(updates[id(b)], weights[:, 0] @ rows_b[:, 0])
+    assert product is not None and all(u._base is product for u in updates.values())
 
 
 class _Borrower:
@@ -286,3 +287,33 @@ def test_the_engine_reports_the_matrix_it_keeps() -> None:
             else:
                 assert held is not None and held.params
                 assert engine.held_rows_bytes == 4 * sum(p.numel() for p in held.params) * 8
+
+
+def test_held_updates_become_grad_without_a_copy_and_stay_independent() -> None:
+    """The held parameters' updates are disjoint views of one product ``wᵀ R``: ``JDOptimizer``
+    stores them in ``.grad`` as they are (no copy), each equal to the explicit Jacobian's update
+    with the step's weights, and an in-place change of one ``.grad`` leaves the others alone."""
+    from jdoptim import JDOptimizer
+    from jdoptim.aggregation import UPGrad
+
+    model = _model()
+    params = [p for p in model.parameters() if p is not model.scale]
+    sgd = torch.optim.SGD(params, lr=0.0)
+    opt = JDOptimizer(sgd, UPGrad(), modules=_layers(model), batch_dim=0)
+    for _ in range(2):  # (the first step of a structure is the checked one)
+        opt.zero_grad()
+        record = opt.step(_losses(model, per_sample=True))
+    assert record.weights is not None
+    jacobian = explicit_jacobian(_losses(model, per_sample=True), params).double()
+    expected = record.weights.double() @ jacobian
+    stored = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    assert (stored - expected).abs().max() / expected.abs().max() < 1e-12
+    held = [model.embed.weight, model.norm.weight, model.norm.bias]
+    storages = {p.grad.untyped_storage().data_ptr() for p in held}
+    assert len(storages) == 1, "the held updates share the one product's memory"
+    assert all(p.grad.is_contiguous() for p in held)
+    before = [p.grad.clone() for p in held]
+    held[0].grad.zero_()
+    held[1].grad.mul_(2.0)
+    torch.testing.assert_close(held[1].grad, 2 * before[1])
+    torch.testing.assert_close(held[2].grad, before[2])
