@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..linalg.gramian import gram_matrix
+from .rules import LayerRule
 
 if TYPE_CHECKING:
     from ._step import RuleParameters
@@ -147,21 +148,22 @@ class HeldRowsWriter:
         self.params: list[Tensor] = []
         self.matrix: Tensor | None = None
 
-    def put(self, param: Tensor, rows: Tensor) -> bool:
-        """Copy ``rows`` (``[b, T, *param.shape]``) into ``R``; whether they joined it."""
+    def put(self, param: Tensor, rows: Tensor) -> Tensor | None:
+        """Copy ``rows`` (``[b, T, *param.shape]``) into ``R``; their place there (a
+        ``[bT, *param.shape]`` view), or ``None`` when they cannot join it."""
         if self.matrix is None:
             if self.buffer is None:
                 self.matrix = rows.new_empty(self.count, self.width)
             else:
                 self.matrix = self.buffer.lend(self.borrower, self.count, self.width, rows)
         elif (rows.dtype, rows.device) != (self.matrix.dtype, self.matrix.device):
-            return False
+            return None
         n = param.numel()
-        target = self.matrix[:, self.filled : self.filled + n]
-        target.view(self.count, *param.shape).copy_(rows.reshape(self.count, *param.shape))
+        target = self.matrix[:, self.filled : self.filled + n].view(self.count, *param.shape)
+        target.copy_(rows.reshape(self.count, *param.shape))
         self.filled += n
         self.params.append(param)
-        return True
+        return target
 
     def held(self) -> HeldRows:
         """The rows put, as :class:`HeldRows`."""
@@ -174,26 +176,65 @@ class HeldRowsWriter:
         return HeldRows(self.params, matrix)
 
 
+def _adds_in_place(rule: LayerRule) -> bool:
+    """Whether ``rule`` adds its rows into given ones without forming them
+    (:meth:`~.rules.LayerRule.add_jacobians` overridden: an embedding's lookup)."""
+    return type(rule).add_jacobians is not LayerRule.add_jacobians
+
+
+def _tied_into(
+    writer: HeldRowsWriter, param: Tensor, rules: list[LayerRule], shape: tuple[int, int]
+) -> Tensor | None:
+    """A tied parameter's rows summed over its calls' ``rules`` in ``R``: the rows of a rule
+    that forms them copied in, then every other rule's added in place (an embedding's scattered
+    straight into ``R``, with no rows of zeros of its own and no sum out of place); or, when
+    they cannot join ``R``, that sum (``[b, T, *param.shape]``), for the caller to keep apart."""
+    first, *others = sorted(rules, key=_adds_in_place)  # (stable: the calls' order otherwise)
+    rows = first.jacobians([param])[0]
+    target = writer.put(param, rows)
+    if target is None:
+        for rule in others:
+            rows = rows + rule.jacobians([param])[0]
+        return rows
+    target = target.view(*shape, *param.shape)
+    for rule in others:
+        rule.add_jacobians([param], [target])
+    return None
+
+
 def hold_rows(
     calls: Sequence[RuleParameters],
     loose: list[tuple[Tensor, Tensor]],
+    tied: list[tuple[Tensor, list[LayerRule]]],
     budget: int,
-    count: int,
+    shape: tuple[int, int],
     lender: tuple[RowsBuffer | None, object],
 ) -> tuple[HeldRows, list[Tensor], set[int]]:
-    """The ``count`` (``bT``) rows a step holds until its update, up to ``budget`` bytes: first
-    the ``loose`` rows (``(parameter, [b, T, *p.shape])`` of tied and explicit parameters,
-    formed anyway) whose update is dense, then those of the ``calls`` whose rules form their
-    parameters' rows for the Gramian (:meth:`~.rules.LayerRule.forms_rows`; each call's
-    parameters used by it alone, all or none). ``R`` comes from ``lender``: the engine's buffer
-    (or ``None`` for a fresh matrix) and the step that borrows it.
+    """The ``b T`` rows (``shape`` is ``(b, T)``) a step holds until its update, up to
+    ``budget`` bytes: first those of the ``tied`` parameters (each with the rules of the calls
+    that use it: their rows are summed over the calls in ``R``, :func:`_tied_into`) and the
+    ``loose`` rows (``(parameter, [b, T, *p.shape])`` of explicit parameters, formed anyway),
+    whose update is dense, then those of the ``calls`` whose rules form their parameters' rows
+    for the Gramian (:meth:`~.rules.LayerRule.forms_rows`; each call's parameters used by it
+    alone, all or none). ``R`` comes from ``lender``: the engine's buffer (or ``None`` for a
+    fresh matrix) and the step that borrows it.
 
     Returns the held rows, the rows formed but not held (their Gram matrices are still the
     Gramian's), and the ids of the ``calls`` whose rows were formed (their rules' Gramian terms
     are not to be taken again).
     """
+    count = shape[0] * shape[1]
     sparse = {id(p) for parts in calls if parts.rule.sparse_gradients for p in parts.shared}
-    taken, rest = [], []
+    rest: list[Tensor] = []
+    tied_taken = []
+    for p, rules in tied:
+        size = rows_bytes(count, p)
+        if id(p) not in sparse and size <= budget:
+            budget -= size
+            tied_taken.append((p, rules))
+        else:
+            rest.append(_summed_rows(p, rules))
+    taken = []
     for p, rows in loose:
         size = rows.numel() * rows.element_size()
         if id(p) not in sparse and size <= budget:
@@ -207,11 +248,25 @@ def hold_rows(
         if parts.alone and size <= budget and parts.rule.forms_rows(parts.alone):
             budget -= size
             chosen.append(parts)
-    width = sum(p.numel() for p, _ in taken)
+    width = sum(p.numel() for p, _ in [*tied_taken, *taken])
     width += sum(p.numel() for parts in chosen for p in parts.alone)
     writer = HeldRowsWriter(*lender, count, width)
-    rest += [rows for p, rows in taken if not writer.put(p, rows)]
+    for p, rules in tied_taken:
+        apart = _tied_into(writer, p, rules, shape)
+        if apart is not None:
+            rest.append(apart)
+    rest += [rows for p, rows in taken if writer.put(p, rows) is None]
     for parts in chosen:
         jacobians = parts.rule.jacobians(parts.alone)
-        rest += [rows for p, rows in zip(parts.alone, jacobians) if not writer.put(p, rows)]
+        rest += [rows for p, rows in zip(parts.alone, jacobians) if writer.put(p, rows) is None]
     return writer.held(), rest, {id(parts) for parts in chosen}
+
+
+def _summed_rows(param: Tensor, rules: list[LayerRule]) -> Tensor:
+    """``param``'s rows summed over its calls' rules, out of place (``[b, T, *param.shape]``)."""
+    total: Tensor | None = None
+    for rule in rules:
+        rows = rule.jacobians([param])[0]
+        total = rows if total is None else total + rows
+    assert total is not None
+    return total

@@ -496,12 +496,7 @@ class GramianStep:
 
     def _shared_rows_by_parameter(self) -> list[tuple[Tensor, Tensor]]:
         """:meth:`shared_rows` with their parameters, as ``(parameter, rows)``."""
-        explicit = [
-            (p, rows.unsqueeze(0))
-            for p, rows in zip(self.explicit, self.explicit_rows)
-            if id(p) in self.shared_ids
-        ]
-        return [*self._tied_rows(), *explicit]
+        return [*self._tied_rows(), *self._explicit_shared_rows()]
 
     def _tied_rows(self) -> list[tuple[Tensor, Tensor]]:
         """The rows of each shared parameter used by several calls, summed over the calls."""
@@ -511,6 +506,32 @@ class GramianStep:
                 for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
                     tied[id(p)] = (p, rows if id(p) not in tied else tied[id(p)][1] + rows)
         return list(tied.values())
+
+    def _tied_calls(self) -> list[tuple[Tensor, list[LayerRule]]]:
+        """Each shared parameter used by several calls, with those calls' rules (in the calls'
+        order)."""
+        tied: dict[int, tuple[Tensor, list[LayerRule]]] = {}
+        for parts in self.rule_parameters:
+            for p in parts.several:
+                tied.setdefault(id(p), (p, []))[1].append(parts.rule)
+        return list(tied.values())
+
+    def _loose_and_tied(
+        self,
+    ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, list[LayerRule]]]]:
+        """What :meth:`gramian` gives :func:`._held_rows.hold_rows` besides the calls: the
+        rows formed already (the explicit shared parameters'), and each tied parameter with its
+        calls' rules (its rows are summed over them in ``R``)."""
+        return self._explicit_shared_rows(), self._tied_calls()
+
+    def _explicit_shared_rows(self) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, [1, T, *p.shape])`` of the shared parameters whose rows come straight
+        from autograd."""
+        return [
+            (p, rows.unsqueeze(0))
+            for p, rows in zip(self.explicit, self.explicit_rows)
+            if id(p) in self.shared_ids
+        ]
 
     def _alone_terms(self, formed: set[int]) -> Iterable[Tensor]:
         """The Gramian terms of the shared parameters used by one call each, from its rule
@@ -531,11 +552,13 @@ class GramianStep:
         """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order.
 
         The rows it forms anyway are held for :meth:`gradients` (:attr:`held`)."""
+        loose, tied = self._loose_and_tied()
         held, rest, formed = hold_rows(
             self.rule_parameters,
-            self._shared_rows_by_parameter(),
+            loose,
+            tied,
             self._held_rows_budget(),
-            self.b * self.T,
+            (self.b, self.T),
             (self.rows_buffer, self),
         )
         self.held = held

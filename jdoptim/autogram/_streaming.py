@@ -46,6 +46,7 @@ from ..linalg.vmap_fallback import VmapState
 from ._certify import ONE_FROM_ANOTHER, Probe, computes_one_output_from_another
 from ._records import CallRecord
 from ._step import GramianStep, RuleParameters, StepPlan
+from .rules import LayerRule
 from .rules._contraction import fewest_entries
 
 __all__ = ["StreamingStep"]
@@ -362,6 +363,12 @@ class StreamingStep(GramianStep):
 
     def _tied_rows(self) -> list[tuple[Tensor, Tensor]]:
         return list(self._tied.values())
+
+    def _loose_and_tied(
+        self,
+    ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, list[LayerRule]]]]:
+        """The tied rows were summed during the backward pass (no rule is kept)."""
+        return self._shared_rows_by_parameter(), []
 
     def _alone_terms(self, formed: set[int]) -> Iterable[Tensor]:
         return [] if self._alone is None else [self._alone]

@@ -194,8 +194,8 @@ def test_held_rows_split_one_product() -> None:
     a, b, c = torch.zeros(2, 3), torch.zeros(5), torch.zeros(())
     rows_a, rows_b = torch.randn(4, 1, 3, 2).transpose(2, 3), torch.randn(4, 1, 5)
     writer = HeldRowsWriter(None, object(), count=4, width=12)
-    assert writer.put(a, rows_a) and writer.put(b, rows_b)
-    assert not writer.put(c, torch.randn(4, 1, dtype=torch.float64))  # another dtype
+    assert writer.put(a, rows_a) is not None and writer.put(b, rows_b) is not None
+    assert writer.put(c, torch.randn(4, 1, dtype=torch.float64)) is None  # another dtype
     held = writer.held()
     assert held.matrix is not None and held.matrix.shape == (4, 11)  # (narrowed to the filled)
     flat = torch.cat([rows_a.reshape(4, -1), rows_b.reshape(4, -1)], 1)
@@ -317,3 +317,49 @@ def test_held_updates_become_grad_without_a_copy_and_stay_independent() -> None:
     held[1].grad.mul_(2.0)
     torch.testing.assert_close(held[1].grad, 2 * before[1])
     torch.testing.assert_close(held[2].grad, before[2])
+
+
+class TwiceLooked(nn.Module):
+    """One embedding (with a padding index) looked up twice and tied with a head: its rows are
+    summed over three calls in ``R``, two of them scattered in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 5, padding_idx=0)
+        self.mix = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 9, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens) + self.embed(tokens.flip(1)) * 0.5
+        return self.head(torch.tanh(self.mix(h)))
+
+
+@pytest.mark.parametrize("tasks", [1, 3], ids=["per-sample", "batch-tasks"])
+def test_tied_rows_summed_in_place_over_three_calls(tasks: int) -> None:
+    """Gramian and update against the explicit Jacobian of the same losses, per-sample and
+    ``[batch, tasks]``, with padding positions (which get no rows)."""
+    torch.manual_seed(0)
+    model = TwiceLooked().double()
+    tokens = torch.randint(0, 9, (4, 6))
+    tokens[:, 0] = 0  # a padding position in every sample
+
+    def losses() -> Tensor:
+        logits = model(tokens)
+        out = (logits.logsumexp(-1) - logits[..., 1]).reshape(4, tasks, -1).mean(-1)
+        return out[:, 0] if tasks == 1 else out
+
+    params = list(model.parameters())
+    with Engine(list(model.children()), batch_dim=0) as engine:
+        step = engine.step(losses(), params, [], per_sample=True)
+        with torch.no_grad():
+            gramian = step.gramian()
+            assert step.held is not None and id(model.embed.weight) in step.held.ids
+            weights = torch.arange(1.0, 4 * tasks + 1, dtype=torch.float64)
+            grads, _ = step.gradients(weights)
+    jacobian = explicit_jacobian(losses(), params).double()
+    expected = jacobian @ jacobian.T
+    assert (gramian.double() - expected).abs().max() / expected.abs().max() < 1e-12
+    update = torch.cat([g.reshape(-1) for g in grads]).double()
+    expected_update = weights @ jacobian
+    assert (update - expected_update).abs().max() / expected_update.abs().max() < 1e-12

@@ -108,6 +108,16 @@ class LayerRule(ABC, Generic[ModuleT]):
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         """Rows ``∂ℓ_{ik}/∂p``, one ``[b, T, *p.shape]`` tensor per parameter."""
 
+    def add_jacobians(self, params: list[Tensor], into: list[Tensor]) -> None:
+        """Add the rows ``∂ℓ_{ik}/∂p`` of ``params`` to ``into`` in place (one
+        ``[b, T, *p.shape]`` tensor per parameter, possibly a non-contiguous view of the step's
+        own matrix of rows): how the step sums a tied parameter's rows over its calls. By
+        default :meth:`jacobians` added; a rule that can put its rows straight into ``into``
+        (an embedding's lookup scatters its few rows) overrides it, and the step then forms the
+        other calls' rows first."""
+        for target, rows in zip(into, self.jacobians(params)):
+            target.add_(rows.reshape(target.shape))
+
     def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
         """The Gramian contribution over ``params`` as a sum of terms; by default one
         :class:`~._terms.RowsTerm` per parameter (its rows from :meth:`jacobians`)."""

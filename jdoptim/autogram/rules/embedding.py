@@ -68,6 +68,18 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         rows.index_add_(0, target, self.grads.transpose(0, 1).reshape(-1, e))
         return [rows.view(b, t, self.size, e) for _ in params]
 
+    def add_jacobians(self, params: list[Tensor], into: list[Tensor]) -> None:
+        """The rows of :meth:`jacobians` added to ``into`` by one accumulating scatter of the
+        ``b T S`` looked-up rows (a tied weight's rows from its other calls are there already:
+        no ``[b, T, V, e]`` zeros, no sum out of place)."""
+        t, b, s, e = self.grads.shape
+        values = self.grads.transpose(0, 1).reshape(b * t * s, e)  # [b, T, S, e] order
+        row = torch.arange(b * t, device=self.index.device).repeat_interleave(s)
+        tokens = self.index[:, None, :].expand(b, t, s).reshape(-1)
+        for target in into:
+            flat = target.view(b * t, self.size, e)
+            flat.index_put_((row, tokens), values.to(flat.dtype), accumulate=True)
+
     @property
     def sparse_gradients(self) -> bool:
         return self.module.sparse
