@@ -608,10 +608,9 @@ class GramianStep:
         skip: set[int] = set()
         self.partitioned = []
         if self.held is not None and moved is not None:
-            found, product = self.held.updates(moved)
+            found, products = self.held.updates(moved)
             skip = self.held.ids
-            if product is not None:
-                self.partitioned.append(product)
+            self.partitioned += products
             self._give_back_rows()
 
         def add(p: Tensor, grad: Tensor) -> None:

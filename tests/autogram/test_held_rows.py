@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import jdoptim.autogram._held_rows as held_module
 import jdoptim.autogram._step as step_module
 from jdoptim.autogram import Engine
 from jdoptim.autogram._held_rows import HeldRows, HeldRowsWriter, RowsBuffer
@@ -108,6 +109,26 @@ def test_rows_are_held_and_exact(per_sample: bool) -> None:
 
 
 @pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "tasks"])
+@pytest.mark.parametrize("apart_from", [1, 300, 2**62], ids=["all-apart", "some-apart", "none"])
+def test_rows_held_apart_give_the_same_step(
+    monkeypatch: pytest.MonkeyPatch, per_sample: bool, apart_from: int
+) -> None:
+    """Rows held apart from ``R`` (every parameter's, the larger ones', none): the same Gramian
+    and update, against the explicit Jacobian; a tied parameter's rows stay in ``R``."""
+    monkeypatch.setattr(held_module, "HELD_APART_BYTES", apart_from)
+    model = _model()
+    held = _assert_exact(model, per_sample)
+    apart = {id(p) for p, _ in held.apart}
+    assert id(model.embed.weight) not in apart  # (tied: summed in R)
+    if apart_from == 1:
+        assert {id(model.up.weight), id(model.norm.weight)} <= apart
+    if apart_from == 300:
+        assert id(model.up.weight) in apart and id(model.norm.bias) not in apart
+    if apart_from == 2**62:
+        assert not apart
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "tasks"])
 @pytest.mark.parametrize("budget", [0, 700, 3000, 10**9])
 def test_any_budget_gives_the_same_step(
     monkeypatch: pytest.MonkeyPatch, per_sample: bool, budget: int
@@ -202,7 +223,7 @@ def test_held_rows_split_one_product() -> None:
     gramian = held.gramian()
     assert gramian is not None and torch.allclose(gramian, flat @ flat.T)
     weights = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
-    updates, product = held.updates(weights)
+    updates, (product,) = held.updates(weights)
     assert torch.allclose(updates[id(a)], torch.einsum("i,iab->ab", weights[:, 0], rows_a[:, 0]))
     assert torch.allclose(updates[id(b)], weights[:, 0] @ rows_b[:, 0])
     assert product is not None and all(u._base is product for u in updates.values())
