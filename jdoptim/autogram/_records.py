@@ -267,7 +267,10 @@ def make_hook(
         if not torch.is_grad_enabled():
             return None
         replayed = pending is not None and id(module) in pending  # a module the rules re-run
-        rng, mutated, inner = _drawn(pending, module)
+        # (a call neither re-run nor made inside a re-run one, the common case, has nothing to
+        # take from the pre-hooks' stack)
+        quiet = not replayed and (pending is None or not pending.open)
+        rng, mutated, inner = (None, (), ()) if quiet else _drawn(pending, module)
         amp = autocast_now() if replayed else None
         if shared is not None and output_is_shared(shared, module, args, kwargs, output):
             state = (rng, amp, mutated)
@@ -280,7 +283,8 @@ def make_hook(
             tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
             call = CallRecord(module, args, {}, [tapped], rng, amp, mutated=mutated, nested=inner)
             node_metadata(node).setdefault(key, []).append((call, 0))
-            _inside(pending, call)
+            if not quiet:
+                _inside(pending, call)
             return None
         leaves = [output] if isinstance(output, Tensor) else tree_flatten(output)[0]
         record: CallRecord | None = None
@@ -311,12 +315,13 @@ def output_is_shared(
     """The call is sample-shared in a forward of ``b > 1`` samples (see :mod:`._shared`): its
     module is expandable along a new leading dimension, or its output has size 1 along the
     batch dimension (and is not one of its inputs handed back)."""
+    # (the test that fails for nearly every call first: this runs in every hooked call)
+    if not shared.expandable.get(id(module)) and not is_shared(output, shared.batch_dim):
+        return False
     b = shared.batch_size()
     if b is None or b <= 1 or not isinstance(output, Tensor) or output.grad_fn is None:
         return False
     if is_replaying():
-        return False
-    if not shared.expandable.get(id(module)) and not is_shared(output, shared.batch_dim):
         return False
     return all(t.grad_fn is not output.grad_fn for t in iter_tensors((args, kwargs)))
 
