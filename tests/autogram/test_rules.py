@@ -638,3 +638,43 @@ def test_what_a_norm_reads_from_the_graph_does_not_keep_the_graph(name: str) -> 
             del hidden, out, losses
             gc.collect()
             assert alive() is None
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize(
+    "shape, batch_dim, rows",
+    [
+        ((4, 3), 0, 1),
+        ((4, 6, 3), 0, 1),
+        ((4, 6, 3), 0, 2),
+        ((4, 6, 3), None, 2),
+        ((4, 2, 64), 0, 1),
+    ],
+)
+def test_linear_forms_rows_as_its_factorisation_says(
+    layout: str, shape: tuple, batch_dim: int | None, rows: int
+) -> None:
+    """``LinearLikeRule.forms_rows`` reads the decision from the shapes; it must be what the
+    factorisation's kernel term says (the base class's answer), for every subset of weight and
+    bias, on both branches of the cost model (one position, few positions, many positions)."""
+    torch.manual_seed(0)
+    wide = shape[-1] == 64  # (few positions of a wide layer: the kernel contraction)
+    width, out = shape[-1], 64 if wide else 2
+    if layout == "linear":
+        layer: nn.Module = nn.Linear(width, out).double()
+    else:
+        layer = _transformers_layer("transformers.pytorch_utils", "Conv1D", out, width).double()
+    with Engine(layer, batch_dim=batch_dim) as engine:
+        out = layer(torch.randn(*shape, dtype=torch.float64)).sin()
+        losses = out.reshape(shape[0], -1)[:, :rows]
+        params = [layer.weight, layer.bias]
+        step = engine.step(losses, params, [], per_sample=batch_dim is not None)
+        (parts,) = step.rule_parameters
+    rule = parts.rule
+    assert isinstance(rule, rules.LinearLikeRule)
+    answers = set()
+    for subset in ([layer.weight], [layer.bias], params):
+        by_terms = rules.LayerRule.forms_rows(rule, subset)
+        assert rule.forms_rows(subset) == by_terms
+        answers.add(by_terms)
+    assert answers == ({True, False} if wide or len(shape) == 2 else {True})

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ._base import LayerRule, ModuleT, register_rule
 from ._call import Call, full_precision
-from ._contraction import bias_rows, linear_rows
+from ._contraction import bias_rows, linear_rows, takes_contraction
 from ._terms import GramianTerm, KernelTerm
 
 
@@ -118,6 +118,18 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
             inputs, grads = self.rows_2d
             return [KernelTerm(inputs, grads, weight=True, bias=len(params) > 1)]
         return super().factorisation(params)
+
+    def forms_rows(self, params: list[Tensor]) -> bool:
+        """As the kernel term of :meth:`factorisation` decides (the bias alone: its rows; the
+        one-position layout: never; else by :func:`~._contraction.takes_contraction`), read
+        from the shapes without making the term (this is asked of every call of every step)."""
+        weight = self.weight_of()
+        if not any(p is weight for p in params):
+            return True
+        if self.rows_2d is not None:
+            return False
+        t, b, s, o = self.grads.shape
+        return not takes_contraction(b, s, t, self.x.shape[-1] + (len(params) > 1), o)
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         weight = self.weight_of()
