@@ -23,6 +23,7 @@ than the products themselves on the small models this is for.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -139,11 +140,13 @@ class HeldRows:
         are returned too; ``weights`` is ``[b, T]``."""
         found: dict[int, Tensor] = {}
         products: list[Tensor] = []
-        w = weights.reshape(-1)
-        if self.matrix is not None:
+        if self.matrix is None and not self.apart:
+            return found, products
+        w = weights.reshape(1, -1)  # (``[1, bT] @ [bT, n]``: one matrix product, no matmul
+        if self.matrix is not None:  # decomposition around it)
             flat = w.to(self.matrix.dtype) @ self.matrix
             sizes = [p.numel() for p in self.params]
-            parts = torch.split(flat, sizes)
+            parts = torch.split(flat[0], sizes)
             found = {id(p): part.view(p.shape) for p, part in zip(self.params, parts)}
             products.append(flat)
         for p, rows in self.apart:
@@ -230,6 +233,49 @@ def _tied_into(
     return None
 
 
+@dataclass
+class _Choice:
+    """What :func:`hold_rows` holds within its budget (see there), and the rows it keeps out."""
+
+    tied: list[tuple[Tensor, list[LayerRule]]] = field(default_factory=list)
+    loose: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    calls: list[RuleParameters] = field(default_factory=list)
+    rest: list[Tensor] = field(default_factory=list)
+
+
+def _choose(
+    calls: Sequence[RuleParameters],
+    loose: list[tuple[Tensor, Tensor]],
+    tied: list[tuple[Tensor, list[LayerRule]]],
+    budget: int,
+    count: int,
+) -> _Choice:
+    """The rows :func:`hold_rows` holds, in its order, up to ``budget`` bytes (a sparse
+    lookup's weight is never held: its update would become dense)."""
+    sparse = {id(p) for parts in calls if parts.rule.sparse_gradients for p in parts.shared}
+    choice = _Choice()
+    for p, rules in tied:
+        size = rows_bytes(count, p)
+        if id(p) not in sparse and size <= budget:
+            budget -= size
+            choice.tied.append((p, rules))
+        else:
+            choice.rest.append(_summed_rows(p, rules))
+    for p, rows in loose:
+        size = rows.numel() * rows.element_size()
+        if id(p) not in sparse and size <= budget:
+            budget -= size
+            choice.loose.append((p, rows))
+        else:
+            choice.rest.append(rows)
+    for parts in calls:
+        size = sum(rows_bytes(count, p) for p in parts.alone)
+        if parts.alone and size <= budget and parts.rule.forms_rows(parts.alone):
+            budget -= size
+            choice.calls.append(parts)
+    return choice
+
+
 def hold_rows(
     calls: Sequence[RuleParameters],
     loose: list[tuple[Tensor, Tensor]],
@@ -244,56 +290,36 @@ def hold_rows(
     ``loose`` rows (``(parameter, [b, T, *p.shape])`` of explicit parameters, formed anyway),
     whose update is dense, then those of the ``calls`` whose rules form their parameters' rows
     for the Gramian (:meth:`~.rules.LayerRule.forms_rows`; each call's parameters used by it
-    alone, all or none). ``R`` comes from ``lender``: the engine's buffer (or ``None`` for a
-    fresh matrix) and the step that borrows it.
+    alone, all or none). Rows of :data:`HELD_APART_BYTES` and more are held apart from ``R``.
+    ``R`` comes from ``lender``: the engine's buffer (or ``None`` for a fresh matrix) and the
+    step that borrows it.
 
     Returns the held rows, the rows formed but not held (their Gram matrices are still the
     Gramian's), and the ids of the ``calls`` whose rows were formed (their rules' Gramian terms
     are not to be taken again).
     """
     count = shape[0] * shape[1]
-    sparse = {id(p) for parts in calls if parts.rule.sparse_gradients for p in parts.shared}
-    rest: list[Tensor] = []
-    tied_taken = []
-    for p, rules in tied:
-        size = rows_bytes(count, p)
-        if id(p) not in sparse and size <= budget:
-            budget -= size
-            tied_taken.append((p, rules))
-        else:
-            rest.append(_summed_rows(p, rules))
-    taken = []
-    for p, rows in loose:
-        size = rows.numel() * rows.element_size()
-        if id(p) not in sparse and size <= budget:
-            budget -= size
-            taken.append((p, rows))
-        else:
-            rest.append(rows)
-    chosen = []
-    for parts in calls:
-        size = sum(rows_bytes(count, p) for p in parts.alone)
-        if parts.alone and size <= budget and parts.rule.forms_rows(parts.alone):
-            budget -= size
-            chosen.append(parts)
+    choice = _choose(calls, loose, tied, budget, count)
+    rest = choice.rest
 
     def apart(p: Tensor) -> bool:
         return rows_bytes(count, p) >= HELD_APART_BYTES
 
-    width = sum(p.numel() for p, _ in tied_taken)
-    width += sum(p.numel() for p, _ in taken if not apart(p))
-    width += sum(p.numel() for parts in chosen for p in parts.alone if not apart(p))
+    width = sum(p.numel() for p, _ in choice.tied)
+    width += sum(p.numel() for p, _ in choice.loose if not apart(p))
+    width += sum(p.numel() for parts in choice.calls for p in parts.alone if not apart(p))
     writer = HeldRowsWriter(*lender, count, width)
-    for p, rules in tied_taken:  # (in R: the other calls' rows are added to them in place)
+    for p, rules in choice.tied:  # (in R: the other calls' rows are added to them in place)
         outside = _tied_into(writer, p, rules, shape)
         if outside is not None:
             rest.append(outside)
-    for p, rows in [*taken, *_rows_of(chosen)]:
+    # (one call's rows formed at a time: those copied into R are freed before the next)
+    for p, rows in itertools.chain(choice.loose, _rows_of(choice.calls)):
         if apart(p):
             writer.hold_apart(p, rows)
         elif writer.put(p, rows) is None:
             rest.append(rows)
-    return writer.held(), rest, {id(parts) for parts in chosen}
+    return writer.held(), rest, {id(parts) for parts in choice.calls}
 
 
 def _rows_of(calls: list[RuleParameters]) -> Iterator[tuple[Tensor, Tensor]]:
