@@ -41,14 +41,6 @@ if TYPE_CHECKING:
 #: The budget's floor: rows up to this size are held whatever the step holds otherwise.
 HELD_ROWS_FLOOR_BYTES = 8 * 2**20
 
-#: Rows of a parameter from this size up are held apart, as their rule formed them, instead of
-#: being copied into ``R``: such a block is read twice (its own ``R_p R_pᵀ`` and ``wᵀ R_p``)
-#: where joining ``R`` reads it four times (the copy's read and write, then ``R Rᵀ`` and
-#: ``wᵀ R``), while the two more products it costs are nothing next to that at this size.
-#: (Measured on the per-sample floor, with big blocks apart from 64 KiB to 256 KiB: Llama
-#: small 1–3%, ResNet-18 GN 4% faster a step.)
-HELD_APART_BYTES = 128 * 2**10
-
 
 def held_rows_budget(held_gradients_bytes: int) -> int:
     """Bytes of rows a step may hold: as much as the output gradients it holds anyway for the
@@ -113,47 +105,30 @@ class RowsBuffer:
 
 @dataclass(eq=False)
 class HeldRows:
-    """The held rows: ``R`` (``[bT, Σ n_p]``) of :attr:`params`, in that order, and the rows
-    held apart (:data:`HELD_APART_BYTES`), ``(parameter, [bT, n_p])`` each."""
+    """The held rows ``R`` (``[bT, Σ n_p]``) of :attr:`params`, in that order."""
 
     params: list[Tensor] = field(default_factory=list)
     matrix: Tensor | None = None
-    apart: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     @property
     def ids(self) -> set[int]:
         """The ids of the parameters held."""
-        return {id(p) for p in self.params} | {id(p) for p, _ in self.apart}
+        return {id(p) for p in self.params}
 
     def gramian(self) -> Tensor | None:
-        """``R Rᵀ + Σ R_p R_pᵀ`` over the rows held apart (``[bT, bT]``), or ``None`` when
-        nothing is held."""
-        total = None if self.matrix is None else gram_matrix(self.matrix)
-        for _, rows in self.apart:
-            term = gram_matrix(rows)
-            total = term if total is None else total + term
-        return total
+        """``R Rᵀ`` (``[bT, bT]``), or ``None`` when nothing is held."""
+        return None if self.matrix is None else gram_matrix(self.matrix)
 
     def updates(self, weights: Tensor) -> tuple[dict[int, Tensor], list[Tensor]]:
-        """``wᵀ R_p`` for each held parameter (by id), shaped as the parameter: views of fresh
-        products (disjoint views of one for ``R``, one each for the rows held apart), which
-        are returned too; ``weights`` is ``[b, T]``."""
-        found: dict[int, Tensor] = {}
-        products: list[Tensor] = []
-        if self.matrix is None and not self.apart:
-            return found, products
-        w = weights.reshape(1, -1)  # (``[1, bT] @ [bT, n]``: one matrix product, no matmul
-        if self.matrix is not None:  # decomposition around it)
-            flat = w.to(self.matrix.dtype) @ self.matrix
-            sizes = [p.numel() for p in self.params]
-            parts = torch.split(flat[0], sizes)
-            found = {id(p): part.view(p.shape) for p, part in zip(self.params, parts)}
-            products.append(flat)
-        for p, rows in self.apart:
-            update = w.to(rows.dtype) @ rows
-            found[id(p)] = update.view(p.shape)
-            products.append(update)
-        return found, products
+        """``wᵀ R_p`` for each held parameter (by id), shaped as the parameter: disjoint views
+        of one fresh product, which is returned too (none when nothing is held); ``weights``
+        is ``[b, T]``."""
+        if self.matrix is None:
+            return {}, []
+        flat = weights.reshape(1, -1).to(self.matrix.dtype) @ self.matrix
+        sizes = [p.numel() for p in self.params]
+        parts = torch.split(flat[0], sizes)
+        return {id(p): part.view(p.shape) for p, part in zip(self.params, parts)}, [flat]
 
 
 class HeldRowsWriter:
@@ -173,11 +148,6 @@ class HeldRowsWriter:
         self.filled = 0
         self.params: list[Tensor] = []
         self.matrix: Tensor | None = None
-        self.apart: list[tuple[Tensor, Tensor]] = []
-
-    def hold_apart(self, param: Tensor, rows: Tensor) -> None:
-        """Hold ``rows`` (``[b, T, *param.shape]``) as they are, apart from ``R``."""
-        self.apart.append((param, rows.reshape(self.count, -1)))
 
     def put(self, param: Tensor, rows: Tensor) -> Tensor | None:
         """Copy ``rows`` (``[b, T, *param.shape]``) into ``R``; their place there (a
@@ -197,14 +167,14 @@ class HeldRowsWriter:
         return target
 
     def held(self) -> HeldRows:
-        """The rows put or held apart, as :class:`HeldRows`."""
+        """The rows put, as :class:`HeldRows`."""
         if not self.params:
             if self.buffer is not None:
                 self.buffer.give_back(self.borrower)
-            return HeldRows(apart=self.apart)
+            return HeldRows()
         assert self.matrix is not None
         matrix = self.matrix if self.filled == self.width else self.matrix[:, : self.filled]
-        return HeldRows(self.params, matrix, self.apart)
+        return HeldRows(self.params, matrix)
 
 
 def _adds_in_place(rule: LayerRule) -> bool:
@@ -290,9 +260,8 @@ def hold_rows(
     ``loose`` rows (``(parameter, [b, T, *p.shape])`` of explicit parameters, formed anyway),
     whose update is dense, then those of the ``calls`` whose rules form their parameters' rows
     for the Gramian (:meth:`~.rules.LayerRule.forms_rows`; each call's parameters used by it
-    alone, all or none). Rows of :data:`HELD_APART_BYTES` and more are held apart from ``R``.
-    ``R`` comes from ``lender``: the engine's buffer (or ``None`` for a fresh matrix) and the
-    step that borrows it.
+    alone, all or none). ``R`` comes from ``lender``: the engine's buffer (or ``None`` for a
+    fresh matrix) and the step that borrows it.
 
     Returns the held rows, the rows formed but not held (their Gram matrices are still the
     Gramian's), and the ids of the ``calls`` whose rows were formed (their rules' Gramian terms
@@ -301,13 +270,8 @@ def hold_rows(
     count = shape[0] * shape[1]
     choice = _choose(calls, loose, tied, budget, count)
     rest = choice.rest
-
-    def apart(p: Tensor) -> bool:
-        return rows_bytes(count, p) >= HELD_APART_BYTES
-
-    width = sum(p.numel() for p, _ in choice.tied)
-    width += sum(p.numel() for p, _ in choice.loose if not apart(p))
-    width += sum(p.numel() for parts in choice.calls for p in parts.alone if not apart(p))
+    width = sum(p.numel() for p, _ in [*choice.tied, *choice.loose])
+    width += sum(p.numel() for parts in choice.calls for p in parts.alone)
     writer = HeldRowsWriter(*lender, count, width)
     for p, rules in choice.tied:  # (in R: the other calls' rows are added to them in place)
         outside = _tied_into(writer, p, rules, shape)
@@ -315,9 +279,7 @@ def hold_rows(
             rest.append(outside)
     # (one call's rows formed at a time: those copied into R are freed before the next)
     for p, rows in itertools.chain(choice.loose, _rows_of(choice.calls)):
-        if apart(p):
-            writer.hold_apart(p, rows)
-        elif writer.put(p, rows) is None:
+        if writer.put(p, rows) is None:
             rest.append(rows)
     return writer.held(), rest, {id(parts) for parts in choice.calls}
 

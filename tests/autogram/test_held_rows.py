@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import jdoptim.autogram._held_rows as held_module
 import jdoptim.autogram._step as step_module
 from jdoptim.autogram import Engine
 from jdoptim.autogram._held_rows import HeldRows, HeldRowsWriter, RowsBuffer
@@ -106,26 +105,6 @@ def test_rows_are_held_and_exact(per_sample: bool) -> None:
     expected = {model.embed.weight, model.norm.weight, model.norm.bias}
     assert {id(p) for p in expected} <= held.ids
     assert (id(model.scale) in held.ids) is not per_sample
-
-
-@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "tasks"])
-@pytest.mark.parametrize("apart_from", [1, 300, 2**62], ids=["all-apart", "some-apart", "none"])
-def test_rows_held_apart_give_the_same_step(
-    monkeypatch: pytest.MonkeyPatch, per_sample: bool, apart_from: int
-) -> None:
-    """Rows held apart from ``R`` (every parameter's, the larger ones', none): the same Gramian
-    and update, against the explicit Jacobian; a tied parameter's rows stay in ``R``."""
-    monkeypatch.setattr(held_module, "HELD_APART_BYTES", apart_from)
-    model = _model()
-    held = _assert_exact(model, per_sample)
-    apart = {id(p) for p, _ in held.apart}
-    assert id(model.embed.weight) not in apart  # (tied: summed in R)
-    if apart_from == 1:
-        assert {id(model.up.weight), id(model.norm.weight)} <= apart
-    if apart_from == 300:
-        assert id(model.up.weight) in apart and id(model.norm.bias) not in apart
-    if apart_from == 2**62:
-        assert not apart
 
 
 @pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "tasks"])
