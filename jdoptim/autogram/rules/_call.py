@@ -121,13 +121,20 @@ class Call:
             return tensor.unsqueeze(0)
         return tensor if self.batch_dim == 0 else tensor.movedim(self.batch_dim, 0)
 
-    def grad_samples_first(self, index: int) -> Tensor:
-        """``D`` of output ``index`` as ``[T, b, ...]``."""
-        grad = self.grad(index)
+    def grad_samples_first(self, index: int, *shape: int) -> Tensor:
+        """``D`` of output ``index`` as ``[T, b, ...]``; with ``shape``, reshaped to
+        ``[T, b, *shape]`` (one operation for a gradient as autograd gave it, samples first:
+        the rules ask for it in every call of every step)."""
         dim = self.out_dim(index)
+        raw = self.grads[index]
+        if shape and raw is not None and not self.stacked and dim == 0:
+            return full_precision(raw).reshape(self.T, self.b, *shape)
+        grad = self.grad(index)
         if dim is None:
-            return grad.unsqueeze(1)
-        return grad if dim == 0 else grad.movedim(dim + 1, 1)
+            grad = grad.unsqueeze(1)
+        elif dim != 0:
+            grad = grad.movedim(dim + 1, 1)
+        return grad.reshape(self.T, self.b, *shape) if shape else grad
 
     def weighted_grad(self, index: int, weights: Tensor) -> Tensor:
         """``Σ_k w_{·k} D[k]`` in the layout of the output (``weights`` is ``[b, T]``; with

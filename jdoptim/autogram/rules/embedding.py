@@ -53,7 +53,7 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         padding = module.padding_idx
         self.valid = None if padding is None else self.index.ne(padding)
         dim = module.embedding_dim
-        self.grads = call.grad_samples_first(0).reshape(call.T, call.b, -1, dim)
+        self.grads = call.grad_samples_first(0, -1, dim)
         if self.valid is not None:
             self.grads = self.grads * self.valid[None, :, :, None].to(self.grads.dtype)
 

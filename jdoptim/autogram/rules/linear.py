@@ -108,7 +108,7 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
     @cached_property
     def grads(self) -> Tensor:
         out = self.call.record.tapped[0].shape[-1]
-        return self.call.grad_samples_first(0).reshape(self.call.T, self.call.b, -1, out)
+        return self.call.grad_samples_first(0, -1, out)
 
     def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
         """The kernel term, on the 2-D ``A``, ``D`` when there is one position and one loss
