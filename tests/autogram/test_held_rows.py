@@ -317,6 +317,12 @@ def test_held_updates_become_grad_without_a_copy_and_stay_independent() -> None:
     held[1].grad.mul_(2.0)
     torch.testing.assert_close(held[1].grad, 2 * before[1])
     torch.testing.assert_close(held[2].grad, before[2])
+    opt.zero_grad(set_to_none=False)  # (zeroes the views in place) then accumulates into them
+    record = opt.step(_losses(model, per_sample=True))
+    assert record.weights is not None
+    expected = record.weights.double() @ jacobian
+    stored = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    assert (stored - expected).abs().max() / expected.abs().max() < 1e-12
 
 
 class TwiceLooked(nn.Module):
