@@ -230,7 +230,7 @@ def _choose(
             budget -= size
             choice.tied.append((p, rules))
         else:
-            choice.rest.append(_summed_rows(p, rules))
+            choice.rest.append(summed_rows(p, rules))
     for p, rows in loose:
         size = rows.numel() * rows.element_size()
         if id(p) not in sparse and size <= budget:
@@ -291,7 +291,7 @@ def _rows_of(calls: list[RuleParameters]) -> Iterator[tuple[Tensor, Tensor]]:
         yield from zip(parts.alone, parts.rule.jacobians(parts.alone))
 
 
-def _summed_rows(param: Tensor, rules: list[LayerRule]) -> Tensor:
+def summed_rows(param: Tensor, rules: list[LayerRule]) -> Tensor:
     """``param``'s rows summed over its calls' rules, out of place (``[b, T, *param.shape]``)."""
     total: Tensor | None = None
     for rule in rules:

@@ -33,7 +33,7 @@ from torch.autograd.graph import GradientEdge
 from ..linalg.sparse_rows import dense
 from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
-from ._held_rows import HeldRows, RowsBuffer, held_rows_budget, hold_rows
+from ._held_rows import HeldRows, RowsBuffer, held_rows_budget, hold_rows, summed_rows
 from ._records import CallRecord
 from ._sample_dims import output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule, rows_gramian
@@ -500,12 +500,7 @@ class GramianStep:
 
     def _tied_rows(self) -> list[tuple[Tensor, Tensor]]:
         """The rows of each shared parameter used by several calls, summed over the calls."""
-        tied: dict[int, tuple[Tensor, Tensor]] = {}
-        for parts in self.rule_parameters:
-            if parts.several:
-                for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
-                    tied[id(p)] = (p, rows if id(p) not in tied else tied[id(p)][1] + rows)
-        return list(tied.values())
+        return [(p, summed_rows(p, rules)) for p, rules in self._tied_calls()]
 
     def _tied_calls(self) -> list[tuple[Tensor, list[LayerRule]]]:
         """Each shared parameter used by several calls, with those calls' rules (in the calls'

@@ -59,19 +59,17 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
 
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:
         """Rows ``[b, T, V, e]``: row ``(i, k)`` has ``Σ_{s: idx_{is} = v} D[k, i, s]`` at ``v``,
-        scattered by one ``index_add_`` (no ``[b, S, V]`` one-hot, whose size grows with the
-        vocabulary times the positions)."""
+        scattered into zeros by :meth:`add_jacobians` (no ``[b, S, V]`` one-hot, whose size
+        grows with the vocabulary times the positions)."""
         t, b, _, e = self.grads.shape
-        rows = torch.zeros(b * t * self.size, e, dtype=self.grads.dtype, device=self.grads.device)
-        row = torch.arange(b * t, device=self.index.device).view(b, t, 1) * self.size
-        target = (row + self.index[:, None, :]).reshape(-1)  # [b, T, S] flattened
-        rows.index_add_(0, target, self.grads.transpose(0, 1).reshape(-1, e))
-        return [rows.view(b, t, self.size, e) for _ in params]
+        rows = self.grads.new_zeros(b, t, self.size, e)
+        self.add_jacobians(params[:1], [rows])
+        return [rows for _ in params]
 
     def add_jacobians(self, params: list[Tensor], into: list[Tensor]) -> None:
         """The rows of :meth:`jacobians` added to ``into`` by one accumulating scatter of the
-        ``b T S`` looked-up rows (a tied weight's rows from its other calls are there already:
-        no ``[b, T, V, e]`` zeros, no sum out of place)."""
+        ``b T S`` looked-up rows (for a tied weight, its rows from the other calls are there
+        already: no ``[b, T, V, e]`` zeros of its own, no sum out of place)."""
         t, b, s, e = self.grads.shape
         values = self.grads.transpose(0, 1).reshape(b * t * s, e)  # [b, T, S, e] order
         row = torch.arange(b * t, device=self.index.device).repeat_interleave(s)
