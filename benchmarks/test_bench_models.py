@@ -69,6 +69,14 @@ LOW_MEMORY = "jdoptim UPGrad, low memory"
 #: memory comparison, e.g. ``peak_extra_mb("resnet18-gn", "8 tasks", JACOBIAN_PATH)``.
 JACOBIAN_PATH = "jdoptim UPGrad, Jacobian path"
 VOCAB = 64 if TINY else 512
+#: ``BENCH_BATCH=n`` runs every model at batch ``n`` (default: 8, ViT 16; 4 with ``BENCH_TINY``)
+BATCH = os.environ.get("BENCH_BATCH")
+
+
+def _batch(default: int) -> int:
+    """The batch size of a model: ``BENCH_BATCH`` where set, else ``default``."""
+    return int(BATCH) if BATCH and not TINY else default
+
 
 Losses = Callable[[nn.Module], Tensor]  # model → per-sample [b] or task [tasks] losses
 
@@ -115,7 +123,7 @@ def _gpt2(tasks: int, layers: int, width: int, heads: int, seq: int) -> tuple[nn
         vocab_size=VOCAB, n_positions=seq, n_embd=width, n_layer=layers, n_head=heads
     )
     model = _transformers().GPT2LMHeadModel(config)
-    return model, _lm_losses(_lm_batch(8 if not TINY else 4, seq), tasks)
+    return model, _lm_losses(_lm_batch(_batch(8 if not TINY else 4), seq), tasks)
 
 
 def _llama(tasks: int) -> tuple[nn.Module, Losses]:
@@ -130,7 +138,7 @@ def _llama(tasks: int) -> tuple[nn.Module, Losses]:
         max_position_embeddings=64,
     )
     model = _transformers().LlamaForCausalLM(config)
-    return model, _lm_losses(_lm_batch(8 if not TINY else 4, 12 if TINY else 16), tasks)
+    return model, _lm_losses(_lm_batch(_batch(8 if not TINY else 4), 12 if TINY else 16), tasks)
 
 
 def _vit(tasks: int, dtype: torch.dtype) -> tuple[nn.Module, Losses]:
@@ -146,7 +154,7 @@ def _vit(tasks: int, dtype: torch.dtype) -> tuple[nn.Module, Losses]:
         num_labels=tasks or 10,
     )
     model = _transformers().ViTForImageClassification(config)
-    images = torch.randn(4 if TINY else 16, 3, size, size, dtype=dtype)
+    images = torch.randn(_batch(4 if TINY else 16), 3, size, size, dtype=dtype)
     return model, _class_losses(images, tasks, lambda m: m(pixel_values=images).logits)
 
 
@@ -157,7 +165,7 @@ def _resnet(tasks: int, dtype: torch.dtype) -> tuple[nn.Module, Losses]:
     else:
         widths, blocks = (64, 128, 256, 512), (2, 2, 2, 2)
         model = ResNetGN(widths=widths, blocks=blocks, classes=tasks or 10, groups=32)
-        images = torch.randn(8, 3, 32, 32, dtype=dtype)
+        images = torch.randn(_batch(8), 3, 32, 32, dtype=dtype)
     return model, _class_losses(images, tasks, lambda m: m(images))
 
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..linalg.blas_threads import serial_numpy_blas
 from ..linalg.equilibration import (
     DEFAULT_REGULARIZATION,
     equilibrate,
@@ -172,28 +173,30 @@ class CAGradWeighting(_NonDifferentiable, DeclaredState, Weighting):
     @scale_free
     def forward(self, gramian: Tensor) -> Tensor:
         m = gramian.shape[0]
-        g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
-        g = normalize_gramian(0.5 * (g + g.T))
-        mean = np.full(m, 1.0 / m)
-        b = g @ mean
-        s2 = self.c**2 * float(mean @ b)
-        weights = mean.copy()
-        if s2 > 0.0:
-            # Equilibrate: z = D z' with D = diag(Gᵢᵢ)^{-1/2} (see the module docstring).
-            equilibrated, scale = equilibrate(g)
-            eps = max(self.reg_eps, m * float(torch.finfo(gramian.dtype).eps))
-            matrix, info = regularized_cholesky_safe(equilibrated, eps)
-            warn_once_if_degraded(self, info, type(self).__name__)
-            z_scaled, bisected = cagrad_z(matrix, scale * b, scale, s2)
-            z = scale * z_scaled
-            if bisected and not self._warned_bisection:
-                self._warned_bisection = True
-                warnings.warn(
-                    "CAGrad: the active-set solve did not settle; used bisection (warned once).",
-                    RuntimeWarning,
-                    stacklevel=user_stacklevel(),
-                )
-            weights = weights + z
+        with serial_numpy_blas(m):
+            g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+            g = normalize_gramian(0.5 * (g + g.T))
+            mean = np.full(m, 1.0 / m)
+            b = g @ mean
+            s2 = self.c**2 * float(mean @ b)
+            weights = mean.copy()
+            if s2 > 0.0:
+                # Equilibrate: z = D z' with D = diag(Gᵢᵢ)^{-1/2} (see the module docstring).
+                equilibrated, scale = equilibrate(g)
+                eps = max(self.reg_eps, m * float(torch.finfo(gramian.dtype).eps))
+                matrix, info = regularized_cholesky_safe(equilibrated, eps)
+                warn_once_if_degraded(self, info, type(self).__name__)
+                z_scaled, bisected = cagrad_z(matrix, scale * b, scale, s2)
+                z = scale * z_scaled
+                if bisected and not self._warned_bisection:
+                    self._warned_bisection = True
+                    warnings.warn(
+                        "CAGrad: the active-set solve did not settle; used bisection "
+                        "(warned once).",
+                        RuntimeWarning,
+                        stacklevel=user_stacklevel(),
+                    )
+                weights = weights + z
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         return torch.from_numpy(weights / divisor).to(device=gramian.device, dtype=gramian.dtype)
 

@@ -33,6 +33,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..linalg.blas_threads import serial_numpy_blas
 from ..linalg.equilibration import equilibrate, regularized_cholesky_safe
 from ..linalg.power_equation import DEFAULT_TOL, solve_power_equation
 from ..linalg.user_frame import user_stacklevel
@@ -60,15 +61,16 @@ def solve_fair_weights(
         return torch.zeros(m, dtype=torch.float64), 0.0, True
     # Equilibrate: with D = diag(Gᵢᵢ)^{-1/2} and w = D w', the equation becomes
     # (DGD) w' = D^{1-p} ⊙ w'^{-p}: unit diagonal, so the ridge is relative to every row.
-    equilibrated, scale = equilibrate(g)
-    eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
-    matrix, info = regularized_cholesky_safe(equilibrated, eps)
-    warn_once_if_degraded(owner, info, type(owner).__name__)
-    initial = None if start is None else start.detach().cpu().double().numpy() / scale
-    w, _, res = solve_power_equation(
-        matrix, p, start=initial, max_iter=max_iter, coef=scale ** (1.0 - p)
-    )
-    w = w * scale
+    with serial_numpy_blas(m):
+        equilibrated, scale = equilibrate(g)
+        eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
+        matrix, info = regularized_cholesky_safe(equilibrated, eps)
+        warn_once_if_degraded(owner, info, type(owner).__name__)
+        initial = None if start is None else start.detach().cpu().double().numpy() / scale
+        w, _, res = solve_power_equation(
+            matrix, p, start=initial, max_iter=max_iter, coef=scale ** (1.0 - p)
+        )
+        w = w * scale
     return torch.from_numpy(w), res, res <= DEFAULT_TOL
 
 

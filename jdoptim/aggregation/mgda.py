@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..linalg.blas_threads import serial_numpy_blas
 from ..linalg.dual_cone import solve_quadprog_lcp
 from ..linalg.equilibration import (
     DEFAULT_REGULARIZATION,
@@ -74,25 +75,26 @@ def min_norm_simplex_weights(gramian: Tensor, reg_eps: float) -> tuple[Tensor, D
     must grow goes through :func:`regularized_cholesky_safe`.
     """
     m = gramian.shape[0]
-    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
-    equilibrated, scale = equilibrate(0.5 * (g + g.T))
-    eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
-    rhs = scale / scale.max()  # D, up to a positive factor that w does not see
-    first = _first_pivot(equilibrated, eps, rhs)
-    if first is not None:
-        matrix, v = first
-        info = DualConeInfo(ridge=eps)
-    else:
-        matrix, info = regularized_cholesky_safe(equilibrated, eps)
-        v = np.zeros(m)
-    if not (v > 0.0).all():
-        solution, certified = solve_nonnegative_lcp(matrix, -rhs[None, :])
-        v = solution[0]
-        if not certified[0]:
-            info.n_fallbacks += 1
-            v = solve_quadprog_lcp(matrix, -rhs)
-    weights = np.maximum(v, 0.0) * scale
-    weights /= weights.sum()
+    with serial_numpy_blas(m):
+        g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+        equilibrated, scale = equilibrate(0.5 * (g + g.T))
+        eps = max(reg_eps, m * float(torch.finfo(gramian.dtype).eps))
+        rhs = scale / scale.max()  # D, up to a positive factor that w does not see
+        first = _first_pivot(equilibrated, eps, rhs)
+        if first is not None:
+            matrix, v = first
+            info = DualConeInfo(ridge=eps)
+        else:
+            matrix, info = regularized_cholesky_safe(equilibrated, eps)
+            v = np.zeros(m)
+        if not (v > 0.0).all():
+            solution, certified = solve_nonnegative_lcp(matrix, -rhs[None, :])
+            v = solution[0]
+            if not certified[0]:
+                info.n_fallbacks += 1
+                v = solve_quadprog_lcp(matrix, -rhs)
+        weights = np.maximum(v, 0.0) * scale
+        weights /= weights.sum()
     return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype), info
 
 

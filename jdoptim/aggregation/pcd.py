@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..linalg.blas_threads import serial_numpy_blas
 from ._bases import GramianWeightedAggregator, Weighting
 from ._mixins import Stateful, _NonDifferentiable
 from .state import CheckpointedState, DeclaredState
@@ -112,7 +113,8 @@ class PCDWeighting(_NonDifferentiable, CheckpointedState, Stateful, Weighting):
         weights = torch.zeros(m, dtype=torch.float64)
         if m and g[0, 0] > 0.0:
             normalized = (g * torch.outer(scales, scales)).numpy()
-            multipliers = pcd_multipliers(normalized, taus.numpy())
+            with serial_numpy_blas(m):
+                multipliers = pcd_multipliers(normalized, taus.numpy())
             if multipliers is None:  # infeasible: the constraints are dropped, d = g₁
                 multipliers = np.eye(m)[0]
             w = torch.from_numpy(multipliers)

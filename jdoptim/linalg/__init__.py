@@ -20,10 +20,12 @@ What lives here (one job per module):
 * :mod:`.sparse_rows` — compact rows of sparse (embedding) gradients, and making them dense.
 * :mod:`.torch_errors` — torch's error types the library tells apart, across torch versions.
 * :mod:`.user_frame` — the stack level of the user's code, for warnings.
+* :mod:`.blas_threads` — numpy's BLAS on one thread while a solver works on a large Gramian
+  (numpy's OpenBLAS pool otherwise fights torch's spinning OpenMP threads for the cores).
 
-Who may import what: ``jdoptim.linalg`` imports nothing else from jdoptim (only torch, numpy
-and, where a solver needs it, quadprog). Everything above it — ``jdoptim.aggregation``
-(methods), ``jdoptim.scalarization``, ``jdoptim.autogram`` (the engine), the update computers and
-the optimizer — may import from it. The contract is checked by import-linter (``.importlinter``
-at the repository root, run by ``lint-imports``).
+Who may import what: ``jdoptim.linalg`` imports nothing else from jdoptim (only torch, numpy,
+threadpoolctl and, where a solver needs it, quadprog). Everything above it —
+``jdoptim.aggregation`` (methods), ``jdoptim.scalarization``, ``jdoptim.autogram`` (the engine),
+the update computers and the optimizer — may import from it. The contract is checked by
+import-linter (``.importlinter`` at the repository root, run by ``lint-imports``).
 """

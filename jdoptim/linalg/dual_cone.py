@@ -29,6 +29,10 @@ How it is solved (:func:`solve_dual_cone`), for ``k`` lower bounds ``u`` sharing
    checked to a relative tolerance; every problem that is not certified is re-solved with
    quadprog (Goldfarb–Idnani), which is also the reference solver of the tests.
 
+From :data:`~.blas_threads.SERIAL_FROM` losses on, the numpy steps run with numpy's BLAS on one
+thread (:mod:`.blas_threads`: right after a step's products its own thread pool would wait for
+cores that torch's OpenMP threads hold).
+
 **One or two losses** (:func:`_solve_tiny`), the commonest case in multi-task learning, skip the
 array machinery: the same equilibration and ridge, then the ``2^m`` candidate free sets are
 tried in plain Python arithmetic and the one satisfying the KKT conditions is taken (for a
@@ -56,6 +60,7 @@ import torch
 from torch import Tensor
 
 from .batched_lcp import solve_lcp_batched
+from .blas_threads import serial_numpy_blas
 from .equilibration import (
     DEFAULT_REGULARIZATION,
     RELATIVE_ZERO_DIAGONAL,
@@ -164,15 +169,16 @@ def solve_dual_cone(
         if tiny is not None:
             solution = torch.tensor(tiny, dtype=gramian.dtype, device=gramian.device)
             return solution, DualConeInfo(ridge=eps)
-    matrix, scale, info = equilibrated_problem(gramian, eps)
-    bounds = lower_bounds.detach().to(device="cpu", dtype=torch.float64).numpy()
-    u = bounds / scale[None, :]
-    # Each problem is positively homogeneous in u: solve for u / max|u| and scale back.
-    norms = np.abs(u).max(axis=1, initial=0.0)
-    norms[norms == 0.0] = 1.0
-    u = u / norms[:, None]
-    z = _certified_lcp(matrix, u @ matrix, info)
-    v = (u + z) * norms[:, None] * scale[None, :]
+    with serial_numpy_blas(gramian.shape[0]):
+        matrix, scale, info = equilibrated_problem(gramian, eps)
+        bounds = lower_bounds.detach().to(device="cpu", dtype=torch.float64).numpy()
+        u = bounds / scale[None, :]
+        # Each problem is positively homogeneous in u: solve for u / max|u| and scale back.
+        norms = np.abs(u).max(axis=1, initial=0.0)
+        norms[norms == 0.0] = 1.0
+        u = u / norms[:, None]
+        z = _certified_lcp(matrix, u @ matrix, info)
+        v = (u + z) * norms[:, None] * scale[None, :]
     result = torch.from_numpy(v).to(device=gramian.device, dtype=gramian.dtype)
     return result, info
 
@@ -224,10 +230,11 @@ def solve_upgrad_weights(
         p = np.full(m, 1.0 / m)
     else:
         p = preference.detach().to(device="cpu", dtype=torch.float64).numpy()
-    matrix, scale, info = equilibrated_problem(gramian, eps)
-    z = _certified_lcp(matrix, matrix, info)
-    norms = p / scale
-    weights = scale * (norms + norms @ z)
+    with serial_numpy_blas(m):
+        matrix, scale, info = equilibrated_problem(gramian, eps)
+        z = _certified_lcp(matrix, matrix, info)
+        norms = p / scale
+        weights = scale * (norms + norms @ z)
     return torch.from_numpy(weights).to(device=gramian.device, dtype=gramian.dtype), info
 
 
