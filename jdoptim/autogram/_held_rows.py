@@ -150,8 +150,8 @@ class HeldRowsWriter:
         self.matrix: Tensor | None = None
 
     def put(self, param: Tensor, rows: Tensor) -> Tensor | None:
-        """Copy ``rows`` (``[b, T, *param.shape]``) into ``R``; their place there (a
-        ``[bT, *param.shape]`` view), or ``None`` when they cannot join it."""
+        """Copy ``rows`` (``[b, T, *param.shape]``) into ``R``; their place there (the
+        ``[bT, param.numel()]`` columns), or ``None`` when they cannot join it."""
         if self.matrix is None:
             if self.buffer is None:
                 self.matrix = rows.new_empty(self.count, self.width)
@@ -160,8 +160,8 @@ class HeldRowsWriter:
         elif (rows.dtype, rows.device) != (self.matrix.dtype, self.matrix.device):
             return None
         n = param.numel()
-        target = self.matrix[:, self.filled : self.filled + n].view(self.count, *param.shape)
-        target.copy_(rows.reshape(self.count, *param.shape))
+        target = self.matrix[:, self.filled : self.filled + n]
+        target.copy_(rows.reshape(self.count, n))
         self.filled += n
         self.params.append(param)
         return target
