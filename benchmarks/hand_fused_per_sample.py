@@ -3,9 +3,10 @@ r"""The analytic floor of a *per-sample* JD step on a real model: the engine's p
 :mod:`benchmarks.hand_fused_models` is the floor of a task-loss step. This is the same for
 per-sample losses ``ℓ_i`` (one per sample, ``batch_dim=0``), written for models whose every
 parameter sits in a ``Linear``, transformers' ``Conv1D``, a ``Conv2d``, an ``Embedding`` or a norm,
-none tied and none used by two calls (Llama small and ResNet-18 GN here; GPT-2's tied,
-sample-shared position embedding and ViT's class token would need the engine's own machinery).
-Forward hooks record every such call's input ``X`` and output ``Y``; then
+none tied and none used by two calls (Llama small and ResNet-18 GN here; GPT-2 tiny's tied
+``wte`` and sample-shared ``wpe``, and ViT's class token and position embeddings, have their
+closed forms in :class:`HandFusedSharedStep`). Forward hooks record every such call's input
+``X`` and output ``Y``; then
 
 * one ordinary backward with all-ones output weights gives ``D = ∂(Σᵢ ℓᵢ)/∂Y``, whose sample-``i``
   slice is ``∂ℓᵢ/∂Y_i``;
@@ -58,7 +59,9 @@ from jdoptim.linalg.gramian import gram_matrix
 from jdoptim.updates.base import weigh
 
 #: the models this floor covers (see the module docstring)
-PER_SAMPLE_MODELS = ("llama-small", "resnet18-gn")
+PER_SAMPLE_MODELS = ("gpt2-tiny", "llama-small", "vit", "resnet18-gn")
+#: the models with tied or sample-shared parameters, which :class:`HandFusedSharedStep` covers
+SHARED_MODELS = ("gpt2-tiny", "vit")
 #: per-sample convolution rows from the weight-gradient kernel from this many output positions per
 #: image up, below it im2col and the Linear contraction (the library's conv rule's threshold)
 DIRECT_CONV_POSITIONS = 256
@@ -193,7 +196,8 @@ def check_against_library(model_name: str) -> float:
     model, losses_of = build(model_name, "per-sample", torch.float64)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = HandFusedPerSampleStep(model, torch.optim.SGD(params, lr=0.0))
+    step_class = HandFusedSharedStep if model_name in SHARED_MODELS else HandFusedPerSampleStep
+    fused = step_class(model, torch.optim.SGD(params, lr=0.0))
     opt = JDOptimizer(
         torch.optim.SGD(params, lr=0.0), UPGrad(), modules=model, batch_dim=0, scope="all"
     )
@@ -212,9 +216,92 @@ def check_against_library(model_name: str) -> float:
     return error
 
 
+class HandFusedSharedStep(RecordingStep):
+    """The per-sample floor of GPT-2 tiny and ViT, whose parameters are not all in one recorded
+    layer each, by their closed forms (the model's structure is known here, not read):
+
+    * GPT-2: ``wte`` is read by the lookup and by the tied head, so its rows are the head's
+      ``Σ_s D_{is} a_{is}ᵀ`` plus the lookup's output gradients scattered by token; ``wpe`` is
+      looked up at ``arange(S)`` once for every sample and added to the token embeddings, so
+      sample ``i``'s rows of it are the token embeddings' output gradient ``D_i`` (``[S, d]``);
+    * ViT: the class token and the position embeddings are added in the embeddings module
+      (``cat(cls, patches) + pos``), so with ``D`` that module's output gradient, the rows are
+      ``D_i`` for the position embeddings and ``D_{i,0}`` for the class token.
+
+    Every other recorded layer as :class:`HandFusedPerSampleStep`'s.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(model, optimizer)
+        self.gpt2 = hasattr(model, "transformer") and hasattr(model.transformer, "wpe")
+        self.special: dict[int, str] = {}
+        if self.gpt2:
+            core = model.transformer
+            self.wte, self.wpe = core.wte.weight, core.wpe.weight
+            self.special = {id(core.wte): "wte", id(core.wpe): "wpe", id(model.lm_head): "head"}
+        else:
+            embeddings = model.vit.embeddings
+            self.cls, self.pos = embeddings.cls_token, embeddings.position_embeddings
+            self.embedded: list[Tensor] = []
+            embeddings.register_forward_hook(lambda m, a, out: self.embedded.append(out))
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
+        if not self.gpt2:
+            self.embedded.clear()
+
+    def gradients(self, losses: Tensor, retain_graph: bool = False) -> Tensor:
+        """Sets every parameter's ``.grad`` to ``Jᵀ w``; returns ``G``."""
+        b = losses.shape[0]
+        extra = [] if self.gpt2 else self.embedded[-1:]
+        outputs = [c.y for c in self.calls] + extra
+        grads = torch.autograd.grad(losses, outputs, torch.ones_like(losses), retain_graph)
+        with torch.no_grad():
+            gramian = torch.zeros(b, b, dtype=grads[0].dtype)
+            rows, others = self._special_rows(grads, b), []
+            for call, d in zip(self.calls, grads):
+                if id(call.module) in self.special:
+                    continue
+                found = _call_rows(call, d)
+                if found is None:
+                    gramian += _call_gramian(call, d)
+                    others.append((call, d))
+                else:
+                    rows += found
+            matrix = self.held.fill(rows)
+            gramian += gram_matrix(matrix)
+            weights = weigh(self.weighting, gramian).to(losses.dtype)
+            self.held.apply(weights, [p for p, _ in rows], matrix)
+            for call, d in others:
+                _set_update(call, d * weights.view(b, *(1,) * (d.dim() - 1)))
+        return gramian
+
+    def _special_rows(self, grads: list[Tensor], b: int) -> list[tuple[Tensor, Tensor]]:
+        """The rows ``(parameter, [b, n])`` of the parameters of the class docstring."""
+        if not self.gpt2:
+            d = grads[-1]  # the embeddings' output gradient [b, S + 1, e]
+            return [(self.cls, d[:, 0].reshape(b, -1)), (self.pos, d.reshape(b, -1))]
+        by_kind = {
+            self.special[id(c.module)]: (c, d)
+            for c, d in zip(self.calls, grads)
+            if id(c.module) in self.special
+        }
+        lookup, d_lookup = by_kind["wte"]
+        head, d_head = by_kind["head"]
+        a, dd, _ = _linear_like(head, d_head)
+        vocab = self.wte.shape[0]
+        tokens = lookup.x.reshape(b, -1) + vocab * torch.arange(b)[:, None]
+        wte = linear_rows(a, dd)[:, 0].reshape(b * vocab, -1)  # the head's, [b·V, e]
+        wte.index_add_(0, tokens.reshape(-1), d_lookup.reshape(-1, d_lookup.shape[-1]))
+        wpe = torch.zeros(b, *self.wpe.shape, dtype=d_lookup.dtype)
+        wpe[:, : d_lookup.shape[1]] = d_lookup
+        return [(self.wte, wte.reshape(b, -1)), (self.wpe, wpe.reshape(b, -1))]
+
+
 def make_per_sample_floor_step(model_name: str):
     """A closure running one per-sample floor step (Adam)."""
-    return make_floor_step(model_name, "per-sample", HandFusedPerSampleStep)
+    step = HandFusedSharedStep if model_name in SHARED_MODELS else HandFusedPerSampleStep
+    return make_floor_step(model_name, "per-sample", step)
 
 
 def main() -> None:
