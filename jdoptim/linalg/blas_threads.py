@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 from threadpoolctl import ThreadpoolController
 
@@ -25,23 +26,43 @@ from threadpoolctl import ThreadpoolController
 SERIAL_FROM = 96
 
 _controller: ThreadpoolController | None = None
+#: threadpoolctl could not inspect or set the process's thread pools: the limit is skipped
+_unavailable = False
 
 
-def _blas_controller() -> ThreadpoolController:
+def _blas_controller() -> ThreadpoolController | None:
     """The process's thread-pool controller, made on first use (it scans the loaded libraries
-    once, which takes a few milliseconds)."""
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
+    once, which takes a few milliseconds), or ``None`` where threadpoolctl fails here."""
+    global _controller, _unavailable
+    if _controller is None and not _unavailable:
+        try:
+            _controller = ThreadpoolController()
+        except Exception:  # (a speed measure must never fail a solve)
+            _unavailable = True
     return _controller
+
+
+def _limited(controller: ThreadpoolController) -> contextlib.AbstractContextManager[object]:
+    """``controller``'s limit of one BLAS thread, or no limit where setting it fails."""
+    global _unavailable
+    try:
+        return cast(
+            contextlib.AbstractContextManager[object],
+            controller.limit(limits=1, user_api="blas"),
+        )
+    except Exception:
+        _unavailable = True
+        return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
 def serial_numpy_blas(size: int) -> Iterator[None]:
     """numpy's BLAS (OpenBLAS or MKL) limited to one thread inside the block when ``size`` (the
-    problem's number of losses) is at least :data:`SERIAL_FROM`; a no-op below it."""
-    if size < SERIAL_FROM:
+    problem's number of losses) is at least :data:`SERIAL_FROM`; a no-op below it, and where
+    threadpoolctl cannot inspect or set the thread pools (the solve runs unlimited)."""
+    controller = _blas_controller() if size >= SERIAL_FROM else None
+    if controller is None:
         yield
         return
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _limited(controller):
         yield

@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import jdoptim.aggregation.mgda as mgda
 import jdoptim.linalg.dual_cone as dual_cone
-from jdoptim.aggregation import MGDAWeighting, UPGradWeighting
+from jdoptim.aggregation import DualProjWeighting, MGDAWeighting
 from jdoptim.linalg.blas_threads import SERIAL_FROM, serial_numpy_blas
 
 
@@ -53,27 +53,48 @@ def _gramian(m: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("m", [SERIAL_FROM - 1, SERIAL_FROM])
-def test_upgrad_and_mgda_solve_on_one_blas_thread_from_serial_from(
+def test_dualproj_and_mgda_solve_on_one_blas_thread_from_serial_from(
     two_blas_threads, monkeypatch, m
 ):
-    """The pivoting solves of UPGrad and MGDA run on the threads the size calls for (seen from
-    inside them), and the weights are the same as on two threads."""
-    seen: list[list[int]] = []
-    for module in (dual_cone, mgda):
-        solve = module.solve_nonnegative_lcp if module is mgda else module._certified_lcp
+    """The pivoting solves of DualProj and MGDA (numpy at every size; UPGrad's from
+    ``SERIAL_FROM`` losses on are torch's) run on the threads the size calls for, seen from
+    inside them, and give the same weights as on two threads."""
+    seen: dict[str, list[list[int]]] = {"dual_cone": [], "mgda": []}
+    for module, name, key in (
+        (dual_cone, "_certified_lcp", "dual_cone"),
+        (mgda, "solve_nonnegative_lcp", "mgda"),
+    ):
+        solve = getattr(module, name)
 
-        def spied(*args, _solve=solve, **kwargs):
-            seen.append(_blas_threads())
+        def spied(*args, _solve=solve, _key=key, **kwargs):
+            seen[_key].append(_blas_threads())
             return _solve(*args, **kwargs)
 
-        name = "solve_nonnegative_lcp" if module is mgda else "_certified_lcp"
         monkeypatch.setattr(module, name, spied)
     gramian = _gramian(m)
-    upgrad = UPGradWeighting()(gramian)
+    dualproj = DualProjWeighting()(gramian)
     mgda_weights = MGDAWeighting()(gramian)
     expected = [1] * len(two_blas_threads) if m >= SERIAL_FROM else two_blas_threads
-    assert seen and all(threads == expected for threads in seen)
+    for threads in seen.values():
+        assert threads and all(t == expected for t in threads)
     monkeypatch.undo()
     with threadpool_limits(limits=2, user_api="blas"):
-        np.testing.assert_allclose(UPGradWeighting()(gramian), upgrad, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(DualProjWeighting()(gramian), dualproj, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(MGDAWeighting()(gramian), mgda_weights, rtol=1e-9, atol=1e-12)
+
+
+def test_solves_unlimited_where_threadpoolctl_fails(monkeypatch):
+    """A controller that cannot be made (an unusual platform) leaves the solve as it was."""
+    import jdoptim.linalg.blas_threads as blas_threads
+
+    def broken() -> None:
+        raise RuntimeError("no thread pools here")
+
+    monkeypatch.setattr(blas_threads, "_controller", None)
+    monkeypatch.setattr(blas_threads, "_unavailable", False)
+    monkeypatch.setattr(blas_threads, "ThreadpoolController", broken)
+    gramian = _gramian(SERIAL_FROM)
+    weights = MGDAWeighting()(gramian)
+    assert blas_threads._unavailable
+    monkeypatch.undo()
+    np.testing.assert_allclose(MGDAWeighting()(gramian), weights, rtol=1e-9, atol=1e-12)
