@@ -25,7 +25,8 @@ tensors one step allocates after three warm-up steps (:func:`peak_tensor_mb`, th
 scales with the model; the resident size of these small models is mostly one-time costs).
 
 Run: ``python benchmarks/test_bench_models.py`` (markdown tables; ``--large`` adds the 6-layer
-GPT-2; ``BENCH_TINY=1`` shrinks every model for a smoke run; ``--memory`` prints the tensor
+GPT-2; ``BENCH_TINY=1`` shrinks every model for a smoke run; ``BENCH_BATCH=n`` runs every model
+at batch ``n`` (default 8, ViT 16); ``--memory`` prints the tensor
 memory table only, with the low-memory step beside the ordinary one; ``--low-memory`` times the
 low-memory step too), or
 ``python -m pytest benchmarks/test_bench_models.py --benchmark-only -q``.
