@@ -74,7 +74,7 @@ def store_gradients(
             if parts_of and base is not None and id(base) in parts_of and grad.is_contiguous():
                 param.grad = grad  # a part of a partitioned tensor: no copy
                 continue
-            fresh = taken is None and grad._base is None and id(grad) not in seen
+            fresh = taken is None and base is None and id(grad) not in seen
             if fresh and grad.is_contiguous():
                 seen.add(id(grad))
                 param.grad = grad
