@@ -68,27 +68,50 @@ DIRECT_CONV_POSITIONS = 256
 
 
 class HandFusedPerSampleStep(RecordingStep):
-    """``step(losses)`` with ``losses`` a ``[b]`` vector of per-sample losses."""
+    """``step(losses)`` with ``losses`` a ``[b]`` vector of per-sample losses.
+
+    A subclass covers parameters outside the recorded layers, or shared by several, by their
+    closed forms: :meth:`_extra_outputs` (more tensors whose output gradients it needs),
+    :meth:`_special_rows` (those parameters' rows) and :attr:`special` (the recorded layers they
+    replace)."""
+
+    #: ids of recorded layers whose parameters :meth:`_special_rows` covers (skipped otherwise)
+    special: dict[int, str]
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(model, optimizer)
+        self.special = {}
+        self._check_parameters(model)
+
+    def _check_parameters(self, model: nn.Module) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         owners = self.owners
         if any(id(p) not in owners for p in params) or any(n > 1 for n in owners.values()):
             raise ValueError("this floor needs every parameter in exactly one recorded layer")
+
+    def _extra_outputs(self) -> list[Tensor]:
+        """Tensors besides the recorded calls' outputs whose output gradients
+        :meth:`_special_rows` reads (after the calls' in ``grads``)."""
+        return []
+
+    def _special_rows(self, grads: list[Tensor], b: int) -> list[tuple[Tensor, Tensor]]:
+        """Rows ``(parameter, [b, n])`` of the parameters the recorded layers do not cover."""
+        return []
 
     def gradients(self, losses: Tensor, retain_graph: bool = False) -> Tensor:
         """Sets every parameter's ``.grad`` to ``Jᵀ w``; returns ``G``."""
         b = losses.shape[0]
         if len({id(c.module) for c in self.calls}) != len(self.calls):
             raise ValueError("this floor needs each recorded layer called once per forward")
-        outputs = [c.y for c in self.calls]
+        outputs = [c.y for c in self.calls] + self._extra_outputs()
         grads = torch.autograd.grad(losses, outputs, torch.ones_like(losses), retain_graph)
         with torch.no_grad():
             gramian = torch.zeros(b, b, dtype=grads[0].dtype)
-            rows: list[tuple[Tensor, Tensor]] = []
+            rows = self._special_rows(grads, b)
             others = []
             for call, d in zip(self.calls, grads):
+                if id(call.module) in self.special:
+                    continue
                 found = _call_rows(call, d)
                 if found is None:
                     gramian += _call_gramian(call, d)
@@ -216,7 +239,7 @@ def check_against_library(model_name: str) -> float:
     return error
 
 
-class HandFusedSharedStep(RecordingStep):
+class HandFusedSharedStep(HandFusedPerSampleStep):
     """The per-sample floor of GPT-2 tiny and ViT, whose parameters are not all in one recorded
     layer each, by their closed forms (the model's structure is known here, not read):
 
@@ -234,7 +257,6 @@ class HandFusedSharedStep(RecordingStep):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(model, optimizer)
         self.gpt2 = hasattr(model, "transformer") and hasattr(model.transformer, "wpe")
-        self.special: dict[int, str] = {}
         if self.gpt2:
             core = model.transformer
             self.wte, self.wpe = core.wte.weight, core.wpe.weight
@@ -250,31 +272,12 @@ class HandFusedSharedStep(RecordingStep):
         if not self.gpt2:
             self.embedded.clear()
 
-    def gradients(self, losses: Tensor, retain_graph: bool = False) -> Tensor:
-        """Sets every parameter's ``.grad`` to ``Jᵀ w``; returns ``G``."""
-        b = losses.shape[0]
-        extra = [] if self.gpt2 else self.embedded[-1:]
-        outputs = [c.y for c in self.calls] + extra
-        grads = torch.autograd.grad(losses, outputs, torch.ones_like(losses), retain_graph)
-        with torch.no_grad():
-            gramian = torch.zeros(b, b, dtype=grads[0].dtype)
-            rows, others = self._special_rows(grads, b), []
-            for call, d in zip(self.calls, grads):
-                if id(call.module) in self.special:
-                    continue
-                found = _call_rows(call, d)
-                if found is None:
-                    gramian += _call_gramian(call, d)
-                    others.append((call, d))
-                else:
-                    rows += found
-            matrix = self.held.fill(rows)
-            gramian += gram_matrix(matrix)
-            weights = weigh(self.weighting, gramian).to(losses.dtype)
-            self.held.apply(weights, [p for p, _ in rows], matrix)
-            for call, d in others:
-                _set_update(call, d * weights.view(b, *(1,) * (d.dim() - 1)))
-        return gramian
+    def _check_parameters(self, model: nn.Module) -> None:
+        """(Nothing to check: the parameters outside one recorded layer are the class
+        docstring's, covered by :meth:`_special_rows`.)"""
+
+    def _extra_outputs(self) -> list[Tensor]:
+        return [] if self.gpt2 else self.embedded[-1:]
 
     def _special_rows(self, grads: list[Tensor], b: int) -> list[tuple[Tensor, Tensor]]:
         """The rows ``(parameter, [b, n])`` of the parameters of the class docstring."""
