@@ -369,3 +369,37 @@ def test_tied_rows_summed_in_place_over_three_calls(tasks: int) -> None:
     update = torch.cat([g.reshape(-1) for g in grads]).double()
     expected_update = weights @ jacobian
     assert (update - expected_update).abs().max() / expected_update.abs().max() < 1e-12
+
+
+def test_the_kept_matrix_s_column_blocks_are_made_once_and_land_in_place() -> None:
+    """Rows put through the engine's buffer land in their columns whatever their layout (a
+    transposed one included), and a second step with the same layout gets the same block views
+    (no new view operations); a fresh matrix (the buffer busy) and a replaced buffer do not
+    reuse the kept blocks."""
+    torch.manual_seed(0)
+    buffer = RowsBuffer()
+    a, b = torch.zeros(2, 3), torch.zeros(5)
+    rows_a, rows_b = torch.randn(4, 1, 3, 2).transpose(2, 3), torch.randn(4, 1, 5)
+    expected = torch.cat([rows_a.reshape(4, -1), rows_b.reshape(4, -1)], 1)
+    seen = []
+    for _ in range(2):
+        borrower = _Borrower()
+        writer = HeldRowsWriter(buffer, borrower, count=4, width=11)
+        blocks = [writer.put(a, rows_a), writer.put(b, rows_b)]
+        assert all(t is not None for t in blocks)
+        held = writer.held()
+        assert held.matrix is not None and torch.equal(held.matrix, expected)
+        seen.append(blocks)
+        buffer.give_back(borrower)
+    assert all(x is y for x, y in zip(*seen))  # the same views, step after step
+    holder = _Borrower()
+    kept = buffer.lend(holder, 4, 11, rows_a)  # the buffer is busy: the next writer's is fresh
+    writer = HeldRowsWriter(buffer, _Borrower(), count=4, width=11)
+    fresh = writer.put(a, rows_a)
+    assert fresh is not None and fresh.data_ptr() != kept.data_ptr()
+    assert writer.held().matrix is not None and torch.equal(
+        writer.held().matrix[:, :6], expected[:, :6]
+    )
+    buffer.give_back(holder)
+    larger = HeldRowsWriter(buffer, _Borrower(), count=8, width=11)  # outgrows it: replaced
+    assert larger.put(a, torch.randn(8, 1, 2, 3)) is not seen[0][0]
