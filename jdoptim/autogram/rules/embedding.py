@@ -27,6 +27,25 @@ from ._contraction import (
 )
 from ._terms import GramianTerm, IndexTerm, RowsTerm
 
+#: :func:`_row_numbers` already made, by ``(rows, positions, device)`` (a model's steps ask for
+#: the same few every time; at most :data:`_MAX_ROW_NUMBERS` are kept).
+_ROW_NUMBERS: dict[tuple[int, int, torch.device], Tensor] = {}
+_MAX_ROW_NUMBERS = 64
+
+
+def _row_numbers(rows: int, positions: int, device: torch.device) -> Tensor:
+    """``[0, …, 0, 1, …, 1, …]``: each row number ``0 … rows − 1`` repeated ``positions``
+    times, the row of each looked-up entry in the scatter of :meth:`EmbeddingRule.add_jacobians`
+    (made once per shape: it is the same at every step, and making it is a few operations)."""
+    key = (rows, positions, device)
+    found = _ROW_NUMBERS.get(key)
+    if found is None:
+        if len(_ROW_NUMBERS) >= _MAX_ROW_NUMBERS:
+            _ROW_NUMBERS.clear()
+        found = torch.arange(rows, device=device).repeat_interleave(positions)
+        _ROW_NUMBERS[key] = found
+    return found
+
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule[nn.Embedding]):
@@ -71,9 +90,12 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         ``b T S`` looked-up rows (for a tied weight, its rows from the other calls are there
         already: no ``[b, T, V, e]`` zeros of its own, no sum out of place)."""
         t, b, s, e = self.grads.shape
-        values = self.grads.transpose(0, 1).reshape(b * t * s, e)  # [b, T, S, e] order
-        row = torch.arange(b * t, device=self.index.device).repeat_interleave(s)
-        tokens = self.index[:, None, :].expand(b, t, s).reshape(-1)
+        if t == 1:  # (per-sample losses: the orders agree, fewer operations)
+            values, tokens = self.grads.reshape(b * s, e), self.index.reshape(-1)
+        else:
+            values = self.grads.transpose(0, 1).reshape(b * t * s, e)  # [b, T, S, e] order
+            tokens = self.index[:, None, :].expand(b, t, s).reshape(-1)
+        row = _row_numbers(b * t, s, self.index.device)
         for target in into:
             flat = target.view(b * t, self.size, e)
             flat.index_put_((row, tokens), values.to(flat.dtype), accumulate=True)

@@ -234,13 +234,18 @@ class NormAffineRule(LayerRule):
             keep = [sample, *keep]
         order = list(range(leading)) + keep
         rest = [d for d in range(product.dim()) if d not in order]
-        reduced = product.permute(*order, *rest)
-        if rest:  # (an empty dim list would sum over everything)
-            reduced = reduced.sum(dim=list(range(len(order), product.dim())))
+        if order == sorted(order):  # the kept dimensions in their order: no permutation
+            reduced = product.sum(dim=rest) if rest else product
+        else:
+            reduced = product.permute(*order, *rest)
+            if rest:  # (an empty dim list would sum over everything)
+                reduced = reduced.sum(dim=list(range(len(order), product.dim())))
         if sample is not None and call.group > 1:  # b·k entries, k per sample: sum each k
             reduced = reduced.unflatten(leading, (call.b, call.group)).sum(leading + 1)
         if sample is None:
             reduced = reduced.unsqueeze(leading)
+        if reduced.dim() == leading + 2:  # (one channel dimension: the shape it returns)
+            return reduced
         return reduced.reshape(*reduced.shape[: leading + 1], -1)
 
     def _is_weight(self, p: Tensor) -> bool:
@@ -253,7 +258,9 @@ class NormAffineRule(LayerRule):
         for p in params:
             product = grads * self.normalised if self._is_weight(p) else grads
             reduced = self._reduce(product, 1)  # [T, b, C]
-            rows.append(reduced.transpose(0, 1).reshape(call.b, call.T, *p.shape))
+            if call.T > 1:
+                reduced = reduced.transpose(0, 1)
+            rows.append(reduced.reshape(call.b, call.T, *p.shape))  # (T = 1: the same order)
         return rows
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
