@@ -110,8 +110,9 @@ class RowsBuffer:
         if free:
             self._flat, self._borrower = fresh, weakref.ref(borrower)
             self._blocks.clear()
-            matrix = self._matrices = {(count, width): fresh.view(count, width)}
-            return matrix[(count, width)]
+            matrix = fresh.view(count, width)
+            self._matrices = {(count, width): matrix}
+            return matrix
         return fresh.view(count, width)
 
     def block(self, matrix: Tensor, start: int, shape: torch.Size) -> Tensor:
