@@ -194,6 +194,9 @@ class RowsMatrix:
 
     def __init__(self) -> None:
         self.flat: Tensor | None = None
+        #: the matrix and its column blocks, made once per layout (as the library's
+        #: ``RowsBuffer`` keeps them: each view made afresh is a tensor operation)
+        self.views: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
 
     def fill(self, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
         """``R`` from ``(parameter, rows [count, n_p])`` pairs."""
@@ -201,11 +204,19 @@ class RowsMatrix:
         width = sum(p.numel() for p, _ in pairs)
         if self.flat is None or self.flat.numel() < count * width or self.flat.dtype != dtype:
             self.flat = torch.empty(count * width, dtype=dtype)
-        matrix = self.flat[: count * width].view(count, width)
-        start = 0
-        for p, rows in pairs:
-            matrix[:, start : start + p.numel()].copy_(rows)
-            start += p.numel()
+            self.views.clear()
+        key = (count, width, tuple(rows.shape for _, rows in pairs))
+        if key not in self.views:
+            matrix = self.flat[: count * width].view(count, width)
+            blocks, start = [], 0
+            for _, rows in pairs:
+                n = rows[0].numel()
+                blocks.append(matrix[:, start : start + n].view(rows.shape))
+                start += n
+            self.views[key] = (matrix, blocks)
+        matrix, blocks = self.views[key]
+        for block, (_, rows) in zip(blocks, pairs):
+            block.copy_(rows)
         return matrix
 
     @staticmethod
