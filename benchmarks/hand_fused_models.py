@@ -53,6 +53,7 @@ from benchmarks.interleave import interleaved_ratio
 from benchmarks.test_bench_models import MODELS, THREADS, TINY, build, make_step
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad, UPGradWeighting
+from jdoptim.autogram._held_rows import split_as
 from jdoptim.autogram.rules import linear_gramian, qualified_name
 from jdoptim.autogram.rules._contraction import takes_contraction
 from jdoptim.linalg.gramian import gram_matrix
@@ -223,8 +224,8 @@ class RowsMatrix:
     def apply(weights: Tensor, params: list[Tensor], matrix: Tensor) -> None:
         """``.grad`` of each parameter from ``wᵀ R``."""
         update = weights.reshape(1, -1).to(matrix.dtype) @ matrix
-        for p, part in zip(params, torch.split(update[0], [p.numel() for p in params])):
-            p.grad = part.view_as(p).to(p.dtype)
+        for p, part in zip(params, split_as(update[0], params)):  # (as the library splits it)
+            p.grad = part.to(p.dtype)
 
 
 class RecordingStep:

@@ -403,3 +403,21 @@ def test_the_kept_matrix_s_column_blocks_are_made_once_and_land_in_place() -> No
     buffer.give_back(holder)
     larger = HeldRowsWriter(buffer, _Borrower(), count=8, width=11)  # outgrows it: replaced
     assert larger.put(a, torch.randn(8, 1, 2, 3)) is not seen[0][0]
+
+
+@pytest.mark.parametrize("unflatten", [True, False])
+def test_split_as_gives_views_shaped_as_the_parameters(
+    unflatten: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``split_as`` by torch's unflattening and by the split it falls back to: consecutive,
+    contiguous views of the product, shaped as the parameters (as ``.grad`` takes them)."""
+    import jdoptim.autogram._held_rows as held_rows
+
+    if not unflatten:
+        monkeypatch.setattr(held_rows, "_UNFLATTEN", None)
+    params = [torch.zeros(2, 3), torch.zeros(()), torch.zeros(4)]
+    product = torch.randn(1, 11)  # (a fresh tensor: no view of another)
+    parts = held_rows.split_as(product[0], params)
+    assert [t.shape for t in parts] == [p.shape for p in params]
+    assert torch.equal(torch.cat([t.reshape(-1) for t in parts]), product[0])
+    assert all(t._base is product and t.is_contiguous() for t in parts)
