@@ -45,14 +45,18 @@ def test_engine_step_overhead_in_operations(case: str, method: str) -> None:
 # benchmarks/test_bench_models.py (counts of 2026-12-07, torch 2.13, after the held rows' column
 # blocks were kept with the engine's matrix and the norm and embedding rules lost their
 # permutations and index ramps: GPT-2 tiny per-sample 273 → 168, 2 tasks 507 → 418; Llama small
-# 185 → 128 and 362 → 303; ViT 290 → 182 and 438 → 336).
+# 185 → 128 and 362 → 303; ViT 290 → 182 and 438 → 336). Then the held rows' update took its
+# per-parameter views from torch's unflattening (`split_as`): one Python call whose narrow and
+# view per parameter run in C++ and are counted here too (GPT-2 tiny's 28 parameters: 1 split
+# and 28 views from Python became 28 narrows and 28 views from C++, 27 more operations, 50 µs
+# less; in-process A/B 0.972-0.989), hence 168 → 195 and so on.
 MODEL_BUDGETS = {
-    ("gpt2-tiny", "per-sample"): 168,
-    ("gpt2-tiny", "2 tasks"): 418,
-    ("llama-small", "per-sample"): 128,
-    ("llama-small", "2 tasks"): 303,
-    ("vit", "per-sample"): 182,
-    ("vit", "2 tasks"): 336,
+    ("gpt2-tiny", "per-sample"): 195,
+    ("gpt2-tiny", "2 tasks"): 445,
+    ("llama-small", "per-sample"): 147,
+    ("llama-small", "2 tasks"): 323,
+    ("vit", "per-sample"): 219,
+    ("vit", "2 tasks"): 375,
 }
 
 
