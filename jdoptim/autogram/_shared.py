@@ -161,6 +161,8 @@ def expand_inputs(
         complete = False
         return x
 
+    if not kwargs and all(isinstance(x, Tensor) for x in args):  # (a layer's call: no pytrees)
+        return tuple(grow(x) for x in args), {}, complete
     grown_args, grown_kwargs = tree_map(grow, args), tree_map(grow, kwargs)
     return grown_args, grown_kwargs, complete
 

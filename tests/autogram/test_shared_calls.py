@@ -474,3 +474,23 @@ def test_relative_bias_used_otherwise_stays_exact(mode: str) -> None:
     torch.manual_seed(0)
     with pytest.warns(EngineRouteWarning):
         assert _per_sample_steps(_RelativeAttention(mode).double(), (3, 5, 4)) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("keywords", [False, True])
+def test_expand_inputs_expands_the_shared_arguments_only(keywords: bool) -> None:
+    """Along the batch dimension only size-1 arguments grow (BART's decoder position embedding
+    also takes the ``[b, s]`` ids, which stay, and the call is then incomplete); along a new
+    leading dimension every tensor does. Positional tensors (a layer's call) and keywords (the
+    pytree path) give the same."""
+    from jdoptim.autogram._shared import expand_inputs
+
+    shared, ids, scale = torch.randn(1, 5, 3), torch.zeros(4, 5), 2.0
+    args, kwargs = ((shared, ids), {}) if not keywords else ((shared,), {"ids": ids, "s": scale})
+    grown, grown_kwargs, complete = expand_inputs(args, kwargs, 0, 4, new=False)
+    assert grown[0].shape == (4, 5, 3) and grown[0].data_ptr() == shared.data_ptr()
+    assert (grown_kwargs["ids"] if keywords else grown[1]) is ids and not complete
+    grown, grown_kwargs, complete = expand_inputs(args, kwargs, 0, 4, new=True)
+    assert grown[0].shape == (4, 1, 5, 3) and complete
+    assert (grown_kwargs["ids"] if keywords else grown[1]).shape == (4, 4, 5)
+    if keywords:
+        assert grown_kwargs["s"] == scale
