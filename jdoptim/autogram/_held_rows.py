@@ -39,6 +39,9 @@ from .rules import LayerRule
 if TYPE_CHECKING:
     from ._step import RuleParameters
 
+#: Lent matrix shapes :class:`RowsBuffer` keeps at most (it forgets them and their blocks beyond).
+_MAX_MATRICES = 64
+
 #: Column blocks :class:`RowsBuffer` keeps at most (it forgets them all beyond: a model whose
 #: layouts keep changing makes new ones).
 _MAX_BLOCKS = 4096
@@ -118,6 +121,9 @@ class RowsBuffer:
             self._borrower = weakref.ref(borrower)
             matrix = self._matrices.get((count, width))
             if matrix is None:
+                if len(self._matrices) >= _MAX_MATRICES:  # (batch sizes that keep changing)
+                    self._matrices.clear()
+                    self._blocks.clear()
                 matrix = self._matrices[(count, width)] = flat[:numel].view(count, width)
             return matrix
         fresh = torch.empty(numel, dtype=like.dtype, device=like.device)

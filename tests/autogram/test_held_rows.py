@@ -421,3 +421,23 @@ def test_split_as_gives_views_shaped_as_the_parameters(
     assert [t.shape for t in parts] == [p.shape for p in params]
     assert torch.equal(torch.cat([t.reshape(-1) for t in parts]), product[0])
     assert all(t._base is product and t.is_contiguous() for t in parts)
+
+
+def test_the_rows_buffer_forgets_views_beyond_its_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch sizes that keep changing (a new ``[count, width]`` every step) do not grow the
+    buffer's kept views without bound, and a matrix forgotten is made again, right."""
+    import jdoptim.autogram._held_rows as held_rows
+
+    monkeypatch.setattr(held_rows, "_MAX_MATRICES", 3)
+    buffer, like = RowsBuffer(), torch.zeros(1)
+    buffer.lend(_Borrower(), 10, 10, like)  # (the kept buffer: 100 entries)
+    for count in range(1, 9):
+        borrower = _Borrower()
+        writer = HeldRowsWriter(buffer, borrower, count=count, width=10)
+        rows = torch.randn(count, 1, 10)
+        writer.put(torch.zeros(10), rows)
+        held = writer.held()
+        assert held.matrix is not None and torch.equal(held.matrix, rows[:, 0])
+        assert held.matrix.data_ptr() == buffer._flat.data_ptr()  # (the kept buffer's)
+        buffer.give_back(borrower)
+        assert len(buffer._matrices) <= 3
