@@ -42,10 +42,8 @@ def iter_tensors(obj: object) -> Iterator[Tensor]:
             yield from iter_tensors(item)
 
 
-def _children(node: Node) -> Iterator[Node]:
-    for child, _ in node.next_functions:
-        if child is not None:
-            yield child
+def _children(node: Node) -> list[Node]:
+    return [child for child, _ in node.next_functions if child is not None]
 
 
 def _leaf_of(node: Node) -> Tensor | None:
@@ -87,18 +85,23 @@ def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     # Pass 1: every node reachable from a root, and the number of its parents in that subgraph.
     # Losses can share a root node (``list(vector)``, ``torch.unbind``: outputs of one node):
     # each node is walked once, or its children would count it as a parent twice.
+    # Each node's children are read once (``next_functions`` builds a tuple of wrappers at every
+    # access, the walk's main cost) and kept for pass 2.
     in_degree: dict[Node, int] = {}
+    children: dict[Node, list[Node]] = {}
     stack = list(dict.fromkeys(node for node, _ in roots))
     for node in stack:
         in_degree.setdefault(node, 0)
-    seen = set(stack)
     while stack:
         node = stack.pop()
-        for child in _children(node):
-            in_degree[child] = in_degree.get(child, 0) + 1
-            if child not in seen:
-                seen.add(child)
+        kids = children[node] = _children(node)
+        for child in kids:
+            degree = in_degree.get(child)
+            if degree is None:  # (met for the first time: a node is seen once it has a degree)
+                in_degree[child] = 1
                 stack.append(child)
+            else:
+                in_degree[child] = degree + 1
 
     # Pass 2: propagate the loss bitmasks from parents to children in topological order.
     for node, bit in roots:
@@ -108,12 +111,16 @@ def leaf_reach(losses: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     while ready:
         node = ready.pop()
         mask = masks.pop(node, 0)
-        if _leaf_of(node) is not None:
-            leaves[node] = leaves.get(node, 0) | mask
-        for child in _children(node):
+        kids = children[node]
+        if not kids:  # (a leaf's node has no inputs: the slower getattr only there)
+            if _leaf_of(node) is not None:
+                leaves[node] = leaves.get(node, 0) | mask
+            continue
+        for child in kids:
             masks[child] = masks.get(child, 0) | mask
-            in_degree[child] -= 1
-            if in_degree[child] == 0:
+            degree = in_degree[child] - 1
+            in_degree[child] = degree
+            if degree == 0:
                 ready.append(child)
 
     result = [(_leaf_of(node), mask) for node, mask in leaves.items()]
