@@ -678,3 +678,17 @@ def test_linear_forms_rows_as_its_factorisation_says(
         assert rule.forms_rows(subset) == by_terms
         answers.add(by_terms)
     assert answers == ({True, False} if wide or len(shape) == 2 else {True})
+
+
+@pytest.mark.parametrize(
+    "shape, kernel", [((2, 3, 8, 8), (4, 4)), ((2, 3, 9, 7), (2, 3)), ((2, 1, 1, 10), (1, 5))]
+)
+def test_patch_rows_equal_transposed_unfold(shape, kernel) -> None:
+    """The rows of tiling patches (ViT's projection inputs), contiguous, are ``F.unfold``'s
+    columns transposed, bit for bit (ragged edges dropped)."""
+    from jdoptim.autogram.rules._patches import patches_last
+
+    images = torch.randn(*shape)
+    rows = patches_last(images, kernel)
+    assert rows.is_contiguous()
+    assert torch.equal(rows, torch.nn.functional.unfold(images, kernel, stride=kernel).mT)

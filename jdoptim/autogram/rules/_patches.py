@@ -31,3 +31,16 @@ def unfold(
     (kh, kw), rows, cols = kernel, height // kernel[0], width // kernel[1]
     tiles = images[:, :, : rows * kh, : cols * kw].reshape(n, c, rows, kh, cols, kw)
     return tiles.permute(0, 1, 3, 5, 2, 4).reshape(n, c * kh * kw, rows * cols)
+
+
+def patches_last(images: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """The non-overlapping ``k_h × k_w`` patches of ``images`` ``[N, C, H, W]`` as rows
+    ``[N, L, C·k_h·k_w]`` (contiguous): ``unfold(images, kernel).transpose(1, 2)``, the patches
+    in a patch-embedding convolution's output order and each in its weight's ``(C, k_h, k_w)``
+    order, made by one permuted copy whose innermost dimension stays the image's (where the
+    transposed ``unfold`` is a copy whose innermost reads stride ``k_w``, then a strided view
+    that every product with it copies again)."""
+    n, c, height, width = images.shape
+    (kh, kw), rows, cols = kernel, height // kernel[0], width // kernel[1]
+    tiles = images[:, :, : rows * kh, : cols * kw].reshape(n, c, rows, kh, cols, kw)
+    return tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, c * kh * kw)

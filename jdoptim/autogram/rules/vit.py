@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ._base import LayerRule, qualified_name, register_rule
 from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows
-from ._patches import unfold
+from ._patches import patches_last
 from ._terms import GramianTerm, KernelTerm, RowsTerm
 
 _VIT = "transformers.models.vit.modeling_vit"
@@ -114,9 +114,9 @@ class ViTEmbeddingsRule(LayerRule[nn.Module]):
         assert pixels is not None
         self.conv = conv
         self.names = {id(t): n for n, t in _parameters(call.module, conv).items() if t is not None}
-        (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
-        cols = unfold(full_precision(pixels), (kh, kw), stride=(sh, sw))
-        patches = cols.transpose(1, 2)  # [B, n, C·kh·kw], in the projection's output order
+        # [B, n, C·kh·kw], in the projection's output order (stride = kernel: _patch_projection)
+        kh, kw = conv.kernel_size
+        patches = patches_last(full_precision(pixels), (kh, kw))
         self.patches = patches
         b, t = call.b, call.T
         width = patches.shape[-1]
@@ -125,7 +125,8 @@ class ViTEmbeddingsRule(LayerRule[nn.Module]):
         tokens, dim = grads.shape[-2], grads.shape[-1]
         grads = grads.reshape(t, b, -1, tokens, dim)  # [T, b, B/b, 1 + n, d]
         self.grads = grads[:, :, :, 1:].reshape(t, b, -1, dim)  # the patches' D, [T, b, S, d]
-        self.token_grads = grads.sum(2)  # [T, b, 1 + n, d]
+        # [T, b, 1 + n, d]: summed over each sample's images (one per sample: a view)
+        self.token_grads = grads[:, :, 0] if grads.shape[2] == 1 else grads.sum(2)
 
     def _rows(self, name: str) -> Tensor:
         b, t = self.call.b, self.call.T
