@@ -27,9 +27,8 @@ def unfold(
     stride = kernel if stride is None else stride
     if tuple(stride) != tuple(kernel) or tuple(padding) != (0, 0) or tuple(dilation) != (1, 1):
         return F.unfold(images, kernel, dilation=dilation, padding=padding, stride=stride)
-    n, c, height, width = images.shape
-    (kh, kw), rows, cols = kernel, height // kernel[0], width // kernel[1]
-    tiles = images[:, :, : rows * kh, : cols * kw].reshape(n, c, rows, kh, cols, kw)
+    tiles = _tiles(images, kernel)
+    n, c, rows, kh, cols, kw = tiles.shape
     return tiles.permute(0, 1, 3, 5, 2, 4).reshape(n, c * kh * kw, rows * cols)
 
 
@@ -40,7 +39,14 @@ def patches_last(images: Tensor, kernel: tuple[int, int]) -> Tensor:
     order, made by one permuted copy whose innermost dimension stays the image's (where the
     transposed ``unfold`` is a copy whose innermost reads stride ``k_w``, then a strided view
     that every product with it copies again)."""
+    tiles = _tiles(images, kernel)
+    n, c, rows, kh, cols, kw = tiles.shape
+    return tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, c * kh * kw)
+
+
+def _tiles(images: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """``images`` ``[N, C, H, W]`` seen as ``[N, C, rows, k_h, cols, k_w]`` tiles of the kernel's
+    size (a view; rows and columns beyond the last whole patch are dropped)."""
     n, c, height, width = images.shape
     (kh, kw), rows, cols = kernel, height // kernel[0], width // kernel[1]
-    tiles = images[:, :, : rows * kh, : cols * kw].reshape(n, c, rows, kh, cols, kw)
-    return tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, c * kh * kw)
+    return images[:, :, : rows * kh, : cols * kw].reshape(n, c, rows, kh, cols, kw)
