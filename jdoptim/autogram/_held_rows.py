@@ -299,8 +299,10 @@ def _choose(
         else:
             choice.rest.append(rows)
     for parts in calls:
-        size = sum(rows_bytes(count, p) for p in parts.alone)
-        if parts.alone and size <= budget and parts.rule.forms_rows(parts.alone):
+        if not parts.alone:
+            continue
+        size = sum([rows_bytes(count, p) for p in parts.alone])
+        if size <= budget and parts.rule.forms_rows(parts.alone):
             budget -= size
             choice.calls.append(parts)
     return choice

@@ -101,8 +101,8 @@ class LayerRule(ABC, Generic[ModuleT]):
         # (read from ``_parameters``, where a parametrized module has no ``weight``: its
         # computed weight is no parameter of the call either)
         registered = call.module._parameters
-        owned = {id(t) for name in names if (t := registered.get(name)) is not None}
-        return all(id(p) in owned for p in call.params)
+        owned = [t for name in names if (t := registered.get(name)) is not None]
+        return all(any(p is t for t in owned) for p in call.params)
 
     @abstractmethod
     def jacobians(self, params: list[Tensor]) -> list[Tensor]:

@@ -79,7 +79,9 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
         x = call.record.sole_input
         if x is None or x.dim() < 1:
             return False
-        weight = getattr(call.module, cls.weight_name, None)
+        weight = call.module._parameters.get(cls.weight_name)  # (no Module.__getattr__)
+        if weight is None:
+            weight = getattr(call.module, cls.weight_name, None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             return False
         if not cls.differentiates_attributes(call, cls.weight_name, cls.bias_name):

@@ -215,9 +215,8 @@ class NormAffineRule(LayerRule):
         read = call.record.graph_read
         if isinstance(read, Tensor) and read.shape == x.shape:  # (read detached)
             self.normalised = full_precision(read)
-        elif isinstance(read, _Statistics):
-            with torch.no_grad():
-                self.normalised = read.normalised(x, call.module)
+        elif isinstance(read, _Statistics):  # (x and the statistics are detached: no graph)
+            self.normalised = read.normalised(x, call.module)
         else:
             with torch.no_grad():
                 self.normalised = full_precision(_normalised(call.module, x))
