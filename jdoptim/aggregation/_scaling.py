@@ -44,11 +44,24 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
+#: Up to this many entries, :func:`power_of_two_exponent` reads the values as Python floats (one
+#: transfer) instead of running three tensor operations, each slow right after a step's products.
+_READ_AS_FLOATS_UP_TO = 256
+
+
 def power_of_two_exponent(tensor: Tensor) -> int:
-    """``e`` with ``2^{e-1} ≤ max|tensor| < 2^e`` (``0`` for an empty or all-zero tensor)."""
-    if tensor.numel() == 0:
+    """``e`` with ``2^{e-1} ≤ max|tensor| < 2^e`` (``0`` for an empty or all-zero tensor, or
+    one with a non-finite entry)."""
+    count = tensor.numel()
+    if count == 0:
         return 0
-    top = float(tensor.detach().abs().max())
+    if count <= _READ_AS_FLOATS_UP_TO:  # (a Gramian of up to 16 losses, in every step)
+        values = tensor.detach().reshape(-1).tolist()
+        if not all(map(math.isfinite, values)):
+            return 0
+        top = max(map(abs, values))
+    else:
+        top = float(tensor.detach().abs().max())
     if not (top > 0.0 and math.isfinite(top)):
         return 0
     return math.frexp(top)[1]

@@ -19,6 +19,7 @@ solve needed beyond the fast path so that a method can warn once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +111,13 @@ def initial_ridge(gramian: Tensor, reg_eps: float) -> float:
     """``ε = max(reg_eps, m·eps(dtype))``, after checking ``reg_eps``."""
     if reg_eps <= 0.0:
         raise ValueError(f"reg_eps must be positive, got {reg_eps}.")
-    return max(reg_eps, gramian.shape[0] * float(torch.finfo(gramian.dtype).eps))
+    return max(reg_eps, gramian.shape[0] * _machine_epsilon(gramian.dtype))
+
+
+@functools.cache
+def _machine_epsilon(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).eps``, kept per dtype (a ``finfo`` is built at every call)."""
+    return float(torch.finfo(dtype).eps)
 
 
 def equilibrated_problem(

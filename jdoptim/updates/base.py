@@ -195,6 +195,8 @@ def weigh(weighting: Weighting, gramian: Tensor) -> Tensor:
     """``w = W(G)`` for a Gramian an update computer built (square, symmetric by construction,
     already checked finite): the module call (with its hooks) under ``no_grad``, without
     :meth:`Weighting.__call__`'s input validation, a dozen small tensor operations per step."""
+    if not torch.is_grad_enabled():  # (the engine's step weighs under no_grad already)
+        return nn.Module.__call__(weighting, gramian)
     with torch.no_grad():
         return nn.Module.__call__(weighting, gramian)
 
