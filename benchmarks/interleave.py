@@ -42,6 +42,36 @@ def interleaved_ratio(
     }
 
 
+def block_ratios(
+    steps: dict[str, Callable[[], object]], cycles: int = 8, block: int = 8, warmup: int = 3
+) -> dict[str, float]:
+    """Median time of each step in the *steady state*: over ``cycles`` cycles, each step in turn
+    runs two untimed steps, then ``block`` consecutive timed steps (their median is the cycle's
+    time); returns each step's median over the cycles, in ms.
+
+    :func:`interleaved_ratio` alternates the steps one by one, so each runs right after the
+    other, with the other's data in the caches. A training loop runs the same step again and
+    again; on this machine's small models the plain step is then up to 12% faster than right
+    after a JD step, and the JD step barely faster (RESULTS.md, "Steady state"). Blocks measure
+    what a training loop sees, still interleaved (block by block) against the drift of the
+    machine's load."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(cycles):
+        for name, step in steps.items():
+            step()
+            step()
+            timed = []
+            for _ in range(block):
+                start = time.perf_counter()
+                step()
+                timed.append(time.perf_counter() - start)
+            times[name].append(statistics.median(timed))
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
 def ratio_row(cells: Sequence[object], result: dict[str, float]) -> str:
     """A markdown table row: the given leading ``cells``, then the baseline's and the candidate's
     median times (ms) and the median ratio of :func:`interleaved_ratio`'s ``result``."""
