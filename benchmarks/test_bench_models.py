@@ -28,7 +28,8 @@ Run: ``python benchmarks/test_bench_models.py`` (markdown tables; ``--large`` ad
 GPT-2; ``BENCH_TINY=1`` shrinks every model for a smoke run; ``BENCH_BATCH=n`` runs every model
 at batch ``n`` (default 8, ViT 16); ``--memory`` prints the tensor
 memory table only, with the low-memory step beside the ordinary one; ``--low-memory`` times the
-low-memory step too), or
+low-memory step too; ``--steady`` adds jdoptim's ratio in the steady state of a training loop,
+blocks of consecutive steps, :func:`benchmarks.interleave.block_ratios`), or
 ``python -m pytest benchmarks/test_bench_models.py --benchmark-only -q``.
 """
 
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.interleave import interleaved_ratio
+from benchmarks.interleave import block_ratios, interleaved_ratio
 from benchmarks.test_bench_engine import _peak_mb, _rss_mb  # noqa: F401  (used in peak_extra_mb)
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad, UPGradWeighting
@@ -288,6 +289,18 @@ def measure_ratio(model_name: str, setting: str, method: str, rounds: int = 20) 
     )
 
 
+def measure_steady_ratio(model_name: str, setting: str, method: str) -> float:
+    """``method``'s step time over the plain step's in the steady state of a training loop
+    (blocks of consecutive steps, :func:`benchmarks.interleave.block_ratios`)."""
+    cycles, block = (2, 2) if TINY else (8, 8)
+    steps = {
+        "plain": make_step(model_name, setting, "plain"),
+        method: make_step(model_name, setting, method),
+    }
+    medians = block_ratios(steps, cycles=cycles, block=block)
+    return medians[method] / medians["plain"]
+
+
 def peak_extra_mb(model_name: str, setting: str, method: str) -> float:
     """In a fresh process: peak resident size over five steps minus the size before them."""
     code = (
@@ -406,8 +419,10 @@ def main() -> None:
         return
     rounds = 3 if TINY else int(os.environ.get("BENCH_ROUNDS", "30"))
     timed = [*METHODS, *([LOW_MEMORY] if "--low-memory" in sys.argv else [])]
-    print("| model | setting | plain step (ms) | " + " | ".join(timed) + " |")
-    print("|---|---|---|" + "---|" * len(timed))
+    steady = "--steady" in sys.argv  # a column of jdoptim's steady-state ratio
+    header = [*timed, *(["jdoptim UPGrad, steady state"] if steady else [])]
+    print("| model | setting | plain step (ms) | " + " | ".join(header) + " |")
+    print("|---|---|---|" + "---|" * len(header))
     for model_name in MODELS:
         for setting in SETTINGS:
             cells, plain = [], []
@@ -419,6 +434,9 @@ def main() -> None:
                 result = measure_ratio(model_name, setting, method, rounds)
                 plain.append(result["baseline_ms"])
                 cells.append(f"{result['ratio_median']:.2f}×")
+            if steady:
+                ratio = measure_steady_ratio(model_name, setting, "jdoptim UPGrad")
+                cells.append(f"{ratio:.2f}×")
             base = f"{sorted(plain)[len(plain) // 2]:.1f}" if plain else "-"
             print(f"| {model_name} | {setting} | {base} | " + " | ".join(cells) + " |")
     print()
