@@ -41,6 +41,7 @@ conditioned) is solved again directly; one that still fails is reported to the c
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -107,8 +108,8 @@ def _certify(
     np.maximum(z, 0.0, out=z)
     y = z @ matrix + linear
     tol = _CERTIFICATE_TOL * (scale + np.abs(matrix).max() * z.max(axis=1, initial=0.0))
-    tol = tol[:, None]
-    return ((y >= -tol) & ((z == 0.0) | (np.abs(y) <= tol))).all(axis=1)
+    # y ≥ -tol everywhere and |y| ≤ tol where z > 0, as one test per entry (fewer operations)
+    return (np.where(z > 0.0, np.abs(y), -y) <= tol[:, None]).all(axis=1)
 
 
 def _block_pivoting(
@@ -126,7 +127,8 @@ def _block_pivoting(
     k, m = start.shape
     x = np.zeros((k, m))
     w = start
-    infeasible = start < -pivot_tol
+    floor = -pivot_tol
+    infeasible = start < floor
     free = np.zeros((k, m), dtype=bool)
     for iteration in range(max_iter):
         counts = infeasible.sum(axis=1)
@@ -154,7 +156,7 @@ def _block_pivoting(
             free[todo] ^= infeasible[todo]
             x[todo] = solve(todo, free[todo])
         w = complement(x)
-        infeasible = np.where(free, x, w) < -pivot_tol
+        infeasible = np.where(free, x, w) < floor
     return x, w, free
 
 
@@ -163,7 +165,11 @@ def _solve_directly(
 ) -> np.ndarray:
     """Block pivoting on ``(M, Q)`` itself."""
 
+    negated = -linear  # (once: the masked systems' right-hand sides at every pivot)
+
     def solve(rows: np.ndarray | None, free: np.ndarray) -> np.ndarray:
+        if matrix.shape[0] <= _MASKED_SYSTEMS_UP_TO:
+            return _solve_masked(matrix, negated if rows is None else negated[rows], free)
         return _solve_free_systems(matrix, linear if rows is None else linear[rows], free)
 
     z, _, _ = _block_pivoting(linear, solve, lambda z: z @ matrix + linear, pivot_tol, max_iter)
@@ -179,12 +185,17 @@ def _solve_free_systems(matrix: np.ndarray, linear: np.ndarray, free: np.ndarray
     """
     k, m = linear.shape
     if m <= _MASKED_SYSTEMS_UP_TO:
-        systems = _identity_outside(matrix, free)
-        rhs = np.where(free, -linear, 0.0)
-        return np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
+        return _solve_masked(matrix, -linear, free)
     first, which = _distinct_rows(free)
     distinct = (first, which) if 2 * len(first) <= k else None
     return _solve_gathered(matrix[None], np.zeros(k, dtype=np.intp), linear, free, distinct)
+
+
+def _solve_masked(matrix: np.ndarray, negated: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """``[M_FF 0; 0 I] z = [-q_F; 0]`` for each row's free set ``F``, at full size
+    (``negated`` is ``-Q``)."""
+    rhs = np.where(free, negated, 0.0)
+    return np.linalg.solve(_identity_outside(matrix, free), rhs[:, :, None])[:, :, 0]
 
 
 def _solve_gathered(
@@ -264,10 +275,16 @@ def _gathered_systems(
 def _identity_outside(systems: np.ndarray, kept: np.ndarray) -> np.ndarray:
     """``[A_KK 0; 0 I]`` for each row's kept variables ``K`` (``kept``: ``[k, n]``), from
     ``systems`` (``[n, n]``, or ``[k, n, n]`` one matrix per row), at full size ``n``."""
-    k, n = kept.shape
-    masked = systems * (kept[:, :, None] & kept[:, None, :])
-    masked.reshape(k, n * n)[:, :: n + 1] += ~kept
-    return masked
+    n = kept.shape[1]
+    return np.where(kept[:, :, None] & kept[:, None, :], systems, _identity(n))
+
+
+@functools.cache
+def _identity(n: int) -> np.ndarray:
+    """``I_n``, made once per size (read-only: it is shared)."""
+    identity = np.eye(n)
+    identity.flags.writeable = False
+    return identity
 
 
 def _solve_by_pivot_transform(
