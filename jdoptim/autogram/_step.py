@@ -120,6 +120,33 @@ def _parameters_of(module: torch.nn.Module) -> Iterable[Tensor]:
     return dict.fromkeys(module.parameters())
 
 
+def parameter_ids(module: torch.nn.Module) -> tuple[int, ...]:
+    """The ids of the parameters :func:`_parameters_of` reads, in its order (a registered
+    ``None`` included): what a :class:`StepTemplate` of a call of ``module`` depends on."""
+    if not module._modules:
+        return tuple(map(id, module._parameters.values()))
+    return tuple(map(id, module.parameters()))
+
+
+@dataclass(frozen=True, eq=False)
+class StepTemplate:
+    """What a step derives from its graph's structure alone, reused by the next steps of the
+    same structure: per call (in the scan's order), its parameters that take rows from its rule
+    and where its outputs index the samples; how many calls cover each parameter; the parameters
+    whose rows come straight from autograd.
+
+    The engine keys it (:meth:`~.engine.Engine.step`) by the route's signature (the calls'
+    modules and output shapes in the scan's order, the step's parameters used outside calls, the
+    losses' shape), the route itself, the step's shared and specific parameters, and each
+    called module's parameters (:func:`parameter_ids`): everything :meth:`GramianStep.
+    _sort_parameters` and :meth:`GramianStep._sample_layouts` read. Nothing in it is mutated."""
+
+    call_params: list[list[Tensor]]
+    covered: dict[int, int]
+    explicit: list[Tensor]
+    layouts: list[tuple[list[int] | None, int]]
+
+
 class NotPerSample(Exception):
     """A hooked call's output does not index the samples (e.g. a position embedding
     ``wpe(arange(t))`` of shape ``[t, d]`` or ``[1, s, d]``, shared by every sample): its output
@@ -238,6 +265,9 @@ class GramianStep:
         labels: how messages name each module (its path in the model), by id.
         rows_buffer: the engine's reusable matrix for the rows held from :meth:`gramian` to
             :meth:`gradients` (:mod:`._held_rows`); without it, a fresh one per step.
+        template: what an earlier step of the same structure derived from it
+            (:class:`StepTemplate`), instead of deriving it again; the step's own is
+            :attr:`template`.
 
     Raises :class:`NotPerSample` when, with ``batch_dim``, a hooked call's output does not index
     the samples.
@@ -261,6 +291,7 @@ class GramianStep:
         whole_modules: frozenset[int] = frozenset(),
         labels: dict[int, str] | None = None,
         rows_buffer: RowsBuffer | None = None,
+        template: StepTemplate | None = None,
     ) -> None:
         if losses.grad_fn is None:
             raise ValueError(
@@ -283,8 +314,12 @@ class GramianStep:
         if scan is None:
             scan = scan_graph([losses.grad_fn], key)
         records = list(scan.calls)
-        call_params, covered = self._sort_parameters(
-            scan, records, explicit_modules, assume_reached
+        if template is not None and len(template.call_params) != len(records):
+            template = None
+        call_params, covered = (
+            self._sort_parameters(scan, records, explicit_modules, assume_reached)
+            if template is None
+            else self._templated_parameters(template)
         )
         if batch_dim is not None and (self.explicit or losses.dim() == 0):
             batch_dim = None  # explicit rows need one backward row per loss
@@ -294,11 +329,33 @@ class GramianStep:
             )
         self.batch_dim = batch_dim
         grad_outputs = self._grad_outputs(losses, batch_dim)  # (sets b and T)
-        layouts = self._sample_layouts(records, call_params, batch_dim)
+        #: what this step derived from its structure, for the next steps of the same one
+        self.template = template or self._template(records, call_params, covered, batch_dim)
+        layouts = dict(zip(map(id, records), self.template.layouts))
         plan = StepPlan(scan, records, call_params, covered, layouts, grad_outputs, whole_modules)
         state = vmap_state if vmap_state is not None else VmapState()
         _read_graphs(scan, records, call_params)
         self._differentiate(losses, plan, retain_graph, state)
+
+    def _templated_parameters(
+        self, template: StepTemplate
+    ) -> tuple[list[list[Tensor]], dict[int, int]]:
+        """:meth:`_sort_parameters`' results, as an earlier step of this structure found them."""
+        self.explicit = template.explicit
+        return template.call_params, template.covered
+
+    def _template(
+        self,
+        records: list[CallRecord],
+        call_params: list[list[Tensor]],
+        covered: dict[int, int],
+        batch_dim: int | None,
+    ) -> StepTemplate:
+        """This step's :class:`StepTemplate`, with the calls' layouts (which raises
+        :class:`NotPerSample` before the backward pass, when nothing is spent yet)."""
+        layouts = self._sample_layouts(records, call_params, batch_dim)
+        found = [layouts[id(r)] for r in records]
+        return StepTemplate(call_params, covered, self.explicit, found)
 
     def _differentiate(
         self, losses: Tensor, plan: StepPlan, retain_graph: bool, state: VmapState

@@ -90,7 +90,7 @@ from ._selection import (
     sample_mixing_problem,
 )
 from ._shared import SharedCalls, learn, make_root_hooks, tap_additions, unsafe_expansions
-from ._step import GramianStep, NotPerSample, VmapState
+from ._step import GramianStep, NotPerSample, StepTemplate, VmapState, parameter_ids
 from ._streaming import StreamingStep
 from .rules._base import registered_rule
 
@@ -293,6 +293,7 @@ class Engine:
         self._rows_buffer = RowsBuffer()  # (the held rows' matrix, reused: see ._held_rows)
         self._streaming = VmapState()  # whether the low-memory backward runs on this model
         self._routes: dict[tuple, Route] = {}
+        self._templates: dict[tuple, StepTemplate] = {}  # (see ._step.StepTemplate)
         self._warned: set[str] = set()
         self._generator = torch.Generator().manual_seed(0)
 
@@ -371,9 +372,12 @@ class Engine:
         route = self._routes.get(key)
         options: _StepOptions = (losses, scan, shared, specific, assume_reached)
         if route is not None:
+            modules = tuple(parameter_ids(r.module) for r in scan.calls)
+            templated: tuple = (key, route, tuple(map(id, shared)), tuple(map(id, specific)))
+            templated += (assume_reached, modules)
             if self.low_memory:
-                return self._streaming_step(options, route, retain_graph)
-            return self._make_step(*options, route, retain_graph)
+                return self._streaming_step(options, route, retain_graph, template_key=templated)
+            return self._make_step(*options, route, retain_graph, template_key=templated)
         step, route = self._certified_step(options, per_sample)
         step.checked(losses, retain_graph)
         if len(self._routes) >= _MAX_ROUTES:
@@ -382,7 +386,12 @@ class Engine:
         return step
 
     def _streaming_step(
-        self, options: _StepOptions, route: Route, retain_graph: bool, probe: Tensor | None = None
+        self,
+        options: _StepOptions,
+        route: Route,
+        retain_graph: bool,
+        probe: Tensor | None = None,
+        template_key: tuple | None = None,
     ) -> GramianStep:
         """A low-memory step (:mod:`._streaming`; with ``probe``, the check's ``Jᵀv`` gathered
         during its backward), or an ordinary one where ``torch.func.vmap`` cannot run the
@@ -393,7 +402,7 @@ class Engine:
             return self._make_step(*options, route, retain_graph)
         try:
             kind = functools.partial(StreamingStep, probe=probe)
-            step = self._make_step(*options, route, retain_graph, kind)
+            step = self._make_step(*options, route, retain_graph, kind, template_key)
         except (RuntimeError, NotImplementedError) as err:
             if self._streaming.works is not None or isinstance(err, OutOfMemoryError):
                 raise
@@ -415,8 +424,12 @@ class Engine:
         route: Route,
         retain_graph: bool,
         kind: Callable[..., GramianStep] = GramianStep,
+        template_key: tuple | None = None,
     ) -> GramianStep:
-        return kind(
+        """The step, reusing what an earlier step of the same structure derived from it where
+        ``template_key`` (see :class:`._step.StepTemplate`) finds it, and keeping its own."""
+        template = None if template_key is None else self._templates.get(template_key)
+        step = kind(
             losses,
             self._key,
             shared,
@@ -430,7 +443,13 @@ class Engine:
             whole_modules=route.whole,
             labels=self._labels,
             rows_buffer=self._rows_buffer,
+            template=template,
         )
+        if template_key is not None and template is None:
+            if len(self._templates) >= _MAX_ROUTES:
+                del self._templates[next(iter(self._templates))]
+            self._templates[template_key] = step.template
+        return step
 
     def _certified_step(self, options: _StepOptions, per_sample: bool) -> tuple[GramianStep, Route]:
         """The first step of a structure: the fast route if the check passes, else the next
