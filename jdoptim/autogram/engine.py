@@ -293,7 +293,8 @@ class Engine:
         self._rows_buffer = RowsBuffer()  # (the held rows' matrix, reused: see ._held_rows)
         self._streaming = VmapState()  # whether the low-memory backward runs on this model
         self._routes: dict[tuple, Route] = {}
-        self._templates: dict[tuple, StepTemplate] = {}  # (see ._step.StepTemplate)
+        #: per structure and route, the last step's template with its key (._step.StepTemplate)
+        self._templates: dict[tuple, tuple[tuple, StepTemplate]] = {}
         self._warned: set[str] = set()
         self._generator = torch.Generator().manual_seed(0)
 
@@ -428,7 +429,10 @@ class Engine:
     ) -> GramianStep:
         """The step, reusing what an earlier step of the same structure derived from it where
         ``template_key`` (see :class:`._step.StepTemplate`) finds it, and keeping its own."""
-        template = None if template_key is None else self._templates.get(template_key)
+        template = None
+        if template_key is not None:
+            kept = self._templates.get(template_key[:2])  # (one per structure and route)
+            template = kept[1] if kept is not None and kept[0] == template_key else None
         step = kind(
             losses,
             self._key,
@@ -446,9 +450,11 @@ class Engine:
             template=template,
         )
         if template_key is not None and template is None:
-            if len(self._templates) >= _MAX_ROUTES:
+            # (replacing the structure's earlier template, whose parameters may be stale: it
+            # holds no tensor that the current one does not, so nothing is kept alive for it)
+            if template_key[:2] not in self._templates and len(self._templates) >= _MAX_ROUTES:
                 del self._templates[next(iter(self._templates))]
-            self._templates[template_key] = step.template
+            self._templates[template_key[:2]] = (template_key, step.template)
         return step
 
     def _certified_step(self, options: _StepOptions, per_sample: bool) -> tuple[GramianStep, Route]:

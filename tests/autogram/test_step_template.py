@@ -5,6 +5,9 @@ by them. Every Gramian here is checked against the explicit Jacobian of the same
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import torch
 from torch import nn
 
@@ -24,6 +27,10 @@ def _losses(model: nn.Module, seed: int) -> torch.Tensor:
     return model(x)[:, 0] ** 2
 
 
+def _templates(engine: Engine) -> list[object]:
+    return [template for _, template in engine._templates.values()]
+
+
 def _check_exact(engine: Engine, model: nn.Module, seed: int) -> None:
     losses = _losses(model, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -37,7 +44,7 @@ def test_steps_of_one_structure_share_one_template_and_stay_exact():
     engine = Engine(model, batch_dim=0)
     for seed in range(4):
         _check_exact(engine, model, seed)
-    assert len(engine._templates) == 1
+    assert len(_templates(engine)) == 1
 
 
 def test_a_module_given_another_parameter_takes_a_new_template():
@@ -48,10 +55,12 @@ def test_a_module_given_another_parameter_takes_a_new_template():
     engine = Engine(model, batch_dim=0)
     _check_exact(engine, model, 0)
     _check_exact(engine, model, 1)
+    (before,) = _templates(engine)
     first, second = model[0].weight, model[2].weight
     model[0].weight, model[2].weight = second, first
     _check_exact(engine, model, 2)
-    assert len(engine._templates) == 2
+    (after,) = _templates(engine)  # (the structure's template replaced)
+    assert after is not before
 
 
 def test_the_same_step_parameters_in_other_modules_take_a_new_template():
@@ -61,6 +70,7 @@ def test_the_same_step_parameters_in_other_modules_take_a_new_template():
     model = _model().double()
     engine = Engine(model, batch_dim=0)
     fixed = list(model.parameters())
+    found: list[list[object]] = []
     for seed in range(3):
         if seed == 2:
             first, second = model[0].weight, model[2].weight
@@ -71,7 +81,9 @@ def test_the_same_step_parameters_in_other_modules_take_a_new_template():
         with torch.no_grad():
             gramian = step.gramian()
         torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-12, atol=1e-12)
-    assert len(engine._templates) == 2
+        found.append(_templates(engine))
+    assert not found[0]  # (a structure's first step is the engine's check, no template)
+    assert len(found[1]) == len(found[2]) == 1 and found[2][0] is not found[1][0]
 
 
 def test_a_frozen_parameter_takes_a_new_template():
@@ -79,9 +91,26 @@ def test_a_frozen_parameter_takes_a_new_template():
     engine = Engine(model, batch_dim=0)
     _check_exact(engine, model, 0)
     _check_exact(engine, model, 1)
+    (before,) = _templates(engine)
     model[2].bias.requires_grad_(False)
     _check_exact(engine, model, 2)
-    assert len(engine._templates) == 2
+    (after,) = _templates(engine)
+    assert after is not before
+
+
+def test_a_replaced_parameter_is_not_kept_alive_by_a_template():
+    """A structure keeps one template: once a parameter is replaced and a step has run, the
+    engine holds the old one no more."""
+    model = _model().double()
+    engine = Engine(model, batch_dim=0)
+    for seed in range(2):
+        _check_exact(engine, model, seed)
+    old = weakref.ref(model[2].weight)
+    model[2].weight = nn.Parameter(model[2].weight.detach().clone())
+    for seed in range(2, 4):
+        _check_exact(engine, model, seed)
+    gc.collect()
+    assert old() is None
 
 
 def test_task_losses_and_per_sample_losses_of_one_model_keep_apart():
@@ -107,4 +136,4 @@ def test_task_losses_and_per_sample_losses_of_one_model_keep_apart():
         opt.zero_grad()
         opt.step(tasks)
     engine = opt._update_computer.engine
-    assert len(engine._templates) == 2
+    assert len(_templates(engine)) == 2
