@@ -139,7 +139,9 @@ class StepTemplate:
     modules and output shapes in the scan's order, the step's parameters used outside calls, the
     losses' shape), the route itself, the step's shared and specific parameters, and each
     called module's parameters (:func:`parameter_ids`): everything :meth:`GramianStep.
-    _sort_parameters` and :meth:`GramianStep._sample_layouts` read. Nothing in it is mutated."""
+    _sort_parameters` and :meth:`GramianStep._sample_layouts` read; it keeps one per structure
+    and route (the last), so that a replaced parameter is not held alive by an older template.
+    Nothing in it is mutated."""
 
     call_params: list[list[Tensor]]
     covered: dict[int, int]
