@@ -121,11 +121,9 @@ def _parameters_of(module: torch.nn.Module) -> Iterable[Tensor]:
 
 
 def parameter_ids(module: torch.nn.Module) -> tuple[int, ...]:
-    """The ids of the parameters :func:`_parameters_of` reads, in its order (a registered
-    ``None`` included): what a :class:`StepTemplate` of a call of ``module`` depends on."""
-    if not module._modules:
-        return tuple(map(id, module._parameters.values()))
-    return tuple(map(id, module.parameters()))
+    """The ids of the parameters :func:`_parameters_of` gives, in its order: what a
+    :class:`StepTemplate` of a call of ``module`` depends on."""
+    return tuple(map(id, _parameters_of(module)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -356,8 +354,7 @@ class GramianStep:
         """This step's :class:`StepTemplate`, with the calls' layouts (which raises
         :class:`NotPerSample` before the backward pass, when nothing is spent yet)."""
         layouts = self._sample_layouts(records, call_params, batch_dim)
-        found = [layouts[id(r)] for r in records]
-        return StepTemplate(call_params, covered, self.explicit, found)
+        return StepTemplate(call_params, covered, self.explicit, layouts)
 
     def _differentiate(
         self, losses: Tensor, plan: StepPlan, retain_graph: bool, state: VmapState
@@ -522,21 +519,23 @@ class GramianStep:
 
     def _sample_layouts(
         self, records: list[CallRecord], call_params: list[list[Tensor]], batch_dim: int | None
-    ) -> dict[int, tuple[list[int] | None, int]]:
-        """Where each call's outputs index the samples (``None`` without ``batch_dim``), and
-        how many entries there each sample owns (:attr:`.rules.Call.group`); raises
-        :class:`NotPerSample` before the backward pass, when nothing is spent yet."""
-        found: dict[int, tuple[list[int] | None, int]] = {}
+    ) -> list[tuple[list[int] | None, int]]:
+        """Per call, in ``records``' order: where its outputs index the samples (``None``
+        without ``batch_dim``), and how many entries there each sample owns
+        (:attr:`.rules.Call.group`); raises :class:`NotPerSample` before the backward pass, when
+        nothing is spent yet."""
+        found: list[tuple[list[int] | None, int]] = []
         problems: dict[int, str] = {}
         for record, params in zip(records, call_params):
-            found[id(record)] = (None, 1)
+            layout: tuple[list[int] | None, int] = (None, 1)
             if batch_dim is not None and params:
                 dims = output_sample_dims(record, batch_dim)
                 group = _sample_group(record, dims, self.b, self.label(record.module))
                 if isinstance(group, str):
                     problems.setdefault(id(record.module), group)
-                    continue
-                found[id(record)] = (dims, group)
+                else:
+                    layout = (dims, group)
+            found.append(layout)
         if problems:
             raise NotPerSample(next(iter(problems.values())), list(problems))
         return found

@@ -163,29 +163,31 @@ def _block_pivoting(
 def _solve_directly(
     matrix: np.ndarray, linear: np.ndarray, pivot_tol: np.ndarray, max_iter: int
 ) -> np.ndarray:
-    """Block pivoting on ``(M, Q)`` itself."""
+    """Block pivoting on ``(M, Q)`` itself: for each row ``k``, ``z_F = -M_FF⁻¹ q_F`` on its
+    free set ``F`` at every pivot, by :func:`_solve_masked` up to :data:`_MASKED_SYSTEMS_UP_TO`
+    variables (``-Q`` negated once), else by :func:`_solve_free_systems`."""
+    if matrix.shape[0] <= _MASKED_SYSTEMS_UP_TO:
+        negated = -linear
 
-    negated = -linear  # (once: the masked systems' right-hand sides at every pivot)
-
-    def solve(rows: np.ndarray | None, free: np.ndarray) -> np.ndarray:
-        if matrix.shape[0] <= _MASKED_SYSTEMS_UP_TO:
+        def solve(rows: np.ndarray | None, free: np.ndarray) -> np.ndarray:
             return _solve_masked(matrix, negated if rows is None else negated[rows], free)
-        return _solve_free_systems(matrix, linear if rows is None else linear[rows], free)
+
+    else:
+
+        def solve(rows: np.ndarray | None, free: np.ndarray) -> np.ndarray:
+            return _solve_free_systems(matrix, linear if rows is None else linear[rows], free)
 
     z, _, _ = _block_pivoting(linear, solve, lambda z: z @ matrix + linear, pivot_tol, max_iter)
     return z
 
 
 def _solve_free_systems(matrix: np.ndarray, linear: np.ndarray, free: np.ndarray) -> np.ndarray:
-    """For each row ``k``: ``z_F = -M_FF⁻¹ q_F`` on its free set ``F``, ``z = 0`` elsewhere.
-
-    Small problems solve ``[M_FF 0; 0 I] z = [-q_F; 0]`` at full size. Larger ones gather the free
-    variables (:func:`_solve_gathered`), factoring each distinct free set once when at least half
-    the problems share theirs.
+    """For each row ``k``: ``z_F = -M_FF⁻¹ q_F`` on its free set ``F``, ``z = 0`` elsewhere,
+    for more than :data:`_MASKED_SYSTEMS_UP_TO` variables: the free variables gathered
+    (:func:`_solve_gathered`), each distinct free set factored once when at least half the
+    problems share theirs.
     """
-    k, m = linear.shape
-    if m <= _MASKED_SYSTEMS_UP_TO:
-        return _solve_masked(matrix, -linear, free)
+    k = linear.shape[0]
     first, which = _distinct_rows(free)
     distinct = (first, which) if 2 * len(first) <= k else None
     return _solve_gathered(matrix[None], np.zeros(k, dtype=np.intp), linear, free, distinct)

@@ -32,14 +32,13 @@ from __future__ import annotations
 import itertools
 import math
 
+from .lcp import _CERTIFICATE_TOL, _PIVOT_TOL, _UNGUARDED_PIVOTS  # (the same rule and tolerances)
+
 __all__ = ["PLAIN_PYTHON_UP_TO", "SmallLCP", "cholesky"]
 
 #: The largest ``m`` solved here (see the module docstring for the timings that set it).
 PLAIN_PYTHON_UP_TO = 6
 
-_PIVOT_TOL = 1e-13  # (the same tolerances as .lcp's)
-_CERTIFICATE_TOL = 1e-9
-_UNGUARDED_PIVOTS = 5
 
 Matrix = list[list[float]]
 
