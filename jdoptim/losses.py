@@ -205,9 +205,21 @@ def translate_graph_error(error: RuntimeError) -> RuntimeError | None:
       computed;
     * "When use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()": reentrant
       activation checkpointing (older transformers' default) cannot run the partial backward
-      passes that a JD step needs.
+      passes that a JD step needs;
+    * "backward() called inside torch.vmap": a custom ``autograd.Function`` whose backward runs
+      a backward pass of its own (Reformer's reversible layers), met by the batched backward
+      (see :mod:`jdoptim.stray_gradients`).
     """
     text = str(error)
+    if "backward() called inside torch.vmap" in text:
+        return RuntimeError(
+            "A custom torch.autograd.Function in the losses' graph runs a backward pass of its "
+            "own in its backward (torch.autograd.backward, as the reversible layers of "
+            "transformers' Reformer do), which writes gradients into .grad instead of returning "
+            "them: JD needs each parameter's gradient per loss, which such code does not "
+            "expose. Nothing was updated. Fix: use a model without such layers, or give their "
+            "parameters to a separate optimizer trained with a summed loss."
+        )
     if "use_reentrant=True" in text and "checkpoint" in text:
         return RuntimeError(
             "The model uses activation checkpointing with use_reentrant=True, which torch cannot "

@@ -65,6 +65,7 @@ from .losses import (
 from .parameter_plan import ParameterPlan, Scope, plan_parameters
 from .record import StepRecord
 from .scalarization import Scalarizer
+from .stray_gradients import StrayGradientWatch, parameter_names, stray_gradients_message
 from .updates.base import (
     NonFiniteJacobianError,
     UpdateComputer,
@@ -515,10 +516,13 @@ class JDOptimizer(Optimizer):
         ctx.snapshot = self._aggregator_snapshot()
         for consumed in ctx.method.batches(batch):  # from here, the losses' graph is consumed
             mark_stepped(consumed)
+        watch = StrayGradientWatch(ctx.planned().unreached)
         try:
             result = self._compute(ctx)
+            self._refuse_stray_gradients(watch)
         except NonFiniteJacobianError as error:
             self._restore_aggregator(ctx.snapshot)
+            watch.restore()
             return self._refuse(
                 record,
                 f"{error} (the losses were finite): nothing was updated. This usually means "
@@ -527,6 +531,7 @@ class JDOptimizer(Optimizer):
             )
         except BaseException:
             self._restore_aggregator(ctx.snapshot)
+            watch.restore()
             raise
         _record_result(record, result)
         problem = ctx.stepping().check(result)
@@ -540,6 +545,16 @@ class JDOptimizer(Optimizer):
             )
         self._apply(ctx, result)
         return record
+
+    def _refuse_stray_gradients(self, watch: StrayGradientWatch) -> None:
+        """Raise (the caller restores them) if the step's backward pass wrote into the ``.grad``
+        of parameters the losses' graph does not reach (see :mod:`jdoptim.stray_gradients`)."""
+        written = watch.written()
+        if written:
+            engine = getattr(self._update_computer, "engine", None)
+            labels = getattr(engine, "parameter_labels", None)
+            names = parameter_names(written, self.optimizer.param_groups, labels)
+            raise RuntimeError(stray_gradients_message(names))
 
     def _compute(self, ctx: _StepContext) -> UpdateResult:
         """The compute phase: this step's update computer (the optimizer's own, or the route of

@@ -26,7 +26,9 @@ unchanged, and the engine's check proves the reading on the first step of a stru
 shape operations only (``permute``, ``unsqueeze``, ``view``/``reshape``, ``transpose``,
 ``clone``, and ``where``/``masked_fill`` with a constant other branch that keeps the shape), to
 a plain addition (alpha 1) of an operand with size 1 along the batch dimension whose sum has
-``b`` (or ``w·b``, sample-major) entries there and the operand's other sizes.
+``b`` (or ``w·b``, sample-major) entries there and the operand's other sizes; or to an
+``expand`` of that operand along the batch dimension alone whose copies (``contiguous``) are
+added so (MPNet's relative bias), which is the same addition.
 """
 
 from __future__ import annotations
@@ -136,6 +138,44 @@ def _addition(node: Node, shape: torch.Size, b: int, batch_dim: int) -> torch.Si
     return torch.Size(out) if same and samples else None
 
 
+def _through_batch_expansion(
+    node: Node,
+    position: int,
+    shape: torch.Size,
+    consumers: dict[Node, list[tuple[Node, int]]],
+    b: int,
+    batch_dim: int,
+) -> list[tuple[Node, torch.Size]] | None:
+    """When ``node`` expands an operand of ``shape`` (size 1 along ``batch_dim``) to the samples
+    along that dimension alone (MPNet's relative bias, ``bias.expand(b, -1, q, k).contiguous()``
+    added to the ``[b, heads, q, k]`` scores), and every use of the expanded tensor reaches a
+    plain addition of that shape through copies only (``contiguous``, ``clone``): those
+    additions with their output shapes, as :func:`_addition` gives them for the operand
+    unexpanded (adding the expansion is adding the operand, broadcast); else ``None``."""
+    if type(node).__name__ != "ExpandBackward0" or position != 0:
+        return None
+    out = _output_shape(node)
+    if len(out) != len(shape) or any(
+        o != s for d, (o, s) in enumerate(zip(out, shape)) if d != batch_dim
+    ):
+        return None
+    found: list[tuple[Node, torch.Size]] = []
+    stack = [node]
+    while stack:
+        users = consumers.get(stack.pop(), [])
+        if not users:
+            return None
+        for user, _ in users:
+            summed = _addition(user, shape, b, batch_dim)
+            if summed is not None and tuple(summed) == tuple(out):
+                found.append((user, summed))
+            elif type(user).__name__ in ("CloneBackward0", "AliasBackward0"):
+                stack.append(user)
+            else:
+                return None
+    return found
+
+
 def all_additions(users: list[tuple[Node, int]], shape: torch.Size, b: int, batch_dim: int) -> bool:
     """Whether every one of ``users`` adds an operand of ``shape`` to the samples directly (no
     shape operation between): the consumers of that one node are then all the walk needs."""
@@ -161,6 +201,12 @@ def addition_paths(
             summed = _addition(user, current_shape, b, batch_dim)
             if summed is not None:
                 paths.append(AdditionPath(ops, current_shape, user, summed))
+                continue
+            expanded = _through_batch_expansion(
+                user, position, current_shape, consumers, b, batch_dim
+            )
+            if expanded is not None:
+                paths.extend(AdditionPath(ops, current_shape, a, out) for a, out in expanded)
                 continue
             op = _shape_op(user, position, current_shape)
             if op is None or not follow(user, (*ops, op), _output_shape(user)):

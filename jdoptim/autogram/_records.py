@@ -272,6 +272,8 @@ def make_hook(
         quiet = not replayed and (pending is None or not pending.open)
         rng, mutated, inner = (None, (), ()) if quiet else _drawn(pending, module)
         amp = autocast_now() if replayed else None
+        if _recorded_as_expanded(key, module, output, (rng, amp, mutated), pending):
+            return None
         if shared is not None and output_is_shared(shared, module, args, kwargs, output):
             state = (rng, amp, mutated)
             return _record_shared(key, shared, module, args, kwargs, output, state, pending)
@@ -359,4 +361,57 @@ def _record_shared(
     assert node is not None  # `output_is_shared` checked it; an expanded output has one too
     node_metadata(node).setdefault(key, []).append((call, 0))
     _inside(pending, call)
-    return output if expand else None
+    if not expand:
+        return None
+    assert unexpanded is not None
+    setattr(output, _EXPANSION, _Expansion(id(module), args, kwargs, unexpanded, complete))
+    return output
+
+
+#: the attribute that marks an output expanded by a hook (see :class:`_Expansion`)
+_EXPANSION = "_jdoptim_expansion"
+
+
+class _Expansion(NamedTuple):
+    """How a hook expanded a sample-shared call's output (set on the expanded output): the
+    module's id, the call's inputs as expanded, the call as made, and whether every input was
+    expanded. The hooks of another engine on the same module, which run after the expanding one
+    and receive the expanded output in place of the call's, record the call from it, so that
+    their record's inputs match the output they tap."""
+
+    module_id: int
+    args: tuple
+    kwargs: dict
+    unexpanded: tuple[tuple, dict, torch.Size, int]
+    complete: bool
+
+
+def _recorded_as_expanded(
+    key: str, module: nn.Module, output: Any, state: tuple, pending: PendingCalls | None
+) -> bool:
+    """Whether another engine's hook expanded this call's output along the batch
+    (:class:`_Expansion`); if so, records the call as that hook did: expanded inputs, the
+    expanded output."""
+    expansion = getattr(output, _EXPANSION, None)
+    if expansion is None or expansion.module_id != id(module):
+        return False
+    rng, amp, mutated = state
+    tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
+    call = CallRecord(
+        module,
+        expansion.args,
+        expansion.kwargs,
+        [tapped],
+        rng,
+        amp,
+        shareable=True,
+        expanded=True,
+        unexpanded=expansion.unexpanded,
+        mutated=mutated,
+        inputs_expanded=expansion.complete,
+    )
+    node = output.grad_fn
+    assert node is not None  # (an expanded output's node: the expansion's)
+    node_metadata(node).setdefault(key, []).append((call, 0))
+    _inside(pending, call)
+    return True

@@ -69,6 +69,7 @@ from ..introspection import leaf_reach
 from ..linalg.gramian import generalize_gramian
 from ..linalg.torch_errors import OutOfMemoryError
 from ..linalg.user_frame import user_stacklevel
+from ..stray_gradients import StrayGradientWatch, parameter_names, stray_gradients_message
 from ._certify import (
     EngineRouteWarning,
     Route,
@@ -304,6 +305,11 @@ class Engine:
         from its Gramian to its update (one reused matrix, at most the held-rows budget; see
         :mod:`._held_rows`); 0 with ``low_memory=True``."""
         return self._rows_buffer.nbytes
+
+    @property
+    def parameter_labels(self) -> dict[int, str]:
+        """How messages name the modules' parameters (their paths in the model), by id."""
+        return self._parameter_labels
 
     @property
     def closed(self) -> bool:
@@ -558,13 +564,22 @@ class Engine:
         # by no call the scan sees, and must still be differentiated (straight from autograd),
         # not taken as unreached.
         reached = {id(leaf) for leaf, _ in leaf_reach([output])} if output.grad_fn else set()
-        step = self.step(
-            output,
-            [p for p in self.parameters() if id(p) in reached],
-            [],
-            per_sample=self.batch_dim is not None,
-            retain_graph=retain_graph,
-        )
+        watch = StrayGradientWatch(p for p in self.parameters() if id(p) not in reached)
+        try:
+            step = self.step(
+                output,
+                [p for p in self.parameters() if id(p) in reached],
+                [],
+                per_sample=self.batch_dim is not None,
+                retain_graph=retain_graph,
+            )
+            written = watch.written()
+            if written:
+                names = parameter_names(written, labels=self._parameter_labels)
+                raise RuntimeError(stray_gradients_message(names))
+        except BaseException:
+            watch.restore()
+            raise
         with torch.no_grad():
             gramian = step.gramian().to(gramian_dtype(output.dtype, self.parameters()))
         if isinstance(step, StreamingStep):  # it kept the graph for an update: not asked for

@@ -267,6 +267,34 @@ def test_expanded_calls_with_task_losses_and_task_matrices(model_of, leading_one
             assert step.b == (3 if per_sample else 1)
 
 
+@pytest.mark.parametrize("model_of", [_Positions, _WithLearnedPositions], ids=["rule", "generic"])
+@pytest.mark.parametrize("leading_one", [False, True], ids=["td", "1td"])
+@pytest.mark.parametrize("second_per_sample", [True, False], ids=["per-sample", "tasks"])
+def test_two_engines_on_one_model(model_of, leading_one: bool, second_per_sample: bool) -> None:
+    """Two engines on one model (a ``JDOptimizer`` and an engine that monitors the Gramian):
+    once the first expands a shared call, the second engine's hook receives the expanded output
+    in place of the call's, and records the call with its inputs expanded as the first did, so
+    that its rule reads inputs of the output's shape (DistilBERT's position embedding used to
+    raise a bare reshape error there). Every step of both is exact, float64."""
+    torch.manual_seed(0)
+    model = model_of(4, leading_one).double().train()
+    params = list(model.parameters())
+    with (
+        Engine(model, batch_dim=0) as first,
+        Engine(model, batch_dim=0 if second_per_sample else None) as second,
+    ):
+        for _ in range(3):
+            out = model(torch.randint(0, 11, (3, 4))).pow(2).sum((1, 2))
+            for engine, per_sample in ((first, True), (second, second_per_sample)):
+                losses = out if per_sample else torch.stack([out[:2].sum(), out[1:].sum()])
+                jacobian = explicit_jacobian(losses, params)
+                step = engine.step(losses, params, [], per_sample=per_sample, retain_graph=True)
+                with torch.no_grad():
+                    gramian = step.gramian()
+                assert_gramian_close(gramian, jacobian @ jacobian.T, rtol=1e-12)
+        assert step.b == (3 if second_per_sample else 1)
+
+
 def test_jdoptimizer_refusal_changes_nothing() -> None:
     """The refusal of an expanded output used otherwise reaches ``JDOptimizer.step`` before any
     change: parameters, ``.grad`` and the optimizer's state are as they were."""
@@ -398,6 +426,9 @@ class _RelativeAttention(nn.Module):
     * ``"sdpa"``: a ``clone`` and an addition to the padding mask ``[b, 1, 1, k]``, used as
       ``scaled_dot_product_attention``'s ``attn_mask``;
     * ``"causal"``: a ``where`` with the causal mask, then as ``"sdpa"``;
+    * ``"expanded"``: expanded along the batch and copied (``contiguous``), then added to the
+      scores, as MPNet does;
+    * ``"expanded_scaled"``: the same copy multiplied before the addition (not read);
     * ``"scaled"``: ``2 * bias`` first (not a shape operation: not read at the additions);
     * ``"batched_where"``: a ``where`` whose condition has the batch (the broadcast happens there:
       not followed)."""
@@ -430,6 +461,10 @@ class _RelativeAttention(nn.Module):
             if self.mode in ("sdpa", "causal"):
                 mask = bias.clone() + padding
                 out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif self.mode.startswith("expanded"):
+                given = bias.expand(b, -1, -1, -1).contiguous()
+                scores = q @ k.transpose(-1, -2) + (given if self.mode == "expanded" else given * 2)
+                out = (scores + padding).softmax(-1) @ v
             else:
                 scores = q @ k.transpose(-1, -2) + bias
                 out = (scores + padding).softmax(-1) @ v
@@ -437,7 +472,7 @@ class _RelativeAttention(nn.Module):
         return self.head(h).squeeze(-1).pow(2).mean(1)  # [b]
 
 
-@pytest.mark.parametrize("mode", ["eager", "sdpa", "causal"])
+@pytest.mark.parametrize("mode", ["eager", "sdpa", "causal", "expanded"])
 @pytest.mark.parametrize("batch,s", [(3, 6), (4, 5)], ids=["q=2b", "q!=b"])
 def test_relative_bias_is_read_at_its_additions(mode: str, batch: int, s: int) -> None:
     """The bias reaches every layer's scores through shape operations and is read at those
@@ -449,7 +484,7 @@ def test_relative_bias_is_read_at_its_additions(mode: str, batch: int, s: int) -
     assert _per_sample_steps(model, (batch, s, 4)) == [batch] * 3  # (warnings are errors here)
 
 
-@pytest.mark.parametrize("mode", ["eager", "causal"])
+@pytest.mark.parametrize("mode", ["eager", "causal", "expanded"])
 @pytest.mark.parametrize("batch_dim", [0, None], ids=["per-sample", "tasks"])
 def test_relative_bias_jdoptimizer_grad(mode: str, batch_dim: int | None) -> None:
     torch.manual_seed(0)
@@ -467,10 +502,11 @@ def test_relative_bias_jdoptimizer_grad(mode: str, batch_dim: int | None) -> Non
         torch.testing.assert_close(grad, jacobian.T @ record.weights)
 
 
-@pytest.mark.parametrize("mode", ["scaled", "batched_where"])
+@pytest.mark.parametrize("mode", ["scaled", "batched_where", "expanded_scaled"])
 def test_relative_bias_used_otherwise_stays_exact(mode: str) -> None:
-    """A product before the addition, or a ``where`` that broadcasts the bias to the samples
-    itself: not read at additions, exact by one backward row per loss, warned."""
+    """A product before the addition (of the bias, or of its copies expanded along the batch),
+    or a ``where`` that broadcasts the bias to the samples itself: not read at additions, exact
+    by one backward row per loss, warned."""
     torch.manual_seed(0)
     with pytest.warns(EngineRouteWarning):
         assert _per_sample_steps(_RelativeAttention(mode).double(), (3, 5, 4)) == [1, 1, 1]
