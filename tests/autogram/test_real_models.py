@@ -1,7 +1,8 @@
 """The Gramian engine on real model code, against the explicit Jacobian of the same losses.
 
 Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode; also with
-peft's LoRA on its ``Conv1D`` projections), BERT (padding mask, default dropout), Llama (RMSNorm,
+peft's LoRA on its ``Conv1D`` projections), BERT (padding mask, default dropout), DistilBERT,
+MPNet (a relative attention bias expanded along the batch before its addition), Llama (RMSNorm,
 rotary, grouped-query attention; also with activation checkpointing, and with peft's LoRA and
 DoRA adapters), OPT (its MLP on ``[b·s, d]`` token rows, read as ``s`` rows per sample), BART (a
 decoder position embedding ``[1, s, d]`` computed from the batch's token ids), T5
@@ -12,10 +13,12 @@ random-init configs (no downloads); ``nn.TransformerEncoderLayer`` with its defa
 nanoGPT-style model and a ResNet-style CNN with GroupNorm (and a depthwise block)
 from :mod:`tests.models`.
 
-Each model gives two losses per sample, ``[b, 2]``; from one forward (train mode, dropout
-active, float64) three loss layouts are checked: per-sample (``[b]``, ``batch_dim=0``),
-``[batch, tasks]`` (``batch_dim=0``) and two task losses (the batch means, ``batch_dim=None``).
-For each: the engine's Gramian equals ``J Jᵀ`` of the explicit Jacobian ``J`` (one
+Each model gives two losses per sample, ``[b, 2]``; three loss layouts are checked: per-sample
+(``[b]``, ``batch_dim=0``), ``[batch, tasks]`` (``batch_dim=0``) and two task losses (the batch
+means, ``batch_dim=None``), each over three forwards (train mode, dropout active, float64: the
+structure's first step, which the engine checks, then two on the route it remembered, where
+shared calls are expanded), with an ``Engine`` and a ``JDOptimizer`` hooked on the same model.
+For each step: the engine's Gramian equals ``J Jᵀ`` of the explicit Jacobian ``J`` (one
 ``autograd.grad`` per loss on the same graph, so the same dropout masks), and one step of
 ``JDOptimizer(modules=model)`` with UPGrad leaves ``.grad = Jᵀ w`` with ``w`` the UPGrad weights
 of that explicit Gramian.
@@ -51,6 +54,8 @@ transformers = pytest.importorskip("transformers")
 NO_ROUTE_WARNING = {
     "gpt2",
     "bert",
+    "distilbert",
+    "mpnet",
     "opt",
     "bart",
     "swin",
@@ -220,7 +225,6 @@ def _t5(batch: int = 4, seq: int = 6) -> tuple[nn.Module, Run]:
         num_layers=2,
         num_decoder_layers=2,
         num_heads=2,
-        relative_attention_num_buckets=8,
         relative_attention_max_distance=16,
         decoder_start_token_id=0,
         pad_token_id=0,
@@ -307,6 +311,32 @@ class _EncoderClassifier(nn.Module):
         return self.head(self.encoder(self.embed(x)).mean(1))
 
 
+def _distilbert(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
+    config = transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32, num_labels=3
+    )  # dropout and attention dropout: the default 0.1
+    model = transformers.DistilBertForSequenceClassification(config)
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(input_ids=tokens).logits, labels)
+
+
+def _mpnet(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
+    config = transformers.MPNetConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+    )  # its relative attention bias [1, heads, q, k] is expanded along the batch, then added
+    model = transformers.MPNetForSequenceClassification(config)
+    tokens = torch.randint(2, VOCAB, (batch, seq))
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(input_ids=tokens).logits, labels)
+
+
 def _encoder_layer(batch: int = 4) -> tuple[nn.Module, Run]:
     x = torch.randn(batch, 6, 5, dtype=torch.float64)
     labels = torch.randint(0, 3, (batch,))
@@ -328,6 +358,8 @@ def _resnet(batch: int = 4) -> tuple[nn.Module, Run]:
 MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "gpt2": _gpt2,
     "bert": _bert,
+    "distilbert": _distilbert,
+    "mpnet": _mpnet,
     "llama": _llama,
     "llama_checkpointed": _llama_checkpointed,
     "llama_lora": _llama_lora,
@@ -374,8 +406,10 @@ def _relative_error(actual: Tensor, expected: Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / scale).item()
 
 
-def check_model(name: str, layout: str) -> None:
-    """One forward; engine Gramian and JDOptimizer ``.grad`` against the explicit Jacobian."""
+def check_model(name: str, layout: str, steps: int = 3) -> None:
+    """``steps`` forwards (the first step of the structure, checked by the engine, then steps on
+    the route it remembered), each giving an engine Gramian and a JDOptimizer ``.grad`` checked
+    against the explicit Jacobian; the engine and the optimizer's engine hook the same model."""
     torch.manual_seed(0)
     model, run = MODELS[name]()
     model = model.double().train()
@@ -384,10 +418,14 @@ def check_model(name: str, layout: str) -> None:
     sgd = torch.optim.SGD(params, lr=0.0)
     opt = JDOptimizer(sgd, UPGrad(), modules=model, batch_dim=batch_dim, scope="all")
     with Engine(model, batch_dim=batch_dim) as engine:
-        losses = pick(run(model))
-        jacobian = explicit_jacobian(losses, params)
-        expected = jacobian @ jacobian.T
-        gramian = as_square(engine.compute_gramian(losses, retain_graph=True), losses.shape)
+        for _ in range(steps):
+            _check_step(engine, opt, pick(run(model)), params)
+
+
+def _check_step(engine: Engine, opt: JDOptimizer, losses: Tensor, params: list[Tensor]) -> None:
+    jacobian = explicit_jacobian(losses, params)
+    expected = jacobian @ jacobian.T
+    gramian = as_square(engine.compute_gramian(losses, retain_graph=True), losses.shape)
     assert _relative_error(gramian, expected) < 1e-9, "engine Gramian"
     opt.zero_grad()
     record = opt.step(losses)
