@@ -12,17 +12,24 @@ and the call's own parameters met there are its rule's. So it sees
   weight tied into an unhooked module, ...): those parameters get their Jacobian rows straight
   from autograd, which keeps the Gramian exact whatever the model does.
 
+A call whose output is a view of a tensor it computed is also noted at that base's node
+(:func:`~jdoptim.autogram._records.base_key`): the walk meets that node only when an in-place
+operation on the output took the output's own node out of the graph (``ReLU(inplace=True)``
+after a Linear on a 3-D input). It then takes the call from there, with the base as its output
+(whose gradient is the whole output gradient, the old node's included), and drops the call
+found at the output's node, if any.
+
 Nodes are keyed by the node objects themselves, held in a set for the whole walk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from ._records import CallRecord, node_metadata
+from ._records import CallRecord, Tapped, base_key, node_metadata
 
 
 @dataclass
@@ -43,7 +50,18 @@ def scan_graph(roots: list[Node], key: str) -> GraphScan:
             outside_ids.add(id(tensor))
             scan.outside_leaves.append(tensor)
 
+    def inputs_of(record: CallRecord) -> None:
+        for tensor in record.input_tensors():
+            if tensor.grad_fn is not None:
+                if tensor.grad_fn not in seen:
+                    seen.add(tensor.grad_fn)
+                    stack.append(tensor.grad_fn)
+            elif tensor.requires_grad:
+                leaf(tensor)
+
     own: set[int] = set()  # the parameters of calls walked into: their rules cover them
+    rebased: set[CallRecord] = set()  # calls taken at their output's base (module docstring)
+    base = base_key(key)
     while stack:
         node = stack.pop()
         variable = getattr(node, "variable", None)
@@ -51,20 +69,21 @@ def scan_graph(roots: list[Node], key: str) -> GraphScan:
             if id(variable) not in own:
                 leaf(variable)
             continue
-        entries = node_metadata(node).get(key)
+        metadata = node_metadata(node)
+        if base in metadata:
+            _take_at_base(scan, node, metadata[base], rebased)
+            for record, _ in metadata[base]:
+                inputs_of(record)
+            continue
+        entries = metadata.get(key)
         if entries:
+            entries = [(r, i) for r, i in entries if r not in rebased] if rebased else entries
             enter = False
             for record, out_index in entries:
                 edges = scan.calls.get(record)
                 if edges is None:
                     edges = scan.calls[record] = [None] * len(record.tapped)
-                    for tensor in record.input_tensors():
-                        if tensor.grad_fn is not None:
-                            if tensor.grad_fn not in seen:
-                                seen.add(tensor.grad_fn)
-                                stack.append(tensor.grad_fn)
-                        elif tensor.requires_grad:
-                            leaf(tensor)
+                    inputs_of(record)
                 edges[out_index] = GradientEdge(node, record.tapped[out_index].output_nr)
                 if record.nested:  # hooked calls made inside it: walk into the call
                     enter = True
@@ -76,3 +95,21 @@ def scan_graph(roots: list[Node], key: str) -> GraphScan:
                 seen.add(child)
                 stack.append(child)
     return scan
+
+
+def _take_at_base(
+    scan: GraphScan,
+    node: Node,
+    noted: list[tuple[CallRecord, Tapped]],
+    rebased: set[CallRecord],
+) -> None:
+    """The calls noted at their output's base ``node``: each taken with the base as its one
+    output (a record of its own, which no rule reads the graph of: its node is the base's), the
+    call found at its output's node dropped."""
+    for record, tapped in noted:
+        if record in rebased:
+            continue
+        rebased.add(record)
+        scan.calls.pop(record, None)
+        at_base = replace(record, tapped=[tapped], graph_read=None, saved_packed=True)
+        scan.calls[at_base] = [GradientEdge(node, tapped.output_nr)]

@@ -282,9 +282,8 @@ def make_hook(
             node = output.grad_fn
             if node is None or node is sole.grad_fn:
                 return
-            tapped = Tapped(0, output.shape, output.dtype, output.device, output.output_nr)
-            call = CallRecord(module, args, {}, [tapped], rng, amp, mutated=mutated, nested=inner)
-            node_metadata(node).setdefault(key, []).append((call, 0))
+            call = CallRecord(module, args, {}, [], rng, amp, mutated=mutated, nested=inner)
+            _record_layer_output(key, call, output, sole)
             if not quiet:
                 _inside(pending, call)
             return None
@@ -309,6 +308,40 @@ def make_hook(
         return None
 
     return hook
+
+
+def _record_layer_output(key: str, call: CallRecord, output: Tensor, sole: Tensor) -> None:
+    """Records the call of a layer on one tensor at its output's node (and, for an output that
+    is a view of a tensor computed in the call, at that base's node too: :func:`_note_base`)."""
+    call.tapped.append(Tapped(0, output.shape, output.dtype, output.device, output.output_nr))
+    node_metadata(output.grad_fn).setdefault(key, []).append((call, 0))  # type: ignore[arg-type]
+    if output._is_view():
+        _note_base(key, call, output, sole)
+
+
+def base_key(key: str) -> str:
+    """The metadata key under which a call whose output is a view is noted at its base's node
+    (:func:`_note_base`)."""
+    return key + ":base"
+
+
+def _note_base(key: str, call: CallRecord, output: Tensor, sole: Tensor) -> None:
+    """Notes ``call``, whose output is a view of a tensor computed in the call (a Linear on a
+    3-D input returns ``addmm``'s ``[b·s, o]`` result viewed as ``[b, s, o]``), at that base's
+    node too, with the base as its output.
+
+    An in-place operation on the output afterwards (``ReLU(inplace=True)``, ``out += x``)
+    rebases the view: autograd replaces the output's node, where the call is recorded, by a copy
+    into the base, and the call would be lost to the graph walk (its parameters then took one
+    backward row per loss). The walk reads the call at the base's node instead when it meets
+    that node (:func:`._graph.scan_graph`), which only happens when the output's own node does
+    not hide it: the base's gradient is then the call's whole output gradient."""
+    base = output._base
+    node = None if base is None else base.grad_fn
+    if base is None or node is None or node is sole.grad_fn or base.dim() == 0:
+        return
+    tapped = Tapped(0, base.shape, base.dtype, base.device, base.output_nr)
+    node_metadata(node).setdefault(base_key(key), []).append((call, tapped))
 
 
 def output_is_shared(
