@@ -4,7 +4,10 @@ By default every module tensor indexes the samples along ``batch_dim`` (an input
 batched when its size there is the number of samples). Recurrent layers are the exception the
 engine knows: with ``batch_first=True`` (required with ``batch_dim=0``), their sequence input and
 output index samples along 0, but their hidden states (``h₀``/``hₙ``, ``c₀``/``cₙ``, shape
-``[layers, batch, hidden]``) along 1.
+``[layers, batch, hidden]``) along 1. And ``MultiheadAttention``'s attention weights (its second
+output, with the default ``need_weights=True``) are ``[batch, L, S]`` (or ``[batch, heads, L,
+S]``) whatever its ``batch_first``: a sequence-first model's attention (``batch_dim=1``, ``[L,
+batch, E]`` activations) holds the samples along 0 there.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from ._records import CallRecord
 
 
 def output_sample_dims(record: CallRecord, batch_dim: int) -> list[int]:
-    if isinstance(record.module, nn.RNNBase):
+    module = record.module
+    if isinstance(module, nn.RNNBase):
         return [batch_dim if t.leaf_index == 0 else 1 for t in record.tapped]
+    if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
+        return [batch_dim if t.leaf_index == 0 else 0 for t in record.tapped]
     return [batch_dim] * len(record.tapped)
 
 

@@ -78,3 +78,49 @@ def test_engine_called_directly_takes_per_sample_vector_at_batch_dim_1(
         gramian = engine.compute_gramian(losses)
         assert gramian.shape == (4, 4)
         torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-9, atol=1e-12)
+
+
+class _TimeMajorAttention(nn.Module):
+    """``nn.MultiheadAttention`` as constructed by default (``batch_first=False``, ``[L, b, E]``)
+    with its attention weights returned (``need_weights=True``: ``[b, L, S]``, samples first);
+    the loss uses them when ``use_weights``."""
+
+    def __init__(self, use_weights: bool, average: bool) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(6, 2, dtype=torch.float64)
+        self.head = nn.Linear(6, 1, dtype=torch.float64)
+        self.use_weights, self.average = use_weights, average
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [L, b, E] → [b]
+        out, weights = self.attention(x, x, x, average_attn_weights=self.average)
+        losses = self.head(torch.tanh(out)).squeeze(-1).pow(2).mean(0)
+        if self.use_weights:  # [b, L, S] or [b, heads, L, S]
+            losses = losses + weights.pow(2).flatten(1).sum(1)
+        return losses
+
+
+@pytest.mark.parametrize("average", [True, False], ids=["averaged", "per-head"])
+@pytest.mark.parametrize("use_weights", [False, True], ids=["output", "output+weights"])
+@pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
+def test_time_major_attention_weights_hold_the_samples_first(
+    use_weights: bool, average: bool, low_memory: bool
+) -> None:
+    """The attention weights of a time-major ``MultiheadAttention`` hold the samples along 0
+    while its output holds them along 1: per-sample steps at ``batch_dim=1`` stay on the fast
+    path (no ``EngineRouteWarning``, an error in this suite; it used to take one backward row
+    per loss), exact, also when the losses use the weights."""
+    torch.manual_seed(0)
+    model = _TimeMajorAttention(use_weights, average)
+    params = list(model.parameters())
+    x = torch.randn(5, 3, 6, dtype=torch.float64)  # [L, b, E]
+    with Engine(model, batch_dim=1, low_memory=low_memory) as engine:
+        for _ in range(2):
+            losses = model(x)
+            jacobian = _explicit_jacobian(losses, params)
+            step = engine.step(losses, params, [], per_sample=True)
+            with torch.no_grad():
+                gramian = step.gramian()
+            if low_memory:
+                step.release_graph(losses)
+            assert step.b == 3
+            torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-10, atol=1e-12)
