@@ -8,6 +8,8 @@ module                                      rule
 ``Conv1d``, ``Conv2d`` (any groups,         im2col, then as ``Linear`` (grouped: one batched
 any padding)                                product over the groups)
 ``Embedding`` (with ``padding_idx``)        one-hot kernel contraction
+``EmbeddingBag`` (``"sum"``, ``"mean"``;    its bags' entries as an ``Embedding``'s positions
+offsets, per-sample weights)
 ``LayerNorm``, ``RMSNorm``, ``GroupNorm``,  affine rows from the recomputed normalised input
 ``BatchNorm*``, transformers'
 ``LlamaRMSNorm`` (Mistral, Qwen2),
@@ -70,7 +72,7 @@ as ``self.module`` (or ``cls.module_of(call)`` in :meth:`~LayerRule.applies`) wi
 attribute types, for the type checker (``mypy jdoptim`` runs in CI).
 """
 
-from . import attention, conv, embedding, linear, norm, vit  # noqa: F401  (registration)
+from . import attention, conv, embedding, embedding_bag, linear, norm, vit  # noqa: F401
 from ._base import LayerRule, qualified_name, register_rule, registered_rule
 from ._call import Call, full_precision
 from ._contraction import (
