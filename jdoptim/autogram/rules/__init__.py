@@ -14,6 +14,7 @@ offsets, per-sample weights)
 ``BatchNorm*``, transformers'
 ``LlamaRMSNorm`` (Mistral, Qwen2),
 ``T5LayerNorm``
+``PReLU``                                   rows ``Σ D ⊙ min(0, x)`` per sample and channel
 ``MultiheadAttention``                      its in/out projections as ``Linear`` products,
                                             from one re-run of the call (same dropout draws)
 transformers' ``ViTEmbeddings``             the patch projection as ``Linear`` on the
@@ -72,7 +73,7 @@ as ``self.module`` (or ``cls.module_of(call)`` in :meth:`~LayerRule.applies`) wi
 attribute types, for the type checker (``mypy jdoptim`` runs in CI).
 """
 
-from . import attention, conv, embedding, embedding_bag, linear, norm, vit  # noqa: F401
+from . import attention, conv, embedding, embedding_bag, linear, norm, prelu, vit  # noqa: F401
 from ._base import LayerRule, qualified_name, register_rule, registered_rule
 from ._call import Call, full_precision
 from ._contraction import (
