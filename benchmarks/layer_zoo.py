@@ -1096,10 +1096,7 @@ def main() -> None:
     for name, b in zoo._plan(args.only, batches):
         for row in sweep(name, b, chosen or layouts_of(name)):
             rows.append(row)
-            print(f"{row.model:36} {row.layout:18} {row.outcome:8} {row.seconds:6}s  "
-                  f"{zoo.detail(row)[:400]}", flush=True)  # fmt: skip
-            if args.traceback and row.traceback:
-                print(row.traceback)
+            zoo.print_row(row, 36, args.traceback)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report(rows, time.perf_counter() - start))

@@ -42,6 +42,7 @@ prints the names.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import subprocess
@@ -370,28 +371,17 @@ def _suite(builder: str) -> Builder:
     return build
 
 
-def _vision(model_cls: str, config_cls: str, **cfg: Any) -> Builder:
-    return lambda b: imagecls(b, model_cls, config_cls, **cfg)
+def _at_batch(kind: Callable[..., Built], model_cls: str, config_cls: str, **cfg: Any) -> Builder:
+    """The builder of one model of a builder ``kind``, taking only the batch size."""
+    return lambda b: kind(b, model_cls, config_cls, **cfg)
 
 
-def _causal(model_cls: str, config_cls: str, **cfg: Any) -> Builder:
-    return lambda b: causal(b, model_cls, config_cls, **cfg)
-
-
-def _masked(model_cls: str, config_cls: str, **cfg: Any) -> Builder:
-    return lambda b: masked(b, model_cls, config_cls, **cfg)
-
-
-def _seqcls(model_cls: str, config_cls: str, **cfg: Any) -> Builder:
-    return lambda b: seqcls(b, model_cls, config_cls, **cfg)
-
-
-def _audio(model_cls: str, config_cls: str, **cfg: Any) -> Builder:
-    return lambda b: audiocls(b, model_cls, config_cls, **cfg)
-
-
-def _seq2seq(model_cls: str, config_cls: str, **cfg: Any) -> Builder:
-    return lambda b: seq2seq(b, model_cls, config_cls, **cfg)
+_vision = functools.partial(_at_batch, imagecls)
+_causal = functools.partial(_at_batch, causal)
+_masked = functools.partial(_at_batch, masked)
+_seqcls = functools.partial(_at_batch, seqcls)
+_audio = functools.partial(_at_batch, audiocls)
+_seq2seq = functools.partial(_at_batch, seq2seq)
 
 
 _NO_HEADS = {k: v for k, v in BERT_LIKE.items() if k != "num_attention_heads"}
@@ -1149,6 +1139,14 @@ def _layouts(layout: str | None) -> list[str]:
     return [layout]
 
 
+def print_row(row: Row, width: int, tracebacks: bool) -> None:
+    """A row on one line (its model's name in ``width`` columns), and its traceback if asked."""
+    print(f"{row.model:{width}} {row.layout:18} {row.outcome:8} {row.seconds:6}s  "
+          f"{detail(row)[:400]}", flush=True)  # fmt: skip
+    if tracebacks and row.traceback:
+        print(row.traceback)
+
+
 def main() -> None:
     """Parses the arguments, sweeps, prints a line per row and the counts, writes ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -1171,10 +1169,7 @@ def main() -> None:
     for name, b in _plan(args.only, batches):
         for row in sweep_model(name, b, layouts):
             rows.append(row)
-            print(f"{row.model:18} {row.layout:18} {row.outcome:8} {row.seconds:6}s  "
-                  f"{detail(row)[:400]}", flush=True)  # fmt: skip
-            if args.traceback and row.traceback:
-                print(row.traceback)
+            print_row(row, 18, args.traceback)
     if args.out:
         args.out.write_text(report(rows, time.perf_counter() - start))
     print(counts_line(rows))

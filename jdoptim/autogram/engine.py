@@ -69,7 +69,7 @@ from ..introspection import leaf_reach
 from ..linalg.gramian import generalize_gramian
 from ..linalg.torch_errors import OutOfMemoryError
 from ..linalg.user_frame import user_stacklevel
-from ..stray_gradients import StrayGradientWatch, parameter_names, stray_gradients_message
+from ..stray_gradients import StrayGradientWatch, stray_gradients_message
 from ._certify import (
     EngineRouteWarning,
     Route,
@@ -575,8 +575,7 @@ class Engine:
             )
             written = watch.written()
             if written:
-                names = parameter_names(written, labels=self._parameter_labels)
-                raise RuntimeError(stray_gradients_message(names))
+                raise RuntimeError(stray_gradients_message(self._parameter_names(written)))
         except BaseException:
             watch.restore()
             raise

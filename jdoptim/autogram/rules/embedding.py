@@ -134,20 +134,25 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         module = self.module
-        dw = self.call.weighted_grad(0, weights)
-        dim = module.embedding_dim
-        dw = dw.reshape(-1, dim)
+        dw = self.call.weighted_grad(0, weights).reshape(-1, module.embedding_dim)
         index = self.call.record.args[0].reshape(-1)
-        if module.sparse:  # as autograd gives it: the looked-up rows, padding left out
-            if module.padding_idx is not None:
-                kept = index.ne(module.padding_idx)
-                index, dw = index[kept], dw[kept]
-            shape = (self.size, dim)
-            return [
-                torch.sparse_coo_tensor(index[None], dw, shape, check_invariants=False)
-                for _ in params
-            ]
-        if module.padding_idx is not None:
-            dw = dw * index.ne(module.padding_idx)[:, None].to(dw.dtype)
-        grad = torch.zeros(self.size, dim, dtype=dw.dtype, device=dw.device)
-        return [grad.index_add_(0, index, dw) for _ in params]
+        grad = scattered_update(index, dw, self.size, module.padding_idx, module.sparse)
+        return [grad for _ in params]
+
+
+def scattered_update(
+    index: Tensor, values: Tensor, size: int, padding: int | None, sparse: bool
+) -> Tensor:
+    """A table's gradient from ``values[t]`` (``[n, e]``) added at row ``index[t]``: for a
+    ``sparse`` table, as autograd gives it, a sparse tensor of the looked-up rows with
+    ``padding``'s entries left out; else dense, ``padding``'s entries zeroed."""
+    if sparse:
+        if padding is not None:
+            kept = index.ne(padding)
+            index, values = index[kept], values[kept]
+        shape = (size, values.shape[-1])
+        return torch.sparse_coo_tensor(index[None], values, shape, check_invariants=False)
+    if padding is not None:
+        values = values * index.ne(padding)[:, None].to(values.dtype)
+    grad = torch.zeros(size, values.shape[-1], dtype=values.dtype, device=values.device)
+    return grad.index_add_(0, index, values)

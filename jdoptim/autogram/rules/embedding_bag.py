@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ._base import LayerRule, register_rule
 from ._call import Call, full_precision
-from .embedding import EmbeddingRule
+from .embedding import EmbeddingRule, scattered_update
 
 
 def _arguments(call: Call) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
@@ -85,7 +85,6 @@ class EmbeddingBagRule(EmbeddingRule):
         self.coefficients = _coefficients(
             self.tokens, self.bag_of, bags, weights, (module.mode, module.padding_idx), dtype
         )
-        self.valid = None
         self._layout(bags)
 
     def _layout(self, bags: int) -> None:
@@ -117,18 +116,8 @@ class EmbeddingBagRule(EmbeddingRule):
         module = self.module
         per_bag = self.call.weighted_grad(0, weights)  # [bags, e]
         values = per_bag[self.bag_of] * self.coefficients.to(per_bag.dtype)[:, None]
-        tokens, dim = self.tokens, module.embedding_dim
-        if module.sparse:  # (the entries other than padding_idx's, as autograd gives them)
-            if module.padding_idx is not None:
-                kept = tokens.ne(module.padding_idx)
-                tokens, values = tokens[kept], values[kept]
-            shape = (self.size, dim)
-            return [
-                torch.sparse_coo_tensor(tokens[None], values, shape, check_invariants=False)
-                for _ in params
-            ]
-        grad = torch.zeros(self.size, dim, dtype=values.dtype, device=values.device)
-        return [grad.index_add_(0, tokens, values) for _ in params]
+        grad = scattered_update(self.tokens, values, self.size, module.padding_idx, module.sparse)
+        return [grad for _ in params]
 
 
 def _entries(index: Tensor, offsets: Tensor | None, include_last: bool) -> tuple[Tensor, Tensor]:
