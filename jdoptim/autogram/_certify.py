@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ..linalg.torch_errors import OutOfMemoryError
 from ._graph import GraphScan
+from ._regions import REGION
 from ._step import GramianStep
 from .rules import GenericRule
 
@@ -68,6 +69,7 @@ class Route:
     per_sample: bool
     explicit: frozenset[int] = frozenset()  # ids of modules whose rows come from autograd
     whole: frozenset[int] = frozenset()  # ids of re-run modules re-run on the whole batch
+    regions: bool = True  # read sample-shared regions per sample (see ._regions)
 
 
 def signature(scan: GraphScan, losses: Tensor, per_sample: bool, params: set[int]) -> tuple:
@@ -112,6 +114,8 @@ def held_probe(step: GramianStep, v: Tensor) -> Probe:
     for parts in step.rule_parameters:
         for p in [*parts.shared, *parts.specific]:
             users.setdefault(id(p), []).append(parts.rule.call.module)
+    for p in step.region_params:  # (read per sample in a region: no rule of theirs to name)
+        users.setdefault(id(p), []).append(REGION)
     try:
         with torch.no_grad():
             shared, specific = step.gradients(v, weigh_specific=True)

@@ -24,6 +24,7 @@ Nodes are keyed by the node objects themselves, held in a set for the whole walk
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from torch import Tensor
@@ -38,8 +39,11 @@ class GraphScan:
     outside_leaves: list[Tensor] = field(default_factory=list)
 
 
-def scan_graph(roots: list[Node], key: str) -> GraphScan:
-    """Walk from ``roots``; see the module docstring."""
+def scan_graph(
+    roots: list[Node], key: str, stop: Callable[[Node], bool] | None = None
+) -> GraphScan:
+    """Walk from ``roots``; see the module docstring. With ``stop``, a node outside every call
+    for which it is true is not walked past (:mod:`._regions`' expansions along the batch)."""
     scan = GraphScan()
     outside_ids: set[int] = set()
     seen: set[Node] = set(roots)
@@ -78,23 +82,38 @@ def scan_graph(roots: list[Node], key: str) -> GraphScan:
         entries = metadata.get(key)
         if entries:
             entries = [(r, i) for r, i in entries if r not in rebased] if rebased else entries
-            enter = False
-            for record, out_index in entries:
-                edges = scan.calls.get(record)
-                if edges is None:
-                    edges = scan.calls[record] = [None] * len(record.tapped)
-                    inputs_of(record)
-                edges[out_index] = GradientEdge(node, record.tapped[out_index].output_nr)
-                if record.nested:  # hooked calls made inside it: walk into the call
-                    enter = True
-                    own.update(id(p) for p in record.module.parameters())
-            if not enter:
+            if not _take_calls(scan, node, entries, inputs_of, own):
                 continue
+        elif stop is not None and stop(node):
+            continue
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
     return scan
+
+
+def _take_calls(
+    scan: GraphScan,
+    node: Node,
+    entries: list[tuple[CallRecord, int]],
+    inputs_of: Callable[[CallRecord], None],
+    own: set[int],
+) -> bool:
+    """The calls recorded at ``node`` (``(record, tapped index)``), each new one's inputs
+    walked next; whether the walk enters the call (hooked calls were made inside it: their
+    module's parameters are then in ``own``)."""
+    enter = False
+    for record, out_index in entries:
+        edges = scan.calls.get(record)
+        if edges is None:
+            edges = scan.calls[record] = [None] * len(record.tapped)
+            inputs_of(record)
+        edges[out_index] = GradientEdge(node, record.tapped[out_index].output_nr)
+        if record.nested:  # hooked calls made inside it: walk into the call
+            enter = True
+            own.update(id(p) for p in record.module.parameters())
+    return enter
 
 
 def _take_at_base(

@@ -35,6 +35,7 @@ from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
 from ._held_rows import HeldRows, RowsBuffer, held_rows_budget, hold_rows, summed_rows
 from ._records import CallRecord
+from ._regions import Regions, find_regions, region_backward, to_call_gradient
 from ._sample_dims import output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule, rows_gramian
 
@@ -131,7 +132,8 @@ class StepTemplate:
     """What a step derives from its graph's structure alone, reused by the next steps of the
     same structure: per call (in the scan's order), its parameters that take rows from its rule
     and where its outputs index the samples; how many calls cover each parameter; the parameters
-    whose rows come straight from autograd.
+    whose rows come straight from autograd (before :mod:`._regions` takes those it reads per
+    sample), and whether the step found sample-shared regions.
 
     The engine keys it (:meth:`~.engine.Engine.step`) by the route's signature (the calls'
     modules and output shapes in the scan's order, the step's parameters used outside calls, the
@@ -145,6 +147,7 @@ class StepTemplate:
     covered: dict[int, int]
     explicit: list[Tensor]
     layouts: list[tuple[list[int] | None, int]]
+    regions: bool = False
 
 
 class NotPerSample(Exception):
@@ -268,6 +271,9 @@ class GramianStep:
         template: what an earlier step of the same structure derived from it
             (:class:`StepTemplate`), instead of deriving it again; the step's own is
             :attr:`template`.
+        regions: in per-sample mode, read parameters and calls shared by the samples per sample
+            where the batch enters them (:mod:`._regions`) rather than taking the step with one
+            backward row per loss.
 
     Raises :class:`NotPerSample` when, with ``batch_dim``, a hooked call's output does not index
     the samples.
@@ -292,6 +298,7 @@ class GramianStep:
         labels: dict[int, str] | None = None,
         rows_buffer: RowsBuffer | None = None,
         template: StepTemplate | None = None,
+        regions: bool = True,
     ) -> None:
         if losses.grad_fn is None:
             raise ValueError(
@@ -304,12 +311,7 @@ class GramianStep:
         self.specific = list(specific)
         self.shared_ids = {id(p) for p in self.shared}
         self.labels = labels or {}
-        #: the rows :meth:`gramian` holds for :meth:`gradients` (:mod:`._held_rows`), and the
-        #: engine's matrix they are held in
-        self.held: HeldRows | None = None
-        #: the fresh products of which :meth:`gradients`' results include disjoint views (the
-        #: held rows' ``wᵀ R``): stored in ``.grad`` without a copy
-        self.partitioned: list[Tensor] = []
+        self.held, self.partitioned = None, []
         self.rows_buffer = rows_buffer
         if scan is None:
             scan = scan_graph([losses.grad_fn], key)
@@ -321,6 +323,10 @@ class GramianStep:
             if template is None
             else self._templated_parameters(template)
         )
+        self.region_params, self.region_rows, self.regions = [], [], None
+        if regions and self.takes_regions and batch_dim is not None and losses.dim() > batch_dim:
+            scan, template = self._take_regions(losses, key, scan, call_params, batch_dim, template)
+            records = list(scan.calls)
         if batch_dim is not None and (self.explicit or losses.dim() == 0):
             batch_dim = None  # explicit rows need one backward row per loss
         if batch_dim is not None and batch_dim >= losses.dim():
@@ -336,6 +342,85 @@ class GramianStep:
         state = vmap_state if vmap_state is not None else VmapState()
         _read_graphs(scan, records, call_params)
         self._differentiate(losses, plan, retain_graph, state)
+
+    #: whether this kind of step reads sample-shared regions per sample (the low-memory one
+    #: does not: it takes such structures with one backward row per loss)
+    takes_regions = True
+    #: the rows :meth:`gramian` holds for :meth:`gradients` (:mod:`._held_rows`), and the
+    #: engine's matrix they are held in
+    held: HeldRows | None
+    #: the fresh products of which :meth:`gradients`' results include disjoint views (the
+    #: held rows' ``wᵀ R``): stored in ``.grad`` without a copy
+    partitioned: list[Tensor]
+    #: the parameters whose rows come straight from the step's backward pass
+    explicit: list[Tensor]
+    #: the sample-shared regions the step reads per sample (:mod:`._regions`), the parameters
+    #: read directly in them, and those parameters' rows ``[b, T, *p.shape]``
+    regions: Regions | None
+    region_params: list[Tensor]
+    region_rows: list[Tensor]
+
+    def _take_regions(
+        self,
+        losses: Tensor,
+        key: str,
+        scan: GraphScan,
+        call_params: list[list[Tensor]],
+        batch_dim: int,
+        template: StepTemplate | None,
+    ) -> tuple[GraphScan, StepTemplate | None]:
+        """The scan with the regions' calls recorded as expanded along the batch, when the
+        step reads regions (:attr:`regions`); the template, unless it was the regions' and
+        this step found none."""
+        self.regions = self._find_regions(losses, key, scan, call_params, batch_dim, template)
+        if self.regions is None:
+            return scan, None if template is not None and template.regions else template
+        found = self.regions.records
+        calls = {found.get(id(r), r): edges for r, edges in scan.calls.items()}
+        return GraphScan(calls, scan.outside_leaves), template
+
+    def _find_regions(
+        self,
+        losses: Tensor,
+        key: str,
+        scan: GraphScan,
+        call_params: list[list[Tensor]],
+        batch_dim: int,
+        template: StepTemplate | None,
+    ) -> Regions | None:
+        """The step's sample-shared regions when it needs them (parameters read outside any
+        call, or a call whose output does not index the samples) and every parameter read
+        outside a call is read in them; moves those from :attr:`explicit` to
+        :attr:`region_params`."""
+        b = losses.shape[batch_dim]
+        if b <= 1:
+            return None
+        if template is not None:
+            if not template.regions:
+                return None
+        elif not self.explicit and self._indexes_samples(scan, call_params, b, batch_dim):
+            return None
+        assert losses.grad_fn is not None
+        regions = find_regions([losses.grad_fn], key, scan, b, batch_dim)
+        if regions is None:
+            return None
+        inside = {id(t) for t in regions.leaves}
+        if any(id(p) not in inside for p in self.explicit):
+            return None
+        self.region_params = self.explicit
+        self.explicit = []
+        return regions
+
+    def _indexes_samples(
+        self, scan: GraphScan, call_params: list[list[Tensor]], b: int, batch_dim: int
+    ) -> bool:
+        """Whether every call with parameters has outputs that index the ``b`` samples."""
+        self.b = b
+        try:
+            self._sample_layouts(list(scan.calls), call_params, batch_dim)
+        except NotPerSample:
+            return False
+        return True
 
     def _templated_parameters(
         self, template: StepTemplate
@@ -354,7 +439,8 @@ class GramianStep:
         """This step's :class:`StepTemplate`, with the calls' layouts (which raises
         :class:`NotPerSample` before the backward pass, when nothing is spent yet)."""
         layouts = self._sample_layouts(records, call_params, batch_dim)
-        return StepTemplate(call_params, covered, self.explicit, layouts)
+        explicit = [*self.explicit, *self.region_params]  # (as :meth:`_sort_parameters` found)
+        return StepTemplate(call_params, covered, explicit, layouts, self.regions is not None)
 
     def _differentiate(
         self, losses: Tensor, plan: StepPlan, retain_graph: bool, state: VmapState
@@ -363,21 +449,66 @@ class GramianStep:
         call's rule (:attr:`rule_parameters`), which holds the call's output gradients until
         the update."""
         scan, records = plan.scan, plan.records
+        inside = set() if self.regions is None else {id(r) for r in self.regions.records.values()}
         edges = [(r, i, e) for r in records for i, e in enumerate(scan.calls[r]) if e is not None]
         #: ``(call, tapped index, edge)`` of each output the backward reaches
         self.call_edges: list[tuple[CallRecord, int, GradientEdge]] = edges
+        edges = [edge for edge in edges if id(edge[0]) not in inside]
+        expansions = [] if self.regions is None else self.regions.expansions
         inputs = [e for _, _, e in edges] + self.explicit
-        self.backward_inputs = inputs
         batched = self.T > 1
-        grads = _backward(losses, inputs, plan.grad_outputs, batched, retain_graph, state)
-
-        per_record = self._sort_gradients(records, edges, grads, batched)
+        grads = _backward(
+            losses, inputs + [e.at for e in expansions], plan.grad_outputs, batched,
+            retain_graph, state,
+        )  # fmt: skip
+        self.backward_inputs: list = inputs
+        per_record = self._sort_gradients(records, edges, grads[: len(inputs)], batched)
+        if self.regions is not None:
+            self._region_gradients(grads[len(inputs) :], per_record, retain_graph, state)
         self.rule_parameters: list[RuleParameters] = []
         self.generic_modules: set[int] = set()
         for r, ps in zip(records, plan.call_params):
             if ps:
                 call = self._call(r, per_record[id(r)], ps, plan.layouts, batched)
                 self.rule_parameters.append(self._rule_parameters(call, plan))
+
+    def _region_gradients(
+        self,
+        at_expansions: list[Tensor | None],
+        per_record: dict[int, list[Tensor | None]],
+        retain_graph: bool,
+        state: VmapState,
+    ) -> None:
+        """The second backward of :mod:`._regions`: from each expansion's input, with each
+        (task, sample)'s gradient there as a row, to the regions' calls' outputs (into
+        ``per_record``) and their parameters read directly (:attr:`region_rows`)."""
+        assert self.regions is not None and self.batch_dim is not None
+        b, t, batched, batch_dim = self.b, self.T, self.T > 1, self.batch_dim
+        expansions, cotangents = [], []
+        for expansion, grad in zip(self.regions.expansions, at_expansions):
+            if grad is not None:
+                expansions.append(expansion)
+                cotangents.append(expansion.per_sample(grad, b, batch_dim, batched))
+        inside = {id(r) for r in self.regions.records.values()}
+        calls = [(r, i, e) for r, i, e in self.call_edges if id(r) in inside]
+        inputs = [e for _, _, e in calls] + self.region_params
+        self.backward_inputs = self.backward_inputs + inputs
+        grads = (
+            region_backward(expansions, cotangents, inputs, retain_graph, state)
+            if expansions
+            else [None] * len(inputs)
+        )
+        for (record, index, _), grad in zip(calls, grads):
+            if grad is not None:
+                assert record.unexpanded is not None
+                new = len(record.tapped[0].shape) > len(record.unexpanded[2])
+                per_record[id(record)][index] = to_call_gradient(grad, t, batch_dim, batched, new)
+        self.region_rows = [
+            torch.zeros((b, t, *p.shape), dtype=p.dtype, device=p.device)
+            if g is None
+            else dense(g).unflatten(0, (t, b)).transpose(0, 1)
+            for p, g in zip(self.region_params, grads[len(calls) :])
+        ]
 
     def _call(
         self,
@@ -455,7 +586,7 @@ class GramianStep:
             # torch's stub takes all tensors or all edges; autograd.grad takes a mix of both.
             torch.autograd.grad(
                 losses,
-                self.backward_inputs,  # type: ignore[arg-type]
+                self.backward_inputs,
                 zeros,
                 allow_unused=True,
             )
@@ -579,11 +710,19 @@ class GramianStep:
 
     def _explicit_shared_rows(self) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, [1, T, *p.shape])`` of the shared parameters whose rows come straight
-        from autograd."""
+        from autograd, and ``(parameter, [b, T, *p.shape])`` of those read directly in
+        sample-shared regions (:mod:`._regions`)."""
         return [
-            (p, rows.unsqueeze(0))
-            for p, rows in zip(self.explicit, self.explicit_rows)
-            if id(p) in self.shared_ids
+            *(
+                (p, rows.unsqueeze(0))
+                for p, rows in zip(self.explicit, self.explicit_rows)
+                if id(p) in self.shared_ids
+            ),
+            *(
+                (p, rows)
+                for p, rows in zip(self.region_params, self.region_rows)
+                if id(p) in self.shared_ids
+            ),
         ]
 
     def _alone_terms(self, formed: set[int]) -> Iterable[Tensor]:
@@ -681,7 +820,8 @@ class GramianStep:
                     ones = torch.ones(b, t, dtype=specific[0].dtype, device=specific[0].device)
                 for p, g in zip(specific, rule.weighted(specific, ones)):
                     add(p, g)
-        for p, rows in zip(self.explicit, self.explicit_rows):
+        region = ((p, rows.flatten(0, 1)) for p, rows in zip(self.region_params, self.region_rows))
+        for p, rows in itertools.chain(zip(self.explicit, self.explicit_rows), region):
             if id(p) in skip:
                 continue
             if id(p) in self.shared_ids or weigh_specific:

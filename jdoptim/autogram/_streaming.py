@@ -252,6 +252,8 @@ class StreamingStep(GramianStep):
     call's rule also gives its ``Jᵀv`` during the backward (parameter-sized sums), and
     :attr:`probe` holds what the check compares with autograd's."""
 
+    takes_regions = False  # (such structures take one backward row per loss)
+
     def __init__(self, *args: Any, probe: Tensor | None = None, **kwargs: Any) -> None:
         self._probe_weights = probe
         #: the check's comparison data (with ``probe=v``), else ``None``

@@ -58,6 +58,7 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import torch
@@ -454,6 +455,7 @@ class Engine:
             labels=self._labels,
             rows_buffer=self._rows_buffer,
             template=template,
+            regions=route.regions,
         )
         if template_key is not None and template is None:
             # (replacing the structure's earlier template, whose parameters may be stale: it
@@ -485,6 +487,9 @@ class Engine:
                 continue
             probe = step.probe if isinstance(step, StreamingStep) else None
             failed = failing_modules(step, losses, v, probe or held_probe(step, v))
+            if failed and step.regions is not None:  # the regions' reading failed: without them
+                route = replace(route, regions=False)
+                continue
             if not failed:
                 if route.per_sample and step.batch_dim is None and step.explicit and step.T > 1:
                     self._warn(f"{_EXPLICIT} {self._parameter_names(step.explicit)}.")

@@ -428,7 +428,8 @@ class _RelativeAttention(nn.Module):
     * ``"causal"``: a ``where`` with the causal mask, then as ``"sdpa"``;
     * ``"expanded"``: expanded along the batch and copied (``contiguous``), then added to the
       scores, as MPNet does;
-    * ``"expanded_scaled"``: the same copy multiplied before the addition (not read);
+    * ``"expanded_scaled"``: the same copy multiplied before the addition (not read at the
+      additions: the expansion is, as a sample-shared region's, see ``test_regions.py``);
     * ``"scaled"``: ``2 * bias`` first (not a shape operation: not read at the additions);
     * ``"batched_where"``: a ``where`` whose condition has the batch (the broadcast happens there:
       not followed)."""
@@ -502,11 +503,18 @@ def test_relative_bias_jdoptimizer_grad(mode: str, batch_dim: int | None) -> Non
         torch.testing.assert_close(grad, jacobian.T @ record.weights)
 
 
-@pytest.mark.parametrize("mode", ["scaled", "batched_where", "expanded_scaled"])
+def test_relative_bias_expanded_then_scaled_is_read_at_the_expansion() -> None:
+    """Copies of the bias expanded along the batch, then multiplied before the addition: not
+    read at the additions, but each sample's gradient of the bias is read at the expansion
+    (:mod:`jdoptim.autogram._regions`): per-sample steps, exact, no warning."""
+    torch.manual_seed(0)
+    assert _per_sample_steps(_RelativeAttention("expanded_scaled").double(), (3, 5, 4)) == [3] * 3
+
+
+@pytest.mark.parametrize("mode", ["scaled", "batched_where"])
 def test_relative_bias_used_otherwise_stays_exact(mode: str) -> None:
-    """A product before the addition (of the bias, or of its copies expanded along the batch),
-    or a ``where`` that broadcasts the bias to the samples itself: not read at additions, exact
-    by one backward row per loss, warned."""
+    """A product before the addition, or a ``where`` that broadcasts the bias to the samples
+    itself: not read at additions, exact by one backward row per loss, warned."""
     torch.manual_seed(0)
     with pytest.warns(EngineRouteWarning):
         assert _per_sample_steps(_RelativeAttention(mode).double(), (3, 5, 4)) == [1, 1, 1]

@@ -1,0 +1,297 @@
+r"""Sample-shared regions: what the samples share, read per sample where the batch enters it.
+
+In per-sample mode one backward pass gives each sample's gradient at a hooked call's output
+because the output indexes the samples. A tensor ``S`` computed from parameters alone does not:
+DeBERTa's relative position embeddings (``LayerNorm(rel_embeddings.weight)``, a parameter read
+directly by the encoder, then each layer's query and key projections of it) are the same for
+every sample, so the backward gives only ``Σᵢ ∂ℓᵢ/∂S``, and the engine used to take such a
+structure with one backward row per loss (``b`` times the backward passes).
+
+Such a tensor enters the batched computation at an *expansion along the batch*: ``S.expand(…)``
+from size 1 (or from a new leading dimension) to ``b·k`` along ``batch_dim``, or
+``S.repeat(…)`` by ``b·c`` along it and by 1 elsewhere (DeBERTa's ``[heads, 2k, d_h]`` repeated
+to ``[b·heads, 2k, d_h]``, the samples folded with the heads, sample-major). Sample ``i``'s losses
+read only its own ``k`` entries of the expansion, so the backward's gradient ``D`` at the
+expansion's output holds, in those entries, ``∂ℓᵢ/∂(copy i of S)``; summed over the copies that
+sample owns, it is sample ``i``'s gradient of ``S``:
+
+.. math:: \frac{\partial \ell_i}{\partial S} = \sum_{j \in \text{copies}(i)} D_j .
+
+The *region* is the part of the graph above the expansions' inputs. When the losses reach it
+only through expansions (nothing else of the step's graph reaches into it), a second backward,
+from the expansions' inputs with each (task, sample)'s gradient of ``S`` as a row of its own
+(``is_grads_batched``: ``T·b`` rows), gives each sample's gradient at the region's hooked calls'
+outputs and at its parameters read directly. The region is parameter-sized (no activation of
+``b`` samples flows through it), so these rows cost about ``T·b`` backward passes of a small
+graph, not of the model. The region's calls are then recorded as calls expanded along the batch
+(:mod:`._shared`: their inputs expanded as views, so that every rule sees ``b`` samples whose
+``i``-th output gradient is sample ``i``'s), and its parameters read directly get rows
+``[b, T, *p.shape]`` straight from that backward.
+
+Whether a node expands along the batch is read off its shapes, so a size coincidence (a batched
+``x.repeat(2, 1)`` at ``b = 2``) could make one look like an expansion; the engine's check on the
+first step of each structure compares the step's ``Jᵀv`` with autograd's and then takes the
+structure without regions (:class:`SampleSharedRegion` names such a failure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node
+
+from ..linalg.vmap_fallback import VmapState, vmap_or_loop
+from ._graph import GraphScan, scan_graph
+from ._records import CallRecord
+from ._shared import expand_inputs
+
+_EXPANSIONS = frozenset({"ExpandBackward0", "RepeatBackward0"})
+
+
+class SampleSharedRegion(nn.Module):
+    """What the engine's check names when the rows of parameters read directly in a
+    sample-shared region (no module's rule gives them) differ from autograd's."""
+
+
+#: the one instance the check reports
+REGION = SampleSharedRegion()
+
+
+@dataclass(frozen=True, eq=False)
+class Expansion:
+    """A node of the graph that expands a tensor ``S`` along the batch.
+
+    Attributes:
+        node: the expansion's node; the backward reads the gradient at its output.
+        source: the edge of ``S`` (the expansion's input).
+        padded: ``S``'s shape, left-padded with ones to the output's rank.
+        out_shape: the output's shape.
+        copies: how many copies of ``S``'s slice along ``batch_dim`` each sample owns there.
+        shape: ``S``'s shape.
+    """
+
+    node: Node
+    source: GradientEdge
+    padded: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    copies: int
+    shape: torch.Size
+
+    @property
+    def at(self) -> GradientEdge:
+        """The edge of the expansion's output, where the step's backward reads its gradient."""
+        return GradientEdge(self.node, 0)
+
+    def per_sample(self, grad: Tensor, b: int, batch_dim: int, stacked: bool) -> Tensor:
+        """Each (task, sample)'s gradient of ``S``, ``[T·b, *S.shape]`` (task-major), from the
+        backward's gradient at the output (``[T, *out_shape]`` when ``stacked``)."""
+        g = grad if stacked else grad.unsqueeze(0)
+        t, n = g.shape[0], self.padded[batch_dim]
+        g = g.unflatten(batch_dim + 1, (b, self.copies, n)).sum(batch_dim + 2)
+        g = g.movedim(batch_dim + 1, 1)  # [T, b, *out_shape with n along batch_dim]
+        broadcast = [
+            2 + d
+            for d, (o, s) in enumerate(zip(self.out_shape, self.padded))
+            if d != batch_dim and s == 1 and o != 1
+        ]
+        if broadcast:
+            g = g.sum(broadcast, keepdim=True)
+        return g.reshape(t * b, *self.shape)
+
+
+def _sizes(node: Node) -> tuple[int, ...] | None:
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    return None if sizes is None else tuple(int(s) for s in sizes)
+
+
+def expansion(node: Node, b: int, batch_dim: int) -> Expansion | None:
+    """``node`` as an :class:`Expansion` along the batch of ``b`` samples, else ``None``."""
+    name = type(node).__name__
+    if name not in _EXPANSIONS or len(node.next_functions) != 1:
+        return None
+    child, nr = node.next_functions[0]
+    shape = _sizes(node)
+    if child is None or shape is None or not node._input_metadata:
+        return None
+    out = tuple(node._input_metadata[0].shape)
+    if len(out) <= batch_dim or len(shape) > len(out) or out[batch_dim] % b:
+        return None
+    padded = (1,) * (len(out) - len(shape)) + shape
+    if name == "ExpandBackward0":
+        if padded[batch_dim] != 1 or out[batch_dim] == 1:
+            return None
+        copies = out[batch_dim] // b
+    else:  # repeated b·c times along batch_dim, once along every other dimension
+        if any(o != s for d, (o, s) in enumerate(zip(out, padded)) if d != batch_dim):
+            return None
+        per = out[batch_dim] // b
+        if per % padded[batch_dim]:
+            return None
+        copies = per // padded[batch_dim]
+    return Expansion(node, GradientEdge(child, nr), padded, out, copies, torch.Size(shape))
+
+
+@dataclass(eq=False)
+class Regions:
+    """The sample-shared regions of a step (see the module docstring).
+
+    Attributes:
+        expansions: where the batch enters them.
+        records: the engine's records of the region's calls, by id, each with its copy
+            recorded as expanded along the batch.
+        leaves: the tensors the region reads directly (its parameters among them).
+    """
+
+    expansions: list[Expansion]
+    records: dict[int, CallRecord]
+    leaves: list[Tensor]
+
+
+def _keys(calls: dict[CallRecord, list]) -> set[int]:
+    """Calls by their arguments' tuple: a record's copies (:func:`._shared.tap_additions`'s)
+    keep it."""
+    return {id(record.args) for record in calls}
+
+
+def find_regions(
+    roots: list[Node], key: str, scan: GraphScan, b: int, batch_dim: int
+) -> Regions | None:
+    """The regions of the step whose losses' graph starts at ``roots`` and whose calls ``scan``
+    found, when the losses reach them only through expansions along the batch and each of
+    their calls can be recorded as expanded along it; else ``None``. Two walks of the graph."""
+    found: dict[Node, Expansion] = {}
+
+    def stop(node: Node) -> bool:
+        entry = expansion(node, b, batch_dim)
+        if entry is not None:
+            found[node] = entry
+        return entry is not None
+
+    main = scan_graph(roots, key, stop=stop)
+    if not found:
+        return None
+    sources = list(dict.fromkeys(e.source.node for e in found.values()))
+    region = scan_graph(sources, key)
+    main_keys, region_keys = _keys(main.calls), _keys(region.calls)
+    main_leaves = {id(t) for t in main.outside_leaves}
+    if main_keys & region_keys or main_leaves & {id(t) for t in region.outside_leaves}:
+        return None
+    records: dict[int, CallRecord] = {}
+    for record in scan.calls:
+        if id(record.args) in region_keys:
+            expanded = _as_expanded(record, b, batch_dim)
+            if expanded is None:
+                return None
+            records[id(record)] = expanded
+        elif id(record.args) not in main_keys:
+            return None
+    return Regions(list(found.values()), records, region.outside_leaves)
+
+
+def _as_expanded(record: CallRecord, b: int, batch_dim: int) -> CallRecord | None:
+    """The region's call recorded as expanded along the batch (its inputs expanded as views, its
+    outputs' shapes with ``b`` samples), or ``None`` if its outputs have no place for them."""
+    if record.expanded or record.paths or record.nested:
+        return None
+    shapes = [t.shape for t in record.tapped]
+    if all(len(s) > batch_dim and s[batch_dim] == 1 for s in shapes):
+        new = False
+    elif batch_dim == 0:
+        new = True
+    else:
+        return None
+    args, kwargs, complete = expand_inputs(record.args, record.kwargs, batch_dim, b, new)
+    tapped = [t._replace(shape=_with_samples(t.shape, b, batch_dim, new)) for t in record.tapped]
+    return replace(
+        record,
+        args=args,
+        kwargs=kwargs,
+        tapped=tapped,
+        expanded=True,
+        unexpanded=(record.args, record.kwargs, record.tapped[0].shape, batch_dim),
+        inputs_expanded=complete,
+        graph_read=None,
+        saved_packed=True,
+    )
+
+
+def _with_samples(shape: torch.Size, b: int, batch_dim: int, new: bool) -> torch.Size:
+    if new:
+        return torch.Size((b, *shape))
+    grown = list(shape)
+    grown[batch_dim] = b
+    return torch.Size(grown)
+
+
+def to_call_gradient(grad: Tensor, t: int, batch_dim: int, stacked: bool, new: bool) -> Tensor:
+    """A region call's output gradient ``[T·b, *Y.shape]`` (per (task, sample)) as a call
+    expanded along the batch takes it: ``[T, *expanded shape]`` (no ``T`` unless ``stacked``)."""
+    g = grad.unflatten(0, (t, -1))  # [T, b, *Y]
+    if not new:
+        g = g.squeeze(2 + batch_dim).movedim(1, 1 + batch_dim)
+    return g if stacked else g[0]
+
+
+def region_backward(
+    expansions: list[Expansion],
+    cotangents: list[Tensor],
+    inputs: list,
+    retain_graph: bool,
+    state: VmapState,
+) -> list[Tensor | None]:
+    """One backward from the expansions' inputs, each row of ``cotangents`` (``[R, *S.shape]``)
+    a row of its own, to ``inputs`` (edges and tensors): ``[R, …]`` per input, ``None`` where
+    unreached."""
+    if not inputs:
+        return []
+    outputs = [e.source for e in expansions]
+    rows = cotangents[0].shape[0]
+
+    def at_once(probing: bool) -> list[Tensor | None]:
+        return list(
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                cotangents,
+                retain_graph=retain_graph or probing,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        )
+
+    def looped() -> list[Tensor | None]:
+        found: list[list[Tensor | None]] = []
+        for r in range(rows):
+            keep = retain_graph or r < rows - 1
+            found.append(
+                list(
+                    torch.autograd.grad(
+                        outputs,
+                        inputs,
+                        [c[r] for c in cotangents],
+                        retain_graph=keep,
+                        allow_unused=True,
+                    )
+                )
+            )
+        return [_stacked([f[i] for f in found]) for i in range(len(inputs))]
+
+    if rows == 1:  # (one row: a plain backward)
+        grads = torch.autograd.grad(
+            outputs,
+            inputs,
+            [c[0] for c in cotangents],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    return vmap_or_loop(at_once, looped, state)
+
+
+def _stacked(rows: list[Tensor | None]) -> Tensor | None:
+    like = next((r for r in rows if r is not None), None)
+    if like is None:
+        return None
+    return torch.stack([torch.zeros_like(like) if r is None else r for r in rows])

@@ -1,0 +1,171 @@
+"""Parameters and calls shared by the samples, read per sample where the batch enters them.
+
+A parent module that reads a child's parameter directly (DeBERTa's encoder reads
+``rel_embeddings.weight``) and feeds it, through hooked calls of its own (a LayerNorm, each
+layer's projections), to an expansion along the batch (``expand``, ``repeat``, a broadcasting
+``matmul``) used to take the step with one backward row per loss, under an
+``EngineRouteWarning``. The engine now reads each sample's gradient at the expansion and takes it
+back through that shared region with one row per (task, sample) (:mod:`jdoptim.autogram._regions`).
+
+Every check is against the explicit Jacobian of the same losses (float64, one ``autograd.grad``
+per loss on the same graph), over three steps of one engine (the structure's checked first step,
+then its remembered route); ``EngineRouteWarning`` is an error in this suite, so the fast route
+is taken wherever no warning is expected.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from jdoptim.autogram import Engine, EngineRouteWarning
+
+from ._oracle import assert_gramian_close, explicit_jacobian
+from ._same_losses import check_step, trainable
+
+
+class _Queries(nn.Module):
+    """Learned queries read directly by the parent (``self.table.weight``), normalised by a
+    hooked LayerNorm, projected by a hooked Linear on ``[1, n, d]``, and given to the samples
+    by ``how``: ``"expand"`` (``expand(b, n, d)``, as Perceiver's latents), ``"repeat"``
+    (heads folded with the samples, ``repeat(b, 1, 1)``, as DeBERTa-v2), ``"matmul"`` (a
+    broadcasting ``matmul`` of ``[1, heads, n, d/heads]`` against ``[b, heads, s, d/heads]``,
+    which expands it, as DeBERTa's content-to-position scores) or
+    ``"direct"`` (the table itself expanded, no call in between; the LayerNorm and the Linear
+    then act on the samples' activations)."""
+
+    def __init__(self, how: str, d: int = 4, n: int = 3, heads: int = 2) -> None:
+        super().__init__()
+        self.how, self.heads = how, heads
+        self.table = nn.Embedding(n, d)
+        self.norm = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, d)
+        self.encode = nn.Linear(5, d)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        h = torch.tanh(self.encode(x))  # [b, s, d]
+        table = self.table.weight
+        if self.how == "direct":
+            h = self.proj(self.norm(h))  # (here per sample)
+            q = table.expand(b, *table.shape)  # [b, n, d]
+            scores = q @ h.transpose(1, 2)  # [b, n, s]
+            return self.head((scores.softmax(-1) @ h).tanh()).sum(1)
+        shared = self.proj(self.norm(table).unsqueeze(0))  # [1, n, d]
+        d = shared.shape[-1]
+        if self.how == "matmul":  # per head: matmul expands [1, heads, …] to [b, heads, …]
+            hh = h.view(b, s, self.heads, -1).transpose(1, 2)  # [b, heads, s, d/heads]
+            per_head = shared.view(1, -1, self.heads, d // self.heads).transpose(1, 2)
+            scores = hh @ per_head.transpose(-1, -2)  # [b, heads, s, n]
+            mixed = (scores.softmax(-1) @ per_head).transpose(1, 2).reshape(b, s, d)
+            return self.head(mixed.tanh()).sum(1)
+        if self.how == "expand":
+            q = shared.expand(b, -1, -1)
+            scores = q @ h.transpose(1, 2)
+            return self.head((scores.softmax(-1) @ h).tanh()).sum(1)
+        per_head = shared.view(1, -1, self.heads, d // self.heads).permute(0, 2, 1, 3)
+        per_head = per_head.reshape(self.heads, -1, d // self.heads).repeat(b, 1, 1)
+        hh = h.view(b, s, self.heads, -1).permute(0, 2, 1, 3).reshape(b * self.heads, s, -1)
+        scores = hh @ per_head.transpose(1, 2)  # [b·heads, s, n]
+        mixed = (scores.softmax(-1) @ per_head).reshape(b, self.heads, s, -1)
+        return self.head(mixed.permute(0, 2, 1, 3).reshape(b, s, d).tanh()).sum(1)
+
+
+def _losses(model: nn.Module, layout: str, b: int = 3):
+    x = torch.randn(b, 4, 5, dtype=torch.float64)
+
+    def losses() -> Tensor:
+        out = model(x).pow(2)  # [b, 2]
+        if layout == "per-sample":
+            return out[:, 0]
+        return out if layout == "batch-tasks" else out.mean(0)
+
+    return losses
+
+
+def _check_engine_steps(model: nn.Module, losses_of, batch_dim: int | None, steps: int = 3) -> list:
+    """``steps`` steps of one Engine, each Gramian against ``J Jᵀ`` of the same losses; returns
+    each step's state (:class:`~jdoptim.autogram._step.GramianStep`)."""
+    params = trainable(model)
+    taken = []
+    with Engine(model, batch_dim=batch_dim) as engine:
+        for _ in range(steps):
+            losses = losses_of()
+            jacobian = explicit_jacobian(losses, params)
+            step = engine.step(losses, params, [], per_sample=batch_dim is not None)
+            with torch.no_grad():
+                gramian = step.gramian()
+            assert_gramian_close(gramian, jacobian @ jacobian.T, rtol=1e-12)  # ([m, m])
+            taken.append(step)
+    return taken
+
+
+@pytest.mark.parametrize("layout", ["per-sample", "batch-tasks"])
+@pytest.mark.parametrize("how", ["expand", "repeat", "matmul", "direct"])
+def test_a_shared_region_is_read_per_sample(how: str, layout: str) -> None:
+    torch.manual_seed(0)
+    model = _Queries(how).double()
+    steps = _check_engine_steps(model, _losses(model, layout), batch_dim=0)
+    for step in steps:  # one per-sample backward, the table's rows from the region
+        assert step.batch_dim == 0 and step.b == 3 and step.explicit == []
+        assert step.region_params == [model.table.weight]
+    check_step(model, _losses(model, layout), batch_dim=0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["expand", "repeat"])
+def test_task_losses_and_the_low_memory_step_stay_exact(how: str) -> None:
+    torch.manual_seed(0)
+    model = _Queries(how).double()
+    _check_engine_steps(model, _losses(model, "tasks"), batch_dim=None)
+    check_step(model, _losses(model, "tasks"), batch_dim=None, rtol=1e-10)
+    with pytest.warns(EngineRouteWarning, match="table.weight"):  # (one row per loss, exact)
+        check_step(model, _losses(model, "per-sample"), batch_dim=0, rtol=1e-10, low_memory=True)
+
+
+class _AlsoBatched(_Queries):
+    """The table also added to the activations directly (its gradient there is only the sum
+    over the samples): the losses reach it other than through the expansion."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        return out + (self.encode(x) * self.table.weight[0]).sum((1, 2))[:, None]
+
+
+def test_a_region_also_reached_otherwise_takes_rows_per_loss() -> None:
+    torch.manual_seed(0)
+    model = _AlsoBatched("expand").double()
+    with pytest.warns(EngineRouteWarning, match="table.weight"):
+        steps = _check_engine_steps(model, _losses(model, "per-sample"), batch_dim=0)
+    assert steps[0].batch_dim is None and steps[0].regions is None
+
+
+class _RepeatedBatch(nn.Module):
+    """A batched tensor repeated along the batch, ``h.repeat(2, 1)``: at ``b = 2`` its shapes
+    are those of an expansion along the batch, but sample ``i``'s losses read rows ``i`` and
+    ``i + 2``; and a table read directly, so that the engine looks for regions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Linear(5, 4)
+        self.table = nn.Embedding(1, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.encode(x)) * self.table.weight  # [b, 4]
+        twice = h.repeat(2, 1)  # [2b, 4]
+        return (twice.unflatten(0, (2, -1)) ** 2).sum((0, 2))  # [b], a mix of rows i, i + b
+
+
+def test_a_size_coincidence_is_caught_by_the_check() -> None:
+    """The check compares the regions' reading with autograd's, fails, and the structure is
+    taken without regions (the table, read directly, then needs one row per loss)."""
+    torch.manual_seed(0)
+    model = _RepeatedBatch().double()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EngineRouteWarning)
+        steps = _check_engine_steps(model, lambda: model(x), batch_dim=0)
+    assert steps[0].regions is None
