@@ -143,6 +143,29 @@ def _llama(tasks: int) -> tuple[nn.Module, Losses]:
     return model, _lm_losses(_lm_batch(_batch(8 if not TINY else 4), 12 if TINY else 16), tasks)
 
 
+def _deberta_v2(tasks: int) -> tuple[nn.Module, Losses]:
+    """DeBERTa-v2 with relative attention (content-to-position and position-to-content), its
+    relative embeddings read by the encoder and repeated along the batch in every layer."""
+    width = 16 if TINY else 64
+    config = _transformers().DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        relative_attention=True,
+        position_buckets=8,
+        max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"],
+        pooler_hidden_size=width,
+        num_labels=tasks or 10,
+    )
+    model = _transformers().DebertaV2ForSequenceClassification(config)
+    tokens = _lm_batch(_batch(8 if not TINY else 4), 12 if TINY else 16)
+    return model, _class_losses(tokens.float(), tasks, lambda m: m(input_ids=tokens).logits)
+
+
 def _vit(tasks: int, dtype: torch.dtype) -> tuple[nn.Module, Losses]:
     width, size = (16, 8) if TINY else (64, 32)
     config = _transformers().ViTConfig(
@@ -184,6 +207,8 @@ def build(
         model, losses = _gpt2(tasks, 6, 256, 4, 128)
     elif model_name == "llama-small":
         model, losses = _llama(tasks)
+    elif model_name == "deberta-v2-small":  # (not in MODELS: by name, e.g. ab_inprocess.py)
+        model, losses = _deberta_v2(tasks)
     elif model_name == "vit":
         model, losses = _vit(tasks, dtype)
     else:
