@@ -324,7 +324,7 @@ class GramianStep:
             else self._templated_parameters(template)
         )
         self.region_params, self.region_rows, self.regions = [], [], None
-        if regions and self.takes_regions and batch_dim is not None and losses.dim() > batch_dim:
+        if regions and batch_dim is not None and losses.dim() > batch_dim:
             scan, template = self._take_regions(losses, key, scan, call_params, batch_dim, template)
             records = list(scan.calls)
         if batch_dim is not None and (self.explicit or losses.dim() == 0):
@@ -343,9 +343,6 @@ class GramianStep:
         _read_graphs(scan, records, call_params)
         self._differentiate(losses, plan, retain_graph, state)
 
-    #: whether this kind of step reads sample-shared regions per sample (the low-memory one
-    #: does not: it takes such structures with one backward row per loss)
-    takes_regions = True
     #: the rows :meth:`gramian` holds for :meth:`gradients` (:mod:`._held_rows`), and the
     #: engine's matrix they are held in
     held: HeldRows | None

@@ -242,6 +242,18 @@ class _Probing:
         return Probe(grads, self.users, self.dtypes, self.failed)
 
 
+def _by_node(
+    plan: StepPlan, wanted: list[tuple[CallRecord, list[Tensor]]]
+) -> dict[Node, list[_Entry]]:
+    """The calls' reached outputs by the node they are read at."""
+    by_node: dict[Node, list[_Entry]] = {}
+    for r, ps in wanted:
+        for index, edge in enumerate(plan.scan.calls[r]):
+            if edge is not None:
+                by_node.setdefault(edge.node, []).append((r, ps, index, edge.output_nr))
+    return by_node
+
+
 class StreamingStep(GramianStep):
     """:class:`~._step.GramianStep` that holds no output gradient; see the module docstring.
 
@@ -251,8 +263,6 @@ class StreamingStep(GramianStep):
     With ``probe=v`` (the engine's check of a new graph structure, :mod:`._certify`), each
     call's rule also gives its ``Jᵀv`` during the backward (parameter-sized sums), and
     :attr:`probe` holds what the check compares with autograd's."""
-
-    takes_regions = False  # (such structures take one backward row per loss)
 
     def __init__(self, *args: Any, probe: Tensor | None = None, **kwargs: Any) -> None:
         self._probe_weights = probe
@@ -285,13 +295,9 @@ class StreamingStep(GramianStep):
                     edges = [e for e in plan.scan.calls[record] if e is not None]
                     probing.take(parts, edges, lambda: self._take_terms(parts))
 
-        wanted = [(r, ps) for r, ps in zip(plan.records, plan.call_params) if ps]
+        wanted, shared_calls = self._calls_of(plan)
         inbox = _Inbox(plan, wanted, self.T if batched else None, finish)
-        by_node: dict[Node, list[_Entry]] = {}
-        for r, ps in wanted:
-            for index, edge in enumerate(plan.scan.calls[r]):
-                if edge is not None:
-                    by_node.setdefault(edge.node, []).append((r, ps, index, edge.output_nr))
+        by_node = _by_node(plan, wanted)
         # autograd's rows: the explicit parameters', and the specific ones' (summed)
         explicit_ids = {id(p) for p in self.explicit}
         self._captured = self.explicit + [p for p in self.specific if id(p) not in explicit_ids]
@@ -301,8 +307,9 @@ class StreamingStep(GramianStep):
         handles = [node.register_prehook(_prehook(by_node[node], inbox)) for node in running]
         lowest = [(node, entries) for node, entries in by_node.items() if node not in running]
         edges = {(e[3], node): GradientEdge(node, e[3]) for node, es in lowest for e in es}
+        expansions = [] if self.regions is None else [e.at for e in self.regions.expansions]
         try:
-            inputs: list = [*edges.values(), *self._captured]
+            inputs: list = [*edges.values(), *self._captured, *expansions]
             grads = self._first_backward(losses, inputs, plan.grad_outputs, batched)
         finally:
             for handle in handles:
@@ -315,11 +322,54 @@ class StreamingStep(GramianStep):
             raise RuntimeError(
                 f"The low-memory step missed the output gradients of {names} (a bug: report it)."
             )
-        self._take_captured(grads[len(edges) :], batched)
+        captured = len(edges) + len(self._captured)
+        self._take_captured(grads[len(edges) : captured], batched)
+        if self.regions is not None:
+            self._finish_regions(grads[captured:], plan, shared_calls, state, finish)
         if probing is not None:
-            self.probe = probing.probe(
-                self.explicit, self.explicit_rows, self.shared + self.specific
-            )
+            self.probe = self._probe_of(probing)
+
+    def _probe_of(self, probing: _Probing) -> Probe:
+        """The check's probe, the rows of the parameters read outside the calls included."""
+        region_rows = (rows.flatten(0, 1) for rows in self.region_rows)
+        explicit = [*self.explicit, *self.region_params]
+        rows = [*self.explicit_rows, *region_rows]
+        return probing.probe(explicit, rows, self.shared + self.specific)
+
+    def _calls_of(
+        self, plan: StepPlan
+    ) -> tuple[list[tuple[CallRecord, list[Tensor]]], list[tuple[CallRecord, list[Tensor]]]]:
+        """The calls with parameters of this step: those whose output gradients the backward
+        delivers, and those of sample-shared regions (finished after it, from the regions' own
+        backward)."""
+        regions = self.regions
+        inside = set() if regions is None else {id(r) for r in regions.records.values()}
+        wanted = [(r, ps) for r, ps in zip(plan.records, plan.call_params) if ps]
+        return [c for c in wanted if id(c[0]) not in inside], [
+            c for c in wanted if id(c[0]) in inside
+        ]
+
+    def _finish_regions(
+        self,
+        at_expansions: list[Tensor | None],
+        plan: StepPlan,
+        calls: list[tuple[CallRecord, list[Tensor]]],
+        state: VmapState,
+        finish: Callable[[CallRecord, list[Tensor], list[Tensor | None]], None],
+    ) -> None:
+        """The sample-shared regions' calls (``calls``, with their parameters), finished from
+        the regions' own backward (:meth:`~._step.GramianStep._region_gradients`; the graph is
+        kept for the update's backward pass)."""
+        self.call_edges = [
+            (r, i, e) for r, _ in calls for i, e in enumerate(plan.scan.calls[r]) if e is not None
+        ]
+        self.backward_inputs = []
+        per_record: dict[int, list[Tensor | None]] = {
+            id(r): [None] * len(r.tapped) for r, _ in calls
+        }
+        self._region_gradients(at_expansions, per_record, True, state)
+        for record, params in calls:
+            finish(record, params, per_record[id(record)])
 
     def _first_backward(
         self, losses: Tensor, inputs: list, grad_outputs: Tensor, batched: bool

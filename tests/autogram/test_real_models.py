@@ -1,7 +1,10 @@
 """The Gramian engine on real model code, against the explicit Jacobian of the same losses.
 
-Models: transformers' GPT-2 (tied head, default forward, dropout 0.1 in train mode; also with
-peft's LoRA on its ``Conv1D`` projections), BERT (padding mask, default dropout), DistilBERT,
+Models: transformers' DeBERTa-v2 (relative position embeddings read by the encoder and
+repeated along the batch: a region shared by the samples), Perceiver (latents and position
+encodings expanded to an int batch size inside a call), GPT-2 (tied head, default forward,
+dropout 0.1 in train mode; also with peft's LoRA on its ``Conv1D`` projections), BERT (padding
+mask, default dropout), DistilBERT,
 MPNet (a relative attention bias expanded along the batch before its addition), Llama (RMSNorm,
 rotary, grouped-query attention; also with activation checkpointing, and with peft's LoRA and
 DoRA adapters), OPT (its MLP on ``[b·s, d]`` token rows, read as ``s`` rows per sample), BART (a
@@ -28,8 +31,8 @@ samples, are expanded along the batch by the engine, and T5's relative attention
 Swin's relative position bias are read at the additions that give them to the samples, so these
 models raise no ``EngineRouteWarning`` (an error in the suite); nor does
 ``nn.TransformerEncoderLayer`` with its default dropout, whose attention goes through the
-``MultiheadAttention`` rule. (For the other models the warning is ignored: the results are what
-is checked.)
+``MultiheadAttention`` rule; nor do DeBERTa-v2 and Perceiver. (For the other models the
+warning is ignored: the results are what is checked.)
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ NO_ROUTE_WARNING = {
     "nanogpt",
     "nanogpt_batch_is_seq",
     "transformer_encoder_layer",
+    "deberta_v2",
+    "perceiver",
 }
 _IGNORE_ROUTE = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
 
@@ -321,6 +326,48 @@ def _distilbert(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
     return model, lambda m: _class_losses(m(input_ids=tokens).logits, labels)
 
 
+def _deberta_v2(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
+    config = transformers.DebertaV2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        relative_attention=True,
+        position_buckets=4,
+        max_relative_positions=8,
+        pos_att_type=["p2c", "c2p"],
+        pooler_hidden_size=16,
+        num_labels=3,
+    )  # rel_embeddings.weight read by the encoder, repeated along the batch in every layer
+    model = transformers.DebertaV2ForSequenceClassification(config)
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(input_ids=tokens).logits, labels)
+
+
+def _perceiver(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
+    config = transformers.PerceiverConfig(
+        num_latents=4,
+        d_latents=16,
+        d_model=16,
+        num_blocks=1,
+        num_self_attends_per_block=1,
+        num_self_attention_heads=2,
+        num_cross_attention_heads=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        num_labels=3,
+        qk_channels=8,
+        v_channels=16,
+    )  # latents and position encodings: parameters expanded to an int batch size in a call
+    model = transformers.PerceiverForSequenceClassification(config)
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(inputs=tokens).logits, labels)
+
+
 def _mpnet(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
     config = transformers.MPNetConfig(
         vocab_size=VOCAB,
@@ -360,6 +407,8 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "bert": _bert,
     "distilbert": _distilbert,
     "mpnet": _mpnet,
+    "deberta_v2": _deberta_v2,
+    "perceiver": _perceiver,
     "llama": _llama,
     "llama_checkpointed": _llama_checkpointed,
     "llama_lora": _llama_lora,

@@ -87,18 +87,22 @@ def _losses(model: nn.Module, layout: str, b: int = 3):
     return losses
 
 
-def _check_engine_steps(model: nn.Module, losses_of, batch_dim: int | None, steps: int = 3) -> list:
+def _check_engine_steps(
+    model: nn.Module, losses_of, batch_dim: int | None, steps: int = 3, low_memory: bool = False
+) -> list:
     """``steps`` steps of one Engine, each Gramian against ``J Jᵀ`` of the same losses; returns
     each step's state (:class:`~jdoptim.autogram._step.GramianStep`)."""
     params = trainable(model)
     taken = []
-    with Engine(model, batch_dim=batch_dim) as engine:
+    with Engine(model, batch_dim=batch_dim, low_memory=low_memory) as engine:
         for _ in range(steps):
             losses = losses_of()
             jacobian = explicit_jacobian(losses, params)
             step = engine.step(losses, params, [], per_sample=batch_dim is not None)
             with torch.no_grad():
                 gramian = step.gramian()
+            if low_memory:
+                step.release_graph(losses)
             assert_gramian_close(gramian, jacobian @ jacobian.T, rtol=1e-12)  # ([m, m])
             taken.append(step)
     return taken
@@ -116,14 +120,23 @@ def test_a_shared_region_is_read_per_sample(how: str, layout: str) -> None:
     check_step(model, _losses(model, layout), batch_dim=0, rtol=1e-10)
 
 
-@pytest.mark.parametrize("how", ["expand", "repeat"])
-def test_task_losses_and_the_low_memory_step_stay_exact(how: str) -> None:
+@pytest.mark.parametrize("how", ["expand", "repeat", "matmul"])
+def test_task_losses_stay_exact(how: str) -> None:
     torch.manual_seed(0)
     model = _Queries(how).double()
     _check_engine_steps(model, _losses(model, "tasks"), batch_dim=None)
     check_step(model, _losses(model, "tasks"), batch_dim=None, rtol=1e-10)
-    with pytest.warns(EngineRouteWarning, match="table.weight"):  # (one row per loss, exact)
-        check_step(model, _losses(model, "per-sample"), batch_dim=0, rtol=1e-10, low_memory=True)
+
+
+@pytest.mark.parametrize("layout", ["per-sample", "batch-tasks"])
+@pytest.mark.parametrize("how", ["expand", "repeat", "matmul", "direct"])
+def test_the_low_memory_step_reads_regions_too(how: str, layout: str) -> None:
+    torch.manual_seed(0)
+    model = _Queries(how).double()
+    losses = _losses(model, layout)
+    steps = _check_engine_steps(model, losses, batch_dim=0, low_memory=True)
+    assert all(step.b == 3 and step.region_params == [model.table.weight] for step in steps)
+    check_step(model, losses, batch_dim=0, rtol=1e-10, low_memory=True)
 
 
 class _AlsoBatched(_Queries):
@@ -169,3 +182,42 @@ def test_a_size_coincidence_is_caught_by_the_check() -> None:
         warnings.simplefilter("ignore", EngineRouteWarning)
         steps = _check_engine_steps(model, lambda: model(x), batch_dim=0)
     assert steps[0].regions is None
+
+
+class _Latents(nn.Module):
+    """A layer whose call takes the batch size as an ``int`` and returns its parameter expanded
+    to it (Perceiver's latents and trainable position encodings): no tensor argument holds the
+    samples, so the generic rule takes the whole call, each sample's rows from its own part of
+    the output gradient."""
+
+    def __init__(self, n: int = 3, d: int = 4) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(n, d))
+
+    def forward(self, batch_size: int) -> Tensor:
+        return self.latents.expand(batch_size, -1, -1)
+
+
+class _Perceiving(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries = _Latents()
+        self.encode = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.encode(x))  # [b, s, 4]
+        q = self.queries(x.shape[0])  # [b, 3, 4]
+        attended = (q @ h.transpose(1, 2)).softmax(-1) @ h
+        return self.head(attended.tanh()).sum(1)
+
+
+@pytest.mark.parametrize("layout", ["per-sample", "batch-tasks", "tasks"])
+def test_a_parameter_expanded_to_an_int_batch_size_in_a_call(layout: str) -> None:
+    torch.manual_seed(0)
+    model = _Perceiving().double()
+    batch_dim = None if layout == "tasks" else 0
+    steps = _check_engine_steps(model, _losses(model, layout), batch_dim=batch_dim)
+    if batch_dim is not None:  # one per-sample backward (no warning: they are errors here)
+        assert all(step.b == 3 and step.explicit == [] for step in steps)
+    check_step(model, _losses(model, layout), batch_dim=batch_dim, rtol=1e-10)

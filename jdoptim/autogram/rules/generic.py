@@ -218,6 +218,9 @@ class GenericRule(LayerRule):
         flat, spec = tree_flatten((args, kwargs))
         k = call.group
         dims = input_sample_dims(call.module, flat, call.batch_dim, call.b * k)
+        if all(d is None for d in dims):  # no input holds the samples (Perceiver's position
+            # encodings return a parameter expanded to an int batch size): the whole call
+            return self._masked_rows(primals, buffers, args, kwargs, grads)
         out_dims = [call.sample_out_dim(i) for i in range(len(grads))]
         if k > 1:  # [.., b·k, ..] → [.., b, k, ..]: vmap hands each sample its k entries
             flat = [t if d is None else t.unflatten(d, (call.b, k)) for t, d in zip(flat, dims)]
