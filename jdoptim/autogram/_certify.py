@@ -55,7 +55,6 @@ from torch import Tensor, nn
 
 from ..linalg.torch_errors import OutOfMemoryError
 from ._graph import GraphScan
-from ._regions import REGION
 from ._step import GramianStep
 from .rules import GenericRule
 
@@ -114,8 +113,6 @@ def held_probe(step: GramianStep, v: Tensor) -> Probe:
     for parts in step.rule_parameters:
         for p in [*parts.shared, *parts.specific]:
             users.setdefault(id(p), []).append(parts.rule.call.module)
-    for p in step.region_params:  # (read per sample in a region: no rule of theirs to name)
-        users.setdefault(id(p), []).append(REGION)
     try:
         with torch.no_grad():
             shared, specific = step.gradients(v, weigh_specific=True)

@@ -24,7 +24,7 @@ Nodes are keyed by the node objects themselves, held in a set for the whole walk
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from torch import Tensor
@@ -40,10 +40,11 @@ class GraphScan:
 
 
 def scan_graph(
-    roots: list[Node], key: str, stop: Callable[[Node], bool] | None = None
+    roots: list[Node], key: str, stop: Callable[[Node], Collection[int]] | None = None
 ) -> GraphScan:
-    """Walk from ``roots``; see the module docstring. With ``stop``, a node outside every call
-    for which it is true is not walked past (:mod:`._regions`' expansions along the batch)."""
+    """Walk from ``roots``; see the module docstring. With ``stop``, the inputs (indices into
+    ``next_functions``) of a node outside every call that ``stop`` gives are not walked
+    (:mod:`._regions`' entries of the batch into what the samples share)."""
     scan = GraphScan()
     outside_ids: set[int] = set()
     seen: set[Node] = set(roots)
@@ -80,14 +81,15 @@ def scan_graph(
                 inputs_of(record)
             continue
         entries = metadata.get(key)
+        skipped: Collection[int] = ()
         if entries:
             entries = [(r, i) for r, i in entries if r not in rebased] if rebased else entries
             if not _take_calls(scan, node, entries, inputs_of, own):
                 continue
-        elif stop is not None and stop(node):
-            continue
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
+        elif stop is not None:
+            skipped = stop(node)
+        for index, (child, _) in enumerate(node.next_functions):
+            if child is not None and child not in seen and index not in skipped:
                 seen.add(child)
                 stack.append(child)
     return scan

@@ -46,6 +46,7 @@ from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
 from ._records import CallRecord
 from ._shared import expand_inputs
+from .rules import Call, LayerRule
 
 _EXPANSIONS = frozenset({"ExpandBackward0", "RepeatBackward0"})
 
@@ -59,34 +60,61 @@ class SampleSharedRegion(nn.Module):
 REGION = SampleSharedRegion()
 
 
+class RegionRows(LayerRule):
+    """The rows ``[b, T, *p.shape]`` of the parameters read directly in sample-shared regions,
+    from the regions' backward, as a rule (so a parameter that a module's call uses too has its
+    rows summed over both, as any tied parameter's)."""
+
+    def __init__(self, call: Call, rows: list[Tensor]) -> None:
+        super().__init__(call)
+        self.rows = {id(p): r for p, r in zip(call.params, rows)}
+
+    def jacobians(self, params: list[Tensor]) -> list[Tensor]:
+        return [self.rows[id(p)] for p in params]
+
+    def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
+        return [torch.tensordot(weights.to(r.dtype), r, dims=2) for r in self.jacobians(params)]
+
+
 @dataclass(frozen=True, eq=False)
-class Expansion:
-    """A node of the graph that expands a tensor ``S`` along the batch.
+class Entry:
+    """A node of the graph where a tensor ``S`` shared by the samples meets the batch.
 
     Attributes:
-        node: the expansion's node; the backward reads the gradient at its output.
-        source: the edge of ``S`` (the expansion's input).
-        padded: ``S``'s shape, left-padded with ones to the output's rank.
-        out_shape: the output's shape.
-        copies: how many copies of ``S``'s slice along ``batch_dim`` each sample owns there.
+        node: the entry's node; the backward reads the gradient at its output.
+        source: the edge of ``S`` (``node``'s input ``index``).
+        index: which of ``node``'s inputs is ``S`` (the walk of the batched part stops there).
         shape: ``S``'s shape.
     """
 
     node: Node
     source: GradientEdge
-    padded: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    copies: int
+    index: int
     shape: torch.Size
 
     @property
     def at(self) -> GradientEdge:
-        """The edge of the expansion's output, where the step's backward reads its gradient."""
+        """The edge of the entry's output, where the step's backward reads its gradient."""
         return GradientEdge(self.node, 0)
 
     def per_sample(self, grad: Tensor, b: int, batch_dim: int, stacked: bool) -> Tensor:
         """Each (task, sample)'s gradient of ``S``, ``[T·b, *S.shape]`` (task-major), from the
-        backward's gradient at the output (``[T, *out_shape]`` when ``stacked``)."""
+        backward's gradient at the output (``[T, *output shape]`` when ``stacked``)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Expansion(Entry):
+    """``S`` expanded or repeated along the batch: ``out_shape`` has ``b·copies·n`` entries
+    along ``batch_dim`` where ``S`` (``padded``: its shape left-padded with ones to the
+    output's rank) has ``n``; sample ``i``'s ``copies`` copies are its, sample-major, and are
+    summed, as are the dimensions ``expand`` broadcast."""
+
+    padded: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    copies: int = 1
+
+    def per_sample(self, grad: Tensor, b: int, batch_dim: int, stacked: bool) -> Tensor:
         g = grad if stacked else grad.unsqueeze(0)
         t, n = g.shape[0], self.padded[batch_dim]
         g = g.unflatten(batch_dim + 1, (b, self.copies, n)).sum(batch_dim + 2)
@@ -101,8 +129,26 @@ class Expansion:
         return g.reshape(t * b, *self.shape)
 
 
-def _sizes(node: Node) -> tuple[int, ...] | None:
-    sizes = getattr(node, "_saved_self_sym_sizes", None)
+@dataclass(frozen=True, eq=False)
+class Contraction(Entry):
+    r"""A product ``A S`` (``mm``, ``addmm``: ``F.linear(h, W)`` over ``[b, s, d]`` activations,
+    folded to ``[b·s, d]`` rows) whose left operand ``A`` holds the samples' rows,
+    sample-major, and whose right operand is ``S``: sample ``i``'s gradient of ``S`` is
+    :math:`\sum_{r \in \text{rows}(i)} A_r^\top D_r` (``rows``: ``A`` as the node saved it)."""
+
+    rows: Tensor | None = None
+
+    def per_sample(self, grad: Tensor, b: int, batch_dim: int, stacked: bool) -> Tensor:
+        assert self.rows is not None
+        g = grad if stacked else grad.unsqueeze(0)
+        t = g.shape[0]
+        a = self.rows.reshape(b, -1, self.rows.shape[-1]).to(g.dtype)  # [b, g, k]
+        per = torch.einsum("bgk,tbgn->tbkn", a, g.reshape(t, b, -1, g.shape[-1]))
+        return per.reshape(t * b, *self.shape)
+
+
+def _sizes(node: Node, name: str = "_saved_self_sym_sizes") -> tuple[int, ...] | None:
+    sizes = getattr(node, name, None)
     return None if sizes is None else tuple(int(s) for s in sizes)
 
 
@@ -130,7 +176,41 @@ def expansion(node: Node, b: int, batch_dim: int) -> Expansion | None:
         if per % padded[batch_dim]:
             return None
         copies = per // padded[batch_dim]
-    return Expansion(node, GradientEdge(child, nr), padded, out, copies, torch.Size(shape))
+    source = GradientEdge(child, nr)
+    return Expansion(node, source, 0, torch.Size(shape), padded, out, copies)
+
+
+#: ``(index of the right operand, the saved left operand)`` of the products read as contractions
+_PRODUCTS = {"MmBackward0": (1, "_saved_self"), "AddmmBackward0": (2, "_saved_mat1")}
+#: single-input operations between a shared parameter and a product's right operand
+_SHAPE_OPS = frozenset(
+    {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "CloneBackward0",
+     "ReshapeAliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1"}
+)  # fmt: skip
+
+
+def contraction(node: Node, b: int, batch_dim: int, shared: set[int]) -> Contraction | None:
+    """``node`` as a :class:`Contraction` whose right operand is one of the ``shared``
+    tensors (ids) through shape operations only, else ``None``."""
+    product = _PRODUCTS.get(type(node).__name__)
+    if product is None or batch_dim != 0 or getattr(node, "_saved_alpha", 1) != 1:
+        return None
+    index, saved = product
+    child, nr = node.next_functions[index]
+    below = child
+    while below is not None and type(below).__name__ in _SHAPE_OPS:
+        below = below.next_functions[0][0] if len(below.next_functions) == 1 else None
+    variable = getattr(below, "variable", None)
+    if child is None or variable is None or id(variable) not in shared:
+        return None
+    try:
+        rows = getattr(node, saved)
+    except RuntimeError:  # (freed)
+        return None
+    shape = _sizes(node, "_saved_mat2_sym_sizes")
+    if rows.dim() != 2 or rows.shape[0] % b or shape is None:
+        return None
+    return Contraction(node, GradientEdge(child, nr), index, torch.Size(shape), rows)
 
 
 @dataclass(eq=False)
@@ -138,13 +218,13 @@ class Regions:
     """The sample-shared regions of a step (see the module docstring).
 
     Attributes:
-        expansions: where the batch enters them.
+        entries: where the batch meets them.
         records: the engine's records of the region's calls, by id, each with its copy
             recorded as expanded along the batch.
         leaves: the tensors the region reads directly (its parameters among them).
     """
 
-    expansions: list[Expansion]
+    entries: list[Entry]
     records: dict[int, CallRecord]
     leaves: list[Tensor]
 
@@ -156,18 +236,22 @@ def _keys(calls: dict[CallRecord, list]) -> set[int]:
 
 
 def find_regions(
-    roots: list[Node], key: str, scan: GraphScan, b: int, batch_dim: int
+    roots: list[Node], key: str, scan: GraphScan, b: int, batch_dim: int, shared: set[int]
 ) -> Regions | None:
     """The regions of the step whose losses' graph starts at ``roots`` and whose calls ``scan``
-    found, when the losses reach them only through expansions along the batch and each of
-    their calls can be recorded as expanded along it; else ``None``. Two walks of the graph."""
-    found: dict[Node, Expansion] = {}
+    found, when the losses reach them only through entries (expansions along the batch, and
+    products whose right operand is one of the ``shared`` tensors, by id) and each of their
+    calls can be recorded as expanded along the batch; else ``None``. Two walks of the graph."""
+    found: dict[Node, Entry] = {}
 
-    def stop(node: Node) -> bool:
-        entry = expansion(node, b, batch_dim)
-        if entry is not None:
-            found[node] = entry
-        return entry is not None
+    def stop(node: Node) -> tuple[int, ...]:
+        entry: Entry | None = expansion(node, b, batch_dim) or contraction(
+            node, b, batch_dim, shared
+        )
+        if entry is None:
+            return ()
+        found[node] = entry
+        return (entry.index,)
 
     main = scan_graph(roots, key, stop=stop)
     if not found:
@@ -235,7 +319,7 @@ def to_call_gradient(grad: Tensor, t: int, batch_dim: int, stacked: bool, new: b
 
 
 def region_backward(
-    expansions: list[Expansion],
+    entries: list[Entry],
     cotangents: list[Tensor],
     inputs: list,
     retain_graph: bool,
@@ -246,7 +330,7 @@ def region_backward(
     unreached."""
     if not inputs:
         return []
-    outputs = [e.source for e in expansions]
+    outputs = [e.source for e in entries]
     rows = cotangents[0].shape[0]
 
     def at_once(probing: bool) -> list[Tensor | None]:

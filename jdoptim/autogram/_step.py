@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,7 +35,14 @@ from ..linalg.vmap_fallback import VmapState, vmap_or_loop
 from ._graph import GraphScan, scan_graph
 from ._held_rows import HeldRows, RowsBuffer, held_rows_budget, hold_rows, summed_rows
 from ._records import CallRecord
-from ._regions import Regions, find_regions, region_backward, to_call_gradient
+from ._regions import (
+    REGION,
+    RegionRows,
+    Regions,
+    find_regions,
+    region_backward,
+    to_call_gradient,
+)
 from ._sample_dims import output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule, rows_gramian
 
@@ -132,8 +139,8 @@ class StepTemplate:
     """What a step derives from its graph's structure alone, reused by the next steps of the
     same structure: per call (in the scan's order), its parameters that take rows from its rule
     and where its outputs index the samples; how many calls cover each parameter; the parameters
-    whose rows come straight from autograd (before :mod:`._regions` takes those it reads per
-    sample), and whether the step found sample-shared regions.
+    whose rows come straight from autograd; whether the step found sample-shared regions
+    (:mod:`._regions`), and the parameters read directly in them.
 
     The engine keys it (:meth:`~.engine.Engine.step`) by the route's signature (the calls'
     modules and output shapes in the scan's order, the step's parameters used outside calls, the
@@ -148,6 +155,7 @@ class StepTemplate:
     explicit: list[Tensor]
     layouts: list[tuple[list[int] | None, int]]
     regions: bool = False
+    regional: list[Tensor] = field(default_factory=list)
 
 
 class NotPerSample(Exception):
@@ -305,10 +313,8 @@ class GramianStep:
                 "The losses have no autograd graph (no grad_fn): compute them from the model's "
                 "output with gradients enabled."
             )
-        self.losses_shape = tuple(losses.shape)
-        self.device = losses.device
-        self.shared = list(shared)
-        self.specific = list(specific)
+        self.losses_shape, self.device = tuple(losses.shape), losses.device
+        self.shared, self.specific = list(shared), list(specific)
         self.shared_ids = {id(p) for p in self.shared}
         self.labels = labels or {}
         self.held, self.partitioned = None, []
@@ -318,15 +324,16 @@ class GramianStep:
         records = list(scan.calls)
         if template is not None and len(template.call_params) != len(records):
             template = None
+        self._sorting = (explicit_modules, assume_reached)
         call_params, covered = (
-            self._sort_parameters(scan, records, explicit_modules, assume_reached)
+            self._sort_parameters(scan, records, *self._sorting)
             if template is None
             else self._templated_parameters(template)
         )
-        self.region_params, self.region_rows, self.regions = [], [], None
-        if regions and batch_dim is not None and losses.dim() > batch_dim:
-            scan, template = self._take_regions(losses, key, scan, call_params, batch_dim, template)
-            records = list(scan.calls)
+        scan, template, call_params, covered = self._take_regions(
+            losses, key, scan, (call_params, covered), batch_dim if regions else None, template
+        )
+        records = list(scan.calls)
         if batch_dim is not None and (self.explicit or losses.dim() == 0):
             batch_dim = None  # explicit rows need one backward row per loss
         if batch_dim is not None and batch_dim >= losses.dim():
@@ -351,60 +358,76 @@ class GramianStep:
     partitioned: list[Tensor]
     #: the parameters whose rows come straight from the step's backward pass
     explicit: list[Tensor]
-    #: the sample-shared regions the step reads per sample (:mod:`._regions`), the parameters
-    #: read directly in them, and those parameters' rows ``[b, T, *p.shape]``
+    #: the sample-shared regions the step reads per sample (:mod:`._regions`), and the
+    #: parameters read directly in them (their rows: the last of :attr:`rule_parameters`)
     regions: Regions | None
     region_params: list[Tensor]
-    region_rows: list[Tensor]
 
     def _take_regions(
         self,
         losses: Tensor,
         key: str,
         scan: GraphScan,
-        call_params: list[list[Tensor]],
-        batch_dim: int,
+        sorted_: tuple[list[list[Tensor]], dict[int, int]],
+        batch_dim: int | None,
         template: StepTemplate | None,
-    ) -> tuple[GraphScan, StepTemplate | None]:
-        """The scan with the regions' calls recorded as expanded along the batch, when the
-        step reads regions (:attr:`regions`); the template, unless it was the regions' and
-        this step found none."""
-        self.regions = self._find_regions(losses, key, scan, call_params, batch_dim, template)
+    ) -> tuple[GraphScan, StepTemplate | None, list[list[Tensor]], dict[int, int]]:
+        """The scan with the regions' calls recorded as expanded along the batch, the template
+        and the calls' parameters and coverage, when the step reads regions (:attr:`regions`;
+        per-sample mode, ``batch_dim``); as they were otherwise (derived afresh when the
+        template was the regions' and this step found none)."""
+        call_params, covered = sorted_
+        self.region_params, self.regions = [], None
+        if batch_dim is not None and losses.dim() > batch_dim:
+            self.regions = self._find_regions(losses, key, scan, sorted_, batch_dim, template)
         if self.regions is None:
-            return scan, None if template is not None and template.regions else template
+            if template is not None and template.regions:
+                call_params, covered = self._sort_parameters(scan, list(scan.calls), *self._sorting)
+                template = None
+            return scan, template, call_params, covered
+        if template is None:  # the regions' parameters join their modules' calls, if any
+            regional = {id(p) for p in self.region_params}
+            call_params, covered = self._sort_parameters(
+                scan, list(scan.calls), *self._sorting, regional=regional
+            )
+            for p in self.region_params:  # (the regions' rows count as one more call)
+                covered[id(p)] = covered.get(id(p), 0) + 1
         found = self.regions.records
         calls = {found.get(id(r), r): edges for r, edges in scan.calls.items()}
-        return GraphScan(calls, scan.outside_leaves), template
+        return GraphScan(calls, scan.outside_leaves), template, call_params, covered
 
     def _find_regions(
         self,
         losses: Tensor,
         key: str,
         scan: GraphScan,
-        call_params: list[list[Tensor]],
+        sorted_: tuple[list[list[Tensor]], dict[int, int]],
         batch_dim: int,
         template: StepTemplate | None,
     ) -> Regions | None:
         """The step's sample-shared regions when it needs them (parameters read outside any
         call, or a call whose output does not index the samples) and every parameter read
-        outside a call is read in them; moves those from :attr:`explicit` to
-        :attr:`region_params`."""
+        outside a call is read in them (:attr:`region_params`: :attr:`explicit` then holds
+        none)."""
         b = losses.shape[batch_dim]
         if b <= 1:
             return None
         if template is not None:
             if not template.regions:
                 return None
-        elif not self.explicit and self._indexes_samples(scan, call_params, b, batch_dim):
+            shared = {id(p) for p in template.regional}
+        elif not self.explicit and self._indexes_samples(scan, sorted_[0], b, batch_dim):
             return None
+        else:
+            shared = {id(p) for p in self.explicit}
         assert losses.grad_fn is not None
-        regions = find_regions([losses.grad_fn], key, scan, b, batch_dim)
+        regions = find_regions([losses.grad_fn], key, scan, b, batch_dim, shared)
         if regions is None:
             return None
         inside = {id(t) for t in regions.leaves}
         if any(id(p) not in inside for p in self.explicit):
             return None
-        self.region_params = self.explicit
+        self.region_params = [p for p in [*self.shared, *self.specific] if id(p) in inside]
         self.explicit = []
         return regions
 
@@ -436,8 +459,10 @@ class GramianStep:
         """This step's :class:`StepTemplate`, with the calls' layouts (which raises
         :class:`NotPerSample` before the backward pass, when nothing is spent yet)."""
         layouts = self._sample_layouts(records, call_params, batch_dim)
-        explicit = [*self.explicit, *self.region_params]  # (as :meth:`_sort_parameters` found)
-        return StepTemplate(call_params, covered, explicit, layouts, self.regions is not None)
+        regions = self.regions is not None
+        return StepTemplate(
+            call_params, covered, self.explicit, layouts, regions, list(self.region_params)
+        )
 
     def _differentiate(
         self, losses: Tensor, plan: StepPlan, retain_graph: bool, state: VmapState
@@ -451,48 +476,51 @@ class GramianStep:
         #: ``(call, tapped index, edge)`` of each output the backward reaches
         self.call_edges: list[tuple[CallRecord, int, GradientEdge]] = edges
         edges = [edge for edge in edges if id(edge[0]) not in inside]
-        expansions = [] if self.regions is None else self.regions.expansions
+        entries = [] if self.regions is None else self.regions.entries
         inputs = [e for _, _, e in edges] + self.explicit
         batched = self.T > 1
         grads = _backward(
-            losses, inputs + [e.at for e in expansions], plan.grad_outputs, batched,
+            losses, inputs + [e.at for e in entries], plan.grad_outputs, batched,
             retain_graph, state,
         )  # fmt: skip
         self.backward_inputs: list = inputs
         per_record = self._sort_gradients(records, edges, grads[: len(inputs)], batched)
-        if self.regions is not None:
-            self._region_gradients(grads[len(inputs) :], per_record, retain_graph, state)
         self.rule_parameters: list[RuleParameters] = []
         self.generic_modules: set[int] = set()
+        if self.regions is not None:
+            rows = self._region_gradients(grads[len(inputs) :], per_record, retain_graph, state)
         for r, ps in zip(records, plan.call_params):
             if ps:
                 call = self._call(r, per_record[id(r)], ps, plan.layouts, batched)
                 self.rule_parameters.append(self._rule_parameters(call, plan))
+        if self.region_params:  # (last: the regions' backward gave their rows)
+            self.rule_parameters.append(self._region_rule(rows, plan.covered))
 
     def _region_gradients(
         self,
-        at_expansions: list[Tensor | None],
+        at_entries: list[Tensor | None],
         per_record: dict[int, list[Tensor | None]],
         retain_graph: bool,
         state: VmapState,
-    ) -> None:
-        """The second backward of :mod:`._regions`: from each expansion's input, with each
+    ) -> list[Tensor]:
+        """The second backward of :mod:`._regions`: from each entry's shared input, with each
         (task, sample)'s gradient there as a row, to the regions' calls' outputs (into
-        ``per_record``) and their parameters read directly (:attr:`region_rows`)."""
+        ``per_record``) and to their parameters read directly (their rows ``[b, T, *p.shape]``,
+        returned)."""
         assert self.regions is not None and self.batch_dim is not None
         b, t, batched, batch_dim = self.b, self.T, self.T > 1, self.batch_dim
-        expansions, cotangents = [], []
-        for expansion, grad in zip(self.regions.expansions, at_expansions):
+        entries, cotangents = [], []
+        for entry, grad in zip(self.regions.entries, at_entries):
             if grad is not None:
-                expansions.append(expansion)
-                cotangents.append(expansion.per_sample(grad, b, batch_dim, batched))
+                entries.append(entry)
+                cotangents.append(entry.per_sample(grad, b, batch_dim, batched))
         inside = {id(r) for r in self.regions.records.values()}
         calls = [(r, i, e) for r, i, e in self.call_edges if id(r) in inside]
         inputs = [e for _, _, e in calls] + self.region_params
         self.backward_inputs = self.backward_inputs + inputs
         grads = (
-            region_backward(expansions, cotangents, inputs, retain_graph, state)
-            if expansions
+            region_backward(entries, cotangents, inputs, retain_graph, state)
+            if entries
             else [None] * len(inputs)
         )
         for (record, index, _), grad in zip(calls, grads):
@@ -500,12 +528,22 @@ class GramianStep:
                 assert record.unexpanded is not None
                 new = len(record.tapped[0].shape) > len(record.unexpanded[2])
                 per_record[id(record)][index] = to_call_gradient(grad, t, batch_dim, batched, new)
-        self.region_rows = [
+        return [
             torch.zeros((b, t, *p.shape), dtype=p.dtype, device=p.device)
             if g is None
             else dense(g).unflatten(0, (t, b)).transpose(0, 1)
             for p, g in zip(self.region_params, grads[len(calls) :])
         ]
+
+    def _region_rule(self, rows: list[Tensor], covered: dict[int, int]) -> RuleParameters:
+        """The regions' parameters read directly, with their rows, as one more call's rule
+        (:class:`~._regions.RegionRows`): a parameter a module's call uses too (a tied head
+        read as ``F.linear(h, embedding.weight)``) has its rows summed over both."""
+        record = CallRecord(REGION, (), {}, [])  # (the rows, taken as one call of their own)
+        call = Call(record, [], self.region_params, self.batch_dim, self.b, self.T)
+        return RuleParameters.of(
+            RegionRows(call, rows), self.region_params, self.shared_ids, covered
+        )
 
     def _call(
         self,
@@ -598,13 +636,18 @@ class GramianStep:
         records: list[CallRecord],
         explicit_modules: frozenset[int],
         assume_reached: bool,
+        regional: set[int] | None = None,
     ) -> tuple[list[list[Tensor]], dict[int, int]]:
         """Each call's parameters (those of this step that take rows from its rule), how many
         calls cover each parameter, and :attr:`explicit`: the parameters whose rows come
         straight from autograd (used outside any call, of an ``explicit_modules`` module, or
-        reached through no recorded call)."""
+        reached through no recorded call), but the ``regional`` ones (ids: read directly in
+        sample-shared regions, whose rows come from the regions' backward)."""
+        regional = regional or set()
         wanted = {id(p): p for p in [*self.shared, *self.specific]}
-        explicit = {id(t): t for t in scan.outside_leaves if id(t) in wanted}
+        explicit = {
+            id(t): t for t in scan.outside_leaves if id(t) in wanted and id(t) not in regional
+        }
         for record in records:
             if id(record.module) in explicit_modules:
                 params = _parameters_of(record.module)
@@ -619,7 +662,12 @@ class GramianStep:
                     covered[id(p)] = covered.get(id(p), 0) + 1
             call_params.append(params)
         for pid, p in wanted.items():  # reached through no recorded call: straight from autograd
-            if assume_reached and pid not in covered and pid not in explicit:
+            if (
+                assume_reached
+                and pid not in covered
+                and pid not in explicit
+                and pid not in regional
+            ):
                 explicit[pid] = p
         self.explicit = list(explicit.values())
         return call_params, covered
@@ -707,19 +755,11 @@ class GramianStep:
 
     def _explicit_shared_rows(self) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, [1, T, *p.shape])`` of the shared parameters whose rows come straight
-        from autograd, and ``(parameter, [b, T, *p.shape])`` of those read directly in
-        sample-shared regions (:mod:`._regions`)."""
+        from autograd."""
         return [
-            *(
-                (p, rows.unsqueeze(0))
-                for p, rows in zip(self.explicit, self.explicit_rows)
-                if id(p) in self.shared_ids
-            ),
-            *(
-                (p, rows)
-                for p, rows in zip(self.region_params, self.region_rows)
-                if id(p) in self.shared_ids
-            ),
+            (p, rows.unsqueeze(0))
+            for p, rows in zip(self.explicit, self.explicit_rows)
+            if id(p) in self.shared_ids
         ]
 
     def _alone_terms(self, formed: set[int]) -> Iterable[Tensor]:
@@ -817,8 +857,7 @@ class GramianStep:
                     ones = torch.ones(b, t, dtype=specific[0].dtype, device=specific[0].device)
                 for p, g in zip(specific, rule.weighted(specific, ones)):
                     add(p, g)
-        region = ((p, rows.flatten(0, 1)) for p, rows in zip(self.region_params, self.region_rows))
-        for p, rows in itertools.chain(zip(self.explicit, self.explicit_rows), region):
+        for p, rows in zip(self.explicit, self.explicit_rows):
             if id(p) in skip:
                 continue
             if id(p) in self.shared_ids or weigh_specific:

@@ -287,13 +287,8 @@ class StreamingStep(GramianStep):
 
         def finish(record: CallRecord, params: list[Tensor], grads: list[Tensor | None]) -> None:
             call = self._call(record, grads, params, plan.layouts, batched)
-            parts = self._rule_parameters(call, plan)
-            with torch.no_grad(), fewest_entries():  # the activations are alive meanwhile
-                if probing is None:
-                    self._take_terms(parts)
-                else:
-                    edges = [e for e in plan.scan.calls[record] if e is not None]
-                    probing.take(parts, edges, lambda: self._take_terms(parts))
+            edges = [e for e in plan.scan.calls[record] if e is not None]
+            self._take(self._rule_parameters(call, plan), edges, probing)
 
         wanted, shared_calls = self._calls_of(plan)
         inbox = _Inbox(plan, wanted, self.T if batched else None, finish)
@@ -307,9 +302,9 @@ class StreamingStep(GramianStep):
         handles = [node.register_prehook(_prehook(by_node[node], inbox)) for node in running]
         lowest = [(node, entries) for node, entries in by_node.items() if node not in running]
         edges = {(e[3], node): GradientEdge(node, e[3]) for node, es in lowest for e in es}
-        expansions = [] if self.regions is None else [e.at for e in self.regions.expansions]
+        at_entries = [] if self.regions is None else [e.at for e in self.regions.entries]
         try:
-            inputs: list = [*edges.values(), *self._captured, *expansions]
+            inputs: list = [*edges.values(), *self._captured, *at_entries]
             grads = self._first_backward(losses, inputs, plan.grad_outputs, batched)
         finally:
             for handle in handles:
@@ -325,16 +320,21 @@ class StreamingStep(GramianStep):
         captured = len(edges) + len(self._captured)
         self._take_captured(grads[len(edges) : captured], batched)
         if self.regions is not None:
-            self._finish_regions(grads[captured:], plan, shared_calls, state, finish)
+            rows = self._finish_regions(grads[captured:], plan, shared_calls, state, finish)
+            if self.region_params:
+                self._take(self._region_rule(rows, plan.covered), [], probing)
         if probing is not None:
-            self.probe = self._probe_of(probing)
+            self.probe = probing.probe(
+                self.explicit, self.explicit_rows, self.shared + self.specific
+            )
 
-    def _probe_of(self, probing: _Probing) -> Probe:
-        """The check's probe, the rows of the parameters read outside the calls included."""
-        region_rows = (rows.flatten(0, 1) for rows in self.region_rows)
-        explicit = [*self.explicit, *self.region_params]
-        rows = [*self.explicit_rows, *region_rows]
-        return probing.probe(explicit, rows, self.shared + self.specific)
+    def _take(self, parts: RuleParameters, edges: list, probing: _Probing | None) -> None:
+        """A call's terms and rows (:meth:`_take_terms`), and with the check, its ``Jᵀv``."""
+        with torch.no_grad(), fewest_entries():  # the activations are alive meanwhile
+            if probing is None:
+                self._take_terms(parts)
+            else:
+                probing.take(parts, edges, lambda: self._take_terms(parts))
 
     def _calls_of(
         self, plan: StepPlan
@@ -351,15 +351,15 @@ class StreamingStep(GramianStep):
 
     def _finish_regions(
         self,
-        at_expansions: list[Tensor | None],
+        at_entries: list[Tensor | None],
         plan: StepPlan,
         calls: list[tuple[CallRecord, list[Tensor]]],
         state: VmapState,
         finish: Callable[[CallRecord, list[Tensor], list[Tensor | None]], None],
-    ) -> None:
+    ) -> list[Tensor]:
         """The sample-shared regions' calls (``calls``, with their parameters), finished from
         the regions' own backward (:meth:`~._step.GramianStep._region_gradients`; the graph is
-        kept for the update's backward pass)."""
+        kept for the update's backward pass); the rows of their parameters read directly."""
         self.call_edges = [
             (r, i, e) for r, _ in calls for i, e in enumerate(plan.scan.calls[r]) if e is not None
         ]
@@ -367,9 +367,10 @@ class StreamingStep(GramianStep):
         per_record: dict[int, list[Tensor | None]] = {
             id(r): [None] * len(r.tapped) for r, _ in calls
         }
-        self._region_gradients(at_expansions, per_record, True, state)
+        rows = self._region_gradients(at_entries, per_record, True, state)
         for record, params in calls:
             finish(record, params, per_record[id(record)])
+        return rows
 
     def _first_backward(
         self, losses: Tensor, inputs: list, grad_outputs: Tensor, batched: bool

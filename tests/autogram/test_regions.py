@@ -221,3 +221,62 @@ def test_a_parameter_expanded_to_an_int_batch_size_in_a_call(layout: str) -> Non
     if batch_dim is not None:  # one per-sample backward (no warning: they are errors here)
         assert all(step.b == 3 and step.explicit == [] for step in steps)
     check_step(model, _losses(model, layout), batch_dim=batch_dim, rtol=1e-10)
+
+
+class _ReadHead(nn.Module):
+    """Logits against a table read directly in the forward, ``F.linear(h, table.weight)``:
+    ``"tied"``, the token embedding's own table (a tied head written as OLMo writes it, the
+    table used by the embedding's call too); ``"prototypes"``, a table no call uses (class
+    prototypes); ``"last"``, the tied head on the last position only (``[b, d]`` rows)."""
+
+    def __init__(self, how: str, vocab: int = 11, d: int = 6) -> None:
+        super().__init__()
+        self.how = how
+        self.wte = nn.Embedding(vocab, d)
+        self.protos = nn.Embedding(vocab, d) if how == "prototypes" else None
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(self.wte(tokens)))  # [b, s, d]
+        if self.how == "last":
+            h = h[:, -1]  # [b, d]
+        table = self.wte.weight if self.protos is None else self.protos.weight
+        logits = nn.functional.linear(h, table)
+        logits = logits if logits.dim() == 3 else logits[:, None]
+        return torch.stack([logits.logsumexp(-1).mean(1), logits[..., 0].pow(2).mean(1)], 1)
+
+
+def _read_head_losses(model: nn.Module, layout: str):
+    tokens = torch.randint(0, 11, (3, 5))
+
+    def losses() -> Tensor:
+        out = model(tokens)  # [b, 2]
+        if layout == "per-sample":
+            return out[:, 0]
+        return out if layout == "batch-tasks" else out.mean(0)
+
+    return losses
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low-memory"])
+@pytest.mark.parametrize("layout", ["per-sample", "batch-tasks"])
+@pytest.mark.parametrize("how", ["tied", "prototypes", "last"])
+def test_a_table_read_by_a_product_is_read_per_sample(
+    how: str, layout: str, low_memory: bool
+) -> None:
+    """Each sample's gradient of the table is ``Σ_rows hᵀ D`` over its rows of the product;
+    a tied table's rows are summed with its embedding call's."""
+    torch.manual_seed(0)
+    model = _ReadHead(how).double()
+    losses = _read_head_losses(model, layout)
+    steps = _check_engine_steps(model, losses, batch_dim=0, low_memory=low_memory)
+    table = model.wte.weight if model.protos is None else model.protos.weight
+    assert all(step.b == 3 and step.region_params == [table] for step in steps)
+    check_step(model, losses, batch_dim=0, rtol=1e-10, low_memory=low_memory)
+
+
+def test_a_table_read_by_a_product_with_task_losses() -> None:
+    torch.manual_seed(0)
+    model = _ReadHead("tied").double()
+    _check_engine_steps(model, _read_head_losses(model, "tasks"), batch_dim=None)
+    check_step(model, _read_head_losses(model, "tasks"), batch_dim=None, rtol=1e-10)
