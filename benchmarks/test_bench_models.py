@@ -56,7 +56,7 @@ from benchmarks.test_bench_engine import _peak_mb, _rss_mb  # noqa: F401  (used 
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad, UPGradWeighting
 from jdoptim.autogram import Engine
-from tests.models import ResNetGN
+from tests.models import NanoGPT, ResNetGN
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 TINY = os.environ.get("BENCH_TINY") == "1"
@@ -94,11 +94,12 @@ def _lm_batch(batch: int, seq: int) -> Tensor:
     return torch.randint(0, VOCAB, (batch, seq))
 
 
-def _lm_losses(tokens: Tensor, tasks: int) -> Losses:
-    """Per-sample mean next-token cross-entropy, or ``tasks`` chunks of positions' batch means."""
+def _lm_losses(tokens: Tensor, tasks: int, bare: bool = False) -> Losses:
+    """Per-sample mean next-token cross-entropy, or ``tasks`` chunks of positions' batch means
+    (``bare``: the model returns the logits themselves)."""
 
     def losses(model: nn.Module) -> Tensor:
-        logits = model(tokens).logits[:, :-1]
+        logits = (model(tokens) if bare else model(tokens).logits)[:, :-1]
         ce = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
         ).view(tokens.shape[0], -1)
@@ -207,6 +208,9 @@ def build(
         model, losses = _gpt2(tasks, 6, 256, 4, 128)
     elif model_name == "llama-small":
         model, losses = _llama(tasks)
+    elif model_name in ("nanogpt", "nanogpt-read-head"):  # (not in MODELS, by name)
+        model = NanoGPT(VOCAB, 16, 32, 2, 2, read_head=model_name.endswith("read-head"))
+        losses = _lm_losses(_lm_batch(_batch(8 if not TINY else 4), 16), tasks, bare=True)
     elif model_name == "deberta-v2-small":  # (not in MODELS: by name, e.g. ab_inprocess.py)
         model, losses = _deberta_v2(tasks)
     elif model_name == "vit":

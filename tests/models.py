@@ -72,7 +72,8 @@ class _NanoBlock(nn.Module):
 class NanoGPT(nn.Module):
     """A nanoGPT-style language model (Karpathy's ``model.py`` layout, written here): token and
     position embeddings (``wpe(arange(t))``, ``[t, d]``, shared by the samples), pre-norm blocks,
-    dropout, and a head tied to the token embedding."""
+    dropout, and a head tied to the token embedding (with ``read_head``, written as
+    ``F.linear(h, wte.weight)`` in the forward, as OLMo writes it, instead of a tied module)."""
 
     def __init__(
         self,
@@ -82,8 +83,10 @@ class NanoGPT(nn.Module):
         layers: int = 2,
         heads: int = 2,
         dropout: float = 0.1,
+        read_head: bool = False,
     ) -> None:
         super().__init__()
+        self.read_head = read_head
         self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(block, width)
         self.drop = nn.Dropout(dropout)
         self.h = nn.ModuleList(_NanoBlock(width, heads, dropout) for _ in range(layers))
@@ -96,6 +99,8 @@ class NanoGPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
             x = block(x)
+        if self.read_head:
+            return nn.functional.linear(self.ln_f(x), self.wte.weight)
         return self.lm_head(self.ln_f(x))
 
 
