@@ -335,12 +335,22 @@ def _note_base(key: str, call: CallRecord, output: Tensor, sole: Tensor) -> None
     into the base, and the call would be lost to the graph walk (its parameters then took one
     backward row per loss). The walk reads the call at the base's node instead when it meets
     that node (:func:`._graph.scan_graph`), which only happens when the output's own node does
-    not hide it: the base's gradient is then the call's whole output gradient."""
+    not hide it: the base's gradient is then the call's whole output gradient. When the output
+    is the whole base, viewed contiguously, the call keeps its output's shape there (the base's
+    gradient is read in it): ``[s·b, o]`` rows of a sequence-first ``[s, b, d]`` input are not
+    sample-major, ``[s, b, o]`` holds the samples along dimension 1."""
     base = output._base
     node = None if base is None else base.grad_fn
     if base is None or node is None or node is sole.grad_fn or base.dim() == 0:
         return
-    tapped = Tapped(0, base.shape, base.dtype, base.device, base.output_nr)
+    whole = (
+        output.numel() == base.numel()
+        and output.storage_offset() == base.storage_offset()
+        and output.is_contiguous()
+        and base.is_contiguous()
+    )
+    shape = output.shape if whole else base.shape
+    tapped = Tapped(0, shape, base.dtype, base.device, base.output_nr)
     node_metadata(node).setdefault(base_key(key), []).append((call, tapped))
 
 

@@ -81,3 +81,50 @@ def test_the_call_is_found_by_the_walk() -> None:
             step = engine.step(_losses_of(model, "per-sample")(), params, [], per_sample=True)
             assert step.b == 3 and step.explicit == []
             assert {type(parts.rule).__name__ for parts in step.rule_parameters} == {"LinearRule"}
+
+
+class _SequenceFirst(nn.Module):
+    """A sequence-first model (``batch_dim=1``): a Linear on ``[s, b, d]`` whose output, a view
+    of ``addmm``'s ``[s·b, o]`` rows (not sample-major), is divided in place, as Longformer's
+    global query projection is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [s, b, 4]
+        h = self.q(x)
+        h /= 2.0
+        out = (torch.tanh(h) * self.k(x)).pow(2)  # [s, b, 4]
+        return torch.stack([out.sum((0, 2)), out[0].sum(-1)])  # [2, b]
+
+
+def _sequence_first_losses(model: nn.Module, layout: str):
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    return lambda: model(x)[0] if layout == "per-sample" else model(x)
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low-memory"])
+@pytest.mark.parametrize("layout", ["per-sample", "batch-tasks"])
+def test_in_place_on_a_sequence_first_output_is_exact(layout: str, low_memory: bool) -> None:
+    torch.manual_seed(0)
+    model = _SequenceFirst().double()
+    losses = _sequence_first_losses(model, layout)
+    for _ in range(2):
+        check_gramian(model, losses, 1, rtol=1e-12, low_memory=low_memory)
+        check_step(model, losses, 1, rtol=1e-10, low_memory=low_memory)
+
+
+@pytest.mark.parametrize("layout", ["per-sample", "batch-tasks"])
+def test_a_sequence_first_output_taken_at_its_base_stays_per_sample(layout: str) -> None:
+    """The call taken at its output's base keeps its output's shape there (the base's gradient
+    read in it), so its samples are along dimension 1, not folded into the base's rows: one
+    per-sample backward, no warning (an error in this suite)."""
+    torch.manual_seed(0)
+    model = _SequenceFirst().double()
+    losses = _sequence_first_losses(model, layout)
+    params = list(model.parameters())
+    with Engine(model, batch_dim=1) as engine:
+        for _ in range(2):
+            step = engine.step(losses(), params, [], per_sample=True)
+            assert step.b == 5 and step.explicit == []
