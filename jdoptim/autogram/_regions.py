@@ -7,31 +7,43 @@ directly by the encoder, then each layer's query and key projections of it) are 
 every sample, so the backward gives only ``Σᵢ ∂ℓᵢ/∂S``, and the engine used to take such a
 structure with one backward row per loss (``b`` times the backward passes).
 
-Such a tensor enters the batched computation at an *expansion along the batch*: ``S.expand(…)``
-from size 1 (or from a new leading dimension) to ``b·k`` along ``batch_dim``, or
-``S.repeat(…)`` by ``b·c`` along it and by 1 elsewhere (DeBERTa's ``[heads, 2k, d_h]`` repeated
-to ``[b·heads, 2k, d_h]``, the samples folded with the heads, sample-major). Sample ``i``'s losses
-read only its own ``k`` entries of the expansion, so the backward's gradient ``D`` at the
-expansion's output holds, in those entries, ``∂ℓᵢ/∂(copy i of S)``; summed over the copies that
-sample owns, it is sample ``i``'s gradient of ``S``:
+Such a tensor meets the batch at an *entry* (:class:`Entry`), of two kinds:
 
-.. math:: \frac{\partial \ell_i}{\partial S} = \sum_{j \in \text{copies}(i)} D_j .
+* an *expansion along the batch* (:class:`Expansion`): ``S.expand(…)`` from size 1 (or from a
+  new leading dimension) to ``b·k`` along ``batch_dim``, or ``S.repeat(…)`` by ``b·c`` along it
+  and by 1 elsewhere (DeBERTa's ``[heads, 2k, d_h]`` repeated to ``[b·heads, 2k, d_h]``, the
+  samples folded with the heads, sample-major; a broadcasting ``matmul`` expands its
+  ``[1, heads, …]`` operand the same way). Sample ``i``'s losses read only its own entries of
+  the expansion, so the backward's gradient ``D`` at the expansion's output holds, in those
+  entries, ``∂ℓᵢ/∂(copy of S)``; summed over the copies that sample owns, it is sample ``i``'s
+  gradient of ``S``:
 
-The *region* is the part of the graph above the expansions' inputs. When the losses reach it
-only through expansions (nothing else of the step's graph reaches into it), a second backward,
-from the expansions' inputs with each (task, sample)'s gradient of ``S`` as a row of its own
+  .. math:: \frac{\partial \ell_i}{\partial S} = \sum_{j \in \text{copies}(i)} D_j ;
+
+* a *product* (:class:`Contraction`) ``A S`` (``mm``, ``addmm``), ``A`` the samples' rows
+  (``F.linear(h, W)`` over ``[b, s, d]`` activations folds them to ``[b·s, d]``, sample-major)
+  and ``S`` a parameter read outside every call (a head tied to the token embedding by reading
+  its weight in the forward, class prototypes): sample ``i``'s gradient of ``S`` is
+  ``Σ_{r ∈ rows(i)} A_rᵀ D_r``.
+
+The *region* is the part of the graph above the entries' shared inputs. When the losses reach it
+only through entries (nothing else of the step's graph reaches into it), a second backward,
+from those inputs with each (task, sample)'s gradient of ``S`` as a row of its own
 (``is_grads_batched``: ``T·b`` rows), gives each sample's gradient at the region's hooked calls'
 outputs and at its parameters read directly. The region is parameter-sized (no activation of
 ``b`` samples flows through it), so these rows cost about ``T·b`` backward passes of a small
 graph, not of the model. The region's calls are then recorded as calls expanded along the batch
 (:mod:`._shared`: their inputs expanded as views, so that every rule sees ``b`` samples whose
 ``i``-th output gradient is sample ``i``'s), and its parameters read directly get rows
-``[b, T, *p.shape]`` straight from that backward.
+``[b, T, *p.shape]`` straight from that backward, taken as one more call's rule
+(:class:`RegionRows`): a parameter that a module's call uses too (the tied table, which the
+embedding's call looks up) has its rows summed over both, as any tied parameter's.
 
-Whether a node expands along the batch is read off its shapes, so a size coincidence (a batched
+Whether a node is an entry is read off its shapes, so a size coincidence (a batched
 ``x.repeat(2, 1)`` at ``b = 2``) could make one look like an expansion; the engine's check on the
 first step of each structure compares the step's ``Jᵀv`` with autograd's and then takes the
-structure without regions (:class:`SampleSharedRegion` names such a failure).
+structure without regions (:class:`SampleSharedRegion` names a failure of the rows of the
+parameters read directly).
 """
 
 from __future__ import annotations

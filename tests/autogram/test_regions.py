@@ -280,3 +280,29 @@ def test_a_table_read_by_a_product_with_task_losses() -> None:
     model = _ReadHead("tied").double()
     _check_engine_steps(model, _read_head_losses(model, "tasks"), batch_dim=None)
     check_step(model, _read_head_losses(model, "tasks"), batch_dim=None, rtol=1e-10)
+
+
+class _FeatureRows(nn.Module):
+    """A product whose rows are not the samples', ``x.T @ table`` (``[4, b]`` rows at
+    ``b = 2``, a multiple of ``b``), with a table read directly: its shapes are those of a
+    contraction, but the rows are the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Linear(5, 4)
+        self.table = nn.Embedding(2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.encode(x))  # [2, 4]
+        mixed = h.T @ self.table.weight  # [4, 3]
+        return (h * mixed.sum(1)).pow(2).sum(1)  # [2]
+
+
+def test_a_product_over_rows_that_are_not_samples_is_caught_by_the_check() -> None:
+    torch.manual_seed(0)
+    model = _FeatureRows().double()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EngineRouteWarning)
+        steps = _check_engine_steps(model, lambda: model(x), batch_dim=0)
+    assert steps[0].regions is None
