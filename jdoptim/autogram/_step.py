@@ -153,7 +153,7 @@ class StepTemplate:
     call_params: list[list[Tensor]]
     covered: dict[int, int]
     explicit: list[Tensor]
-    layouts: list[tuple[list[int] | None, int]]
+    layouts: list[tuple[list[int] | None, Group]]
     regions: bool = False
     regional: list[Tensor] = field(default_factory=list)
 
@@ -169,21 +169,32 @@ class NotPerSample(Exception):
         self.modules = modules
 
 
-def _sample_group(record: CallRecord, dims: list[int], count: int, label: str) -> int | str:
+#: how many entries of its sample dimension each sample owns in a call's outputs: one number for
+#: all of them, or one per output (a re-run call whose outputs fold the samples differently)
+Group = int | tuple[int, ...]
+
+
+def _sample_group(record: CallRecord, dims: list[int], count: int, label: str) -> Group | str:
     """How many consecutive entries of its sample dimension each sample owns in the call's
     outputs (``1``: they index the ``count`` samples; ``k``: ``k·count`` entries, the samples
     folded with another dimension, sample-major, as ``x.reshape(-1, d)`` over ``[b, s, d]``
-    gives; the engine's check proves that reading on the structure's first step), or why the
-    outputs cannot be split per sample."""
-    sizes = {
+    gives; per output, when they differ: WavLM's attention returns ``[b, s, d]`` and a
+    ``[b·heads, s, s]`` position bias, which only the generic rule takes; the engine's check
+    proves that reading on the structure's first step), or why the outputs cannot be split per
+    sample."""
+    per_output = [
         tapped.shape[dim] if len(tapped.shape) > dim else 0
         for tapped, dim in zip(record.tapped, dims)
-    }
+    ]
+    sizes = set(per_output)
     size = sizes.pop() if len(sizes) == 1 else 0
     if size == count:
         return 1
-    if size > count and size % count == 0 and not isinstance(record.module, torch.nn.RNNBase):
+    folds = not isinstance(record.module, torch.nn.RNNBase)
+    if size > count and size % count == 0 and folds:
         return size // count
+    if not size and folds and all(s >= count and s % count == 0 for s in per_output):
+        return tuple(s // count for s in per_output)
     shapes = ", ".join(str(tuple(t.shape)) for t in record.tapped)
     return (
         f"{label} returned shape {shapes}, whose dimension {dims[0]} does not hold the {count} "
@@ -212,7 +223,7 @@ class StepPlan:
     records: list[CallRecord]
     call_params: list[list[Tensor]]
     covered: dict[int, int]
-    layouts: dict[int, tuple[list[int] | None, int]]
+    layouts: dict[int, tuple[list[int] | None, Group]]
     grad_outputs: Tensor
     whole_modules: frozenset[int]
 
@@ -550,7 +561,7 @@ class GramianStep:
         record: CallRecord,
         grads: list[Tensor | None],
         params: list[Tensor],
-        layouts: dict[int, tuple[list[int] | None, int]],
+        layouts: dict[int, tuple[list[int] | None, Group]],
         batched: bool,
     ) -> Call:
         """A call that has parameters of this step, with its gradients (in its outputs' shapes:
@@ -570,7 +581,8 @@ class GramianStep:
             self.T,
             out_dims=dims,
             stacked=batched,
-            group=group,
+            group=group if isinstance(group, int) else 1,
+            groups=None if isinstance(group, int) else group,
         )
 
     def _sort_gradients(
@@ -701,15 +713,15 @@ class GramianStep:
 
     def _sample_layouts(
         self, records: list[CallRecord], call_params: list[list[Tensor]], batch_dim: int | None
-    ) -> list[tuple[list[int] | None, int]]:
+    ) -> list[tuple[list[int] | None, Group]]:
         """Per call, in ``records``' order: where its outputs index the samples (``None``
         without ``batch_dim``), and how many entries there each sample owns
         (:attr:`.rules.Call.group`); raises :class:`NotPerSample` before the backward pass, when
         nothing is spent yet."""
-        found: list[tuple[list[int] | None, int]] = []
+        found: list[tuple[list[int] | None, Group]] = []
         problems: dict[int, str] = {}
         for record, params in zip(records, call_params):
-            layout: tuple[list[int] | None, int] = (None, 1)
+            layout: tuple[list[int] | None, Group] = (None, 1)
             if batch_dim is not None and params:
                 dims = output_sample_dims(record, batch_dim)
                 group = _sample_group(record, dims, self.b, self.label(record.module))

@@ -121,6 +121,7 @@ def make_rule(call: Call) -> LayerRule:
     if (
         rule is not None
         and (call.group == 1 or rule.grouped_samples)
+        and call.groups is None
         and call.record.inputs_expanded
         and rule.applies(call)
     ):

@@ -75,6 +75,12 @@ class Call:
     out_dims: list[int] | None = None  # per tapped output, where it indexes the samples
     stacked: bool = True  # whether ``grads`` have their row dimension
     group: int = 1  # entries of the sample dimension per sample (sample-major)
+    #: per tapped output, when the outputs fold the samples differently (the generic rule's)
+    groups: tuple[int, ...] | None = None
+
+    def group_of(self, index: int) -> int:
+        """The entries of tapped output ``index``'s sample dimension each sample owns."""
+        return self.group if self.groups is None else self.groups[index]
 
     def out_dim(self, index: int) -> int | None:
         if self.batch_dim is None:
@@ -144,9 +150,10 @@ class Call:
         if dim is None:  # one sample: [1, T] @ [T, N]
             summed = torch.mm(weights.to(grad.dtype), grad.reshape(self.T, -1))
             return summed.view(grad.shape[1:])
-        entries = self.b * self.group
-        if self.group > 1:  # [b, T] → [b·k, T], sample-major
-            weights = weights.repeat_interleave(self.group, dim=0)
+        group = self.group_of(index)
+        entries = self.b * group
+        if group > 1:  # [b, T] → [b·k, T], sample-major
+            weights = weights.repeat_interleave(group, dim=0)
         if self.T == 1 and dim == 0:  # per-sample losses: w_i D_i
             return grad[0] * weights.to(grad.dtype).view(entries, *(1,) * (grad.dim() - 2))
         moved = grad.movedim(dim + 1, 1)  # [T, b(·k), ...]

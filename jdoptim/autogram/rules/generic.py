@@ -203,8 +203,9 @@ class GenericRule(LayerRule):
             dim = call.out_dim(index)
             assert dim is not None
             eye = torch.eye(b, dtype=grad.dtype, device=grad.device)
-            eye = eye.repeat_interleave(call.group, dim=1)  # [b, b·k]: sample i's k entries
-            entries = b * call.group
+            group = call.group_of(index)
+            eye = eye.repeat_interleave(group, dim=1)  # [b, b·k]: sample i's k entries
+            entries = b * group
             mask = eye.reshape(b, 1, *(entries if d == dim else 1 for d in range(grad.dim() - 1)))
             cotangents.append((grad.unsqueeze(0) * mask).reshape(b * t, *grad.shape[1:]))
         rows = self._whole_rows(primals, buffers, args, kwargs, tuple(cotangents))
@@ -218,9 +219,11 @@ class GenericRule(LayerRule):
         flat, spec = tree_flatten((args, kwargs))
         k = call.group
         dims = input_sample_dims(call.module, flat, call.batch_dim, call.b * k)
-        if all(d is None for d in dims):  # no input holds the samples (Perceiver's position
-            # encodings return a parameter expanded to an int batch size): the whole call
+        if all(d is None for d in dims) and call.groups is None:  # no input holds the samples
+            # (Perceiver's position encodings expand a parameter to an int batch size)
             return self._masked_rows(primals, buffers, args, kwargs, grads)
+        if call.groups is not None:
+            return self._grouped_rows(primals, buffers, flat, spec, grads)
         out_dims = [call.sample_out_dim(i) for i in range(len(grads))]
         if k > 1:  # [.., b·k, ..] → [.., b, k, ..]: vmap hands each sample its k entries
             flat = [t if d is None else t.unflatten(d, (call.b, k)) for t, d in zip(flat, dims)]
@@ -241,6 +244,38 @@ class GenericRule(LayerRule):
             lambda _: vmap(one, in_dims=in_dims)(flat, grads),
             lambda: self._sample_rows_by_loop(primals, buffers, flat, spec, dims, out_dims, grads),
         )
+
+    def _grouped_rows(
+        self, primals: _Named, buffers: _Named, flat: list[Any], spec: TreeSpec, grads: _Outs
+    ) -> _Named:
+        """:meth:`_sample_rows` for a call whose outputs fold the samples with other
+        dimensions by different factors (:attr:`~.Call.groups`: WavLM's attention returns
+        ``[b, s, d]`` and a ``[b·heads, s, s]`` position bias, which the next layer takes): an
+        input with ``k·b`` entries along the sample dimension, ``k`` one of the outputs'
+        factors, gives each sample its ``k`` entries, as each output does."""
+        call, batch_dim = self.call, self.call.batch_dim
+        assert call.groups is not None and batch_dim is not None
+        b, factors = call.b, set(call.groups)
+
+        def factor(t: Any) -> int | None:
+            if not isinstance(t, Tensor) or t.dim() <= batch_dim:
+                return None
+            size = t.shape[batch_dim]
+            return size // b if size % b == 0 and size // b in factors else None
+
+        ks = [factor(t) for t in flat]
+        dims = [None if k is None else batch_dim for k in ks]
+        out_dims = [call.sample_out_dim(i) for i in range(len(grads))]
+        split = [t if k is None else t.unflatten(batch_dim, (b, k)) for t, k in zip(flat, ks)]
+        grads = tuple(g.unflatten(d + 1, (b, k)) for g, d, k in zip(grads, out_dims, call.groups))
+
+        def one(flat_one: list[Any], grads_one: tuple[Tensor, ...]) -> dict[str, Tensor]:
+            args_one, kwargs_one = tree_unflatten(flat_one, spec)
+            pullback = vjp(lambda p: self._outputs(p, buffers, args_one, kwargs_one), primals)[1]
+            return vmap(pullback)(grads_one)[0]
+
+        in_dims = (dims, tuple(d + 1 for d in out_dims))
+        return vmap(one, in_dims=in_dims)(split, grads)
 
     def _sample_rows_by_loop(
         self,
