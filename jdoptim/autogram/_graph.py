@@ -46,14 +46,9 @@ def scan_graph(
     ``next_functions``) of a node outside every call that ``stop`` gives are not walked
     (:mod:`._regions`' entries of the batch into what the samples share)."""
     scan = GraphScan()
-    outside_ids: set[int] = set()
+    outside: dict[int, Tensor] = {}  # the leaves met outside the calls, in the walk's order
     seen: set[Node] = set(roots)
     stack = list(roots)
-
-    def leaf(tensor: Tensor) -> None:
-        if id(tensor) not in outside_ids:
-            outside_ids.add(id(tensor))
-            scan.outside_leaves.append(tensor)
 
     def inputs_of(record: CallRecord) -> None:
         for tensor in record.input_tensors():
@@ -62,7 +57,7 @@ def scan_graph(
                     seen.add(tensor.grad_fn)
                     stack.append(tensor.grad_fn)
             elif tensor.requires_grad:
-                leaf(tensor)
+                outside.setdefault(id(tensor), tensor)
 
     own: set[int] = set()  # the parameters of calls walked into: their rules cover them
     rebased: set[CallRecord] = set()  # calls taken at their output's base (module docstring)
@@ -72,50 +67,36 @@ def scan_graph(
         variable = getattr(node, "variable", None)
         if variable is not None:
             if id(variable) not in own:
-                leaf(variable)
+                outside.setdefault(id(variable), variable)
             continue
         metadata = node_metadata(node)
         if base in metadata:
-            _take_at_base(scan, node, metadata[base], rebased)
-            for record, _ in metadata[base]:
-                inputs_of(record)
+            _take_at_base(scan, node, metadata[base], rebased, inputs_of)
             continue
         entries = metadata.get(key)
-        skipped: Collection[int] = ()
+        children = node.next_functions
         if entries:
             entries = [(r, i) for r, i in entries if r not in rebased] if rebased else entries
-            if not _take_calls(scan, node, entries, inputs_of, own):
+            enter = False
+            for record, out_index in entries:
+                edges = scan.calls.get(record)
+                if edges is None:
+                    edges = scan.calls[record] = [None] * len(record.tapped)
+                    inputs_of(record)
+                edges[out_index] = GradientEdge(node, record.tapped[out_index].output_nr)
+                if record.nested:  # hooked calls made inside it: walk into the call
+                    enter = True
+                    own.update(id(p) for p in record.module.parameters())
+            if not enter:
                 continue
-        elif stop is not None:
-            skipped = stop(node)
-        for index, (child, _) in enumerate(node.next_functions):
-            if child is not None and child not in seen and index not in skipped:
+        elif stop is not None and (skipped := stop(node)):
+            children = tuple(c for i, c in enumerate(children) if i not in skipped)
+        for child, _ in children:
+            if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
+    scan.outside_leaves = list(outside.values())
     return scan
-
-
-def _take_calls(
-    scan: GraphScan,
-    node: Node,
-    entries: list[tuple[CallRecord, int]],
-    inputs_of: Callable[[CallRecord], None],
-    own: set[int],
-) -> bool:
-    """The calls recorded at ``node`` (``(record, tapped index)``), each new one's inputs
-    walked next; whether the walk enters the call (hooked calls were made inside it: their
-    module's parameters are then in ``own``)."""
-    enter = False
-    for record, out_index in entries:
-        edges = scan.calls.get(record)
-        if edges is None:
-            edges = scan.calls[record] = [None] * len(record.tapped)
-            inputs_of(record)
-        edges[out_index] = GradientEdge(node, record.tapped[out_index].output_nr)
-        if record.nested:  # hooked calls made inside it: walk into the call
-            enter = True
-            own.update(id(p) for p in record.module.parameters())
-    return enter
 
 
 def _take_at_base(
@@ -123,14 +104,17 @@ def _take_at_base(
     node: Node,
     noted: list[tuple[CallRecord, Tapped]],
     rebased: set[CallRecord],
+    inputs_of: Callable[[CallRecord], None],
 ) -> None:
     """The calls noted at their output's base ``node``: each taken with the base as its one
     output (a record of its own, which no rule reads the graph of: its node is the base's), the
-    call found at its output's node dropped."""
+    call found at its output's node dropped; their inputs walked next."""
     for record, tapped in noted:
-        if record in rebased:
-            continue
-        rebased.add(record)
-        scan.calls.pop(record, None)
-        at_base = replace(record, tapped=[tapped], graph_read=None, saved_packed=True)
-        scan.calls[at_base] = [GradientEdge(node, tapped.output_nr)]
+        if record not in rebased:
+            rebased.add(record)
+            scan.calls.pop(record, None)
+            at_base = replace(
+                record, tapped=[tapped], graph_read=None, saved_packed=True, from_base=True
+            )
+            scan.calls[at_base] = [GradientEdge(node, tapped.output_nr)]
+        inputs_of(record)

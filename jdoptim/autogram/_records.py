@@ -113,6 +113,9 @@ class CallRecord:
     #: CPU offload): reading it would run their unpack (a recomputation), so no rule reads it
     #: (asked when the record is made, in the call's forward hook)
     saved_packed: bool = field(default_factory=saved_tensors_packed)
+    #: taken at its output's base (:func:`._graph.scan_graph`): the backward gives the base's
+    #: gradient, which the step reads in the tapped output's shape
+    from_base: bool = False
 
     @property
     def sole_input(self) -> Tensor | None:

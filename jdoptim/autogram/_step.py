@@ -567,11 +567,12 @@ class GramianStep:
         """A call that has parameters of this step, with its gradients (in its outputs' shapes:
         a call read at its output's base gets the base's gradient) and layout."""
         dims, group = layouts[id(record)]
-        lead = 1 if batched else 0
-        grads = [
-            g if g is None or g.shape[lead:] == t.shape else g.reshape(*g.shape[:lead], *t.shape)
-            for g, t in zip(grads, record.tapped)
-        ]
+        if record.from_base:
+            lead = 1 if batched else 0
+            grads = [
+                g if g is None else g.reshape(*g.shape[:lead], *t.shape)
+                for g, t in zip(grads, record.tapped)
+            ]
         return Call(
             record,
             grads,
