@@ -48,6 +48,7 @@ parameters read directly).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import torch
@@ -239,6 +240,12 @@ class Regions:
     entries: list[Entry]
     records: dict[int, CallRecord]
     leaves: list[Tensor]
+
+    def failed(self, modules: Collection[nn.Module]) -> bool:
+        """Whether the engine's check failed a region's call or its parameters read directly
+        (:data:`REGION`) among ``modules``; another module's failure is not the regions'."""
+        inside = {id(REGION), *(id(r.module) for r in self.records.values())}
+        return any(id(m) in inside for m in modules)
 
 
 def _keys(calls: dict[CallRecord, list]) -> set[int]:

@@ -487,8 +487,8 @@ class Engine:
                 continue
             probe = step.probe if isinstance(step, StreamingStep) else None
             failed = failing_modules(step, losses, v, probe or held_probe(step, v))
-            if failed and step.regions is not None:  # the regions' reading failed: without them
-                route = replace(route, regions=False)
+            if failed and step.regions is not None and step.regions.failed(failed):
+                route = replace(route, regions=False)  # (their reading failed: without them)
                 continue
             if not failed:
                 if route.per_sample and step.batch_dim is None and step.explicit and step.T > 1:

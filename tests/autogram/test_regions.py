@@ -306,3 +306,38 @@ def test_a_product_over_rows_that_are_not_samples_is_caught_by_the_check() -> No
         warnings.simplefilter("ignore", EngineRouteWarning)
         steps = _check_engine_steps(model, lambda: model(x), batch_dim=0)
     assert steps[0].regions is None
+
+
+class _Masked(nn.Module):
+    """A layer with a parameter of its own (re-run by the generic rule) that takes a ``[s, s]``
+    mask: at ``s = b`` the mask looks like a per-sample input, so the re-run one sample at a
+    time fails the check, and the engine re-runs it on the whole batch."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, d) / d)
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        return torch.tanh(mask @ (h @ self.weight))  # mixes positions, not samples
+
+
+class _QueriesAndMask(_Queries):
+    def __init__(self) -> None:
+        super().__init__("repeat")
+        self.masked = _Masked()
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.shape[1]
+        mask = torch.ones(s, s, dtype=x.dtype).tril() / s
+        return super().forward(x) + self.masked(x[..., :4], mask).sum((1, 2))[:, None]
+
+
+def test_another_modules_failure_keeps_the_regions() -> None:
+    """The check fails the masked layer only (a re-run per sample, not the regions): the step
+    stays per sample with its regions read, that layer re-run on the whole batch (warned)."""
+    torch.manual_seed(0)
+    model = _QueriesAndMask().double()
+    x = torch.randn(4, 4, 5, dtype=torch.float64)  # (s = b = 4)
+    with pytest.warns(EngineRouteWarning, match="masked"):
+        steps = _check_engine_steps(model, lambda: model(x)[:, 0], batch_dim=0)
+    assert all(step.b == 4 and step.region_params == [model.table.weight] for step in steps)
