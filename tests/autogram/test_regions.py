@@ -16,6 +16,7 @@ is taken wherever no warning is expected.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -75,16 +76,22 @@ class _Queries(nn.Module):
         return self.head(mixed.permute(0, 2, 1, 3).reshape(b, s, d).tanh()).sum(1)
 
 
-def _losses(model: nn.Module, layout: str, b: int = 3):
-    x = torch.randn(b, 4, 5, dtype=torch.float64)
+def _in_layout(model: Callable[[Tensor], Tensor], inputs: Tensor, layout: str):
+    """The losses of ``model(inputs)`` (``[b, 2]``) in ``layout``: per-sample (the first
+    column), ``[batch, tasks]`` or task losses (the batch means)."""
 
     def losses() -> Tensor:
-        out = model(x).pow(2)  # [b, 2]
+        out = model(inputs)
         if layout == "per-sample":
             return out[:, 0]
         return out if layout == "batch-tasks" else out.mean(0)
 
     return losses
+
+
+def _losses(model: nn.Module, layout: str):
+    squared = lambda x: model(x).pow(2)  # noqa: E731
+    return _in_layout(squared, torch.randn(3, 4, 5, dtype=torch.float64), layout)
 
 
 def _check_engine_steps(
@@ -247,15 +254,7 @@ class _ReadHead(nn.Module):
 
 
 def _read_head_losses(model: nn.Module, layout: str):
-    tokens = torch.randint(0, 11, (3, 5))
-
-    def losses() -> Tensor:
-        out = model(tokens)  # [b, 2]
-        if layout == "per-sample":
-            return out[:, 0]
-        return out if layout == "batch-tasks" else out.mean(0)
-
-    return losses
+    return _in_layout(model, torch.randint(0, 11, (3, 5)), layout)
 
 
 @pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low-memory"])
