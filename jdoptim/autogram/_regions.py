@@ -23,8 +23,9 @@ Such a tensor meets the batch at an *entry* (:class:`Entry`), of two kinds:
 * a *product* (:class:`Contraction`) ``A S`` (``mm``, ``addmm``), ``A`` the samples' rows
   (``F.linear(h, W)`` over ``[b, s, d]`` activations folds them to ``[b·s, d]``, sample-major)
   and ``S`` a parameter read outside every call (a head tied to the token embedding by reading
-  its weight in the forward, class prototypes): sample ``i``'s gradient of ``S`` is
-  ``Σ_{r ∈ rows(i)} A_rᵀ D_r``.
+  its weight in the forward, class prototypes) or the output of a call that does not index the
+  samples (class embeddings computed by hooked layers from fixed features): sample ``i``'s
+  gradient of ``S`` is ``Σ_{r ∈ rows(i)} A_rᵀ D_r``.
 
 The *region* is the part of the graph above the entries' shared inputs. When the losses reach it
 only through entries (nothing else of the step's graph reaches into it), a second backward,
@@ -203,8 +204,9 @@ _SHAPE_OPS = frozenset(
 
 
 def contraction(node: Node, b: int, batch_dim: int, shared: set[int]) -> Contraction | None:
-    """``node`` as a :class:`Contraction` whose right operand is one of the ``shared``
-    tensors (ids) through shape operations only, else ``None``."""
+    """``node`` as a :class:`Contraction` whose right operand is, through shape operations
+    only, one of the ``shared`` tensors or nodes (ids: parameters read outside every call,
+    outputs of calls that do not index the samples), else ``None``."""
     product = _PRODUCTS.get(type(node).__name__)
     if product is None or batch_dim != 0 or getattr(node, "_saved_alpha", 1) != 1:
         return None
@@ -214,7 +216,7 @@ def contraction(node: Node, b: int, batch_dim: int, shared: set[int]) -> Contrac
     while below is not None and type(below).__name__ in _SHAPE_OPS:
         below = below.next_functions[0][0] if len(below.next_functions) == 1 else None
     variable = getattr(below, "variable", None)
-    if child is None or variable is None or id(variable) not in shared:
+    if child is None or (id(below) not in shared and id(variable) not in shared):
         return None
     try:
         rows = getattr(node, saved)

@@ -156,6 +156,7 @@ class StepTemplate:
     layouts: list[tuple[list[int] | None, Group]]
     regions: bool = False
     regional: list[Tensor] = field(default_factory=list)
+    unindexed: frozenset[int] = frozenset()
 
 
 class NotPerSample(Exception):
@@ -373,6 +374,9 @@ class GramianStep:
     #: parameters read directly in them (their rows: the last of :attr:`rule_parameters`)
     regions: Regions | None
     region_params: list[Tensor]
+    #: the modules (ids) of the calls whose outputs do not index the samples, when the step
+    #: looked for regions (a product may read their outputs as a region's)
+    unindexed: frozenset[int]
 
     def _take_regions(
         self,
@@ -388,7 +392,7 @@ class GramianStep:
         per-sample mode, ``batch_dim``); as they were otherwise (derived afresh when the
         template was the regions' and this step found none)."""
         call_params, covered = sorted_
-        self.region_params, self.regions = [], None
+        self.region_params, self.regions, self.unindexed = [], None, frozenset()
         if batch_dim is not None and losses.dim() > batch_dim:
             self.regions = self._find_regions(losses, key, scan, sorted_, batch_dim, template)
         if self.regions is None:
@@ -421,16 +425,20 @@ class GramianStep:
         outside a call is read in them (:attr:`region_params`: :attr:`explicit` then holds
         none)."""
         b = losses.shape[batch_dim]
-        if b <= 1:
+        if b <= 1 or (template is not None and not template.regions):
             return None
         if template is not None:
-            if not template.regions:
-                return None
-            shared = {id(p) for p in template.regional}
-        elif not self.explicit and self._indexes_samples(scan, sorted_[0], b, batch_dim):
-            return None
+            params, modules = template.regional, template.unindexed
         else:
-            shared = {id(p) for p in self.explicit}
+            params, modules = self.explicit, self._unindexed(scan, sorted_[0], b, batch_dim)
+            if not params and not modules:
+                return None
+        self.unindexed = modules
+        # (what a product may read: those parameters, those calls' outputs, by id)
+        shared = {id(p) for p in params}
+        shared.update(
+            id(e.node) for r, es in scan.calls.items() if id(r.module) in modules for e in es if e
+        )
         assert losses.grad_fn is not None
         regions = find_regions([losses.grad_fn], key, scan, b, batch_dim, shared)
         if regions is None:
@@ -442,16 +450,17 @@ class GramianStep:
         self.explicit = []
         return regions
 
-    def _indexes_samples(
+    def _unindexed(
         self, scan: GraphScan, call_params: list[list[Tensor]], b: int, batch_dim: int
-    ) -> bool:
-        """Whether every call with parameters has outputs that index the ``b`` samples."""
+    ) -> frozenset[int]:
+        """The modules (ids) of the calls with parameters whose outputs do not index the ``b``
+        samples."""
         self.b = b
         try:
             self._sample_layouts(list(scan.calls), call_params, batch_dim)
-        except NotPerSample:
-            return False
-        return True
+        except NotPerSample as err:
+            return frozenset(err.modules)
+        return frozenset()
 
     def _templated_parameters(
         self, template: StepTemplate
@@ -472,8 +481,9 @@ class GramianStep:
         layouts = self._sample_layouts(records, call_params, batch_dim)
         regions = self.regions is not None
         return StepTemplate(
-            call_params, covered, self.explicit, layouts, regions, list(self.region_params)
-        )
+            call_params, covered, self.explicit, layouts, regions, list(self.region_params),
+            self.unindexed,
+        )  # fmt: skip
 
     def _differentiate(
         self, losses: Tensor, plan: StepPlan, retain_graph: bool, state: VmapState

@@ -340,3 +340,32 @@ def test_another_modules_failure_keeps_the_regions() -> None:
     with pytest.warns(EngineRouteWarning, match="masked"):
         steps = _check_engine_steps(model, lambda: model(x)[:, 0], batch_dim=0)
     assert all(step.b == 4 and step.region_params == [model.table.weight] for step in steps)
+
+
+class _ComputedClasses(nn.Module):
+    """Logits against class embeddings computed by hooked layers from fixed class features
+    (the text side of CLIP-style zero-shot heads and prompt learning: ``[C, d]``, shared by the
+    samples), ``image @ classes.T``: the product reads the classes' side as a region."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.image = nn.Linear(7, 6)
+        self.text = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.register_buffer("prompts", torch.randn(classes, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        classes = self.text(self.get_buffer("prompts"))  # [C, 6]
+        logits = torch.tanh(self.image(x)) @ classes.T  # [b, C]
+        return torch.stack([logits.logsumexp(-1), logits[:, 0].pow(2)], 1)
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low-memory"])
+@pytest.mark.parametrize("layout", ["per-sample", "batch-tasks"])
+def test_classes_computed_by_layers_are_a_region(layout: str, low_memory: bool) -> None:
+    torch.manual_seed(0)
+    model = _ComputedClasses().double()
+    losses = _in_layout(model, torch.randn(3, 7, dtype=torch.float64), layout)
+    steps = _check_engine_steps(model, losses, batch_dim=0, low_memory=low_memory)
+    for step in steps:  # the text layers' calls: in the region, read per sample
+        assert step.b == 3 and step.regions is not None and len(step.regions.records) == 2
+    check_step(model, losses, batch_dim=0, rtol=1e-10, low_memory=low_memory)
