@@ -243,6 +243,11 @@ class Regions:
     records: dict[int, CallRecord]
     leaves: list[Tensor]
 
+    @property
+    def record_ids(self) -> set[int]:
+        """The ids of the region's calls as the step records them (expanded along the batch)."""
+        return {id(r) for r in self.records.values()}
+
     def failed(self, modules: Collection[nn.Module]) -> bool:
         """Whether the engine's check failed a region's call or its parameters read directly
         (:data:`REGION`) among ``modules``; another module's failure is not the regions'."""

@@ -492,7 +492,7 @@ class GramianStep:
         call's rule (:attr:`rule_parameters`), which holds the call's output gradients until
         the update."""
         scan, records = plan.scan, plan.records
-        inside = set() if self.regions is None else {id(r) for r in self.regions.records.values()}
+        inside = set() if self.regions is None else self.regions.record_ids
         edges = [(r, i, e) for r in records for i, e in enumerate(scan.calls[r]) if e is not None]
         #: ``(call, tapped index, edge)`` of each output the backward reaches
         self.call_edges: list[tuple[CallRecord, int, GradientEdge]] = edges
@@ -509,7 +509,11 @@ class GramianStep:
         self.rule_parameters: list[RuleParameters] = []
         self.generic_modules: set[int] = set()
         if self.regions is not None:
-            rows = self._region_gradients(grads[len(inputs) :], per_record, retain_graph, state)
+            at_entries = grads[len(inputs) :]
+            rows, region_inputs = self._region_gradients(
+                at_entries, per_record, plan, retain_graph, state
+            )
+            self.backward_inputs += region_inputs
         for r, ps in zip(records, plan.call_params):
             if ps:
                 call = self._call(r, per_record[id(r)], ps, plan.layouts, batched)
@@ -521,13 +525,14 @@ class GramianStep:
         self,
         at_entries: list[Tensor | None],
         per_record: dict[int, list[Tensor | None]],
+        plan: StepPlan,
         retain_graph: bool,
         state: VmapState,
-    ) -> list[Tensor]:
+    ) -> tuple[list[Tensor], list]:
         """The second backward of :mod:`._regions`: from each entry's shared input, with each
         (task, sample)'s gradient there as a row, to the regions' calls' outputs (into
-        ``per_record``) and to their parameters read directly (their rows ``[b, T, *p.shape]``,
-        returned)."""
+        ``per_record``) and to their parameters read directly. Returns their rows
+        ``[b, T, *p.shape]``, and the inputs of that backward (call edges, then parameters)."""
         assert self.regions is not None and self.batch_dim is not None
         b, t, batched, batch_dim = self.b, self.T, self.T > 1, self.batch_dim
         entries, cotangents = [], []
@@ -535,10 +540,13 @@ class GramianStep:
             if grad is not None:
                 entries.append(entry)
                 cotangents.append(entry.per_sample(grad, b, batch_dim, batched))
-        inside = {id(r) for r in self.regions.records.values()}
-        calls = [(r, i, e) for r, i, e in self.call_edges if id(r) in inside]
+        calls = [
+            (r, i, e)
+            for r in self.regions.records.values()
+            for i, e in enumerate(plan.scan.calls[r])
+            if e is not None
+        ]
         inputs = [e for _, _, e in calls] + self.region_params
-        self.backward_inputs = self.backward_inputs + inputs
         grads = (
             region_backward(entries, cotangents, inputs, retain_graph, state)
             if entries
@@ -549,12 +557,13 @@ class GramianStep:
                 assert record.unexpanded is not None
                 new = len(record.tapped[0].shape) > len(record.unexpanded[2])
                 per_record[id(record)][index] = to_call_gradient(grad, t, batch_dim, batched, new)
-        return [
+        rows = [
             torch.zeros((b, t, *p.shape), dtype=p.dtype, device=p.device)
             if g is None
             else dense(g).unflatten(0, (t, b)).transpose(0, 1)
             for p, g in zip(self.region_params, grads[len(calls) :])
         ]
+        return rows, inputs
 
     def _region_rule(self, rows: list[Tensor], covered: dict[int, int]) -> RuleParameters:
         """The regions' parameters read directly, with their rows, as one more call's rule

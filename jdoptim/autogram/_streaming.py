@@ -342,8 +342,7 @@ class StreamingStep(GramianStep):
         """The calls with parameters of this step: those whose output gradients the backward
         delivers, and those of sample-shared regions (finished after it, from the regions' own
         backward)."""
-        regions = self.regions
-        inside = set() if regions is None else {id(r) for r in regions.records.values()}
+        inside = set() if self.regions is None else self.regions.record_ids
         wanted = [(r, ps) for r, ps in zip(plan.records, plan.call_params) if ps]
         return [c for c in wanted if id(c[0]) not in inside], [
             c for c in wanted if id(c[0]) in inside
@@ -360,14 +359,10 @@ class StreamingStep(GramianStep):
         """The sample-shared regions' calls (``calls``, with their parameters), finished from
         the regions' own backward (:meth:`~._step.GramianStep._region_gradients`; the graph is
         kept for the update's backward pass); the rows of their parameters read directly."""
-        self.call_edges = [
-            (r, i, e) for r, _ in calls for i, e in enumerate(plan.scan.calls[r]) if e is not None
-        ]
-        self.backward_inputs = []
         per_record: dict[int, list[Tensor | None]] = {
             id(r): [None] * len(r.tapped) for r, _ in calls
         }
-        rows = self._region_gradients(at_entries, per_record, True, state)
+        rows, _ = self._region_gradients(at_entries, per_record, plan, True, state)
         for record, params in calls:
             finish(record, params, per_record[id(record)])
         return rows

@@ -179,18 +179,6 @@ class _RepeatedBatch(nn.Module):
         return (twice.unflatten(0, (2, -1)) ** 2).sum((0, 2))  # [b], a mix of rows i, i + b
 
 
-def test_a_size_coincidence_is_caught_by_the_check() -> None:
-    """The check compares the regions' reading with autograd's, fails, and the structure is
-    taken without regions (the table, read directly, then needs one row per loss)."""
-    torch.manual_seed(0)
-    model = _RepeatedBatch().double()
-    x = torch.randn(2, 5, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", EngineRouteWarning)
-        steps = _check_engine_steps(model, lambda: model(x), batch_dim=0)
-    assert steps[0].regions is None
-
-
 class _Latents(nn.Module):
     """A layer whose call takes the batch size as an ``int`` and returns its parameter expanded
     to it (Perceiver's latents and trainable position encodings): no tensor argument holds the
@@ -297,9 +285,12 @@ class _FeatureRows(nn.Module):
         return (h * mixed.sum(1)).pow(2).sum(1)  # [2]
 
 
-def test_a_product_over_rows_that_are_not_samples_is_caught_by_the_check() -> None:
+@pytest.mark.parametrize("kind", [_RepeatedBatch, _FeatureRows], ids=["repeat", "product"])
+def test_a_size_coincidence_is_caught_by_the_check(kind: type[nn.Module]) -> None:
+    """The check compares the regions' reading with autograd's, fails, and the structure is
+    taken without regions (the table, read directly, then needs one row per loss)."""
     torch.manual_seed(0)
-    model = _FeatureRows().double()
+    model = kind().double()
     x = torch.randn(2, 5, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EngineRouteWarning)
