@@ -6,7 +6,8 @@ every step against the explicit Jacobian of the same losses (float64, dropout ac
 may be wrong, crash, or be refused without naming a module or parameter by its path in the
 model (a slower exact route, warned, is allowed: the zoos report those). The whole model zoo
 (86 architectures, three batch sizes) takes minutes; this subset is the architectures people
-train most, and the ones whose fixes the zoo found (RESULTS.md, "The model zoo").
+train most, and the ones whose fixes the zoo found (RESULTS.md, "The model zoo"; WavLM, whose
+attention folds the samples differently in its two outputs).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ MODELS = [
     "convnext",
     "led",
     "reformer",
+    "wavlm",
 ]
 
 
