@@ -20,10 +20,14 @@ What makes a re-run the recorded call, exactly:
   record holds the generators' states from before the call
   (:class:`~jdoptim.autogram._records.RandomState`); the re-run restores them inside
   ``torch.random.fork_rng`` (so the user's random stream is left as it was) and draws the same
-  masks. A per-sample re-run on one sample at a time would draw other numbers, so such a call is
-  re-run *whole*, once, and its per-sample rows are the ``b·T`` vector-Jacobian products of the
-  whole call with the output gradient of one sample each (``D[k]`` masked to sample ``i``): exact,
-  ``b`` times the products of the sliced route;
+  masks. Such a re-run is eager, differentiated by ``torch.autograd.grad`` (batched over the
+  cotangents), not by ``torch.func.vjp``: under ``torch.func`` transforms, ``dropout`` of a
+  non-contiguous tensor and ``scaled_dot_product_attention`` with dropout consume the same
+  generator state differently from the eager call, so a transformed re-run draws other masks
+  (CvT's stages were 2% off). A per-sample re-run on one sample at a time would draw other
+  numbers, so such a call is re-run *whole*, once, and its per-sample rows are the ``b·T``
+  vector-Jacobian products of the whole call with the output gradient of one sample each
+  (``D[k]`` masked to sample ``i``): exact, ``b`` times the products of the sliced route;
 * **side effects**: buffers are cloned (a re-run never updates running statistics), and every
   submodule's attributes are put back after the re-run (a counter incremented in ``forward`` is
   incremented once, by the user's forward);
@@ -164,23 +168,19 @@ class GenericRule(LayerRule):
     def _pullback(
         self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs
     ) -> Callable[[_Outs], tuple[_Named]]:
-        """``vjp`` of the whole call, re-run with the recorded call's random draws (and in its
-        autocast region, as every re-run)."""
-        rng = self.call.record.rng
+        """``vjp`` of the whole call, re-run in its autocast region (as every re-run)."""
 
         def f(p: _Named) -> _Outs:
             return self._outputs(p, buffers, args, kwargs)
 
-        if rng is None:
-            return vjp(f, primals)[1]
-        with torch.random.fork_rng(devices=rng.devices()):
-            rng.restore()
-            return vjp(f, primals)[1]
+        return vjp(f, primals)[1]
 
     def _whole_rows(
         self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, cotangents: _Outs
     ) -> _Named:
         """Rows ``[R, *θ]`` of the whole call for cotangents ``[R, *Y]`` (one per output)."""
+        if self.call.record.rng is not None:
+            return self._replayed_rows(primals, buffers, args, kwargs, cotangents)
         pullback = self._pullback(primals, buffers, args, kwargs)
 
         def looped() -> dict[str, Tensor]:
@@ -189,6 +189,55 @@ class GenericRule(LayerRule):
             return {n: torch.stack([r[n] for r in rows]) for n in primals}
 
         return vmap_or_loop(lambda _: vmap(pullback)(cotangents)[0], looped)
+
+    def _replayed_rows(
+        self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, cotangents: _Outs
+    ) -> _Named:
+        """:meth:`_whole_rows` of a call that drew random numbers: re-run eagerly, with the
+        recorded call's generator states, and differentiated by autograd.
+
+        Not by ``torch.func.vjp``: under its transform, ``dropout`` of a non-contiguous tensor
+        (CvT's patch embeddings, a permuted view) lays the same random stream out in another
+        order than the eager call did, so the masks differ; an eager re-run draws exactly the
+        recorded call's numbers."""
+        rng = self.call.record.rng
+        assert rng is not None
+        leaves = {n: p.detach().requires_grad_(True) for n, p in primals.items()}
+        with torch.random.fork_rng(devices=rng.devices()):
+            rng.restore()
+            outs = self._outputs(leaves, buffers, args, kwargs)
+        reached = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
+        count = cotangents[0].shape[0]
+        if not reached:
+            return {n: p.new_zeros(count, *p.shape) for n, p in primals.items()}
+        outputs, grads = [o for o, _ in reached], [c for _, c in reached]
+        names, inputs = list(leaves), list(leaves.values())
+
+        def rows(found: tuple[Tensor | None, ...], shape: tuple[int, ...]) -> _Named:
+            return {
+                n: torch.zeros(*shape, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
+                for n, p, g in zip(names, inputs, found)
+            }
+
+        def batched(_: bool) -> _Named:
+            found = torch.autograd.grad(
+                outputs, inputs, grads, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+            return rows(found, (count,))
+
+        def looped() -> _Named:
+            one = [
+                rows(
+                    torch.autograd.grad(
+                        outputs, inputs, [g[k] for g in grads], retain_graph=True, allow_unused=True
+                    ),
+                    (),
+                )
+                for k in range(count)
+            ]
+            return {n: torch.stack([r[n] for r in one]) for n in names}
+
+        return vmap_or_loop(batched, looped)
 
     def _masked_rows(
         self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, grads: _Outs
