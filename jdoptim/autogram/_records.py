@@ -371,7 +371,22 @@ def output_is_shared(
         return False
     if is_replaying():
         return False
-    return all(t.grad_fn is not output.grad_fn for t in iter_tensors((args, kwargs)))
+    inputs = list(iter_tensors((args, kwargs)))
+    if inputs and _moved_activations(inputs[0], output, shared.batch_dim, b):
+        return False
+    return all(t.grad_fn is not output.grad_fn for t in inputs)
+
+
+def _moved_activations(x: Tensor, output: Tensor, batch_dim: int, b: int) -> bool:
+    """Whether a call whose output has size 1 along ``batch_dim`` was made on activations
+    holding the ``b`` samples along another dimension, as its output does: Longformer's global
+    query projection of ``[g, b, d]`` sequence-first states with one global token (``g = 1``).
+    Such a call indexes the samples (:func:`._sample_dims.moved_sample_dim`); a shared call
+    (a position embedding) takes indices or nothing, not activations computed in the graph."""
+    if x.grad_fn is None or not x.is_floating_point():
+        return False
+    dims = range(min(x.dim(), output.dim()))
+    return any(d != batch_dim and x.shape[d] == b == output.shape[d] for d in dims)
 
 
 def _record_shared(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,7 +44,7 @@ from ._regions import (
     region_backward,
     to_call_gradient,
 )
-from ._sample_dims import output_sample_dims
+from ._sample_dims import moved_sample_dim, output_sample_dims
 from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule, rows_gramian
 
 
@@ -153,7 +154,7 @@ class StepTemplate:
     call_params: list[list[Tensor]]
     covered: dict[int, int]
     explicit: list[Tensor]
-    layouts: list[tuple[list[int] | None, Group]]
+    layouts: list[Layout]
     regions: bool = False
     regional: list[Tensor] = field(default_factory=list)
     unindexed: frozenset[int] = frozenset()
@@ -205,6 +206,39 @@ def _sample_group(record: CallRecord, dims: list[int], count: int, label: str) -
     )
 
 
+class _OutputNodes:
+    """The hooked calls by the autograd nodes of their outputs, built on first use."""
+
+    def __init__(self, scan: GraphScan) -> None:
+        self.scan = scan
+        self.by_node: dict[int, CallRecord] | None = None
+
+    def record_at(self, node: object) -> CallRecord | None:
+        if self.by_node is None:
+            self.by_node = {
+                id(edge.node): record
+                for record, edges in self.scan.calls.items()
+                for edge in edges
+                if edge is not None
+            }
+        return self.by_node.get(id(node))
+
+
+class Layout(NamedTuple):
+    """Where a call's outputs index the samples, in per-sample mode.
+
+    Attributes:
+        dims: per tapped output, its sample dimension (``None`` without ``batch_dim``).
+        group: how many entries of it each sample owns (see :func:`_sample_group`).
+        batch_dim: the call's own sample dimension, for a layer called on a tensor whose
+            samples were moved (:func:`._sample_dims.moved_sample_dim`); ``None``: the engine's.
+    """
+
+    dims: list[int] | None
+    group: Group
+    batch_dim: int | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class StepPlan:
     """What a step's backward pass is set up from, before it runs.
@@ -224,7 +258,7 @@ class StepPlan:
     records: list[CallRecord]
     call_params: list[list[Tensor]]
     covered: dict[int, int]
-    layouts: dict[int, tuple[list[int] | None, Group]]
+    layouts: dict[int, Layout]
     grad_outputs: Tensor
     whole_modules: frozenset[int]
 
@@ -355,7 +389,7 @@ class GramianStep:
         self.batch_dim = batch_dim
         grad_outputs = self._grad_outputs(losses, batch_dim)  # (sets b and T)
         #: what this step derived from its structure, for the next steps of the same one
-        self.template = template or self._template(records, call_params, covered, batch_dim)
+        self.template = template or self._template(scan, call_params, covered, batch_dim)
         layouts = dict(zip(map(id, records), self.template.layouts))
         plan = StepPlan(scan, records, call_params, covered, layouts, grad_outputs, whole_modules)
         state = vmap_state if vmap_state is not None else VmapState()
@@ -457,7 +491,7 @@ class GramianStep:
         samples."""
         self.b = b
         try:
-            self._sample_layouts(list(scan.calls), call_params, batch_dim)
+            self._sample_layouts(scan, call_params, batch_dim)
         except NotPerSample as err:
             return frozenset(err.modules)
         return frozenset()
@@ -471,14 +505,14 @@ class GramianStep:
 
     def _template(
         self,
-        records: list[CallRecord],
+        scan: GraphScan,
         call_params: list[list[Tensor]],
         covered: dict[int, int],
         batch_dim: int | None,
     ) -> StepTemplate:
         """This step's :class:`StepTemplate`, with the calls' layouts (which raises
         :class:`NotPerSample` before the backward pass, when nothing is spent yet)."""
-        layouts = self._sample_layouts(records, call_params, batch_dim)
+        layouts = self._sample_layouts(scan, call_params, batch_dim)
         regions = self.regions is not None
         return StepTemplate(
             call_params, covered, self.explicit, layouts, regions, list(self.region_params),
@@ -580,12 +614,12 @@ class GramianStep:
         record: CallRecord,
         grads: list[Tensor | None],
         params: list[Tensor],
-        layouts: dict[int, tuple[list[int] | None, Group]],
+        layouts: dict[int, Layout],
         batched: bool,
     ) -> Call:
         """A call that has parameters of this step, with its gradients (in its outputs' shapes:
         a call read at its output's base gets the base's gradient) and layout."""
-        dims, group = layouts[id(record)]
+        dims, group, own_dim = layouts[id(record)]
         if record.from_base:
             lead = 1 if batched else 0
             grads = [
@@ -596,7 +630,7 @@ class GramianStep:
             record,
             grads,
             params,
-            self.batch_dim,
+            self.batch_dim if own_dim is None else own_dim,
             self.b,
             self.T,
             out_dims=dims,
@@ -732,27 +766,45 @@ class GramianStep:
         return grad_outputs
 
     def _sample_layouts(
-        self, records: list[CallRecord], call_params: list[list[Tensor]], batch_dim: int | None
-    ) -> list[tuple[list[int] | None, Group]]:
-        """Per call, in ``records``' order: where its outputs index the samples (``None``
-        without ``batch_dim``), and how many entries there each sample owns
-        (:attr:`.rules.Call.group`); raises :class:`NotPerSample` before the backward pass, when
-        nothing is spent yet."""
-        found: list[tuple[list[int] | None, Group]] = []
+        self, scan: GraphScan, call_params: list[list[Tensor]], batch_dim: int | None
+    ) -> list[Layout]:
+        """Per call, in the scan's order, its :class:`Layout`; raises :class:`NotPerSample`
+        before the backward pass, when nothing is spent yet. A call made on a transpose of
+        another's output reads where that output holds the samples: the producer's layout is
+        found first (memoised)."""
+        params_of = {id(r): ps for r, ps in zip(scan.calls, call_params)}
+        found: dict[int, Layout] = {}
         problems: dict[int, str] = {}
-        for record, params in zip(records, call_params):
-            layout: tuple[list[int] | None, Group] = (None, 1)
-            if batch_dim is not None and params:
+        producers = _OutputNodes(scan)
+
+        def source_dim(node: object) -> int | None:
+            producer = producers.record_at(node)
+            if producer is None or id(producer) not in params_of:
+                return None
+            layout = layout_of(producer) if id(producer) not in found else found[id(producer)]
+            return None if layout.dims is None else layout.dims[0]
+
+        def layout_of(record: CallRecord) -> Layout:
+            found[id(record)] = Layout(None, 1)  # (while in progress: a cycle reads nothing)
+            layout = Layout(None, 1)
+            if batch_dim is not None and params_of[id(record)]:
                 dims = output_sample_dims(record, batch_dim)
                 group = _sample_group(record, dims, self.b, self.label(record.module))
-                if isinstance(group, str):
+                at = not isinstance(group, str)
+                moved = moved_sample_dim(record, batch_dim, self.b, at, source_dim)
+                if moved is not None:  # a layer called on a tensor whose samples were moved
+                    layout = Layout([moved] * len(record.tapped), 1, moved)
+                elif isinstance(group, str):
                     problems.setdefault(id(record.module), group)
                 else:
-                    layout = (dims, group)
-            found.append(layout)
+                    layout = Layout(dims, group)
+            found[id(record)] = layout
+            return layout
+
+        layouts = [found.get(id(r)) or layout_of(r) for r in scan.calls]
         if problems:
             raise NotPerSample(next(iter(problems.values())), list(problems))
-        return found
+        return layouts
 
     def _to_original(self, square: Tensor) -> Tensor:
         if self.order is None:

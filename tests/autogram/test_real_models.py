@@ -70,6 +70,8 @@ NO_ROUTE_WARNING = {
     "transformer_encoder_layer",
     "deberta_v2",
     "perceiver",
+    "longformer",
+    "led",
 }
 _IGNORE_ROUTE = pytest.mark.filterwarnings("ignore::jdoptim.autogram.EngineRouteWarning")
 
@@ -368,6 +370,55 @@ def _perceiver(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
     return model, lambda m: _class_losses(m(inputs=tokens).logits, labels)
 
 
+def _longformer(batch: int = 4, seq: int = 8) -> tuple[nn.Module, Run]:
+    """Longformer: its self-attention transposes the ``[b, s, d]`` states to ``[s, b, d]`` and
+    projects them there (its global query projection on ``[1, b, d]``, one global token, divided
+    in place), inside a batch-first model; at ``s = 2b`` the ``[s, b, d]`` outputs also look like
+    samples folded by two along dimension 0."""
+    config = transformers.LongformerConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        attention_window=[4, 4],
+        num_labels=3,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )  # dropout: the default 0.1
+    model = transformers.LongformerForSequenceClassification(config)
+    tokens = torch.randint(3, VOCAB, (batch, seq))
+    labels = torch.randint(0, 3, (batch,))
+    return model, lambda m: _class_losses(m(input_ids=tokens).logits, labels)
+
+
+def _led(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
+    """LED: Longformer's self-attention in a BART-style encoder."""
+    config = transformers.LEDConfig(
+        vocab_size=VOCAB,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_encoder_position_embeddings=32,
+        max_decoder_position_embeddings=32,
+        attention_window=[4],
+        num_labels=3,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    model = transformers.LEDForConditionalGeneration(config)
+    source, target = torch.randint(3, VOCAB, (batch, seq)), torch.randint(3, VOCAB, (batch, 6))
+    return model, lambda m: _lm_losses(m(input_ids=source, decoder_input_ids=target).logits, target)
+
+
 def _mpnet(batch: int = 3, seq: int = 8) -> tuple[nn.Module, Run]:
     config = transformers.MPNetConfig(
         vocab_size=VOCAB,
@@ -409,6 +460,8 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Run]]] = {
     "mpnet": _mpnet,
     "deberta_v2": _deberta_v2,
     "perceiver": _perceiver,
+    "longformer": _longformer,
+    "led": _led,
     "llama": _llama,
     "llama_checkpointed": _llama_checkpointed,
     "llama_lora": _llama_lora,

@@ -1,0 +1,129 @@
+"""Layers called on tensors whose samples were moved to another dimension, inside a batch-first
+model: Longformer's and LED's self-attention transpose the ``[b, s, d]`` states to ``[s, b, d]``
+and project them there (``batch_dim=0`` for the model, dimension 1 for those calls).
+
+Each case is checked against the explicit Jacobian of the same losses (same forward, same
+dropout masks) with the engine's route warnings as errors: the fast path is the one certified.
+At ``s = 2b`` the ``[s, b, d]`` outputs also read as samples folded by two along dimension 0
+(sample-major), which is wrong: the transposed input's graph says where the samples are.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jdoptim.autogram import Engine, EngineRouteWarning
+
+from ._oracle import explicit_jacobian
+from ._same_losses import check_gramian, check_step
+
+
+class _SequenceFirstAttention(nn.Module):
+    """Batch-first in and out; inside, the projections run sequence-first, as Longformer's do.
+    ``move`` picks how the samples are moved (``transpose`` or ``permute``); ``global_query``
+    adds a projection of the first token only (``[1, b, d]``, divided in place)."""
+
+    def __init__(self, d: int, move: str, global_query: bool) -> None:
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.query_global = nn.Linear(d, d) if global_query else None
+        self.out = nn.Linear(d, d)
+        self.move = move
+
+    def forward(self, h: Tensor) -> Tensor:  # h: [b, s, d]
+        x = h.transpose(0, 1) if self.move == "transpose" else h.permute(1, 0, 2)
+        q, k, v = self.query(x), self.key(x), self.value(x)  # [s, b, d]
+        q /= math.sqrt(q.shape[-1])
+        scores = torch.einsum("sbd,tbd->bst", q, k)
+        if self.query_global is not None:
+            first = x.new_zeros(1, *x.shape[1:])
+            first[0] = x[0]  # [1, b, d]: one global token per sample
+            g = self.query_global(first)
+            g /= math.sqrt(g.shape[-1])
+            scores = scores + torch.einsum("gbd,tbd->bgt", g, k)
+        probs = F.dropout(scores.softmax(-1), 0.2, self.training)
+        context = torch.einsum("bst,tbd->sbd", probs, v)  # sequence-first
+        return self.out(context.transpose(0, 1))  # back to [b, s, d]
+
+
+class _Model(nn.Module):
+    def __init__(self, move: str = "transpose", global_query: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 8)
+        self.norm = nn.LayerNorm(8)
+        self.attention = _SequenceFirstAttention(8, move, global_query)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, s, 5] → [b, 2]
+        h = F.dropout(self.norm(self.embed(x)), 0.1, self.training)
+        return self.head(torch.tanh(self.attention(h)).mean(1))
+
+
+def _losses(model: nn.Module, x: Tensor, layout: str) -> Callable[[], Tensor]:
+    def losses() -> Tensor:
+        out = model(x).pow(2)  # [b, 2]
+        return {"per-sample": out.sum(1), "batch x tasks": out, "tasks": out.mean(0)}[layout]
+
+    return losses
+
+
+_BATCH_DIM = {"per-sample": 0, "batch x tasks": 0, "tasks": None}
+
+
+@pytest.mark.parametrize(
+    "layout, low_memory",
+    [(layout, False) for layout in _BATCH_DIM] + [("per-sample", True), ("batch x tasks", True)],
+)
+@pytest.mark.parametrize("batch", [3, 4])
+@pytest.mark.parametrize(
+    "move, global_query", [("transpose", False), ("permute", False), ("transpose", True)]
+)
+def test_sequence_first_calls_in_a_batch_first_model(
+    layout: str, batch: int, move: str, global_query: bool, low_memory: bool
+) -> None:
+    """Engine Gramian and JDOptimizer .grad exact, without a route warning (at batch 4 the
+    8-token ``[s, b, d]`` outputs also look folded by two along dimension 0)."""
+    torch.manual_seed(0)
+    model = _Model(move, global_query).double().train()
+    x = torch.randn(batch, 8, 5, dtype=torch.float64)
+    losses = _losses(model, x, layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
+        check_gramian(model, losses, _BATCH_DIM[layout], rtol=1e-9, low_memory=low_memory)
+        check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8, low_memory=low_memory)
+
+
+def test_sequence_as_long_as_the_batch_stays_exact() -> None:
+    """At ``s = b`` the transposed ``[s, b, d]`` states hold ``b`` entries along both leading
+    dimensions, and the tensor they were transposed from is no hooked call's output (dropout
+    came between): nothing says where the samples are, the outputs are read along
+    ``batch_dim``, and the engine's check finds this on the first step and takes the exact
+    route (warned)."""
+    torch.manual_seed(0)
+    model = _Model().double().train()
+    x = torch.randn(4, 4, 5, dtype=torch.float64)
+    losses = _losses(model, x, "per-sample")
+    with pytest.warns(EngineRouteWarning, match="attention"):
+        check_gramian(model, losses, 0, rtol=1e-9)
+
+
+def test_moved_calls_keep_their_layout_over_steps() -> None:
+    """The structure's layouts are remembered: three steps of one engine, each exact."""
+    torch.manual_seed(0)
+    model = _Model(global_query=True).double().train()
+    x = torch.randn(4, 8, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
+        with Engine(model, batch_dim=0) as engine:
+            for _ in range(3):
+                losses = model(x).pow(2).sum(1)
+                jacobian = explicit_jacobian(losses, list(model.parameters()))
+                gramian = engine.compute_gramian(losses)
+                torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-9, atol=1e-12)
