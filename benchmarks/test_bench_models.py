@@ -167,6 +167,28 @@ def _deberta_v2(tasks: int) -> tuple[nn.Module, Losses]:
     return model, _class_losses(tokens.float(), tasks, lambda m: m(input_ids=tokens).logits)
 
 
+def _longformer(tasks: int) -> tuple[nn.Module, Losses]:
+    """Longformer: sliding-window self-attention projected sequence-first (``[s, b, d]``) inside a
+    batch-first model, global attention on the first token."""
+    width = 16 if TINY else 64
+    config = _transformers().LongformerConfig(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=80,
+        attention_window=[8, 8],
+        num_labels=tasks or 10,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    model = _transformers().LongformerForSequenceClassification(config)
+    tokens = _lm_batch(_batch(8 if not TINY else 4), 16 if TINY else 32).clamp_min(3)
+    return model, _class_losses(tokens.float(), tasks, lambda m: m(input_ids=tokens).logits)
+
+
 def _vit(tasks: int, dtype: torch.dtype) -> tuple[nn.Module, Losses]:
     width, size = (16, 8) if TINY else (64, 32)
     config = _transformers().ViTConfig(
@@ -213,6 +235,8 @@ def build(
         losses = _lm_losses(_lm_batch(_batch(8 if not TINY else 4), 16), tasks, bare=True)
     elif model_name == "deberta-v2-small":  # (not in MODELS: by name, e.g. ab_inprocess.py)
         model, losses = _deberta_v2(tasks)
+    elif model_name == "longformer-small":  # (not in MODELS: by name)
+        model, losses = _longformer(tasks)
     elif model_name == "vit":
         model, losses = _vit(tasks, dtype)
     else:

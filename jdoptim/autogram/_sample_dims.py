@@ -45,12 +45,18 @@ def output_sample_dims(record: CallRecord, batch_dim: int) -> list[int]:
 _MOVES = frozenset({"TransposeBackward0", "TransposeBackward1", "PermuteBackward0"})
 
 
+def _saved_dim(value: int, rank: int) -> int:
+    """A dimension saved by an autograd node, in ``[0, rank)``: a negative one comes back
+    wrapped around as an unsigned 64-bit integer (``transpose(-2, -1)`` saves 2⁶⁴ − 2)."""
+    return (value - (1 << 64) if value >= 1 << 63 else value) % rank
+
+
 def _moved_by(node: Any, dim: int, rank: int) -> int:
     """Where the transpose or permutation ``node`` put dimension ``dim`` of its input."""
     if type(node).__name__ == "PermuteBackward0":
-        order = [d % rank for d in node._saved_dims]
+        order = [_saved_dim(d, rank) for d in node._saved_dims]
         return order.index(dim)
-    first, second = node._saved_dim0 % rank, node._saved_dim1 % rank
+    first, second = _saved_dim(node._saved_dim0, rank), _saved_dim(node._saved_dim1, rank)
     return second if dim == first else first if dim == second else dim
 
 

@@ -127,3 +127,33 @@ def test_moved_calls_keep_their_layout_over_steps() -> None:
                 jacobian = explicit_jacobian(losses, list(model.parameters()))
                 gramian = engine.compute_gramian(losses)
                 torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-9, atol=1e-12)
+
+
+class _ConvThenChannelNorm(nn.Module):
+    """wav2vec2/data2vec-audio's feature encoder: a convolution, then a LayerNorm over the
+    channels of ``h.transpose(-2, -1)`` (negative dimensions, saved by autograd as unsigned
+    integers), transposed back; the samples stay along dimension 0."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, channels, 5, stride=2)
+        self.norm = nn.LayerNorm(channels)
+        self.head = nn.Linear(channels, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, 1, L]
+        h = self.norm(self.conv(x).transpose(-2, -1)).transpose(-2, -1)
+        return self.head(F.gelu(h).mean(-1))
+
+
+@pytest.mark.parametrize("layout", list(_BATCH_DIM))
+def test_transposes_that_keep_the_samples_in_place(layout: str) -> None:
+    """A transpose of the last two dimensions leaves the samples along 0, also when the
+    channels equal the batch size (which once read the norm's samples along dimension 2)."""
+    torch.manual_seed(0)
+    model = _ConvThenChannelNorm(channels=4).double().train()
+    x = torch.randn(4, 1, 21, dtype=torch.float64)
+    losses = _losses(model, x, layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
+        check_gramian(model, losses, _BATCH_DIM[layout], rtol=1e-9)
+        check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8)
