@@ -11,16 +11,21 @@ batch, E]`` activations) holds the samples along 0 there.
 
 A layer may also be called on a tensor whose samples were moved to another dimension: Longformer's
 and LED's self-attention transpose their ``[b, s, d]`` input to ``[s, b, d]`` and project it
-there, inside a batch-first model (``batch_dim=0``). :func:`moved_sample_dim` reads where such a
-call holds the samples from its input's graph, when that input is a transpose or permutation: of
-a hooked call's output, the dimension it moved that output's sample dimension to; of another
-tensor, the dimension it moved ``batch_dim`` to, when that tensor has size ``b`` there and
-nowhere else (at ``s = b`` nothing tells, and the outputs are read along ``batch_dim``). Failing
-that, when the outputs do not hold the samples along ``batch_dim`` at all and the input is an
-activation (computed in the graph, not indices), from their sizes: the one other dimension of
-size ``b`` in the input and every output (Longformer's global query projection of ``[1, b, d]``).
-Each reading is proved on the first step of each structure by the engine's check
-(:mod:`._certify`), which takes the exact route where it fails.
+there, inside a batch-first model (``batch_dim=0``); so does code feeding ``h.transpose(0, 1)`` to
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` or ``nn.GRU`` with their default
+``batch_first=False``. A recurrent layer or ``MultiheadAttention`` holds the samples where its
+``batch_first`` says (:func:`declared_sample_dim`). For any other call,
+:func:`moved_sample_dim` reads it from the input's graph (:func:`traced_sample_dim`): followed
+back through transposes, permutations and element-wise operations (dropout, activations, a
+residual sum) to a hooked call's output, whose sample dimension is known, each transpose moving
+it. Failing that, when the input is a transpose of a tensor with size ``b`` along ``batch_dim``
+and nowhere else, where the transpose moved ``batch_dim``; and when the outputs do not hold the
+samples along ``batch_dim`` at all and the input is floating-point (not indices), from the
+sizes: the one other dimension of size ``b`` in the input and every output (Longformer's global
+query projection of ``[1, b, d]``, one global token). Where nothing tells (a model's raw input
+transposed at ``s = b``), the outputs are read along ``batch_dim``. Each reading is proved on the
+first step of each structure by the engine's check (:mod:`._certify`), which takes the exact
+route where it fails.
 """
 
 from __future__ import annotations
@@ -69,12 +74,72 @@ def _sized_source(node: Any, shape: Sequence[int], batch_dim: int, count: int) -
     return batch_dim if [d for d, n in enumerate(sizes) if n == count] == [batch_dim] else None
 
 
+#: autograd nodes whose output keeps each operand's dimensions in place (element-wise: an operand
+#: of the output's rank is aligned with it dimension by dimension)
+_ELEMENTWISE = frozenset(
+    {
+        *(f"{op}Backward{k}" for op in ("Add", "Sub", "Mul", "Div", "Rsub") for k in (0, 1)),
+        *(
+            f"{op}Backward0"
+            for op in (
+                "Neg", "Gelu", "Relu", "Tanh", "Sigmoid", "Silu", "Elu", "LeakyRelu", "Hardtanh",
+                "Softplus", "Mish", "Clone", "ToCopy", "NativeDropout", "MaskedFill", "Where",
+                "Softmax", "LogSoftmax", "NativeLayerNorm", "Pow", "Exp", "Abs", "Clamp",
+            )
+        ),
+    }
+)  # fmt: skip
+#: how many nodes back a trace looks
+_TRACE_DEPTH = 12
+
+#: the sample dimension and rank of a hooked call's output, by its autograd node and output
+#: number (``None`` for a node that is not one)
+SourceDim = Callable[[Any, int], "tuple[int, int] | None"]
+
+
+def declared_sample_dim(module: nn.Module) -> int | None:
+    """The sample dimension a recurrent layer or ``MultiheadAttention`` declares by its
+    ``batch_first`` (``None`` for any other module)."""
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+        return 0 if module.batch_first else 1
+    return None
+
+
+def traced_sample_dim(x: Tensor, source_dim: SourceDim) -> int | None:
+    """Where ``x`` holds the samples, read from its graph: followed back through transposes,
+    permutations and element-wise operations to a hooked call's output of ``x``'s rank; ``None``
+    where the trace finds none within a few nodes."""
+    if x.grad_fn is None:
+        return None
+    seen: set[tuple[int, int]] = set()
+
+    def trace(node: Any, nr: int, depth: int) -> int | None:
+        known = source_dim(node, nr)
+        if known is not None:
+            return known[0] if known[1] == x.dim() else None
+        name = type(node).__name__
+        if (
+            depth == 0
+            or (id(node), nr) in seen
+            or (name not in _MOVES and name not in _ELEMENTWISE)
+        ):
+            return None
+        seen.add((id(node), nr))
+        for child, child_nr in node.next_functions:
+            inner = None if child is None else trace(child, child_nr, depth - 1)
+            if inner is not None:
+                return _moved_by(node, inner, x.dim()) if name in _MOVES else inner
+        return None
+
+    return trace(x.grad_fn, x.output_nr, _TRACE_DEPTH)
+
+
 def moved_sample_dim(
     record: CallRecord,
     batch_dim: int,
     count: int,
     at_batch_dim: bool,
-    source_dim: Callable[[Any], int | None],
+    source_dim: SourceDim,
 ) -> int | None:
     """The dimension ``d ≠ batch_dim`` along which the call's input and every output hold the
     ``count`` samples, for a call made on a tensor whose samples were moved (see the module
@@ -86,10 +151,9 @@ def moved_sample_dim(
         count: the number of samples.
         at_batch_dim: whether its outputs can be read along ``batch_dim`` (then only the input's
             graph can say they are not).
-        source_dim: the sample dimension of a hooked call's output, by its autograd node
-            (``None`` for a node that is not one), to follow a transpose from it.
+        source_dim: where hooked calls' outputs hold the samples (see :data:`SourceDim`).
     """
-    if isinstance(record.module, (nn.RNNBase, nn.MultiheadAttention)):
+    if declared_sample_dim(record.module) is not None:
         return None
     inputs = record.input_tensors()
     if not inputs:
@@ -100,15 +164,14 @@ def moved_sample_dim(
         sizes = [x.shape, *(t.shape for t in record.tapped)]
         return all(len(s) > d and s[d] == count for s in sizes)
 
+    traced = traced_sample_dim(x, source_dim)
     node = x.grad_fn
-    if node is not None and type(node).__name__ in _MOVES and node.next_functions:
-        source = source_dim(node.next_functions[0][0])
-        if source is None:  # not a hooked call's output: its sizes, where they are unambiguous
-            source = _sized_source(node, x.shape, batch_dim, count)
-        if source is not None:
-            moved = _moved_by(node, source, x.dim())
-            return moved if moved != batch_dim and holds(moved) else None
-    if at_batch_dim or node is None or not x.is_floating_point():
+    if traced is None and node is not None and type(node).__name__ in _MOVES:
+        source = _sized_source(node, x.shape, batch_dim, count)  # where unambiguous
+        traced = None if source is None else _moved_by(node, source, x.dim())
+    if traced is not None:
+        return traced if traced != batch_dim and holds(traced) else None
+    if at_batch_dim or not x.is_floating_point():
         return None  # (indices, as a position embedding takes, are no moved activations)
     candidates = [d for d in range(x.dim()) if d != batch_dim and holds(d)]
     return candidates[0] if len(candidates) == 1 else None

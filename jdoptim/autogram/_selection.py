@@ -110,13 +110,4 @@ def sample_mixing_problem(modules: Sequence[nn.Module], batch_dim: int) -> str |
                 "Gramian would be wrong. Fix: replace it by GroupNorm/LayerNorm, put it in eval "
                 "mode with running statistics (module.eval()), or use batch_dim=None."
             )
-        if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
-            sample_dim = 0 if module.batch_first else 1
-            if sample_dim != batch_dim:
-                return (
-                    f"{name} (batch_first={module.batch_first}) "
-                    f"indexes samples along dimension {sample_dim}, not batch_dim={batch_dim}. "
-                    f"Fix: construct it with batch_first={batch_dim == 0} (and feed it that "
-                    "layout), or use batch_dim=None."
-                )
     return None

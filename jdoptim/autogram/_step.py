@@ -44,7 +44,12 @@ from ._regions import (
     region_backward,
     to_call_gradient,
 )
-from ._sample_dims import moved_sample_dim, output_sample_dims
+from ._sample_dims import (
+    SourceDim,
+    declared_sample_dim,
+    moved_sample_dim,
+    output_sample_dims,
+)
 from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule, rows_gramian
 
 
@@ -207,21 +212,26 @@ def _sample_group(record: CallRecord, dims: list[int], count: int, label: str) -
 
 
 class _OutputNodes:
-    """The hooked calls by the autograd nodes of their outputs, built on first use."""
+    """The hooked calls by the autograd nodes of their outputs (and which tapped output each
+    node's output is), built on first use."""
 
     def __init__(self, scan: GraphScan) -> None:
         self.scan = scan
-        self.by_node: dict[int, CallRecord] | None = None
+        self.by_node: dict[tuple[int, int], tuple[CallRecord, int]] | None = None
 
-    def record_at(self, node: object) -> CallRecord | None:
+    def at(self, node: object, output_nr: int) -> tuple[CallRecord, int] | None:
         if self.by_node is None:
             self.by_node = {
-                id(edge.node): record
+                (id(edge.node), edge.output_nr): (record, index)
                 for record, edges in self.scan.calls.items()
-                for edge in edges
+                for index, edge in enumerate(edges)
                 if edge is not None
             }
-        return self.by_node.get(id(node))
+        return self.by_node.get((id(node), output_nr))
+
+
+def _as_layout(found: Layout | str | None) -> Layout:
+    return found if isinstance(found, Layout) else Layout(None, 1)
 
 
 class Layout(NamedTuple):
@@ -769,42 +779,55 @@ class GramianStep:
         self, scan: GraphScan, call_params: list[list[Tensor]], batch_dim: int | None
     ) -> list[Layout]:
         """Per call, in the scan's order, its :class:`Layout`; raises :class:`NotPerSample`
-        before the backward pass, when nothing is spent yet. A call made on a transpose of
-        another's output reads where that output holds the samples: the producer's layout is
-        found first (memoised)."""
-        params_of = {id(r): ps for r, ps in zip(scan.calls, call_params)}
-        found: dict[int, Layout] = {}
-        problems: dict[int, str] = {}
+        before the backward pass, when nothing is spent yet. A call made on activations traced
+        back to another call's output reads where that output holds the samples
+        (:func:`._sample_dims.moved_sample_dim`): the calls are read producers first (the
+        scan's reverse order, mostly), a producer not read yet is read without tracing."""
+        records = list(scan.calls)
+        if batch_dim is None:
+            return [Layout(None, 1) for _ in records]
+        params_of = {id(r): ps for r, ps in zip(records, call_params)}
+        found: dict[int, Layout | str] = {}
         producers = _OutputNodes(scan)
 
-        def source_dim(node: object) -> int | None:
-            producer = producers.record_at(node)
-            if producer is None or id(producer) not in params_of:
+        def untraced(node: object, nr: int) -> None:
+            return None
+
+        def source_dim(node: object, nr: int) -> tuple[int, int] | None:
+            hit = producers.at(node, nr)
+            if hit is None or not params_of[id(hit[0])]:
                 return None
-            layout = layout_of(producer) if id(producer) not in found else found[id(producer)]
-            return None if layout.dims is None else layout.dims[0]
+            record, index = hit
+            layout = found.get(id(record)) or self._reading(record, batch_dim, untraced)
+            if isinstance(layout, str) or layout.dims is None:
+                return None
+            return layout.dims[index], len(record.tapped[index].shape)
 
-        def layout_of(record: CallRecord) -> Layout:
-            found[id(record)] = Layout(None, 1)  # (while in progress: a cycle reads nothing)
-            layout = Layout(None, 1)
-            if batch_dim is not None and params_of[id(record)]:
-                dims = output_sample_dims(record, batch_dim)
-                group = _sample_group(record, dims, self.b, self.label(record.module))
-                at = not isinstance(group, str)
-                moved = moved_sample_dim(record, batch_dim, self.b, at, source_dim)
-                if moved is not None:  # a layer called on a tensor whose samples were moved
-                    layout = Layout([moved] * len(record.tapped), 1, moved)
-                elif isinstance(group, str):
-                    problems.setdefault(id(record.module), group)
-                else:
-                    layout = Layout(dims, group)
-            found[id(record)] = layout
-            return layout
-
-        layouts = [found.get(id(r)) or layout_of(r) for r in scan.calls]
+        for record in reversed(records):
+            if params_of[id(record)]:
+                found[id(record)] = self._reading(record, batch_dim, source_dim)
+        problems = {id(r.module): f for r in records if isinstance(f := found.get(id(r)), str)}
         if problems:
             raise NotPerSample(next(iter(problems.values())), list(problems))
-        return layouts
+        return [_as_layout(found.get(id(r))) for r in records]
+
+    def _reading(self, record: CallRecord, batch_dim: int, source_dim: SourceDim) -> Layout | str:
+        """Where the call's outputs hold the samples, or why they cannot be split per sample.
+        A recurrent layer or ``MultiheadAttention`` holds them where its ``batch_first`` says
+        (a time-major one inside a batch-first model, fed ``x.transpose(0, 1)``, along 1)."""
+        label = self.label(record.module)
+        declared = declared_sample_dim(record.module)
+        base = batch_dim if declared is None else declared
+        dims = output_sample_dims(record, base)
+        group = _sample_group(record, dims, self.b, label)
+        if declared is None:
+            at = not isinstance(group, str)
+            moved = moved_sample_dim(record, batch_dim, self.b, at, source_dim)
+            if moved is not None:  # a layer called on a tensor whose samples were moved
+                return Layout([moved] * len(record.tapped), 1, moved)
+        if isinstance(group, str):
+            return group
+        return Layout(dims, group, None if base == batch_dim else base)
 
     def _to_original(self, square: Tensor) -> Tensor:
         if self.order is None:

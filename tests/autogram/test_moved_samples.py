@@ -81,18 +81,19 @@ _BATCH_DIM = {"per-sample": 0, "batch x tasks": 0, "tasks": None}
     "layout, low_memory",
     [(layout, False) for layout in _BATCH_DIM] + [("per-sample", True), ("batch x tasks", True)],
 )
-@pytest.mark.parametrize("batch", [3, 4])
+@pytest.mark.parametrize("batch, seq", [(3, 8), (4, 8), (4, 4)])
 @pytest.mark.parametrize(
     "move, global_query", [("transpose", False), ("permute", False), ("transpose", True)]
 )
 def test_sequence_first_calls_in_a_batch_first_model(
-    layout: str, batch: int, move: str, global_query: bool, low_memory: bool
+    layout: str, batch: int, seq: int, move: str, global_query: bool, low_memory: bool
 ) -> None:
     """Engine Gramian and JDOptimizer .grad exact, without a route warning (at batch 4 the
-    8-token ``[s, b, d]`` outputs also look folded by two along dimension 0)."""
+    8-token ``[s, b, d]`` outputs also look folded by two along dimension 0; at ``s = b`` their
+    sizes say nothing: the trace back to the LayerNorm's output, through dropout, does)."""
     torch.manual_seed(0)
     model = _Model(move, global_query).double().train()
-    x = torch.randn(batch, 8, 5, dtype=torch.float64)
+    x = torch.randn(batch, seq, 5, dtype=torch.float64)
     losses = _losses(model, x, layout)
     with warnings.catch_warnings():
         warnings.simplefilter("error", EngineRouteWarning)
@@ -100,18 +101,34 @@ def test_sequence_first_calls_in_a_batch_first_model(
         check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8, low_memory=low_memory)
 
 
-def test_sequence_as_long_as_the_batch_stays_exact() -> None:
-    """At ``s = b`` the transposed ``[s, b, d]`` states hold ``b`` entries along both leading
-    dimensions, and the tensor they were transposed from is no hooked call's output (dropout
-    came between): nothing says where the samples are, the outputs are read along
-    ``batch_dim``, and the engine's check finds this on the first step and takes the exact
-    route (warned)."""
+class _RawSequenceFirst(nn.Module):
+    """The sequence-first attention on the model's input itself: ``x.transpose(0, 1)`` has no
+    graph to trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = _SequenceFirstAttention(5, "transpose", global_query=False)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.attention(x)).mean(1))
+
+
+def test_untraceable_samples_at_sequence_as_long_as_the_batch_stay_exact() -> None:
+    """At ``s = b`` the transposed input holds ``b`` entries along both leading dimensions, and
+    it has no graph (the model's input): nothing says where the samples are, the outputs are
+    read along ``batch_dim``, and the engine's check finds this on the first step and takes the
+    exact route (warned)."""
     torch.manual_seed(0)
-    model = _Model().double().train()
+    model = _RawSequenceFirst().double().train()
     x = torch.randn(4, 4, 5, dtype=torch.float64)
     losses = _losses(model, x, "per-sample")
     with pytest.warns(EngineRouteWarning, match="attention"):
         check_gramian(model, losses, 0, rtol=1e-9)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)  # s ≠ b: read by the sizes, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
+        check_gramian(model, _losses(model, x, "per-sample"), 0, rtol=1e-9)
 
 
 def test_moved_calls_keep_their_layout_over_steps() -> None:
@@ -157,3 +174,56 @@ def test_transposes_that_keep_the_samples_in_place(layout: str) -> None:
         warnings.simplefilter("error", EngineRouteWarning)
         check_gramian(model, losses, _BATCH_DIM[layout], rtol=1e-9)
         check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8)
+
+
+class _TimeMajorInside(nn.Module):
+    """A batch-first model around a time-major layer with PyTorch's defaults
+    (``batch_first=False``), fed ``h.transpose(0, 1)`` and transposed back, as much code using
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` or ``nn.GRU`` does."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Linear(5, 8)
+        if kind == "attention":
+            self.layer: nn.Module = nn.MultiheadAttention(8, 2, dropout=0.2)
+        elif kind == "encoder layer":
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2)
+        else:
+            self.layer = nn.GRU(8, 8, num_layers=2, dropout=0.2)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, s, 5] → [b, 2]
+        h = F.dropout(torch.tanh(self.embed(x)), 0.1, self.training).transpose(0, 1)
+        if self.kind == "attention":
+            out, weights = self.layer(h, h, h)  # weights: [b, s, s]
+            pooled = out.transpose(0, 1).mean(1) * (1 + weights.amax((1, 2)))[:, None]
+        elif self.kind == "encoder layer":
+            pooled = self.layer(h).transpose(0, 1).mean(1)
+        else:
+            out, last = self.layer(h)  # last: [layers, b, hidden]
+            pooled = out.transpose(0, 1).mean(1) + last[-1]
+        return self.head(pooled)
+
+
+@pytest.mark.parametrize(
+    "layout, low_memory",
+    [(layout, False) for layout in _BATCH_DIM] + [("per-sample", True)],
+)
+@pytest.mark.parametrize("batch, seq", [(3, 5), (4, 8), (4, 4)])
+@pytest.mark.parametrize("kind", ["attention", "encoder layer", "recurrent"])
+def test_time_major_layers_in_a_batch_first_model(
+    layout: str, low_memory: bool, batch: int, seq: int, kind: str
+) -> None:
+    """Accepted with ``batch_dim=0`` (they were refused, though the model is per-sample): the
+    layer holds the samples along 1 as its ``batch_first=False`` says, the layers inside an
+    encoder layer on ``[s, b, d]`` states are traced back to where they were transposed.
+    Exact, without a route warning."""
+    torch.manual_seed(0)
+    model = _TimeMajorInside(kind).double().train()
+    x = torch.randn(batch, seq, 5, dtype=torch.float64)
+    losses = _losses(model, x, layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
+        check_gramian(model, losses, _BATCH_DIM[layout], rtol=1e-9, low_memory=low_memory)
+        check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8, low_memory=low_memory)
