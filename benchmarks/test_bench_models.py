@@ -167,6 +167,60 @@ def _deberta_v2(tasks: int) -> tuple[nn.Module, Losses]:
     return model, _class_losses(tokens.float(), tasks, lambda m: m(input_ids=tokens).logits)
 
 
+class OwnTokensViT(nn.Module):
+    """A ViT written as timm writes it: ``cls_token`` and ``pos_embed`` are parameters of the
+    model itself, around its blocks (``nn.TransformerEncoderLayer``, pre-norm, dropout 0.1)."""
+
+    def __init__(self, width: int, depth: int, patches: int, patch_dim: int, classes: int):
+        super().__init__()
+        self.patch = nn.Linear(patch_dim, width)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, patches + 1, width) * 0.02)
+        self.blocks = nn.Sequential(
+            *[
+                nn.TransformerEncoderLayer(
+                    width, 4, 2 * width, dropout=0.1, batch_first=True, norm_first=True
+                )
+                for _ in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, patches, patch_dim]
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch(x)], dim=1)
+        return self.head(self.norm(self.blocks(tokens + self.pos_embed))[:, 0])
+
+
+def _vit_own_tokens(tasks: int) -> tuple[nn.Module, Losses]:
+    width = 16 if TINY else 64
+    model = OwnTokensViT(width, 2, 16, 48, tasks or 10)
+    images = torch.randn(_batch(4 if TINY else 16), 16, 48)
+    return model, _class_losses(images, tasks, lambda m: m(images))
+
+
+def _deberta_v1(tasks: int) -> tuple[nn.Module, Losses]:
+    """DeBERTa (v1): relative attention in an attention module with direct parameters
+    (``q_bias``, ``v_bias``), given ``rel_embeddings.weight`` as an argument."""
+    width = 16 if TINY else 64
+    config = _transformers().DebertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        relative_attention=True,
+        max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"],
+        pooler_hidden_size=width,
+        num_labels=tasks or 10,
+    )
+    model = _transformers().DebertaForSequenceClassification(config)
+    tokens = _lm_batch(_batch(8 if not TINY else 4), 12 if TINY else 16)
+    return model, _class_losses(tokens.float(), tasks, lambda m: m(input_ids=tokens).logits)
+
+
 def _longformer(tasks: int) -> tuple[nn.Module, Losses]:
     """Longformer: sliding-window self-attention projected sequence-first (``[s, b, d]``) inside a
     batch-first model, global attention on the first token."""
@@ -237,6 +291,10 @@ def build(
         model, losses = _deberta_v2(tasks)
     elif model_name == "longformer-small":  # (not in MODELS: by name)
         model, losses = _longformer(tasks)
+    elif model_name == "deberta-small":  # (not in MODELS: by name)
+        model, losses = _deberta_v1(tasks)
+    elif model_name == "vit-own-tokens":  # (not in MODELS: by name)
+        model, losses = _vit_own_tokens(tasks)
     elif model_name == "vit":
         model, losses = _vit(tasks, dtype)
     else:

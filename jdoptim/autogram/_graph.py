@@ -40,11 +40,15 @@ class GraphScan:
 
 
 def scan_graph(
-    roots: list[Node], key: str, stop: Callable[[Node], Collection[int]] | None = None
+    roots: list[Node],
+    key: str,
+    stop: Callable[[Node], Collection[int]] | None = None,
+    parents: bool = False,
 ) -> GraphScan:
     """Walk from ``roots``; see the module docstring. With ``stop``, the inputs (indices into
     ``next_functions``) of a node outside every call that ``stop`` gives are not walked
-    (:mod:`._regions`' entries of the batch into what the samples share)."""
+    (:mod:`._regions`' entries of the batch into what the samples share). Split parents' calls
+    are taken whole only with ``parents`` (:func:`_taken`)."""
     scan = GraphScan()
     outside: dict[int, Tensor] = {}  # the leaves met outside the calls, in the walk's order
     seen: set[Node] = set(roots)
@@ -73,10 +77,9 @@ def scan_graph(
         if base in metadata:
             _take_at_base(scan, node, metadata[base], rebased, inputs_of)
             continue
-        entries = metadata.get(key)
+        entries = _taken(metadata.get(key), parents, rebased)
         children = node.next_functions
         if entries:
-            entries = [(r, i) for r, i in entries if r not in rebased] if rebased else entries
             enter = False
             for record, out_index in entries:
                 edges = scan.calls.get(record)
@@ -84,8 +87,8 @@ def scan_graph(
                     edges = scan.calls[record] = [None] * len(record.tapped)
                     inputs_of(record)
                 edges[out_index] = GradientEdge(node, record.tapped[out_index].output_nr)
-                if record.nested:  # hooked calls made inside it: walk into the call
-                    enter = True
+                if record.nested and not record.split:
+                    enter = True  # hooked calls made inside it: walk into the call
                     own.update(id(p) for p in record.module.parameters())
             if not enter:
                 continue
@@ -95,8 +98,36 @@ def scan_graph(
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
+    return _finished(scan, outside, parents)
+
+
+def _finished(scan: GraphScan, outside: dict[int, Tensor], parents: bool) -> GraphScan:
+    """The scan with its leaves outside the calls; with ``parents``, the calls made inside a
+    split parent's call dropped, wherever the walk met them (its re-run covers them)."""
+    taken = [r for r in scan.calls if r.split] if parents else []
+    if taken:
+        inner = {id(n) for r in taken for n in r.nested}
+        scan.calls = {r: e for r, e in scan.calls.items() if id(r) not in inner}
     scan.outside_leaves = list(outside.values())
     return scan
+
+
+def _taken(entries: list | None, parents: bool, rebased: set[CallRecord]) -> list | None:
+    """The records noted at a node that the walk takes: not those taken at their output's base,
+    nor split parents' (:func:`._selection.is_split_parent`), whose nodes are then walked as any
+    other and whose direct parameters are leaves outside the calls, read where the batch meets
+    them (:mod:`._regions`); with ``parents``, split parents' calls are kept, as whole calls
+    that the walk does not enter."""
+    if not entries:
+        return entries
+    if rebased:
+        entries = [(r, i) for r, i in entries if r not in rebased]
+    if not any(r.split for r, _ in entries):
+        return entries
+    if parents:  # (not the calls made inside it that return its output: the walk stops here)
+        inner = {id(n) for r, _ in entries if r.split for n in r.nested}
+        return [(r, i) for r, i in entries if id(r) not in inner]
+    return [(r, i) for r, i in entries if not r.split]
 
 
 def _take_at_base(

@@ -106,6 +106,9 @@ class CallRecord:
     #: LoRA layers it is handed inside its magnitude module's call: the scan of the graph finds
     #: them inside this call's part of the graph (:func:`._graph.scan_graph`)
     nested: tuple[CallRecord, ...] = ()
+    #: the call of a split parent (:func:`._selection.is_split_parent`): the scan of the graph
+    #: takes it only when a step falls back to re-running it whole (:func:`._graph.scan_graph`)
+    split: bool = False
     #: what the call's rule read from its output's autograd node before the step's backward pass
     #: freed the node's saved tensors (:meth:`~.rules.LayerRule.read_graph`), else ``None``
     graph_read: Any = None
@@ -256,6 +259,7 @@ def make_hook(
     key: str,
     pending: PendingCalls | None = None,
     shared: SharedCalls | None = None,
+    split: frozenset[int] = frozenset(),
 ) -> Callable[[nn.Module, tuple, dict, Any], Any]:
     """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``;
     ``pending`` is the pre-hooks' stack of generator states (see the module docs); ``shared``,
@@ -270,9 +274,8 @@ def make_hook(
         if not torch.is_grad_enabled():
             return None
         replayed = pending is not None and id(module) in pending  # a module the rules re-run
-        # (a call neither re-run nor made inside a re-run one, the common case, has nothing to
-        # take from the pre-hooks' stack)
-        quiet = not replayed and (pending is None or not pending.open)
+        quiet = not replayed and (pending is None or not pending.open)  # (the common case)
+        parent = replayed and id(module) in split  # a split parent's call
         rng, mutated, inner = (None, (), ()) if quiet else _drawn(pending, module)
         amp = autocast_now() if replayed else None
         if _recorded_as_expanded(key, module, output, (rng, amp, mutated), pending):
@@ -286,6 +289,7 @@ def make_hook(
             if node is None or node is sole.grad_fn:
                 return
             call = CallRecord(module, args, {}, [], rng, amp, mutated=mutated, nested=inner)
+            call.split = parent
             _record_layer_output(key, call, output, sole)
             if not quiet:
                 _inside(pending, call)
@@ -303,7 +307,7 @@ def make_hook(
                 continue
             if record is None:
                 record = CallRecord(
-                    module, args, kwargs, [], rng, amp, mutated=mutated, nested=inner
+                    module, args, kwargs, [], rng, amp, mutated=mutated, nested=inner, split=parent
                 )
                 _inside(pending, record)
             record.tapped.append(Tapped(index, leaf.shape, leaf.dtype, leaf.device, leaf.output_nr))

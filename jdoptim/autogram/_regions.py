@@ -144,6 +144,21 @@ class Expansion(Entry):
 
 
 @dataclass(frozen=True, eq=False)
+class Broadcast(Expansion):
+    """``S`` broadcast along the batch by an element-wise sum, difference or product with a
+    batched operand (``tokens + pos_embed``, ``gamma * h``, ``h + bias``): as an expansion, after
+    the gradient at the output is multiplied by ``∂out/∂S`` (``factor``: ``±alpha`` for a sum or
+    difference, the other operand for a product, as the node saved it)."""
+
+    factor: Tensor | float = 1.0
+
+    def per_sample(self, grad: Tensor, b: int, batch_dim: int, stacked: bool) -> Tensor:
+        factor = self.factor
+        scaled = grad * (factor.to(grad.dtype) if isinstance(factor, Tensor) else factor)
+        return super().per_sample(scaled, b, batch_dim, stacked)
+
+
+@dataclass(frozen=True, eq=False)
 class Contraction(Entry):
     r"""A product ``A S`` (``mm``, ``addmm``: ``F.linear(h, W)`` over ``[b, s, d]`` activations,
     folded to ``[b·s, d]`` rows) whose left operand ``A`` holds the samples' rows,
@@ -203,6 +218,59 @@ _SHAPE_OPS = frozenset(
 )  # fmt: skip
 
 
+def _from_shared(node: Node, shared: set[int], calls: bool = True) -> bool:
+    """Whether ``node`` gives, through shape operations only, one of the ``shared`` tensors
+    or (``calls``) nodes (ids)."""
+    below: Node | None = node
+    while below is not None and type(below).__name__ in _SHAPE_OPS:
+        below = below.next_functions[0][0] if len(below.next_functions) == 1 else None
+    variable = getattr(below, "variable", None)
+    return below is not None and (id(variable) in shared or (calls and id(below) in shared))
+
+
+#: element-wise operations read as :class:`Broadcast` entries, by node name: the saved operand
+#: that is ``∂out/∂S`` for ``S`` as first or second operand (``None``: a sum or difference)
+_BROADCASTS: dict[str, tuple[str, str] | None] = {
+    "AddBackward0": None,
+    "SubBackward0": None,
+    "MulBackward0": ("_saved_other", "_saved_self"),
+}
+
+
+def broadcast(node: Node, b: int, batch_dim: int, shared: set[int]) -> Broadcast | None:
+    """``node`` as a :class:`Broadcast` of one of the ``shared`` parameters (read outside every
+    call; through shape operations only) along the batch of ``b`` samples, else ``None``."""
+    name = type(node).__name__
+    if name not in _BROADCASTS or len(node.next_functions) != 2 or not node._input_metadata:
+        return None
+    out = tuple(node._input_metadata[0].shape)
+    if len(out) <= batch_dim or out[batch_dim] % b or out[batch_dim] < 2:
+        return None
+    for index, (child, nr) in enumerate(node.next_functions):
+        if child is None or not child._input_metadata:
+            continue
+        shape = tuple(child._input_metadata[nr].shape)
+        padded = (1,) * (len(out) - len(shape)) + shape
+        if len(shape) > len(out) or padded[batch_dim] != 1:
+            continue
+        if not _from_shared(child, shared, calls=False):  # (a parameter: a shared call's output
+            continue  # that meets the batch this way is expanded, or read at its additions)
+        saved = _BROADCASTS[name]
+        factor: Tensor | float
+        if saved is None:
+            alpha = float(getattr(node, "_saved_alpha", 1))
+            factor = -alpha if name == "SubBackward0" and index == 1 else (alpha if index else 1.0)
+        else:
+            try:
+                factor = getattr(node, saved[index])
+            except RuntimeError:  # (freed)
+                return None
+        source = GradientEdge(child, nr)
+        copies = out[batch_dim] // b
+        return Broadcast(node, source, index, torch.Size(shape), padded, out, copies, factor)
+    return None
+
+
 def contraction(node: Node, b: int, batch_dim: int, shared: set[int]) -> Contraction | None:
     """``node`` as a :class:`Contraction` whose right operand is, through shape operations
     only, one of the ``shared`` tensors or nodes (ids: parameters read outside every call,
@@ -212,11 +280,7 @@ def contraction(node: Node, b: int, batch_dim: int, shared: set[int]) -> Contrac
         return None
     index, saved = product
     child, nr = node.next_functions[index]
-    below = child
-    while below is not None and type(below).__name__ in _SHAPE_OPS:
-        below = below.next_functions[0][0] if len(below.next_functions) == 1 else None
-    variable = getattr(below, "variable", None)
-    if child is None or (id(below) not in shared and id(variable) not in shared):
+    if child is None or not _from_shared(child, shared):
         return None
     try:
         rows = getattr(node, saved)
@@ -271,8 +335,10 @@ def find_regions(
     found: dict[Node, Entry] = {}
 
     def stop(node: Node) -> tuple[int, ...]:
-        entry: Entry | None = expansion(node, b, batch_dim) or contraction(
-            node, b, batch_dim, shared
+        entry: Entry | None = (
+            expansion(node, b, batch_dim)
+            or contraction(node, b, batch_dim, shared)
+            or broadcast(node, b, batch_dim, shared)
         )
         if entry is None:
             return ()

@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from .rules import registered_rule
+
 
 def check_disjoint(modules: Sequence[nn.Module]) -> None:
     for i, outer in enumerate(modules):
@@ -35,7 +37,8 @@ def check_disjoint(modules: Sequence[nn.Module]) -> None:
 
 
 def hooked_modules(modules: Sequence[nn.Module]) -> list[nn.Module]:
-    """The parent-most modules with a direct trainable parameter, in order, each once."""
+    """The parent-most modules with a direct trainable parameter, in order, each once; and
+    within a split parent (:func:`is_split_parent`), the same for its children."""
     found: list[nn.Module] = []
     seen: set[int] = set()
 
@@ -49,13 +52,30 @@ def hooked_modules(modules: Sequence[nn.Module]) -> list[nn.Module]:
             direct += list(parametrizations.parameters())
         if any(p.requires_grad for p in direct):
             found.append(module)
-            return
+            if not is_split_parent(module):
+                return
         for child in module.children():
             visit(child)
 
     for module in modules:
         visit(module)
     return found
+
+
+def is_split_parent(module: nn.Module) -> bool:
+    """Whether a module with direct trainable parameters is hooked *and* descended into: one
+    with children that have trainable parameters, no registered rule and no parametrization
+    (a ViT with its own ``cls_token`` and ``pos_embed`` around its blocks, a block with a
+    layer-scale ``gamma``). Its children's calls take their rules, and its direct parameters
+    are read where the batch meets them (:mod:`._regions`); where they cannot be, the step
+    takes the parent's call whole, as for any module with direct parameters
+    (:mod:`._graph`). The engine reads this once, when it places its hooks."""
+    return (
+        any(p.requires_grad for p in module.parameters(recurse=False))
+        and registered_rule(module) is None
+        and not parametrize.is_parametrized(module)
+        and any(p.requires_grad for c in module.children() for p in c.parameters())
+    )
 
 
 def _named(modules: Sequence[nn.Module]) -> Iterator[tuple[str, nn.Module]]:

@@ -87,6 +87,7 @@ from ._selection import (
     batch_norms,
     check_disjoint,
     hooked_modules,
+    is_split_parent,
     module_labels,
     parameter_labels,
     sample_mixing_problem,
@@ -268,7 +269,8 @@ class Engine:
         # Under torch.compile the hooks run eagerly, each a graph break: they read autograd
         # nodes and generator states, which a traced graph does not have, and dynamo would
         # otherwise recompile them for every module they are registered on.
-        hook = eager(make_hook(self._key, pending, self._shared))
+        split = frozenset(id(m) for m in self._hooked if is_split_parent(m))
+        hook = eager(make_hook(self._key, pending, self._shared, split))
         # always_call: a forward that raises still closes its call's entry in `pending`, which
         # would otherwise collect every later record as made inside it
         handles = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from jdoptim.autogram import Engine
@@ -33,15 +34,17 @@ def test_gramian_under_bf16_autocast_is_float32_and_matches_the_explicit_one():
 
 
 class _FreeParameter(torch.nn.Module):
-    """Direct parameters: the generic rule re-runs it (under the recorded autocast region)."""
+    """Direct parameters only (no child with parameters): the generic rule re-runs it (under
+    the recorded autocast region)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(32, 64) * 0.2)
-        self.head = nn.Linear(64, 16)
+        self.head_weight = torch.nn.Parameter(torch.randn(16, 64) * 0.1)
+        self.head_bias = torch.nn.Parameter(torch.zeros(16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(x @ self.weight))
+        return F.linear(torch.tanh(x @ self.weight), self.head_weight, self.head_bias)
 
 
 @pytest.mark.parametrize("batch_dim", [None, 0])

@@ -32,11 +32,17 @@ def test_overlapping_modules_are_refused() -> None:
 
 
 def test_recursive_hooking() -> None:
-    """A module with direct parameters is hooked whole; one without is descended into."""
+    """A module with direct parameters is hooked whole, unless children of it have trainable
+    parameters and it has no rule (a split parent: its children are hooked too); one without
+    direct parameters is descended into."""
     free = FreeParam()
     with Engine(free):
         assert len(free._forward_hooks) == 1
-        assert _hook_count(free) == 1
+        assert _hook_count(free) == 3  # the parent and its two Linear children
+    free.linear1.requires_grad_(False)
+    free.linear2.requires_grad_(False)
+    with Engine(FreeParam()) as _, Engine(free):
+        assert _hook_count(free) == 1  # no child with a trainable parameter: hooked whole
     seq = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
     with Engine(seq):
         assert [len(m._forward_hooks) for m in seq] == [1, 0, 1]

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jdoptim.autogram import Engine, EngineRouteWarning
@@ -327,12 +328,16 @@ class _Counting(nn.Module):
         self.weight = nn.Parameter(torch.randn(5, 4) * 0.5)
         self.register_buffer("seen", torch.zeros(()))
         self.calls = 0
-        self.head = nn.Linear(4, 2)
+        # (direct parameters only: a module with children that have parameters is split, its
+        # children hooked on their rules, and nothing of it is re-run)
+        self.head_weight = nn.Parameter(torch.randn(2, 4) * 0.5)
+        self.head_bias = nn.Parameter(torch.zeros(2))
 
     def forward(self, x: Tensor) -> Tensor:
         self.seen.add_(1.0)
         self.calls += 1
-        return self.head(torch.tanh(x @ self.weight) * (1.0 + 0.1 * self.calls))
+        hidden = torch.tanh(x @ self.weight) * (1.0 + 0.1 * self.calls)
+        return F.linear(hidden, self.head_weight, self.head_bias)
 
 
 @pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
@@ -364,11 +369,12 @@ class _HiddenAndLogits(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(5, 4))
-        self.head = nn.Linear(4, 3)
+        self.head_weight = nn.Parameter(torch.randn(3, 4) * 0.5)  # (direct: see _Counting)
+        self.head_bias = nn.Parameter(torch.zeros(3))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         hidden = torch.tanh(x @ self.weight)
-        return hidden, self.head(hidden)
+        return hidden, F.linear(hidden, self.head_weight, self.head_bias)
 
 
 @pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])

@@ -34,18 +34,20 @@ B, S, D = 4, 3, 6
 
 
 class _ScaledMLP(nn.Module):
-    """A module without a layer rule (direct parameter + child): the generic rule."""
+    """A module without a layer rule (direct parameters, no child with parameters: a parent
+    with such children is split, its children hooked on their rules): the generic rule."""
 
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.rand(D) + 0.5)
-        self.inner = nn.Linear(D, D)
+        self.weight = nn.Parameter(torch.randn(D, D) / D**0.5)
+        self.bias = nn.Parameter(torch.zeros(D))
         self.dropout = dropout
 
     def forward(self, rows: Tensor) -> Tensor:  # [N, D]
         assert rows.dim() == 2, "written for a flat batch of rows"
         rows = F.dropout(rows, self.dropout, self.training)  # random draws: the masked re-run
-        return torch.tanh(self.inner(rows)) * self.scale
+        return torch.tanh(F.linear(rows, self.weight, self.bias)) * self.scale
 
 
 class _FlatTokens(nn.Module):
