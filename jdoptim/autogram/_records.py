@@ -208,7 +208,7 @@ def make_pre_hook(
     the call on ``pending[id(module)]`` (the forward hook pops it)."""
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not is_replaying():
             before = BeforeCall(RandomState.capture(), _watched_buffers(module))
             pending.setdefault(id(module), []).append(before)
             pending.open.append(before)
@@ -262,16 +262,16 @@ def make_hook(
     split: frozenset[int] = frozenset(),
 ) -> Callable[[nn.Module, tuple, dict, Any], Any]:
     """The forward hook (``with_kwargs=True``) that records calls under ``metadata[key]``;
-    ``pending`` is the pre-hooks' stack of generator states (see the module docs); ``shared``,
-    in per-sample mode, what the hooks know of sample-shared calls (see :mod:`._shared`): the
-    hook returns such a call's output expanded along the batch once its module is expandable.
-
-    It holds no reference to the engine, so that a dropped engine can be collected (its
-    finaliser then removes the hooks). Outside gradient mode it returns at once.
-    """
+    ``pending``: the pre-hooks' stack of generator states (see the module docs); ``shared``, in
+    per-sample mode, what the hooks know of sample-shared calls (:mod:`._shared`): the hook
+    returns such a call's output expanded along the batch once its module is expandable;
+    ``split``: the split parents (ids: :func:`._selection.is_split_parent`). It holds no
+    reference to the engine, so that a dropped engine can be collected (its finaliser then
+    removes the hooks). Outside gradient mode, and in a rule's re-run of a call
+    (:func:`._shared.replaying`), it returns at once."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or is_replaying():  # (a rule's re-run records nothing)
             return None
         replayed = pending is not None and id(module) in pending  # a module the rules re-run
         quiet = not replayed and (pending is None or not pending.open)  # (the common case)

@@ -7,7 +7,7 @@ directly by the encoder, then each layer's query and key projections of it) are 
 every sample, so the backward gives only ``Σᵢ ∂ℓᵢ/∂S``, and the engine used to take such a
 structure with one backward row per loss (``b`` times the backward passes).
 
-Such a tensor meets the batch at an *entry* (:class:`Entry`), of two kinds:
+Such a tensor meets the batch at an *entry* (:class:`Entry`), of three kinds:
 
 * an *expansion along the batch* (:class:`Expansion`): ``S.expand(…)`` from size 1 (or from a
   new leading dimension) to ``b·k`` along ``batch_dim``, or ``S.repeat(…)`` by ``b·c`` along it
@@ -25,7 +25,15 @@ Such a tensor meets the batch at an *entry* (:class:`Entry`), of two kinds:
   and ``S`` a parameter read outside every call (a head tied to the token embedding by reading
   its weight in the forward, class prototypes) or the output of a call that does not index the
   samples (class embeddings computed by hooked layers from fixed features): sample ``i``'s
-  gradient of ``S`` is ``Σ_{r ∈ rows(i)} A_rᵀ D_r``.
+  gradient of ``S`` is ``Σ_{r ∈ rows(i)} A_rᵀ D_r``;
+* an *element-wise sum, difference or product* (:class:`Broadcast`) of a parameter read
+  outside every call (through shape operations) with the batched activations, broadcasting it
+  along the batch (``tokens + pos_embed``, ``gamma * h``, DeBERTa's ``q + q_bias``: the
+  direct parameters of split parents, :func:`._selection.is_split_parent`): an expansion whose
+  output gradient is first multiplied by ``∂out/∂S`` (``±alpha``, or the other operand),
+
+  .. math:: \frac{\partial \ell_i}{\partial S} = \sum_{\text{broadcast}}
+     \Big(D \odot \frac{\partial\, \text{out}}{\partial S}\Big)_i .
 
 The *region* is the part of the graph above the entries' shared inputs. When the losses reach it
 only through entries (nothing else of the step's graph reaches into it), a second backward,

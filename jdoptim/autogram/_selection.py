@@ -2,10 +2,15 @@
 
 * The given modules must be disjoint: none may be a submodule of another.
 * Recursive hooking: a module with a direct trainable parameter is hooked, and differentiated
-  with respect to all its parameters (``recurse=True``); its children are not hooked. A module
-  without one is descended into. A parametrized module (``torch.nn.utils.parametrize``:
-  ``weight_norm``, ``spectral_norm``, ``orthogonal``, …) counts its parametrizations' parameters as
-  its own: hooked whole, its call is the layer's (``[b, …]`` outputs), where its parametrization
+  with respect to all its parameters (``recurse=True``); its children are not hooked, unless it
+  is a *split parent* (:func:`is_split_parent`: children with trainable parameters, no rule,
+  no parametrization), whose children are hooked too: a per-sample step then reads its direct
+  parameters where the batch meets them (:mod:`._regions`) and its children by their rules,
+  and takes its call whole only where no region entry reads them, and in task mode
+  (:meth:`._step.GramianStep._scanned`). A module without direct parameters is descended
+  into. A parametrized module (``torch.nn.utils.parametrize``: ``weight_norm``,
+  ``spectral_norm``, ``orthogonal``, …) counts its parametrizations' parameters as its own:
+  hooked whole, its call is the layer's (``[b, …]`` outputs), where its parametrization
   list alone would be a call that returns the weight, shared by every sample.
 * With ``batch_dim``, a module that mixes samples would make per-sample losses depend on other
   samples, and the per-sample Gramian would be wrong; such modules are refused.

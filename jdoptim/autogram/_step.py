@@ -455,6 +455,9 @@ class GramianStep:
     def _with_parents(self, losses: Tensor, key: str, scan: GraphScan) -> GraphScan:
         """The scan with split parents' calls taken whole, if it has any (then sets
         :attr:`parents`), else ``scan``."""
+        if any(r.split for r in scan.calls):  # (taken already: the engine's task-mode scan)
+            self.parents = True
+            return scan
         assert losses.grad_fn is not None
         full = scan_graph([losses.grad_fn], key, parents=True)
         self.parents = full.calls.keys() != scan.calls.keys()

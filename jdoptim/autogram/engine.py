@@ -371,7 +371,7 @@ class Engine:
         losses = samples_at_batch_dim(losses, batch_dim)  # [b] of a sequence-first model
         root = losses.grad_fn
         assert root is not None  # a view of a tensor with a graph
-        scan = scan_graph([root], self._key)
+        scan = scan_graph([root], self._key, parents=batch_dim is None)  # (see _step._scanned)
         if self._shared is not None:
             self._check_expansions(scan, losses)
             if batch_dim is not None and losses.dim() > batch_dim:

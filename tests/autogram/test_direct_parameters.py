@@ -1,17 +1,21 @@
 """Modules with direct parameters *and* children with parameters, as people write them: a model
 with a ``pos_embed`` / ``cls_token`` of its own, a block with a layer-scale ``gamma`` (ConvNeXt,
-CaiT), a parent that uses its child's weight itself. The engine hooks such a module whole (the
-generic rule re-runs it, see ``jdoptim.autogram._selection``). Every case is checked against the
-explicit Jacobian of the same losses (same forward, same dropout masks), and, where the re-run
-is faithful, without a route warning (the fast path is the one that was certified).
+CaiT), a parent that uses its child's weight itself. Such a module is a split parent
+(``jdoptim.autogram._selection.is_split_parent``): its children are hooked on their own rules,
+and a per-sample step reads its direct parameters where the batch meets them (sample-shared
+regions), or takes its call whole (the generic rule re-runs it) where no region entry reads them
+and in task mode. Every case is checked against the explicit Jacobian of the same losses (same
+forward, same dropout masks), and, where the route is a fast one, without a route warning.
 
 Design note (measured, 2026-12-06): hooking such a module for its direct parameters only, with
 its children hooked on their own rules, was built and dropped. The generic rule must still
 re-run the whole subtree to differentiate the direct parameters (for a ``pos_embed`` used at the
 input, a per-sample backward through the whole model), and the children's rules then come on
 top: on a 4-block ConvNeXt-style model the per-sample step went from 2.2x to 3.3x a plain step
-(2 tasks: 2.5x to 4.7x), on a model with its own ``pos_embed`` from 48 to 66 ms, on transformers'
-ViT no change; it saved only the rows' memory of the children's parameters."""
+(2 tasks: 2.5x to 4.7x), on a model with its own ``pos_embed`` from 48 to 66 ms. The split
+parents (2026-12-07) re-run nothing: the direct parameters' rows come from the regions'
+backward (a ViT with its own tokens, batch 16: 6.3x to 2.2x a plain step per-sample), and the
+whole call remains the route where that cannot be (``tests/autogram/test_split_parents.py``)."""
 
 from __future__ import annotations
 
