@@ -14,7 +14,7 @@ input, a per-sample backward through the whole model), and the children's rules 
 top: on a 4-block ConvNeXt-style model the per-sample step went from 2.2x to 3.3x a plain step
 (2 tasks: 2.5x to 4.7x), on a model with its own ``pos_embed`` from 48 to 66 ms. The split
 parents (2026-12-07) re-run nothing: the direct parameters' rows come from the regions'
-backward (a ViT with its own tokens, batch 16: 6.3x to 2.2x a plain step per-sample), and the
+backward (a ViT with its own tokens, batch 16: 6.7x to 2.2x a plain step per-sample), and the
 whole call remains the route where that cannot be (``tests/autogram/test_split_parents.py``)."""
 
 from __future__ import annotations

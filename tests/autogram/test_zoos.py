@@ -7,7 +7,9 @@ may be wrong, crash, or be refused without naming a module or parameter by its p
 model (a slower exact route, warned, is allowed: the zoos report those). The whole model zoo
 (86 architectures, three batch sizes) takes minutes; this subset is the architectures people
 train most, and the ones whose fixes the zoo found (RESULTS.md, "The model zoo"; WavLM, whose
-attention folds the samples differently in its two outputs).
+attention folds the samples differently in its two outputs; DeBERTa v1, whose attention has
+parameters of its own around its projections; CvT, whose stages draw dropout masks on permuted
+views).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ MODELS = [
     "phi3",
     "roberta",
     "deberta_v2",
+    "deberta",
     "albert",
     "distilbert",
     "mpnet",
     "modernbert",
     "whisper",
     "convnext",
+    "cvt",
     "led",
     "reformer",
     "wavlm",
