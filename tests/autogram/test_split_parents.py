@@ -66,6 +66,24 @@ class _Operands(nn.Module):
         return self.head(h)
 
 
+class _FoldedRows(nn.Module):
+    """Direct parameters met by the samples' rows folded sample-major (``[b, s, d]`` →
+    ``[b·s, d]``, as OPT folds them before its MLP): each sample owns ``s`` rows of the sum and
+    of the product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.bias = nn.Parameter(torch.randn(6))
+        self.gamma = nn.Parameter(torch.rand(1, 6) + 0.5)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, 3, 6]
+        rows = self.inner(x).reshape(-1, 6)  # [b·3, 6]
+        rows = torch.tanh(rows + self.bias) * self.gamma
+        return self.head(rows.view(x.shape[0], -1, 6).mean(1))
+
+
 class _Lookup(nn.Module):
     """A table of the module's own looked up with ``F.embedding``: no region entry reads it, so
     the step takes the module's call whole."""
@@ -91,6 +109,7 @@ _BATCH_DIM = {"per-sample": 0, "batch x tasks": 0, "tasks": None}
 _MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
     "timm-style ViT": lambda: (_TimmStyleViT(), torch.randn(5, 4, 12)),
     "element-wise operands": lambda: (_Operands(), torch.randn(5, 6)),
+    "folded rows": lambda: (_FoldedRows(), torch.randn(5, 3, 6)),
     "lookup (whole call)": lambda: (_Lookup(), torch.randint(0, 20, (5, 3))),
 }
 
