@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node
 
-from ..linalg.vmap_fallback import VmapState, vmap_or_loop
+from ..linalg.vmap_fallback import VmapState, batched_vjp
 from ._graph import GraphScan, scan_graph
 from ._records import CallRecord
 from ._shared import expand_inputs
@@ -428,54 +428,4 @@ def region_backward(
     """One backward from the expansions' inputs, each row of ``cotangents`` (``[R, *S.shape]``)
     a row of its own, to ``inputs`` (edges and tensors): ``[R, …]`` per input, ``None`` where
     unreached."""
-    if not inputs:
-        return []
-    outputs = [e.source for e in entries]
-    rows = cotangents[0].shape[0]
-
-    def at_once(probing: bool) -> list[Tensor | None]:
-        return list(
-            torch.autograd.grad(
-                outputs,
-                inputs,
-                cotangents,
-                retain_graph=retain_graph or probing,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-        )
-
-    def looped() -> list[Tensor | None]:
-        found: list[list[Tensor | None]] = []
-        for r in range(rows):
-            keep = retain_graph or r < rows - 1
-            found.append(
-                list(
-                    torch.autograd.grad(
-                        outputs,
-                        inputs,
-                        [c[r] for c in cotangents],
-                        retain_graph=keep,
-                        allow_unused=True,
-                    )
-                )
-            )
-        return [_stacked([f[i] for f in found]) for i in range(len(inputs))]
-
-    if rows == 1:  # (one row: a plain backward)
-        grads = torch.autograd.grad(
-            outputs,
-            inputs,
-            [c[0] for c in cotangents],
-            retain_graph=retain_graph,
-            allow_unused=True,
-        )
-        return [None if g is None else g.unsqueeze(0) for g in grads]
-    return vmap_or_loop(at_once, looped, state)
-
-
-def _stacked(rows: list[Tensor | None]) -> Tensor | None:
-    like = next((r for r in rows if r is not None), None)
-    if like is None:
-        return None
-    return torch.stack([torch.zeros_like(like) if r is None else r for r in rows])
+    return batched_vjp([e.source for e in entries], inputs, cotangents, retain_graph, state)

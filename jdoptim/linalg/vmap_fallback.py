@@ -18,11 +18,14 @@ Without a state (``state=None``) every call probes afresh and nothing is remembe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["VmapState", "vmap_or_loop"]
+import torch
+from torch import Tensor
+
+__all__ = ["VmapState", "batched_vjp", "vmap_or_loop"]
 
 R = TypeVar("R")
 
@@ -58,3 +61,65 @@ def vmap_or_loop(
         return looped()
     state.works = True
     return result
+
+
+def batched_vjp(
+    outputs: Sequence[Any],
+    inputs: Sequence[Any],
+    cotangents: Sequence[Tensor],
+    retain_graph: bool,
+    state: VmapState | None = None,
+) -> list[Tensor | None]:
+    """``R`` vector-Jacobian products of ``outputs`` (tensors or gradient edges) with respect to
+    ``inputs`` (tensors or edges), each row of ``cotangents`` (``[R, *output shape]``, one per
+    output) a row of its own: ``[R, *input shape]`` per input, ``None`` where unreached. One
+    batched backward pass (``is_grads_batched``), or one backward per row where it cannot run
+    (:func:`vmap_or_loop`); a single row is a plain backward. The graph is kept only with
+    ``retain_graph``."""
+    if not inputs:
+        return []
+    rows = cotangents[0].shape[0]
+    if rows == 1:
+        grads = torch.autograd.grad(
+            outputs,
+            inputs,
+            [c[0] for c in cotangents],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+
+    def at_once(probing: bool) -> list[Tensor | None]:
+        return list(
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                cotangents,
+                retain_graph=retain_graph or probing,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        )
+
+    def looped() -> list[Tensor | None]:
+        found = [
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                [c[r] for c in cotangents],
+                retain_graph=retain_graph or r < rows - 1,
+                allow_unused=True,
+            )
+            for r in range(rows)
+        ]
+        return [_stacked([f[i] for f in found]) for i in range(len(inputs))]
+
+    return vmap_or_loop(at_once, looped, state)
+
+
+def _stacked(rows: list[Tensor | None]) -> Tensor | None:
+    """The rows stacked, zeros for the unreached ones (``None`` if none was reached)."""
+    like = next((r for r in rows if r is not None), None)
+    if like is None:
+        return None
+    return torch.stack([torch.zeros_like(like) if r is None else r for r in rows])

@@ -48,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from ...linalg.sparse_rows import dense
-from ...linalg.vmap_fallback import vmap_or_loop
+from ...linalg.vmap_fallback import batched_vjp, vmap_or_loop
 from .._additions import replay
 from .._sample_dims import input_sample_dims
 from .._shared import replaying
@@ -207,37 +207,14 @@ class GenericRule(LayerRule):
             rng.restore()
             outs = self._outputs(leaves, buffers, args, kwargs)
         reached = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
-        count = cotangents[0].shape[0]
-        if not reached:
-            return {n: p.new_zeros(count, *p.shape) for n, p in primals.items()}
         outputs, grads = [o for o, _ in reached], [c for _, c in reached]
-        names, inputs = list(leaves), list(leaves.values())
-
-        def rows(found: tuple[Tensor | None, ...], shape: tuple[int, ...]) -> _Named:
-            return {
-                n: torch.zeros(*shape, *p.shape, dtype=p.dtype, device=p.device) if g is None else g
-                for n, p, g in zip(names, inputs, found)
-            }
-
-        def batched(_: bool) -> _Named:
-            found = torch.autograd.grad(
-                outputs, inputs, grads, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-            return rows(found, (count,))
-
-        def looped() -> _Named:
-            one = [
-                rows(
-                    torch.autograd.grad(
-                        outputs, inputs, [g[k] for g in grads], retain_graph=True, allow_unused=True
-                    ),
-                    (),
-                )
-                for k in range(count)
-            ]
-            return {n: torch.stack([r[n] for r in one]) for n in names}
-
-        return vmap_or_loop(batched, looped)
+        inputs = list(leaves.values())
+        found = batched_vjp(outputs, inputs, grads, False) if reached else [None] * len(inputs)
+        count = cotangents[0].shape[0]
+        return {
+            n: p.new_zeros(count, *p.shape) if g is None else g
+            for (n, p), g in zip(primals.items(), found)
+        }
 
     def _masked_rows(
         self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, grads: _Outs
