@@ -144,11 +144,14 @@ def _llama(tasks: int) -> tuple[nn.Module, Losses]:
     return model, _lm_losses(_lm_batch(_batch(8 if not TINY else 4), 12 if TINY else 16), tasks)
 
 
-def _deberta_v2(tasks: int) -> tuple[nn.Module, Losses]:
-    """DeBERTa-v2 with relative attention (content-to-position and position-to-content), its
-    relative embeddings read by the encoder and repeated along the batch in every layer."""
+def _deberta(tasks: int, v2: bool) -> tuple[nn.Module, Losses]:
+    """DeBERTa with relative attention (content-to-position and position-to-content). ``v2``:
+    its relative embeddings read by the encoder and repeated along the batch in every layer;
+    v1: its attention module has direct parameters (``q_bias``, ``v_bias``) and is given
+    ``rel_embeddings.weight`` as an argument."""
     width = 16 if TINY else 64
-    config = _transformers().DebertaV2Config(
+    kind = "DebertaV2" if v2 else "Deberta"
+    config = getattr(_transformers(), f"{kind}Config")(
         vocab_size=VOCAB,
         hidden_size=width,
         intermediate_size=2 * width,
@@ -156,13 +159,13 @@ def _deberta_v2(tasks: int) -> tuple[nn.Module, Losses]:
         num_attention_heads=4,
         max_position_embeddings=64,
         relative_attention=True,
-        position_buckets=8,
         max_relative_positions=16,
         pos_att_type=["p2c", "c2p"],
         pooler_hidden_size=width,
         num_labels=tasks or 10,
+        **({"position_buckets": 8} if v2 else {}),
     )
-    model = _transformers().DebertaV2ForSequenceClassification(config)
+    model = getattr(_transformers(), f"{kind}ForSequenceClassification")(config)
     tokens = _lm_batch(_batch(8 if not TINY else 4), 12 if TINY else 16)
     return model, _class_losses(tokens.float(), tasks, lambda m: m(input_ids=tokens).logits)
 
@@ -197,28 +200,6 @@ def _vit_own_tokens(tasks: int) -> tuple[nn.Module, Losses]:
     model = OwnTokensViT(width, 2, 16, 48, tasks or 10)
     images = torch.randn(_batch(4 if TINY else 16), 16, 48)
     return model, _class_losses(images, tasks, lambda m: m(images))
-
-
-def _deberta_v1(tasks: int) -> tuple[nn.Module, Losses]:
-    """DeBERTa (v1): relative attention in an attention module with direct parameters
-    (``q_bias``, ``v_bias``), given ``rel_embeddings.weight`` as an argument."""
-    width = 16 if TINY else 64
-    config = _transformers().DebertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        relative_attention=True,
-        max_relative_positions=16,
-        pos_att_type=["p2c", "c2p"],
-        pooler_hidden_size=width,
-        num_labels=tasks or 10,
-    )
-    model = _transformers().DebertaForSequenceClassification(config)
-    tokens = _lm_batch(_batch(8 if not TINY else 4), 12 if TINY else 16)
-    return model, _class_losses(tokens.float(), tasks, lambda m: m(input_ids=tokens).logits)
 
 
 def _longformer(tasks: int) -> tuple[nn.Module, Losses]:
@@ -288,11 +269,11 @@ def build(
         model = NanoGPT(VOCAB, 16, 32, 2, 2, read_head=model_name.endswith("read-head"))
         losses = _lm_losses(_lm_batch(_batch(8 if not TINY else 4), 16), tasks, bare=True)
     elif model_name == "deberta-v2-small":  # (not in MODELS: by name, e.g. ab_inprocess.py)
-        model, losses = _deberta_v2(tasks)
+        model, losses = _deberta(tasks, v2=True)
     elif model_name == "longformer-small":  # (not in MODELS: by name)
         model, losses = _longformer(tasks)
     elif model_name == "deberta-small":  # (not in MODELS: by name)
-        model, losses = _deberta_v1(tasks)
+        model, losses = _deberta(tasks, v2=False)
     elif model_name == "vit-own-tokens":  # (not in MODELS: by name)
         model, losses = _vit_own_tokens(tasks)
     elif model_name == "vit":

@@ -8,6 +8,7 @@ its own draws, never with another forward's.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad
 from jdoptim.aggregation.flattening import Flattening, generalize_gramian
-from jdoptim.autogram import Engine
+from jdoptim.autogram import Engine, EngineRouteWarning
 
 from ._oracle import as_square, assert_gramian_close, explicit_jacobian
 
@@ -88,3 +89,32 @@ def check_step(
     scale = expected.abs().max().clamp_min(1e-12)
     error = (actual - expected).abs().max() / scale
     assert error < rtol, f"relative error of .grad {error:.3g}"
+
+
+#: loss layouts of a model with ``[b, T]`` outputs (:func:`layout_losses`), and their ``batch_dim``
+LAYOUT_BATCH_DIM: dict[str, int | None] = {"per-sample": 0, "batch x tasks": 0, "tasks": None}
+
+
+def layout_losses(model: nn.Module, x: Tensor, layout: str) -> Callable[[], Tensor]:
+    """The losses of ``model(x)``'s squared ``[b, T]`` outputs in a layout of
+    :data:`LAYOUT_BATCH_DIM`: summed per sample, as they are, or the batch means."""
+
+    def losses() -> Tensor:
+        out = model(x).pow(2)
+        return {"per-sample": out.sum(1), "batch x tasks": out, "tasks": out.mean(0)}[layout]
+
+    return losses
+
+
+def check_on_fast_path(
+    model: nn.Module,
+    losses_of: Callable[[], Tensor],
+    batch_dim: int | None,
+    low_memory: bool = False,
+) -> None:
+    """:func:`check_gramian` and :func:`check_step` (relative tolerances ``1e-9`` and ``1e-8``)
+    with ``EngineRouteWarning`` as an error: exact on the route the engine certified first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
+        check_gramian(model, losses_of, batch_dim, rtol=1e-9, low_memory=low_memory)
+        check_step(model, losses_of, batch_dim, rtol=1e-8, low_memory=low_memory)

@@ -19,18 +19,20 @@ whole call remains the route where that cannot be (``tests/autogram/test_split_p
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jdoptim.autogram import Engine
-from jdoptim.autogram._certify import EngineRouteWarning
 
-from ._same_losses import check_gramian, check_step
+from ._same_losses import (
+    LAYOUT_BATCH_DIM,
+    check_gramian,
+    check_on_fast_path,
+    check_step,
+    layout_losses,
+)
 
 
 class _TinyViT(nn.Module):
@@ -99,43 +101,18 @@ class _UsesChildWeight(nn.Module):
         return torch.tanh(self.proj(x) * self.scale) + F.linear(x, self.proj.weight.flip(0))
 
 
-def _losses(model: nn.Module, x: Tensor, setting: str) -> Callable[[], Tensor]:
-    def losses() -> Tensor:
-        out = model(x)  # [b, T]
-        if setting == "per-sample":
-            return out.pow(2).sum(1)
-        if setting == "tasks":
-            return out.pow(2).mean(0)
-        return out.pow(2)  # [b, T] with batch_dim=0
-
-    return losses
-
-
-_BATCH_DIM = {"per-sample": 0, "tasks": None, "batch x tasks": 0}
-
-
-def _check_without_route_change(
-    model: nn.Module, losses: Callable[[], Tensor], batch_dim: int | None
-) -> None:
-    """Gramian and step exact, on the fast path (a route change would warn)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", EngineRouteWarning)
-        check_gramian(model, losses, batch_dim, rtol=1e-9)
-        check_step(model, losses, batch_dim, rtol=1e-8)
-
-
-@pytest.mark.parametrize("setting", list(_BATCH_DIM))
+@pytest.mark.parametrize("setting", list(LAYOUT_BATCH_DIM))
 def test_model_with_its_own_position_embedding(setting: str) -> None:
     """Engine Gramian and JDOptimizer .grad against the explicit Jacobian."""
     torch.manual_seed(0)
     model = _TinyViT(0.0, tasks=2).double().train()
     x = torch.randn(6, 4, 12, dtype=torch.float64)
-    losses = _losses(model, x, setting)
-    batch_dim = _BATCH_DIM[setting]
-    _check_without_route_change(model, losses, batch_dim)
+    losses = layout_losses(model, x, setting)
+    batch_dim = LAYOUT_BATCH_DIM[setting]
+    check_on_fast_path(model, losses, batch_dim)
 
 
-@pytest.mark.parametrize("setting", list(_BATCH_DIM))
+@pytest.mark.parametrize("setting", list(LAYOUT_BATCH_DIM))
 def test_model_with_its_own_position_embedding_and_dropout(setting: str) -> None:
     """The same model with dropout 0.2 in train mode: exact, on the fast path. (The model's
     re-run replays its blocks; ``scaled_dot_product_attention`` with dropout consumes the CPU
@@ -145,7 +122,7 @@ def test_model_with_its_own_position_embedding_and_dropout(setting: str) -> None
     torch.manual_seed(0)
     model = _TinyViT(0.2, tasks=2).double().train()
     x = torch.randn(6, 4, 12, dtype=torch.float64)
-    _check_without_route_change(model, _losses(model, x, setting), _BATCH_DIM[setting])
+    check_on_fast_path(model, layout_losses(model, x, setting), LAYOUT_BATCH_DIM[setting])
 
 
 class _PermutedDropoutStage(nn.Module):
@@ -171,7 +148,7 @@ class _PermutedDropoutStage(nn.Module):
         return self.head(tokens[:, 0] + tokens[:, 1:].mean(1))
 
 
-@pytest.mark.parametrize("setting", list(_BATCH_DIM))
+@pytest.mark.parametrize("setting", list(LAYOUT_BATCH_DIM))
 def test_dropout_of_a_permuted_view_in_a_re_run(setting: str) -> None:
     """Under ``torch.func`` transforms, ``dropout`` of a non-contiguous tensor lays the random
     stream out in another order than the eager call (other masks from the same generator state;
@@ -180,17 +157,17 @@ def test_dropout_of_a_permuted_view_in_a_re_run(setting: str) -> None:
     torch.manual_seed(0)
     model = _PermutedDropoutStage(tasks=2).double().train()
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
-    _check_without_route_change(model, _losses(model, x, setting), _BATCH_DIM[setting])
+    check_on_fast_path(model, layout_losses(model, x, setting), LAYOUT_BATCH_DIM[setting])
 
 
-@pytest.mark.parametrize("setting", list(_BATCH_DIM))
+@pytest.mark.parametrize("setting", list(LAYOUT_BATCH_DIM))
 def test_blocks_with_layer_scale(setting: str) -> None:
     torch.manual_seed(0)
     model = _ConvNeXtLike(tasks=2).double()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
-    losses = _losses(model, x, setting)
-    batch_dim = _BATCH_DIM[setting]
-    _check_without_route_change(model, losses, batch_dim)
+    losses = layout_losses(model, x, setting)
+    batch_dim = LAYOUT_BATCH_DIM[setting]
+    check_on_fast_path(model, losses, batch_dim)
 
 
 @pytest.mark.parametrize("batch_dim", [None, 0])
@@ -203,7 +180,7 @@ def test_parent_using_its_childs_weight(batch_dim: int | None) -> None:
         out = model(x).pow(2)
         return out.sum(1) if batch_dim == 0 else out.mean(0)
 
-    _check_without_route_change(model, losses, batch_dim)
+    check_on_fast_path(model, losses, batch_dim)
 
 
 def test_direct_parameter_also_used_outside_the_call() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,7 +21,12 @@ from torch import Tensor, nn
 from jdoptim.autogram import Engine, EngineRouteWarning
 
 from ._oracle import explicit_jacobian
-from ._same_losses import check_gramian, check_step
+from ._same_losses import (
+    LAYOUT_BATCH_DIM,
+    check_gramian,
+    check_on_fast_path,
+    layout_losses,
+)
 
 
 class _SequenceFirstAttention(nn.Module):
@@ -66,20 +70,10 @@ class _Model(nn.Module):
         return self.head(torch.tanh(self.attention(h)).mean(1))
 
 
-def _losses(model: nn.Module, x: Tensor, layout: str) -> Callable[[], Tensor]:
-    def losses() -> Tensor:
-        out = model(x).pow(2)  # [b, 2]
-        return {"per-sample": out.sum(1), "batch x tasks": out, "tasks": out.mean(0)}[layout]
-
-    return losses
-
-
-_BATCH_DIM = {"per-sample": 0, "batch x tasks": 0, "tasks": None}
-
-
 @pytest.mark.parametrize(
     "layout, low_memory",
-    [(layout, False) for layout in _BATCH_DIM] + [("per-sample", True), ("batch x tasks", True)],
+    [(layout, False) for layout in LAYOUT_BATCH_DIM]
+    + [("per-sample", True), ("batch x tasks", True)],
 )
 @pytest.mark.parametrize("batch, seq", [(3, 8), (4, 8), (4, 4)])
 @pytest.mark.parametrize(
@@ -94,11 +88,8 @@ def test_sequence_first_calls_in_a_batch_first_model(
     torch.manual_seed(0)
     model = _Model(move, global_query).double().train()
     x = torch.randn(batch, seq, 5, dtype=torch.float64)
-    losses = _losses(model, x, layout)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", EngineRouteWarning)
-        check_gramian(model, losses, _BATCH_DIM[layout], rtol=1e-9, low_memory=low_memory)
-        check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8, low_memory=low_memory)
+    losses = layout_losses(model, x, layout)
+    check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[layout], low_memory=low_memory)
 
 
 class _RawSequenceFirst(nn.Module):
@@ -122,13 +113,13 @@ def test_untraceable_samples_at_sequence_as_long_as_the_batch_stay_exact() -> No
     torch.manual_seed(0)
     model = _RawSequenceFirst().double().train()
     x = torch.randn(4, 4, 5, dtype=torch.float64)
-    losses = _losses(model, x, "per-sample")
+    losses = layout_losses(model, x, "per-sample")
     with pytest.warns(EngineRouteWarning, match="attention"):
         check_gramian(model, losses, 0, rtol=1e-9)
     x = torch.randn(3, 4, 5, dtype=torch.float64)  # s ≠ b: read by the sizes, no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error", EngineRouteWarning)
-        check_gramian(model, _losses(model, x, "per-sample"), 0, rtol=1e-9)
+        check_gramian(model, layout_losses(model, x, "per-sample"), 0, rtol=1e-9)
 
 
 def test_moved_calls_keep_their_layout_over_steps() -> None:
@@ -162,18 +153,15 @@ class _ConvThenChannelNorm(nn.Module):
         return self.head(F.gelu(h).mean(-1))
 
 
-@pytest.mark.parametrize("layout", list(_BATCH_DIM))
+@pytest.mark.parametrize("layout", list(LAYOUT_BATCH_DIM))
 def test_transposes_that_keep_the_samples_in_place(layout: str) -> None:
     """A transpose of the last two dimensions leaves the samples along 0, also when the
     channels equal the batch size (which once read the norm's samples along dimension 2)."""
     torch.manual_seed(0)
     model = _ConvThenChannelNorm(channels=4).double().train()
     x = torch.randn(4, 1, 21, dtype=torch.float64)
-    losses = _losses(model, x, layout)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", EngineRouteWarning)
-        check_gramian(model, losses, _BATCH_DIM[layout], rtol=1e-9)
-        check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8)
+    losses = layout_losses(model, x, layout)
+    check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[layout])
 
 
 class _TimeMajorInside(nn.Module):
@@ -208,7 +196,7 @@ class _TimeMajorInside(nn.Module):
 
 @pytest.mark.parametrize(
     "layout, low_memory",
-    [(layout, False) for layout in _BATCH_DIM] + [("per-sample", True)],
+    [(layout, False) for layout in LAYOUT_BATCH_DIM] + [("per-sample", True)],
 )
 @pytest.mark.parametrize("batch, seq", [(3, 5), (4, 8), (4, 4)])
 @pytest.mark.parametrize("kind", ["attention", "encoder layer", "recurrent"])
@@ -222,8 +210,5 @@ def test_time_major_layers_in_a_batch_first_model(
     torch.manual_seed(0)
     model = _TimeMajorInside(kind).double().train()
     x = torch.randn(batch, seq, 5, dtype=torch.float64)
-    losses = _losses(model, x, layout)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", EngineRouteWarning)
-        check_gramian(model, losses, _BATCH_DIM[layout], rtol=1e-9, low_memory=low_memory)
-        check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8, low_memory=low_memory)
+    losses = layout_losses(model, x, layout)
+    check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[layout], low_memory=low_memory)

@@ -23,7 +23,7 @@ from jdoptim.autogram import Engine, EngineRouteWarning
 from jdoptim.autogram.rules import GenericRule
 
 from ._oracle import explicit_jacobian
-from ._same_losses import check_gramian, check_step, trainable
+from ._same_losses import LAYOUT_BATCH_DIM, check_on_fast_path, layout_losses, trainable
 
 
 class _TimmStyleViT(nn.Module):
@@ -97,15 +97,6 @@ class _Lookup(nn.Module):
         return self.head(torch.tanh(F.embedding(items, self.table)).mean(1))
 
 
-def _losses(model: nn.Module, x: Tensor, layout: str) -> Callable[[], Tensor]:
-    def losses() -> Tensor:
-        out = model(x).pow(2)  # [b, 2]
-        return {"per-sample": out.sum(1), "batch x tasks": out, "tasks": out.mean(0)}[layout]
-
-    return losses
-
-
-_BATCH_DIM = {"per-sample": 0, "batch x tasks": 0, "tasks": None}
 _MODELS: dict[str, Callable[[], tuple[nn.Module, Tensor]]] = {
     "timm-style ViT": lambda: (_TimmStyleViT(), torch.randn(5, 4, 12)),
     "element-wise operands": lambda: (_Operands(), torch.randn(5, 6)),
@@ -123,7 +114,7 @@ def _whole(model: nn.Module, engine: Engine, losses: Tensor) -> bool:
     )
 
 
-@pytest.mark.parametrize("layout", list(_BATCH_DIM))
+@pytest.mark.parametrize("layout", list(LAYOUT_BATCH_DIM))
 @pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
 @pytest.mark.parametrize("name", list(_MODELS))
 def test_split_parents_are_exact_without_route_warnings(
@@ -133,11 +124,8 @@ def test_split_parents_are_exact_without_route_warnings(
     model, x = _MODELS[name]()
     model = model.double().train()
     x = x.double() if x.is_floating_point() else x
-    losses = _losses(model, x, layout)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", EngineRouteWarning)
-        check_gramian(model, losses, _BATCH_DIM[layout], rtol=1e-9, low_memory=low_memory)
-        check_step(model, losses, _BATCH_DIM[layout], rtol=1e-8, low_memory=low_memory)
+    losses = layout_losses(model, x, layout)
+    check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[layout], low_memory=low_memory)
 
 
 @pytest.mark.parametrize("name", list(_MODELS))
