@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from ..linalg.torch_errors import OutOfMemoryError
-from ..linalg.vmap_fallback import VmapState
+from ..linalg.vmap_fallback import VmapState, fallback_notice_silenced
 from ._certify import ONE_FROM_ANOTHER, Probe, computes_one_output_from_another
 from ._records import CallRecord
 from ._step import GramianStep, RuleParameters, StepPlan
@@ -388,7 +388,8 @@ class StreamingStep(GramianStep):
         # randomness="same": a draw during the backward (a checkpointed segment's dropout,
         # recomputed under its saved generator state) is one draw for every row, as in the
         # forward it recomputes
-        found = iter(torch.func.vmap(rows, randomness="same")(grad_outputs))
+        with fallback_notice_silenced():
+            found = iter(torch.func.vmap(rows, randomness="same")(grad_outputs))
         return [None if gone else next(found) for gone in unused]
 
     def _take_terms(self, parts: RuleParameters) -> None:

@@ -14,20 +14,42 @@ Then the same ``R`` products are computed one at a time, which is exact, only sl
 * known to fail: the loop runs directly.
 
 Without a state (``state=None``) every call probes afresh and nothing is remembered.
+
+Inside ``vmap``, torch itself runs an operator that has no batching rule one row at a time and
+says so, once per operator, with a ``UserWarning`` ("There is a performance drop because we have
+not yet implemented the batching rule for aten::…"; met on the CPU backward of
+``scaled_dot_product_attention`` and on weight norm's backward). Those products are exact, and
+the notice asks for an issue on torch's tracker, which a user of this library cannot act on: the
+batched computations here run under :func:`fallback_notice_silenced`, which ignores that one
+warning (and nothing else) for their duration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["VmapState", "batched_vjp", "vmap_or_loop"]
+__all__ = ["VmapState", "batched_vjp", "fallback_notice_silenced", "vmap_or_loop"]
 
 R = TypeVar("R")
+
+#: the start of torch's notice that ``vmap`` runs an operator one row at a time
+FALLBACK_NOTICE = "There is a performance drop because we have not yet implemented the batching"
+
+
+@contextmanager
+def fallback_notice_silenced() -> Iterator[None]:
+    """Ignore torch's per-operator ``vmap`` fallback notice (module docstring) in this block;
+    every other warning is shown as the caller's filters say."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=FALLBACK_NOTICE, category=UserWarning)
+        yield
 
 
 @dataclass
@@ -53,9 +75,11 @@ def vmap_or_loop(
     if state.works is False:
         return looped()
     if state.works:
-        return batched(False)
+        with fallback_notice_silenced():
+            return batched(False)
     try:
-        result = batched(True)
+        with fallback_notice_silenced():
+            result = batched(True)
     except (RuntimeError, NotImplementedError):
         state.works = False
         return looped()

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ..aggregation import Aggregator, GramianWeightedAggregator
 from ..introspection import HeadsMap, map_heads
+from ..linalg.vmap_fallback import batched_vjp
 from ..losses import LossBatch
 from ..parameter_plan import ParameterPlan
 from .base import UpdateResult, ensure_finite, weigh
@@ -72,24 +73,8 @@ def check_features(features: object) -> Tensor:
 def feature_jacobian(losses: Tensor, features: Tensor) -> Tensor:
     """``Z ∈ R^{m×|z|}``, row ``i`` the flattened ``∂ℓᵢ/∂z`` (the graph is kept)."""
     m = losses.shape[0]
-    try:
-        (rows,) = torch.autograd.grad(
-            losses,
-            features,
-            grad_outputs=torch.eye(m, dtype=losses.dtype, device=losses.device),
-            retain_graph=True,
-            is_grads_batched=True,
-            allow_unused=True,
-        )
-    except (RuntimeError, NotImplementedError):  # an operation without a batching rule
-        grads = [
-            torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)[0]
-            for loss in losses
-        ]
-        if all(grad is None for grad in grads):
-            rows = None
-        else:
-            rows = torch.stack([torch.zeros_like(features) if g is None else g for g in grads])
+    eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
+    (rows,) = batched_vjp([losses], [features], [eye], retain_graph=True)
     if rows is None:
         raise ValueError(
             "No loss depends on features: pass the representation z that the losses were "

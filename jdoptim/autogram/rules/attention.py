@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ...linalg.vmap_fallback import batched_vjp
 from ._base import LayerRule, register_rule
 from ._call import Call, full_precision
 from ._contraction import bias_rows, linear_rows, weight_and_bias_gramian
@@ -232,43 +233,12 @@ class MultiheadAttentionRule(LayerRule[nn.MultiheadAttention]):
             return [torch.zeros((call.T, *y.shape), dtype=y.dtype, device=y.device) for y in leaves]
         outs = [outputs[i] for i in reached]
         cotangents = [call.grad(i).to(outputs[i].dtype) for i in reached]
-        grads: tuple[Tensor | None, ...]
         with torch.enable_grad():
-            if call.T == 1:
-                grads = torch.autograd.grad(
-                    outs, leaves, [c[0] for c in cotangents], allow_unused=True
-                )
-                grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
-            else:
-                grads = self._batched_grads(outs, leaves, cotangents)
+            grads = batched_vjp(outs, leaves, cotangents, retain_graph=False)
         return [
             torch.zeros((call.T, *y.shape), dtype=y.dtype, device=y.device) if g is None else g
             for g, y in zip(grads, leaves)
         ]
-
-    def _batched_grads(
-        self, outs: list[Tensor], leaves: list[Tensor], cotangents: list[Tensor]
-    ) -> tuple[Tensor | None, ...]:
-        try:
-            return torch.autograd.grad(
-                outs,
-                leaves,
-                cotangents,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-        except (RuntimeError, NotImplementedError):  # an operator without a batching rule
-            rows = [
-                torch.autograd.grad(
-                    outs, leaves, [c[k] for c in cotangents], retain_graph=True, allow_unused=True
-                )
-                for k in range(self.call.T)
-            ]
-            return tuple(
-                None if r[0] is None else torch.stack(r)
-                for r in (tuple(row[j] for row in rows) for j in range(len(leaves)))
-            )
 
     def products(self) -> list[tuple[_Product, Tensor, Tensor]]:
         """Each product with its inputs ``[b, S, d]`` and output gradients ``[T, b, S, o]``."""

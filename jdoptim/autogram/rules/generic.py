@@ -48,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from ...linalg.sparse_rows import dense
-from ...linalg.vmap_fallback import batched_vjp, vmap_or_loop
+from ...linalg.vmap_fallback import batched_vjp, fallback_notice_silenced, vmap_or_loop
 from .._additions import replay
 from .._sample_dims import input_sample_dims
 from .._shared import replaying
@@ -301,7 +301,8 @@ class GenericRule(LayerRule):
             return vmap(pullback)(grads_one)[0]
 
         in_dims = (dims, tuple(d + 1 for d in out_dims))
-        return vmap(one, in_dims=in_dims)(split, grads)
+        with fallback_notice_silenced():
+            return vmap(one, in_dims=in_dims)(split, grads)
 
     def _sample_rows_by_loop(
         self,
