@@ -359,6 +359,209 @@ def _led(b: int) -> Built:
     )  # fmt: skip
 
 
+def _t5_like(b: int, model_cls: str, config_cls: str, **cfg: Any) -> Built:
+    """A T5-style encoder–decoder (relative attention buckets) with ``lm_losses``."""
+    model = _make(
+        model_cls, config_cls,
+        **{**dict(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                  relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), **cfg},
+    )  # fmt: skip
+    source, target = tokens(b), tokens(b, 6)
+
+    def run(m: nn.Module) -> Tensor:
+        return lm_losses(m(input_ids=source, decoder_input_ids=target).logits, target)
+
+    return model, run
+
+
+def _fsmt(b: int) -> Built:
+    model = _make(
+        "FSMTForConditionalGeneration", "FSMTConfig",
+        langs=["en", "de"], src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=16,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=32, attention_dropout=0.1, activation_dropout=0.1,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    source, target = tokens(b), tokens(b, 6)
+
+    def run(m: nn.Module) -> Tensor:
+        return lm_losses(m(input_ids=source, decoder_input_ids=target).logits, target)
+
+    return model, run
+
+
+def _prophetnet(b: int) -> Built:
+    model = _make(
+        "ProphetNetForConditionalGeneration", "ProphetNetConfig",
+        vocab_size=VOCAB, hidden_size=16, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=2,
+        num_decoder_attention_heads=2, max_position_embeddings=32, ngram=2, num_buckets=8,
+        relative_max_distance=16,
+    )  # fmt: skip
+    source, target = tokens(b), tokens(b, 6)
+
+    def run(m: nn.Module) -> Tensor:
+        out = m(input_ids=source, decoder_input_ids=target)
+        # the main stream's next-token CE, and the 2-gram stream's logits
+        losses = lm_losses(out.logits, target)
+        return torch.stack([losses[:, 0], out.logits_ngram.tanh().pow(2).mean((1, 2, 3))], 1)
+
+    return model, run
+
+
+def _speech_to_text(b: int) -> Built:
+    model = _make(
+        "Speech2TextForConditionalGeneration", "Speech2TextConfig",
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_source_positions=32, max_target_positions=16,
+        num_conv_layers=2, conv_kernel_sizes=[3, 3], conv_channels=8,
+        input_feat_per_channel=8, attention_dropout=0.1, activation_dropout=0.1,
+    )  # fmt: skip
+    feats = torch.randn(b, 16, 8, dtype=torch.float64)  # [b, frames, features]
+    target = tokens(b, 6)
+
+    def run(m: nn.Module) -> Tensor:
+        return lm_losses(m(input_features=feats, decoder_input_ids=target).logits, target)
+
+    return model, run
+
+
+def _layoutlm(b: int) -> Built:
+    model = _make(
+        "LayoutLMForSequenceClassification", "LayoutLMConfig", **BERT_LIKE,
+        max_2d_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    ids, mask, y = tokens(b), padding_mask(b, S, True), labels(b)
+    corner = torch.randint(0, 32, (b, S, 2))
+    bbox = torch.cat([corner, corner + torch.randint(0, 32, (b, S, 2))], -1)  # x0 y0 x1 y1
+
+    def run(m: nn.Module) -> Tensor:
+        return class_losses(m(input_ids=ids, bbox=bbox, attention_mask=mask).logits, y)
+
+    return model, run
+
+
+def _xmod(b: int) -> Built:
+    model = _make(
+        "XmodForSequenceClassification", "XmodConfig", **BERT_LIKE, pad_token_id=1,
+        languages=["en_XX", "de_DE", "fr_XX"], default_language="en_XX", num_labels=3,
+    )  # fmt: skip
+    # a per-language adapter, picked per sample by boolean masks over the batch
+    ids, mask, y = tokens(b), padding_mask(b, S, True), labels(b)
+    lang = torch.arange(b) % 2  # en_XX, de_DE, ...: fr_XX unused
+
+    def run(m: nn.Module) -> Tensor:
+        return class_losses(m(input_ids=ids, lang_ids=lang, attention_mask=mask).logits, y)
+
+    return model, run
+
+
+def _markuplm(b: int) -> Built:
+    model = _make(
+        "MarkupLMForSequenceClassification", "MarkupLMConfig", **BERT_LIKE, max_depth=4,
+        max_xpath_tag_unit_embeddings=16, max_xpath_subs_unit_embeddings=16, tag_pad_id=15,
+        subs_pad_id=15, xpath_unit_hidden_size=8, pad_token_id=0, num_labels=3,
+    )  # fmt: skip
+    ids, mask, y = tokens(b), padding_mask(b, S, True), labels(b)
+    tags, subs = torch.randint(0, 16, (b, S, 4)), torch.randint(0, 16, (b, S, 4))  # xpaths
+
+    def run(m: nn.Module) -> Tensor:
+        out = m(input_ids=ids, xpath_tags_seq=tags, xpath_subs_seq=subs, attention_mask=mask)
+        return class_losses(out.logits, y)
+
+    return model, run
+
+
+def videocls(b: int, model_cls: str, config_cls: str, frames: int, **cfg: Any) -> Built:
+    """A 3-class video classifier on ``[b, frames, 3, 16, 16]``, with ``class_losses``."""
+    model = _make(model_cls, config_cls, num_labels=3, num_frames=frames, **cfg)
+    x, y = torch.randn(b, frames, 3, 16, 16, dtype=torch.float64), labels(b)
+    return model, lambda m: class_losses(m(pixel_values=x).logits, y)
+
+
+def _vit_mae(b: int) -> Built:
+    model = _make(
+        "ViTMAEForPreTraining", "ViTMAEConfig", image_size=16, patch_size=4, hidden_size=16,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        decoder_hidden_size=8, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=16, mask_ratio=0.5, hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )  # fmt: skip
+    x = images(b)
+
+    def run(m: nn.Module) -> Tensor:
+        out = m(pixel_values=x)  # a fresh random mask each forward
+        err = (out.logits - m.patchify(x)).pow(2).mean(-1)  # [b, patches]
+        masked = (err * out.mask).sum(1) / out.mask.sum(1)
+        kept = (err * (1 - out.mask)).sum(1) / (1 - out.mask).sum(1)
+        return torch.stack([masked, kept], 1)
+
+    return model, run
+
+
+def _yolos(b: int) -> Built:
+    model = _make(
+        "YolosForObjectDetection", "YolosConfig", image_size=[16, 16], patch_size=4,
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        num_detection_tokens=3, use_mid_position_embeddings=True, num_labels=3,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    )  # fmt: skip
+    x, y, boxes = images(b), labels(b), torch.rand(b, 3, 4, dtype=torch.float64)
+
+    def run(m: nn.Module) -> Tensor:
+        out = m(pixel_values=x)
+        ce = F.cross_entropy(out.logits[:, 0], y, reduction="none")
+        return torch.stack([ce, (out.pred_boxes - boxes).abs().mean((1, 2))], 1)
+
+    return model, run
+
+
+def forecast(b: int, model_cls: str, config_cls: str, **cfg: Any) -> Built:
+    """A point forecaster of 2 channels (16 steps → 4): squared and absolute errors, per sample."""
+    model = _make(
+        model_cls, config_cls, context_length=16, num_input_channels=2, prediction_length=4,
+        **cfg,
+    )  # fmt: skip
+    past = torch.randn(b, 16, 2, dtype=torch.float64)
+    future = torch.randn(b, 4, 2, dtype=torch.float64)
+
+    def run(m: nn.Module) -> Tensor:
+        pred = m(past_values=past).prediction_outputs  # [b, 4, 2]
+        return torch.stack([(pred - future).pow(2).mean((1, 2)), (pred - 1).abs().mean((1, 2))], 1)
+
+    return model, run
+
+
+def probabilistic_forecast(b: int, model_cls: str, config_cls: str, **cfg: Any) -> Built:
+    """A Student-t forecaster (lags 1–2, 8-step context → 4 steps, one time feature): the NLL
+    of the future values, and the squared error of the distribution's location."""
+    base: dict[str, Any] = dict(
+        prediction_length=4, context_length=8, lags_sequence=[1, 2], num_time_features=1,
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=16, decoder_ffn_dim=16,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+    )  # fmt: skip
+    model = _make(model_cls, config_cls, **{**base, **cfg})
+    past = torch.randn(b, 10, dtype=torch.float64) + 3  # context + the largest lag
+    past_time = torch.linspace(0, 1, 10, dtype=torch.float64).view(10, 1).expand(b, 10, 1)
+    future = torch.randn(b, 4, dtype=torch.float64) + 3
+    future_time = torch.linspace(1, 1.4, 4, dtype=torch.float64).view(4, 1).expand(b, 4, 1)
+
+    def run(m: nn.Module) -> Tensor:
+        out = m(
+            past_values=past, past_time_features=past_time,
+            past_observed_mask=torch.ones_like(past), future_values=future,
+            future_time_features=future_time,
+        )  # fmt: skip
+        dist = m.output_distribution(out.params, loc=out.loc, scale=out.scale)
+        nll = -dist.log_prob(future)  # [b, 4]
+        return torch.stack([nll.mean(1), (out.params[1] - future).pow(2).mean(1)], 1)
+
+    return model, run
+
+
 def _suite(builder: str) -> Builder:
     """One of ``tests/autogram/test_real_models.py``'s own builders, at this sweep's batch."""
 
@@ -382,6 +585,10 @@ _masked = functools.partial(_at_batch, masked)
 _seqcls = functools.partial(_at_batch, seqcls)
 _audio = functools.partial(_at_batch, audiocls)
 _seq2seq = functools.partial(_at_batch, seq2seq)
+_t5 = functools.partial(_at_batch, _t5_like)
+_forecast = functools.partial(_at_batch, forecast)
+_probabilistic = functools.partial(_at_batch, probabilistic_forecast)
+_video = functools.partial(_at_batch, videocls)
 
 
 _NO_HEADS = {k: v for k, v in BERT_LIKE.items() if k != "num_attention_heads"}
@@ -503,6 +710,73 @@ MODELS: dict[str, Builder] = {
         "RwkvForCausalLM", "RwkvConfig", vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
         attention_hidden_size=16, intermediate_size=32, context_length=16, use_cache=False,
     ),
+    "falcon_mamba": _causal(
+        "FalconMambaForCausalLM", "FalconMambaConfig", double_logits=True, vocab_size=VOCAB,
+        hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
+        time_step_rank=4, use_cache=False,
+    ),
+    "opt": _causal(  # word embeddings of 8 projected in and out of the layers; post-LayerNorm
+        "OPTForCausalLM", "OPTConfig", vocab_size=VOCAB, hidden_size=16, ffn_dim=32,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32,
+        word_embed_proj_dim=8, do_layer_norm_before=False, attention_dropout=0.1,
+        pad_token_id=1,
+    ),
+    "nemotron": _causal(
+        "NemotronForCausalLM", "NemotronConfig", **LLAMA_LIKE, partial_rotary_factor=0.5,
+        attention_dropout=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    "persimmon": _causal(
+        "PersimmonForCausalLM", "PersimmonConfig", vocab_size=VOCAB, hidden_size=16,
+        intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=32, qk_layernorm=True, partial_rotary_factor=0.5,
+        hidden_dropout=0.1, attention_dropout=0.1,
+    ),
+    "glm": _causal(
+        "GlmForCausalLM", "GlmConfig", **LLAMA_LIKE, head_dim=4, partial_rotary_factor=0.5,
+        attention_dropout=0.1, pad_token_id=0,
+    ),
+    "olmoe": _causal(
+        "OlmoeForCausalLM", "OlmoeConfig", **LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+        clip_qkv=8.0, norm_topk_prob=True, pad_token_id=0, eos_token_id=2,
+        experts_implementation="eager",
+    ),
+    "jetmoe": _causal(  # a mixture of attention heads and of MLP experts
+        "JetMoeForCausalLM", "JetMoeConfig", vocab_size=VOCAB, hidden_size=16,
+        intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=4,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+        attention_dropout=0.1,
+    ),
+    "dbrx": _causal(
+        "DbrxForCausalLM", "DbrxConfig", vocab_size=VOCAB, d_model=16, n_heads=4, n_layers=2,
+        max_seq_len=32, resid_pdrop=0.1, emb_pdrop=0.1,
+        attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "attn_pdrop": 0.1, "rope_theta": 1e4},
+        ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2,
+                    "moe_jitter_eps": 0.1},
+    ),
+    "recurrent_gemma": _causal(
+        "RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", vocab_size=VOCAB, hidden_size=16,
+        intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        lru_width=16, attention_window_size=4, conv1d_width=3,
+        block_types=["recurrent", "attention"], attention_dropout=0.1,
+    ),
+    "jamba": _causal(  # a Mamba layer, then attention with a mixture of experts
+        "JambaForCausalLM", "JambaConfig", **LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+        use_mamba_kernels=False, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2,
+        mamba_dt_rank=4, attention_dropout=0.1, use_cache=False, experts_implementation="eager",
+    ),
+    "zamba": _causal(  # the hybrid layers share one attention block
+        "ZambaForCausalLM", "ZambaConfig", vocab_size=VOCAB, hidden_size=16,
+        intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+        n_mamba_heads=2, max_position_embeddings=32, use_mamba_kernels=False, mamba_d_state=4,
+        mamba_d_conv=3, mamba_expand=2, layers_block_type=["mamba", "hybrid", "hybrid"],
+        attention_dropout=0.1, use_cache=False,
+    ),
+    "bamba": _causal(
+        "BambaForCausalLM", "BambaConfig", **LLAMA_LIKE, attn_layer_indices=[1],
+        mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1, mamba_d_state=4, mamba_d_conv=3,
+        mamba_expand=2, mamba_chunk_size=4, attention_dropout=0.1, use_cache=False,
+    ),
     # ---------------------------------------------------------------------------- encoders
     "distilbert": _masked(
         "DistilBertForMaskedLM", "DistilBertConfig", vocab_size=VOCAB, dim=16, n_layers=2,
@@ -575,6 +849,10 @@ MODELS: dict[str, Builder] = {
     ),
     "perceiver": _perceiver,
     "clip_text": _clip_text,
+    "markuplm": _markuplm,
+    "layoutlm": _layoutlm,
+    "xmod": _xmod,
+    "yoso": _seqcls("YosoForSequenceClassification", "YosoConfig", **BERT_LIKE, conv_window=3),
     # the suite's own builders, at this sweep's batch sizes
     "gpt2_suite": _suite("_gpt2"),
     "bert_suite": _suite("_bert"),
@@ -586,6 +864,20 @@ MODELS: dict[str, Builder] = {
     "m2m100": _seq2seq("M2M100ForConditionalGeneration", "M2M100Config", layerdrop=0.0),
     "led": _led,
     "whisper": _whisper,
+    "umt5": _t5("UMT5ForConditionalGeneration", "UMT5Config"),  # a relative bias per layer
+    "switch_transformers": _t5(
+        "SwitchTransformersForConditionalGeneration", "SwitchTransformersConfig",
+        num_sparse_encoder_layers=1, num_decoder_layers=2, num_sparse_decoder_layers=1,
+        num_experts=4, expert_capacity=4, router_jitter_noise=0.1,
+    ),
+    "fsmt": _fsmt,
+    "prophetnet": _prophetnet,
+    "nllb_moe": _seq2seq(
+        "NllbMoeForConditionalGeneration", "NllbMoeConfig", num_experts=4, expert_capacity=4,
+        encoder_sparse_step=1, decoder_sparse_step=1,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+    ),
+    "speech_to_text": _speech_to_text,
     # ------------------------------------------------------------------------------- audio
     "whisper_encoder": _whisper_encoder,
     "hubert": _audio("HubertForSequenceClassification", "HubertConfig", **W2V_LIKE),
@@ -596,6 +888,18 @@ MODELS: dict[str, Builder] = {
     "data2vec_audio": _audio(
         "Data2VecAudioForSequenceClassification", "Data2VecAudioConfig",
         **{**W2V_LIKE, "num_conv_pos_embeddings": 3},
+    ),
+    "wav2vec2": _audio(
+        "Wav2Vec2ForSequenceClassification", "Wav2Vec2Config", **W2V_LIKE,
+        do_stable_layer_norm=True, feat_extract_norm="layer", use_weighted_layer_sum=True,
+    ),
+    "wav2vec2_conformer": _audio(
+        "Wav2Vec2ConformerForSequenceClassification", "Wav2Vec2ConformerConfig", **W2V_LIKE,
+        position_embeddings_type="relative", conv_depthwise_kernel_size=3,
+    ),
+    "sew_d": _audio(
+        "SEWDForSequenceClassification", "SEWDConfig", **W2V_LIKE, squeeze_factor=2,
+        max_position_embeddings=16, position_buckets=4,
     ),
     # ------------------------------------------------------------------------------ vision
     "clip_vision": _clip_vision,
@@ -684,6 +988,61 @@ MODELS: dict[str, Builder] = {
         "EfficientNetForImageClassification", "EfficientNetConfig", image_size=32, size=32,
         width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128, dropout_rate=0.1,
         drop_connect_rate=0.1,
+    ),
+    "swin": _vision(  # depths [2, 1]: the second block of stage 1 shifts its windows
+        "SwinForImageClassification", "SwinConfig", image_size=16, patch_size=2, embed_dim=8,
+        depths=[2, 1], num_heads=[2, 2], window_size=4, use_absolute_embeddings=True,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, drop_path_rate=0.1,
+    ),
+    "focalnet": _vision(
+        "FocalNetForImageClassification", "FocalNetConfig", image_size=16, patch_size=2,
+        embed_dim=8, hidden_sizes=[8, 16], depths=[1, 1], focal_levels=[2, 2],
+        focal_windows=[3, 3], use_layerscale=True, use_post_layernorm_in_modulation=True,
+        normalize_modulator=True, drop_path_rate=0.1, hidden_dropout_prob=0.1,
+    ),
+    "pvt_v2": _vision(
+        "PvtV2ForImageClassification", "PvtV2Config", **_SMALL_STAGES, image_size=16,
+        num_encoder_blocks=2, sr_ratios=[2, 1], patch_sizes=[3, 3], strides=[2, 2],
+        num_attention_heads=[1, 2], mlp_ratios=[2, 2], linear_attention=True,
+        drop_path_rate=0.1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    ),
+    "mobilenet_v2": _vision(
+        "MobileNetV2ForImageClassification", "MobileNetV2Config", image_size=32, size=32,
+        depth_multiplier=0.25, min_depth=4, classifier_dropout_prob=0.1,
+    ),
+    "mobilevitv2": _vision(
+        "MobileViTV2ForImageClassification", "MobileViTV2Config", image_size=64, size=64,
+        width_multiplier=0.25, n_attn_blocks=[1, 1, 1], attn_dropout=0.1, ffn_dropout=0.1,
+    ),
+    "vit_mae": _vit_mae,
+    "yolos": _yolos,
+    "timesformer": _video(
+        "TimesformerForVideoClassification", "TimesformerConfig", frames=2, image_size=16,
+        patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    ),  # (no drop_path_rate: transformers 5.25 types it as an int)
+    "vivit": _video(
+        "VivitForVideoClassification", "VivitConfig", frames=4, image_size=16,
+        tubelet_size=[2, 4, 4], hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    ),
+    # ------------------------------------------------------------------------- time series
+    "patchtst": _forecast(
+        "PatchTSTForPrediction", "PatchTSTConfig", patch_length=4, patch_stride=4,
+        num_hidden_layers=2, d_model=16, num_attention_heads=2, ffn_dim=32,
+        channel_attention=True, positional_encoding_type="random", norm_type="layernorm",
+        attention_dropout=0.1, positional_dropout=0.1, path_dropout=0.1,
+        ff_dropout=0.1, head_dropout=0.1,
+    ),
+    "patchtsmixer": _forecast(
+        "PatchTSMixerForPrediction", "PatchTSMixerConfig", patch_length=4, patch_stride=4,
+        d_model=8, num_layers=2, mode="mix_channel", self_attn=True, self_attn_heads=2,
+        use_positional_encoding=True, positional_encoding_type="random", dropout=0.1,
+        head_dropout=0.1,
+    ),
+    "informer": _probabilistic(  # ProbSparse attention (distil=True: a BatchNorm conv)
+        "InformerForPrediction", "InformerConfig", encoder_layers=2, sampling_factor=2,
+        distil=False,
     ),
 }  # fmt: skip
 
