@@ -30,12 +30,13 @@ route where it fails.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from ._records import CallRecord
+from ._sample_trace import MOVES, SourceDim, moved_by, traced_sample_dim
 
 
 def output_sample_dims(record: CallRecord, batch_dim: int) -> list[int]:
@@ -47,54 +48,13 @@ def output_sample_dims(record: CallRecord, batch_dim: int) -> list[int]:
     return [batch_dim] * len(record.tapped)
 
 
-_MOVES = frozenset({"TransposeBackward0", "TransposeBackward1", "PermuteBackward0"})
-
-
-def _saved_dim(value: int, rank: int) -> int:
-    """A dimension saved by an autograd node, in ``[0, rank)``: a negative one comes back
-    wrapped around as an unsigned 64-bit integer (``transpose(-2, -1)`` saves 2⁶⁴ − 2)."""
-    return (value - (1 << 64) if value >= 1 << 63 else value) % rank
-
-
-def _moved_by(node: Any, dim: int, rank: int) -> int:
-    """Where the transpose or permutation ``node`` put dimension ``dim`` of its input."""
-    if type(node).__name__ == "PermuteBackward0":
-        order = [_saved_dim(d, rank) for d in node._saved_dims]
-        return order.index(dim)
-    first, second = _saved_dim(node._saved_dim0, rank), _saved_dim(node._saved_dim1, rank)
-    return second if dim == first else first if dim == second else dim
-
-
 def _sized_source(node: Any, shape: Sequence[int], batch_dim: int, count: int) -> int | None:
     """``batch_dim`` when the tensor that ``node`` transposed or permuted into ``shape`` has
     size ``count`` there and nowhere else (then it is read as holding the samples there)."""
     rank = len(shape)
-    moved = [_moved_by(node, d, rank) for d in range(rank)]  # source dim d → moved[d]
+    moved = [moved_by(node, d, rank) for d in range(rank)]  # source dim d → moved[d]
     sizes = [shape[m] for m in moved]
     return batch_dim if [d for d, n in enumerate(sizes) if n == count] == [batch_dim] else None
-
-
-#: autograd nodes whose output keeps each operand's dimensions in place (element-wise: an operand
-#: of the output's rank is aligned with it dimension by dimension)
-_ELEMENTWISE = frozenset(
-    {
-        *(f"{op}Backward{k}" for op in ("Add", "Sub", "Mul", "Div", "Rsub") for k in (0, 1)),
-        *(
-            f"{op}Backward0"
-            for op in (
-                "Neg", "Gelu", "Relu", "Tanh", "Sigmoid", "Silu", "Elu", "LeakyRelu", "Hardtanh",
-                "Softplus", "Mish", "Clone", "ToCopy", "NativeDropout", "MaskedFill", "Where",
-                "Softmax", "LogSoftmax", "NativeLayerNorm", "Pow", "Exp", "Abs", "Clamp",
-            )
-        ),
-    }
-)  # fmt: skip
-#: how many nodes back a trace looks
-_TRACE_DEPTH = 12
-
-#: the sample dimension and rank of a hooked call's output, by its autograd node and output
-#: number (``None`` for a node that is not one)
-SourceDim = Callable[[Any, int], "tuple[int, int] | None"]
 
 
 def declared_sample_dim(module: nn.Module) -> int | None:
@@ -103,35 +63,6 @@ def declared_sample_dim(module: nn.Module) -> int | None:
     if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
         return 0 if module.batch_first else 1
     return None
-
-
-def traced_sample_dim(x: Tensor, source_dim: SourceDim) -> int | None:
-    """Where ``x`` holds the samples, read from its graph: followed back through transposes,
-    permutations and element-wise operations to a hooked call's output of ``x``'s rank; ``None``
-    where the trace finds none within a few nodes."""
-    if x.grad_fn is None:
-        return None
-    seen: set[tuple[int, int]] = set()
-
-    def trace(node: Any, nr: int, depth: int) -> int | None:
-        known = source_dim(node, nr)
-        if known is not None:
-            return known[0] if known[1] == x.dim() else None
-        name = type(node).__name__
-        if (
-            depth == 0
-            or (id(node), nr) in seen
-            or (name not in _MOVES and name not in _ELEMENTWISE)
-        ):
-            return None
-        seen.add((id(node), nr))
-        for child, child_nr in node.next_functions:
-            inner = None if child is None else trace(child, child_nr, depth - 1)
-            if inner is not None:
-                return _moved_by(node, inner, x.dim()) if name in _MOVES else inner
-        return None
-
-    return trace(x.grad_fn, x.output_nr, _TRACE_DEPTH)
 
 
 def moved_sample_dim(
@@ -166,9 +97,9 @@ def moved_sample_dim(
 
     traced = traced_sample_dim(x, source_dim)
     node = x.grad_fn
-    if traced is None and node is not None and type(node).__name__ in _MOVES:
+    if traced is None and node is not None and type(node).__name__ in MOVES:
         source = _sized_source(node, x.shape, batch_dim, count)  # where unambiguous
-        traced = None if source is None else _moved_by(node, source, x.dim())
+        traced = None if source is None else moved_by(node, source, x.dim())
     if traced is not None:
         return traced if traced != batch_dim and holds(traced) else None
     if at_batch_dim or not x.is_floating_point():
