@@ -99,9 +99,10 @@ def moved_sample_dim(
     node = x.grad_fn
     if traced is None and node is not None and type(node).__name__ in MOVES:
         source = _sized_source(node, x.shape, batch_dim, count)  # where unambiguous
-        traced = None if source is None else moved_by(node, source, x.dim())
+        traced = None if source is None else (moved_by(node, source, x.dim()), 1)
     if traced is not None:
-        return traced if traced != batch_dim and holds(traced) else None
+        dim, group = traced
+        return dim if dim != batch_dim and group == 1 and holds(dim) else None
     if at_batch_dim or not x.is_floating_point():
         return None  # (indices, as a position embedding takes, are no moved activations)
     candidates = [d for d in range(x.dim()) if d != batch_dim and holds(d)]

@@ -236,6 +236,10 @@ def _as_layout(found: Layout | str | None) -> Layout:
     return found if isinstance(found, Layout) else Layout(None, 1)
 
 
+#: how many producers' readings one call's reading may nest (each traces its input in turn)
+_NESTED_READINGS = 8
+
+
 class Layout(NamedTuple):
     """Where a call's outputs index the samples, in per-sample mode.
 
@@ -822,8 +826,9 @@ class GramianStep:
         """Per call, in the scan's order, its :class:`Layout`; raises :class:`NotPerSample`
         before the backward pass, when nothing is spent yet. A call made on activations traced
         back to another call's output reads where that output holds the samples
-        (:func:`._sample_dims.moved_sample_dim`): the calls are read producers first (the
-        scan's reverse order, mostly), a producer not read yet is read without tracing."""
+        (:func:`._sample_dims.moved_sample_dim`): a producer not read yet is read then, its own
+        input traced in turn (up to :data:`_NESTED_READINGS` deep; deeper, or met again while
+        it is read, it is read without tracing)."""
         records = list(scan.calls)
         if batch_dim is None:
             return [Layout(None, 1) for _ in records]
@@ -834,19 +839,30 @@ class GramianStep:
         def untraced(node: object, nr: int) -> None:
             return None
 
-        def source_dim(node: object, nr: int) -> tuple[int, int] | None:
+        reading: list[int] = []  # the calls being read, innermost last
+
+        def source_dim(node: object, nr: int) -> tuple[int, int, tuple[int, ...]] | None:
             hit = producers.at(node, nr)
             if hit is None or not params_of[id(hit[0])]:
                 return None
             record, index = hit
-            layout = found.get(id(record)) or self._reading(record, batch_dim, untraced)
+            layout = found.get(id(record))
+            if layout is None and (id(record) in reading or len(reading) >= _NESTED_READINGS):
+                layout = self._reading(record, batch_dim, untraced)
+            elif layout is None:
+                reading.append(id(record))
+                layout = found[id(record)] = self._reading(record, batch_dim, source_dim)
+                reading.pop()
             if isinstance(layout, str) or layout.dims is None:
                 return None
-            return layout.dims[index], len(record.tapped[index].shape)
+            group = layout.group if isinstance(layout.group, int) else layout.group[index]
+            return layout.dims[index], group, tuple(record.tapped[index].shape)
 
         for record in reversed(records):
-            if params_of[id(record)]:
+            if params_of[id(record)] and id(record) not in found:
+                reading.append(id(record))
                 found[id(record)] = self._reading(record, batch_dim, source_dim)
+                reading.pop()
         problems = {id(r.module): f for r in records if isinstance(f := found.get(id(r)), str)}
         if problems:
             raise NotPerSample(next(iter(problems.values())), list(problems))

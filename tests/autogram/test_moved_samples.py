@@ -212,3 +212,72 @@ def test_time_major_layers_in_a_batch_first_model(
     x = torch.randn(batch, seq, 5, dtype=torch.float64)
     losses = layout_losses(model, x, layout)
     check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[layout], low_memory=low_memory)
+
+
+class _FairseqAttention(nn.Module):
+    """fairseq's (and FSMT's) attention, sequence-first in and out (``[s, b, d]``): the heads
+    folded into the batch by a view (``[s, b·h, e]``), ``bmm`` over ``[b·h, s, e]`` (or
+    ``scaled_dot_product_attention`` over ``[b, h, s, e]``), the result viewed back to
+    ``[s, b, d]`` and projected there: the projections' inputs hold the samples along 1, which
+    only a trace through views and batched products shows (at ``s = 2b`` the sizes also read
+    as samples folded by two along 0)."""
+
+    def __init__(self, d: int, heads: int, sdpa: bool) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.heads, self.sdpa = heads, sdpa
+
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:  # [t, b, d], [s, b, d]
+        t, b, d = query.shape
+        h, e = self.heads, d // self.heads
+        q, k, v = self.q_proj(query) * e**-0.5, self.k_proj(key), self.v_proj(key)
+        if self.sdpa:
+            q, k, v = (z.reshape(-1, b, h, e).permute(1, 2, 0, 3) for z in (q, k, v))
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=1.0)
+            context = context.permute(2, 0, 1, 3).reshape(t, b, d)
+        else:
+            q, k, v = (z.reshape(-1, b * h, e).transpose(0, 1) for z in (q, k, v))
+            probs = F.dropout(torch.bmm(q, k.transpose(1, 2)).softmax(-1), 0.1, self.training)
+            context = torch.bmm(probs, v).transpose(0, 1).contiguous().view(t, b, d)
+        return self.out_proj(context)
+
+
+class _FairseqEncoderDecoder(nn.Module):
+    """Batch-first in and out, sequence-first inside (as FSMT): an encoder layer over ``x``
+    (``[b, s, 5]``), its output handed back batch-first and transposed again by the decoder,
+    whose cross-attention projects it (a producer traced through two transposes)."""
+
+    def __init__(self, sdpa: bool) -> None:
+        super().__init__()
+        self.embed, self.target_embed = nn.Linear(5, 8), nn.Linear(5, 8)
+        self.self_attn = _FairseqAttention(8, 2, sdpa)
+        self.norm, self.cross_norm = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.cross_attn = _FairseqAttention(8, 2, sdpa)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, s, 5] → [b, 2]
+        h = self.embed(x).transpose(0, 1)  # [s, b, d]
+        h = self.norm(h + F.dropout(self.self_attn(h, h), 0.1, self.training))
+        memory = h.transpose(0, 1)  # the encoder's output, batch-first
+        y = self.target_embed(x[:, :3].flip(1)).transpose(0, 1)  # [3, b, d]
+        y = self.cross_norm(y + self.cross_attn(y, memory.transpose(0, 1)))
+        return self.head(torch.tanh(y).mean(0))
+
+
+@pytest.mark.parametrize(
+    "layout, low_memory",
+    [(layout, False) for layout in LAYOUT_BATCH_DIM] + [("per-sample", True)],
+)
+@pytest.mark.parametrize("batch, seq", [(3, 8), (4, 8), (4, 4), (2, 8)])
+@pytest.mark.parametrize("sdpa", [False, True], ids=["bmm", "sdpa"])
+def test_sequence_first_model_with_views_and_batched_products(
+    layout: str, batch: int, seq: int, sdpa: bool, low_memory: bool
+) -> None:
+    """Engine Gramian and JDOptimizer .grad exact, without a route warning, at sequences that
+    are a multiple of the batch (``s = 2b``, ``4b``), equal to it, or neither."""
+    torch.manual_seed(0)
+    model = _FairseqEncoderDecoder(sdpa).double().train()
+    x = torch.randn(batch, seq, 5, dtype=torch.float64)
+    losses = layout_losses(model, x, layout)
+    check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[layout], low_memory=low_memory)
