@@ -36,7 +36,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._records import CallRecord
-from ._sample_trace import MOVES, SourceDim, moved_by, traced_sample_dim
+from ._sample_trace import MOVES, Held, SourceDim, moved_by, traced_sample_dim
 
 
 def output_sample_dims(record: CallRecord, batch_dim: int) -> list[int]:
@@ -71,10 +71,12 @@ def moved_sample_dim(
     count: int,
     at_batch_dim: bool,
     source_dim: SourceDim,
-) -> int | None:
+) -> Held | None:
     """The dimension ``d ≠ batch_dim`` along which the call's input and every output hold the
     ``count`` samples, for a call made on a tensor whose samples were moved (see the module
-    docs), or ``None``.
+    docs), or the dimension along which they hold entries gathered from the samples' (each
+    entry's sample in :attr:`~._sample_trace.Held.rows`: a mixture-of-experts' expert called
+    on the tokens routed to it); ``None`` where neither is read.
 
     Args:
         record: the call.
@@ -99,14 +101,29 @@ def moved_sample_dim(
     node = x.grad_fn
     if traced is None and node is not None and type(node).__name__ in MOVES:
         source = _sized_source(node, x.shape, batch_dim, count)  # where unambiguous
-        traced = None if source is None else (moved_by(node, source, x.dim()), 1)
+        traced = None if source is None else Held(moved_by(node, source, x.dim()))
+    if traced is not None and traced.rows is not None:
+        return traced if _takes_gathered(record, x, traced) else None
     if traced is not None:
-        dim, group = traced
-        return dim if dim != batch_dim and group == 1 and holds(dim) else None
+        dim, group, _ = traced
+        return traced if dim != batch_dim and group == 1 and holds(dim) else None
     if at_batch_dim or not x.is_floating_point():
         return None  # (indices, as a position embedding takes, are no moved activations)
     candidates = [d for d in range(x.dim()) if d != batch_dim and holds(d)]
-    return candidates[0] if len(candidates) == 1 else None
+    return Held(candidates[0]) if len(candidates) == 1 else None
+
+
+def _takes_gathered(record: CallRecord, x: Tensor, held: Held) -> bool:
+    """Whether a call on gathered entries (:attr:`Held.rows`) is read as theirs: its input and
+    every output hold them along the same dimension, and its re-run (on each sample's entries,
+    for a module without a layer rule) is the recorded call's: it drew no random numbers and
+    changed no buffer."""
+    assert held.rows is not None
+    n = held.rows.shape[0]
+    shapes = [x.shape, *(t.shape for t in record.tapped)]
+    fits = all(len(s) > held.dim and s[held.dim] == n for s in shapes)
+    plain = record.unexpanded is None and not record.paths
+    return fits and plain and record.rng is None and not record.mutated
 
 
 def input_sample_dims(

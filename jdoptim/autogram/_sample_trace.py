@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 MOVES = frozenset({"TransposeBackward0", "TransposeBackward1", "PermuteBackward0"})
 
 
-def _saved_dim(value: int, rank: int) -> int:
+def saved_dim(value: int, rank: int) -> int:
     """A dimension saved by an autograd node, in ``[0, rank)``: a negative one comes back
     wrapped around as an unsigned 64-bit integer (``transpose(-2, -1)`` saves 2⁶⁴ − 2)."""
     return (value - (1 << 64) if value >= 1 << 63 else value) % rank
@@ -28,9 +29,9 @@ def _saved_dim(value: int, rank: int) -> int:
 def moved_by(node: Any, dim: int, rank: int) -> int:
     """Where the transpose or permutation ``node`` put dimension ``dim`` of its input."""
     if type(node).__name__ == "PermuteBackward0":
-        order = [_saved_dim(d, rank) for d in node._saved_dims]
+        order = [saved_dim(d, rank) for d in node._saved_dims]
         return order.index(dim)
-    first, second = _saved_dim(node._saved_dim0, rank), _saved_dim(node._saved_dim1, rank)
+    first, second = saved_dim(node._saved_dim0, rank), saved_dim(node._saved_dim1, rank)
     return second if dim == first else first if dim == second else dim
 
 
@@ -50,7 +51,14 @@ _ELEMENTWISE = frozenset(
     }
 )  # fmt: skip
 #: autograd nodes of reshapes
-_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_RESHAPES = frozenset(
+    {
+        "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
+        "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
+    }
+)  # fmt: skip
+#: autograd nodes of gathers of entries (:func:`gathered`)
+_GATHERS = frozenset({"IndexBackward0", "IndexSelectBackward0"})
 #: autograd nodes of expansions (an operand aligned on the right, as element-wise ones)
 _EXPANDS = frozenset({"ExpandBackward0"})
 #: autograd nodes of batched products and how many leading dimensions each operand shares with
@@ -63,16 +71,31 @@ _BATCHED_PRODUCTS = {
     "ScaledDotProductCudnnAttentionBackward0": 2,
 }
 #: every node a trace passes
-_PASSED = MOVES | _ELEMENTWISE | _RESHAPES | _EXPANDS | frozenset(_BATCHED_PRODUCTS)
+_PASSED = MOVES | _ELEMENTWISE | _RESHAPES | _EXPANDS | _GATHERS | frozenset(_BATCHED_PRODUCTS)
 #: how many nodes back a trace looks
 _TRACE_DEPTH = 24
 
-#: the sample dimension, how many consecutive entries of it each sample owns, and the shape of
-#: a hooked call's output, by its autograd node and output number (``None`` for a node that is
-#: not one)
-SourceDim = Callable[[Any, int], "tuple[int, int, tuple[int, ...]] | None"]
-#: where a tensor holds the samples: its dimension and each sample's entries there
-Held = tuple[int, int]
+
+class Held(NamedTuple):
+    """Where a tensor holds the samples.
+
+    Attributes:
+        dim: its sample dimension.
+        group: how many consecutive entries of ``dim`` each sample owns (sample-major).
+        rows: where the entries of ``dim`` were gathered from the samples' (``h[index]``,
+            ``h[mask]``, ``index_select``: a mixture-of-experts' tokens routed to one expert, a
+            subset of the samples): the sample of each entry, in any order (``group`` is then
+            1).
+    """
+
+    dim: int
+    group: int = 1
+    rows: Tensor | None = None
+
+
+#: a hooked call's output, by its autograd node and output number: where it holds the samples,
+#: and its shape (``None`` for a node that is not one)
+SourceDim = Callable[[Any, int], "tuple[Held, tuple[int, ...]] | None"]
 Shape = tuple[int, ...]
 
 
@@ -81,10 +104,11 @@ def traced_sample_dim(x: Tensor, source_dim: SourceDim) -> Held | None:
     output through transposes and permutations (which move the dimension), element-wise
     operations (which keep it, on an operand not broadcast along it), reshapes (which keep it
     where the sizes before it agree, each sample's entries regrouped: ``[s, b·h, e] → [s, b,
-    h·e]``) and batched products (``bmm``, attention: their leading dimensions); ``None``
-    where the trace finds none within a few nodes. Each tensor's shape is the one its node's
-    gradient takes (``_input_metadata``): no saved tensor is read (a checkpointed segment
-    would recompute it)."""
+    h·e]``), batched products (``bmm``, attention: their leading dimensions) and gathers along
+    it (which give each gathered entry its sample: :attr:`Held.rows`); ``None`` where the trace
+    finds none within a few nodes. Each tensor's shape is the one its node's gradient takes
+    (``_input_metadata``); the only saved tensors read are a gather's indices, and not where
+    hooks packed them (a checkpointed segment, whose unpacking would re-run its forward)."""
     if x.grad_fn is None:
         return None
     seen: set[tuple[int, int]] = set()
@@ -92,7 +116,7 @@ def traced_sample_dim(x: Tensor, source_dim: SourceDim) -> Held | None:
     def trace(node: Any, nr: int, depth: int) -> Held | None:
         known = source_dim(node, nr)
         if known is not None:
-            return known[:2] if known[2] == _shape(node, nr) else None
+            return known[0] if known[1] == _shape(node, nr) else None
         name = type(node).__name__
         if depth == 0 or (id(node), nr) in seen or name not in _PASSED:
             return None
@@ -118,18 +142,19 @@ def _carried(name: str, node: Any, held: Held, source: Shape, shape: Shape) -> H
     """Where ``node`` (of type ``name``, output of shape ``shape``) holds the samples that its
     operand of shape ``source`` holds as ``held``; ``None`` where they do not stay whole in one
     dimension."""
-    dim, group = held
     if name in MOVES:
-        return moved_by(node, dim, len(shape)), group
+        return held._replace(dim=moved_by(node, held.dim, len(shape)))
     if name in _RESHAPES:
         return _reshaped(held, source, shape)
+    if name in _GATHERS:
+        return gathered(node, held, source, shape)
     if name in _BATCHED_PRODUCTS:
         lead = _BATCHED_PRODUCTS[name]
-        return held if dim < lead and source[:lead] == shape[:lead] else None
+        return held if held.dim < lead and source[:lead] == shape[:lead] else None
     offset = len(shape) - len(source)  # element-wise and expand: aligned on the right
-    if offset < 0 or source[dim] != shape[dim + offset]:
+    if offset < 0 or source[held.dim] != shape[held.dim + offset]:
         return None  # (broadcast along the samples' dimension: not the samples' tensor)
-    return dim + offset, group
+    return held._replace(dim=held.dim + offset)
 
 
 def _reshaped(held: Held, source: Shape, shape: Shape) -> Held | None:
@@ -137,14 +162,55 @@ def _reshaped(held: Held, source: Shape, shape: Shape) -> Held | None:
     ``held``: the output dimension ``d`` whose preceding sizes multiply to those before the
     sample dimension, and whose size is a multiple of the number of samples. Each sample owns a
     contiguous run of the flat entries after the preceding dimensions, so it owns
-    ``shape[d] / samples`` consecutive entries of ``d`` (``[s, b·h, e] → [s, b, h·e]``: one)."""
-    dim, group = held
+    ``shape[d] / samples`` consecutive entries of ``d`` (``[s, b·h, e] → [s, b, h·e]``: one).
+    Gathered entries (:attr:`Held.rows`) stay only in a dimension of their own size."""
+    dim, group, rows = held
     count, outer = source[dim] // group, math.prod(source[:dim])
     prefix = 1
     for d, size in enumerate(shape):
-        if prefix == outer and size % count == 0 and (size > 1 or count == 1):
-            return d, size // count
+        if prefix == outer and rows is not None and size == source[dim]:
+            return Held(d, 1, rows)
+        if prefix == outer and rows is None and size % count == 0 and (size > 1 or count == 1):
+            return Held(d, size // count)
         prefix *= size
         if prefix > outer:
             return None
     return None
+
+
+def gathered(node: Any, held: Held, source: Shape, shape: Shape) -> Held | None:
+    """Where a gather (``node``: indexing or ``index_select``) of ``source`` holds the samples
+    that ``source`` holds as ``held``. Along another dimension, where they were; along theirs,
+    in the gathered dimension, each entry owning the sample of the entry it was taken from.
+    ``None`` for indices packed by hooks, or advanced indexing the trace does not follow."""
+    if type(node).__name__ == "IndexSelectBackward0":
+        if node._raw_saved_index.unpack_hook is not None:
+            return None
+        along = saved_dim(node._saved_dim, len(source))
+        return held if along != held.dim else _taken(held, source, node._saved_index, along)
+    raws = node._raw_saved_indices
+    if any(r is not None and r.unpack_hook is not None for r in raws):
+        return None
+    indices = [(d, t) for d, t in enumerate(node._saved_indices) if t is not None]
+    if len(indices) != 1:
+        return None  # (several index tensors: broadcast together, their result dims moved)
+    first, index = indices[0]
+    covered = index.dim() if index.dtype == torch.bool else 1
+    if index.dtype != torch.bool and index.dim() != 1:
+        return None
+    if held.dim < first:
+        return held if source[: held.dim + 1] == shape[: held.dim + 1] else None
+    if held.dim >= first + covered:  # after the indexed dimensions: moved by their count
+        return held._replace(dim=held.dim - covered + 1)
+    if index.dtype == torch.bool:  # the entries of the mask's true places, row-major
+        index = index.nonzero()[:, held.dim - first]
+    return _taken(held, source, index, first)
+
+
+def _taken(held: Held, source: Shape, index: Tensor, dim: int) -> Held:
+    """The samples of the entries ``index`` takes along their dimension, now ``dim``."""
+    owner = held.rows
+    if owner is None:
+        entries = torch.arange(source[held.dim], device=index.device)
+        owner = entries // held.group
+    return Held(dim, 1, owner[index.reshape(-1).to(owner.device)])  # (a 0-d index selects 1)

@@ -33,6 +33,7 @@ from torch.autograd.graph import GradientEdge
 
 from ..linalg.sparse_rows import dense
 from ..linalg.vmap_fallback import VmapState, vmap_or_loop
+from ._gathered import sample_major
 from ._graph import GraphScan, scan_graph
 from ._held_rows import HeldRows, RowsBuffer, held_rows_budget, hold_rows, summed_rows
 from ._records import CallRecord
@@ -50,6 +51,7 @@ from ._sample_dims import (
     moved_sample_dim,
     output_sample_dims,
 )
+from ._sample_trace import Held
 from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule, rows_gramian
 
 
@@ -166,6 +168,12 @@ class StepTemplate:
     #: the step took split parents' calls whole (:meth:`GramianStep._scanned`)
     parents: bool = False
 
+    @property
+    def reusable(self) -> bool:
+        """Whether a later step of the structure may take it: not where a call is on entries
+        gathered from the samples' (:attr:`Layout.rows`), which each forward routes anew."""
+        return all(layout.rows is None for layout in self.layouts)
+
 
 class NotPerSample(Exception):
     """A hooked call's output does not index the samples (e.g. a position embedding
@@ -248,11 +256,15 @@ class Layout(NamedTuple):
         group: how many entries of it each sample owns (see :func:`_sample_group`).
         batch_dim: the call's own sample dimension, for a layer called on a tensor whose
             samples were moved (:func:`._sample_dims.moved_sample_dim`); ``None``: the engine's.
+        rows: for a call on entries gathered from the samples' (a mixture-of-experts' expert
+            on its tokens), the sample of each entry of its sample dimension; the call is
+            handed to its rule laid out sample-major (:mod:`._gathered`).
     """
 
     dims: list[int] | None
     group: Group
     batch_dim: int | None = None
+    rows: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -673,14 +685,18 @@ class GramianStep:
         batched: bool,
     ) -> Call:
         """A call that has parameters of this step, with its gradients (in its outputs' shapes:
-        a call read at its output's base gets the base's gradient) and layout."""
-        dims, group, own_dim = layouts[id(record)]
+        a call read at its output's base gets the base's gradient) and layout (a call on entries
+        gathered from the samples' re-laid for its rule: :mod:`._gathered`)."""
+        dims, group, own_dim, rows = layouts[id(record)]
+        lead = 1 if batched else 0
         if record.from_base:
-            lead = 1 if batched else 0
             grads = [
                 g if g is None else g.reshape(*g.shape[:lead], *t.shape)
                 for g, t in zip(grads, record.tapped)
             ]
+        if rows is not None:  # entries gathered from the samples': laid out sample-major
+            assert dims is not None
+            record, grads, group = sample_major(record, grads, rows, self.b, dims[0], lead)
         return Call(
             record,
             grads,
@@ -841,7 +857,7 @@ class GramianStep:
 
         reading: list[int] = []  # the calls being read, innermost last
 
-        def source_dim(node: object, nr: int) -> tuple[int, int, tuple[int, ...]] | None:
+        def source_dim(node: object, nr: int) -> tuple[Held, tuple[int, ...]] | None:
             hit = producers.at(node, nr)
             if hit is None or not params_of[id(hit[0])]:
                 return None
@@ -856,7 +872,8 @@ class GramianStep:
             if isinstance(layout, str) or layout.dims is None:
                 return None
             group = layout.group if isinstance(layout.group, int) else layout.group[index]
-            return layout.dims[index], group, tuple(record.tapped[index].shape)
+            held = Held(layout.dims[index], group, layout.rows)
+            return held, tuple(record.tapped[index].shape)
 
         for record in reversed(records):
             if params_of[id(record)] and id(record) not in found:
@@ -881,7 +898,8 @@ class GramianStep:
             at = not isinstance(group, str)
             moved = moved_sample_dim(record, batch_dim, self.b, at, source_dim)
             if moved is not None:  # a layer called on a tensor whose samples were moved
-                return Layout([moved] * len(record.tapped), 1, moved)
+                own = None if moved.rows is not None and moved.dim == batch_dim else moved.dim
+                return Layout([moved.dim] * len(record.tapped), 1, own, moved.rows)
         if isinstance(group, str):
             return group
         return Layout(dims, group, None if base == batch_dim else base)

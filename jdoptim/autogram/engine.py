@@ -459,7 +459,7 @@ class Engine:
             template=template,
             regions=route.regions,
         )
-        if template_key is not None and template is None:
+        if template_key is not None and template is None and step.template.reusable:
             # (replacing the structure's earlier template, whose parameters may be stale: it
             # holds no tensor that the current one does not, so nothing is kept alive for it)
             if template_key[:2] not in self._templates and len(self._templates) >= _MAX_ROUTES:
