@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from jdoptim import JDOptimizer
 from jdoptim.aggregation import UPGrad
 from jdoptim.autogram import Engine, EngineRouteWarning
+from jdoptim.autogram._sample_trace import Held, traced_sample_dim
 
 from ._oracle import explicit_jacobian
-from ._same_losses import LAYOUT_BATCH_DIM, check_on_fast_path, layout_losses
+from ._same_losses import LAYOUT_BATCH_DIM, check_gramian, check_on_fast_path, layout_losses
 
 
 class _ScaledExpert(nn.Module):
@@ -154,3 +155,45 @@ def test_each_forward_routes_anew(name: str) -> None:
                 opt.step(losses)
                 actual = torch.cat([p.grad.reshape(-1) for p in params])
                 torch.testing.assert_close(actual, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_gathers_under_checkpoint_are_not_unpacked() -> None:
+    """The trace reads a gather's indices, except where saved-tensor hooks packed them: in a
+    non-reentrant checkpointed segment, unpacking them would re-run the segment's forward."""
+    base = torch.randn(6, 4, requires_grad=True) * 1  # two samples of three entries each
+    runs = []
+
+    def segment(t: Tensor) -> Tensor:
+        runs.append(1)
+        return t[torch.tensor([0, 4, 5])]
+
+    def source_dim(node: object, nr: int) -> tuple[Held, tuple[int, ...]] | None:
+        return (Held(0, 3), (6, 4)) if node is base.grad_fn else None
+
+    held = traced_sample_dim(segment(base), source_dim)
+    assert held is not None and held.rows is not None
+    assert held.dim == 0 and held.rows.tolist() == [0, 1, 1]
+    checkpointed = torch.utils.checkpoint.checkpoint(segment, base, use_reentrant=False)
+    assert traced_sample_dim(checkpointed, source_dim) is None
+    assert len(runs) == 2  # (no third run: nothing was unpacked)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.utils.checkpoint.checkpoint(self.inner, h, use_reentrant=False)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_BATCH_DIM))
+def test_checkpointed_mixture_of_experts_stays_exact(layout: str) -> None:
+    """The routing inside a checkpointed segment: exact, by whichever route the check picks."""
+    torch.manual_seed(0)
+    model = _MoEModel("index").double().train()
+    model.moe = _Checkpointed(model.moe)  # type: ignore[assignment]
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EngineRouteWarning)
+        check_gramian(model, layout_losses(model, x, layout), LAYOUT_BATCH_DIM[layout], 1e-9)
