@@ -24,7 +24,9 @@ unchanged, and the engine's check proves the reading on the first step of a stru
 
 :func:`addition_paths` finds the paths: every use of the output must lead, through replayable
 shape operations only (``permute``, ``unsqueeze``, ``view``/``reshape``, ``transpose``,
-``clone``, and ``where``/``masked_fill`` with a constant other branch that keeps the shape), to
+``clone``, ``select`` and ``slice`` (a layer's part of a stacked output, as YOLOS's
+per-layer position embeddings), and ``where``/``masked_fill`` with a constant other branch that
+keeps the shape), to
 a plain addition (alpha 1) of an operand with size 1 along the batch dimension whose sum has
 ``b`` (or ``w·b``, sample-major) entries there and the operand's other sizes; or to an
 ``expand`` of that operand along the batch dimension alone whose copies (``contiguous``) are
@@ -40,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.autograd.graph import Node
+
+from ._sample_trace import saved_dim
 
 __all__ = ["AdditionPath", "addition_paths", "all_additions", "consumer_map", "replay"]
 
@@ -111,6 +115,8 @@ def _shape_op(node: Node, position: int, shape: torch.Size) -> Op | None:
         return lambda x: x.reshape(out)
     if name in ("CloneBackward0", "AliasBackward0"):
         return lambda x: x
+    if name in ("SelectBackward0", "SliceBackward0"):  # (YOLOS adds its layer's slice)
+        return _taken_part(saved, len(shape))
     if tuple(shape) != out:  # a where or masked_fill that broadcasts the output: not followed
         return None
     if name == "WhereBackward0" and node.next_functions[1][0] is None:  # constant other branch
@@ -120,6 +126,21 @@ def _shape_op(node: Node, position: int, shape: torch.Size) -> Op | None:
         mask = saved._saved_mask.detach().clone()
         return lambda x: x.masked_fill(mask, 0.0)
     return None
+
+
+def _signed(value: int) -> int:
+    """An integer saved by an autograd node (a negative one comes back as unsigned 64-bit)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _taken_part(saved: Any, rank: int) -> Op:
+    """The forward of a ``select`` (``x[i]``) or ``slice`` (``x[:, a:e:s]``) node."""
+    dim = saved_dim(saved._saved_dim, rank)
+    if type(saved).__name__ == "SelectBackward0":
+        index = _signed(saved._saved_index)
+        return lambda x: x.select(dim, index)
+    start, end, step = _signed(saved._saved_start), _signed(saved._saved_end), saved._saved_step
+    return lambda x: x[(slice(None),) * dim + (slice(start, end, step),)]
 
 
 def _addition(node: Node, shape: torch.Size, b: int, batch_dim: int) -> torch.Size | None:

@@ -538,3 +538,49 @@ def test_expand_inputs_expands_the_shared_arguments_only(keywords: bool) -> None
     assert (grown_kwargs["ids"] if keywords else grown[1]).shape == (4, 4, 5)
     if keywords:
         assert grown_kwargs["s"] == scale
+
+
+# -- a stacked shared output whose parts are added by different layers (YOLOS) ----------------
+
+
+class _LayerPositions(nn.Module):
+    """YOLOS's mid-layer position embeddings: one call returns ``[layers, 1, s + 1, d]``."""
+
+    def __init__(self, layers: int, s: int, d: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(layers, 1, s + 1, d) * 0.5)
+
+    def forward(self) -> Tensor:
+        return torch.tanh(self.table)
+
+
+class _PerLayerPositions(nn.Module):
+    """Layer ``i`` adds its part of the shared output, taken by ``select`` (``pos[i]``) then a
+    ``slice`` along the tokens (``[:, 1:]``, or ``[:, :s]``)."""
+
+    def __init__(self, s: int, leading: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 4)
+        self.positions = _LayerPositions(2, s, 4)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.head = nn.Linear(4, 1)
+        self.leading = leading
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, s, 5] → [b]
+        h, pos, s = self.embed(x), self.positions(), x.shape[1]
+        for i, layer in enumerate(self.layers):
+            part = pos[i][:, :s] if self.leading else pos[i][:, 1:]
+            h = torch.tanh(layer(h + part))
+        return self.head(h).squeeze(-1).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("leading", [False, True], ids=["[:, 1:]", "[:, :s]"])
+@pytest.mark.parametrize("batch,s", [(3, 4), (4, 4)], ids=["s!=b", "s=b"])
+def test_parts_of_a_stacked_shared_output_are_read_at_their_additions(
+    batch: int, s: int, leading: bool
+) -> None:
+    """Each layer's part reaches its addition through ``select`` and ``slice``, replayed on the
+    re-run: per-sample steps, exact, no warning."""
+    torch.manual_seed(0)
+    model = _PerLayerPositions(s, leading).double()
+    assert _per_sample_steps(model, (batch, s, 5)) == [batch] * 3
