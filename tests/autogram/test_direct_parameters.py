@@ -19,6 +19,8 @@ whole call remains the route where that cannot be (``tests/autogram/test_split_p
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -299,3 +301,67 @@ def test_a_forward_that_raises_leaves_no_open_call() -> None:
     losses = lambda: model(x).pow(2).sum(1)  # noqa: E731
     check_gramian(model, losses, 0, rtol=1e-12)
     check_step(model, losses, 0, rtol=1e-12)
+
+
+class _OldStyleScan(torch.autograd.Function):
+    """A cumulative decay ``h_t = a ⊙ h_{t−1} + x_t`` over ``[b, s, d]``, written as an
+    ``autograd.Function`` without ``setup_context`` (as RecurrentGemma's RG-LRU scan is), which
+    ``torch.func`` cannot run."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, a: Tensor) -> Tensor:
+        steps = [x[:, 0]]
+        for t in range(1, x.shape[1]):
+            steps.append(a * steps[-1] + x[:, t])
+        h = torch.stack(steps, 1)
+        ctx.save_for_backward(h, a)
+        return h
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        h, a = ctx.saved_tensors
+        grad_x = torch.empty_like(grad)
+        carried = torch.zeros_like(grad[:, 0])
+        for t in reversed(range(grad.shape[1])):
+            carried = grad[:, t] + a * carried
+            grad_x[:, t] = carried
+        grad_a = (grad_x[:, 1:] * h[:, :-1]).sum((0, 1))
+        return grad_x, grad_a
+
+
+class _Recurrence(nn.Module):
+    """A module with a direct parameter (the decay) and an input projection, whose forward runs
+    the scan: no layer rule takes it, and its re-run must be eager."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decay = nn.Parameter(torch.rand(4) * 0.9)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _OldStyleScan.apply(self.proj(x), self.decay)
+
+
+class _WithRecurrence(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 4)
+        self.recurrence = _Recurrence()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.recurrence(self.embed(x))).mean(1))
+
+
+@pytest.mark.parametrize(
+    "setting, low_memory",
+    [(setting, False) for setting in LAYOUT_BATCH_DIM] + [("per-sample", True)],
+)
+def test_module_that_torch_func_cannot_re_run(setting: str, low_memory: bool) -> None:
+    """Its rows come from an eager re-run of the whole call, differentiated by autograd: exact,
+    on the fast path (not from autograd's rows per loss, with a route warning)."""
+    torch.manual_seed(0)
+    model = _WithRecurrence().double()
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    losses = layout_losses(model, x, setting)
+    check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[setting], low_memory=low_memory)

@@ -417,9 +417,10 @@ class _AttentionWithoutRule(nn.MultiheadAttention):
 @pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low_memory"])
 def test_shared_input_of_batch_size_given_to_a_re_run_module(low_memory: bool) -> None:
     """A causal mask ``[L, L]`` with ``L`` equal to the batch size, given to a re-run module
-    (an attention without a layer rule): the per-sample re-run would slice it as if it indexed
-    the samples (it crashed before). The engine's check finds it and re-runs that module on the
-    whole batch: exact, and the step keeps one backward row (per-sample path)."""
+    (an attention without a layer rule): the per-sample re-run slices it as if it indexed the
+    samples, and fails under ``torch.func`` (it crashed once). The generic rule then re-runs the
+    module on the whole batch, eagerly, each sample's rows from its masked output gradient:
+    exact, on the per-sample path (one backward row), without a route warning."""
     torch.manual_seed(0)
     attention = _AttentionWithoutRule(6, 2, dropout=0.0, batch_first=True).double()
     x = torch.randn(4, 4, 6, dtype=torch.float64)  # batch 4, length 4
@@ -429,11 +430,10 @@ def test_shared_input_of_batch_size_given_to_a_re_run_module(low_memory: bool) -
         out = attention(x, x, x, attn_mask=mask, need_weights=False)[0]
         return out.pow(2).sum((1, 2))
 
-    expected_warning = r"one sample at a time.*model itself \(_AttentionWithoutRule"
-    with pytest.warns(EngineRouteWarning, match=expected_warning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
         check_gramian(attention, losses, 0, rtol=1e-10, low_memory=low_memory)
-    with pytest.warns(EngineRouteWarning):
         check_step(attention, losses, 0, rtol=1e-8, low_memory=low_memory)
-    with pytest.warns(EngineRouteWarning, match="whole batch"), Engine(attention, batch_dim=0) as e:
-        step = e.step(losses(), trainable(attention), [], per_sample=True)
+        with Engine(attention, batch_dim=0) as e:
+            step = e.step(losses(), trainable(attention), [], per_sample=True)
     assert (step.batch_dim, step.b, step.T) == (0, 4, 1)

@@ -301,14 +301,15 @@ def test_a_size_coincidence_is_caught_by_the_check(kind: type[nn.Module]) -> Non
 class _Masked(nn.Module):
     """A layer with a parameter of its own (re-run by the generic rule) that takes a ``[s, s]``
     mask: at ``s = b`` the mask looks like a per-sample input, so the re-run one sample at a
-    time fails the check, and the engine re-runs it on the whole batch."""
+    time computes other values (the column sums of one row), which the check sees, and the
+    engine re-runs it on the whole batch."""
 
     def __init__(self, d: int = 4) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(d, d) / d)
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
-        return torch.tanh(mask @ (h @ self.weight))  # mixes positions, not samples
+        return torch.tanh((h @ self.weight) * mask.sum(0)[:, None])  # weighs positions
 
 
 class _QueriesAndMask(_Queries):

@@ -31,6 +31,9 @@ What makes a re-run the recorded call, exactly:
 * **side effects**: buffers are cloned (a re-run never updates running statistics), and every
   submodule's attributes are put back after the re-run (a counter incremented in ``forward`` is
   incremented once, by the user's forward);
+* **what torch.func cannot run** (an ``autograd.Function`` without ``setup_context``, as
+  RecurrentGemma's RG-LRU scan): the re-run is made eagerly, as a replay of random draws is,
+  and the module is remembered (with its inputs' shapes) so that later steps go there directly;
 * a re-run that fails, or whose rows do not reproduce autograd's, is found by the engine's check
   (:mod:`jdoptim.autogram._certify`), which then takes that module's rows from autograd instead.
 """
@@ -38,6 +41,7 @@ What makes a re-run the recorded call, exactly:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +70,11 @@ _Outs = tuple[Tensor, ...]
 _Unexpanded = tuple[_Args, _Kwargs, torch.Size, int]
 
 
+#: the modules that ``torch.func`` could not re-run, with the shapes of the inputs it failed on:
+#: re-run eagerly from then on, on inputs of those shapes
+_EAGER: weakref.WeakKeyDictionary[torch.nn.Module, set[tuple]] = weakref.WeakKeyDictionary()
+
+
 def _detach(tree: Any) -> Any:
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
@@ -78,6 +87,8 @@ class GenericRule(LayerRule):
     label: str = ""
     #: per-sample rows from the whole call (masked output gradients), not from slices of it
     whole: bool = False
+    #: the re-run is eager, differentiated by autograd (not by torch.func: :meth:`_eager_rows`)
+    eager: bool = False
 
     def __init__(self, call: Call) -> None:
         super().__init__(call)
@@ -119,14 +130,41 @@ class GenericRule(LayerRule):
         buffers = {n: b.clone() for n, b in call.module.named_buffers()}
         args, kwargs = _detach(call.record.args), _detach(call.record.kwargs)
         grads = tuple(call.grad(i) for i in range(len(call.record.tapped)))
+        operands = (primals, buffers, args, kwargs, grads)
+        shapes = tuple(
+            tuple(t.shape) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
+        )
+        eager = _EAGER.setdefault(call.module, set())
+        if shapes in eager:
+            return self._eager_rows(*operands)
+        try:
+            return self._routed_rows(*operands)
+        except (RuntimeError, NotImplementedError):  # torch.func could not run the re-run
+            rows = self._eager_rows(*operands)  # (raises if the eager re-run fails too)
+            eager.add(shapes)
+            return rows
+
+    def _routed_rows(
+        self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, grads: _Outs
+    ) -> _Named:
+        call = self.call
         if call.record.unexpanded is not None:
             return self._shared_rows(primals, buffers, call.record.unexpanded, grads)
         if call.batch_dim is None:
             rows = self._whole_rows(primals, buffers, args, kwargs, grads)
             return {n: r.unsqueeze(0) for n, r in rows.items()}
-        if call.record.rng is not None or self.whole:  # the whole call, masked per sample
+        if call.record.rng is not None or self.whole or self.eager:  # whole, masked per sample
             return self._masked_rows(primals, buffers, args, kwargs, grads)
         return self._sample_rows(primals, buffers, args, kwargs, grads)
+
+    def _eager_rows(
+        self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, grads: _Outs
+    ) -> _Named:
+        """The rows from an eager re-run of the whole call, differentiated by autograd (as a
+        replay of random draws is), for a module that ``torch.func`` cannot re-run: an
+        ``autograd.Function`` without ``setup_context`` (RecurrentGemma's RG-LRU scan)."""
+        self.eager = True
+        return self._routed_rows(primals, buffers, args, kwargs, grads)
 
     def _outputs(self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs) -> _Outs:
         amp = self.call.record.autocast
@@ -179,7 +217,7 @@ class GenericRule(LayerRule):
         self, primals: _Named, buffers: _Named, args: _Args, kwargs: _Kwargs, cotangents: _Outs
     ) -> _Named:
         """Rows ``[R, *θ]`` of the whole call for cotangents ``[R, *Y]`` (one per output)."""
-        if self.call.record.rng is not None:
+        if self.call.record.rng is not None or self.eager:
             return self._replayed_rows(primals, buffers, args, kwargs, cotangents)
         pullback = self._pullback(primals, buffers, args, kwargs)
 
@@ -201,11 +239,13 @@ class GenericRule(LayerRule):
         order than the eager call did, so the masks differ; an eager re-run draws exactly the
         recorded call's numbers."""
         rng = self.call.record.rng
-        assert rng is not None
         leaves = {n: p.detach().requires_grad_(True) for n, p in primals.items()}
-        with torch.random.fork_rng(devices=rng.devices()):
-            rng.restore()
+        if rng is None:  # (an eager re-run of a call that drew nothing: :meth:`_eager_rows`)
             outs = self._outputs(leaves, buffers, args, kwargs)
+        else:
+            with torch.random.fork_rng(devices=rng.devices()):
+                rng.restore()
+                outs = self._outputs(leaves, buffers, args, kwargs)
         reached = [(o, c) for o, c in zip(outs, cotangents) if o.requires_grad]
         outputs, grads = [o for o, _ in reached], [c for _, c in reached]
         inputs = list(leaves.values())
