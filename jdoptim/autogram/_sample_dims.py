@@ -115,15 +115,12 @@ def moved_sample_dim(
 
 def _takes_gathered(record: CallRecord, x: Tensor, held: Held) -> bool:
     """Whether a call on gathered entries (:attr:`Held.rows`) is read as theirs: its input and
-    every output hold them along the same dimension, and its re-run (on each sample's entries,
-    for a module without a layer rule) is the recorded call's: it drew no random numbers and
-    changed no buffer."""
+    every output hold them along the same dimension (and it is no sample-shared call)."""
     assert held.rows is not None
     n = held.rows.shape[0]
     shapes = [x.shape, *(t.shape for t in record.tapped)]
     fits = all(len(s) > held.dim and s[held.dim] == n for s in shapes)
-    plain = record.unexpanded is None and not record.paths
-    return fits and plain and record.rng is None and not record.mutated
+    return fits and record.unexpanded is None and not record.paths
 
 
 def input_sample_dims(

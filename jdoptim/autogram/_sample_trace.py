@@ -45,11 +45,18 @@ _ELEMENTWISE = frozenset(
             for op in (
                 "Neg", "Gelu", "Relu", "Tanh", "Sigmoid", "Silu", "Elu", "LeakyRelu", "Hardtanh",
                 "Softplus", "Mish", "Clone", "ToCopy", "NativeDropout", "MaskedFill", "Where",
-                "Softmax", "LogSoftmax", "NativeLayerNorm", "Pow", "Exp", "Abs", "Clamp",
+                "Softmax", "SafeSoftmax", "LogSoftmax", "NativeLayerNorm", "Pow", "Exp", "Abs",
+                "Clamp",
             )
         ),
     }
 )  # fmt: skip
+#: autograd nodes that take a part of their operand along one dimension, keeping the others
+#: (``chunk``, ``split``, ``x[:, a:e]``): along any other, the samples stay where they were
+_PARTS = frozenset({"SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0"})
+#: autograd nodes that join or tile their operands along one dimension (``cat``, ``repeat``):
+#: along any other, the samples stay where they were
+_JOINS = frozenset({"CatBackward0", "RepeatBackward0"})
 #: autograd nodes of reshapes
 _RESHAPES = frozenset(
     {
@@ -71,9 +78,18 @@ _BATCHED_PRODUCTS = {
     "ScaledDotProductCudnnAttentionBackward0": 2,
 }
 #: every node a trace passes
-_PASSED = MOVES | _ELEMENTWISE | _RESHAPES | _EXPANDS | _GATHERS | frozenset(_BATCHED_PRODUCTS)
+_PASSED = (
+    MOVES
+    | _ELEMENTWISE
+    | _PARTS
+    | _JOINS
+    | _RESHAPES
+    | _EXPANDS
+    | _GATHERS
+    | frozenset(_BATCHED_PRODUCTS)
+)
 #: how many nodes back a trace looks
-_TRACE_DEPTH = 24
+_TRACE_DEPTH = 32
 
 
 class Held(NamedTuple):
@@ -151,10 +167,13 @@ def _carried(name: str, node: Any, held: Held, source: Shape, shape: Shape) -> H
     if name in _BATCHED_PRODUCTS:
         lead = _BATCHED_PRODUCTS[name]
         return held if held.dim < lead and source[:lead] == shape[:lead] else None
-    offset = len(shape) - len(source)  # element-wise and expand: aligned on the right
-    if offset < 0 or source[held.dim] != shape[held.dim + offset]:
-        return None  # (broadcast along the samples' dimension: not the samples' tensor)
-    return held._replace(dim=held.dim + offset)
+    offset = len(shape) - len(source)  # the others: aligned on the right
+    dim = held.dim + offset
+    if offset < 0 or source[held.dim] != shape[dim]:
+        return None  # (broadcast, joined or tiled along the samples' dimension)
+    if name == "RepeatBackward0" and node._saved_repeats[dim] != 1:
+        return None  # (tiled along it by a factor of 1 only where its size is 1 too)
+    return held._replace(dim=dim)
 
 
 def _reshaped(held: Held, source: Shape, shape: Shape) -> Held | None:

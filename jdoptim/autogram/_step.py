@@ -694,9 +694,10 @@ class GramianStep:
                 g if g is None else g.reshape(*g.shape[:lead], *t.shape)
                 for g, t in zip(grads, record.tapped)
             ]
-        if rows is not None:  # entries gathered from the samples': laid out sample-major
+        if rows is not None and registered_rule(record.module) is not None:  # sample-major
             assert dims is not None
             record, grads, group = sample_major(record, grads, rows, self.b, dims[0], lead)
+            rows = None  # (the generic rule takes the call as made: :attr:`Call.rows`)
         return Call(
             record,
             grads,
@@ -708,6 +709,7 @@ class GramianStep:
             stacked=batched,
             group=group if isinstance(group, int) else 1,
             groups=None if isinstance(group, int) else group,
+            rows=rows,
         )
 
     def _sort_gradients(

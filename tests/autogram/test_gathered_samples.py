@@ -28,8 +28,8 @@ from ._same_losses import LAYOUT_BATCH_DIM, check_gramian, check_on_fast_path, l
 
 
 class _ScaledExpert(nn.Module):
-    """An expert with a parameter of its own (no layer rule: the generic rule re-runs it on
-    each sample's tokens)."""
+    """An expert with a parameter of its own and dropout (no layer rule: the generic rule
+    re-runs the call as it was made, replaying its draws)."""
 
     def __init__(self, d: int) -> None:
         super().__init__()
@@ -37,7 +37,7 @@ class _ScaledExpert(nn.Module):
         self.scale = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight) * self.scale
+        return F.dropout(F.linear(x, self.weight), 0.2, self.training) * self.scale
 
 
 class _MixtureOfExperts(nn.Module):
@@ -86,6 +86,47 @@ class _MoEModel(nn.Module):
         return self.head(torch.tanh(self.moe(self.norm(self.embed(x)))).mean(1))
 
 
+class _ParallelExperts(nn.Module):
+    """JetMoE's experts in one module (no layer rule): the tokens come sorted by expert, with
+    each expert's count, and each expert's block goes through its own weight."""
+
+    def __init__(self, experts: int, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d_out, d_in) / d_in**0.5)
+
+    def forward(self, x: Tensor, sizes: list[int]) -> Tensor:
+        blocks = x.split(sizes, dim=0)
+        return torch.cat([F.linear(block, w) for block, w in zip(blocks, self.weight)])
+
+
+class _SortedMoE(nn.Module):
+    """JetMoE's routing: the top-``k`` choices of the ``[b·s]`` tokens sorted by expert, the
+    tokens gathered in that order, a gated unit between two parallel-expert projections (its
+    halves taken by ``chunk``), the results added back by ``index_add``."""
+
+    def __init__(self, d: int = 8, experts: int = 3, top: int = 2) -> None:
+        super().__init__()
+        self.embed, self.router = nn.Linear(5, d), nn.Linear(d, experts)
+        self.input_linear = _ParallelExperts(experts, d, 2 * d)
+        self.output_linear = _ParallelExperts(experts, d, d)
+        self.head = nn.Linear(d, 2)
+        self.experts, self.top = experts, top
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        b, s, d = h.shape
+        flat = h.reshape(b * s, d)
+        gates, chosen = self.router(flat).softmax(-1).topk(self.top, -1)  # [b·s, top]
+        order = chosen.flatten().sort(stable=True).indices
+        tokens = order // self.top
+        sizes = torch.bincount(chosen.flatten(), minlength=self.experts).tolist()
+        hidden = self.input_linear(flat[tokens], sizes)
+        gate, up = hidden.chunk(2, dim=-1)
+        out = self.output_linear(F.silu(gate) * up, sizes) * gates.flatten()[order, None]
+        merged = torch.zeros_like(flat).index_add(0, tokens, out).reshape(b, s, d)
+        return self.head(torch.tanh(h + merged).mean(1))
+
+
 class _LanguageAdapters(nn.Module):
     """X-MOD's adapters: each sample goes through the adapter of its language,
     ``h[lang == k]`` (a language may have no sample in the batch)."""
@@ -113,6 +154,7 @@ _MODELS = {
     "top-2 index_select": lambda: _MoEModel("index_select"),
     "expert without a rule": lambda: _MoEModel("index", own=True),
     "language adapters": _LanguageAdapters,
+    "sorted tokens, parallel experts": _SortedMoE,
 }
 
 
@@ -132,7 +174,9 @@ def test_gathered_entries_on_the_per_sample_path(
     check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[layout], low_memory=low_memory)
 
 
-@pytest.mark.parametrize("name", ["top-2 index", "top-1 mask", "language adapters"])
+@pytest.mark.parametrize(
+    "name", ["top-2 index", "top-1 mask", "language adapters", "sorted tokens, parallel experts"]
+)
 def test_each_forward_routes_anew(name: str) -> None:
     """One engine and one optimizer over steps whose routing differs with the same shapes
     (the batch reversed: every expert gets as many tokens, from other samples): each step's

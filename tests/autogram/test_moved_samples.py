@@ -232,6 +232,9 @@ class _FairseqAttention(nn.Module):
         t, b, d = query.shape
         h, e = self.heads, d // self.heads
         q, k, v = self.q_proj(query) * e**-0.5, self.k_proj(key), self.v_proj(key)
+        q, k = (torch.cat([z[..., d // 2 :], -z[..., : d // 2]], -1) for z in (q, k))  # (cat)
+        v, _ = v.chunk(2, -1)
+        v = v.repeat(1, 1, 2)  # (tiled along the features)
         if self.sdpa:
             q, k, v = (z.reshape(-1, b, h, e).permute(1, 2, 0, 3) for z in (q, k, v))
             context = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, scale=1.0)

@@ -77,6 +77,10 @@ class Call:
     group: int = 1  # entries of the sample dimension per sample (sample-major)
     #: per tapped output, when the outputs fold the samples differently (the generic rule's)
     groups: tuple[int, ...] | None = None
+    #: for a call on entries gathered from the samples' (``h[index]``: a mixture-of-experts'
+    #: expert on its tokens), the sample of each entry of its sample dimension, in any order;
+    #: the generic rule's (a layer rule is given the call laid out sample-major instead)
+    rows: Tensor | None = None
 
     def group_of(self, index: int) -> int:
         """The entries of tapped output ``index``'s sample dimension each sample owns."""

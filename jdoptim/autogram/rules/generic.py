@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -153,7 +154,7 @@ class GenericRule(LayerRule):
         if call.batch_dim is None:
             rows = self._whole_rows(primals, buffers, args, kwargs, grads)
             return {n: r.unsqueeze(0) for n, r in rows.items()}
-        if call.record.rng is not None or self.whole or self.eager:  # whole, masked per sample
+        if call.record.rng is not None or self.whole or self.eager or call.rows is not None:
             return self._masked_rows(primals, buffers, args, kwargs, grads)
         return self._sample_rows(primals, buffers, args, kwargs, grads)
 
@@ -268,10 +269,12 @@ class GenericRule(LayerRule):
         for index, grad in enumerate(grads):  # grad: [T, *Y], samples on dim out_dim + 1
             dim = call.out_dim(index)
             assert dim is not None
-            eye = torch.eye(b, dtype=grad.dtype, device=grad.device)
-            group = call.group_of(index)
-            eye = eye.repeat_interleave(group, dim=1)  # [b, b·k]: sample i's k entries
-            entries = b * group
+            if call.rows is not None:  # [b, n]: sample i's entries, gathered in any order
+                eye = F.one_hot(call.rows.to(grad.device), b).T.to(grad.dtype)
+            else:
+                eye = torch.eye(b, dtype=grad.dtype, device=grad.device)
+                eye = eye.repeat_interleave(call.group_of(index), dim=1)  # sample i's k entries
+            entries = eye.shape[1]
             mask = eye.reshape(b, 1, *(entries if d == dim else 1 for d in range(grad.dim() - 1)))
             cotangents.append((grad.unsqueeze(0) * mask).reshape(b * t, *grad.shape[1:]))
         rows = self._whole_rows(primals, buffers, args, kwargs, tuple(cotangents))
