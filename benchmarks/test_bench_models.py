@@ -224,6 +224,50 @@ def _longformer(tasks: int) -> tuple[nn.Module, Losses]:
     return model, _class_losses(tokens.float(), tasks, lambda m: m(input_ids=tokens).logits)
 
 
+def _switch(tasks: int) -> tuple[nn.Module, Losses]:
+    """Switch Transformers' encoder: top-1 token routing to 4 experts (``h[index]`` of the
+    batch's tokens per expert), 2 layers, width 32, sequence 16, a mean-pooled linear head."""
+    width = 16 if TINY else 32
+    config = _transformers().SwitchTransformersConfig(
+        vocab_size=VOCAB, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=4,
+        num_experts=4, expert_capacity=64, num_sparse_encoder_layers=2, dropout_rate=0.1,
+    )  # fmt: skip
+    encoder = _transformers().SwitchTransformersEncoderModel(config)
+    model = nn.ModuleDict({"encoder": encoder, "head": nn.Linear(width, tasks or 10)})
+    tokens = _lm_batch(_batch(8 if not TINY else 4), 16)
+
+    def logits(m: nn.Module) -> Tensor:
+        return m["head"](m["encoder"](input_ids=tokens).last_hidden_state.mean(1))
+
+    return model, _class_losses(tokens.float(), tasks, logits)
+
+
+def _fsmt(tasks: int) -> tuple[nn.Module, Losses]:
+    """FSMT (fairseq's translation transformer): sequence-first inside a batch-first model,
+    heads folded into the batch by views; sequence 16 = 2 x batch 8."""
+    width = 16 if TINY else 32
+    config = _transformers().FSMTConfig(
+        langs=["en", "de"], src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=width,
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=2 * width, decoder_ffn_dim=2 * width, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = _transformers().FSMTForConditionalGeneration(config)
+    source = _lm_batch(_batch(8 if not TINY else 4), 16).clamp_min(3)
+    target = source.flip(1)
+
+    def losses(m: nn.Module) -> Tensor:
+        logits = m(input_ids=source, decoder_input_ids=target).logits[:, :-1]
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), reduction="none"
+        ).view(target.shape[0], -1)
+        if tasks == 0:
+            return ce.mean(1)
+        return torch.stack([chunk.mean() for chunk in ce.tensor_split(tasks, dim=1)])
+
+    return model, losses
+
+
 def _vit(tasks: int, dtype: torch.dtype) -> tuple[nn.Module, Losses]:
     width, size = (16, 8) if TINY else (64, 32)
     config = _transformers().ViTConfig(
@@ -276,6 +320,10 @@ def build(
         model, losses = _deberta(tasks, v2=False)
     elif model_name == "vit-own-tokens":  # (not in MODELS: by name)
         model, losses = _vit_own_tokens(tasks)
+    elif model_name == "switch-small":  # (not in MODELS: by name)
+        model, losses = _switch(tasks)
+    elif model_name == "fsmt-small":  # (not in MODELS: by name)
+        model, losses = _fsmt(tasks)
     elif model_name == "vit":
         model, losses = _vit(tasks, dtype)
     else:
