@@ -85,6 +85,20 @@ def signature(scan: GraphScan, losses: Tensor, per_sample: bool, params: set[int
     return (per_sample, tuple(losses.shape), calls, outside)
 
 
+def routing_free(key: tuple, gathered: frozenset[int]) -> tuple:
+    """A route's key (:func:`signature`) without the output shapes of the calls of the modules
+    (ids) in ``gathered``, which work on entries gathered from the samples' (a mixture of
+    experts' experts on their tokens): their sizes follow the routing, which each forward makes
+    anew, where the calls, every other shape and the way each call is read stay those of the
+    structure the engine checked. Their ranks stay in the key."""
+    per_sample, losses_shape, calls, outside = key
+    free = tuple(
+        (module, tuple(len(s) for s in shapes) if module in gathered else shapes, rng, mutated)
+        for module, shapes, rng, mutated in calls
+    )
+    return (per_sample, losses_shape, free, outside, gathered)
+
+
 @dataclass
 class Probe:
     """What the check compares with autograd, for a random ``v``: the step's own ``Jᵀv`` per

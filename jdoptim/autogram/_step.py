@@ -431,6 +431,8 @@ class GramianStep:
     #: the modules (ids) of the calls whose outputs do not index the samples, when the step
     #: looked for regions (a product may read their outputs as a region's)
     unindexed: frozenset[int]
+    #: the modules (ids) of the calls on entries gathered from the samples' (:attr:`Layout.rows`)
+    gathered: frozenset[int] = frozenset()
 
     def _scanned(
         self,
@@ -580,6 +582,9 @@ class GramianStep:
         """This step's :class:`StepTemplate`, with the calls' layouts (which raises
         :class:`NotPerSample` before the backward pass, when nothing is spent yet)."""
         layouts = self._sample_layouts(scan, call_params, batch_dim)
+        self.gathered = frozenset(
+            id(r.module) for r, layout in zip(scan.calls, layouts) if layout.rows is not None
+        )
         regions = self.regions is not None
         return StepTemplate(
             call_params, covered, self.explicit, layouts, regions, list(self.region_params),

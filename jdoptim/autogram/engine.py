@@ -77,6 +77,7 @@ from ._certify import (
     draw_probe_weights,
     failing_modules,
     held_probe,
+    routing_free,
     signature,
 )
 from ._graph import GraphScan, scan_graph
@@ -297,6 +298,8 @@ class Engine:
         self._rows_buffer = RowsBuffer()  # (the held rows' matrix, reused: see ._held_rows)
         self._streaming = VmapState()  # whether the low-memory backward runs on this model
         self._routes: dict[tuple, Route] = {}
+        #: the routes of structures with calls on gathered entries, by their routing-free key
+        self._rerouted: dict[tuple, tuple[Route, frozenset[int]]] = {}
         #: per structure and route, the last step's template with its key (._step.StepTemplate)
         self._templates: dict[tuple, tuple[tuple, StepTemplate]] = {}
         self._warned: set[str] = set()
@@ -381,6 +384,10 @@ class Engine:
         key = signature(scan, losses, per_sample, params)
         route = self._routes.get(key)
         options: _StepOptions = (losses, scan, shared, specific, assume_reached)
+        if route is None and per_sample:
+            rerouted = self._rerouted_step(key, options, retain_graph)
+            if rerouted is not None:
+                return rerouted
         if route is not None:
             modules = tuple(parameter_ids(r.module) for r in scan.calls)
             templated: tuple = (key, route, tuple(map(id, shared)), tuple(map(id, specific)))
@@ -393,7 +400,36 @@ class Engine:
         if len(self._routes) >= _MAX_ROUTES:
             del self._routes[next(iter(self._routes))]
         self._routes[key] = route
+        if step.gathered and route.per_sample:
+            if len(self._rerouted) >= _MAX_ROUTES:
+                del self._rerouted[next(iter(self._rerouted))]
+            self._rerouted[routing_free(key, step.gathered)] = (route, step.gathered)
         return step
+
+    def _rerouted_step(
+        self, key: tuple, options: _StepOptions, retain_graph: bool
+    ) -> GramianStep | None:
+        """The step of a structure checked before with other token counts in its experts
+        (:func:`._certify.routing_free`), on that structure's route; ``None`` where there is
+        none, or where this step does not read the same calls as gathered (then it is checked
+        as a new structure, on the graph this step kept)."""
+        for gathered in {g for _, g in self._rerouted.values()}:
+            found = self._rerouted.get(routing_free(key, gathered))
+            if found is None:
+                continue
+            route, _ = found
+            try:
+                if self.low_memory:
+                    step = self._streaming_step(options, route, True)
+                else:
+                    step = self._make_step(*options, route, True)
+            except NotPerSample:
+                return None
+            if step.gathered != gathered:
+                return None
+            step.checked(options[0], retain_graph)
+            return step
+        return None
 
     def _streaming_step(
         self,

@@ -241,3 +241,37 @@ def test_checkpointed_mixture_of_experts_stays_exact(layout: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EngineRouteWarning)
         check_gramian(model, layout_losses(model, x, layout), LAYOUT_BATCH_DIM[layout], 1e-9)
+
+
+@pytest.mark.parametrize("low_memory", [False, True], ids=["held", "low memory"])
+@pytest.mark.parametrize("name", ["top-2 index", "top-1 mask", "sorted tokens, parallel experts"])
+def test_new_token_counts_keep_the_checked_route(name: str, low_memory: bool) -> None:
+    """New inputs at every step give the experts other token counts: each step exact, and only
+    the first one checked (a step that differs from a checked structure by its experts' token
+    counts only takes that structure's route: one route remembered)."""
+    torch.manual_seed(0)
+    model = _MODELS[name]().double().train()
+    params = list(model.parameters())
+    counts, seen = set(), []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, _ParallelExperts)):
+            module.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineRouteWarning)
+        with Engine(model, batch_dim=0, low_memory=low_memory) as engine:
+            for _ in range(6):
+                x = torch.randn(4, 6, 5, dtype=torch.float64)
+                seen.clear()
+                losses = model(x).pow(2).sum(1)
+                jacobian = explicit_jacobian(losses, params)
+                step = engine.step(losses, params, [], per_sample=True)
+                with torch.no_grad():
+                    gramian = step.gramian()
+                torch.testing.assert_close(gramian, jacobian @ jacobian.T, rtol=1e-9, atol=1e-12)
+                counts.add(tuple(seen))
+                seen.clear()
+                if low_memory:
+                    step.release_graph(losses)
+            if name != "sorted tokens, parallel experts":  # (its shapes: b·s·top rows always)
+                assert len(counts) > 1  # (the routing did change the calls' shapes)
+            assert len(engine._routes) == 1
