@@ -99,15 +99,20 @@ def _lm_losses(tokens: Tensor, tasks: int, bare: bool = False) -> Losses:
     (``bare``: the model returns the logits themselves)."""
 
     def losses(model: nn.Module) -> Tensor:
-        logits = (model(tokens) if bare else model(tokens).logits)[:, :-1]
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
-        ).view(tokens.shape[0], -1)
-        if tasks == 0:
-            return ce.mean(1)
-        return torch.stack([chunk.mean() for chunk in ce.tensor_split(tasks, dim=1)])
+        return _next_token_losses(model(tokens) if bare else model(tokens).logits, tokens, tasks)
 
     return losses
+
+
+def _next_token_losses(logits: Tensor, tokens: Tensor, tasks: int) -> Tensor:
+    """:func:`_lm_losses` of the logits ``[b, s, V]`` predicting ``tokens[:, 1:]``."""
+    logits = logits[:, :-1]
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none"
+    ).view(tokens.shape[0], -1)
+    if tasks == 0:
+        return ce.mean(1)
+    return torch.stack([chunk.mean() for chunk in ce.tensor_split(tasks, dim=1)])
 
 
 def _class_losses(inputs: Tensor, tasks: int, logits_of: Callable[[nn.Module], Tensor]) -> Losses:
@@ -257,13 +262,8 @@ def _fsmt(tasks: int) -> tuple[nn.Module, Losses]:
     target = source.flip(1)
 
     def losses(m: nn.Module) -> Tensor:
-        logits = m(input_ids=source, decoder_input_ids=target).logits[:, :-1]
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target[:, 1:].reshape(-1), reduction="none"
-        ).view(target.shape[0], -1)
-        if tasks == 0:
-            return ce.mean(1)
-        return torch.stack([chunk.mean() for chunk in ce.tensor_split(tasks, dim=1)])
+        logits = m(input_ids=source, decoder_input_ids=target).logits
+        return _next_token_losses(logits, target, tasks)
 
     return model, losses
 
