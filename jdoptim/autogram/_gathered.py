@@ -27,6 +27,9 @@ from torch.utils._pytree import tree_map
 
 from ._records import CallRecord
 
+#: the containers a call's arguments may nest tensors in
+_NESTED = (tuple, list, dict)
+
 
 def sample_major(
     record: CallRecord, grads: list[Tensor | None], rows: Tensor, b: int, dim: int, lead: int
@@ -61,14 +64,21 @@ def sample_major(
         gathered = isinstance(value, Tensor) and value.dim() > dim and value.shape[dim] == n
         return laid(value, dim) if gathered else value
 
+    def tree(value: Any) -> Any:  # (a flat tuple or dict without tree_map's walk: most calls)
+        if isinstance(value, tuple) and not any(isinstance(v, _NESTED) for v in value):
+            return tuple(inputs(v) for v in value)
+        if isinstance(value, dict) and not any(isinstance(v, _NESTED) for v in value.values()):
+            return {k: inputs(v) for k, v in value.items()}
+        return tree_map(inputs, value)
+
     tapped = [
         t._replace(shape=torch.Size((*t.shape[:dim], b * m, *t.shape[dim + 1 :])))
         for t in record.tapped
     ]
     laid_record = dataclasses.replace(
         record,
-        args=tree_map(inputs, record.args),
-        kwargs=tree_map(inputs, record.kwargs),
+        args=tree(record.args),
+        kwargs=tree(record.kwargs),
         tapped=tapped,
     )
     laid_grads = [None if g is None else laid(g, dim + lead) for g in grads]
