@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from ._sample_trace import saved_dim
+from ._sample_trace import saved_dim, saved_int
 
 __all__ = ["AdditionPath", "addition_paths", "all_additions", "consumer_map", "replay"]
 
@@ -128,18 +128,13 @@ def _shape_op(node: Node, position: int, shape: torch.Size) -> Op | None:
     return None
 
 
-def _signed(value: int) -> int:
-    """An integer saved by an autograd node (a negative one comes back as unsigned 64-bit)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
 def _taken_part(saved: Any, rank: int) -> Op:
     """The forward of a ``select`` (``x[i]``) or ``slice`` (``x[:, a:e:s]``) node."""
     dim = saved_dim(saved._saved_dim, rank)
     if type(saved).__name__ == "SelectBackward0":
-        index = _signed(saved._saved_index)
+        index = saved_int(saved._saved_index)
         return lambda x: x.select(dim, index)
-    start, end, step = _signed(saved._saved_start), _signed(saved._saved_end), saved._saved_step
+    start, end, step = saved_int(saved._saved_start), saved_int(saved._saved_end), saved._saved_step
     return lambda x: x[(slice(None),) * dim + (slice(start, end, step),)]
 
 

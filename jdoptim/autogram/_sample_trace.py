@@ -20,10 +20,15 @@ from torch import Tensor
 MOVES = frozenset({"TransposeBackward0", "TransposeBackward1", "PermuteBackward0"})
 
 
+def saved_int(value: int) -> int:
+    """An integer saved by an autograd node: a negative one comes back wrapped around as an
+    unsigned 64-bit integer (``transpose(-2, -1)`` saves 2⁶⁴ − 2)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def saved_dim(value: int, rank: int) -> int:
-    """A dimension saved by an autograd node, in ``[0, rank)``: a negative one comes back
-    wrapped around as an unsigned 64-bit integer (``transpose(-2, -1)`` saves 2⁶⁴ − 2)."""
-    return (value - (1 << 64) if value >= 1 << 63 else value) % rank
+    """A dimension saved by an autograd node, in ``[0, rank)`` (:func:`saved_int`)."""
+    return saved_int(value) % rank
 
 
 def moved_by(node: Any, dim: int, rank: int) -> int:
@@ -163,7 +168,7 @@ def _carried(name: str, node: Any, held: Held, source: Shape, shape: Shape) -> H
     if name in _RESHAPES:
         return _reshaped(held, source, shape)
     if name in _GATHERS:
-        return gathered(node, held, source, shape)
+        return _gathered(node, held, source, shape)
     if name in _BATCHED_PRODUCTS:
         lead = _BATCHED_PRODUCTS[name]
         return held if held.dim < lead and source[:lead] == shape[:lead] else None
@@ -197,7 +202,7 @@ def _reshaped(held: Held, source: Shape, shape: Shape) -> Held | None:
     return None
 
 
-def gathered(node: Any, held: Held, source: Shape, shape: Shape) -> Held | None:
+def _gathered(node: Any, held: Held, source: Shape, shape: Shape) -> Held | None:
     """Where a gather (``node``: indexing or ``index_select``) of ``source`` holds the samples
     that ``source`` holds as ``held``. Along another dimension, where they were; along theirs,
     in the gathered dimension, each entry owning the sample of the entry it was taken from.

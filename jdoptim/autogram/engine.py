@@ -299,7 +299,8 @@ class Engine:
         self._streaming = VmapState()  # whether the low-memory backward runs on this model
         self._routes: dict[tuple, Route] = {}
         #: the routes of structures with calls on gathered entries, by their routing-free key
-        self._rerouted: dict[tuple, tuple[Route, frozenset[int]]] = {}
+        #: (whose last item is the gathered calls' modules)
+        self._rerouted: dict[tuple, Route] = {}
         #: per structure and route, the last step's template with its key (._step.StepTemplate)
         self._templates: dict[tuple, tuple[tuple, StepTemplate]] = {}
         self._warned: set[str] = set()
@@ -403,7 +404,7 @@ class Engine:
         if step.gathered and route.per_sample:
             if len(self._rerouted) >= _MAX_ROUTES:
                 del self._rerouted[next(iter(self._rerouted))]
-            self._rerouted[routing_free(key, step.gathered)] = (route, step.gathered)
+            self._rerouted[routing_free(key, step.gathered)] = route
         return step
 
     def _rerouted_step(
@@ -413,11 +414,10 @@ class Engine:
         (:func:`._certify.routing_free`), on that structure's route; ``None`` where there is
         none, or where this step does not read the same calls as gathered (then it is checked
         as a new structure, on the graph this step kept)."""
-        for gathered in {g for _, g in self._rerouted.values()}:
-            found = self._rerouted.get(routing_free(key, gathered))
-            if found is None:
+        for gathered in {free[-1] for free in self._rerouted}:
+            route = self._rerouted.get(routing_free(key, gathered))
+            if route is None:
                 continue
-            route, _ = found
             try:
                 if self.low_memory:
                     step = self._streaming_step(options, route, True)

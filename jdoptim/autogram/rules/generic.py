@@ -135,14 +135,13 @@ class GenericRule(LayerRule):
         shapes = tuple(
             tuple(t.shape) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)
         )
-        eager = _EAGER.setdefault(call.module, set())
-        if shapes in eager:
+        if shapes in _EAGER.get(call.module, ()):
             return self._eager_rows(*operands)
         try:
             return self._routed_rows(*operands)
         except (RuntimeError, NotImplementedError):  # torch.func could not run the re-run
             rows = self._eager_rows(*operands)  # (raises if the eager re-run fails too)
-            eager.add(shapes)
+            _EAGER.setdefault(call.module, set()).add(shapes)
             return rows
 
     def _routed_rows(
