@@ -28,9 +28,11 @@ shape operations only (``permute``, ``unsqueeze``, ``view``/``reshape``, ``trans
 per-layer position embeddings), and ``where``/``masked_fill`` with a constant other branch that
 keeps the shape), to
 a plain addition (alpha 1) of an operand with size 1 along the batch dimension whose sum has
-``b`` (or ``w·b``, sample-major) entries there and the operand's other sizes; or to an
-``expand`` of that operand along the batch dimension alone whose copies (``contiguous``) are
-added so (MPNet's relative bias), which is the same addition.
+``b`` (or ``w·b``, sample-major) entries there and the operand's other sizes; with
+``batch_dim = 0``, to one that broadcasts the operand along a new leading dimension (nanoGPT's
+``[t, d]`` positions added to ``[b, t, d]`` tokens: the path ends with an ``unsqueeze(0)``); or
+to an ``expand`` of that operand along the batch dimension alone whose copies (``contiguous``)
+are added so (MPNet's relative bias), which is the same addition.
 """
 
 from __future__ import annotations
@@ -154,6 +156,27 @@ def _addition(node: Node, shape: torch.Size, b: int, batch_dim: int) -> torch.Si
     return torch.Size(out) if same and samples else None
 
 
+def _unsqueeze_leading(tensor: Tensor) -> Tensor:
+    return tensor.unsqueeze(0)
+
+
+def _leading_addition(
+    node: Node, shape: torch.Size, b: int, batch_dim: int
+) -> tuple[torch.Size, Node, torch.Size] | None:
+    """With ``batch_dim = 0``, when ``node`` is the plain addition that broadcasts an operand of
+    ``shape`` (no samples' dimension: ``[t, d]``) to ``b`` samples along a new leading one
+    (``[b, t, d]``): the operand's shape with that dimension (``[1, t, d]``), the node and its
+    output shape, as :func:`_addition` gives them for the operand unsqueezed."""
+    if batch_dim != 0 or type(node).__name__ != "AddBackward0":
+        return None
+    out = _output_shape(node)
+    if len(out) != len(shape) + 1:
+        return None
+    unsqueezed = torch.Size((1, *shape))
+    summed = _addition(node, unsqueezed, b, batch_dim)
+    return None if summed is None else (unsqueezed, node, summed)
+
+
 def _through_batch_expansion(
     node: Node,
     position: int,
@@ -217,6 +240,10 @@ def addition_paths(
             summed = _addition(user, current_shape, b, batch_dim)
             if summed is not None:
                 paths.append(AdditionPath(ops, current_shape, user, summed))
+                continue
+            leading = _leading_addition(user, current_shape, b, batch_dim)
+            if leading is not None:  # (nanoGPT's [t, d] positions added to [b, t, d] tokens)
+                paths.append(AdditionPath((*ops, _unsqueeze_leading), *leading))
                 continue
             expanded = _through_batch_expansion(
                 user, position, current_shape, consumers, b, batch_dim

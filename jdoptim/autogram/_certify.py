@@ -40,7 +40,8 @@ structure:
    dependence on the samples; taken at once when a hooked output does not index the samples
    (a position embedding of shape ``[t, d]`` or ``[1, s, d]`` not yet expanded along the
    batch: see :mod:`._shared`; a step that sees such a call unexpanded and makes it expandable
-   takes this route without a warning, the next forwards being expanded);
+   takes this route without a warning, the next forwards being expanded, unless the call's
+   consumers are additions, where that step reads it per sample);
 4. task mode with the failing modules' parameters taking their rows straight from autograd.
 
 Each change of route warns once, naming the modules by their path in the model.

@@ -19,12 +19,14 @@ there, inside a batch-first model (``batch_dim=0``); so does code feeding ``h.tr
 (:func:`._sample_trace.traced_sample_dim`): followed back to a hooked call's output, whose
 sample dimension is known, through transposes (which move it), element-wise operations,
 reshapes (fairseq's ``[s, b, d] → [s, b·h, e]``), batched products, and gathers (a mixture of
-experts' ``h[index]``: then each gathered entry has its sample, :mod:`._gathered`). Failing
-that, when the input is a transpose of a tensor with size ``b`` along ``batch_dim`` and nowhere
-else, where the transpose moved ``batch_dim``; and when the outputs do not hold the samples
-along ``batch_dim`` at all and the input is floating-point (not indices), from the sizes: the
-one other dimension of size ``b`` in the input and every output (Longformer's global query
-projection of ``[1, b, d]``, one global token). Where nothing tells (a model's raw input
+experts' ``h[index]``: then each gathered entry has its sample, :mod:`._gathered`), and
+scatters of gathered entries into zeros at their samples' places (Longformer's global query
+projection of ``[g, b, d]``, whose input is ``new_zeros`` with ``[local_idx, batch_idx]`` set
+from ``h[seq_idx, batch_idx]``). Failing that, when the input is a transpose of a tensor with
+size ``b`` along ``batch_dim`` and nowhere else, where the transpose moved ``batch_dim``; and
+when the outputs do not hold the samples along ``batch_dim`` at all and the input is
+floating-point (not indices), from the sizes: the one other dimension of size ``b`` in the
+input and every output. Where nothing tells (a model's raw input
 transposed at ``s = b``), the outputs are read along ``batch_dim``. Each reading is proved on the
 first step of each structure by the engine's check (:mod:`._certify`), which takes the exact
 route where it fails.

@@ -71,6 +71,8 @@ _RESHAPES = frozenset(
 )  # fmt: skip
 #: autograd nodes of gathers of entries (:func:`gathered`)
 _GATHERS = frozenset({"IndexBackward0", "IndexSelectBackward0"})
+#: autograd nodes of scatters of entries into a tensor without a graph (:func:`_put`)
+_PUTS = frozenset({"IndexPutBackward0"})
 #: autograd nodes of expansions (an operand aligned on the right, as element-wise ones)
 _EXPANDS = frozenset({"ExpandBackward0"})
 #: autograd nodes of batched products and how many leading dimensions each operand shares with
@@ -91,6 +93,7 @@ _PASSED = (
     | _RESHAPES
     | _EXPANDS
     | _GATHERS
+    | _PUTS
     | frozenset(_BATCHED_PRODUCTS)
 )
 #: how many nodes back a trace looks
@@ -169,6 +172,8 @@ def _carried(name: str, node: Any, held: Held, source: Shape, shape: Shape) -> H
         return _reshaped(held, source, shape)
     if name in _GATHERS:
         return _gathered(node, held, source, shape)
+    if name in _PUTS:
+        return _put(node, held, source, shape)
     if name in _BATCHED_PRODUCTS:
         lead = _BATCHED_PRODUCTS[name]
         return held if held.dim < lead and source[:lead] == shape[:lead] else None
@@ -212,16 +217,14 @@ def _gathered(node: Any, held: Held, source: Shape, shape: Shape) -> Held | None
             return None
         along = saved_dim(node._saved_dim, len(source))
         return held if along != held.dim else _taken(held, source, node._saved_index, along)
-    raws = node._raw_saved_indices
-    if any(r is not None and r.unpack_hook is not None for r in raws):
+    indexed = _index_tensors(node)
+    if indexed is None:
         return None
-    indices = [(d, t) for d, t in enumerate(node._saved_indices) if t is not None]
-    if len(indices) != 1:
-        return None  # (several index tensors: broadcast together, their result dims moved)
-    first, index = indices[0]
-    covered = index.dim() if index.dtype == torch.bool else 1
-    if index.dtype != torch.bool and index.dim() != 1:
-        return None
+    first, indices = indexed
+    index = indices[0]
+    covered = index.dim() if index.dtype == torch.bool else len(indices)
+    if first <= held.dim < first + len(indices):  # (several indices: the sample dim's own)
+        index = indices[held.dim - first]
     if held.dim < first:
         return held if source[: held.dim + 1] == shape[: held.dim + 1] else None
     if held.dim >= first + covered:  # after the indexed dimensions: moved by their count
@@ -229,6 +232,54 @@ def _gathered(node: Any, held: Held, source: Shape, shape: Shape) -> Held | None
     if index.dtype == torch.bool:  # the entries of the mask's true places, row-major
         index = index.nonzero()[:, held.dim - first]
     return _taken(held, source, index, first)
+
+
+def _index_tensors(node: Any) -> tuple[int, list[Tensor]] | None:
+    """The first indexed dimension of an indexing node (a gather ``x[i, j]`` or a scatter
+    ``x[i, j] = v``) and its index tensors: one (a mask, or a 1-D index), or several 1-D integer
+    ones of one length on adjacent dimensions (Longformer's ``h[seq_idx, batch_idx]``), whose
+    entries then make one dimension in their place. ``None`` for indices packed by hooks, or
+    advanced indexing the trace does not follow (indices broadcast together, or apart: their
+    entries' dimension moved first)."""
+    raws = node._raw_saved_indices
+    if any(r is not None and r.unpack_hook is not None for r in raws):
+        return None
+    found = [(d, t) for d, t in enumerate(node._saved_indices) if t is not None]
+    if not found:
+        return None
+    first, index = found[0]
+    if len(found) == 1:
+        return None if index.dtype != torch.bool and index.dim() != 1 else (first, [index])
+    dims, tensors = [d for d, _ in found], [t for _, t in found]
+    adjacent = dims == list(range(first, first + len(found)))
+    flat = all(t.dim() == 1 and t.dtype != torch.bool and t.shape == index.shape for t in tensors)
+    return (first, tensors) if adjacent and flat else None
+
+
+def _put(node: Any, held: Held, source: Shape, shape: Shape) -> Held | None:
+    """Where a scatter ``out[i₁, …, i_k] = v`` into a tensor without a graph (``new_zeros``)
+    holds the samples that its values ``v`` (of shape ``source``) hold as ``held``: when they
+    are entries gathered from the samples' (:attr:`Held.rows`) in the dimension the indices
+    address, and one index tensor ``i_d`` is each entry's sample, dimension ``d`` of the output
+    indexes the samples (every other place of it is a constant). Longformer's global attention
+    scatters its global tokens ``h[seq_idx, batch_idx]`` into ``[g, b, d]`` at ``[local_idx,
+    batch_idx]``. ``None`` otherwise."""
+    if node.next_functions[0][0] is not None or held.rows is None:
+        return None
+    indexed = _index_tensors(node)
+    if indexed is None:
+        return None
+    first, indices = indexed
+    if indices[0].dtype == torch.bool or held.dim != first:
+        return None
+    expected = (*shape[:first], indices[0].shape[0], *shape[first + len(indices) :])
+    if tuple(source) != expected:
+        return None
+    rows = held.rows
+    for d, index in enumerate(indices, start=first):
+        if index.shape == rows.shape and torch.equal(index.to(rows.device), rows):
+            return Held(d)
+    return None
 
 
 def _taken(held: Held, source: Shape, index: Tensor, dim: int) -> Held:

@@ -13,7 +13,9 @@ expanded the same way, so that its rule sees ``b`` samples, ``Eᵢ = f(xᵢ)``.
 
 Whether the consumers broadcast is read off the losses' graph, so the hook expands a module's
 calls only once a step has seen them, unexpanded, consumed by broadcasting element-wise
-operations only (:func:`learn`; that first step takes the exact row-per-loss route). The
+operations only (:func:`learn`; that first step reads the calls at the additions that give
+them to the samples, below, where those are its consumers, and else takes the exact
+row-per-loss route). The
 engine's check then proves the expanded route on the first step of its structure, and at every
 step :func:`unsafe_expansions` verifies again that every consumer of an expanded output
 broadcasts it against a batched operand (one walk of the graph, about 0.15 ms for GPT-2 tiny);
@@ -94,6 +96,16 @@ class SharedCalls:
     #: those of them whose paths to the additions had shape operations (T5's permuted bias): the
     #: walk then needs every node's consumers, not only the calls'
     through_shape_ops: set[int] = field(default_factory=set)
+    #: ids of the modules :func:`learn` has just found expandable whose calls of this step (made
+    #: unexpanded) are each given to the samples by additions: :func:`tap_additions` reads them
+    #: there in this step (GPT-2's and nanoGPT's position embeddings), so that the step that
+    #: learns the expansion is a per-sample one too, not one backward row per loss (``b`` rows
+    #: through the whole model: 1.9 GB and 4 s for GPT-2 tiny's first step at batch 128, out of
+    #: memory at 512); cleared by it
+    added_this_step: set[int] = field(default_factory=set)
+    #: ids of the modules expanded once and then refused (:func:`unsafe_expansions`), whose
+    #: error said that their steps take the exact slower route from then on
+    no_longer_expanded: set[int] = field(default_factory=set)
 
     def batch_size(self) -> int | None:
         return self.sizes[0] if self.sizes else None
@@ -242,6 +254,7 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
     usable = {id(r): n for r, n in fresh if len(r.tapped) == 1 and n is not None}
     consumers = consumer_map(_roots(losses))
     found: dict[int, set[bool | str | None]] = {}
+    readable = {id(r.module) for r, _ in fresh}  # (those with a call not so read: removed)
     for record, node in fresh:
         kinds = found.setdefault(id(record.module), set())
         if node is None or id(record) not in usable:
@@ -257,15 +270,20 @@ def learn(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) -> None:
                 and all(_broadcasts(c, pos, full, state.batch_dim) for c, pos in used)
             ):
                 kind = flag
-        if kind is None and _read_at_additions(record, node, consumers, b, state.batch_dim):
+        added = _read_at_additions(record, node, consumers, b, state.batch_dim) is not None
+        if kind is None and added:
             kind = "added"
         kinds.add(kind)
+        if not added:
+            readable.discard(id(record.module))
     for module_id, kinds in found.items():
         state.decided.add(module_id)
         if kinds == {"added"}:
             state.read_at_additions.add(module_id)
         elif len(kinds) == 1 and None not in kinds:
             state.expandable[module_id] = kinds.pop()  # type: ignore[assignment]
+            if module_id in readable:
+                state.added_this_step.add(module_id)
 
 
 def _read_at_additions(
@@ -288,12 +306,14 @@ def tap_additions(state: SharedCalls, scan_calls: dict, losses: Tensor, b: int) 
     sums each sample's entries. A call whose output is not used that way in this forward is left
     as it is (one backward row per loss, exact). Rewrites ``scan_calls`` in place; one walk of
     the graph when there is such a call."""
-    if not state.read_at_additions or b <= 1:
+    read = state.read_at_additions | state.added_this_step
+    state.added_this_step = set()
+    if not read or b <= 1:
         return
     nodes = {
         edges[0].node: record
         for record, edges in scan_calls.items()
-        if id(record.module) in state.read_at_additions
+        if id(record.module) in read
         and not record.expanded
         and len(edges) == 1
         and edges[0] is not None
@@ -346,4 +366,5 @@ def unsafe_expansions(state: SharedCalls, scan_calls: dict, losses: Tensor) -> l
     ]
     for module in bad:
         state.expandable.pop(id(module), None)
+        state.no_longer_expanded.add(id(module))
     return list(dict.fromkeys(bad))

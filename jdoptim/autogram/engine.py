@@ -553,11 +553,12 @@ class Engine:
     def _expanded_next(self, modules: Iterable[int]) -> bool:
         """The modules (ids) are all expandable sample-shared calls: this step, which saw them
         unexpanded, is exact by rows per loss, and the next forwards expand them, so no route
-        warning is due."""
+        warning is due (nor for a module whose expansion was refused: its error said so)."""
         shared = self._shared
-        return shared is not None and all(
-            m in shared.expandable or m in shared.read_at_additions for m in modules
-        )
+        if shared is None:
+            return False
+        announced = shared.read_at_additions | shared.no_longer_expanded
+        return all(m in shared.expandable or m in announced for m in modules)
 
     def _check_expansions(self, scan: GraphScan, losses: Tensor) -> None:
         """Raises if an expanded sample-shared output (see :mod:`._shared`) has a consumer that

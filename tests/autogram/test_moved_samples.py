@@ -284,3 +284,64 @@ def test_sequence_first_model_with_views_and_batched_products(
     x = torch.randn(batch, seq, 5, dtype=torch.float64)
     losses = layout_losses(model, x, layout)
     check_on_fast_path(model, losses, LAYOUT_BATCH_DIM[layout], low_memory=low_memory)
+
+
+class _ScatteredGlobalQuery(nn.Module):
+    """Longformer's global attention, as transformers writes it: each sample's global tokens
+    (the first, and the last too for the samples of ``two_globals``) are gathered from the
+    sequence-first states, ``x[seq_idx, batch_idx]``, and scattered into ``[g, b, d]`` zeros at
+    ``[local_idx, batch_idx]`` (advanced indexing with two index tensors both ways); the global
+    query projection runs there. With ``d = b`` the projection's ``[g, b, d]`` input holds ``b``
+    entries along two dimensions: only its graph says which are the samples. ``crossed`` puts
+    each global token in another sample's place (``batch_idx`` rolled): the samples then mix."""
+
+    def __init__(self, d: int, two_globals: list[bool], crossed: bool = False) -> None:
+        super().__init__()
+        self.embed, self.key = nn.Linear(5, d), nn.Linear(d, d)
+        self.query_global, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+        self.two_globals, self.crossed = torch.tensor(two_globals), crossed
+
+    def forward(self, inputs: Tensor) -> Tensor:  # [b, s, 5] → [b, 2]
+        x = torch.tanh(self.embed(inputs)).transpose(0, 1)  # [s, b, d]
+        s, b = x.shape[:2]
+        is_global = torch.zeros(b, s, dtype=torch.bool)
+        is_global[:, 0] = True
+        is_global[self.two_globals, s - 1] = True
+        counts = is_global.sum(1)
+        batch_idx, seq_idx = is_global.nonzero(as_tuple=True)
+        local = torch.arange(int(counts.max()))[None] < counts[:, None]  # [b, g]
+        local_batch_idx, local_idx = local.nonzero(as_tuple=True)
+        target_batch = local_batch_idx.roll(1) if self.crossed else local_batch_idx
+        globals_ = x.new_zeros(local.shape[1], b, x.shape[2])
+        globals_[local_idx, target_batch] = x[seq_idx, batch_idx]
+        q = self.query_global(globals_)  # [g, b, d]
+        scores = torch.einsum("gbd,sbd->bgs", q, self.key(x)).softmax(-1)
+        context = torch.einsum("bgs,sbd->bgd", scores, x)
+        return self.head(context.mean(1))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_BATCH_DIM))
+@pytest.mark.parametrize("batch", [8, 5], ids=["b=d", "b!=d"])
+@pytest.mark.parametrize("varied", [False, True], ids=["one-global", "one-or-two"])
+def test_global_tokens_scattered_into_zeros_take_the_per_sample_path(
+    layout: str, batch: int, varied: bool
+) -> None:
+    """Exact, without a route warning, also at ``b = d`` (the trace follows the gather and the
+    scatter: before, the sizes were read, and ``b = d`` sent the step to one row per loss)."""
+    torch.manual_seed(0)
+    two = [varied and i % 2 == 1 for i in range(batch)]
+    model = _ScatteredGlobalQuery(8, two).double()
+    x = torch.randn(batch, 6, 5, dtype=torch.float64)
+    check_on_fast_path(model, layout_losses(model, x, layout), LAYOUT_BATCH_DIM[layout])
+
+
+@pytest.mark.parametrize("batch", [8, 5], ids=["b=d", "b!=d"])
+def test_global_tokens_scattered_to_other_samples_stay_exact(batch: int) -> None:
+    """Each global token scattered into another sample's place: the scatter's index is not the
+    gathered entries' sample, so the trace does not read the samples there; the step is exact
+    (the check, or the sizes, send it to one row per loss), warned."""
+    torch.manual_seed(0)
+    model = _ScatteredGlobalQuery(8, [False] * batch, crossed=True).double()
+    x = torch.randn(batch, 6, 5, dtype=torch.float64)
+    with pytest.warns(EngineRouteWarning):
+        check_gramian(model, layout_losses(model, x, "per-sample"), 0, rtol=1e-9)

@@ -552,21 +552,21 @@ def test_position_embedding_expanded_per_sample(name: str) -> None:
     read for their shape) and nanoGPT's ``[t, d]`` position embedding, Swin's relative
     position bias (added to the ``[b·windows, …]`` scores, read at that addition) and T5's
     relative attention bias (``[q, k, heads]``, permuted and added to every layer's scores, read
-    at those additions): after a first step that sees it, the engine's steps are per-sample
-    (``b`` = batch size, one backward pass) and exact."""
+    at those additions): every step is per-sample (``b`` = batch size, one backward pass) and
+    exact, the first too: the step that sees an expandable call unexpanded reads it at the
+    additions that give it to the samples (the next forwards expand it), where it once took
+    one backward row per loss (``b`` rows through the whole model: out of memory at batch 512
+    for GPT-2 tiny)."""
     torch.manual_seed(0)
     model, run = MODELS[name]()
     model = model.double().train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # T5's only shared call is read at its additions, which changes nothing in the forward, so
-    # from the first step; the others wait for a step that sees their calls to expand them.
-    first = 4 if name == "t5" else 1
     with Engine(model, batch_dim=0) as engine:
-        for k in range(3):
+        for _ in range(3):
             losses = run(model)[:, 0]
             jacobian = explicit_jacobian(losses, params)
             step = engine.step(losses, params, [], per_sample=True)
-            assert step.b == (first if k == 0 else 4)
+            assert step.b == 4
             with torch.no_grad():
                 gramian = step.gramian()
             assert _relative_error(gramian, jacobian @ jacobian.T) < 1e-9

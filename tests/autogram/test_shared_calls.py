@@ -65,9 +65,11 @@ def test_leading_one_position_embedding_takes_the_per_sample_path(
     model = _Positions(s, leading_one=True, op=op).double()
     batches = [torch.randint(0, 11, (batch, s)) for _ in range(3)]
     batches.append(torch.randint(0, 11, (batch - 1, s)))  # a smaller last batch
-    # The first step sees the call unexpanded (exact rows per loss, b = 1, no warning); the
-    # next ones are per-sample, whatever the batch size.
-    assert _steps(model, batches) == [1, batch, batch, batch - 1]
+    # The first step sees the call unexpanded: given to the samples by additions, it is read
+    # there (per-sample); by a product, the step takes exact rows per loss (b = 1, no warning).
+    # The next ones are per-sample (expanded), whatever the batch size.
+    first = 1 if op == "mul" else batch
+    assert _steps(model, batches) == [first, batch, batch, batch - 1]
 
 
 def test_leading_one_jdoptimizer_grad() -> None:
@@ -145,7 +147,8 @@ def test_nanogpt_layout_takes_the_per_sample_path(batch: int, t: int, op: str) -
     torch.manual_seed(0)
     model = _Positions(t, leading_one=False, op=op).double()
     batches = [torch.randint(0, 11, (batch, t)) for _ in range(3)]
-    assert _steps(model, batches) == [1, batch, batch]
+    # (the first step reads an added ``[t, d]`` at its additions, unsqueezed: per-sample too)
+    assert _steps(model, batches) == [1 if op == "mul" else batch, batch, batch]
 
 
 def test_nanogpt_layout_jdoptimizer_grad_and_output() -> None:
@@ -241,7 +244,7 @@ def test_shared_call_of_a_re_run_module(batch: int, t: int, leading_one: bool) -
     torch.manual_seed(0)
     model = _WithLearnedPositions(t, leading_one).double().train()
     batches = [torch.randint(0, 11, (batch, t)) for _ in range(3)]
-    assert _steps(model, batches) == [1, batch, batch]
+    assert _steps(model, batches) == [batch, batch, batch]
 
 
 @pytest.mark.parametrize("model_of", [_Positions, _WithLearnedPositions], ids=["rule", "generic"])
