@@ -3,7 +3,8 @@ r"""``nn.Embedding`` (no ``max_norm``, no ``scale_grad_by_freq``).
 An embedding is a ``Linear`` layer on one-hot inputs, so ``K[i,s,j,r] = [idx_{is} = idx_{jr}]``
 (zero at ``padding_idx``, whose row gets no gradient), and the Gramian is the kernel contraction of
 :mod:`._contraction` (one :class:`~._terms.IndexTerm`, which the distributed engine exchanges as
-indices and output gradients) without ever forming a ``[V, e]`` gradient per row. A small table
+indices and output gradients) without ever forming a ``[V, e]`` gradient per row; over many
+positions, only the pairs of positions that read the same row (:mod:`._index_pairs`). A small table
 read at many positions (a position embedding, ``V = S``) has cheaper explicit rows than that
 contraction (:meth:`EmbeddingRule.rows_are_cheaper`): its Gramian then takes the rows, which the
 step holds for the update (:mod:`jdoptim.autogram._held_rows`). Rows (also needed when the
