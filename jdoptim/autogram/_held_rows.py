@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..linalg.gramian import gram_matrix
-from .rules import LayerRule
+from .rules import LayerRule, rows_gramian
 
 if TYPE_CHECKING:
     from ._step import RuleParameters
@@ -271,6 +271,8 @@ class _Choice:
     loose: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     calls: list[RuleParameters] = field(default_factory=list)
     rest: list[Tensor] = field(default_factory=list)
+    #: tied parameters whose rows are not held (their Gramians taken apart, :func:`tied_gramian`)
+    apart: list[tuple[Tensor, list[LayerRule]]] = field(default_factory=list)
 
 
 def _choose(
@@ -290,7 +292,7 @@ def _choose(
             budget -= size
             choice.tied.append((p, rules))
         else:
-            choice.rest.append(summed_rows(p, rules))
+            choice.apart.append((p, rules))
     for p, rows in loose:
         size = rows.numel() * rows.element_size()
         if id(p) not in sparse and size <= budget:
@@ -325,25 +327,66 @@ def hold_rows(
     alone, all or none). ``R`` comes from ``lender``: the engine's buffer (or ``None`` for a
     fresh matrix) and the step that borrows it.
 
-    Returns the held rows, the rows formed but not held (their Gram matrices are still the
-    Gramian's), and the ids of the ``calls`` whose rows were formed (their rules' Gramian terms
-    are not to be taken again).
+    Returns the held rows, the Gram matrices ``[b, T, b, T]`` of the rows formed but not held
+    (a tied parameter's over the budget by slices of at most ``budget`` bytes:
+    :func:`tied_gramian`), and the ids of the ``calls`` whose rows were formed (their rules'
+    Gramian terms are not to be taken again).
     """
     count = shape[0] * shape[1]
     choice = _choose(calls, loose, tied, budget, count)
-    rest = choice.rest
+    rest = [tied_gramian(p, rules, budget) for p, rules in choice.apart]
     width = sum(p.numel() for p, _ in [*choice.tied, *choice.loose])
     width += sum(p.numel() for parts in choice.calls for p in parts.alone)
     writer = HeldRowsWriter(*lender, count, width)
     for p, rules in choice.tied:  # (in R: the other calls' rows are added to them in place)
         outside = _tied_into(writer, p, rules, shape)
         if outside is not None:
-            rest.append(outside)
+            rest.append(rows_gramian(outside))
     # (one call's rows formed at a time: those copied into R are freed before the next)
     for p, rows in itertools.chain(choice.loose, _rows_of(choice.calls)):
         if writer.put(p, rows) is None:
-            rest.append(rows)
+            rest.append(rows_gramian(rows))
+    rest.extend(rows_gramian(rows) for rows in choice.rest)
     return writer.held(), rest, {id(parts) for parts in choice.calls}
+
+
+def tied_gramian(param: Tensor, rules: list[LayerRule], budget: int) -> Tensor:
+    r"""``Σ R Rᵀ`` of a tied parameter's rows ``R = Σ_c R_c`` summed over its calls' ``rules``,
+    ``[b, T, b, T]``, without holding them: by slices of its first dimension (a vocabulary's
+    rows) of at most ``budget`` bytes of rows each, ``G = Σ_slices R_s R_sᵀ``, where every rule
+    forms a slice's rows (:meth:`~.rules.LayerRule.sliced_jacobians`: ``Linear``, ``Embedding``);
+    else from the whole rows. A tied embedding and head of ``V × e`` (GPT-2's ``wte``) would
+    otherwise form ``b T`` copies of the table at once: 1.6 GB at batch 64 for ``V = 50257``,
+    ``e = 128``."""
+    first = param.shape[0] if param.dim() else 1
+    loss_rows = rules[0].call.b * rules[0].call.T
+    per_table_row = max(1, rows_bytes(loss_rows, param) // first)
+    step = max(1, budget // per_table_row)
+    if step >= first:  # (one slice: the whole rows)
+        return rows_gramian(summed_rows(param, rules))
+    total: Tensor | None = None
+    for start in range(0, first, step):
+        rows = _sliced_rows(param, rules, slice(start, min(start + step, first)))
+        if rows is None:  # (a rule that does not slice: the whole rows)
+            return rows_gramian(summed_rows(param, rules))
+        term = rows_gramian(rows)
+        total = term if total is None else total.add_(term)
+    assert total is not None
+    return total
+
+
+def _sliced_rows(param: Tensor, rules: list[LayerRule], part: slice) -> Tensor | None:
+    """The rows of ``param[part]`` summed over the ``rules`` (the first's formed, the others'
+    added in place: an embedding's scattered, after the rules that form theirs), or ``None``
+    where one of them does not form them."""
+    first, *others = sorted(rules, key=_adds_in_place)
+    rows = first.sliced_jacobians(param, part)
+    if rows is None:
+        return None
+    for rule in others:
+        if not rule.add_sliced_jacobians(param, part, rows):
+            return None
+    return rows
 
 
 def _rows_of(calls: list[RuleParameters]) -> Iterator[tuple[Tensor, Tensor]]:

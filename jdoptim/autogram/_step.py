@@ -52,7 +52,7 @@ from ._sample_dims import (
     output_sample_dims,
 )
 from ._sample_trace import Held
-from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule, rows_gramian
+from .rules import Call, GenericRule, LayerRule, make_rule, registered_rule
 
 
 def _backward(
@@ -990,7 +990,7 @@ class GramianStep:
         terms = itertools.chain(
             [] if rows is None else [rows.reshape(self.b, self.T, self.b, self.T)],
             self._alone_terms(formed),
-            (rows_gramian(r) for r in rest),
+            rest,
         )
         return self._sum_terms(terms)
 

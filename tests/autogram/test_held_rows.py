@@ -441,3 +441,91 @@ def test_the_rows_buffer_forgets_views_beyond_its_bounds(monkeypatch: pytest.Mon
         assert held.matrix.data_ptr() == buffer._flat.data_ptr()  # (the kept buffer's)
         buffer.give_back(borrower)
         assert len(buffer._matrices) <= 3
+
+
+class _TwiceProjected(nn.Module):
+    """transformers' ``Conv1D`` (weight ``[in, out]``) called twice, and an ``nn.Linear``
+    called twice: two tied weights whose slices are their first dimension's (input features
+    for the one, output features for the other); a ``scale`` module re-run by the generic
+    rule, called twice, whose rows are not sliced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers.pytorch_utils")
+        self.proj = transformers.Conv1D(7, 5)  # (nf=7, nx=5): weight [5, 7]
+        self.mix = nn.Linear(7, 5)
+        self.scale = _Scale()
+
+    def forward(self, x: Tensor) -> Tensor:  # [b, s, 5]
+        h = torch.tanh(self.proj(x))
+        h = self.mix(h) + self.scale(self.mix(self.proj(torch.tanh(self.scale(x)))))
+        return h.pow(2).mean(1)  # [b, 5]
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain
+
+
+def _count_slices(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records each parameter slice whose rows the step forms (their first dimension's length)."""
+    import jdoptim.autogram._held_rows as held_rows
+
+    seen: list[int] = []
+    original = held_rows._sliced_rows
+
+    def counted(param: Tensor, rules: list, part: slice) -> Tensor | None:
+        rows = original(param, rules, part)
+        if rows is not None:
+            seen.append(part.stop - part.start)
+        return rows
+
+    monkeypatch.setattr(held_rows, "_sliced_rows", counted)
+    return seen
+
+
+@pytest.mark.parametrize("tasks", [1, 3], ids=["per-sample", "batch-tasks"])
+@pytest.mark.parametrize("budget", [0, 900])
+@pytest.mark.parametrize("model_of", [TwiceLooked, _TwiceProjected], ids=["lookup", "conv1d"])
+def test_tied_rows_over_the_budget_by_slices(
+    monkeypatch: pytest.MonkeyPatch, tasks: int, budget: int, model_of: type[nn.Module]
+) -> None:
+    """A tied weight whose rows exceed the budget: its Gramian summed over slices of its first
+    dimension (one table row at a time with a budget of 0), the other calls' rows added in
+    place (the lookup's scattered); the generic rule's tied ``gain``, which does not slice,
+    by its whole rows. Gramian and update against the explicit Jacobian."""
+    _with_budget(monkeypatch, lambda _: budget)
+    seen = _count_slices(monkeypatch)
+    torch.manual_seed(0)
+    model = model_of().double()
+    if model_of is TwiceLooked:
+        inputs = torch.randint(0, 9, (4, 6))
+        inputs[:, 0] = 0  # padding
+    else:
+        inputs = torch.randn(4, 6, 5, dtype=torch.float64)
+
+    def losses() -> Tensor:
+        out = model(inputs)
+        out = out.pow(2).mean(1) if out.dim() == 3 else out  # [4, 9 or 5]
+        return out[:, :tasks] if tasks > 1 else out.sum(1)
+
+    params = list(model.parameters())
+    with Engine(list(model.children()), batch_dim=0) as engine:
+        step = engine.step(losses(), params, [], per_sample=True)
+        with torch.no_grad():
+            gramian = step.gramian()
+            weights = torch.arange(1.0, 4 * tasks + 1, dtype=torch.float64)
+            grads, _ = step.gradients(weights)
+    jacobian = explicit_jacobian(losses(), params).double()
+    expected = jacobian @ jacobian.T
+    assert (gramian.double() - expected).abs().max() / expected.abs().max() < 1e-12
+    update = torch.cat([g.reshape(-1) for g in grads]).double()
+    expected_update = weights @ jacobian
+    assert (update - expected_update).abs().max() / expected_update.abs().max() < 1e-12
+    assert len(seen) >= 2, "the tied weight's rows were taken in slices"
+    if budget == 0:
+        assert set(seen) == {1}

@@ -118,6 +118,25 @@ class LayerRule(ABC, Generic[ModuleT]):
         for target, rows in zip(into, self.jacobians(params)):
             target.add_(rows.reshape(target.shape))
 
+    def sliced_jacobians(self, param: Tensor, part: slice) -> Tensor | None:
+        """The rows of ``param[part]`` alone (a slice of its first dimension: a vocabulary's
+        rows), ``[b, T, n, *param.shape[1:]]``; ``None`` where the rule does not form them so
+        (the default). A parameter tied into several calls whose rows exceed the step's
+        budget has its Gramian summed over such slices when every one of its calls' rules
+        forms them (:mod:`.._held_rows`): one slice's rows in memory, not ``b T`` copies of
+        the table."""
+        return None
+
+    def add_sliced_jacobians(self, param: Tensor, part: slice, into: Tensor) -> bool:
+        """:meth:`sliced_jacobians` added to ``into`` in place; ``False`` (nothing added) where
+        the rule does not form them. By default formed, then added; an embedding's lookup
+        scatters its few rows straight into ``into``."""
+        rows = self.sliced_jacobians(param, part)
+        if rows is None:
+            return False
+        into.add_(rows.reshape(into.shape))
+        return True
+
     def factorisation(self, params: list[Tensor]) -> list[GramianTerm]:
         """The Gramian contribution over ``params`` as a sum of terms; by default one
         :class:`~._terms.RowsTerm` per parameter (its rows from :meth:`jacobians`)."""

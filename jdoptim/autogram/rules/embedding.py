@@ -90,16 +90,40 @@ class EmbeddingRule(LayerRule[nn.Embedding]):
         """The rows of :meth:`jacobians` added to ``into`` by one accumulating scatter of the
         ``b T S`` looked-up rows (for a tied weight, its rows from the other calls are there
         already: no ``[b, T, V, e]`` zeros of its own, no sum out of place)."""
+        t, b, _, e = self.grads.shape
+        values, tokens, row = self._looked_up()
+        for target in into:
+            flat = target.view(b * t, self.size, e)
+            flat.index_put_((row, tokens), values.to(flat.dtype), accumulate=True)
+
+    def sliced_jacobians(self, param: Tensor, part: slice) -> Tensor | None:
+        """The rows of the table's rows ``part``: the positions that read one of them,
+        scattered into zeros (the others contribute nothing there)."""
+        start, stop, _ = part.indices(self.size)
+        t, b, _, e = self.grads.shape
+        rows = self.grads.new_zeros(b, t, stop - start, e)
+        self.add_sliced_jacobians(param, part, rows)
+        return rows
+
+    def add_sliced_jacobians(self, param: Tensor, part: slice, into: Tensor) -> bool:
+        start, stop, _ = part.indices(self.size)
+        values, tokens, row = self._looked_up()
+        inside = (tokens >= start) & (tokens < stop)
+        flat = into.view(-1, stop - start, values.shape[-1])
+        index = (row[inside], tokens[inside] - start)
+        flat.index_put_(index, values[inside].to(flat.dtype), accumulate=True)
+        return True
+
+    def _looked_up(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(values, tokens, row)`` of the ``b T S`` looked-up entries: each output gradient,
+        the table row it goes to, and its loss row ``(i, k)`` (flat, ``[b, T]`` order)."""
         t, b, s, e = self.grads.shape
         if t == 1:  # (per-sample losses: the orders agree, fewer operations)
             values, tokens = self.grads.reshape(b * s, e), self.index.reshape(-1)
         else:
             values = self.grads.transpose(0, 1).reshape(b * t * s, e)  # [b, T, S, e] order
             tokens = self.index[:, None, :].expand(b, t, s).reshape(-1)
-        row = _row_numbers(b * t, s, self.index.device)
-        for target in into:
-            flat = target.view(b * t, self.size, e)
-            flat.index_put_((row, tokens), values.to(flat.dtype), accumulate=True)
+        return values, tokens, _row_numbers(b * t, s, self.index.device)
 
     @property
     def sparse_gradients(self) -> bool:

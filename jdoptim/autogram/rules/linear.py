@@ -155,6 +155,19 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
             return torch.bmm(inputs, grads[0]).unsqueeze(1)
         return torch.matmul(inputs.unsqueeze(1), grads.transpose(0, 1))  # [b, T, d, o]
 
+    def sliced_jacobians(self, param: Tensor, part: slice) -> Tensor | None:
+        """The weight's rows for its rows ``part`` (output features for ``[out, in]``, input
+        features for ``[in, out]``): the same product on that slice of ``D`` or ``X``."""
+        if param is not self.weight_of() or self.rows_2d is not None:
+            return None
+        if self.weight_layout == "out_in":
+            return linear_rows(self.inputs, self.grads[..., part])
+        inputs = self.inputs[..., part].transpose(1, 2)  # [b, n, S]
+        grads = self.grads
+        if grads.shape[0] == 1:
+            return torch.bmm(inputs, grads[0]).unsqueeze(1)
+        return torch.matmul(inputs.unsqueeze(1), grads.transpose(0, 1))
+
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         weight = self.weight_of()
         if self.rows_2d is not None:  # weights: [b, 1]
