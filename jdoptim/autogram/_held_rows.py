@@ -314,12 +314,12 @@ def hold_rows(
     calls: Sequence[RuleParameters],
     loose: list[tuple[Tensor, Tensor]],
     tied: list[tuple[Tensor, list[LayerRule]]],
-    budget: int,
+    budgets: tuple[int, int],
     shape: tuple[int, int],
     lender: tuple[RowsBuffer | None, object],
 ) -> tuple[HeldRows, list[Tensor], set[int]]:
     """The ``b T`` rows (``shape`` is ``(b, T)``) a step holds until its update, up to
-    ``budget`` bytes: first those of the ``tied`` parameters (each with the rules of the calls
+    ``budgets[0]`` bytes: first those of the ``tied`` parameters (each with the rules of the calls
     that use it: their rows are summed over the calls in ``R``, :func:`_tied_into`) and the
     ``loose`` rows (``(parameter, [b, T, *p.shape])`` of explicit parameters, formed anyway),
     whose update is dense, then those of the ``calls`` whose rules form their parameters' rows
@@ -328,13 +328,14 @@ def hold_rows(
     fresh matrix) and the step that borrows it.
 
     Returns the held rows, the Gram matrices ``[b, T, b, T]`` of the rows formed but not held
-    (a tied parameter's over the budget by slices of at most ``budget`` bytes:
+    (a tied parameter's over the budget by slices of at most ``budgets[1]`` bytes:
     :func:`tied_gramian`), and the ids of the ``calls`` whose rows were formed (their rules'
     Gramian terms are not to be taken again).
     """
     count = shape[0] * shape[1]
+    budget, sliced = budgets
     choice = _choose(calls, loose, tied, budget, count)
-    rest = [tied_gramian(p, rules, budget) for p, rules in choice.apart]
+    rest = [tied_gramian(p, rules, sliced) for p, rules in choice.apart]
     width = sum(p.numel() for p, _ in [*choice.tied, *choice.loose])
     width += sum(p.numel() for parts in choice.calls for p in parts.alone)
     writer = HeldRowsWriter(*lender, count, width)

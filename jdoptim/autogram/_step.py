@@ -972,6 +972,11 @@ class GramianStep:
         grads = [g for parts in self.rule_parameters for g in parts.rule.call.grads]
         return held_rows_budget(sum(g.numel() * g.element_size() for g in grads if g is not None))
 
+    def _sliced_rows_budget(self) -> int:
+        """Bytes of rows a tied parameter's Gramian forms at once where its rows are not held
+        (:func:`._held_rows.tied_gramian`): the held-rows budget."""
+        return self._held_rows_budget()
+
     def gramian(self) -> Tensor:
         """``G = J Jᵀ`` over the shared parameters, ``[m, m]`` in the losses' row-major order.
 
@@ -981,7 +986,7 @@ class GramianStep:
             self.rule_parameters,
             loose,
             tied,
-            self._held_rows_budget(),
+            (self._held_rows_budget(), self._sliced_rows_budget()),
             (self.b, self.T),
             (self.rows_buffer, self),
         )

@@ -44,6 +44,7 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from ..linalg.torch_errors import OutOfMemoryError
 from ..linalg.vmap_fallback import VmapState, fallback_notice_silenced
 from ._certify import ONE_FROM_ANOTHER, Probe, computes_one_output_from_another
+from ._held_rows import held_rows_budget, rows_bytes, summed_rows
 from ._records import CallRecord
 from ._step import GramianStep, RuleParameters, StepPlan
 from .rules import LayerRule
@@ -281,6 +282,9 @@ class StreamingStep(GramianStep):
         self._alone: Tensor | None = None  # the sum of the calls' own Gramian terms
         # rows of parameters used by several calls, by id: (parameter, rows)
         self._tied: dict[int, tuple[Tensor, Tensor]] = {}
+        # those whose rows would outweigh their calls' output gradients: the rules, kept
+        self._kept: dict[int, tuple[Tensor, list[LayerRule]]] = {}
+        self._sliced_budget = 0  # (set with the kept rules' Gramian)
         batched = self.T > 1
 
         probing = None if self._probe_weights is None else _Probing(self.moved(self._probe_weights))
@@ -398,10 +402,29 @@ class StreamingStep(GramianStep):
         if parts.alone:
             term = parts.rule.gramian(parts.alone)
             self._alone = term if self._alone is None else self._alone + term
-        if parts.several:
-            for p, rows in zip(parts.several, parts.rule.jacobians(parts.several)):
-                held = self._tied.get(id(p))
-                self._tied[id(p)] = (p, rows.clone() if held is None else held[1].add_(rows))
+        summed = [p for p in parts.several if not self._keeps_rule(p, parts.rule)]
+        for p in parts.several:
+            if id(p) in self._kept:
+                self._kept[id(p)][1].append(parts.rule)
+        for p, rows in zip(summed, parts.rule.jacobians(summed) if summed else []):
+            held = self._tied.get(id(p))
+            self._tied[id(p)] = (p, rows.clone() if held is None else held[1].add_(rows))
+
+    def _keeps_rule(self, param: Tensor, rule: LayerRule) -> bool:
+        """Whether a tied parameter's calls are kept, with their output gradients, until the
+        end of the backward (its Gramian then summed over slices of it, :func:`._held_rows.
+        tied_gramian`) rather than its rows summed as they come: decided at its first call,
+        where its ``b T`` rows would take more memory than that call's output gradients (a
+        vocabulary-sized head tied to the token embedding: ``e/S`` times more)."""
+        if id(param) in self._kept:
+            return True
+        if id(param) in self._tied:
+            return False
+        grads = sum(g.numel() * g.element_size() for g in rule.call.grads if g is not None)
+        if rows_bytes(self.b * self.T, param) <= grads:
+            return False
+        self._kept[id(param)] = (param, [])
+        return True
 
     def _take_captured(self, grads: list[Tensor | None], batched: bool) -> None:
         """The explicit parameters' rows ``[T, *p.shape]`` and the specific ones' sums."""
@@ -411,13 +434,18 @@ class StreamingStep(GramianStep):
         self._specific_sums = [by_param[id(p)].sum(0) for p in self.specific]
 
     def _tied_rows(self) -> list[tuple[Tensor, Tensor]]:
-        return list(self._tied.values())
+        kept = [(p, summed_rows(p, rules)) for p, rules in self._kept.values()]
+        return [*self._tied.values(), *kept]
 
     def _loose_and_tied(
         self,
     ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, list[LayerRule]]]]:
-        """The tied rows were summed during the backward pass (no rule is kept)."""
-        return self._shared_rows_by_parameter(), []
+        """The tied rows summed during the backward pass, and the tied parameters whose calls'
+        rules were kept (:meth:`_keeps_rule`), let go by the step with this Gramian (their
+        output gradients are not kept through the update's backward pass)."""
+        kept, self._kept = list(self._kept.values()), {}
+        self._sliced_budget = self._kept_gradients_budget(kept)
+        return [*self._tied.values(), *self._explicit_shared_rows()], kept
 
     def _alone_terms(self, formed: set[int]) -> Iterable[Tensor]:
         return [] if self._alone is None else [self._alone]
@@ -425,6 +453,17 @@ class StreamingStep(GramianStep):
     def _held_rows_budget(self) -> int:
         """Nothing is held: the update is a second backward pass, which needs no rows."""
         return 0
+
+    def _sliced_rows_budget(self) -> int:
+        return self._sliced_budget
+
+    @staticmethod
+    def _kept_gradients_budget(kept: list[tuple[Tensor, list[LayerRule]]]) -> int:
+        """The kept rules' output gradients (what the step holds anyway), at least
+        :data:`~._held_rows.HELD_ROWS_FLOOR_BYTES`: the bytes of a tied parameter's rows
+        formed at once."""
+        grads = [g for _, rules in kept for r in rules for g in r.call.grads]
+        return held_rows_budget(sum(g.numel() * g.element_size() for g in grads if g is not None))
 
     def gradients(
         self, weights: Tensor | None, weigh_specific: bool = False

@@ -504,3 +504,55 @@ def test_low_memory_on_each_device(device: str, layout: str) -> None:
         return pick(m["head"](m["layer"](x)).pow(2).mean(1))  # [b, 2] before the layout
 
     check_low_memory(model, run, batch_dim)
+
+
+class _TiedVocabulary(nn.Module):
+    """A token embedding tied with the head (GPT-2's ``wte``), on a vocabulary of 40 rows and
+    4 positions: the head's ``b T`` rows of the table (``40 × 6`` each) outweigh its output
+    gradients (``4 × 40`` per row), so the low-memory step keeps the tied calls' rules and
+    sums the Gramian over slices of the table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(40, 6, padding_idx=0)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 40, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:  # [b, 4] → [b, 2]
+        logits = self.head(torch.tanh(self.mix(self.wte(tokens))))
+        per_position = logits.logsumexp(-1) - logits[..., 1]
+        return torch.stack([per_position[:, :2].mean(1), per_position[:, 2:].mean(1)], 1)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("budget", [None, 0])
+def test_tied_vocabulary_rules_kept_low_memory(
+    layout: str, budget: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Engine Gramian and ``.grad`` against the explicit Jacobian, the tied table's Gramian
+    taken by slices (one table row at a time with a budget of 0) from the kept rules; with
+    task losses (two rows) its rows weigh less than the head's output gradients and are
+    summed as they come."""
+    import jdoptim.autogram._held_rows as held_rows
+
+    sliced: list[int] = []
+    original = held_rows.tied_gramian
+
+    def spied(param: Tensor, rules: list, budget_bytes: int) -> Tensor:
+        sliced.append(len(rules))
+        return original(param, rules, 0 if budget == 0 else budget_bytes)
+
+    monkeypatch.setattr(held_rows, "tied_gramian", spied)
+    torch.manual_seed(0)
+    model = _TiedVocabulary().double()
+    tokens = torch.randint(0, 40, (5, 4))
+    tokens[:, -1] = 0  # padding
+    pick, batch_dim = LAYOUTS[layout]
+    losses_of = lambda m: pick(m(tokens))  # noqa: E731
+    check_low_memory(model, losses_of, batch_dim)
+    check_engine_low_memory(model, losses_of, batch_dim)
+    if batch_dim is None:  # (one row per loss: the 2 rows of the table weigh less than D)
+        assert not sliced, "the tied rows were summed as they came"
+    else:
+        assert sliced and set(sliced) == {2}, "the tied table's two calls were kept"
