@@ -255,16 +255,12 @@ def _solve_chunk(
     """:func:`_solve_free` for one chunk whose free sets have at most ``size`` variables."""
     index = torch.argsort((~free).to(torch.uint8), dim=1, stable=True)[:, :size]
     valid = torch.gather(free, 1, index)
-    systems = matrix[index[:, :, None], index[:, None, :]]
-    if not bool(valid.all()):  # padding: rows and columns of the identity, in place
-        weight = valid.to(matrix.dtype)
-        systems.mul_(weight[:, :, None]).mul_(weight[:, None, :])
-        systems.diagonal(dim1=1, dim2=2).add_(1.0 - weight)
     rhs = torch.where(valid, -torch.gather(linear, 1, index), 0.0)[:, :, None]
-    solution = _refined_solve(systems, rhs) if refine else None
+    solution = _refined_solve(matrix, index, valid, rhs) if refine else None
     if solution is not None:
         z = torch.zeros_like(linear)
         return z.scatter_(1, index, torch.where(valid, solution[:, :, 0], 0.0))
+    systems = _systems(matrix, index, valid)
     factor, info = torch.linalg.cholesky_ex(systems)
     if bool((info != 0).any()):
         if matrix.dtype != torch.float64:
@@ -276,22 +272,58 @@ def _solve_chunk(
             solution[singular] = torch.linalg.lstsq(systems[singular], rhs[singular]).solution
         solution = solution[:, :, 0]
     else:
-        solution = torch.cholesky_solve(rhs, factor)[:, :, 0]
+        solution = _cholesky_solve(factor, rhs)[:, :, 0]
     z = torch.zeros_like(linear)
     return z.scatter_(1, index, torch.where(valid, solution, 0.0))
 
 
-def _refined_solve(systems: Tensor, rhs: Tensor) -> Tensor | None:
-    """Float64 ``systems⁻¹ rhs`` from a float32 Cholesky factorisation and
-    :data:`_REFINEMENT_STEPS` steps of iterative refinement with float64 residuals (half the
-    cost of a float64 factorisation), or ``None`` when the float32 factorisation fails. Where
-    refinement does not converge (``cond · eps₃₂ ≳ 1``) the result is inaccurate, and the
-    certificate, which is computed in float64, rejects it."""
-    factor, info = torch.linalg.cholesky_ex(systems.float())
+def _systems(matrix: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+    """The free-set systems ``M_FF`` of a chunk, ``[k, size, size]``: the entries of ``matrix``
+    at each problem's ``index`` (its free variables first), padded with rows and columns of
+    the identity where ``valid`` is false."""
+    systems = matrix[index[:, :, None], index[:, None, :]]
+    if not bool(valid.all()):  # padding: rows and columns of the identity, in place
+        weight = valid.to(matrix.dtype)
+        systems.mul_(weight[:, :, None]).mul_(weight[:, None, :])
+        systems.diagonal(dim1=1, dim2=2).add_(1.0 - weight)
+    return systems
+
+
+def _refined_solve(matrix: Tensor, index: Tensor, valid: Tensor, rhs: Tensor) -> Tensor | None:
+    """Float64 ``M_FF⁻¹ rhs`` for each problem of a chunk (its free variables at ``index``,
+    padded where ``valid`` is false, as :func:`_systems` lays them out) from a float32
+    Cholesky factorisation and :data:`_REFINEMENT_STEPS` steps of iterative refinement with
+    float64 residuals (half the cost of a float64 factorisation), or ``None`` when the float32
+    factorisation fails. Where refinement does not converge (``cond · eps₃₂ ≳ 1``) the result
+    is inaccurate, and the certificate, which is computed in float64, rejects it.
+
+    The systems are gathered from ``matrix`` in float32 only (half the bytes of a float64
+    gather, the step's largest memory traffic), and each residual ``rhs − M_FF z_F`` is read
+    off one product of the whole float64 matrix with the chunk's solutions scattered to
+    ``m`` entries (``[k, m] × [m, m]``, a matrix-product speed), never from float64 systems."""
+    factor, info = torch.linalg.cholesky_ex(_systems(matrix.float(), index, valid))
     if bool((info != 0).any()):
         return None
-    solution = torch.cholesky_solve(rhs.float(), factor).to(systems.dtype)
+    solution = _cholesky_solve(factor, rhs.float()).to(matrix.dtype)
     for _ in range(_REFINEMENT_STEPS):
-        residual = rhs - systems @ solution
-        solution = solution + torch.cholesky_solve(residual.float(), factor).to(systems.dtype)
+        residual = rhs - _free_product(matrix, index, valid, solution)
+        solution = solution + _cholesky_solve(factor, residual.float()).to(matrix.dtype)
     return solution
+
+
+def _free_product(matrix: Tensor, index: Tensor, valid: Tensor, x: Tensor) -> Tensor:
+    """``M_FF x`` for each problem (``x`` is ``[k, size, 1]`` on its free variables at
+    ``index``), and ``x`` itself on the padding (the identity's rows)."""
+    values = x[:, :, 0]
+    spread = torch.zeros(x.shape[0], matrix.shape[0], dtype=x.dtype, device=x.device)
+    spread.scatter_(1, index, torch.where(valid, values, 0.0))
+    product = torch.gather(spread @ matrix, 1, index)  # (M symmetric: the rows' products)
+    return torch.where(valid, product, values)[:, :, None]
+
+
+def _cholesky_solve(factor: Tensor, rhs: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹ rhs`` for a batch of lower factors ``L``: two triangular solves. The same
+    arithmetic as ``torch.cholesky_solve``, which on CPU took 2–3× longer for these batches
+    (64 systems of 512: 24.6 ms against 7.8 ms; of 256: 1.3 against 0.7)."""
+    inner = torch.linalg.solve_triangular(factor, rhs, upper=False)
+    return torch.linalg.solve_triangular(factor.mT, inner, upper=True)

@@ -137,3 +137,26 @@ def test_certificate_rejects_a_perturbed_solution():
     wrong = torch.from_numpy(z.copy())
     wrong[:, :] += 1e-6 * (wrong > 0)  # off the optimum on every free variable
     assert not module.certify(m_t, q_t, wrong, scale).any()
+
+
+def test_free_set_products_and_solves_by_parts() -> None:
+    """The refined solve's pieces against dense algebra: the residual product read off the whole
+    matrix equals the padded free-set systems' product (identity rows at the padding), and the
+    two triangular solves equal ``torch.cholesky_solve``."""
+    torch.manual_seed(0)
+    m, k, size = 9, 4, 6
+    a = torch.randn(m, m + 3, dtype=torch.float64)
+    matrix = a @ a.T
+    free = torch.rand(k, m) < 0.5
+    free[:, 0] = True
+    index = torch.argsort((~free).to(torch.uint8), dim=1, stable=True)[:, :size]
+    valid = torch.gather(free, 1, index)
+    assert not bool(valid.all())  # (some padding)
+    systems = module._systems(matrix, index, valid)
+    x = torch.randn(k, size, 1, dtype=torch.float64)
+    torch.testing.assert_close(module._free_product(matrix, index, valid, x), systems @ x)
+    factor = torch.linalg.cholesky(systems)
+    rhs = torch.randn(k, size, 2, dtype=torch.float64)
+    torch.testing.assert_close(
+        module._cholesky_solve(factor, rhs), torch.cholesky_solve(rhs, factor)
+    )
