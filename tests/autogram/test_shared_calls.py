@@ -40,11 +40,11 @@ def _losses(model: nn.Module, idx: Tensor) -> Tensor:
     return model(idx).pow(2).sum((1, 2))
 
 
-def _steps(model: nn.Module, batches: list[Tensor]) -> list[int]:
+def _steps(model: nn.Module, batches: list[Tensor], low_memory: bool = False) -> list[int]:
     """Engine steps on the batches; each Gramian against the explicit Jacobian; the steps' b."""
     params = list(model.parameters())
     seen = []
-    with Engine(model, batch_dim=0) as engine:
+    with Engine(model, batch_dim=0, low_memory=low_memory) as engine:
         for idx in batches:
             losses = _losses(model, idx)
             jacobian = explicit_jacobian(losses, params)
@@ -58,8 +58,9 @@ def _steps(model: nn.Module, batches: list[Tensor]) -> list[int]:
 
 @pytest.mark.parametrize("batch,s", [(4, 4), (3, 5), (5, 3)], ids=["s=b", "s>b", "s<b"])
 @pytest.mark.parametrize("op", ["add", "mul", "radd"])
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low-memory"])
 def test_leading_one_position_embedding_takes_the_per_sample_path(
-    batch: int, s: int, op: str
+    batch: int, s: int, op: str, low_memory: bool
 ) -> None:
     torch.manual_seed(0)
     model = _Positions(s, leading_one=True, op=op).double()
@@ -67,9 +68,10 @@ def test_leading_one_position_embedding_takes_the_per_sample_path(
     batches.append(torch.randint(0, 11, (batch - 1, s)))  # a smaller last batch
     # The first step sees the call unexpanded: given to the samples by additions, it is read
     # there (per-sample); by a product, the step takes exact rows per loss (b = 1, no warning).
-    # The next ones are per-sample (expanded), whatever the batch size.
+    # The next ones are per-sample (expanded), whatever the batch size; the low-memory step
+    # takes the same routes.
     first = 1 if op == "mul" else batch
-    assert _steps(model, batches) == [first, batch, batch, batch - 1]
+    assert _steps(model, batches, low_memory) == [first, batch, batch, batch - 1]
 
 
 def test_leading_one_jdoptimizer_grad() -> None:
