@@ -606,3 +606,56 @@ def test_gpt2_projections_use_the_conv1d_rule() -> None:
         kinds = {type(r.rule).__name__ for r in step.rule_parameters}
     assert "TransformersConv1DRule" in kinds
     assert not any(isinstance(r.rule, rules.GenericRule) for r in step.rule_parameters)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low-memory"])
+def test_gpt2_tied_head_by_slices(
+    layout: str, low_memory: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPT-2's ``wte``, tied with its head, with a held-rows budget of nothing (as a real
+    vocabulary at a large batch is): its Gramian summed over slices of the table's rows (each
+    one row), the head's and the lookup's rows added per slice; by default the tied rows are not
+    held, with ``low_memory`` the tied calls' rules are kept to the end of the backward. Engine
+    Gramian and JDOptimizer ``.grad`` against the explicit Jacobian, dropout 0.1 in train mode."""
+    import jdoptim.autogram._held_rows as held_rows
+    import jdoptim.autogram._step as step_module
+    import jdoptim.autogram._streaming as streaming
+
+    monkeypatch.setattr(step_module, "held_rows_budget", lambda _: 0)
+    monkeypatch.setattr(streaming, "held_rows_budget", lambda _: 0)  # (its slices' budget)
+    sliced: list[int] = []
+    original = held_rows._sliced_rows
+
+    def counted(param: Tensor, rules: list, part: slice) -> Tensor | None:
+        rows = original(param, rules, part)
+        sliced.append(0 if rows is None else part.stop - part.start)
+        return rows
+
+    monkeypatch.setattr(held_rows, "_sliced_rows", counted)
+    torch.manual_seed(0)
+    model, run = _gpt2()
+    model = model.double().train()
+    pick, batch_dim = LAYOUTS[layout]
+    params = [p for p in model.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=0.0)
+    opt = JDOptimizer(
+        sgd, UPGrad(), modules=model, batch_dim=batch_dim, scope="all", low_memory=low_memory
+    )
+    with Engine(model, batch_dim=batch_dim, low_memory=low_memory) as engine:
+        for _ in range(2):
+            losses = pick(run(model))
+            jacobian = explicit_jacobian(losses, params)
+            gramian = as_square(engine.compute_gramian(losses, retain_graph=True), losses.shape)
+            expected = jacobian @ jacobian.T
+            assert _relative_error(gramian, expected) < 1e-9
+            weights = UPGrad().weighting(expected)
+            opt.zero_grad()
+            opt.step(losses)
+            actual = torch.cat([p.grad.reshape(-1) for p in params])
+            assert _relative_error(actual, weights @ jacobian) < 1e-8
+    opt._update_computer.engine.close()  # type: ignore[attr-defined]
+    if low_memory and batch_dim is None:  # (2 rows of the table weigh less than the head's D:
+        assert not sliced  # summed during the backward, as they come)
+    else:
+        assert sliced and set(sliced) == {1}, "the tied table's Gramian was taken by slices"
