@@ -70,6 +70,9 @@ class Route:
     explicit: frozenset[int] = frozenset()  # ids of modules whose rows come from autograd
     whole: frozenset[int] = frozenset()  # ids of re-run modules re-run on the whole batch
     regions: bool = True  # read sample-shared regions per sample (see ._regions)
+    #: the modules (ids) whose readings rested on index values on the checked step: a later
+    #: step that reads otherwise is checked anew (:class:`._step.ReadingChanged`)
+    by_values: frozenset[int] = frozenset()
 
 
 def signature(scan: GraphScan, losses: Tensor, per_sample: bool, params: set[int]) -> tuple:

@@ -109,7 +109,7 @@ def moved_sample_dim(
     if traced is not None and traced.rows is not None:
         return traced if _takes_gathered(record, x, traced) else None
     if traced is not None:
-        dim, group, _ = traced
+        dim, group = traced.dim, traced.group
         return traced if dim != batch_dim and group == 1 and holds(dim) else None
     if at_batch_dim or not x.is_floating_point():
         return None  # (indices, as a position embedding takes, are no moved activations)

@@ -110,11 +110,16 @@ class Held(NamedTuple):
             ``h[mask]``, ``index_select``: a mixture-of-experts' tokens routed to one expert, a
             subset of the samples): the sample of each entry, in any order (``group`` is then
             1).
+        by_values: whether the reading rests on the values of index tensors, not on shapes
+            alone (a scatter whose index is each entry's sample, :func:`_put`): the next
+            forward of the same shapes may not satisfy it, so it is read anew at every step
+            (:attr:`~._step.StepTemplate.reusable`).
     """
 
     dim: int
     group: int = 1
     rows: Tensor | None = None
+    by_values: bool = False
 
 
 #: a hooked call's output, by its autograd node and output number: where it holds the samples,
@@ -193,14 +198,14 @@ def _reshaped(held: Held, source: Shape, shape: Shape) -> Held | None:
     contiguous run of the flat entries after the preceding dimensions, so it owns
     ``shape[d] / samples`` consecutive entries of ``d`` (``[s, b·h, e] → [s, b, h·e]``: one).
     Gathered entries (:attr:`Held.rows`) stay only in a dimension of their own size."""
-    dim, group, rows = held
+    dim, group, rows = held.dim, held.group, held.rows
     count, outer = source[dim] // group, math.prod(source[:dim])
     prefix = 1
     for d, size in enumerate(shape):
         if prefix == outer and rows is not None and size == source[dim]:
-            return Held(d, 1, rows)
+            return held._replace(dim=d, group=1)
         if prefix == outer and rows is None and size % count == 0 and (size > 1 or count == 1):
-            return Held(d, size // count)
+            return held._replace(dim=d, group=size // count)
         prefix *= size
         if prefix > outer:
             return None
@@ -278,7 +283,7 @@ def _put(node: Any, held: Held, source: Shape, shape: Shape) -> Held | None:
     rows = held.rows
     for d, index in enumerate(indices, start=first):
         if index.shape == rows.shape and torch.equal(index.to(rows.device), rows):
-            return Held(d)
+            return Held(d, by_values=True)
     return None
 
 
@@ -288,4 +293,5 @@ def _taken(held: Held, source: Shape, index: Tensor, dim: int) -> Held:
     if owner is None:
         entries = torch.arange(source[held.dim], device=index.device)
         owner = entries // held.group
-    return Held(dim, 1, owner[index.reshape(-1).to(owner.device)])  # (a 0-d index selects 1)
+    taken = owner[index.reshape(-1).to(owner.device)]  # (a 0-d index selects 1)
+    return Held(dim, 1, taken, held.by_values)

@@ -171,8 +171,16 @@ class StepTemplate:
     @property
     def reusable(self) -> bool:
         """Whether a later step of the structure may take it: not where a call is on entries
-        gathered from the samples' (:attr:`Layout.rows`), which each forward routes anew."""
-        return all(layout.rows is None for layout in self.layouts)
+        gathered from the samples' (:attr:`Layout.rows`), which each forward routes anew, nor
+        where a reading rests on index values (:attr:`Layout.by_values`), which the next
+        forward may not share."""
+        return all(layout.rows is None and not layout.by_values for layout in self.layouts)
+
+
+class ReadingChanged(Exception):
+    """A step of a checked structure reads a call's samples otherwise than the checked step did,
+    where that reading rests on index values (a scatter whose index was each entry's sample):
+    raised before the backward pass, so that the engine checks the step as a new structure."""
 
 
 class NotPerSample(Exception):
@@ -265,6 +273,8 @@ class Layout(NamedTuple):
     group: Group
     batch_dim: int | None = None
     rows: Tensor | None = None
+    #: read from the values of index tensors (:attr:`._sample_trace.Held.by_values`)
+    by_values: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -381,7 +391,12 @@ class GramianStep:
         rows_buffer: RowsBuffer | None = None,
         template: StepTemplate | None = None,
         regions: bool = True,
+        by_values: frozenset[int] | None = None,
     ) -> None:
+        #: the modules (ids) whose readings rested on index values when the structure was
+        #: checked (:attr:`Layout.by_values`); a step that reads otherwise raises
+        #: :class:`ReadingChanged` before its backward pass (``None``: not compared)
+        self._expected_by_values = by_values
         if losses.grad_fn is None:
             raise ValueError(
                 "The losses have no autograd graph (no grad_fn): compute them from the model's "
@@ -433,6 +448,9 @@ class GramianStep:
     unindexed: frozenset[int]
     #: the modules (ids) of the calls on entries gathered from the samples' (:attr:`Layout.rows`)
     gathered: frozenset[int] = frozenset()
+    #: the modules (ids) whose readings rest on index values (:attr:`Layout.by_values`; a
+    #: structure with any is never templated, so a templated step has none)
+    by_values: frozenset[int] = frozenset()
 
     def _scanned(
         self,
@@ -582,9 +600,15 @@ class GramianStep:
         """This step's :class:`StepTemplate`, with the calls' layouts (which raises
         :class:`NotPerSample` before the backward pass, when nothing is spent yet)."""
         layouts = self._sample_layouts(scan, call_params, batch_dim)
-        self.gathered = frozenset(
-            id(r.module) for r, layout in zip(scan.calls, layouts) if layout.rows is not None
-        )
+        pairs = list(zip(scan.calls, layouts))
+        self.gathered = frozenset(id(r.module) for r, layout in pairs if layout.rows is not None)
+        #: the modules (ids) whose readings rest on index values (:attr:`Layout.by_values`)
+        self.by_values = frozenset(id(r.module) for r, layout in pairs if layout.by_values)
+        expected = self._expected_by_values
+        if expected is not None and self.by_values != expected:
+            raise ReadingChanged(
+                "a reading that rested on index values at the structure's check differs"
+            )
         regions = self.regions is not None
         return StepTemplate(
             call_params, covered, self.explicit, layouts, regions, list(self.region_params),
@@ -692,7 +716,7 @@ class GramianStep:
         """A call that has parameters of this step, with its gradients (in its outputs' shapes:
         a call read at its output's base gets the base's gradient) and layout (a call on entries
         gathered from the samples' re-laid for its rule: :mod:`._gathered`)."""
-        dims, group, own_dim, rows = layouts[id(record)]
+        dims, group, own_dim, rows, _ = layouts[id(record)]
         lead = 1 if batched else 0
         if record.from_base:
             grads = [
@@ -879,7 +903,7 @@ class GramianStep:
             if isinstance(layout, str) or layout.dims is None:
                 return None
             group = layout.group if isinstance(layout.group, int) else layout.group[index]
-            held = Held(layout.dims[index], group, layout.rows)
+            held = Held(layout.dims[index], group, layout.rows, layout.by_values)
             return held, tuple(record.tapped[index].shape)
 
         for record in reversed(records):
@@ -906,7 +930,8 @@ class GramianStep:
             moved = moved_sample_dim(record, batch_dim, self.b, at, source_dim)
             if moved is not None:  # a layer called on a tensor whose samples were moved
                 own = None if moved.rows is not None and moved.dim == batch_dim else moved.dim
-                return Layout([moved.dim] * len(record.tapped), 1, own, moved.rows)
+                dims = [moved.dim] * len(record.tapped)
+                return Layout(dims, 1, own, moved.rows, moved.by_values)
         if isinstance(group, str):
             return group
         return Layout(dims, group, None if base == batch_dim else base)

@@ -94,7 +94,14 @@ from ._selection import (
     sample_mixing_problem,
 )
 from ._shared import SharedCalls, learn, make_root_hooks, tap_additions, unsafe_expansions
-from ._step import GramianStep, NotPerSample, StepTemplate, VmapState, parameter_ids
+from ._step import (
+    GramianStep,
+    NotPerSample,
+    ReadingChanged,
+    StepTemplate,
+    VmapState,
+    parameter_ids,
+)
 from ._streaming import StreamingStep
 from .rules._base import registered_rule
 
@@ -390,13 +397,11 @@ class Engine:
             if rerouted is not None:
                 return rerouted
         if route is not None:
-            modules = tuple(parameter_ids(r.module) for r in scan.calls)
-            templated: tuple = (key, route, tuple(map(id, shared)), tuple(map(id, specific)))
-            templated += (assume_reached, modules)
-            if self.low_memory:
-                return self._streaming_step(options, route, retain_graph, template_key=templated)
-            return self._make_step(*options, route, retain_graph, template_key=templated)
+            known = self._known_route_step(key, route, options, retain_graph)
+            if known is not None:
+                return known
         step, route = self._certified_step(options, per_sample)
+        route = replace(route, by_values=step.by_values)
         step.checked(losses, retain_graph)
         if len(self._routes) >= _MAX_ROUTES:
             del self._routes[next(iter(self._routes))]
@@ -406,6 +411,24 @@ class Engine:
                 del self._rerouted[next(iter(self._rerouted))]
             self._rerouted[routing_free(key, step.gathered)] = route
         return step
+
+    def _known_route_step(
+        self, key: tuple, route: Route, options: _StepOptions, retain_graph: bool
+    ) -> GramianStep | None:
+        """The step of a checked structure on its route, with what earlier steps of it derived
+        (:class:`._step.StepTemplate`); ``None`` where a reading that rested on index values
+        at the check differs now (:class:`._step.ReadingChanged`, raised before the backward
+        pass: the step is then checked as a new structure)."""
+        _, scan, shared, specific, assume_reached = options
+        modules = tuple(parameter_ids(r.module) for r in scan.calls)
+        templated: tuple = (key, route, tuple(map(id, shared)), tuple(map(id, specific)))
+        templated += (assume_reached, modules)
+        try:
+            if self.low_memory:
+                return self._streaming_step(options, route, retain_graph, template_key=templated)
+            return self._make_step(*options, route, retain_graph, template_key=templated)
+        except ReadingChanged:
+            return None
 
     def _rerouted_step(
         self, key: tuple, options: _StepOptions, retain_graph: bool
@@ -494,6 +517,7 @@ class Engine:
             rows_buffer=self._rows_buffer,
             template=template,
             regions=route.regions,
+            by_values=None if template_key is None else route.by_values,
         )
         if template_key is not None and template is None and step.template.reusable:
             # (replacing the structure's earlier template, whose parameters may be stale: it

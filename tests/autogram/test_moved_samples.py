@@ -345,3 +345,27 @@ def test_global_tokens_scattered_to_other_samples_stay_exact(batch: int) -> None
     x = torch.randn(batch, 6, 5, dtype=torch.float64)
     with pytest.warns(EngineRouteWarning):
         check_gramian(model, layout_losses(model, x, "per-sample"), 0, rtol=1e-9)
+
+
+def test_a_scatter_read_by_its_values_is_read_anew_at_every_step() -> None:
+    """The scatter's reading rests on its index's values (each entry's own sample), which a
+    later forward of the same shapes need not share: the layout is read at every step
+    (``StepTemplate.reusable``), and a step that reads otherwise than the checked one is checked
+    anew (``ReadingChanged``). Steps 1–2 scatter each global token to its own sample; step 3,
+    same shapes, to another sample's place, where the sizes alone would read the samples as
+    before: every step's Gramian against the explicit Jacobian. (Without the new check the
+    third step is silently wrong.)"""
+    torch.manual_seed(0)
+    model = _ScatteredGlobalQuery(8, [False] * 5).double()
+    x = torch.randn(5, 6, 5, dtype=torch.float64)
+    params = list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EngineRouteWarning)  # (the crossed step may warn)
+        with Engine(model, batch_dim=0) as engine:
+            for step in range(3):
+                model.crossed = step == 2
+                losses = layout_losses(model, x, "per-sample")()
+                jacobian = explicit_jacobian(losses, params)
+                gramian = engine.compute_gramian(losses)
+                expected = jacobian @ jacobian.T
+                torch.testing.assert_close(gramian, expected, rtol=1e-9, atol=1e-12)
