@@ -171,10 +171,10 @@ class StepTemplate:
     @property
     def reusable(self) -> bool:
         """Whether a later step of the structure may take it: not where a call is on entries
-        gathered from the samples' (:attr:`Layout.rows`), which each forward routes anew, nor
-        where a reading rests on index values (:attr:`Layout.by_values`), which the next
-        forward may not share."""
-        return all(layout.rows is None and not layout.by_values for layout in self.layouts)
+        gathered from the samples' (:attr:`Layout.rows`), which each forward routes anew. (A
+        reading that rests on index values, :attr:`Layout.by_values`, is made again by the
+        step that takes the template: :meth:`GramianStep._read_by_values_again`.)"""
+        return all(layout.rows is None for layout in self.layouts)
 
 
 class ReadingChanged(Exception):
@@ -424,6 +424,8 @@ class GramianStep:
         self.batch_dim = batch_dim
         grad_outputs = self._grad_outputs(losses, batch_dim)  # (sets b and T)
         #: what this step derived from its structure, for the next steps of the same one
+        if template is not None and batch_dim is not None:
+            self._read_by_values_again(scan, template, batch_dim)
         self.template = template or self._template(scan, call_params, covered, batch_dim)
         layouts = dict(zip(map(id, records), self.template.layouts))
         plan = StepPlan(scan, records, call_params, covered, layouts, grad_outputs, whole_modules)
@@ -589,6 +591,37 @@ class GramianStep:
         """:meth:`_sort_parameters`' results, as an earlier step of this structure found them."""
         self.explicit = template.explicit
         return template.call_params, template.covered
+
+    def _read_by_values_again(
+        self, scan: GraphScan, template: StepTemplate, batch_dim: int
+    ) -> None:
+        """Reads again, from this step's graph, the calls whose template reading rested on
+        index values (:attr:`Layout.by_values`), their producers read as the template says;
+        raises :class:`ReadingChanged` (before the backward pass) where one reads otherwise."""
+        records = list(scan.calls)
+        if not any(layout.by_values for layout in template.layouts):
+            return
+        layouts = dict(zip(map(id, records), template.layouts))
+        producers = _OutputNodes(scan)
+
+        def source_dim(node: object, nr: int) -> tuple[Held, tuple[int, ...]] | None:
+            hit = producers.at(node, nr)
+            layout = None if hit is None else layouts.get(id(hit[0]))
+            if hit is None or layout is None or layout.dims is None:
+                return None
+            record, index = hit
+            group = layout.group if isinstance(layout.group, int) else layout.group[index]
+            held = Held(layout.dims[index], group, layout.rows, layout.by_values)
+            return held, tuple(record.tapped[index].shape)
+
+        for record, layout in zip(records, template.layouts):
+            if not layout.by_values:
+                continue
+            again = self._reading(record, batch_dim, source_dim)
+            if isinstance(again, str) or again[:3] != layout[:3] or not again.by_values:
+                raise ReadingChanged(f"{self.label(record.module)} reads its samples otherwise")
+        self.by_values = frozenset(id(r.module) for r, lay in zip(records, template.layouts)
+                                   if lay.by_values)  # fmt: skip
 
     def _template(
         self,
