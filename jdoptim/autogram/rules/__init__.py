@@ -51,7 +51,11 @@ pass gives: the call's recorded inputs and the output gradients ``D[k] = ∂(Σ�
   through :class:`GenericRule`);
 * optionally :meth:`LayerRule.read_graph` (with :attr:`LayerRule.reads_graph`): a tensor the
   call's autograd graph saved and the rule would otherwise recompute (the normalised input a
-  weight-only RMS norm multiplied by its weight), taken before the backward pass frees it.
+  weight-only RMS norm multiplied by its weight), taken before the backward pass frees it;
+* optionally :meth:`LayerRule.sliced_jacobians`: the rows of a slice ``p[a:e]`` of a parameter
+  alone, so that a parameter tied into several calls whose ``b T`` rows exceed the step's
+  budget (a vocabulary shared by an embedding and a head) has its Gramian summed over slices
+  (``Linear``-like layers and ``Embedding`` have it; without it the whole rows are formed).
 
 The engine checks each rule's update against autograd on the first step of each graph
 structure (:mod:`jdoptim.autogram._certify`) and gives a module whose update differs autograd's
