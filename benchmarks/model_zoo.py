@@ -198,6 +198,17 @@ def audiocls(b: int, model_cls: str, config_cls: str, length: int = 400, **cfg: 
     return model, lambda m: class_losses(m(input_values=audio).logits, y)
 
 
+def decoder_lm(model: nn.Module, b: int) -> Built:
+    """An encoder–decoder ``model`` with ``lm_losses`` on a 6-token decoder input (``b``
+    samples of ``S`` source tokens)."""
+    source, target = tokens(b), tokens(b, 6)
+
+    def run(m: nn.Module) -> Tensor:
+        return lm_losses(m(input_ids=source, decoder_input_ids=target).logits, target)
+
+    return model, run
+
+
 def seq2seq(b: int, model_cls: str, config_cls: str, **cfg: Any) -> Built:
     """A BART-style encoder–decoder with ``lm_losses`` on a 6-token decoder input."""
     base: dict[str, Any] = dict(
@@ -207,12 +218,7 @@ def seq2seq(b: int, model_cls: str, config_cls: str, **cfg: Any) -> Built:
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
     )  # fmt: skip
     model = _make(model_cls, config_cls, **{**base, **cfg})
-    source, target = tokens(b), tokens(b, 6)
-
-    def run(m: nn.Module) -> Tensor:
-        return lm_losses(m(input_ids=source, decoder_input_ids=target).logits, target)
-
-    return model, run
+    return decoder_lm(model, b)
 
 
 LLAMA_LIKE: dict[str, Any] = dict(
@@ -371,12 +377,7 @@ def _t5_like(b: int, model_cls: str, config_cls: str, **cfg: Any) -> Built:
                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), **cfg},
     )  # fmt: skip
-    source, target = tokens(b), tokens(b, 6)
-
-    def run(m: nn.Module) -> Tensor:
-        return lm_losses(m(input_ids=source, decoder_input_ids=target).logits, target)
-
-    return model, run
+    return decoder_lm(model, b)
 
 
 def _fsmt(b: int) -> Built:
@@ -388,12 +389,7 @@ def _fsmt(b: int) -> Built:
         max_position_embeddings=32, attention_dropout=0.1, activation_dropout=0.1,
         tie_word_embeddings=False,
     )  # fmt: skip
-    source, target = tokens(b), tokens(b, 6)
-
-    def run(m: nn.Module) -> Tensor:
-        return lm_losses(m(input_ids=source, decoder_input_ids=target).logits, target)
-
-    return model, run
+    return decoder_lm(model, b)
 
 
 def _prophetnet(b: int) -> Built:
