@@ -341,6 +341,29 @@ class TwiceLooked(nn.Module):
         return self.head(torch.tanh(self.mix(h)))
 
 
+def _assert_per_sample_step_exact(
+    model: nn.Module, losses: Callable[[], Tensor], count: int, held: Tensor | None = None
+) -> None:
+    """One per-sample step of an engine on ``model``'s layers: its Gramian and its update for
+    the weights ``1, 2, …, count`` against the explicit Jacobian of the same losses (relative
+    ``1e-12``); with ``held``, that parameter's rows are held for the update."""
+    params = list(model.parameters())
+    with Engine(list(model.children()), batch_dim=0) as engine:
+        step = engine.step(losses(), params, [], per_sample=True)
+        with torch.no_grad():
+            gramian = step.gramian()
+            if held is not None:
+                assert step.held is not None and id(held) in step.held.ids
+            weights = torch.arange(1.0, count + 1, dtype=torch.float64)
+            grads, _ = step.gradients(weights)
+    jacobian = explicit_jacobian(losses(), params).double()
+    expected = jacobian @ jacobian.T
+    assert (gramian.double() - expected).abs().max() / expected.abs().max() < 1e-12
+    update = torch.cat([g.reshape(-1) for g in grads]).double()
+    expected_update = weights @ jacobian
+    assert (update - expected_update).abs().max() / expected_update.abs().max() < 1e-12
+
+
 @pytest.mark.parametrize("tasks", [1, 3], ids=["per-sample", "batch-tasks"])
 def test_tied_rows_summed_in_place_over_three_calls(tasks: int) -> None:
     """Gramian and update against the explicit Jacobian of the same losses, per-sample and
@@ -355,20 +378,7 @@ def test_tied_rows_summed_in_place_over_three_calls(tasks: int) -> None:
         out = (logits.logsumexp(-1) - logits[..., 1]).reshape(4, tasks, -1).mean(-1)
         return out[:, 0] if tasks == 1 else out
 
-    params = list(model.parameters())
-    with Engine(list(model.children()), batch_dim=0) as engine:
-        step = engine.step(losses(), params, [], per_sample=True)
-        with torch.no_grad():
-            gramian = step.gramian()
-            assert step.held is not None and id(model.embed.weight) in step.held.ids
-            weights = torch.arange(1.0, 4 * tasks + 1, dtype=torch.float64)
-            grads, _ = step.gradients(weights)
-    jacobian = explicit_jacobian(losses(), params).double()
-    expected = jacobian @ jacobian.T
-    assert (gramian.double() - expected).abs().max() / expected.abs().max() < 1e-12
-    update = torch.cat([g.reshape(-1) for g in grads]).double()
-    expected_update = weights @ jacobian
-    assert (update - expected_update).abs().max() / expected_update.abs().max() < 1e-12
+    _assert_per_sample_step_exact(model, losses, 4 * tasks, held=model.embed.weight)
 
 
 def test_the_kept_matrix_s_column_blocks_are_made_once_and_land_in_place() -> None:
@@ -513,19 +523,7 @@ def test_tied_rows_over_the_budget_by_slices(
         out = out.pow(2).mean(1) if out.dim() == 3 else out  # [4, 9 or 5]
         return out[:, :tasks] if tasks > 1 else out.sum(1)
 
-    params = list(model.parameters())
-    with Engine(list(model.children()), batch_dim=0) as engine:
-        step = engine.step(losses(), params, [], per_sample=True)
-        with torch.no_grad():
-            gramian = step.gramian()
-            weights = torch.arange(1.0, 4 * tasks + 1, dtype=torch.float64)
-            grads, _ = step.gradients(weights)
-    jacobian = explicit_jacobian(losses(), params).double()
-    expected = jacobian @ jacobian.T
-    assert (gramian.double() - expected).abs().max() / expected.abs().max() < 1e-12
-    update = torch.cat([g.reshape(-1) for g in grads]).double()
-    expected_update = weights @ jacobian
-    assert (update - expected_update).abs().max() / expected_update.abs().max() < 1e-12
+    _assert_per_sample_step_exact(model, losses, 4 * tasks)
     assert len(seen) >= 2, "the tied weight's rows were taken in slices"
     if budget == 0:
         assert set(seen) == {1}
