@@ -143,30 +143,25 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
                 rows.append(bias_rows(self.grads))
         return rows
 
-    def _weight_rows(self) -> Tensor:
-        """The weight's rows ``[b, T, *weight.shape]``, contiguous (``[in, out]`` rows taken as
-        ``Xᵀ D`` directly, not as a transposed ``Dᵀ X``, whose copy into the held rows would be
-        a transposing one: GPT-2 6×256 per-sample 1.29–1.31× → 1.23–1.24× a plain step)."""
+    def _weight_rows(self, part: slice = slice(None)) -> Tensor:
+        """The weight's rows ``[b, T, *weight.shape]`` (of its rows ``part`` alone: output
+        features for ``[out, in]``, input features for ``[in, out]``, the same product on that
+        slice of ``D`` or ``X``), contiguous (``[in, out]`` rows taken as ``Xᵀ D`` directly,
+        not as a transposed ``Dᵀ X``, whose copy into the held rows would be a transposing one:
+        GPT-2 6×256 per-sample 1.29–1.31× → 1.23–1.24× a plain step)."""
         if self.weight_layout == "out_in":
-            return linear_rows(self.inputs, self.grads)  # [b, T, o, d]
+            return linear_rows(self.inputs, self.grads[..., part])  # [b, T, o, d]
         grads = self.grads  # [T, b, S, o]
-        inputs = self.inputs.transpose(1, 2)  # [b, d, S]
+        inputs = self.inputs[..., part].transpose(1, 2)  # [b, d, S]
         if grads.shape[0] == 1:
             return torch.bmm(inputs, grads[0]).unsqueeze(1)
         return torch.matmul(inputs.unsqueeze(1), grads.transpose(0, 1))  # [b, T, d, o]
 
     def sliced_jacobians(self, param: Tensor, part: slice) -> Tensor | None:
-        """The weight's rows for its rows ``part`` (output features for ``[out, in]``, input
-        features for ``[in, out]``): the same product on that slice of ``D`` or ``X``."""
+        """The weight's rows for its rows ``part`` (:meth:`_weight_rows`)."""
         if param is not self.weight_of() or self.rows_2d is not None:
             return None
-        if self.weight_layout == "out_in":
-            return linear_rows(self.inputs, self.grads[..., part])
-        inputs = self.inputs[..., part].transpose(1, 2)  # [b, n, S]
-        grads = self.grads
-        if grads.shape[0] == 1:
-            return torch.bmm(inputs, grads[0]).unsqueeze(1)
-        return torch.matmul(inputs.unsqueeze(1), grads.transpose(0, 1))
+        return self._weight_rows(part)
 
     def weighted(self, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         weight = self.weight_of()
