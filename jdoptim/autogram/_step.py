@@ -252,6 +252,15 @@ def _as_layout(found: Layout | str | None) -> Layout:
     return found if isinstance(found, Layout) else Layout(None, 1)
 
 
+def _held_at(record: CallRecord, index: int, layout: Layout) -> tuple[Held, tuple[int, ...]]:
+    """Where the call's tapped output ``index`` holds the samples by its ``layout`` (which has
+    dimensions), and that output's shape: what a trace meets at a producer's output."""
+    assert layout.dims is not None
+    group = layout.group if isinstance(layout.group, int) else layout.group[index]
+    held = Held(layout.dims[index], group, layout.rows, layout.by_values)
+    return held, tuple(record.tapped[index].shape)
+
+
 #: how many producers' readings one call's reading may nest (each traces its input in turn)
 _NESTED_READINGS = 8
 
@@ -609,10 +618,7 @@ class GramianStep:
             layout = None if hit is None else layouts.get(id(hit[0]))
             if hit is None or layout is None or layout.dims is None:
                 return None
-            record, index = hit
-            group = layout.group if isinstance(layout.group, int) else layout.group[index]
-            held = Held(layout.dims[index], group, layout.rows, layout.by_values)
-            return held, tuple(record.tapped[index].shape)
+            return _held_at(hit[0], hit[1], layout)
 
         for record, layout in zip(records, template.layouts):
             if not layout.by_values:
@@ -620,8 +626,8 @@ class GramianStep:
             again = self._reading(record, batch_dim, source_dim)
             if isinstance(again, str) or again[:3] != layout[:3] or not again.by_values:
                 raise ReadingChanged(f"{self.label(record.module)} reads its samples otherwise")
-        self.by_values = frozenset(id(r.module) for r, lay in zip(records, template.layouts)
-                                   if lay.by_values)  # fmt: skip
+        pairs = zip(records, template.layouts)
+        self.by_values = frozenset(id(r.module) for r, layout in pairs if layout.by_values)
 
     def _template(
         self,
@@ -935,9 +941,7 @@ class GramianStep:
                 reading.pop()
             if isinstance(layout, str) or layout.dims is None:
                 return None
-            group = layout.group if isinstance(layout.group, int) else layout.group[index]
-            held = Held(layout.dims[index], group, layout.rows, layout.by_values)
-            return held, tuple(record.tapped[index].shape)
+            return _held_at(record, index, layout)
 
         for record in reversed(records):
             if params_of[id(record)] and id(record) not in found:
