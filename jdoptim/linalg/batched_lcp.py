@@ -94,11 +94,11 @@ def solve_lcp_batched(
         max_iter = 5 * m + 20
     scale = linear.abs().amax(dim=1).clamp_min(1e-300)
     free = torch.zeros(k, m, dtype=torch.bool, device=linear.device)
+    narrow = (matrix.float(), linear.float())  # (the search's, the first solve's factors')
     if k > 0 and m > 0:
-        free = _search(matrix.float(), linear.float(), _PIVOT_TOL32 * scale.float())
-    z = _solve_free(matrix, linear, free, refine=True)
+        free = _search(*narrow, _PIVOT_TOL32 * scale.float())
+    z = _solve_free(matrix, linear, free, narrow=narrow[0])
     certified = certify(matrix, linear, z, scale)
-    narrow = (matrix.float(), linear.float())
     for exact in (False, True):  # float32 pivots, then float64 ones, for what is left
         if bool(certified.all()):
             break
@@ -220,9 +220,15 @@ def _pivot(
 
 
 def _solve_free(
-    matrix: Tensor, linear: Tensor, free: Tensor, wide: Tensor | None = None, refine: bool = False
+    matrix: Tensor,
+    linear: Tensor,
+    free: Tensor,
+    wide: Tensor | None = None,
+    narrow: Tensor | None = None,
 ) -> Tensor:
-    """For each row: ``z_F = −M_FF⁻¹ q_F`` on its free set ``F``, ``z = 0`` elsewhere.
+    """For each row: ``z_F = −M_FF⁻¹ q_F`` on its free set ``F``, ``z = 0`` elsewhere; with
+    ``narrow`` (the float32 copy of a float64 ``matrix``), from its factorisations refined in
+    float64 (:func:`_refined_solve`) where they exist.
 
     Problems are sorted by ``|F|`` and solved in chunks of :data:`CHUNK` by one batched Cholesky
     at the chunk's largest ``|F|`` (free variables gathered first, padding with the identity);
@@ -240,7 +246,7 @@ def _solve_free(
         if size == 0:
             continue
         rows = order[start : start + CHUNK]
-        z[rows] = _solve_chunk(matrix, linear[rows], free[rows], size, wide, refine)
+        z[rows] = _solve_chunk(matrix, linear[rows], free[rows], size, wide, narrow)
     return z
 
 
@@ -250,13 +256,13 @@ def _solve_chunk(
     free: Tensor,
     size: int,
     wide: Tensor | None,
-    refine: bool = False,
+    narrow: Tensor | None = None,
 ) -> Tensor:
     """:func:`_solve_free` for one chunk whose free sets have at most ``size`` variables."""
     index = torch.argsort((~free).to(torch.uint8), dim=1, stable=True)[:, :size]
     valid = torch.gather(free, 1, index)
     rhs = torch.where(valid, -torch.gather(linear, 1, index), 0.0)[:, :, None]
-    solution = _refined_solve(matrix, index, valid, rhs) if refine else None
+    solution = None if narrow is None else _refined_solve(matrix, narrow, index, valid, rhs)
     if solution is not None:
         z = torch.zeros_like(linear)
         return z.scatter_(1, index, torch.where(valid, solution[:, :, 0], 0.0))
@@ -289,7 +295,9 @@ def _systems(matrix: Tensor, index: Tensor, valid: Tensor) -> Tensor:
     return systems
 
 
-def _refined_solve(matrix: Tensor, index: Tensor, valid: Tensor, rhs: Tensor) -> Tensor | None:
+def _refined_solve(
+    matrix: Tensor, narrow: Tensor, index: Tensor, valid: Tensor, rhs: Tensor
+) -> Tensor | None:
     """Float64 ``M_FF⁻¹ rhs`` for each problem of a chunk (its free variables at ``index``,
     padded where ``valid`` is false, as :func:`_systems` lays them out) from a float32
     Cholesky factorisation and :data:`_REFINEMENT_STEPS` steps of iterative refinement with
@@ -297,11 +305,12 @@ def _refined_solve(matrix: Tensor, index: Tensor, valid: Tensor, rhs: Tensor) ->
     factorisation fails. Where refinement does not converge (``cond · eps₃₂ ≳ 1``) the result
     is inaccurate, and the certificate, which is computed in float64, rejects it.
 
-    The systems are gathered from ``matrix`` in float32 only (half the bytes of a float64
-    gather, the step's largest memory traffic), and each residual ``rhs − M_FF z_F`` is read
-    off one product of the whole float64 matrix with the chunk's solutions scattered to
-    ``m`` entries (``[k, m] × [m, m]``, a matrix-product speed), never from float64 systems."""
-    factor, info = torch.linalg.cholesky_ex(_systems(matrix.float(), index, valid))
+    The systems are gathered in float32 only, from ``narrow`` (the float32 ``matrix``, made
+    once per solve: half the bytes of a float64 gather, the step's largest memory traffic),
+    and each residual ``rhs − M_FF z_F`` is read off one product of the whole float64 matrix
+    with the chunk's solutions scattered to ``m`` entries (``[k, m] × [m, m]``, a
+    matrix-product speed), never from float64 systems."""
+    factor, info = torch.linalg.cholesky_ex(_systems(narrow, index, valid))
     if bool((info != 0).any()):
         return None
     solution = _cholesky_solve(factor, rhs.float()).to(matrix.dtype)
