@@ -23,6 +23,8 @@ on a few hundred positions the kernel's dense products are faster).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -32,24 +34,41 @@ _PAIRS_PER_CHUNK = 1 << 18
 _MIN_POSITIONS = 512
 
 
+class _Entries(NamedTuple):
+    """The distinct ``(row, sample)`` entries of an index ``[b, S]``, sorted by row then sample
+    (as ``row · b + sample``), each position's entry, and how many entries each row has."""
+
+    keys: Tensor
+    inverse: Tensor
+    counts: Tensor
+
+
+def _entries(index: Tensor) -> _Entries:
+    b = index.shape[0]
+    key = (index.long() * b + _samples(b, index)).reshape(-1)  # (row, sample), row-major
+    keys, inverse = torch.unique(key, return_inverse=True)
+    # (counted by runs of the sorted keys, not by a bincount whose array would span the table's
+    # rows, a million for a catalogue: 4.6 ms for 1,024 positions)
+    _, counts = torch.unique_consecutive(keys // b, return_counts=True)
+    return _Entries(keys, inverse, counts)
+
+
+def _cheaper(positions: int, counts: Tensor) -> bool:
+    return int((counts * counts).sum()) * 4 < positions * positions
+
+
 def pairs_are_cheaper(index: Tensor, grads: Tensor) -> bool:
     """Whether :func:`index_pairs_gramian` costs less than the kernel contraction here: at
-    least :data:`_MIN_POSITIONS` positions, and its pairs (counted exactly, one ``bincount``)
-    fewer than a quarter of the kernel's ``(bS)²`` (each pair costs a gather, a dot product and
-    a scatter where the kernel's cost a multiply-add)."""
+    least :data:`_MIN_POSITIONS` positions, and its pairs (counted exactly, by runs of the
+    sorted entries) fewer than a quarter of the kernel's ``(bS)²`` (each pair costs a gather, a
+    dot product and a scatter where the kernel's cost a multiply-add)."""
     n = index.numel()
-    if n < _MIN_POSITIONS:
-        return False
-    return _pair_count(index) * 4 < n * n
+    return n >= _MIN_POSITIONS and _cheaper(n, _entries(index).counts)
 
 
 def _pair_count(index: Tensor) -> int:
     """``Σ_v c_v²`` over the distinct ``(sample, row)`` entries (``index`` is ``[b, S]``)."""
-    # (the entries come sorted by row: counted by runs, not by a bincount whose array would
-    # span the table's rows, a million for a catalogue: 4.6 ms for 1,024 positions)
-    b = index.shape[0]
-    entries = torch.unique(index.reshape(b, -1).long() * b + _samples(b, index))
-    _, counts = torch.unique_consecutive(entries // b, return_counts=True)
+    counts = _entries(index).counts
     return int((counts * counts).sum())
 
 
@@ -58,28 +77,37 @@ def _samples(b: int, index: Tensor) -> Tensor:
     return torch.arange(b, device=index.device)[:, None].expand(index.shape)
 
 
-def index_pairs_gramian(index: Tensor, grads: Tensor) -> Tensor:
+def pairs_gramian_if_cheaper(index: Tensor, grads: Tensor) -> Tensor | None:
+    """:func:`index_pairs_gramian` where :func:`pairs_are_cheaper`, else ``None``: the entries
+    found once for both."""
+    n = index.numel()
+    if n < _MIN_POSITIONS:
+        return None
+    entries = _entries(index)
+    return index_pairs_gramian(index, grads, entries) if _cheaper(n, entries.counts) else None
+
+
+def index_pairs_gramian(index: Tensor, grads: Tensor, entries: _Entries | None = None) -> Tensor:
     """``G[i,k,j,l] = Σ_{s,r} [idx_{is} = idx_{jr}] ⟨D[k,i,s], D[l,j,r]⟩`` as ``[b, T, b, T]``
     (module docstring).
 
     Args:
         index: the looked-up rows, ``[b, S]`` (integers).
         grads: ``D`` as ``[T, b, S, e]`` (zero at positions whose row gets no gradient).
+        entries: ``index``'s entries (:func:`_entries`), where already found.
     """
     t, b, s, e = grads.shape
-    key = (index.long() * b + _samples(b, index)).reshape(-1)  # (row, sample), row-major
-    entries, inverse = torch.unique(key, return_inverse=True)  # sorted: by row, then sample
+    keys, inverse, counts = _entries(index) if entries is None else entries
     values = grads.permute(1, 2, 0, 3).reshape(b * s, t, e)
-    merged = values.new_zeros(entries.shape[0], t, e).index_add_(0, inverse, values)
-    owner = entries % b
-    _, counts = torch.unique_consecutive(entries // b, return_counts=True)
+    merged = values.new_zeros(keys.shape[0], t, e).index_add_(0, inverse, values)
+    owner = keys % b
     # entry p of a row read by c samples pairs with the c entries of its row, from its start
     partners = counts.repeat_interleave(counts)  # [n'] c of each entry's row
     starts = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
     out = grads.new_zeros(b * b, t, t)
     ends = torch.cumsum(partners, 0)
     first_entry = 0
-    n = entries.shape[0]
+    n = keys.shape[0]
     while first_entry < n:  # chunks of whole entries, about _PAIRS_PER_CHUNK pairs each
         done = int(ends[first_entry - 1]) if first_entry else 0
         last = int(torch.searchsorted(ends, done + _PAIRS_PER_CHUNK, right=True))

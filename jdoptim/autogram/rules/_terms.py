@@ -43,7 +43,7 @@ from ._contraction import (
     rows_gramian,
     takes_contraction,
 )
-from ._index_pairs import index_pairs_gramian, pairs_are_cheaper
+from ._index_pairs import pairs_gramian_if_cheaper
 
 __all__ = ["GramianTerm", "IndexTerm", "KernelTerm", "RowsTerm"]
 
@@ -197,8 +197,9 @@ class IndexTerm(GramianTerm):
     kind: ClassVar[str] = "index"
 
     def gramian(self) -> Tensor:
-        if pairs_are_cheaper(self.index, self.grads):  # (many positions: see ._index_pairs)
-            return index_pairs_gramian(self.index, self.grads)
+        pairs = pairs_gramian_if_cheaper(self.index, self.grads)  # (see ._index_pairs)
+        if pairs is not None:
+            return pairs
         flat = self.index.reshape(-1)
         kernel = (flat[:, None] == flat[None, :]).to(self.grads.dtype)
         b, s = self.index.shape
