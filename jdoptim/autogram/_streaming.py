@@ -284,7 +284,6 @@ class StreamingStep(GramianStep):
         self._tied: dict[int, tuple[Tensor, Tensor]] = {}
         # those whose rows would outweigh their calls' output gradients: the rules, kept
         self._kept: dict[int, tuple[Tensor, list[LayerRule]]] = {}
-        self._sliced_budget = 0  # (set with the kept rules' Gramian)
         batched = self.T > 1
 
         probing = None if self._probe_weights is None else _Probing(self.moved(self._probe_weights))
@@ -441,11 +440,8 @@ class StreamingStep(GramianStep):
         self,
     ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, list[LayerRule]]]]:
         """The tied rows summed during the backward pass, and the tied parameters whose calls'
-        rules were kept (:meth:`_keeps_rule`), let go by the step with this Gramian (their
-        output gradients are not kept through the update's backward pass)."""
-        kept, self._kept = list(self._kept.values()), {}
-        self._sliced_budget = self._kept_gradients_budget(kept)
-        return [*self._tied.values(), *self._explicit_shared_rows()], kept
+        rules were kept (:meth:`_keeps_rule`)."""
+        return [*self._tied.values(), *self._explicit_shared_rows()], list(self._kept.values())
 
     def _alone_terms(self, formed: set[int]) -> Iterable[Tensor]:
         return [] if self._alone is None else [self._alone]
@@ -455,15 +451,19 @@ class StreamingStep(GramianStep):
         return 0
 
     def _sliced_rows_budget(self) -> int:
-        return self._sliced_budget
-
-    @staticmethod
-    def _kept_gradients_budget(kept: list[tuple[Tensor, list[LayerRule]]]) -> int:
         """The kept rules' output gradients (what the step holds anyway), at least
         :data:`~._held_rows.HELD_ROWS_FLOOR_BYTES`: the bytes of a tied parameter's rows
         formed at once."""
-        grads = [g for _, rules in kept for r in rules for g in r.call.grads]
+        grads = [g for _, rules in self._kept.values() for r in rules for g in r.call.grads]
         return held_rows_budget(sum(g.numel() * g.element_size() for g in grads if g is not None))
+
+    def gramian(self) -> Tensor:
+        """As :meth:`GramianStep.gramian`; then the kept tied rules go (their output gradients
+        are not kept through the update's backward pass)."""
+        try:
+            return super().gramian()
+        finally:
+            self._kept = {}
 
     def gradients(
         self, weights: Tensor | None, weigh_specific: bool = False
