@@ -149,10 +149,12 @@ class LinearLikeRule(PositionwiseLinearRule[nn.Module]):
         slice of ``D`` or ``X``), contiguous (``[in, out]`` rows taken as ``Xᵀ D`` directly,
         not as a transposed ``Dᵀ X``, whose copy into the held rows would be a transposing one:
         GPT-2 6×256 per-sample 1.29–1.31× → 1.23–1.24× a plain step)."""
+        whole = part == slice(None)  # (no slicing operation on the step's usual path)
         if self.weight_layout == "out_in":
-            return linear_rows(self.inputs, self.grads[..., part])  # [b, T, o, d]
+            grads = self.grads if whole else self.grads[..., part]
+            return linear_rows(self.inputs, grads)  # [b, T, o, d]
         grads = self.grads  # [T, b, S, o]
-        inputs = self.inputs[..., part].transpose(1, 2)  # [b, d, S]
+        inputs = (self.inputs if whole else self.inputs[..., part]).transpose(1, 2)  # [b, d, S]
         if grads.shape[0] == 1:
             return torch.bmm(inputs, grads[0]).unsqueeze(1)
         return torch.matmul(inputs.unsqueeze(1), grads.transpose(0, 1))  # [b, T, d, o]
